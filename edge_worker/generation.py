@@ -1,0 +1,218 @@
+"""The edge's generation loop, shared by every mode.
+
+The edge always runs its own segment (embedding plus layers ``[0, k)``); what happens to the
+boundary activations is the job of a *backend*:
+
+* ``None``: the edge segment holds every layer and the head (``local`` mode);
+* ``LocalBackend``: the rest of the model in this process (used by tests and benchmarks to check
+  that splitting changes nothing);
+* a remote backend over the broker (``hybrid``, or ``cloud`` when ``k == 0``).
+
+Keeping one loop for all of them is what makes "hybrid output equals local output" a property of
+the backends alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+import torch
+
+from partition.sampling import SamplingParams, choose_token
+from partition.segment import ModelSegment
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepStats:
+    """What one backend step cost, as seen from the edge."""
+
+    cloud_compute_ms: float = 0.0
+    transport_ms: float = 0.0  # serialisation, encryption and time on the wire
+    waiting_ms: float = 0.0  # queueing at the broker and worker
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    round_trips: int = 0
+    retries: int = 0
+
+
+class Backend(Protocol):
+    """Runs layers ``[k, N)`` and the head for one session and returns the next token."""
+
+    def start(self, sampling: SamplingParams) -> None: ...
+
+    def step(self, hidden: torch.Tensor, step: int) -> tuple[int, StepStats]:
+        """hidden: (1, T, H) boundary activations for T new positions; returns the next token."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class LocalBackend:
+    """The rest of the model in this process: the reference a remote backend must match."""
+
+    def __init__(self, segment: ModelSegment) -> None:
+        self.segment = segment
+        self.cache = segment.new_cache()
+        self.sampling = SamplingParams()
+
+    def start(self, sampling: SamplingParams) -> None:
+        self.cache = self.segment.new_cache()
+        self.sampling = sampling
+
+    def step(self, hidden: torch.Tensor, step: int) -> tuple[int, StepStats]:
+        t0 = time.perf_counter()
+        out = self.segment(hidden, self.cache)
+        token = choose_token(out.logits[0, -1], self.sampling, step)
+        return token, StepStats(cloud_compute_ms=(time.perf_counter() - t0) * 1e3)
+
+    def close(self) -> None:
+        self.cache = self.segment.new_cache()
+
+
+@dataclass
+class Timings:
+    edge_compute_ms: float = 0.0
+    cloud_compute_ms: float = 0.0
+    transport_ms: float = 0.0
+    waiting_ms: float = 0.0
+
+
+@dataclass
+class GenerationResult:
+    """The JSON contract every mode prints with ``--json``."""
+
+    text: str
+    token_ids: list[int]  # generated tokens only
+    mode: str  # "local", "cloud" or "hybrid"
+    split: int
+    n_layers: int
+    model: str
+    prompt_tokens: int
+    cloud_round_trips: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    tokens_from_mini: int = 0
+    retries: int = 0
+    ttft_ms: float = 0.0
+    ms_per_token: float = 0.0  # mean time per generated token after the first
+    total_ms: float = 0.0
+    stop_reason: str = "length"  # "eos" or "length"
+    timings: Timings = field(default_factory=Timings)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for key in ("ttft_ms", "ms_per_token", "total_ms"):
+            d[key] = round(d[key], 3)
+        d["timings"] = {k: round(v, 3) for k, v in d["timings"].items()}
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+
+class TextStream:
+    """Turns a growing list of token ids into text increments, holding back split characters."""
+
+    def __init__(self, tokenizer, sink: Callable[[str], None]) -> None:
+        self.tokenizer = tokenizer
+        self.sink = sink
+        self.emitted = ""
+
+    def update(self, token_ids: list[int]) -> None:
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return
+        if text.startswith(self.emitted):
+            self.sink(text[len(self.emitted):])
+            self.emitted = text
+
+
+class EdgeGenerator:
+    """Generates text with the edge segment and a backend for the remaining layers."""
+
+    def __init__(
+        self,
+        edge: ModelSegment,
+        backend: Backend | None,
+        tokenizer,
+        eos_token_ids: set[int],
+        mode: str,
+    ) -> None:
+        if backend is None and not edge.spec.head:
+            raise ValueError("an edge segment without the head needs a backend for the remaining layers")
+        self.edge = edge
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.mode = mode
+
+    def generate(
+        self,
+        input_ids: list[int],
+        max_new_tokens: int,
+        sampling: SamplingParams | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> GenerationResult:
+        if not input_ids:
+            raise ValueError("the prompt encodes to no tokens")
+        if max_new_tokens < 1:
+            raise ValueError(f"tokens must be at least 1, got {max_new_tokens}")
+        sampling = sampling or SamplingParams()
+        stream = TextStream(self.tokenizer, on_text) if on_text else None
+        result = GenerationResult(
+            text="", token_ids=[], mode=self.mode, split=self.edge.spec.hi, n_layers=self.edge.n_layers,
+            model=self.edge.source.name, prompt_tokens=len(input_ids),
+        )
+        timings = result.timings
+        cache = self.edge.new_cache()
+        if self.backend is not None:
+            self.backend.start(sampling)
+        t_start = time.perf_counter()
+        t_first = t_start
+        x = torch.tensor([input_ids], dtype=torch.long)  # (1, T)
+        try:
+            for step in range(max_new_tokens):
+                t0 = time.perf_counter()
+                out = self.edge(x, cache, logits="last")
+                timings.edge_compute_ms += (time.perf_counter() - t0) * 1e3
+                if self.backend is None:
+                    token = choose_token(out.logits[0, -1], sampling, step)
+                else:
+                    token, stats = self.backend.step(out.hidden, step)  # hidden: (1, T, H)
+                    _add_stats(result, stats)
+                result.token_ids.append(token)
+                if step == 0:
+                    t_first = time.perf_counter()
+                    result.ttft_ms = (t_first - t_start) * 1e3
+                if token in self.eos_token_ids:
+                    result.stop_reason = "eos"
+                    break
+                if stream:
+                    stream.update(result.token_ids)
+                x = torch.tensor([[token]], dtype=torch.long)
+        finally:
+            if self.backend is not None:
+                self.backend.close()
+        t_end = time.perf_counter()
+        result.total_ms = (t_end - t_start) * 1e3
+        if len(result.token_ids) > 1:
+            result.ms_per_token = (t_end - t_first) * 1e3 / (len(result.token_ids) - 1)
+        result.text = self.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        return result
+
+
+def _add_stats(result: GenerationResult, stats: StepStats) -> None:
+    result.cloud_round_trips += stats.round_trips
+    result.bytes_sent += stats.bytes_sent
+    result.bytes_received += stats.bytes_received
+    result.retries += stats.retries
+    result.timings.cloud_compute_ms += stats.cloud_compute_ms
+    result.timings.transport_ms += stats.transport_ms
+    result.timings.waiting_ms += stats.waiting_ms

@@ -1,0 +1,110 @@
+"""A per-segment, per-session key/value cache that can be cropped.
+
+transformers' attention modules only call ``cache.update(keys, values, layer_idx, ...)``, so a
+small class of our own is enough, and it gives us two things ``DynamicCache`` does not:
+
+* storage grows by doubling instead of ``torch.cat`` on every step (decode stays O(1) in copies);
+* ``crop(n)`` is a length change, needed for speculative rollback and for failover replay.
+
+Layers are addressed by their *global* index (``self_attn.layer_idx``), so a segment that holds
+layers ``[lo, hi)`` never has to renumber the transformers modules it borrows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+# First allocation per layer, in tokens. Doubling from here costs a handful of copies per
+# generation; a prompt longer than this allocates its exact size rounded up to a power of two.
+_INITIAL_CAPACITY_TOKENS = 256
+
+
+class _LayerStore:
+    __slots__ = ("keys", "values", "length")
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys = keys  # (B, kv_heads, capacity, head_dim)
+        self.values = values
+        self.length = 0
+
+
+class SegmentKVCache:
+    """Keys and values of one session for the layers of one segment."""
+
+    def __init__(self, max_length_tokens: int | None = None) -> None:
+        self._layers: dict[int, _LayerStore] = {}
+        self._length = 0
+        self.max_length_tokens = max_length_tokens
+
+    # --- the interface transformers' attention calls -------------------------------------
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # key_states: (B, kv_heads, T_new, head_dim)
+        store = self._layers.get(layer_idx)
+        t_new = key_states.shape[-2]
+        if store is None:
+            store = self._allocate(key_states, value_states, t_new)
+            self._layers[layer_idx] = store
+        needed = store.length + t_new
+        if self.max_length_tokens is not None and needed > self.max_length_tokens:
+            raise CacheFullError(
+                f"session would hold {needed} tokens, over this cache's limit of {self.max_length_tokens}"
+            )
+        if needed > store.keys.shape[-2]:
+            store.keys = _grow(store.keys, needed)
+            store.values = _grow(store.values, needed)
+        store.keys[..., store.length : needed, :] = key_states
+        store.values[..., store.length : needed, :] = value_states
+        store.length = needed
+        return store.keys[..., :needed, :], store.values[..., :needed, :]
+
+    # --- ours ------------------------------------------------------------------------------
+    @property
+    def length(self) -> int:
+        """Positions this session has processed. Kept apart from the layer stores because a
+        segment with no layers (the edge at split 0) still has to count positions."""
+        return self._length
+
+    def advance(self, n_tokens: int) -> None:
+        """Called by the segment after a forward pass over ``n_tokens`` new positions."""
+        self._length += n_tokens
+
+    def crop(self, length: int) -> None:
+        """Forget every position at or after ``length`` (speculative rollback, replay)."""
+        if length < 0:
+            raise ValueError(f"cannot crop a cache to a negative length ({length})")
+        self._length = min(self._length, length)
+        for store in self._layers.values():
+            store.length = min(store.length, length)
+
+    def nbytes(self) -> int:
+        return sum(s.keys.nelement() * s.keys.element_size() * 2 for s in self._layers.values())
+
+    def _allocate(self, keys: torch.Tensor, values: torch.Tensor, t_new: int) -> _LayerStore:
+        capacity = max(_INITIAL_CAPACITY_TOKENS, _next_pow2(t_new))
+        if self.max_length_tokens is not None:
+            capacity = min(capacity, max(self.max_length_tokens, t_new))
+        shape_k = (*keys.shape[:-2], capacity, keys.shape[-1])
+        shape_v = (*values.shape[:-2], capacity, values.shape[-1])
+        return _LayerStore(
+            keys.new_empty(shape_k),
+            values.new_empty(shape_v),
+        )
+
+
+class CacheFullError(RuntimeError):
+    """A session's cache reached its configured maximum length."""
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _grow(t: torch.Tensor, needed: int) -> torch.Tensor:
+    new_cap = _next_pow2(needed)
+    out = t.new_empty((*t.shape[:-2], new_cap, t.shape[-1]))
+    out[..., : t.shape[-2], :] = t
+    return out

@@ -1,0 +1,41 @@
+"""Prompt encoding and end-of-sequence ids, the same for every mode."""
+
+from __future__ import annotations
+
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from partition.models import ModelSource
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, raw: bool = False) -> list[int]:
+    """Token ids for ``prompt``; instruct models get their chat template unless ``raw``."""
+    if not raw and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
+        # transformers 5 returns a BatchEncoding-like mapping here; 4.x returned a list.
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+    return [int(i) for i in tokenizer(prompt)["input_ids"]]
+
+
+def eos_token_ids(source: ModelSource, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Every id that ends generation: the generation config's, the model config's, the tokenizer's."""
+    ids: set[int] = set()
+    try:
+        gen = GenerationConfig.from_pretrained(source.directory)
+        ids |= _as_set(gen.eos_token_id)
+    except OSError:
+        pass
+    ids |= _as_set(getattr(source.config, "eos_token_id", None))
+    ids |= _as_set(tokenizer.eos_token_id)
+    return ids
+
+
+def _as_set(value) -> set[int]:
+    if value is None:
+        return set()
+    if isinstance(value, int):
+        return {value}
+    return {int(v) for v in value}

@@ -1,0 +1,42 @@
+"""Shared fixtures: models are resolved once per session (the SmolLM2 conversion is cached on disk)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Two torch processes on two cores: idle OpenMP threads spin and steal the other's core
+# (see MEASUREMENTS.md). Child processes inherit this.
+os.environ.setdefault("GOMP_SPINCOUNT", "30000")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    from partition.models import resolve_model
+
+    return resolve_model("tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2():
+    from partition.models import resolve_model
+
+    return resolve_model("tiny-gpt2")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from partition.models import resolve_model
+
+    return resolve_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2):
+    """The whole model as transformers loads it: the reference every split must match."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(smollm2.directory, dtype=torch.float32).eval()
