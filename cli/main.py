@@ -1,0 +1,103 @@
+"""The ``edgecloud`` command: one sub-command per role."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.common import Progress, setup_logging, typed_errors
+
+app = typer.Typer(
+    name="edgecloud",
+    help="Edge-cloud collaborative inference for LLMs: split a model between this device and cloud workers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+
+@app.callback()
+def _root() -> None:
+    """Edge-cloud collaborative inference for LLMs."""
+
+
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model", "-m",
+        help="smollm2-135m (default), tiny-llama, tiny-gpt2, a .gguf file, a model directory or a hub id.",
+    ),
+]
+
+
+@app.command()
+def edge(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt.")] = "What is edge computing?",
+    tokens: Annotated[int, typer.Option("--tokens", "-n", help="Maximum number of tokens to generate.")] = 64,
+    model: ModelOpt = "smollm2-135m",
+    split: Annotated[int | None, typer.Option("--split", "-k", help="Layers to run on the edge (0..N).")] = None,
+    force_local: Annotated[bool, typer.Option("--force-local", help="Run every layer here; no broker.")] = False,
+    force_cloud: Annotated[bool, typer.Option("--force-cloud", help="Only the embedding here (split 0).")] = False,
+    broker: Annotated[str | None, typer.Option(help="Broker address [env EDGECLOUD_BROKER].")] = None,
+    keys: Annotated[Path | None, typer.Option("--keys", help="Keys directory [env EDGECLOUD_KEYS].")] = None,
+    api_key: Annotated[str | None, typer.Option(help="API key for the broker [env EDGECLOUD_API_KEY].")] = None,
+    no_encryption: Annotated[bool, typer.Option("--no-encryption", help="Send activations in the clear.")] = False,
+    wire_dtype: Annotated[str, typer.Option(help="Activation precision on the wire: fp32, fp16, bf16.")] = "fp16",
+    temperature: Annotated[float, typer.Option(help="0 is greedy; above 0 samples.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed for sampling: the same seed gives the same text.")] = 0,
+    raw_prompt: Annotated[bool, typer.Option("--raw-prompt", help="Do not apply the chat template.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout, nothing else.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds one cloud step may take before a retry.")] = 30.0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Generate text on this device, alone (--force-local) or with cloud workers."""
+    import os
+
+    from edge_worker.config import EdgeConfig, default_broker, default_keys_dir
+    from edge_worker.runner import run_edge
+
+    setup_logging(verbose, quiet=not verbose)
+    progress = Progress(enabled=not json_out)
+    with typed_errors():
+        config = EdgeConfig(
+            model=model, prompt=prompt, max_new_tokens=tokens, split=split, force_local=force_local,
+            force_cloud=force_cloud, raw_prompt=raw_prompt, temperature=temperature, top_p=top_p, seed=seed,
+            broker=broker or default_broker(), keys_dir=keys or default_keys_dir(),
+            api_key=api_key or os.environ.get("EDGECLOUD_API_KEY"), encryption=not no_encryption,
+            wire_dtype=wire_dtype, request_timeout_s=timeout,
+        )
+        started = False
+
+        def on_text(piece: str) -> None:
+            nonlocal started
+            if not started:
+                progress.done()
+                started = True
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+        result = run_edge(config, on_text=None if json_out else on_text, progress=progress)
+        progress.done()
+    if json_out:
+        sys.stdout.write(result.to_json() + "\n")
+    else:
+        sys.stdout.write("\n")
+        typer.echo(
+            f"[{result.mode}, split {result.split}/{result.n_layers}: {len(result.token_ids)} tokens, "
+            f"first after {result.ttft_ms:.0f} ms, then {result.ms_per_token:.1f} ms/token, "
+            f"{result.cloud_round_trips} cloud round trips]",
+            err=True,
+        )
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,59 @@
+"""The edge process's configuration: one frozen record built by the CLI or by library users."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_BROKER = "tcp://127.0.0.1:5555"
+DEFAULT_TOKENS = 64
+
+
+def default_broker() -> str:
+    """``$EDGECLOUD_BROKER``, else the loopback default."""
+    return os.environ.get("EDGECLOUD_BROKER", DEFAULT_BROKER)
+
+
+def default_keys_dir() -> Path:
+    """``$EDGECLOUD_KEYS``, else ``~/.config/edgecloud/keys``."""
+    return Path(os.environ.get("EDGECLOUD_KEYS", Path.home() / ".config" / "edgecloud" / "keys"))
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    model: str = "smollm2-135m"
+    prompt: str = "What is edge computing?"
+    max_new_tokens: int = DEFAULT_TOKENS
+    split: int | None = None  # layers kept on the edge; None lets the planner choose
+    force_local: bool = False  # every layer on the edge, no broker needed
+    force_cloud: bool = False  # only the embedding on the edge (split 0)
+    raw_prompt: bool = False  # skip the chat template of instruct models
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    broker: str = DEFAULT_BROKER
+    keys_dir: Path | None = None
+    api_key: str | None = None
+    encryption: bool = True
+    wire_dtype: str = "fp16"
+    request_timeout_s: float = 30.0  # one cloud step, queueing included, before it is retried
+    torch_threads: int | None = None  # None keeps torch's default (one per core)
+
+    def __post_init__(self) -> None:
+        if self.force_local and self.force_cloud:
+            raise ValueError("--force-local and --force-cloud exclude each other")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"tokens must be at least 1, got {self.max_new_tokens}")
+        if self.split is not None and self.split < 0:
+            raise ValueError(f"split must be >= 0, got {self.split}")
+        if self.wire_dtype not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"wire dtype must be fp32, fp16 or bf16, got {self.wire_dtype!r}")
+
+    @property
+    def mode(self) -> str:
+        if self.force_local:
+            return "local"
+        if self.force_cloud or self.split == 0:
+            return "cloud"
+        return "hybrid"
