@@ -1,0 +1,184 @@
+"""Typed errors shared by the broker, its clients and its workers.
+
+Every error that can cross the wire has a short ``code`` string; the receiving
+side rebuilds the same class with :func:`error_from_code`, so callers can
+``except Busy`` whether the condition was raised locally or remotely.
+``retryable`` tells a caller whether sending the *same* request again may
+succeed without any other action (reopening a session is "other action").
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EdgeCloudError",
+    "ProtocolError",
+    "AuthError",
+    "CryptoError",
+    "ConfigError",
+    "BrokerUnavailable",
+    "RequestTimeout",
+    "Busy",
+    "NoWorkerAvailable",
+    "WorkerLost",
+    "RemoteError",
+    "error_from_code",
+]
+
+
+class EdgeCloudError(Exception):
+    """Base of every edgecloud error; an unknown wire code decodes to this class."""
+
+    code: str = "internal"
+    retryable: bool = False
+
+
+class ProtocolError(EdgeCloudError):
+    """A frame was malformed, truncated, oversized or of an unknown type.
+
+    ``reason`` is a short stable token (e.g. ``"bad_magic"``) used to count
+    failures per cause; ``msg_type`` and ``request_id`` are filled in when the
+    decoder got far enough to know them, so the broker can answer the sender.
+    """
+
+    code = "protocol"
+
+    def __init__(
+        self,
+        reason: str,
+        detail: str = "",
+        *,
+        msg_type: int | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.msg_type = msg_type
+        self.request_id = request_id
+
+
+class AuthError(EdgeCloudError):
+    """The API key was not accepted (or a peer's public key is unknown)."""
+
+    code = "auth"
+
+
+class CryptoError(EdgeCloudError):
+    """Ciphertext failed authentication, was replayed, or a worker key is untrusted."""
+
+    code = "crypto"
+
+
+class ConfigError(EdgeCloudError):
+    """A key file, key list or setting is missing or malformed."""
+
+    code = "config"
+
+
+class BrokerUnavailable(EdgeCloudError):
+    """Nothing came back from the broker before the deadline."""
+
+    code = "unavailable"
+    retryable = True
+
+    def __init__(self, address: str, detail: str = "") -> None:
+        hint = (
+            f"no answer from the broker at {address}"
+            + (f" ({detail})" if detail else "")
+            + "; check that the broker is running at that address "
+            "(set it with --broker or the EDGECLOUD_BROKER environment variable)"
+        )
+        super().__init__(hint)
+        self.address = address
+
+
+class RequestTimeout(EdgeCloudError):
+    """The request missed its deadline; a late result, if any, is discarded."""
+
+    code = "timeout"
+    retryable = True
+
+
+class Busy(EdgeCloudError):
+    """The broker or worker is overloaded (queue full); back off and retry."""
+
+    code = "busy"
+    retryable = True
+
+
+class NoWorkerAvailable(EdgeCloudError):
+    """No registered worker serves this model and layer range (yet); retry later."""
+
+    code = "no_worker"
+    retryable = True
+
+
+class WorkerLost(EdgeCloudError):
+    """The worker holding the session died or expired; its KV cache is gone.
+
+    Not retryable as-is: the caller must reopen the session (elsewhere) and
+    replay its prefix before decoding can continue.
+    """
+
+    code = "worker_lost"
+
+
+class RemoteError(EdgeCloudError):
+    """The worker raised while computing; carries the remote error type and message."""
+
+    code = "remote"
+
+    def __init__(self, remote_type: str, message: str) -> None:
+        super().__init__(f"{remote_type}: {message}")
+        self.remote_type = remote_type
+        self.remote_message = message
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> RemoteError:
+        """Wrap a local exception so it can be sent to the requester."""
+        return cls(type(exc).__name__, str(exc))
+
+
+_BY_CODE: dict[str, type[EdgeCloudError]] = {
+    cls.code: cls
+    for cls in (
+        ProtocolError,
+        AuthError,
+        CryptoError,
+        ConfigError,
+        BrokerUnavailable,
+        RequestTimeout,
+        Busy,
+        NoWorkerAvailable,
+        WorkerLost,
+        RemoteError,
+    )
+}
+
+
+def error_from_code(code: str, message: str) -> EdgeCloudError:
+    """Rebuild the typed error named by a wire ``code`` with its ``message``.
+
+    Classes whose constructor takes structured arguments are rebuilt from the
+    message text they produced; an unknown code yields the base class so that
+    a newer peer never crashes an older one.
+    """
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        return EdgeCloudError(f"[{code}] {message}")
+    if cls is ProtocolError:
+        reason, _, detail = message.partition(": ")
+        return ProtocolError(reason or "remote", detail)
+    if cls is RemoteError:
+        remote_type, sep, detail = message.partition(": ")
+        return RemoteError(remote_type, detail) if sep else RemoteError("Exception", message)
+    if cls is BrokerUnavailable:
+        err = BrokerUnavailable.__new__(BrokerUnavailable)
+        EdgeCloudError.__init__(err, message)
+        err.address = ""
+        return err
+    return cls(message)
+
+
+def error_message(err: EdgeCloudError) -> str:
+    """The text to put on the wire so that :func:`error_from_code` round-trips it."""
+    return str(err)

@@ -1,0 +1,533 @@
+"""The edgecloud wire protocol: the only module that defines bytes on the wire.
+
+Every message is one ZeroMQ multipart message::
+
+    [header, body_0, body_1, ...]
+
+``header`` is ``MAGIC + bytes([PROTOCOL_VERSION]) + msgpack(map)``; the map
+holds ``"t"`` (the :class:`MsgType`) and the message's named fields. Body
+frames are raw bytes (tensor data, ciphertext) that the broker forwards
+without reading, so large activations are never re-encoded in transit.
+
+Decoding is defensive because the broker faces untrusted peers: msgpack runs
+with explicit size limits, no ext types and string map keys only; every field
+is checked for presence and type; anything off raises :class:`ProtocolError`
+with a stable ``reason`` token and nothing else. Unknown *extra* header keys
+are ignored so that a minor addition does not need a version bump; a change
+in meaning of an existing field does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, ClassVar, NewType
+
+import msgpack
+
+from broker.errors import ProtocolError
+
+RequestId = NewType("RequestId", str)
+SessionId = NewType("SessionId", str)
+WorkerId = NewType("WorkerId", str)
+
+PROTOCOL_VERSION = 1
+MAGIC = b"EC"
+_PREFIX = MAGIC + bytes([PROTOCOL_VERSION])
+
+# Headers are small maps; 1 MiB leaves room for a STATUS_REPLY listing
+# thousands of workers while bounding what an attacker can make us parse.
+MAX_HEADER_BYTES = 1 << 20
+# A 4096-token fp32 prefill at hidden size 4096 is 64 MiB; one frame may be
+# twice that, and a whole message four times, before we call it hostile.
+MAX_FRAME_BYTES = 128 << 20
+MAX_MESSAGE_BYTES = 256 << 20
+# Tensors travel one per frame; a split point needs a handful (hidden state,
+# maybe a mask or positions), so 64 is generous.
+MAX_BODY_FRAMES = 64
+# Identifiers are uuid-like tokens or short human names.
+MAX_ID_CHARS = 128
+# Error messages, kinds, model ids and similar free text.
+MAX_TEXT_CHARS = 4096
+# Layer ranges a worker may announce (one per loaded shard).
+MAX_LAYER_RANGES = 256
+# msgpack container limits: bound allocation before validation sees the data.
+MAX_MSGPACK_ARRAY = 65536
+MAX_MSGPACK_MAP = 4096
+_MAX_UINT = (1 << 63) - 1
+
+
+class MsgType(IntEnum):
+    """Message types; the tens digit says the direction."""
+
+    # client -> broker
+    REQUEST = 1
+    STATUS = 2
+    PING = 3
+    # broker -> client
+    REPLY = 11
+    ERROR = 12
+    STATUS_REPLY = 13
+    PONG = 14
+    # worker -> broker
+    REGISTER = 21
+    HEARTBEAT = 22
+    WORKER_REPLY = 23
+    WORKER_ERROR = 24
+    DISCONNECT = 25
+    # broker -> worker
+    DISPATCH = 31
+    BROKER_HEARTBEAT = 32
+    DROP_SESSION = 33
+    REREGISTER = 34
+    BROKER_DISCONNECT = 35
+
+
+CLIENT_TO_BROKER = frozenset({MsgType.REQUEST, MsgType.STATUS, MsgType.PING})
+BROKER_TO_CLIENT = frozenset({MsgType.REPLY, MsgType.ERROR, MsgType.STATUS_REPLY, MsgType.PONG})
+WORKER_TO_BROKER = frozenset(
+    {MsgType.REGISTER, MsgType.HEARTBEAT, MsgType.WORKER_REPLY, MsgType.WORKER_ERROR, MsgType.DISCONNECT}
+)
+BROKER_TO_WORKER = frozenset(
+    {
+        MsgType.DISPATCH,
+        MsgType.BROKER_HEARTBEAT,
+        MsgType.DROP_SESSION,
+        MsgType.REREGISTER,
+        MsgType.BROKER_DISCONNECT,
+    }
+)
+
+
+# ---------------------------------------------------------------- field checks
+Checker = Callable[[Any], Any]
+
+
+def _bad(what: str) -> ProtocolError:
+    return ProtocolError("bad_field", what)
+
+
+def _id(v: Any) -> str:
+    if type(v) is not str or not 0 < len(v) <= MAX_ID_CHARS:
+        raise _bad("expected a non-empty id string")
+    return v
+
+
+def _text(v: Any) -> str:
+    if type(v) is not str or len(v) > MAX_TEXT_CHARS:
+        raise _bad("expected a string")
+    return v
+
+
+def _uint(v: Any) -> int:
+    if type(v) is not int or not 0 <= v <= _MAX_UINT:
+        raise _bad("expected a non-negative integer")
+    return v
+
+
+def _pos_int(v: Any) -> int:
+    if type(v) is not int or not 0 < v <= _MAX_UINT:
+        raise _bad("expected a positive integer")
+    return v
+
+
+def _nonneg_float(v: Any) -> float:
+    if type(v) not in (int, float) or not math.isfinite(v) or v < 0:
+        raise _bad("expected a finite non-negative number")
+    return float(v)
+
+
+def _pubkey(v: Any) -> bytes:
+    # Empty means "this worker runs without end-to-end encryption".
+    if type(v) is not bytes or len(v) not in (0, 32):
+        raise _bad("expected 32 key bytes or empty")
+    return v
+
+
+def _ranges(v: Any) -> tuple[tuple[int, int], ...]:
+    if type(v) is not list or not 0 < len(v) <= MAX_LAYER_RANGES:
+        raise _bad("expected a non-empty list of [lo, hi] ranges")
+    out = []
+    for r in v:
+        if type(r) is not list or len(r) != 2:
+            raise _bad("expected [lo, hi]")
+        lo, hi = _uint(r[0]), _uint(r[1])
+        if lo >= hi:
+            raise _bad("layer range needs lo < hi")
+        out.append((lo, hi))
+    return tuple(out)
+
+
+def _strmap(v: Any) -> dict[str, Any]:
+    if type(v) is not dict or not all(type(k) is str for k in v):
+        raise _bad("expected a map with string keys")
+    return v
+
+
+# ------------------------------------------------------------------- messages
+@dataclass(frozen=True, slots=True)
+class Message:
+    """Base of all messages; subclasses set TYPE, FIELDS and HAS_BODY."""
+
+    TYPE: ClassVar[MsgType]
+    FIELDS: ClassVar[tuple[tuple[str, Checker], ...]] = ()
+    HAS_BODY: ClassVar[bool] = False
+
+
+@dataclass(frozen=True, slots=True)
+class Request(Message):
+    """Client asks for layers [layer_lo, N) of model_id on a session's next step."""
+
+    request_id: RequestId
+    session_id: SessionId
+    model_id: str
+    layer_lo: int
+    deadline_ms: int  # relative budget; 0 means "the broker's default"
+    step: int
+    kind: str  # opaque to the broker except for its open/close lifecycle
+    api_key: str
+    extra: dict[str, Any] = field(default_factory=dict)  # passed to the worker unchanged
+    frames: Sequence[Any] = ()
+    TYPE = MsgType.REQUEST
+    HAS_BODY = True
+    FIELDS = (
+        ("request_id", _id), ("session_id", _id), ("model_id", _id), ("layer_lo", _uint),
+        ("deadline_ms", _uint), ("step", _uint), ("kind", _id), ("api_key", _text), ("extra", _strmap),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Status(Message):
+    """Client asks for the broker's status map."""
+
+    request_id: RequestId
+    api_key: str = ""
+    TYPE = MsgType.STATUS
+    FIELDS = (("request_id", _id), ("api_key", _text))
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(Message):
+    """Liveness probe; needs no API key."""
+
+    request_id: RequestId
+    TYPE = MsgType.PING
+    FIELDS = (("request_id", _id),)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply(Message):
+    """Broker forwards a worker's result for a request."""
+
+    request_id: RequestId
+    session_id: SessionId
+    step: int
+    worker_id: WorkerId
+    attempt: int
+    extra: dict[str, Any] = field(default_factory=dict)
+    frames: Sequence[Any] = ()
+    TYPE = MsgType.REPLY
+    HAS_BODY = True
+    FIELDS = (
+        ("request_id", _id), ("session_id", _id), ("step", _uint), ("worker_id", _id),
+        ("attempt", _uint), ("extra", _strmap),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Error(Message):
+    """A request failed; ``code`` names an errors.py class. request_id may be empty."""
+
+    request_id: str
+    code: str
+    message: str
+    TYPE = MsgType.ERROR
+    FIELDS = (("request_id", _text), ("code", _id), ("message", _text))
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReply(Message):
+    """Answer to STATUS."""
+
+    request_id: RequestId
+    status: dict[str, Any]
+    TYPE = MsgType.STATUS_REPLY
+    FIELDS = (("request_id", _id), ("status", _strmap))
+
+
+@dataclass(frozen=True, slots=True)
+class Pong(Message):
+    """Answer to PING."""
+
+    request_id: RequestId
+    TYPE = MsgType.PONG
+    FIELDS = (("request_id", _id),)
+
+
+@dataclass(frozen=True, slots=True)
+class Register(Message):
+    """Worker announces what it serves; sent at start and on REREGISTER."""
+
+    worker_id: WorkerId
+    model_id: str
+    layer_ranges: tuple[tuple[int, int], ...]
+    public_key: bytes
+    per_layer_ms: float
+    pid: int
+    max_sessions: int
+    TYPE = MsgType.REGISTER
+    FIELDS = (
+        ("worker_id", _id), ("model_id", _id), ("layer_ranges", _ranges), ("public_key", _pubkey),
+        ("per_layer_ms", _nonneg_float), ("pid", _uint), ("max_sessions", _pos_int),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat(Message):
+    """Worker is alive; carries its own view of its load."""
+
+    worker_id: WorkerId
+    active_sessions: int
+    queue_depth: int
+    TYPE = MsgType.HEARTBEAT
+    FIELDS = (("worker_id", _id), ("active_sessions", _uint), ("queue_depth", _uint))
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerReply(Message):
+    """Worker's result for one attempt of a request."""
+
+    request_id: RequestId
+    session_id: SessionId
+    step: int
+    attempt: int
+    extra: dict[str, Any] = field(default_factory=dict)
+    frames: Sequence[Any] = ()
+    TYPE = MsgType.WORKER_REPLY
+    HAS_BODY = True
+    FIELDS = (
+        ("request_id", _id), ("session_id", _id), ("step", _uint), ("attempt", _uint), ("extra", _strmap),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerError(Message):
+    """Worker failed one attempt of a request."""
+
+    request_id: RequestId
+    attempt: int
+    code: str
+    message: str
+    TYPE = MsgType.WORKER_ERROR
+    FIELDS = (("request_id", _id), ("attempt", _uint), ("code", _id), ("message", _text))
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect(Message):
+    """Worker leaves cleanly; its sessions are lost."""
+
+    worker_id: WorkerId
+    TYPE = MsgType.DISCONNECT
+    FIELDS = (("worker_id", _id),)
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch(Message):
+    """Broker hands one attempt of a request to a worker."""
+
+    request_id: RequestId
+    session_id: SessionId
+    model_id: str
+    step: int
+    attempt: int
+    kind: str
+    deadline_ms: int  # remaining budget when sent
+    layer_lo: int
+    extra: dict[str, Any] = field(default_factory=dict)
+    frames: Sequence[Any] = ()
+    TYPE = MsgType.DISPATCH
+    HAS_BODY = True
+    FIELDS = (
+        ("request_id", _id), ("session_id", _id), ("model_id", _id), ("step", _uint), ("attempt", _uint),
+        ("kind", _id), ("deadline_ms", _uint), ("layer_lo", _uint), ("extra", _strmap),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerHeartbeat(Message):
+    """Broker is alive."""
+
+    TYPE = MsgType.BROKER_HEARTBEAT
+
+
+@dataclass(frozen=True, slots=True)
+class DropSession(Message):
+    """Worker may free this session's cache: it expired or moved."""
+
+    session_id: SessionId
+    reason: str = ""
+    TYPE = MsgType.DROP_SESSION
+    FIELDS = (("session_id", _id), ("reason", _text))
+
+
+@dataclass(frozen=True, slots=True)
+class Reregister(Message):
+    """Broker does not know this worker (it restarted or expired it): send REGISTER."""
+
+    reason: str = ""
+    TYPE = MsgType.REREGISTER
+    FIELDS = (("reason", _text),)
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerDisconnect(Message):
+    """Broker is shutting down; workers should reconnect later."""
+
+    reason: str = ""
+    TYPE = MsgType.BROKER_DISCONNECT
+    FIELDS = (("reason", _text),)
+
+
+MESSAGE_CLASSES: dict[int, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        Request, Status, Ping, Reply, Error, StatusReply, Pong, Register, Heartbeat, WorkerReply,
+        WorkerError, Disconnect, Dispatch, BrokerHeartbeat, DropSession, Reregister, BrokerDisconnect,
+    )
+}  # fmt: skip
+
+
+# ------------------------------------------------------------ encode / decode
+def frame_nbytes(frame: Any) -> int:
+    """Byte length of a frame given as bytes, memoryview, bytearray or zmq.Frame."""
+    if isinstance(frame, memoryview):
+        return frame.nbytes
+    return len(frame)
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError("ext_type", f"msgpack ext type {code} is not allowed")
+
+
+def encode(msg: Message) -> list[Any]:
+    """Serialize ``msg`` to a frame list for ``send_multipart``.
+
+    Body frames are passed through as given (zero-copy for buffers). Raises
+    ProtocolError if the result would exceed the limits the peer enforces.
+    """
+    cls = type(msg)
+    header: dict[str, Any] = {"t": int(cls.TYPE)}
+    for name, check in cls.FIELDS:
+        value = getattr(msg, name)
+        if name == "layer_ranges":
+            value = [list(r) for r in value]
+        try:
+            check(value)  # never put on the wire what the peer would reject
+        except ProtocolError as exc:
+            raise ProtocolError(exc.reason, f"{cls.__name__}.{name}: {exc}", msg_type=int(cls.TYPE)) from None
+        header[name] = value
+    try:
+        packed = _PREFIX + msgpack.packb(header, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ProtocolError("unencodable", str(exc), msg_type=int(cls.TYPE)) from exc
+    if len(packed) > MAX_HEADER_BYTES:
+        raise ProtocolError("header_too_large", f"{len(packed)} bytes", msg_type=int(cls.TYPE))
+    frames: list[Any] = [packed]
+    if cls.HAS_BODY:
+        body = list(msg.frames)  # type: ignore[attr-defined]
+        _check_body(body, int(cls.TYPE), None)
+        frames.extend(body)
+    return frames
+
+
+def _check_body(body: Sequence[Any], msg_type: int | None, request_id: str | None) -> None:
+    if len(body) > MAX_BODY_FRAMES:
+        raise ProtocolError("too_many_frames", f"{len(body)} body frames", msg_type=msg_type,
+                            request_id=request_id)  # fmt: skip
+    total = 0
+    for f in body:
+        n = frame_nbytes(f)
+        if n > MAX_FRAME_BYTES:
+            raise ProtocolError("frame_too_large", f"{n} bytes", msg_type=msg_type, request_id=request_id)
+        total += n
+    if total > MAX_MESSAGE_BYTES:
+        raise ProtocolError("message_too_large", f"{total} bytes", msg_type=msg_type,
+                            request_id=request_id)  # fmt: skip
+
+
+def _header_bytes(frame: Any) -> bytes:
+    if isinstance(frame, bytes):
+        return frame
+    if hasattr(frame, "bytes"):  # zmq.Frame
+        return frame.bytes
+    return bytes(frame)
+
+
+def decode(frames: Sequence[Any]) -> Message:
+    """Parse a received frame list (without any ROUTER identity) into a message.
+
+    Raises only :class:`ProtocolError`. Body frames are returned as the
+    objects received (bytes or zmq.Frame), never copied or inspected.
+    """
+    if not frames:
+        raise ProtocolError("empty", "no frames")
+    first = frames[0]
+    try:
+        head_len = frame_nbytes(first)
+    except TypeError as exc:
+        raise ProtocolError("bad_frame", "frame is not a buffer") from exc
+    if head_len > MAX_HEADER_BYTES:
+        raise ProtocolError("header_too_large", f"{head_len} bytes")
+    head = _header_bytes(first)
+    if head[:2] != MAGIC:
+        raise ProtocolError("bad_magic", "not an edgecloud frame")
+    if len(head) < 3 or head[2] != PROTOCOL_VERSION:
+        got = head[2] if len(head) >= 3 else None
+        raise ProtocolError("bad_version", f"protocol version {got}, expected {PROTOCOL_VERSION}")
+    try:
+        obj = msgpack.unpackb(
+            head[3:],
+            raw=False,
+            strict_map_key=True,
+            ext_hook=_refuse_ext,
+            max_str_len=MAX_HEADER_BYTES,
+            max_bin_len=MAX_HEADER_BYTES,
+            max_array_len=MAX_MSGPACK_ARRAY,
+            max_map_len=MAX_MSGPACK_MAP,
+            max_ext_len=0,
+        )
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises many types (ValueError, StackError, ...)
+        raise ProtocolError("bad_msgpack", type(exc).__name__) from exc
+    if type(obj) is not dict:
+        raise ProtocolError("bad_header", "header is not a map")
+    t = obj.get("t")
+    if type(t) is not int:
+        raise ProtocolError("bad_header", "missing message type")
+    cls = MESSAGE_CLASSES.get(t)
+    if cls is None:
+        raise ProtocolError("unknown_type", f"message type {t}", msg_type=t)
+    rid = obj.get("request_id")
+    rid = rid if type(rid) is str and len(rid) <= MAX_ID_CHARS else None
+    body = frames[1:]
+    if body and not cls.HAS_BODY:
+        raise ProtocolError(
+            "unexpected_frames", f"{cls.__name__} carries no body", msg_type=t, request_id=rid
+        )
+    _check_body(body, t, rid)
+    kwargs: dict[str, Any] = {}
+    for name, check in cls.FIELDS:
+        if name not in obj:
+            raise ProtocolError("missing_field", f"{cls.__name__}.{name}", msg_type=t, request_id=rid)
+        try:
+            kwargs[name] = check(obj[name])
+        except ProtocolError as exc:
+            raise ProtocolError(
+                exc.reason, f"{cls.__name__}.{name}: {exc}", msg_type=t, request_id=rid
+            ) from None
+    if cls.HAS_BODY:
+        kwargs["frames"] = list(body)
+    return cls(**kwargs)
