@@ -1,0 +1,646 @@
+"""The job broker: one ROUTER socket between edge clients and cloud workers.
+
+Clients send REQUESTs for a session; the broker pins each session to one
+worker when its opener arrives (least load among workers serving the model
+and split point) and forwards every later request of that session to the
+same worker, because the worker holds the session's KV cache. Bodies are
+forwarded untouched; the broker reads headers only.
+
+Failure policy, in one place:
+
+* a worker that misses ``worker_liveness`` heartbeats (or says DISCONNECT, or
+  becomes unroutable) is expired at once: its in-flight *restartable*
+  requests (openers: no state yet) are dispatched elsewhere, everything else
+  of its sessions is answered ``WorkerLost`` immediately, not at a deadline;
+* every request has a deadline; missing it answers ``RequestTimeout`` and a
+  later reply for that attempt is discarded (and counted);
+* requests that cannot be dispatched wait in one bounded FIFO (``Busy``
+  beyond it); an opener with no worker at all for its model waits at most
+  ``no_worker_grace_s`` and then gets ``NoWorkerAvailable``;
+* malformed input is counted per reason, logged rate-limited, answered with
+  ``ProtocolError`` when it looks like a client message, and never stops the
+  loop.
+
+The broker is single-threaded: all state is touched only by
+:meth:`Broker.serve_forever`. It never imports torch.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from broker import protocol as p
+from broker.errors import (
+    AuthError,
+    BrokerUnavailable,
+    Busy,
+    EdgeCloudError,
+    NoWorkerAvailable,
+    ProtocolError,
+    RequestTimeout,
+    WorkerLost,
+)
+from broker.protocol import RequestId, SessionId, WorkerId
+from broker.sockets import CLOSE_LINGER_MS, Waker, make_socket, poll_timeout_ms, send_or_false
+from broker.state import PendingRequest, RateLimitedWarnings, SessionState, WorkerState
+
+logger = logging.getLogger(__name__)
+
+# Messages handled per poll wake-up before timers run again: keeps deadlines
+# and heartbeats on time under a flood without a syscall per message.
+RECV_BATCH = 512
+# Upper bound on one poll wait, so a clock jump or a missed timer self-heals.
+MAX_POLL_S = 1.0
+# With an external stop_event the loop must notice it without a wake-up.
+STOP_EVENT_POLL_S = 0.1
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """Broker settings; every duration is in seconds."""
+
+    endpoint: str = "tcp://127.0.0.1:5555"  # "tcp://127.0.0.1:*" binds a free port (see Broker.endpoint)
+    heartbeat_interval_s: float = 1.0  # broker<->worker heartbeat period
+    worker_liveness: int = 3  # missed heartbeat periods before a worker is declared dead
+    max_queue: int = 1024  # requests waiting for a worker slot; beyond it -> Busy
+    worker_max_in_flight: int = 8  # attempts outstanding per worker; more would hide load from placement
+    default_deadline_s: float = 30.0  # budget of a request that names none (deadline_ms == 0)
+    max_deadline_s: float = 600.0  # cap on a client's budget: a long CPU prefill fits, a leak does not
+    no_worker_grace_s: float = 2.0  # how long an opener waits for some worker of its model to register
+    max_attempts: int = 3  # dispatches of one restartable request before giving up with WorkerLost
+    api_keys: frozenset[str] = frozenset()  # empty -> authentication off
+    session_idle_s: float = 3600.0  # an untouched session is dropped and its worker told to free it
+    abandoned_grace_s: float = 30.0  # a timed-out attempt counts toward its worker's load this long
+    open_kinds: frozenset[str] = frozenset({"open"})  # kinds that may create (pin) a session
+    close_kinds: frozenset[str] = frozenset({"close"})  # kinds whose success unpins the session
+    restartable_kinds: frozenset[str] = frozenset({"open"})  # safe to re-run on another worker
+    warn_interval_s: float = 5.0  # at most one malformed-input warning per reason per interval
+    lost_sessions_remembered: int = 10_000  # recently lost sessions kept to explain WorkerLost
+
+    @property
+    def worker_expiry_s(self) -> float:
+        """Silence after which a worker is considered dead."""
+        return self.heartbeat_interval_s * self.worker_liveness
+
+
+class Broker:
+    """The broker loop. Binds in ``__init__`` (so ``endpoint`` is known), serves in ``serve_forever``.
+
+    The socket is created here and then used only by the thread that runs
+    ``serve_forever`` (thread start is a full memory barrier, so handing it
+    over once is safe). ``stop()`` may be called from any thread.
+    """
+
+    def __init__(self, config: BrokerConfig, context: zmq.Context | None = None) -> None:
+        self.config = config
+        self._own_context = context is None
+        self._ctx = context or zmq.Context()
+        self._sock = make_socket(self._ctx, zmq.ROUTER)
+        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable sends raise: dead peers are noticed
+        self._sock.bind(config.endpoint)
+        self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._waker = Waker()
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        self._warn = RateLimitedWarnings(logger, config.warn_interval_s)
+
+        self._workers: dict[WorkerId, WorkerState] = {}
+        self._by_identity: dict[bytes, WorkerState] = {}
+        self._sessions: dict[SessionId, SessionState] = {}
+        self._lost: OrderedDict[SessionId, str] = OrderedDict()
+        self._requests: dict[RequestId, PendingRequest] = {}
+        self._queue: deque[PendingRequest] = deque()
+        self._timers: list[tuple[float, int, str, RequestId]] = []
+        self._timer_seq = itertools.count()
+        self._to_expire: dict[WorkerId, str] = {}
+        self.counters: Counter[str] = Counter()
+        self.protocol_errors: Counter[str] = Counter()
+        self._started = time.monotonic()
+        self._next_heartbeat = self._started
+        self._next_maintenance = self._started
+        logger.info("broker bound at %s", self.endpoint)
+
+    # ------------------------------------------------------------- lifecycle
+    def serve_forever(self, stop_event: threading.Event | None = None) -> None:
+        """Run until :meth:`stop` (or ``stop_event``); then tell peers and close."""
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._waker.fileno(), zmq.POLLIN)
+        try:
+            while not self._stopping.is_set():
+                if stop_event is not None and stop_event.is_set():
+                    break
+                now = time.monotonic()
+                self._run_timers(now)
+                cap = STOP_EVENT_POLL_S if stop_event is not None else MAX_POLL_S
+                events = dict(poller.poll(poll_timeout_ms(self._next_wakeup(), now, cap)))
+                if self._waker.fileno() in events:
+                    self._waker.drain()
+                if self._sock in events:
+                    self._drain_socket()
+        finally:
+            self._shutdown()
+
+    def stop(self) -> None:
+        """Ask the loop to finish; returns at once (see :meth:`wait_stopped`)."""
+        self._stopping.set()
+        self._waker.wake()
+
+    def wait_stopped(self, timeout_s: float) -> bool:
+        """Wait for the loop to have closed its socket; False on timeout."""
+        return self._stopped.wait(timeout_s)
+
+    def _shutdown(self) -> None:
+        try:
+            for req in list(self._requests.values()):
+                self._fail(req, BrokerUnavailable(self.endpoint, "the broker is shutting down"))
+            for w in self._workers.values():
+                self._send(w.identity, p.BrokerDisconnect(reason="broker shutting down"))
+        finally:
+            self._sock.close(linger=CLOSE_LINGER_MS)
+            self._waker.close()
+            if self._own_context:
+                self._ctx.term()
+            self._stopped.set()
+            logger.info("broker at %s stopped", self.endpoint)
+
+    # ----------------------------------------------------------------- input
+    def _drain_socket(self) -> None:
+        for _ in range(RECV_BATCH):
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            self._handle(frames)
+            if self._to_expire:
+                self._expire_pending()
+
+    def _handle(self, frames: list[Any]) -> None:
+        identity = frames[0].bytes
+        try:
+            msg = p.decode(frames[1:])
+        except ProtocolError as exc:
+            self._bad_input(identity, exc)
+            return
+        handler = _HANDLERS.get(type(msg))
+        if handler is None:
+            self._bad_input(
+                identity, ProtocolError("wrong_direction", f"{type(msg).__name__} is not for the broker")
+            )
+            return
+        handler(self, identity, msg)
+
+    def _bad_input(self, identity: bytes, exc: ProtocolError) -> None:
+        self.protocol_errors[exc.reason] += 1
+        self._warn.warn(exc.reason, "malformed message from peer %s: %s", identity.hex(), exc)
+        if exc.msg_type in p.CLIENT_TO_BROKER:
+            self._send(identity, p.Error(request_id=exc.request_id or "", code=exc.code, message=str(exc)))
+
+    # --------------------------------------------------------- client side
+    def _on_request(self, identity: bytes, msg: p.Request) -> None:
+        now = time.monotonic()
+        self.counters["requests_received"] += 1
+        cfg = self.config
+        if cfg.api_keys and msg.api_key not in cfg.api_keys:
+            self.counters["auth_failures"] += 1
+            self._reply_error(
+                identity, msg.request_id, AuthError("invalid API key; check --api-key / EDGECLOUD_API_KEY")
+            )
+            return
+        if msg.request_id in self._requests:
+            self._bad_input(identity, ProtocolError("duplicate_request_id", msg.request_id,
+                                                    msg_type=p.MsgType.REQUEST, request_id=msg.request_id))  # fmt: skip
+            return
+        budget_s = msg.deadline_ms / 1000 if msg.deadline_ms else cfg.default_deadline_s
+        req = PendingRequest(msg, identity, now, now + min(budget_s, cfg.max_deadline_s))
+        session = self._sessions.get(msg.session_id)
+        if session is None:
+            if msg.kind not in cfg.open_kinds:
+                why = self._lost.get(msg.session_id, "it was never opened, was closed, or expired")
+                self.counters["worker_lost"] += 1
+                self._reply_error(identity, msg.request_id, WorkerLost(
+                    f"session {msg.session_id} is not held by any worker ({why}); reopen it"))  # fmt: skip
+                return
+            session = SessionState(msg.session_id, msg.model_id, None, now)
+        elif session.model_id != msg.model_id:
+            self._reply_error(identity, msg.request_id, ProtocolError(
+                "session_model_mismatch", f"session {msg.session_id} belongs to model {session.model_id}"))  # fmt: skip
+            return
+        self._requests[msg.request_id] = req
+        self._sessions[msg.session_id] = session
+        session.outstanding += 1
+        session.last_used = now
+        self._push_timer(req.deadline, "deadline", msg.request_id)
+        self._route(req, session, now)
+
+    def _on_status(self, identity: bytes, msg: p.Status) -> None:
+        if self.config.api_keys and msg.api_key not in self.config.api_keys:
+            self.counters["auth_failures"] += 1
+            self._reply_error(identity, msg.request_id, AuthError("invalid API key for STATUS"))
+            return
+        self._send(identity, p.StatusReply(request_id=msg.request_id, status=self.status()))
+
+    def _on_ping(self, identity: bytes, msg: p.Ping) -> None:
+        self._send(identity, p.Pong(request_id=msg.request_id))
+
+    # --------------------------------------------------------- worker side
+    def _on_register(self, identity: bytes, msg: p.Register) -> None:
+        now = time.monotonic()
+        old = self._workers.get(msg.worker_id)
+        stale_sessions: list[SessionId] = []
+        if old is not None and old.identity != identity:
+            # Same worker on a new connection: whatever was in flight on the
+            # old socket is gone, and we cannot know which caches survived.
+            stale_sessions = list(old.sessions)
+            self._expire_worker(old, "re-registered from a new connection")
+        prev = self._by_identity.get(identity)
+        if prev is not None and prev.worker_id != msg.worker_id:
+            self._expire_worker(prev, f"connection re-registered as {msg.worker_id}")
+        if prev is not None and prev.worker_id == msg.worker_id:
+            w = prev  # a repeated REGISTER on the same connection: refresh what it serves
+            w.model_id, w.layer_ranges, w.public_key = msg.model_id, msg.layer_ranges, msg.public_key
+            w.per_layer_ms, w.pid, w.max_sessions, w.last_seen = (
+                msg.per_layer_ms,
+                msg.pid,
+                msg.max_sessions,
+                now,
+            )
+        else:
+            w = WorkerState.from_register(msg, identity, now)
+            self._workers[w.worker_id] = w
+            self._by_identity[identity] = w
+            self.counters["workers_registered"] += 1
+            logger.info("worker %s (pid %d) registered: model %s layers %s", w.worker_id, w.pid, w.model_id,
+                        list(w.layer_ranges))  # fmt: skip
+        self._send(identity, p.BrokerHeartbeat())
+        for sid in stale_sessions:
+            self._send(identity, p.DropSession(session_id=sid, reason="worker reconnected; session lost"))
+        self._pump(now)
+
+    def _known_worker(self, identity: bytes) -> WorkerState | None:
+        w = self._by_identity.get(identity)
+        if w is None:
+            self.counters["messages_from_unknown_workers"] += 1
+            self._send(identity, p.Reregister(reason="unknown worker; register again"))
+            return None
+        w.last_seen = time.monotonic()
+        return w
+
+    def _on_heartbeat(self, identity: bytes, msg: p.Heartbeat) -> None:
+        w = self._known_worker(identity)
+        if w is not None:
+            w.reported_sessions, w.reported_queue_depth = msg.active_sessions, msg.queue_depth
+
+    def _on_disconnect(self, identity: bytes, msg: p.Disconnect) -> None:
+        w = self._by_identity.get(identity)
+        if w is not None:
+            self._expire_worker(w, "disconnected")
+
+    def _take_attempt(self, w: WorkerState, request_id: RequestId, attempt: int) -> PendingRequest | None:
+        """The pending request this reply answers, or None (late or foreign reply: discarded)."""
+        req = self._requests.get(request_id)
+        if req is None or req.worker_id != w.worker_id or req.attempt != attempt:
+            w.abandoned.pop(request_id, None)
+            self.counters["late_replies_discarded"] += 1
+            return None
+        w.in_flight.pop(request_id, None)
+        return req
+
+    def _on_worker_reply(self, identity: bytes, msg: p.WorkerReply) -> None:
+        w = self._known_worker(identity)
+        if w is None:
+            self.counters["late_replies_discarded"] += 1
+            return
+        req = self._take_attempt(w, msg.request_id, msg.attempt)
+        if req is None:
+            return
+        r = req.request
+        self._send(req.client, p.Reply(request_id=r.request_id, session_id=r.session_id, step=msg.step,
+                                       worker_id=w.worker_id, attempt=req.attempt, extra=msg.extra,
+                                       frames=msg.frames))  # fmt: skip
+        self.counters["requests_served"] += 1
+        self._finish(req, drop_session=r.kind in self.config.close_kinds)
+        self._pump(time.monotonic())
+
+    def _on_worker_error(self, identity: bytes, msg: p.WorkerError) -> None:
+        w = self._known_worker(identity)
+        if w is None:
+            self.counters["late_replies_discarded"] += 1
+            return
+        req = self._take_attempt(w, msg.request_id, msg.attempt)
+        if req is None:
+            return
+        self.counters["worker_errors"] += 1
+        self._send(req.client, p.Error(request_id=req.request_id, code=msg.code, message=msg.message))
+        # A failed opener leaves no session behind on the worker.
+        self._finish(req, drop_session=req.request.kind in self.config.open_kinds)
+        self._pump(time.monotonic())
+
+    # -------------------------------------------------------------- routing
+    def _eligible(self, model_id: str, layer_lo: int) -> list[WorkerState]:
+        return [w for w in self._workers.values() if w.serves(model_id, layer_lo)]
+
+    def _route(self, req: PendingRequest, session: SessionState, now: float, front: bool = False) -> None:
+        """Dispatch ``req`` now if its worker has a free slot and nothing of its session waits; else queue it."""
+        if session.worker_id is None and req.request.kind in self.config.open_kinds:
+            if not self._pin(req, session, now):
+                return
+        w = self._workers.get(session.worker_id) if session.worker_id else None
+        if w is not None and w.busy_slots() < self.config.worker_max_in_flight and session.queued == 0:
+            self._dispatch(req, w, now)
+            return
+        if len(self._queue) >= self.config.max_queue:
+            self.counters["busy"] += 1
+            self._fail(req, Busy(f"broker queue full ({self.config.max_queue} requests); retry later"))
+            return
+        req.queued = True
+        session.queued += 1
+        if front:
+            self._queue.appendleft(req)
+        else:
+            self._queue.append(req)
+        if session.worker_id is None:
+            self._push_timer(min(now + self.config.no_worker_grace_s, req.deadline), "grace", req.request_id)
+
+    def _pin(self, req: PendingRequest, session: SessionState, now: float) -> bool:
+        """Choose a worker for a new session; False if ``req`` was answered instead of pinned.
+
+        With no worker at all for the model the session stays unpinned and
+        the request waits (``no_worker_grace_s``); True is returned then too.
+        """
+        r = req.request
+        eligible = self._eligible(r.model_id, r.layer_lo)
+        if not eligible:
+            return True
+        roomy = [w for w in eligible if len(w.sessions) < w.max_sessions]
+        if not roomy:
+            self.counters["busy"] += 1
+            self._fail(req, Busy(f"all {len(eligible)} workers for {r.model_id} hold their maximum sessions"))
+            return False
+        w = min(roomy, key=WorkerState.load)
+        session.worker_id = w.worker_id
+        w.sessions.add(session.session_id)
+        self._lost.pop(session.session_id, None)
+        return True
+
+    def _unqueue(self, req: PendingRequest, remove: bool) -> None:
+        """Account for ``req`` leaving the queue (``remove``: it is still in the deque)."""
+        if not req.queued:
+            return
+        req.queued = False
+        session = self._sessions.get(req.session_id)
+        if session is not None:
+            session.queued -= 1
+        if remove:
+            try:
+                self._queue.remove(req)
+            except ValueError:
+                pass
+
+    def _dispatch(self, req: PendingRequest, w: WorkerState, now: float) -> None:
+        self._unqueue(req, remove=False)
+        req.attempt += 1
+        req.worker_id = w.worker_id
+        w.in_flight[req.request_id] = None
+        r = req.request
+        msg = p.Dispatch(request_id=r.request_id, session_id=r.session_id, model_id=r.model_id, step=r.step,
+                         attempt=req.attempt, kind=r.kind, deadline_ms=max(0, int((req.deadline - now) * 1000)),
+                         layer_lo=r.layer_lo, extra=r.extra, frames=r.frames)  # fmt: skip
+        if not self._send(w.identity, msg):
+            self._to_expire.setdefault(w.worker_id, "unreachable")
+        elif req.attempt > 1:
+            self.counters["redispatched"] += 1
+
+    def _pump(self, now: float) -> None:
+        """Dispatch queued requests, oldest first, wherever a slot is free."""
+        if not self._queue:
+            return
+        cap = self.config.worker_max_in_flight
+        blocked: set[SessionId] = set()
+        keep: deque[PendingRequest] = deque()
+        while self._queue:
+            req = self._queue.popleft()
+            sid = req.session_id
+            session = self._sessions.get(sid)
+            if session is None:
+                req.queued = False
+                self.counters["worker_lost"] += 1
+                self._fail(
+                    req,
+                    WorkerLost(f"session {sid} was lost ({self._lost.get(sid, 'worker gone')}); reopen it"),
+                )
+                continue
+            if (
+                sid not in blocked
+                and session.worker_id is None
+                and req.request.kind in self.config.open_kinds
+            ):
+                if not self._pin(req, session, now):
+                    continue
+            w = self._workers.get(session.worker_id) if session.worker_id else None
+            if sid in blocked or w is None or w.busy_slots() >= cap:
+                blocked.add(sid)
+                keep.append(req)
+                continue
+            self._dispatch(req, w, now)
+        self._queue = keep
+
+    # ------------------------------------------------------- completion
+    def _finish(self, req: PendingRequest, drop_session: bool = False) -> None:
+        """Forget an answered request; ``drop_session`` also unpins its session (close, failed open)."""
+        self._requests.pop(req.request_id, None)
+        self._unqueue(req, remove=True)
+        session = self._sessions.get(req.session_id)
+        if session is None:
+            return
+        session.outstanding -= 1
+        if drop_session or (session.worker_id is None and session.outstanding <= 0):
+            self._drop_session(session, notify=False)
+
+    def _drop_session(self, session: SessionState, notify: bool, reason: str = "") -> None:
+        self._sessions.pop(session.session_id, None)
+        w = self._workers.get(session.worker_id) if session.worker_id else None
+        if w is not None:
+            w.sessions.discard(session.session_id)
+            if notify:
+                self._send(w.identity, p.DropSession(session_id=session.session_id, reason=reason))
+
+    def _fail(self, req: PendingRequest, err: EdgeCloudError) -> None:
+        """Answer ``req`` with ``err`` and forget it.
+
+        An attempt still in flight becomes *abandoned* (it keeps loading its
+        worker until its late reply arrives or ``abandoned_grace_s`` passes).
+        A failed opener takes its session with it, and the worker is told to
+        free whatever the opener may still create.
+        """
+        w = self._workers.get(req.worker_id) if req.worker_id is not None else None
+        if w is not None and req.request_id in w.in_flight:
+            del w.in_flight[req.request_id]
+            w.abandoned[req.request_id] = time.monotonic() + self.config.abandoned_grace_s
+        self._reply_error(req.client, req.request_id, err)
+        is_open = req.request.kind in self.config.open_kinds
+        session = self._sessions.get(req.session_id)
+        self._finish(req)
+        if is_open and session is not None and session.session_id in self._sessions:
+            self._drop_session(session, notify=True, reason=f"opener failed: {err.code}")
+
+    # --------------------------------------------------------- worker loss
+    def _expire_pending(self) -> None:
+        while self._to_expire:
+            wid, reason = self._to_expire.popitem()
+            w = self._workers.get(wid)
+            if w is not None:
+                self._expire_worker(w, reason)
+
+    def _expire_worker(self, w: WorkerState, reason: str) -> None:
+        """Remove ``w``; re-run its restartable attempts elsewhere, fail the rest with WorkerLost."""
+        now = time.monotonic()
+        self._workers.pop(w.worker_id, None)
+        self._by_identity.pop(w.identity, None)
+        self.counters["workers_expired"] += 1
+        logger.warning("worker %s (pid %d) lost: %s; %d sessions, %d in flight", w.worker_id, w.pid, reason,
+                       len(w.sessions), len(w.in_flight))  # fmt: skip
+        why = f"worker {w.worker_id} {reason}"
+        cfg = self.config
+        restart, lost = [], []
+        for rid in w.in_flight:
+            req = self._requests.get(rid)
+            if req is None:
+                continue
+            req.worker_id = None
+            ok = (
+                req.request.kind in cfg.restartable_kinds
+                and req.attempt < cfg.max_attempts
+                and now < req.deadline
+            )
+            (restart if ok else lost).append(req)
+        w.in_flight.clear()
+        restart_sids = {req.session_id for req in restart}
+        for sid in w.sessions:
+            session = self._sessions.get(sid)
+            if session is not None and sid in restart_sids:
+                session.worker_id = None  # its opener runs again elsewhere; keep its counts
+                continue
+            self._sessions.pop(sid, None)
+            self._lost[sid] = why
+            self._lost.move_to_end(sid)
+        while len(self._lost) > cfg.lost_sessions_remembered:
+            self._lost.popitem(last=False)
+        for req in lost:
+            r = req.request
+            self.counters["worker_lost"] += 1
+            self._fail(req, WorkerLost(f"{why} while computing {r.kind} step {r.step} of session "
+                                       f"{r.session_id}; its cache is gone, reopen the session"))  # fmt: skip
+        for req in reversed(restart):  # appendleft in reverse keeps their order at the queue head
+            session = self._sessions.get(req.session_id)
+            if session is None:
+                session = self._sessions[req.session_id] = SessionState(
+                    req.session_id, req.request.model_id, None, now, outstanding=1)  # fmt: skip
+            self._route(req, session, now, front=True)
+        self._pump(now)
+
+    # ---------------------------------------------------------------- timers
+    def _push_timer(self, when: float, kind: str, request_id: RequestId) -> None:
+        heapq.heappush(self._timers, (when, next(self._timer_seq), kind, request_id))
+
+    def _next_wakeup(self) -> float:
+        nxt = min(self._next_heartbeat, self._next_maintenance)
+        if self._timers:
+            nxt = min(nxt, self._timers[0][0])
+        return nxt
+
+    def _run_timers(self, now: float) -> None:
+        while self._timers and self._timers[0][0] <= now:
+            _, _, kind, rid = heapq.heappop(self._timers)
+            req = self._requests.get(rid)
+            if req is None:
+                continue
+            if kind == "deadline" and req.deadline <= now:
+                self.counters["timeouts"] += 1
+                where = f"dispatched to worker {req.worker_id}" if req.worker_id else "queued"
+                self._fail(req, RequestTimeout(f"request {rid} ({req.request.kind}) missed its "
+                                               f"{req.deadline - req.received_at:.3f}s deadline ({where})"))  # fmt: skip
+            elif kind == "grace" and req.queued:
+                session = self._sessions.get(req.session_id)
+                if session is not None and session.worker_id is None:
+                    self.counters["no_worker"] += 1
+                    r = req.request
+                    self._fail(req, NoWorkerAvailable(
+                        f"no worker serves model {r.model_id} from layer {r.layer_lo} "
+                        f"(waited {self.config.no_worker_grace_s:.1f}s)"))  # fmt: skip
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + self.config.heartbeat_interval_s
+            for w in list(self._workers.values()):
+                if now - w.last_seen > self.config.worker_expiry_s:
+                    self._to_expire.setdefault(w.worker_id, f"missed heartbeats for {now - w.last_seen:.2f}s")
+                elif not self._send(w.identity, p.BrokerHeartbeat()):
+                    self._to_expire.setdefault(w.worker_id, "unreachable")
+            self._expire_pending()
+        if now >= self._next_maintenance:
+            self._next_maintenance = now + self.config.heartbeat_interval_s
+            self._maintenance(now)
+
+    def _maintenance(self, now: float) -> None:
+        for w in self._workers.values():
+            for rid in [rid for rid, until in w.abandoned.items() if until <= now]:
+                del w.abandoned[rid]
+        idle = [s for s in self._sessions.values()
+                if s.outstanding <= 0 and now - s.last_used > self.config.session_idle_s]  # fmt: skip
+        for s in idle:
+            self.counters["sessions_expired"] += 1
+            self._lost[s.session_id] = "expired after being idle"
+            self._drop_session(s, notify=True, reason="idle session expired")
+        if idle:
+            self._pump(now)
+
+    # ---------------------------------------------------------------- output
+    def _send(self, identity: bytes, msg: p.Message) -> bool:
+        ok = send_or_false(self._sock, [identity, *p.encode(msg)])
+        if not ok:
+            self.counters["unroutable_sends"] += 1
+        return ok
+
+    def _reply_error(self, identity: bytes, request_id: str, err: EdgeCloudError) -> None:
+        self._send(identity, p.Error(request_id=request_id, code=err.code, message=str(err)))
+
+    def status(self) -> dict[str, Any]:
+        """The STATUS map (also handy for tests and logs)."""
+        now = time.monotonic()
+        return {
+            "endpoint": self.endpoint,
+            "protocol_version": p.PROTOCOL_VERSION,
+            "uptime_s": round(now - self._started, 3),
+            "workers": [w.status(now) for w in self._workers.values()],
+            "sessions": len(self._sessions),
+            "in_flight": sum(len(w.in_flight) for w in self._workers.values()),
+            "pending_requests": len(self._requests),
+            "queue_depth": len(self._queue),
+            "counters": dict(self.counters),
+            "protocol_errors": dict(self.protocol_errors),
+        }
+
+
+_HANDLERS = {
+    p.Request: Broker._on_request,
+    p.Status: Broker._on_status,
+    p.Ping: Broker._on_ping,
+    p.Register: Broker._on_register,
+    p.Heartbeat: Broker._on_heartbeat,
+    p.WorkerReply: Broker._on_worker_reply,
+    p.WorkerError: Broker._on_worker_error,
+    p.Disconnect: Broker._on_disconnect,
+}
+
+
+def run_broker(config: BrokerConfig, stop_event: threading.Event | None = None) -> None:
+    """Bind and serve until ``stop_event`` is set (or forever)."""
+    Broker(config).serve_forever(stop_event)

@@ -1,0 +1,246 @@
+"""The client (edge) side of the broker protocol.
+
+One DEALER socket, used by one thread. Requests are matched to replies by
+request id, so several may be in flight (:meth:`BrokerClient.submit` /
+:meth:`BrokerClient.result`); replies for ids we no longer wait for are
+stale and dropped. Every wait has a deadline: the broker always answers a
+request by its deadline (with ``RequestTimeout`` if need be), so silence
+beyond deadline + ``reply_grace_s`` means the broker is unreachable; we then
+raise :class:`BrokerUnavailable` and rebuild the socket so that the next
+call starts clean instead of inheriting a half-dead connection's queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from broker import protocol as p
+from broker.errors import BrokerUnavailable, EdgeCloudError, ProtocolError, error_from_code
+from broker.protocol import RequestId, SessionId, WorkerId
+from broker.sockets import close_socket, make_socket, poll_timeout_ms
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Client timing."""
+
+    default_timeout_s: float = 30.0  # request budget when the caller names none
+    reply_grace_s: float = 1.0  # wait beyond a request's deadline for the broker's own timeout answer
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A worker's answer, as delivered by the broker."""
+
+    request_id: RequestId
+    session_id: SessionId
+    step: int
+    worker_id: WorkerId
+    attempt: int
+    header: dict[str, Any]  # the worker's extra header fields
+    frames: list[memoryview]  # body frames, read-only buffers owned by ZeroMQ
+
+
+Outcome = Reply | EdgeCloudError | dict[str, Any] | None
+
+
+def new_request_id() -> RequestId:
+    """A random request id (unique across clients, so the broker can key on it)."""
+    return RequestId(uuid.uuid4().hex)
+
+
+class BrokerClient:
+    """Talks to the broker for one edge process thread. Not thread-safe."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        api_key: str = "",
+        context: zmq.Context | None = None,
+        config: ClientConfig | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.api_key = api_key
+        self.config = config or ClientConfig()
+        self._own_context = context is None
+        self._ctx = context or zmq.Context()
+        self._sock: zmq.Socket | None = None
+        self._poller = zmq.Poller()
+        self._waiting: dict[RequestId, float] = {}  # request id -> give-up time
+        self._done: dict[RequestId, Outcome] = {}
+        self.stale_replies = 0
+        self._connect()
+
+    def _connect(self) -> None:
+        self._sock = make_socket(self._ctx, zmq.DEALER)
+        self._sock.connect(self.endpoint)
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+
+    def _reset(self, reason: str) -> None:
+        """Drop the socket and everything in flight on it; reconnect."""
+        logger.warning("resetting connection to broker %s: %s", self.endpoint, reason)
+        for rid in self._waiting:
+            self._done[rid] = BrokerUnavailable(self.endpoint, reason)
+        self._waiting.clear()
+        close_socket(self._sock)
+        self._connect()
+
+    # ----------------------------------------------------------------- API
+    def submit(
+        self,
+        session_id: str,
+        kind: str,
+        model_id: str,
+        layer_lo: int,
+        step: int,
+        frames: Sequence[Any] = (),
+        timeout_s: float | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> RequestId:
+        """Send a REQUEST without waiting; collect it with :meth:`result`."""
+        timeout_s = self.config.default_timeout_s if timeout_s is None else timeout_s
+        rid = new_request_id()
+        msg = p.Request(request_id=rid, session_id=SessionId(session_id), model_id=model_id, layer_lo=layer_lo,
+                        deadline_ms=max(1, int(timeout_s * 1000)), step=step, kind=kind, api_key=self.api_key,
+                        extra=dict(extra or {}), frames=list(frames))  # fmt: skip
+        self._send(rid, p.encode(msg), timeout_s)
+        return rid
+
+    def result(self, request_id: RequestId) -> Reply:
+        """Wait for ``request_id``'s answer; raise its typed error if it failed."""
+        out = self._wait(request_id)
+        if isinstance(out, EdgeCloudError):
+            raise out
+        if not isinstance(out, Reply):
+            raise ProtocolError("unexpected_reply", f"{type(out).__name__} answered a REQUEST")
+        return out
+
+    def request(
+        self,
+        session_id: str,
+        kind: str,
+        model_id: str,
+        layer_lo: int,
+        step: int,
+        frames: Sequence[Any] = (),
+        timeout_s: float | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> Reply:
+        """Send one request and wait for its reply (typed errors are raised)."""
+        return self.result(self.submit(session_id, kind, model_id, layer_lo, step, frames, timeout_s, extra))
+
+    def ping(self, timeout_s: float = 5.0) -> float:
+        """Round-trip time to the broker in seconds; BrokerUnavailable if none within ``timeout_s``."""
+        rid = new_request_id()
+        start = time.perf_counter()
+        self._send(rid, p.encode(p.Ping(request_id=rid)), timeout_s, grace=False)
+        out = self._wait(rid)
+        if isinstance(out, EdgeCloudError):
+            raise out
+        return time.perf_counter() - start
+
+    def status(self, timeout_s: float = 5.0) -> dict[str, Any]:
+        """The broker's status map (see Broker.status)."""
+        rid = new_request_id()
+        self._send(rid, p.encode(p.Status(request_id=rid, api_key=self.api_key)), timeout_s, grace=False)
+        out = self._wait(rid)
+        if isinstance(out, EdgeCloudError):
+            raise out
+        if not isinstance(out, dict):
+            raise ProtocolError("unexpected_reply", "STATUS was not answered with STATUS_REPLY")
+        return out
+
+    def pending(self) -> int:
+        """Requests sent and not yet answered."""
+        return len(self._waiting)
+
+    def close(self) -> None:
+        """Close the socket (and the context, if this client made it)."""
+        close_socket(self._sock)
+        self._sock = None
+        if self._own_context:
+            self._ctx.term()
+
+    def __enter__(self) -> BrokerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------- internals
+    def _send(self, rid: RequestId, frames: list[Any], timeout_s: float, grace: bool = True) -> None:
+        if self._sock is None:
+            raise BrokerUnavailable(self.endpoint, "client is closed")
+        give_up = time.monotonic() + timeout_s + (self.config.reply_grace_s if grace else 0.0)
+        try:
+            self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again as exc:
+            # Nothing connected yet (DEALER has no peer) or the pipe is full.
+            if not self._sock.poll(poll_timeout_ms(give_up, cap_s=timeout_s), zmq.POLLOUT):
+                self._reset("could not send")
+                raise BrokerUnavailable(self.endpoint, "could not send the request") from exc
+            self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        self._waiting[rid] = give_up
+
+    def _wait(self, rid: RequestId) -> Outcome:
+        while rid not in self._done:
+            give_up = self._waiting.get(rid)
+            if give_up is None:
+                raise ProtocolError("unknown_request", f"request {rid} was never sent or already collected")
+            now = time.monotonic()
+            if now >= give_up:
+                self._reset(f"no answer to request {rid}")
+                break
+            self._receive(poll_timeout_ms(give_up, now))
+        return self._done.pop(rid)
+
+    def _receive(self, timeout_ms: int) -> None:
+        """Wait up to ``timeout_ms`` for messages and file every one that arrived."""
+        assert self._sock is not None
+        if not self._poller.poll(timeout_ms):
+            return
+        while True:
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                msg = p.decode(frames)
+            except ProtocolError as exc:
+                logger.warning("malformed message from broker ignored: %s", exc)
+                continue
+            self._file(msg)
+
+    def _file(self, msg: p.Message) -> None:
+        rid = getattr(msg, "request_id", "")
+        if isinstance(msg, p.Error) and not rid and len(self._waiting) == 1:
+            rid = next(iter(self._waiting))  # a protocol error the broker could not attribute
+        if rid not in self._waiting:
+            self.stale_replies += 1
+            logger.debug("stale %s for %s dropped", type(msg).__name__, rid)
+            return
+        del self._waiting[rid]
+        outcome: Outcome
+        if isinstance(msg, p.Reply):
+            outcome = Reply(request_id=msg.request_id, session_id=msg.session_id, step=msg.step,
+                            worker_id=msg.worker_id, attempt=msg.attempt, header=msg.extra,
+                            frames=[f.buffer if isinstance(f, zmq.Frame) else memoryview(f) for f in msg.frames])  # fmt: skip
+        elif isinstance(msg, p.Error):
+            outcome = error_from_code(msg.code, msg.message)
+        elif isinstance(msg, p.StatusReply):
+            outcome = msg.status
+        elif isinstance(msg, p.Pong):
+            outcome = None
+        else:
+            outcome = ProtocolError("unexpected_reply", f"{type(msg).__name__} from broker")
+        self._done[RequestId(rid)] = outcome

@@ -1,0 +1,94 @@
+"""Small ZeroMQ helpers shared by the broker, worker and client sides."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import socket
+import time
+from typing import Any
+
+import zmq
+
+from broker.protocol import MAX_FRAME_BYTES, MAX_HEADER_BYTES
+
+logger = logging.getLogger(__name__)
+
+# libzmq drops (and disconnects) a peer whose single frame exceeds this,
+# before Python allocates anything for it.
+MAX_WIRE_FRAME_BYTES = max(MAX_FRAME_BYTES, MAX_HEADER_BYTES)
+# Queue depth per peer inside libzmq; beyond it sends would block or drop.
+# 10k covers 64 in-flight requests per client with ample slack.
+SOCKET_HWM = 10_000
+# How long close() may keep unsent messages (e.g. a final DISCONNECT).
+CLOSE_LINGER_MS = 200
+
+
+def make_socket(context: zmq.Context, kind: int) -> zmq.Socket:
+    """A socket with the limits every edgecloud socket uses."""
+    sock = context.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_WIRE_FRAME_BYTES)
+    sock.setsockopt(zmq.SNDHWM, SOCKET_HWM)
+    sock.setsockopt(zmq.RCVHWM, SOCKET_HWM)
+    return sock
+
+
+def close_socket(sock: zmq.Socket | None, linger_ms: int = 0) -> None:
+    """Close ``sock`` (if any) without raising; ``linger_ms`` bounds the flush of queued sends."""
+    if sock is None or sock.closed:
+        return
+    with contextlib.suppress(zmq.ZMQError):
+        sock.close(linger=linger_ms)
+
+
+def poll_timeout_ms(deadline: float, now: float | None = None, cap_s: float = 1.0) -> int:
+    """Milliseconds until ``deadline`` (monotonic), rounded up, clamped to [0, cap_s]."""
+    now = time.monotonic() if now is None else now
+    return max(0, math.ceil(min(deadline - now, cap_s) * 1000))
+
+
+class Waker:
+    """A self-pipe a ``zmq.Poller`` can watch, so another thread can wake a poll loop.
+
+    ``wake()`` is safe to call from any thread, any number of times.
+    """
+
+    def __init__(self) -> None:
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._w.setblocking(False)
+
+    def fileno(self) -> int:
+        """The readable end, for ``Poller.register``."""
+        return self._r.fileno()
+
+    def wake(self) -> None:
+        """Make the readable end readable; a full pipe already is."""
+        with contextlib.suppress(BlockingIOError, OSError):
+            self._w.send(b"\0")
+
+    def drain(self) -> None:
+        """Consume pending wake-ups."""
+        with contextlib.suppress(BlockingIOError, OSError):
+            while self._r.recv(4096):
+                pass
+
+    def close(self) -> None:
+        """Release both ends."""
+        self._r.close()
+        self._w.close()
+
+
+def send_or_false(sock: zmq.Socket, frames: list[Any]) -> bool:
+    """Non-blocking multipart send; False if the peer is unknown (ROUTER_MANDATORY) or full."""
+    try:
+        sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        return True
+    except zmq.Again:
+        return False
+    except zmq.ZMQError as exc:
+        if exc.errno == zmq.EHOSTUNREACH:
+            return False
+        raise

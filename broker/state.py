@@ -1,0 +1,145 @@
+"""The broker's bookkeeping records: workers, sessions, pending requests.
+
+Kept apart from the event loop so that the loop reads as policy, and so that
+these plain records can be inspected in tests and STATUS without a socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from broker import protocol
+from broker.protocol import RequestId, SessionId, WorkerId
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class WorkerState:
+    """One registered worker connection."""
+
+    worker_id: WorkerId
+    identity: bytes  # ZeroMQ routing id of its DEALER socket
+    model_id: str
+    layer_ranges: tuple[tuple[int, int], ...]
+    public_key: bytes
+    per_layer_ms: float
+    pid: int
+    max_sessions: int
+    registered_at: float
+    last_seen: float
+    sessions: set[SessionId] = field(default_factory=set)
+    # request id -> None; a dict keeps dispatch order for fair failover
+    in_flight: dict[RequestId, None] = field(default_factory=dict)
+    # timed-out attempts the worker may still be computing: request id -> forget-at time
+    abandoned: dict[RequestId, float] = field(default_factory=dict)
+    reported_sessions: int = 0
+    reported_queue_depth: int = 0
+
+    @classmethod
+    def from_register(cls, msg: protocol.Register, identity: bytes, now: float) -> WorkerState:
+        """Build the record for a REGISTER just received."""
+        return cls(
+            worker_id=msg.worker_id,
+            identity=identity,
+            model_id=msg.model_id,
+            layer_ranges=msg.layer_ranges,
+            public_key=msg.public_key,
+            per_layer_ms=msg.per_layer_ms,
+            pid=msg.pid,
+            max_sessions=msg.max_sessions,
+            registered_at=now,
+            last_seen=now,
+        )
+
+    def serves(self, model_id: str, layer_lo: int) -> bool:
+        """True if this worker can run layers from ``layer_lo`` on of ``model_id``."""
+        return model_id == self.model_id and any(lo <= layer_lo < hi for lo, hi in self.layer_ranges)
+
+    def busy_slots(self) -> int:
+        """Attempts this worker is (probably) computing right now."""
+        return len(self.in_flight) + len(self.abandoned)
+
+    def load(self) -> int:
+        """What least-load placement minimises: pinned sessions plus work in hand."""
+        return len(self.sessions) + self.busy_slots()
+
+    def status(self, now: float) -> dict[str, object]:
+        """The STATUS view of this worker."""
+        return {
+            "worker_id": self.worker_id,
+            "pid": self.pid,
+            "model_id": self.model_id,
+            "layer_ranges": [list(r) for r in self.layer_ranges],
+            "public_key": self.public_key.hex(),
+            "per_layer_ms": self.per_layer_ms,
+            "max_sessions": self.max_sessions,
+            "sessions": len(self.sessions),
+            "in_flight": len(self.in_flight),
+            "abandoned": len(self.abandoned),
+            "reported_sessions": self.reported_sessions,
+            "reported_queue_depth": self.reported_queue_depth,
+            "last_seen_s_ago": round(now - self.last_seen, 3),
+        }
+
+
+@dataclass(eq=False)
+class SessionState:
+    """A session's placement: pinned to a worker once its opener is routed."""
+
+    session_id: SessionId
+    model_id: str
+    worker_id: WorkerId | None  # None while the opener waits for a worker
+    last_used: float
+    outstanding: int = 0  # requests of this session queued or in flight
+    queued: int = 0  # of which still waiting in the broker queue
+
+
+@dataclass(eq=False)
+class PendingRequest:
+    """A client request from arrival until it is answered (once)."""
+
+    request: protocol.Request
+    client: bytes  # routing id to answer
+    received_at: float
+    deadline: float
+    attempt: int = 0  # dispatches so far; replies must echo the latest
+    worker_id: WorkerId | None = None  # set while an attempt is in flight
+    queued: bool = False
+
+    @property
+    def request_id(self) -> RequestId:
+        """Shortcut for the client's request id."""
+        return self.request.request_id
+
+    @property
+    def session_id(self) -> SessionId:
+        """Shortcut for the request's session id."""
+        return self.request.session_id
+
+
+class RateLimitedWarnings:
+    """Log a warning per reason at most once per interval, counting what was suppressed.
+
+    A peer spraying garbage must not turn the broker's log into the bottleneck.
+    """
+
+    def __init__(self, log: logging.Logger, interval_s: float) -> None:
+        self._log = log
+        self._interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warn(self, reason: str, fmt: str, *args: object) -> None:
+        """Warn about ``reason`` unless one was logged within the interval."""
+        now = time.monotonic()
+        last = self._last.get(reason)
+        if last is not None and now - last < self._interval_s:
+            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
+            return
+        self._last[reason] = now
+        skipped = self._suppressed.pop(reason, 0)
+        suffix = f" ({skipped} similar suppressed)" if skipped else ""
+        self._log.warning(fmt + suffix, *args)

@@ -1,0 +1,219 @@
+"""Broker behaviour when workers die or hang, the broker restarts, or nothing answers."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import zmq
+from brokerutil import (
+    CLIENT,
+    EXPIRY_S,
+    HEARTBEAT_S,
+    MODEL,
+    EchoWorker,
+    client,
+    counters,
+    echo_workers,
+    raw_dealer,
+    recv_until,
+    running_broker,
+    wait_until,
+)
+
+from broker import protocol as p
+from broker.broker import Broker
+from broker.client_api import BrokerClient, ClientConfig
+from broker.errors import BrokerUnavailable, RequestTimeout, WorkerLost
+
+pytestmark = pytest.mark.timeout(30)
+# A dead worker must be noticed within its liveness window plus scheduling slack,
+# far below the request deadlines used here (10 s).
+PROMPT_S = EXPIRY_S + 1.0
+LONG_S = 10.0
+
+
+@pytest.fixture
+def broker() -> Iterator[Broker]:
+    with running_broker() as b:
+        yield b
+
+
+def _register_raw(sock: zmq.Socket, worker_id: str) -> None:
+    sock.send_multipart(p.encode(p.Register(worker_id=worker_id, model_id=MODEL, layer_ranges=((0, 32),),
+                                            public_key=b"", per_layer_ms=1.0, pid=os.getpid(), max_sessions=8)))  # fmt: skip
+    recv_until(sock, p.BrokerHeartbeat)
+
+
+@pytest.mark.parametrize("graceful", [False, True], ids=["crash", "disconnect"])
+def test_worker_death_fails_in_flight_promptly(broker: Broker, graceful: bool) -> None:
+    with echo_workers(broker.endpoint, "w1", "w2") as (w1, w2), client(broker.endpoint) as c:
+        victim_sid = next(s for s in ("a", "b") if c.request(s, "open", MODEL, 2, 0).worker_id == "w1")
+        w1.gate.clear()
+        rid = c.submit(victim_sid, "decode", MODEL, 2, 1, timeout_s=LONG_S)
+        wait_until(lambda: len(w1.jobs) == 2, what="decode to reach w1")
+        start = time.monotonic()
+        w1.close(graceful=graceful)
+        with pytest.raises(WorkerLost, match="reopen") as info:
+            c.result(rid)
+        assert time.monotonic() - start < PROMPT_S
+        if graceful:  # DISCONNECT, not the liveness window, told the broker
+            assert "w1 disconnected" in str(info.value)
+        with pytest.raises(WorkerLost, match="w1"):
+            c.request(victim_sid, "decode", MODEL, 2, 2)
+        assert {c.request(f"new{i}", "open", MODEL, 2, 0).worker_id for i in range(3)} == {"w2"}
+        st = c.status()
+        assert [w["worker_id"] for w in st["workers"]] == ["w2"]
+        assert st["counters"]["workers_expired"] == 1 and st["counters"]["worker_lost"] >= 2
+        assert w2.replied >= 3
+
+
+def test_hung_worker_expires_and_open_is_redispatched(broker: Broker) -> None:
+    with raw_dealer(broker.endpoint) as hung, client(broker.endpoint) as c:
+        _register_raw(hung, "hung")
+        rid = c.submit("s1", "open", MODEL, 2, 0, [b"payload"], timeout_s=LONG_S)
+        dispatch = recv_until(hung, p.Dispatch)  # it gets the job and then never answers nor beats
+        assert (dispatch.request_id, dispatch.attempt, dispatch.kind) == (rid, 1, "open")
+        assert [bytes(f) for f in dispatch.frames] == [b"payload"]
+        with echo_workers(broker.endpoint, "healthy"):
+            start = time.monotonic()
+            reply = c.result(rid)
+            assert (reply.worker_id, reply.attempt) == ("healthy", 2)
+            assert time.monotonic() - start < PROMPT_S
+            assert c.request("s1", "decode", MODEL, 2, 1).worker_id == "healthy"
+            cn = counters(c)
+            assert cn["workers_expired"] == 1 and cn["redispatched"] == 1
+            # The hung worker wakes up and answers its old attempt: discarded, and told to re-register.
+            hung.send_multipart(p.encode(p.WorkerReply(request_id=rid, session_id="s1", step=0, attempt=1)))
+            assert isinstance(recv_until(hung, p.Reregister), p.Reregister)
+            wait_until(lambda: counters(c).get("late_replies_discarded", 0) == 1, what="late reply discarded")
+
+
+def test_unknown_worker_is_asked_to_reregister(broker: Broker) -> None:
+    with raw_dealer(broker.endpoint) as raw:
+        raw.send_multipart(p.encode(p.Heartbeat(worker_id="ghost", active_sessions=0, queue_depth=0)))
+        assert "register" in recv_until(raw, p.Reregister).reason
+
+
+def test_queued_request_times_out() -> None:
+    with (
+        running_broker(worker_max_in_flight=1) as b,
+        echo_workers(b.endpoint, "w1") as (w,),
+        client(b.endpoint) as c,
+    ):
+        c.request("s1", "open", MODEL, 2, 0)
+        w.gate.clear()
+        first = c.submit("s1", "decode", MODEL, 2, 1, timeout_s=LONG_S)
+        with pytest.raises(RequestTimeout, match="queued"):
+            c.request("s1", "decode", MODEL, 2, 2, timeout_s=0.2)
+        assert c.status()["queue_depth"] == 0
+        w.gate.set()
+        assert c.result(first).step == 1
+
+
+def test_idle_session_expiry_tells_the_worker() -> None:
+    with (
+        running_broker(session_idle_s=0.2) as b,
+        echo_workers(b.endpoint, "w1") as (w,),
+        client(b.endpoint) as c,
+    ):
+        c.request("s1", "open", MODEL, 2, 0)
+        assert wait_until(w.conn.dropped_sessions, what="DROP_SESSION") == ["s1"]
+        with pytest.raises(WorkerLost, match="idle"):
+            c.request("s1", "decode", MODEL, 2, 1)
+
+
+def test_worker_and_client_survive_broker_restart() -> None:
+    with running_broker() as first:
+        endpoint = first.endpoint
+        w = EchoWorker(endpoint, "w1")
+        try:
+            with client(endpoint) as c:
+                wait_until(lambda: c.status()["workers"], what="registration")
+                w.gate.clear()
+                rid = c.submit("s1", "open", MODEL, 2, 0, timeout_s=LONG_S)
+                wait_until(lambda: w.jobs, what="dispatch")
+                first.stop()
+                assert first.wait_stopped(5.0)
+                with pytest.raises(BrokerUnavailable, match="shutting down"):
+                    c.result(rid)
+            w.gate.set()
+            with running_broker(endpoint=endpoint) as second, client(second.endpoint) as c2:
+                wait_until(lambda: c2.status()["workers"], timeout_s=EXPIRY_S * 4 + 5, what="re-registration")
+                assert c2.request("s2", "open", MODEL, 2, 0).worker_id == "w1"
+                assert w.conn.registrations >= 2
+        finally:
+            w.close()
+
+
+def test_client_raises_broker_unavailable_then_recovers() -> None:
+    with running_broker() as b:
+        endpoint = b.endpoint  # a port that was just free; nothing listens once this exits
+    quick = ClientConfig(default_timeout_s=0.2, reply_grace_s=0.1)
+    c = BrokerClient(endpoint, config=quick)
+    try:
+        start = time.monotonic()
+        with pytest.raises(BrokerUnavailable, match="EDGECLOUD_BROKER"):
+            c.request("s1", "open", MODEL, 2, 0)
+        assert time.monotonic() - start < 1.0
+        with pytest.raises(BrokerUnavailable):
+            c.ping(0.2)
+        with running_broker(endpoint=endpoint), echo_workers(endpoint, "w1"):
+            assert c.ping(2.0) < 2.0
+            assert c.request("s1", "open", MODEL, 2, 0, timeout_s=2.0).worker_id == "w1"
+    finally:
+        c.close()
+
+
+def test_client_drops_stale_replies() -> None:
+    """A fake broker answers an old request id first; the client must skip it."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+
+    def fake_broker() -> None:
+        if not router.poll(5000):
+            return
+        ident, *frames = router.recv_multipart()
+        req = p.decode(frames)
+        for rid in ("old-request", req.request_id):
+            reply = p.Reply(request_id=rid, session_id=req.session_id, step=req.step, worker_id="fake", attempt=1,
+                            frames=[b"ok"])  # fmt: skip
+            router.send_multipart([ident, *p.encode(reply)])
+
+    t = threading.Thread(target=fake_broker, daemon=True)
+    t.start()
+    c = BrokerClient(f"tcp://127.0.0.1:{port}", config=CLIENT)
+    try:
+        r = c.request("s1", "open", MODEL, 2, 7)
+        assert (r.step, bytes(r.frames[0])) == (7, b"ok")
+        assert c.stale_replies == 1 and c.pending() == 0
+    finally:
+        c.close()
+        t.join(5.0)
+        router.close()
+        ctx.term()
+
+
+def test_status_reports_load_and_liveness(broker: Broker) -> None:
+    with echo_workers(broker.endpoint, "w1") as (w,), client(broker.endpoint) as c:
+        c.request("s1", "open", MODEL, 2, 0)
+        w.conn.set_active_sessions(1)
+        w.gate.clear()
+        c.submit("s1", "decode", MODEL, 2, 1, timeout_s=LONG_S)
+        wait_until(lambda: c.status()["in_flight"] == 1, what="in-flight request")
+
+        def reported() -> dict | None:
+            (row,) = c.status()["workers"]
+            return row if row["reported_sessions"] == 1 else None
+
+        row = wait_until(reported, timeout_s=HEARTBEAT_S * 20, what="heartbeat with load")
+        assert row["in_flight"] == 1 and row["sessions"] == 1 and row["last_seen_s_ago"] < EXPIRY_S
+        st = c.status()
+        assert st["pending_requests"] == 1 and st["sessions"] == 1 and st["uptime_s"] > 0
+        assert st["protocol_version"] == p.PROTOCOL_VERSION
+        w.gate.set()

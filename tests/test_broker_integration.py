@@ -1,0 +1,266 @@
+"""A real broker (in a thread, random loopback port) with real worker and client objects."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+from brokerutil import (
+    EXPIRY_S,
+    MODEL,
+    EchoWorker,
+    client,
+    counters,
+    echo_workers,
+    raw_dealer,
+    recv_msg,
+    recv_until,
+    running_broker,
+    wait_until,
+)
+
+from broker import protocol as p
+from broker.broker import Broker
+from broker.errors import (
+    AuthError,
+    Busy,
+    NoWorkerAvailable,
+    ProtocolError,
+    RemoteError,
+    RequestTimeout,
+    WorkerLost,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+def broker() -> Iterator[Broker]:
+    with running_broker() as b:
+        yield b
+
+
+def test_request_reply_ping_and_status(broker: Broker) -> None:
+    with echo_workers(broker.endpoint, "w1") as _, client(broker.endpoint) as c:
+        assert 0 < c.ping(2.0) < 2.0
+        r = c.request(
+            "s1", "open", MODEL, 4, 0, [b"\x01" * 1200, b"tail"], timeout_s=2.0, extra={"m": [1, 2]}
+        )
+        assert [bytes(f) for f in r.frames] == [b"\x01" * 1200, b"tail"]
+        assert r.header == {"worker": "w1", "kind": "open", "step": 0, "m": [1, 2]}
+        assert (r.session_id, r.worker_id, r.attempt, r.step) == ("s1", "w1", 1, 0)
+        assert c.request("s1", "decode", MODEL, 4, 1, timeout_s=2.0).header["step"] == 1
+        st = c.status()
+        assert st["sessions"] == 1 and st["queue_depth"] == 0 and st["in_flight"] == 0
+        (w,) = st["workers"]
+        assert w["worker_id"] == "w1" and w["model_id"] == MODEL and w["layer_ranges"] == [[0, 32]]
+        assert w["sessions"] == 1 and w["in_flight"] == 0 and 0 <= w["last_seen_s_ago"] < 1.0
+        assert w["pid"] > 0
+        assert st["counters"]["requests_served"] == 2
+        assert st["protocol_errors"] == {}
+
+
+def test_pipelined_requests_keep_session_order(broker: Broker) -> None:
+    with echo_workers(broker.endpoint, "w1") as (w,), client(broker.endpoint) as c:
+        ids = [c.submit("s1", "open" if i == 0 else "decode", MODEL, 4, i, [bytes([i])]) for i in range(20)]
+        replies = [c.result(rid) for rid in ids]
+        assert [r.step for r in replies] == list(range(20))
+        assert [j.step for j in w.jobs] == list(range(20))
+
+
+def test_session_affinity_and_least_load(broker: Broker) -> None:
+    with echo_workers(broker.endpoint, "w1", "w2") as (w1, w2), client(broker.endpoint) as c:
+        owner = {}
+        for i in range(4):
+            owner[f"s{i}"] = c.request(f"s{i}", "open", MODEL, 2, 0).worker_id
+        assert sorted(owner.values()) == ["w1", "w1", "w2", "w2"]  # least load alternates
+        for step in range(1, 4):
+            for sid, wid in owner.items():
+                assert c.request(sid, "decode", MODEL, 2, step).worker_id == wid
+        assert w1.sessions_seen() | w2.sessions_seen() == set(owner)
+        assert not (w1.sessions_seen() & w2.sessions_seen())
+        # Closing both of w1's sessions makes it the least loaded for the next two.
+        for sid in [s for s, wid in owner.items() if wid == "w1"]:
+            c.request(sid, "close", MODEL, 2, 9)
+        assert c.status()["sessions"] == 2
+        assert [c.request(f"n{i}", "open", MODEL, 2, 0).worker_id for i in range(2)] == ["w1", "w1"]
+
+
+def test_closed_or_unknown_session_is_worker_lost(broker: Broker) -> None:
+    with echo_workers(broker.endpoint, "w1"), client(broker.endpoint) as c:
+        c.request("s1", "open", MODEL, 2, 0)
+        c.request("s1", "close", MODEL, 2, 1)
+        with pytest.raises(WorkerLost, match="reopen"):
+            c.request("s1", "decode", MODEL, 2, 2)
+        with pytest.raises(WorkerLost):
+            c.request("never", "decode", MODEL, 2, 0)
+
+
+def test_layer_range_and_model_select_workers(broker: Broker) -> None:
+    with (
+        echo_workers(broker.endpoint, "low", layer_ranges=((0, 10),)),
+        echo_workers(broker.endpoint, "high", layer_ranges=((10, 32),)),
+        client(broker.endpoint) as c,
+    ):
+        assert c.request("a", "open", MODEL, 3, 0).worker_id == "low"
+        assert c.request("b", "open", MODEL, 12, 0).worker_id == "high"
+        with pytest.raises(NoWorkerAvailable):
+            c.request("c", "open", MODEL, 40, 0)
+        with pytest.raises(NoWorkerAvailable):
+            c.request("d", "open", "other-model", 3, 0)
+        with pytest.raises(ProtocolError, match="session_model_mismatch"):
+            c.request("a", "decode", "other-model", 3, 1)
+
+
+def test_no_worker_then_worker_arrives_within_grace() -> None:
+    with running_broker(no_worker_grace_s=3.0) as b, client(b.endpoint) as c:
+        rid = c.submit("s1", "open", MODEL, 0, 0, [b"x"], timeout_s=4.0)
+        wait_until(lambda: c.status()["queue_depth"] == 1, what="request to queue")
+        w = EchoWorker(b.endpoint, "late")
+        try:
+            assert c.result(rid).worker_id == "late"
+        finally:
+            w.close()
+
+
+def test_remote_error_is_typed(broker: Broker) -> None:
+    with echo_workers(broker.endpoint, "w1") as (w,), client(broker.endpoint) as c:
+        c.request("s1", "open", MODEL, 2, 0)
+        w.fail_with = ValueError("bad shape [1, 2]")
+        with pytest.raises(RemoteError) as info:
+            c.request("s1", "decode", MODEL, 2, 1)
+        assert info.value.remote_type == "ValueError" and "bad shape" in str(info.value)
+        w.fail_with = Busy("worker full")
+        with pytest.raises(Busy):
+            c.request("s1", "decode", MODEL, 2, 2)
+        w.fail_with = None
+        assert c.request("s1", "decode", MODEL, 2, 3).step == 3  # the session survived
+        assert counters(c)["worker_errors"] == 2
+
+
+def test_failed_open_drops_the_session(broker: Broker) -> None:
+    with echo_workers(broker.endpoint, "w1") as (w,), client(broker.endpoint) as c:
+        w.fail_with = RuntimeError("out of memory")
+        with pytest.raises(RemoteError):
+            c.request("s1", "open", MODEL, 2, 0)
+        assert c.status()["sessions"] == 0
+
+
+def test_wrong_api_key_is_auth_error() -> None:
+    with running_broker(api_keys=frozenset({"good-key"})) as b:
+        with (
+            echo_workers(b.endpoint, "w1", api_key="good-key"),
+            client(b.endpoint, "good-key") as good,
+            client(b.endpoint, "bad") as bad,
+        ):
+            with pytest.raises(AuthError, match="API key"):
+                bad.request("s1", "open", MODEL, 2, 0)
+            with pytest.raises(AuthError):
+                bad.status()
+            assert bad.ping() > 0  # liveness needs no key
+            assert good.request("s1", "open", MODEL, 2, 0).worker_id == "w1"
+            assert counters(good)["auth_failures"] == 2
+
+
+def test_deadline_gives_timeout_and_late_reply_is_discarded(broker: Broker) -> None:
+    with echo_workers(broker.endpoint, "w1") as (w,), client(broker.endpoint) as c:
+        c.request("s1", "open", MODEL, 2, 0)
+        w.gate.clear()
+        start = time.monotonic()
+        with pytest.raises(RequestTimeout, match="deadline"):
+            c.request("s1", "decode", MODEL, 2, 1, timeout_s=0.2)
+        assert time.monotonic() - start < 1.0
+        assert counters(c)["timeouts"] == 1
+        w.gate.set()
+        wait_until(
+            lambda: counters(c).get("late_replies_discarded", 0) == 1, what="late reply to be discarded"
+        )
+        assert c.request("s1", "decode", MODEL, 2, 2).step == 2
+        assert c.stale_replies == 0  # the late reply never reached the client
+
+
+def test_queue_bound_gives_busy_then_drains() -> None:
+    with running_broker(max_queue=2, worker_max_in_flight=1) as b:
+        with echo_workers(b.endpoint, "w1") as (w,), client(b.endpoint) as c:
+            c.request("s1", "open", MODEL, 2, 0)
+            w.gate.clear()
+            first = c.submit("s1", "decode", MODEL, 2, 1)
+            wait_until(lambda: len(w.jobs) == 2, what="first decode to be dispatched")
+            queued = [c.submit("s1", "decode", MODEL, 2, s) for s in (2, 3)]
+            wait_until(lambda: c.status()["queue_depth"] == 2, what="two queued requests")
+            with pytest.raises(Busy, match="queue full"):
+                c.request("s1", "decode", MODEL, 2, 4)
+            w.gate.set()
+            assert [c.result(r).step for r in (first, *queued)] == [1, 2, 3]
+            assert counters(c)["busy"] == 1
+
+
+def test_max_sessions_gives_busy(broker: Broker) -> None:
+    with echo_workers(broker.endpoint, "w1", max_sessions=1), client(broker.endpoint) as c:
+        c.request("s1", "open", MODEL, 2, 0)
+        with pytest.raises(Busy, match="maximum sessions"):
+            c.request("s2", "open", MODEL, 2, 0)
+        c.request("s1", "close", MODEL, 2, 1)
+        assert c.request("s2", "open", MODEL, 2, 0).worker_id == "w1"
+
+
+def test_heartbeats_continue_during_long_compute(broker: Broker) -> None:
+    with echo_workers(broker.endpoint, "w1", delay_s=EXPIRY_S * 2.5) as _, client(broker.endpoint) as c:
+        r = c.request("s1", "open", MODEL, 2, 0, timeout_s=5.0)
+        assert r.worker_id == "w1"
+        assert counters(c).get("workers_expired", 0) == 0
+
+
+def test_garbage_leaves_broker_serving(broker: Broker) -> None:
+    with (
+        echo_workers(broker.endpoint, "w1"),
+        client(broker.endpoint) as c,
+        raw_dealer(broker.endpoint) as raw,
+    ):
+        raw.send(b"complete garbage")
+        raw.send_multipart([b"EC\x01\xc1\xc1", b"x"])
+        raw.send_multipart([b"EC\x07" + b"\x80"])
+        raw.send_multipart([b"EC\x01" + b"\x81\xa1t\x63"])  # {"t": 99}
+        raw.send_multipart([*p.encode(p.Ping(request_id="pp")), b"body"])
+        raw.send_multipart(p.encode(p.BrokerHeartbeat()))  # a broker->worker type sent to the broker
+        req = p.encode(p.Request(request_id="bad1", session_id="s", model_id=MODEL, layer_lo=1, deadline_ms=10,
+                                 step=0, kind="open", api_key=""))[0]  # fmt: skip
+        raw.send_multipart([req] + [b""] * (p.MAX_BODY_FRAMES + 1))
+        # A REQUEST with a mistyped field: the sender gets a ProtocolError naming its request.
+        raw.send_multipart([req.replace(b"bad1", b"bad2").replace(b"\xa4step\x00", b"\xa4step\xa1x")])
+        errors = [recv_until(raw, p.Error) for _ in range(3)]
+        assert [(e.request_id, e.code) for e in errors] == [("pp", "protocol"), ("bad1", "protocol"),
+                                                            ("bad2", "protocol")]  # fmt: skip
+        assert "unexpected_frames" in errors[0].message and "too_many_frames" in errors[1].message
+        assert "step" in errors[2].message
+        # The loop kept running: a normal request succeeds and the counters moved.
+        assert c.request("s1", "open", MODEL, 2, 0).worker_id == "w1"
+        errs = c.status()["protocol_errors"]
+        for reason in ("bad_magic", "bad_msgpack", "bad_version", "unknown_type", "unexpected_frames",
+                       "too_many_frames", "wrong_direction", "bad_field"):  # fmt: skip
+            assert errs.get(reason, 0) >= 1, (reason, errs)
+
+
+def test_oversized_frame_is_dropped_by_libzmq(broker: Broker) -> None:
+    # Frames over MAXMSGSIZE make libzmq drop the connection before Python sees them.
+    with (
+        echo_workers(broker.endpoint, "w1"),
+        client(broker.endpoint) as c,
+        raw_dealer(broker.endpoint) as raw,
+    ):
+        raw.send_multipart([b"EC\x01", b"\x00" * (129 << 20)])
+        assert c.request("s1", "open", MODEL, 2, 0).worker_id == "w1"
+
+
+def test_duplicate_request_id_is_rejected(broker: Broker) -> None:
+    with echo_workers(broker.endpoint, "w1") as (w,), raw_dealer(broker.endpoint) as raw:
+        w.gate.clear()
+        req = p.Request(request_id="dup", session_id="s", model_id=MODEL, layer_lo=1, deadline_ms=2000, step=0,
+                        kind="open", api_key="")  # fmt: skip
+        raw.send_multipart(p.encode(req))
+        raw.send_multipart(p.encode(req))
+        err = recv_until(raw, p.Error)
+        assert err.request_id == "dup" and "duplicate_request_id" in err.message
+        w.gate.set()
+        assert isinstance(recv_msg(raw), p.Reply)
