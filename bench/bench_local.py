@@ -1,0 +1,91 @@
+"""Local generation speed: our edge loop (every layer on the edge) next to ``model.generate()``.
+
+Both run in this process on the same weights, greedy, the same prompts and exactly the same
+number of new tokens (end-of-sequence ignored), interleaved so machine noise hits both alike.
+ms/token is (time for N tokens - time for 1 token) / (N - 1): decode only, prefill excluded.
+Target (issue 2): ours within 5% of generate().
+
+    .venv/bin/python bench/bench_local.py [--model smollm2-135m] [--tokens 64] [--reps 5] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PROMPTS = [
+    "Explain why the sky is blue.",
+    "Write a short poem about the sea.",
+    "List three uses of a paperclip.",
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from edge_worker.generation import EdgeGenerator
+    from partition.models import resolve_model
+    from partition.segment import ModelSegment
+    from partition.tokens import encode_prompt
+
+    hf_logging.set_verbosity_error()
+    source = resolve_model(args.model)
+    tokenizer = source.load_tokenizer()
+    hf = AutoModelForCausalLM.from_pretrained(source.directory, dtype=torch.float32).eval()
+    seg = ModelSegment.load(source, 0, source.n_layers)
+    ours = EdgeGenerator(seg, None, tokenizer, eos_token_ids=set(), mode="local")
+    prompts = [encode_prompt(tokenizer, p) for p in PROMPTS]
+
+    def run_hf(ids: list[int], n: int) -> tuple[float, list[int]]:
+        t0 = time.perf_counter()
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return time.perf_counter() - t0, out[0, len(ids):].tolist()
+
+    def run_ours(ids: list[int], n: int) -> tuple[float, list[int]]:
+        t0 = time.perf_counter()
+        res = ours.generate(ids, n)
+        return time.perf_counter() - t0, res.token_ids
+
+    for ids in prompts:  # warm-up, and the exactness check
+        _, a = run_hf(ids, 8)
+        _, b = run_ours(ids, 8)
+        assert a == b, f"outputs differ: {a} vs {b}"
+    n = args.tokens
+    per_token = {"generate()": [], "edgecloud local": []}
+    for _ in range(args.reps):
+        for ids in prompts:
+            for name, fn in (("generate()", run_hf), ("edgecloud local", run_ours)):
+                t_n, _ = fn(ids, n)
+                t_1, _ = fn(ids, 1)
+                per_token[name].append((t_n - t_1) * 1e3 / (n - 1))
+    med = {k: statistics.median(v) for k, v in per_token.items()}
+    ratio = med["edgecloud local"] / med["generate()"]
+    result = {"model": source.name, "tokens": n, "reps": args.reps, "threads": torch.get_num_threads(),
+              "ms_per_token": med, "ratio_ours_over_generate": ratio}
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"model {source.name}, {n} tokens x {len(prompts)} prompts x {args.reps} reps, "
+          f"{torch.get_num_threads()} torch threads (median decode ms/token)")
+    for k, v in med.items():
+        print(f"  {k:18} {v:7.2f}")
+    print(f"  ratio ours / generate(): {ratio:.3f}  (target <= 1.05)")
+
+
+if __name__ == "__main__":
+    main()
