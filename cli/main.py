@@ -95,6 +95,14 @@ def edge(
         )
 
 
+from cli import roles  # noqa: E402
+
+app.command("broker")(roles.broker)
+app.command("cloud-worker")(roles.cloud_worker)
+app.command("status")(roles.status)
+app.add_typer(roles.keys_app, name="keys")
+
+
 def main() -> None:  # pragma: no cover - console script entry
     app()
 

@@ -41,9 +41,13 @@ def make_backend(config: EdgeConfig, source: ModelSource, split: int) -> Backend
     """The remote side for hybrid and cloud modes; None when the edge runs every layer."""
     if split == source.n_layers:
         return None
-    from edge_worker.cloud_backend import RemoteBackend  # imports zmq only when needed
+    from edge_worker.cloud_client import CloudClient  # imports zmq only when needed
 
-    return RemoteBackend.from_config(config, source, split)
+    client = CloudClient(
+        api_key=config.api_key, broker=config.broker, keys_dir=config.keys_dir, encryption=config.encryption,
+        wire_dtype=config.wire_dtype, request_timeout_s=config.request_timeout_s,
+    )
+    return client.session(source.model_id, split, source.hidden_size)
 
 
 def run_edge(config: EdgeConfig, on_text: Callable[[str], None] | None = None,

@@ -59,7 +59,13 @@ class ModelSource:
 
     name: str  # what the user passed
     directory: Path  # config.json, tokenizer files, safetensors
-    model_id: str  # identifies these exact weights across processes: "<name>@<digest>"
+
+    @cached_property
+    def model_id(self) -> str:
+        """Identifies these exact weights across processes and machines, whatever name each
+        side used for them (an edge's ``smollm2-135m`` and a worker's path to the same file)."""
+        c = self.config
+        return f"{c.model_type}-{c.num_hidden_layers}x{c.hidden_size}@{_weights_digest(self.directory)}"
 
     @cached_property
     def config(self) -> PretrainedConfig:
@@ -127,6 +133,24 @@ def _smollm2_gguf_path() -> Path:
     return path
 
 
+_DIGEST_SAMPLE_BYTES = 1 << 20
+
+
+def _weights_digest(directory: Path) -> str:
+    """A content digest of the safetensors files: each header (names, shapes, offsets), size,
+    and a sample of data from the middle. Reading all 500 MB would cost seconds per start."""
+    h = hashlib.sha256()
+    for f in sorted(directory.glob("*.safetensors")):
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head_len = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(min(head_len, 100 << 20)))
+            fh.seek(max(0, size // 2 - _DIGEST_SAMPLE_BYTES // 2))
+            h.update(fh.read(_DIGEST_SAMPLE_BYTES))
+        h.update(str(size).encode())
+    return h.hexdigest()[:12]
+
+
 def _file_digest(path: Path) -> str:
     """A cheap identity for a large file: path, size and mtime, not its contents."""
     st = path.stat()
@@ -151,7 +175,7 @@ def _from_gguf(path: Path, name: str) -> ModelSource:
         tokenizer.save_pretrained(tmp)
 
     _ensure_converted(target, convert)
-    return ModelSource(name=name, directory=target, model_id=f"{name}@{digest}")
+    return ModelSource(name=name, directory=target)
 
 
 def _save_plain_checkpoint(model, directory: Path) -> None:
@@ -193,8 +217,7 @@ def _from_directory(path: Path, name: str) -> ModelSource:
     if not (path / "config.json").exists():
         raise ModelNotFoundError(f"{str(path)!r} has no config.json: it is not a Hugging Face model directory")
     if WeightStore.exists_in(path):
-        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
-        return ModelSource(name=name, directory=path, model_id=f"{path.name}@{digest}")
+        return ModelSource(name=name, directory=path)
     bins = list(path.glob("pytorch_model*.bin"))
     if not bins:
         raise ModelNotFoundError(f"{str(path)!r} has neither safetensors nor pytorch_model.bin weights")
@@ -210,7 +233,7 @@ def _from_directory(path: Path, name: str) -> ModelSource:
         AutoTokenizer.from_pretrained(path).save_pretrained(tmp)
 
     _ensure_converted(target, convert)
-    return ModelSource(name=name, directory=target, model_id=f"{path.name}@{digest}")
+    return ModelSource(name=name, directory=target)
 
 
 def _from_hub(repo_id: str) -> ModelSource:
@@ -268,7 +291,7 @@ def _tiny(kind: str) -> ModelSource:
         tokenizer.save_pretrained(tmp)
 
     _ensure_converted(target, build)
-    return ModelSource(name=kind, directory=target, model_id=f"{kind}@seed{TINY_SEED}")
+    return ModelSource(name=kind, directory=target)
 
 
 def byte_tokenizer() -> PreTrainedTokenizerBase:

@@ -1,0 +1,151 @@
+"""The end-to-end layer: what only the edge and the worker read, inside the broker's envelope.
+
+``broker/protocol.py`` defines the envelope the broker routes by. This module defines the
+request *kinds* a session uses and their bodies, which the broker forwards untouched:
+
+``open``   extra: ``edge_pk`` (32-byte ephemeral X25519 key, or empty without encryption),
+           ``sampling`` (temperature, top_p, seed), ``wire_dtype``. No body: no key exists yet.
+           Reply extra: ``worker_pk``; body: one sealed frame ``b"open-ok"`` that proves the worker
+           holds the secret key of ``worker_pk`` (the edge checks that key against its trusted list).
+``step``   body, sealed: [msgpack ``{"pos": int, "tensor": {"dtype", "shape"}}``, raw tensor bytes].
+           ``pos`` is the position of the first new token; the worker's cache must hold exactly
+           ``pos`` positions, or ``pos`` must be a retry of a step it already ran (then the cache is
+           cropped back and the step recomputed: the effect on the cache happens once).
+           Reply body, sealed: [msgpack ``{"token": int, "compute_ms": float, "pos": int}``].
+``close``  no body; the worker frees the session.
+
+Every sealed body is bound to ``make_aad(session_id, step, kind)``, so a body moved to another
+session, step or kind fails authentication.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from broker.codec import decode_tensor, encode_tensor
+from broker.crypto import Cipher, make_aad
+from broker.errors import CryptoError, ProtocolError
+
+KIND_OPEN = "open"
+KIND_STEP = "step"
+KIND_CLOSE = "close"
+KINDS = frozenset({KIND_OPEN, KIND_STEP, KIND_CLOSE})
+OPEN_PROOF = b"open-ok"
+# Step metadata is a tiny map; anything bigger is hostile.
+_MAX_META_BYTES = 4096
+
+
+def _unpack_small(data: Any, what: str) -> dict:
+    raw = bytes(data)
+    if len(raw) > _MAX_META_BYTES:
+        raise ProtocolError("bad_body", f"{what} metadata is {len(raw)} bytes")
+    try:
+        obj = msgpack.unpackb(
+            raw, raw=False, strict_map_key=True, max_bin_len=64, max_str_len=256,
+            max_array_len=16, max_map_len=16, ext_hook=_no_ext,
+        )
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises several unrelated types on bad input
+        raise ProtocolError("bad_body", f"{what} metadata is not valid msgpack: {type(exc).__name__}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad_body", f"{what} metadata is not a map")
+    return obj
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError("bad_body", "msgpack ext types are not accepted")
+
+
+def _int_field(d: dict, key: str, what: str) -> int:
+    v = d.get(key)
+    if type(v) is not int or v < 0:
+        raise ProtocolError("bad_body", f"{what} field {key!r} must be a non-negative integer")
+    return v
+
+
+# --- open ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OpenParams:
+    edge_pk: bytes
+    sampling: dict[str, float | int]
+    wire_dtype: str
+
+    def to_extra(self) -> dict[str, Any]:
+        return {"edge_pk": self.edge_pk, "sampling": dict(self.sampling), "wire_dtype": self.wire_dtype}
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any]) -> OpenParams:
+        edge_pk = extra.get("edge_pk", b"")
+        sampling = extra.get("sampling")
+        wire_dtype = extra.get("wire_dtype", "fp16")
+        if not isinstance(edge_pk, bytes) or len(edge_pk) not in (0, 32):
+            raise ProtocolError("bad_open", "edge_pk must be 32 bytes, or empty without encryption")
+        if not isinstance(sampling, dict) or set(sampling) != {"temperature", "top_p", "seed"}:
+            raise ProtocolError("bad_open", "sampling must be a map of temperature, top_p and seed")
+        if not all(isinstance(v, int | float) for v in sampling.values()):
+            raise ProtocolError("bad_open", "sampling values must be numbers")
+        if wire_dtype not in ("fp32", "fp16", "bf16"):
+            raise ProtocolError("bad_open", f"unknown wire dtype {wire_dtype!r}")
+        return cls(edge_pk, sampling, wire_dtype)
+
+
+def seal_open_proof(cipher: Cipher, session_id: str, step: int) -> list[Any]:
+    return cipher.seal(make_aad(session_id, step, KIND_OPEN), [OPEN_PROOF])
+
+
+def check_open_proof(cipher: Cipher, session_id: str, step: int, frames: list[Any]) -> None:
+    body = cipher.open(make_aad(session_id, step, KIND_OPEN), frames)
+    if [bytes(b) for b in body] != [OPEN_PROOF]:
+        raise CryptoError("the worker's session proof is wrong: it does not hold the key it announced")
+
+
+# --- step ----------------------------------------------------------------------------------------
+
+def seal_step(cipher: Cipher, session_id: str, step: int, pos: int, hidden, wire_dtype: str) -> list[Any]:
+    """hidden: (1, T, H) boundary activations for positions pos .. pos+T."""
+    meta, data = encode_tensor(hidden, wire_dtype)
+    head = msgpack.packb({"pos": pos, "tensor": meta})
+    return cipher.seal(make_aad(session_id, step, KIND_STEP), [head, data])
+
+
+def open_step(cipher: Cipher, session_id: str, step: int, frames: list[Any], hidden_size: int):
+    """Returns (pos, hidden (1, T, H) float32); raises ProtocolError or CryptoError."""
+    body = cipher.open(make_aad(session_id, step, KIND_STEP), frames)
+    if len(body) != 2:
+        raise ProtocolError("bad_body", f"a step body has 2 frames, got {len(body)}")
+    head = _unpack_small(body[0], "step")
+    pos = _int_field(head, "pos", "step")
+    hidden = decode_tensor(head.get("tensor"), body[1])
+    if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[2] != hidden_size or hidden.shape[1] < 1:
+        raise ProtocolError(
+            "bad_shape", f"step activations must be (1, T, {hidden_size}), got {tuple(hidden.shape)}"
+        )
+    return pos, hidden
+
+
+def seal_step_reply(cipher: Cipher, session_id: str, step: int, token: int, pos: int, compute_ms: float) -> list[Any]:
+    head = msgpack.packb({"token": token, "pos": pos, "compute_ms": float(compute_ms)})
+    return cipher.seal(make_aad(session_id, step, KIND_STEP), [head])
+
+
+@dataclass(frozen=True)
+class StepReply:
+    token: int
+    pos: int  # positions the worker's cache holds after the step
+    compute_ms: float
+
+
+def open_step_reply(cipher: Cipher, session_id: str, step: int, frames: list[Any]) -> StepReply:
+    body = cipher.open(make_aad(session_id, step, KIND_STEP), frames)
+    if len(body) != 1:
+        raise ProtocolError("bad_body", f"a step reply has 1 frame, got {len(body)}")
+    head = _unpack_small(body[0], "step reply")
+    compute_ms = head.get("compute_ms")
+    if not isinstance(compute_ms, float | int):
+        raise ProtocolError("bad_body", "step reply compute_ms must be a number")
+    return StepReply(_int_field(head, "token", "step reply"), _int_field(head, "pos", "step reply"), float(compute_ms))

@@ -1,0 +1,177 @@
+"""``edgecloud broker``, ``cloud-worker``, ``keys`` and ``status``: thin wiring to each role's run()."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.common import EXIT_FAILED, EXIT_USAGE, setup_logging, typed_errors
+
+keys_app = typer.Typer(help="Create and inspect key material.", no_args_is_help=True)
+
+
+def _stop_on_signals() -> threading.Event:
+    """SIGTERM and SIGINT set an event so the role leaves cleanly (a worker says DISCONNECT)."""
+    stop = threading.Event()
+
+    def handler(signum, frame):  # noqa: ARG001
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def broker(
+    endpoint: Annotated[str | None, typer.Option(help="Address to bind [env EDGECLOUD_BROKER].")] = None,
+    keys: Annotated[Path | None, typer.Option("--keys", help="Keys directory: api_keys.txt there is accepted.")] = None,
+    api_key: Annotated[list[str] | None, typer.Option("--api-key", help="An accepted API key (repeatable).")] = None,
+    no_auth: Annotated[bool, typer.Option("--no-auth", help="Accept clients without an API key.")] = False,
+    heartbeat: Annotated[float, typer.Option(help="Heartbeat period with workers, seconds.")] = 1.0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run the job broker: routes edge requests to cloud workers (never reads payloads)."""
+    from broker.broker import Broker, BrokerConfig
+    from broker.crypto import load_api_keys
+    from edge_worker.config import default_broker, default_keys_dir
+
+    setup_logging(verbose)
+    keys_dir = keys or default_keys_dir()
+    accepted = set(api_key or [])
+    key_file = keys_dir / "api_keys.txt"
+    if key_file.exists():
+        accepted |= load_api_keys(key_file)
+    if not accepted and not no_auth:
+        typer.echo(
+            f"error: no API keys: {key_file} does not exist and no --api-key was given. "
+            f"Run `edgecloud keys generate {keys_dir}`, pass --api-key KEY, or --no-auth for a trusted network.",
+            err=True,
+        )
+        raise typer.Exit(EXIT_USAGE)
+    with typed_errors():
+        config = BrokerConfig(endpoint=endpoint or default_broker(), heartbeat_interval_s=heartbeat,
+                              api_keys=frozenset() if no_auth else frozenset(accepted))
+        b = Broker(config)
+        typer.echo(f"broker listening on {b.endpoint} ({len(config.api_keys)} API keys)", err=True)
+        b.serve_forever(_stop_on_signals())
+
+
+def cloud_worker(
+    broker: Annotated[str | None, typer.Option(help="Broker address [env EDGECLOUD_BROKER].")] = None,
+    model: Annotated[str, typer.Option("--model", "-m", help="Model to serve (see `edge --help`).")] = "smollm2-135m",
+    keys: Annotated[Path | None, typer.Option("--keys", help="Keys directory [env EDGECLOUD_KEYS].")] = None,
+    key_name: Annotated[str, typer.Option(help="Which worker key in the directory: worker-NAME.key.")] = "default",
+    no_encryption: Annotated[bool, typer.Option("--no-encryption", help="Serve only unencrypted sessions.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    max_sessions: Annotated[int, typer.Option(help="KV caches held at once.")] = 64,
+    session_ttl: Annotated[float, typer.Option(help="Seconds an idle session is kept.")] = 600.0,
+    max_tokens: Annotated[int, typer.Option(help="Longest session, in tokens.")] = 8192,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: one per core).")] = None,
+    worker_id: Annotated[str | None, typer.Option(help="Name shown by `edgecloud status`.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run a cloud worker: serves layers [k, N) of a model for any split k, one KV cache per session."""
+    from cloud_worker.worker import CloudWorker, CloudWorkerConfig
+    from edge_worker.config import default_broker, default_keys_dir
+
+    setup_logging(verbose)
+    stop = _stop_on_signals()
+    with typed_errors():
+        keys_dir = keys or default_keys_dir()
+        has_key = (keys_dir / f"worker-{key_name}.key").exists()
+        if not no_encryption and not has_key:
+            typer.echo(f"warning: no worker key {keys_dir}/worker-{key_name}.key: serving unencrypted sessions "
+                       f"only (create one with `edgecloud keys generate {keys_dir}`)", err=True)
+        config = CloudWorkerConfig(
+            broker=broker or default_broker(), model=model, keys_dir=keys_dir if has_key else None,
+            key_name=key_name, encryption=not no_encryption, device=device, max_sessions=max_sessions,
+            session_idle_ttl_s=session_ttl, max_session_tokens=max_tokens, torch_threads=threads,
+            worker_id=worker_id,
+        )
+        worker = CloudWorker(config)
+        worker.stop_event = stop
+        typer.echo(f"worker {worker.worker_id} ready: {worker.source.model_id} on {worker.device}", err=True)
+        worker.serve()
+
+
+def status(
+    broker: Annotated[str | None, typer.Option(help="Broker address [env EDGECLOUD_BROKER].")] = None,
+    keys: Annotated[Path | None, typer.Option("--keys", help="Keys directory [env EDGECLOUD_KEYS].")] = None,
+    api_key: Annotated[str | None, typer.Option(help="API key [env EDGECLOUD_API_KEY].")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the raw status map as JSON.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the broker.")] = 5.0,
+) -> None:
+    """Show the broker's workers, sessions, in-flight requests and error counters."""
+    from edge_worker.cloud_client import CloudClient
+
+    setup_logging(False, quiet=True)
+    client = CloudClient(api_key=api_key, broker=broker, keys_dir=keys)
+    try:
+        with typed_errors():
+            st = client.status(timeout_s=timeout)
+    finally:
+        client.close()
+    if json_out:
+        typer.echo(json.dumps(st, default=_jsonable))
+        return
+    typer.echo(render_status(st))
+
+
+def _jsonable(o):
+    if isinstance(o, bytes | bytearray | memoryview):
+        return bytes(o).hex()
+    return str(o)
+
+
+def render_status(st: dict) -> str:
+    lines = []
+    workers = st.get("workers", [])
+    lines.append(f"{len(workers)} workers, {st.get('sessions', 0)} sessions, "
+                 f"{st.get('in_flight', 0)} in flight, {st.get('queue_depth', 0)} queued")
+    for w in workers:
+        ranges = ",".join(f"[{lo},{hi})" for lo, hi in w.get("layer_ranges", []))
+        lines.append(
+            f"  {w.get('worker_id')}  pid {w.get('pid')}  {w.get('model_id')}  layers {ranges}  "
+            f"sessions {w.get('sessions')}  in flight {w.get('in_flight')}  "
+            f"seen {w.get('last_seen_s_ago', 0):.1f}s ago"
+        )
+    counters = st.get("counters", {})
+    if counters:
+        lines.append("counters: " + ", ".join(f"{k}={v}" for k, v in sorted(counters.items())))
+    return "\n".join(lines)
+
+
+@keys_app.command("generate")
+def keys_generate(
+    directory: Annotated[Path, typer.Argument(help="Where to write the keys (created if missing).")],
+    workers: Annotated[int, typer.Option(help="Worker keypairs to create (worker-default, worker-2, ...).")] = 1,
+    force: Annotated[bool, typer.Option(help="Overwrite existing keys.")] = False,
+) -> None:
+    """Write keys for the broker, workers and clients, the trusted-workers list and an API key."""
+    from broker.crypto import add_api_key, add_trusted_worker, save_keys
+
+    if (directory / "worker-default.key").exists() and not force:
+        typer.echo(f"error: {directory} already holds keys; pass --force to replace them", err=True)
+        raise typer.Exit(EXIT_FAILED)
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    trusted = directory / "trusted_workers.txt"
+    if force and trusted.exists():
+        trusted.unlink()
+    save_keys(directory, "broker", "default")
+    save_keys(directory, "client", "default")
+    for i in range(workers):
+        name = "default" if i == 0 else str(i + 1)
+        kp = save_keys(directory, "worker", name)
+        add_trusted_worker(trusted, kp.public_key)
+    api = directory / "api_keys.txt"
+    if force and api.exists():
+        api.unlink()
+    add_api_key(api)
+    typer.echo(f"wrote broker, client and {workers} worker keypairs, trusted_workers.txt and api_keys.txt "
+               f"to {directory}", err=True)

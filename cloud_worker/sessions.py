@@ -1,0 +1,69 @@
+"""Per-session state on a worker, with limits: how many sessions, how long idle, how long."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from broker.crypto import Cipher
+from broker.errors import Busy
+from partition.kv_cache import SegmentKVCache
+from partition.sampling import SamplingParams
+
+
+@dataclass
+class Session:
+    session_id: str
+    layer_lo: int  # the edge's split: this session starts at layer layer_lo
+    cipher: Cipher
+    sampling: SamplingParams
+    wire_dtype: str
+    cache: SegmentKVCache
+    last_used: float = field(default_factory=time.monotonic)
+    # step number -> cache length before that step ran: a retried step crops back to it.
+    step_starts: dict[int, int] = field(default_factory=dict)
+
+
+class SessionTable:
+    """Sessions by id, least recently used first. Idle sessions expire; a full table says Busy."""
+
+    def __init__(self, max_sessions: int, idle_ttl_s: float) -> None:
+        self.max_sessions = max_sessions
+        self.idle_ttl_s = idle_ttl_s
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def get(self, session_id: str) -> Session | None:
+        s = self._sessions.get(session_id)
+        if s is not None:
+            s.last_used = time.monotonic()
+            self._sessions.move_to_end(session_id)
+        return s
+
+    def add(self, session: Session, now: float | None = None) -> None:
+        self.expire(now)
+        if session.session_id in self._sessions:
+            self._sessions.pop(session.session_id)  # a reopen replaces the old state
+        elif len(self._sessions) >= self.max_sessions:
+            raise Busy(
+                f"this worker holds its maximum of {self.max_sessions} sessions; "
+                "retry later or start more workers"
+            )
+        self._sessions[session.session_id] = session
+
+    def remove(self, session_id: str) -> bool:
+        return self._sessions.pop(session_id, None) is not None
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """Drop sessions idle for longer than the TTL; returns their ids."""
+        now = time.monotonic() if now is None else now
+        gone = [sid for sid, s in self._sessions.items() if now - s.last_used > self.idle_ttl_s]
+        for sid in gone:
+            del self._sessions[sid]
+        return gone
+
+    def ids(self) -> list[str]:
+        return list(self._sessions)

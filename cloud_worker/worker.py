@@ -1,0 +1,213 @@
+"""The cloud worker: holds layers ``[0, N)`` and the head, serves any split ``k`` a session asks for.
+
+One compute thread takes jobs from ``WorkerConnection`` (whose own I/O thread keeps heartbeats
+going while a long prefill runs). A bad request gets a typed error reply and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from broker.crypto import NullCipher, SessionCipher, load_keys
+from broker.errors import EdgeCloudError, ProtocolError, WorkerLost
+from broker.protocol import WorkerId
+from broker.session_protocol import (
+    KIND_CLOSE,
+    KIND_OPEN,
+    KIND_STEP,
+    OpenParams,
+    open_step,
+    seal_open_proof,
+    seal_step_reply,
+)
+from broker.worker_api import Job, WorkerConnection, WorkerInfo
+from cloud_worker.sessions import Session, SessionTable
+from partition.kv_cache import CacheFullError
+from partition.models import resolve_model
+from partition.sampling import SamplingParams, choose_token
+from partition.segment import ModelSegment
+
+log = logging.getLogger(__name__)
+
+# How often the compute loop wakes when idle, to expire sessions and notice a stop request.
+_IDLE_POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class CloudWorkerConfig:
+    broker: str = "tcp://127.0.0.1:5555"
+    model: str = "smollm2-135m"
+    keys_dir: Path | None = None  # holds worker-<name>.key; None or missing keys: no encryption
+    key_name: str = "default"
+    encryption: bool = True
+    device: str = "auto"  # auto | cpu | cuda
+    worker_id: str | None = None
+    max_sessions: int = 64
+    session_idle_ttl_s: float = 600.0  # a session untouched this long is freed
+    max_session_tokens: int = 8192  # KV cache length limit per session
+    torch_threads: int | None = None
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def measure_per_layer_ms(segment: ModelSegment, repeats: int = 8) -> float:
+    """Median time of one decode step through one layer (reported to the broker when registering)."""
+    if not segment.layers:
+        return 0.0
+    cache = segment.new_cache()
+    h = torch.zeros(1, 16, segment.source.hidden_size, device=segment.device)
+    segment(h, cache, logits="none")
+    times = []
+    one = torch.zeros(1, 1, segment.source.hidden_size, device=segment.device)
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        segment(one, cache, logits="none")
+        if segment.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2] / len(segment.layers)
+
+
+class CloudWorker:
+    def __init__(self, config: CloudWorkerConfig) -> None:
+        self.config = config
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        self.device = pick_device(config.device)
+        self.source = resolve_model(config.model)
+        dtype = torch.float32 if self.device.type == "cpu" else torch.float16
+        self.segment = ModelSegment.load(
+            self.source, 0, self.source.n_layers, embed=False, head=True, dtype=dtype, device=self.device
+        )
+        self.keypair = None
+        if config.encryption and config.keys_dir is not None:
+            self.keypair = load_keys(config.keys_dir, "worker", config.key_name)
+        self.sessions = SessionTable(config.max_sessions, config.session_idle_ttl_s)
+        self.worker_id = WorkerId(config.worker_id or f"w-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+        self.per_layer_ms = measure_per_layer_ms(self.segment)
+        self.info = WorkerInfo(
+            worker_id=self.worker_id, model_id=self.source.model_id,
+            layer_ranges=((0, self.source.n_layers),),
+            public_key=self.keypair.public_key if self.keypair else b"",
+            per_layer_ms=self.per_layer_ms, max_sessions=config.max_sessions,
+        )
+        self.stop_event = threading.Event()
+        self.served = 0
+        self.failed = 0
+        self.conn: WorkerConnection | None = None
+
+    def serve(self) -> None:
+        """Serve until ``stop_event`` is set; then leave the broker gracefully."""
+        self.conn = WorkerConnection(self.config.broker, self.info)
+        log.info("worker %s serving %s (%d layers on %s, %.2f ms/layer) via %s",
+                 self.worker_id, self.source.model_id, self.source.n_layers, self.device,
+                 self.per_layer_ms, self.config.broker)
+        try:
+            while not self.stop_event.is_set():
+                for sid in self.conn.dropped_sessions():
+                    self.sessions.remove(sid)
+                expired = self.sessions.expire()
+                if expired:
+                    log.info("expired %d idle sessions", len(expired))
+                self.conn.set_active_sessions(len(self.sessions))
+                job = self.conn.get(_IDLE_POLL_S)
+                if job is not None:
+                    self.handle(job)
+        finally:
+            self.conn.close(graceful=True)
+
+    def handle(self, job: Job) -> None:
+        assert self.conn is not None, "serve() sets the connection before jobs arrive"
+        if job.expired():
+            log.debug("skipping %s: its deadline passed while queued", job.request_id)
+            return
+        try:
+            if job.kind == KIND_OPEN:
+                extra, frames = self._open(job)
+            elif job.kind == KIND_STEP:
+                extra, frames = self._step(job)
+            elif job.kind == KIND_CLOSE:
+                self.sessions.remove(job.session_id)
+                extra, frames = {}, []
+            else:
+                raise ProtocolError("bad_kind", f"unknown request kind {job.kind!r}")
+        except EdgeCloudError as exc:
+            self.failed += 1
+            log.warning("request %s (%s) failed: %s", job.request_id, job.kind, exc)
+            self.conn.fail(job, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - a bad request must never stop the worker
+            self.failed += 1
+            log.exception("request %s (%s) raised", job.request_id, job.kind)
+            self.conn.fail(job, exc)
+            return
+        self.served += 1
+        self.conn.reply(job, extra, frames)
+
+    def _open(self, job: Job) -> tuple[dict, list]:
+        params = OpenParams.from_extra(job.extra)
+        if not 0 <= job.layer_lo <= self.source.n_layers:
+            raise ProtocolError("bad_split", f"split {job.layer_lo} is outside [0, {self.source.n_layers}]")
+        if params.edge_pk:
+            if self.keypair is None:
+                raise ProtocolError("no_encryption", "this worker has no keys; run the edge with --no-encryption "
+                                    "or start the worker with --keys DIR")
+            cipher = SessionCipher.for_worker(self.keypair.secret_key, params.edge_pk, job.session_id)
+        else:
+            cipher = NullCipher()
+        session = Session(
+            session_id=job.session_id, layer_lo=job.layer_lo, cipher=cipher,
+            sampling=SamplingParams.from_wire(params.sampling), wire_dtype=params.wire_dtype,
+            cache=self.segment.new_cache(self.config.max_session_tokens),
+        )
+        self.sessions.add(session)
+        pk = self.keypair.public_key if (self.keypair and params.edge_pk) else b""
+        return {"worker_pk": pk}, seal_open_proof(cipher, job.session_id, job.step)
+
+    def _step(self, job: Job) -> tuple[dict, list]:
+        session = self.sessions.get(job.session_id)
+        if session is None:
+            raise WorkerLost(f"session {job.session_id} is not held by worker {self.worker_id} "
+                             "(expired, evicted or the worker restarted): reopen it and replay")
+        pos, hidden = open_step(session.cipher, job.session_id, job.step, job.frames, self.source.hidden_size)
+        cache = session.cache
+        if pos < cache.length:
+            # A retry of a step this cache already ran (the reply was lost or late): undo it and
+            # run it again, so the step affects the cache exactly once.
+            cache.crop(pos)
+        elif pos > cache.length:
+            raise WorkerLost(f"session {job.session_id} holds {cache.length} positions but the step starts "
+                             f"at {pos}: a step is missing; reopen and replay")
+        t0 = time.perf_counter()
+        try:
+            out = self.segment(hidden, cache, start_layer=session.layer_lo)  # hidden: (1, T, H)
+        except CacheFullError as exc:
+            cache.crop(pos)
+            raise ProtocolError("too_long", str(exc)) from None
+        token = choose_token(out.logits[0, -1], session.sampling, job.step)
+        compute_ms = (time.perf_counter() - t0) * 1e3
+        return {}, seal_step_reply(session.cipher, job.session_id, job.step, token, cache.length, compute_ms)
+
+
+def run_worker(config: CloudWorkerConfig, stop_event: threading.Event | None = None) -> None:
+    worker = CloudWorker(config)
+    if stop_event is not None:
+        worker.stop_event = stop_event
+    worker.serve()

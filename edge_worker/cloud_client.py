@@ -1,0 +1,238 @@
+"""The edge's side of the cloud: ``CloudClient`` (connection, keys, retries) and ``CloudSession``.
+
+``CloudClient(api_key=...)`` is the original design's constructor; the broker address, the keys
+directory and the rest come from keyword arguments, else ``$EDGECLOUD_BROKER``,
+``$EDGECLOUD_KEYS`` and ``$EDGECLOUD_API_KEY``, else defaults. Nothing connects until the first
+request, so building a client never blocks.
+
+A ``CloudSession`` keeps every boundary activation it has sent (the replay log). When the worker
+holding the session is lost, the session reopens on another worker and replays the log in one
+step, so generation continues with the same output.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from broker.client_api import BrokerClient, Reply
+from broker.crypto import (
+    NullCipher,
+    SessionCipher,
+    generate_keypair,
+    load_api_keys,
+    load_trusted_workers,
+)
+from broker.errors import ConfigError, CryptoError, EdgeCloudError, WorkerLost
+from broker.session_protocol import (
+    KIND_CLOSE,
+    KIND_OPEN,
+    KIND_STEP,
+    OpenParams,
+    check_open_proof,
+    open_step_reply,
+    seal_step,
+)
+from edge_worker.config import default_broker, default_keys_dir
+from edge_worker.generation import StepStats
+from partition.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+TRUSTED_WORKERS_FILE = "trusted_workers.txt"
+API_KEYS_FILE = "api_keys.txt"
+
+
+def backoff_s(attempt: int, initial_s: float, max_s: float) -> float:
+    """Exponential backoff: initial, 2x, 4x ... capped. Pure, so retry timing is testable."""
+    return min(max_s, initial_s * (2 ** max(0, attempt - 1)))
+
+
+class CloudClient:
+    """Connection settings and the broker socket shared by the sessions of one edge."""
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        broker: str | None = None,
+        keys_dir: str | Path | None = None,
+        encryption: bool = True,
+        wire_dtype: str = "fp16",
+        request_timeout_s: float = 30.0,
+        max_retries: int = 4,
+        backoff_initial_s: float = 0.1,
+        backoff_max_s: float = 2.0,
+    ) -> None:
+        self.broker = broker or default_broker()
+        self.keys_dir = Path(keys_dir) if keys_dir is not None else default_keys_dir()
+        self.api_key = api_key or os.environ.get("EDGECLOUD_API_KEY") or self._api_key_from_dir()
+        self.encryption = encryption
+        self.wire_dtype = wire_dtype
+        self.request_timeout_s = request_timeout_s
+        self.max_retries = max_retries
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self._client: BrokerClient | None = None
+        self._trusted: frozenset[bytes] | None = None
+
+    def _api_key_from_dir(self) -> str:
+        path = self.keys_dir / API_KEYS_FILE
+        if path.exists():
+            keys = sorted(load_api_keys(path))
+            if keys:
+                return keys[0]
+        return ""
+
+    def trusted_workers(self) -> frozenset[bytes]:
+        if self._trusted is None:
+            path = self.keys_dir / TRUSTED_WORKERS_FILE
+            if not path.exists():
+                raise ConfigError(
+                    f"encryption is on but {path} does not exist: run `edgecloud keys generate {self.keys_dir}` "
+                    "(and give workers the same directory), or pass --no-encryption"
+                )
+            self._trusted = load_trusted_workers(path)
+        return self._trusted
+
+    @property
+    def connection(self) -> BrokerClient:
+        if self._client is None:
+            self._client = BrokerClient(self.broker, self.api_key)
+        return self._client
+
+    def ping(self, timeout_s: float = 5.0) -> float:
+        return self.connection.ping(timeout_s)
+
+    def status(self, timeout_s: float = 5.0) -> dict:
+        return self.connection.status(timeout_s)
+
+    def session(self, model_id: str, split: int, hidden_size: int) -> CloudSession:
+        return CloudSession(self, model_id, split, hidden_size)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+class CloudSession:
+    """One generation's state on the cloud side; implements the generation loop's Backend."""
+
+    def __init__(self, client: CloudClient, model_id: str, split: int, hidden_size: int) -> None:
+        self.client = client
+        self.model_id = model_id
+        self.split = split
+        self.hidden_size = hidden_size
+        self.session_id = uuid.uuid4().hex
+        self.sampling = SamplingParams()
+        self.cipher = None
+        self.pos = 0  # positions the worker's cache holds
+        self.replay: list[torch.Tensor] = []  # (1, T_i, H) activations sent so far, in order
+        self.open_count = 0
+
+    # --- Backend --------------------------------------------------------------------------------
+    def start(self, sampling: SamplingParams) -> None:
+        self.sampling = sampling
+        self.session_id = uuid.uuid4().hex
+        self.cipher = None
+        self.pos = 0
+        self.replay = []
+
+    def step(self, hidden: torch.Tensor, step: int) -> tuple[int, StepStats]:
+        """hidden: (1, T, H) activations for the positions after ``self.pos``."""
+        stats = StepStats()
+        pending = hidden  # what must reach the worker; grows to the whole log after a failover
+        attempt = 0
+        while True:
+            try:
+                if self.cipher is None:
+                    self._open(step, stats)
+                    if self.pos == 0 and self.replay:
+                        pending = torch.cat([*self.replay, hidden], dim=1)
+                token = self._send_step(pending, step, stats)
+                break
+            except EdgeCloudError as exc:
+                attempt += 1
+                if attempt > self.client.max_retries or not _recoverable(exc):
+                    raise
+                stats.retries += 1
+                if isinstance(exc, WorkerLost):
+                    log.warning("session %s lost its worker (%s); reopening and replaying %d positions",
+                                self.session_id[:8], exc, self.pos + hidden.shape[1])
+                    self.cipher = None
+                    self.pos = 0
+                    self.session_id = uuid.uuid4().hex  # the old id stays pinned to the dead worker
+                    pending = hidden
+                    continue
+                pause = backoff_s(attempt, self.client.backoff_initial_s, self.client.backoff_max_s)
+                log.info("step %d: %s; retry %d in %.2f s", step, exc, attempt, pause)
+                time.sleep(pause)
+                stats.waiting_ms += pause * 1e3
+        self.replay.append(hidden.detach().to(torch.float32).cpu())
+        return token, stats
+
+    def close(self) -> None:
+        if self.cipher is None:
+            return
+        try:
+            self.client.connection.request(self.session_id, KIND_CLOSE, self.model_id, self.split, 0,
+                                           timeout_s=min(2.0, self.client.request_timeout_s))
+        except EdgeCloudError as exc:  # the worker frees it after its idle TTL anyway
+            log.debug("closing session %s: %s", self.session_id[:8], exc)
+        self.cipher = None
+
+    # --- wire -----------------------------------------------------------------------------------
+    def _open(self, step: int, stats: StepStats) -> None:
+        keypair = generate_keypair() if self.client.encryption else None
+        params = OpenParams(
+            edge_pk=keypair.public_key if keypair else b"",
+            sampling=self.sampling.to_wire(), wire_dtype=self.client.wire_dtype,
+        )
+        t0 = time.perf_counter()
+        reply = self.client.connection.request(
+            self.session_id, KIND_OPEN, self.model_id, self.split, step,
+            timeout_s=self.client.request_timeout_s, extra=params.to_extra(),
+        )
+        stats.round_trips += 1
+        stats.transport_ms += (time.perf_counter() - t0) * 1e3
+        if keypair is None:
+            cipher = NullCipher()
+        else:
+            worker_pk = reply.header.get("worker_pk", b"")
+            if not worker_pk:
+                raise CryptoError("the worker has no keys, so it cannot encrypt; start it with --keys DIR "
+                                  "or run the edge with --no-encryption")
+            cipher = SessionCipher.for_edge(keypair.secret_key, bytes(worker_pk), self.session_id,
+                                            trusted=self.client.trusted_workers())
+        check_open_proof(cipher, self.session_id, step, reply.frames)
+        self.cipher = cipher
+        self.open_count += 1
+
+    def _send_step(self, hidden: torch.Tensor, step: int, stats: StepStats) -> int:
+        t0 = time.perf_counter()
+        frames = seal_step(self.cipher, self.session_id, step, self.pos, hidden, self.client.wire_dtype)
+        stats.bytes_sent += sum(len(memoryview(f)) for f in frames)
+        reply: Reply = self.client.connection.request(
+            self.session_id, KIND_STEP, self.model_id, self.split, step, frames,
+            timeout_s=self.client.request_timeout_s,
+        )
+        stats.bytes_received += sum(len(f) for f in reply.frames)
+        result = open_step_reply(self.cipher, self.session_id, step, reply.frames)
+        elapsed_ms = (time.perf_counter() - t0) * 1e3
+        expected = self.pos + hidden.shape[1]
+        if result.pos != expected:
+            raise WorkerLost(f"worker cache holds {result.pos} positions, expected {expected}")
+        self.pos = expected
+        stats.round_trips += 1
+        stats.cloud_compute_ms += result.compute_ms
+        stats.transport_ms += max(0.0, elapsed_ms - result.compute_ms)
+        return result.token
+
+
+def _recoverable(exc: EdgeCloudError) -> bool:
+    return isinstance(exc, WorkerLost) or bool(getattr(exc, "retryable", False))
