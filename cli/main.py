@@ -95,11 +95,13 @@ def edge(
         )
 
 
+from cli import demo as demo_cmd  # noqa: E402
 from cli import roles  # noqa: E402
 
 app.command("broker")(roles.broker)
 app.command("cloud-worker")(roles.cloud_worker)
 app.command("status")(roles.status)
+app.command("demo")(demo_cmd.demo)
 app.add_typer(roles.keys_app, name="keys")
 
 

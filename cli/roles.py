@@ -143,6 +143,9 @@ def render_status(st: dict) -> str:
     counters = st.get("counters", {})
     if counters:
         lines.append("counters: " + ", ".join(f"{k}={v}" for k, v in sorted(counters.items())))
+    errors = st.get("protocol_errors", {})
+    if errors:
+        lines.append("malformed input: " + ", ".join(f"{k}={v}" for k, v in sorted(errors.items())))
     return "\n".join(lines)
 
 

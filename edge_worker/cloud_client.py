@@ -228,6 +228,7 @@ class CloudSession:
         if result.pos != expected:
             raise WorkerLost(f"worker cache holds {result.pos} positions, expected {expected}")
         self.pos = expected
+        stats.worker_id = str(reply.worker_id)
         stats.round_trips += 1
         stats.cloud_compute_ms += result.compute_ms
         stats.transport_ms += max(0.0, elapsed_ms - result.compute_ms)

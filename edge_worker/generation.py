@@ -40,6 +40,7 @@ class StepStats:
     bytes_received: int = 0
     round_trips: int = 0
     retries: int = 0
+    worker_id: str = ""  # the worker that answered, for the trace
 
 
 class Backend(Protocol):
@@ -105,6 +106,10 @@ class GenerationResult:
     total_ms: float = 0.0
     stop_reason: str = "length"  # "eos" or "length"
     timings: Timings = field(default_factory=Timings)
+    splits_used: list[int] = field(default_factory=list)
+    workers_used: list[str] = field(default_factory=list)  # in the order they first served
+    # One entry per generated token: where its time and bytes went.
+    trace: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -171,6 +176,7 @@ class EdgeGenerator:
             model=self.edge.source.name, prompt_tokens=len(input_ids),
         )
         timings = result.timings
+        result.splits_used = [self.edge.spec.hi]
         cache = self.edge.new_cache()
         if self.backend is not None:
             self.backend.start(sampling)
@@ -181,12 +187,21 @@ class EdgeGenerator:
             for step in range(max_new_tokens):
                 t0 = time.perf_counter()
                 out = self.edge(x, cache, logits="last")
-                timings.edge_compute_ms += (time.perf_counter() - t0) * 1e3
+                edge_ms = (time.perf_counter() - t0) * 1e3
+                timings.edge_compute_ms += edge_ms
                 if self.backend is None:
                     token = choose_token(out.logits[0, -1], sampling, step)
+                    stats = StepStats()
                 else:
                     token, stats = self.backend.step(out.hidden, step)  # hidden: (1, T, H)
                     _add_stats(result, stats)
+                result.trace.append({
+                    "token": token, "positions": x.shape[1], "edge_ms": round(edge_ms, 3),
+                    "cloud_ms": round(stats.cloud_compute_ms, 3), "transport_ms": round(stats.transport_ms, 3),
+                    "waiting_ms": round(stats.waiting_ms, 3), "bytes_sent": stats.bytes_sent,
+                    "bytes_received": stats.bytes_received, "round_trips": stats.round_trips,
+                    "retries": stats.retries,
+                })
                 result.token_ids.append(token)
                 if step == 0:
                     t_first = time.perf_counter()
@@ -216,3 +231,5 @@ def _add_stats(result: GenerationResult, stats: StepStats) -> None:
     result.timings.cloud_compute_ms += stats.cloud_compute_ms
     result.timings.transport_ms += stats.transport_ms
     result.timings.waiting_ms += stats.waiting_ms
+    if stats.worker_id and stats.worker_id not in result.workers_used:
+        result.workers_used.append(stats.worker_id)

@@ -1,0 +1,170 @@
+"""A broker and cloud workers as real OS processes on loopback: the demo's and the tests' cluster.
+
+Every child runs the real CLI (``python -m cli.main ...``) with its output in a log file. ``stop``
+always terminates and reaps every child (SIGTERM, then SIGKILL after a grace period), so a
+failing test or a Ctrl-C never leaves processes behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STOP_GRACE_S = 5.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("GOMP_SPINCOUNT", "30000")  # see MEASUREMENTS.md: idle OpenMP threads steal cores
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(extra or {})
+    return env
+
+
+def cli_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cli.main", *args]
+
+
+class ClusterError(RuntimeError):
+    """A cluster process failed to start or died; the message carries the end of its log."""
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, n_chars: int = 2000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n_chars:]
+        except OSError:
+            return ""
+
+
+@dataclass
+class LocalCluster:
+    model: str = "smollm2-135m"
+    keys_dir: Path | None = None  # None: a fresh directory with new keys
+    encryption: bool = True
+    worker_threads: int | None = None
+    heartbeat_s: float = 1.0
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="edgecloud-")))
+    port: int = field(default_factory=free_port)
+    broker: Proc | None = None
+    workers: list[Proc] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.keys_dir is None:
+            self.keys_dir = self.workdir / "keys"
+            subprocess.run(cli_command("keys", "generate", str(self.keys_dir), "--workers", "4"),
+                           env=child_env(), check=True, capture_output=True)
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        return child_env({"EDGECLOUD_BROKER": self.endpoint, "EDGECLOUD_KEYS": str(self.keys_dir)})
+
+    def _spawn(self, name: str, args: list[str]) -> Proc:
+        log_path = self.workdir / f"{name}.log"
+        with open(log_path, "wb") as log:
+            popen = subprocess.Popen(cli_command(*args), stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=self.env(), cwd=ROOT,
+                                     start_new_session=True)  # Ctrl-C in a terminal reaches us, not them
+        return Proc(name, popen, log_path)
+
+    def start_broker(self) -> Proc:
+        self.broker = self._spawn("broker", ["broker", "--endpoint", self.endpoint,
+                                             "--heartbeat", str(self.heartbeat_s)])
+        return self.broker
+
+    def add_worker(self, key_name: str | None = None) -> Proc:
+        i = len(self.workers)
+        name = f"worker{i + 1}"
+        args = ["cloud-worker", "--model", self.model, "--worker-id", name,
+                "--key-name", key_name or ("default" if i == 0 else str(min(i + 1, 4)))]
+        if not self.encryption:
+            args.append("--no-encryption")
+        if self.worker_threads:
+            args += ["--threads", str(self.worker_threads)]
+        proc = self._spawn(name, args)
+        self.workers.append(proc)
+        return proc
+
+    def status(self, timeout_s: float = 2.0) -> dict:
+        out = subprocess.run(cli_command("status", "--json", "--timeout", str(timeout_s)), env=self.env(),
+                             capture_output=True, text=True, cwd=ROOT)
+        if out.returncode != 0:
+            raise ClusterError(f"status failed: {out.stderr.strip()}")
+        return json.loads(out.stdout)
+
+    def wait_for_workers(self, n: int, timeout_s: float = 180.0) -> dict:
+        """Wait until ``n`` workers are registered; fail early, with the log, if a process died."""
+        deadline = time.monotonic() + timeout_s
+        st: dict = {}
+        while time.monotonic() < deadline:
+            self.check_alive()
+            with contextlib.suppress(ClusterError, json.JSONDecodeError):
+                st = self.status()
+                if len(st.get("workers", [])) >= n:
+                    return st
+            time.sleep(0.2)
+        raise ClusterError(f"{n} workers did not register within {timeout_s:.0f} s; last status: {st}")
+
+    def check_alive(self) -> None:
+        for proc in [self.broker, *self.workers]:
+            if proc is not None and not proc.alive():
+                raise ClusterError(f"{proc.name} exited with code {proc.popen.returncode}:\n{proc.log_tail()}")
+
+    def edge(self, *args: str, timeout_s: float = 300.0) -> subprocess.CompletedProcess:
+        """Run ``edgecloud edge ARGS`` against this cluster as its own process."""
+        return subprocess.run(cli_command("edge", "--model", self.model, *args), env=self.env(),
+                              capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
+
+    def kill(self, proc: Proc, sig: int = signal.SIGKILL) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.popen.send_signal(sig)
+
+    def stop(self) -> None:
+        procs = [p for p in [*self.workers, self.broker] if p is not None]
+        for p in procs:
+            if p.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    p.popen.send_signal(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
+                    p.popen.terminate()
+        deadline = time.monotonic() + STOP_GRACE_S
+        for p in procs:
+            try:
+                p.popen.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.popen.kill()
+                p.popen.wait()
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

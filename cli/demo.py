@@ -1,0 +1,104 @@
+"""``edgecloud demo``: a broker, N cloud workers and the edge as separate processes on loopback."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Annotated
+
+import typer
+
+from cli.cluster import ClusterError, LocalCluster
+from cli.common import EXIT_FAILED
+
+
+def demo(
+    workers: Annotated[int, typer.Option(help="Cloud worker processes to start.")] = 1,
+    split: Annotated[int, typer.Option("--split", "-k", help="Layers on the edge.")] = 15,
+    model: Annotated[str, typer.Option("--model", "-m", help="Model (see `edge --help`).")] = "smollm2-135m",
+    prompt: Annotated[str, typer.Option("--prompt", "-p")] = "Explain in two sentences why a phone might "
+    "send part of a neural network to the cloud.",
+    tokens: Annotated[int, typer.Option("--tokens", "-n")] = 48,
+    force_local: Annotated[bool, typer.Option("--force-local")] = False,
+    force_cloud: Annotated[bool, typer.Option("--force-cloud")] = False,
+    no_encryption: Annotated[bool, typer.Option("--no-encryption")] = False,
+    wire_dtype: Annotated[str, typer.Option(help="fp32, fp16 or bf16.")] = "fp16",
+    temperature: Annotated[float, typer.Option()] = 0.0,
+    seed: Annotated[int, typer.Option()] = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the edge's JSON object only.")] = False,
+    trace_rows: Annotated[int, typer.Option("--trace-rows", help="Per-token trace rows to print.")] = 8,
+) -> None:
+    """Start a broker, N workers and the edge as real processes, generate once, stop them all."""
+
+    def say(msg: str) -> None:
+        if not json_out:
+            typer.echo(msg, err=True)
+
+    cluster = LocalCluster(model=model, encryption=not no_encryption)
+    try:
+        t0 = time.perf_counter()
+        say(f"starting broker on {cluster.endpoint} and {workers} worker(s) of {model} (logs in {cluster.workdir})")
+        cluster.start_broker()
+        for _ in range(workers):
+            cluster.add_worker()
+        if not force_local:
+            st = cluster.wait_for_workers(workers)
+            say(f"{len(st['workers'])} worker(s) registered after {time.perf_counter() - t0:.1f} s; running the edge")
+        args = ["--prompt", prompt, "--tokens", str(tokens), "--json", "--wire-dtype", wire_dtype,
+                "--temperature", str(temperature), "--seed", str(seed)]
+        if force_local:
+            args.append("--force-local")
+        elif force_cloud:
+            args.append("--force-cloud")
+        else:
+            args += ["--split", str(split)]
+        if no_encryption:
+            args.append("--no-encryption")
+        out = cluster.edge(*args)
+        if out.returncode != 0:
+            raise ClusterError(f"the edge failed (exit {out.returncode}):\n{out.stderr[-2000:]}")
+        result = json.loads(out.stdout)
+        procs = [p for p in [cluster.broker, *cluster.workers] if p is not None]
+        result["cluster"] = {"workdir": str(cluster.workdir), "pids": [p.popen.pid for p in procs]}
+        if json_out:
+            sys.stdout.write(json.dumps(result) + "\n")
+        else:
+            print_result(result, trace_rows)
+            st = None if force_local else cluster.status()
+            if st:
+                typer.echo("broker: " + ", ".join(f"{k}={v}" for k, v in sorted(st.get("counters", {}).items())),
+                           err=True)
+    except ClusterError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_FAILED) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted: stopping every process", err=True)
+        raise typer.Exit(130) from None
+    finally:
+        cluster.stop()
+
+
+def print_result(r: dict, trace_rows: int) -> None:
+    typer.echo(r["text"])
+    t = r["timings"]
+    typer.echo(
+        f"\n[{r['mode']}, split {r['split']}/{r['n_layers']}] {len(r['token_ids'])} tokens; first after "
+        f"{r['ttft_ms']:.0f} ms, then {r['ms_per_token']:.1f} ms/token; {r['cloud_round_trips']} round trips, "
+        f"{r['bytes_sent']} B sent, {r['bytes_received']} B received, {r['retries']} retries",
+        err=True,
+    )
+    typer.echo(
+        f"time: edge {t['edge_compute_ms']:.0f} ms, cloud {t['cloud_compute_ms']:.0f} ms, "
+        f"transport {t['transport_ms']:.0f} ms, waiting {t['waiting_ms']:.0f} ms",
+        err=True,
+    )
+    rows = r.get("trace", [])[:trace_rows]
+    if rows:
+        typer.echo(f"{'step':>4} {'pos':>4} {'token':>6} {'edge ms':>8} {'cloud ms':>9} {'wire ms':>8} "
+                   f"{'sent B':>7} {'recv B':>7}", err=True)
+        for i, s in enumerate(rows):
+            typer.echo(f"{i:4} {s['positions']:4} {s['token']:6} {s['edge_ms']:8.2f} {s['cloud_ms']:9.2f} "
+                       f"{s['transport_ms']:8.2f} {s['bytes_sent']:7} {s['bytes_received']:7}", err=True)
+        if len(r["trace"]) > trace_rows:
+            typer.echo(f"... {len(r['trace']) - trace_rows} more steps (--json for all)", err=True)

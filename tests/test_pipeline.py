@@ -1,0 +1,188 @@
+"""The whole pipeline with real processes on loopback: broker, cloud workers and edge CLIs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from cli.cluster import LocalCluster, cli_command
+
+PROMPT = "Describe a lighthouse at night."
+
+
+def edge_json(cluster: LocalCluster, *args: str) -> dict:
+    out = cluster.edge(*args, "--json", "--prompt", PROMPT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1, f"--json must print exactly one line on stdout, got {out.stdout!r}"
+    return json.loads(lines[0])
+
+
+@pytest.fixture(scope="module")
+def tiny_cluster():
+    cluster = LocalCluster(model="tiny-llama", worker_threads=1, heartbeat_s=0.5)
+    try:
+        cluster.start_broker()
+        cluster.add_worker()
+        cluster.wait_for_workers(1, timeout_s=60)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_hybrid_output_equals_local_output_at_every_split(tiny_cluster):
+    local = edge_json(tiny_cluster, "--force-local", "--tokens", "20")
+    assert local["mode"] == "local" and local["cloud_round_trips"] == 0
+    for k in range(0, 4):
+        hybrid = edge_json(tiny_cluster, "--split", str(k), "--tokens", "20")
+        assert hybrid["token_ids"] == local["token_ids"], f"split {k}"
+        assert hybrid["mode"] == ("cloud" if k == 0 else "hybrid")
+        assert hybrid["cloud_round_trips"] >= 20
+        assert hybrid["bytes_sent"] > 0 and hybrid["bytes_received"] > 0
+
+
+def test_sampling_with_a_seed_is_reproducible_and_matches_local(tiny_cluster):
+    args = ("--tokens", "16", "--temperature", "0.8", "--top-p", "0.9", "--seed", "7")
+    local = edge_json(tiny_cluster, "--force-local", *args)
+    hybrid = edge_json(tiny_cluster, "--split", "2", *args)
+    again = edge_json(tiny_cluster, "--split", "2", *args)
+    assert hybrid["token_ids"] == local["token_ids"] == again["token_ids"]
+    other = edge_json(tiny_cluster, "--split", "2", "--tokens", "16", "--temperature", "0.8", "--seed", "8")
+    assert other["token_ids"] != hybrid["token_ids"]
+
+
+def test_wrong_api_key_is_refused_clearly(tiny_cluster):
+    out = tiny_cluster.edge("--split", "2", "--tokens", "4", "--api-key", "not-a-key")
+    assert out.returncode == 1
+    assert "API key" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_untrusted_worker_key_is_refused(tiny_cluster, tmp_path):
+    import shutil
+
+    keys = tmp_path / "keys"
+    shutil.copytree(tiny_cluster.keys_dir, keys)
+    (keys / "trusted_workers.txt").write_text("00" * 32 + "\n")
+    env = dict(tiny_cluster.env(), EDGECLOUD_KEYS=str(keys))
+    out = subprocess.run(cli_command("edge", "--model", "tiny-llama", "--split", "2", "--tokens", "4"),
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "trusted" in out.stderr
+
+
+def test_garbage_to_the_broker_and_bad_requests_to_a_worker_leave_both_serving(tiny_cluster):
+    import zmq
+
+    from broker.client_api import BrokerClient
+    from broker.crypto import load_api_keys
+    from broker.errors import CryptoError, EdgeCloudError, ProtocolError
+    from edge_worker.cloud_client import CloudClient
+    from partition.models import resolve_model
+
+    ctx = zmq.Context()
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 2000)  # deliver the junk before closing
+    raw.connect(tiny_cluster.endpoint)
+    for junk in ([b""], [b"\x00" * 10], [b"EC\x01" + b"\xff" * 50], [b"EC\x01\x81\xa1t\x01", b"x" * 100],
+                 [b"hello", b"world", b"!"], [b"EC\x09" + b"\x80"]):
+        raw.send_multipart(junk)
+    raw.close()
+    ctx.term()
+
+    source = resolve_model("tiny-llama")
+    api_key = sorted(load_api_keys(tiny_cluster.keys_dir / "api_keys.txt"))[0]
+    conn = BrokerClient(tiny_cluster.endpoint, api_key)
+    try:
+        # A malformed opener reaches the worker through the broker: the worker answers an error.
+        with pytest.raises(ProtocolError):
+            conn.request("bad-open", "open", source.model_id, 2, 0, extra={"edge_pk": b"short"}, timeout_s=10)
+        # A real encrypted session, then a tampered step frame for it.
+        client = CloudClient(api_key=api_key, broker=tiny_cluster.endpoint, keys_dir=tiny_cluster.keys_dir)
+        session = client.session(source.model_id, 2, source.hidden_size)
+        import torch
+
+        from partition.sampling import SamplingParams
+
+        session.start(SamplingParams())
+        hidden = torch.randn(1, 3, source.hidden_size)
+        token, _ = session.step(hidden, 0)
+        from broker.session_protocol import seal_step
+
+        frames = seal_step(session.cipher, session.session_id, 1, session.pos, hidden[:, :1], "fp16")
+        tampered = [bytearray(f) for f in frames]
+        tampered[1][-1] ^= 0x01
+        with pytest.raises(CryptoError):
+            conn.request(session.session_id, "step", source.model_id, 2, 1, [bytes(f) for f in tampered],
+                         timeout_s=10)
+        # A replayed frame (the same sealed bytes twice) is refused the second time.
+        ok = conn.request(session.session_id, "step", source.model_id, 2, 1, frames, timeout_s=10)
+        assert ok.frames
+        with pytest.raises(CryptoError, match="replay"):
+            conn.request(session.session_id, "step", source.model_id, 2, 1, frames, timeout_s=10)
+        session.close()
+        client.close()
+    except EdgeCloudError:
+        raise
+    finally:
+        conn.close()
+    st = tiny_cluster.status()
+    assert sum(st["protocol_errors"].values()) >= 6, st["protocol_errors"]
+    assert st["counters"]["worker_errors"] >= 3, st["counters"]
+    # And both still serve real generations.
+    assert edge_json(tiny_cluster, "--split", "1", "--tokens", "5")["token_ids"]
+
+
+def test_two_concurrent_sessions_use_two_workers_and_a_new_worker_takes_new_sessions(tmp_path):
+    with LocalCluster(model="tiny-llama", worker_threads=1, heartbeat_s=0.5) as cluster:
+        cluster.start_broker()
+        cluster.add_worker()
+        cluster.wait_for_workers(1, timeout_s=60)
+        first = edge_json(cluster, "--split", "2", "--tokens", "8")
+        assert first["workers_used"] == ["worker1"]
+        cluster.add_worker()
+        cluster.wait_for_workers(2, timeout_s=60)
+        # Two long generations at once: least-load placement puts them on different workers.
+        args = cli_command("edge", "--model", "tiny-llama", "--split", "2", "--tokens", "300", "--json",
+                           "--raw-prompt", "--prompt", PROMPT)
+        procs = [subprocess.Popen(args, env=cluster.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(2)]
+        try:
+            results = [json.loads(p.communicate(timeout=180)[0]) for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+        used = {w for r in results for w in r["workers_used"]}
+        assert used == {"worker1", "worker2"}, [r["workers_used"] for r in results]
+        assert results[0]["token_ids"] == results[1]["token_ids"]
+
+
+@pytest.mark.real_model
+def test_smollm2_hybrid_and_cloud_only_equal_local():
+    with LocalCluster(model="smollm2-135m") as cluster:
+        cluster.start_broker()
+        cluster.add_worker()
+        cluster.wait_for_workers(1)
+        local = edge_json(cluster, "--force-local", "--tokens", "24")
+        assert len(local["token_ids"]) > 5
+        for args in (("--split", "15"), ("--split", "29"), ("--force-cloud",)):
+            got = edge_json(cluster, *args, "--tokens", "24")
+            assert got["token_ids"] == local["token_ids"], args
+            assert got["text"] == local["text"]
+
+
+def test_demo_runs_every_process_and_stops_them():
+    out = subprocess.run(cli_command("demo", "--model", "tiny-llama", "--workers", "2", "--split", "2",
+                                     "--tokens", "6", "--json"),
+                         capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    assert result["mode"] == "hybrid" and len(result["token_ids"]) == 6
+    pids = result["cluster"]["pids"]
+    assert len(pids) == 3  # the broker and two workers
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
