@@ -50,7 +50,7 @@ from broker.errors import (
     WorkerLost,
 )
 from broker.protocol import RequestId, SessionId, WorkerId
-from broker.sockets import CLOSE_LINGER_MS, Waker, make_socket, poll_timeout_ms, send_or_false
+from broker.sockets import CLOSE_LINGER_MS, Waker, make_socket, poll_timeout_ms, recv_message, send_or_false
 from broker.state import PendingRequest, RateLimitedWarnings, SessionState, WorkerState
 
 logger = logging.getLogger(__name__)
@@ -122,6 +122,7 @@ class Broker:
         self._timers: list[tuple[float, int, str, RequestId]] = []
         self._timer_seq = itertools.count()
         self._to_expire: dict[WorkerId, str] = {}
+        self._sweep_needed = False
         self.counters: Counter[str] = Counter()
         self.protocol_errors: Counter[str] = Counter()
         self._started = time.monotonic()
@@ -176,16 +177,19 @@ class Broker:
     # ----------------------------------------------------------------- input
     def _drain_socket(self) -> None:
         for _ in range(RECV_BATCH):
-            try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            # Only the routing id (at most 255 bytes) as bytes: a header is size-checked before copying.
+            frames = recv_message(self._sock, 1)
+            if frames is None:
                 break
             self._handle(frames)
             if self._to_expire:
                 self._expire_pending()
+            if self._sweep_needed:
+                self._sweep_needed = False
+                self._pump(time.monotonic(), sweep=True)
 
     def _handle(self, frames: list[Any]) -> None:
-        identity = frames[0].bytes
+        identity = frames[0]
         try:
             msg = p.decode(frames[1:])
         except ProtocolError as exc:
@@ -326,7 +330,7 @@ class Broker:
         r = req.request
         self._send(req.client, p.Reply(request_id=r.request_id, session_id=r.session_id, step=msg.step,
                                        worker_id=w.worker_id, attempt=req.attempt, extra=msg.extra,
-                                       frames=msg.frames))  # fmt: skip
+                                       frames=msg.frames), validate=False)  # fmt: skip
         self.counters["requests_served"] += 1
         self._finish(req, drop_session=r.kind in self.config.close_kinds)
         self._pump(time.monotonic())
@@ -415,29 +419,35 @@ class Broker:
         msg = p.Dispatch(request_id=r.request_id, session_id=r.session_id, model_id=r.model_id, step=r.step,
                          attempt=req.attempt, kind=r.kind, deadline_ms=max(0, int((req.deadline - now) * 1000)),
                          layer_lo=r.layer_lo, extra=r.extra, frames=r.frames)  # fmt: skip
-        if not self._send(w.identity, msg):
+        if not self._send(w.identity, msg, validate=False):  # every field was validated on arrival
             self._to_expire.setdefault(w.worker_id, "unreachable")
         elif req.attempt > 1:
             self.counters["redispatched"] += 1
 
-    def _pump(self, now: float) -> None:
-        """Dispatch queued requests, oldest first, wherever a slot is free."""
+    def _pump(self, now: float, sweep: bool = False) -> None:
+        """Dispatch queued requests, oldest first, wherever a slot is free.
+
+        Stops as soon as no worker has a free slot, so a long queue behind
+        busy workers costs nothing per reply. ``sweep`` walks the whole queue
+        regardless, to answer requests whose session was lost meanwhile.
+        """
         if not self._queue:
             return
         cap = self.config.worker_max_in_flight
+        free = sum(max(0, cap - w.busy_slots()) for w in self._workers.values())
+        if free == 0 and not sweep:
+            return
         blocked: set[SessionId] = set()
         keep: deque[PendingRequest] = deque()
-        while self._queue:
+        while self._queue and (free > 0 or sweep):
             req = self._queue.popleft()
             sid = req.session_id
             session = self._sessions.get(sid)
             if session is None:
                 req.queued = False
                 self.counters["worker_lost"] += 1
-                self._fail(
-                    req,
-                    WorkerLost(f"session {sid} was lost ({self._lost.get(sid, 'worker gone')}); reopen it"),
-                )
+                why = self._lost.get(sid, "its worker is gone")
+                self._fail(req, WorkerLost(f"session {sid} was lost ({why}); reopen it"))
                 continue
             if (
                 sid not in blocked
@@ -452,6 +462,8 @@ class Broker:
                 keep.append(req)
                 continue
             self._dispatch(req, w, now)
+            free -= 1
+        keep.extend(self._queue)
         self._queue = keep
 
     # ------------------------------------------------------- completion
@@ -492,6 +504,8 @@ class Broker:
         self._finish(req)
         if is_open and session is not None and session.session_id in self._sessions:
             self._drop_session(session, notify=True, reason=f"opener failed: {err.code}")
+            if session.queued > 0:
+                self._sweep_needed = True  # its queued followers must be answered too
 
     # --------------------------------------------------------- worker loss
     def _expire_pending(self) -> None:
@@ -546,7 +560,7 @@ class Broker:
                 session = self._sessions[req.session_id] = SessionState(
                     req.session_id, req.request.model_id, None, now, outstanding=1)  # fmt: skip
             self._route(req, session, now, front=True)
-        self._pump(now)
+        self._pump(now, sweep=True)
 
     # ---------------------------------------------------------------- timers
     def _push_timer(self, when: float, kind: str, request_id: RequestId) -> None:
@@ -585,6 +599,9 @@ class Broker:
                 elif not self._send(w.identity, p.BrokerHeartbeat()):
                     self._to_expire.setdefault(w.worker_id, "unreachable")
             self._expire_pending()
+        if self._sweep_needed:
+            self._sweep_needed = False
+            self._pump(now, sweep=True)
         if now >= self._next_maintenance:
             self._next_maintenance = now + self.config.heartbeat_interval_s
             self._maintenance(now)
@@ -603,8 +620,8 @@ class Broker:
             self._pump(now)
 
     # ---------------------------------------------------------------- output
-    def _send(self, identity: bytes, msg: p.Message) -> bool:
-        ok = send_or_false(self._sock, [identity, *p.encode(msg)])
+    def _send(self, identity: bytes, msg: p.Message, validate: bool = True) -> bool:
+        ok = send_or_false(self._sock, [identity, *p.encode(msg, validate)])
         if not ok:
             self.counters["unroutable_sends"] += 1
         return ok

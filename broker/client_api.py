@@ -24,7 +24,7 @@ import zmq
 from broker import protocol as p
 from broker.errors import BrokerUnavailable, EdgeCloudError, ProtocolError, error_from_code
 from broker.protocol import RequestId, SessionId, WorkerId
-from broker.sockets import close_socket, make_socket, poll_timeout_ms
+from broker.sockets import close_socket, make_socket, poll_timeout_ms, recv_message
 
 logger = logging.getLogger(__name__)
 
@@ -210,9 +210,8 @@ class BrokerClient:
         if not self._poller.poll(timeout_ms):
             return
         while True:
-            try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            frames = recv_message(self._sock, 1)
+            if frames is None:
                 return
             try:
                 msg = p.decode(frames)

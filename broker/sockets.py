@@ -81,6 +81,22 @@ class Waker:
         self._w.close()
 
 
+def recv_message(sock: zmq.Socket, leading_bytes_frames: int) -> list[Any] | None:
+    """One waiting multipart message, or None if none is waiting (never blocks).
+
+    The first ``leading_bytes_frames`` frames (routing id, header) come back
+    as ``bytes``; the rest (bodies) as ``zmq.Frame`` so that large tensors are
+    never copied. Checking EVENTS first avoids raising ``zmq.Again`` on every
+    drained socket, which costs more than the check.
+    """
+    if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        return None
+    parts: list[Any] = [sock.recv(zmq.NOBLOCK, copy=leading_bytes_frames > 0)]
+    while sock.getsockopt(zmq.RCVMORE):  # later parts of a message are always already here
+        parts.append(sock.recv(zmq.NOBLOCK, copy=len(parts) < leading_bytes_frames))
+    return parts
+
+
 def send_or_false(sock: zmq.Socket, frames: list[Any]) -> bool:
     """Non-blocking multipart send; False if the peer is unknown (ROUTER_MANDATORY) or full."""
     try:

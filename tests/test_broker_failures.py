@@ -92,6 +92,45 @@ def test_hung_worker_expires_and_open_is_redispatched(broker: Broker) -> None:
             wait_until(lambda: counters(c).get("late_replies_discarded", 0) == 1, what="late reply discarded")
 
 
+def test_queued_requests_of_a_dead_workers_session_fail_promptly() -> None:
+    with running_broker(worker_max_in_flight=1) as b, client(b.endpoint) as c:
+        with echo_workers(b.endpoint, "w1") as (w,):
+            c.request("s1", "open", MODEL, 2, 0)
+            w.gate.clear()
+            in_flight = c.submit("s1", "decode", MODEL, 2, 1, timeout_s=LONG_S)
+            wait_until(lambda: len(w.jobs) == 2, what="dispatch")
+            queued = c.submit("s1", "decode", MODEL, 2, 2, timeout_s=LONG_S)
+            wait_until(lambda: c.status()["queue_depth"] == 1, what="queued follower")
+            start = time.monotonic()
+            w.close(graceful=False)
+            for rid in (in_flight, queued):
+                with pytest.raises(WorkerLost):
+                    c.result(rid)
+            assert time.monotonic() - start < PROMPT_S
+
+
+def test_failed_open_fails_its_queued_followers() -> None:
+    with (
+        running_broker(worker_max_in_flight=1) as b,
+        echo_workers(b.endpoint, "w1") as (w,),
+        client(b.endpoint) as c,
+    ):
+        c.request("busy", "open", MODEL, 2, 0)
+        w.gate.clear()
+        blocker = c.submit("busy", "decode", MODEL, 2, 1, timeout_s=LONG_S)
+        wait_until(lambda: len(w.jobs) == 2, what="blocker dispatched")
+        opener = c.submit("s1", "open", MODEL, 2, 0, timeout_s=0.3)
+        follower = c.submit("s1", "prefill", MODEL, 2, 1, timeout_s=LONG_S)
+        with pytest.raises(RequestTimeout):
+            c.result(opener)
+        start = time.monotonic()
+        with pytest.raises(WorkerLost):
+            c.result(follower)
+        assert time.monotonic() - start < 1.0
+        w.gate.set()
+        assert c.result(blocker).step == 1
+
+
 def test_unknown_worker_is_asked_to_reregister(broker: Broker) -> None:
     with raw_dealer(broker.endpoint) as raw:
         raw.send_multipart(p.encode(p.Heartbeat(worker_id="ghost", active_sessions=0, queue_depth=0)))
