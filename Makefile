@@ -31,11 +31,13 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not real_model"
 
 demo: setup
-	$(BIN)/edgecloud edge --force-local --tokens 48 --prompt "Explain in two sentences why a phone might send part of a neural network to the cloud."
+	$(BIN)/edgecloud demo --workers 2 --split 15 --tokens 48
 
 bench: setup
 	$(BIN)/python bench/bench_memory.py
 	$(BIN)/python bench/bench_local.py
+	$(BIN)/python bench/bench_pipeline.py
+	$(BIN)/python bench/bench_broker.py
 
 lint: setup
 	$(BIN)/ruff check .
