@@ -1,0 +1,84 @@
+"""``edgecloud edge --force-local`` as a user runs it: a real process, text or one JSON object."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+
+from cli.cluster import child_env, cli_command
+
+REQUIRED = {"text", "token_ids", "mode", "split", "n_layers", "cloud_round_trips", "bytes_sent",
+            "bytes_received", "tokens_from_mini", "retries", "ttft_ms", "ms_per_token", "timings"}
+
+
+def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cli_command(*args), capture_output=True, text=True, env=child_env(), timeout=timeout)
+
+
+def test_json_output_is_one_object_with_the_contract_and_matches_generate(tiny_gpt2):
+    from transformers import AutoModelForCausalLM
+
+    out = run("edge", "--force-local", "--model", "tiny-gpt2", "--prompt", "hello there", "--tokens", "12", "--json")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1
+    r = json.loads(lines[0])
+    assert REQUIRED <= set(r)
+    assert set(r["timings"]) == {"edge_compute_ms", "cloud_compute_ms", "transport_ms", "waiting_ms"}
+    assert r["mode"] == "local" and r["split"] == r["n_layers"] == 4
+    tokenizer = tiny_gpt2.load_tokenizer()
+    ids = tokenizer("hello there")["input_ids"]  # no chat template on the tiny models
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2.directory).eval()
+    expected = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+    assert r["token_ids"] == expected
+    assert r["text"] == tokenizer.decode(expected, skip_special_tokens=True)
+
+
+@pytest.mark.real_model
+def test_smollm2_local_cli_matches_generate_with_the_chat_template(smollm2, smollm2_hf):
+    from partition.tokens import encode_prompt
+
+    prompt = "Give me a synonym for quick."
+    out = run("edge", "--force-local", "--prompt", prompt, "--tokens", "20", "--json")
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    tokenizer = smollm2.load_tokenizer()
+    ids = encode_prompt(tokenizer, prompt)
+    assert r["prompt_tokens"] == len(ids)
+    ref = smollm2_hf.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[0, len(ids):].tolist()
+    assert r["token_ids"] == ref
+    raw = json.loads(run("edge", "--force-local", "--prompt", prompt, "--tokens", "3", "--json",
+                         "--raw-prompt").stdout)
+    assert raw["prompt_tokens"] == len(tokenizer(prompt)["input_ids"]) < len(ids)
+
+
+def test_text_mode_streams_the_text_to_stdout_and_the_summary_to_stderr():
+    out = run("edge", "--force-local", "--model", "tiny-llama", "--prompt", "abc", "--tokens", "5")
+    assert out.returncode == 0, out.stderr
+    assert "[local, split 4/4: 5 tokens" in out.stderr
+    assert out.stdout.strip() != ""
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--model", "/no/such/file.gguf"), "does not exist"),
+    (("--model", "tiny-llama", "--split", "9"), "outside [0, 4]"),
+    (("--model", "tiny-llama", "--force-local", "--force-cloud"), "exclude each other"),
+    (("--model", "tiny-llama", "--force-local", "--tokens", "0"), "at least 1"),
+    (("--model", "tiny-llama", "--force-local", "--top-p", "0"), "top_p"),
+])
+def test_bad_input_gets_one_line_and_exit_code_2(args, message):
+    out = run("edge", *args)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_no_broker_gives_a_clear_error_within_the_deadline():
+    out = run("edge", "--model", "tiny-llama", "--split", "2", "--tokens", "2", "--no-encryption",
+              "--broker", "tcp://127.0.0.1:9", "--timeout", "1", timeout=60)
+    assert out.returncode == 1
+    assert "broker" in out.stderr.lower()
+    assert "Traceback" not in out.stderr
