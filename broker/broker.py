@@ -62,6 +62,10 @@ RECV_BATCH = 512
 MAX_POLL_S = 1.0
 # With an external stop_event the loop must notice it without a wake-up.
 STOP_EVENT_POLL_S = 0.1
+# The timer heap is rebuilt from live requests when it holds this many times more
+# entries than there are pending requests (plus slack, so small heaps are left alone).
+TIMER_COMPACT_FACTOR = 4
+TIMER_COMPACT_SLACK = 4096
 
 
 @dataclass(frozen=True)
@@ -565,6 +569,11 @@ class Broker:
     # ---------------------------------------------------------------- timers
     def _push_timer(self, when: float, kind: str, request_id: RequestId) -> None:
         heapq.heappush(self._timers, (when, next(self._timer_seq), kind, request_id))
+        # Answered requests leave their timers behind until they fire; at thousands of
+        # requests per second and long deadlines that would grow without bound.
+        if len(self._timers) > TIMER_COMPACT_FACTOR * (len(self._requests) + TIMER_COMPACT_SLACK):
+            self._timers = [t for t in self._timers if t[3] in self._requests]
+            heapq.heapify(self._timers)
 
     def _next_wakeup(self) -> float:
         nxt = min(self._next_heartbeat, self._next_maintenance)
@@ -598,6 +607,8 @@ class Broker:
                     self._to_expire.setdefault(w.worker_id, f"missed heartbeats for {now - w.last_seen:.2f}s")
                 elif not self._send(w.identity, p.BrokerHeartbeat()):
                     self._to_expire.setdefault(w.worker_id, "unreachable")
+            self._expire_pending()
+        if self._to_expire:
             self._expire_pending()
         if self._sweep_needed:
             self._sweep_needed = False

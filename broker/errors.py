@@ -177,8 +177,3 @@ def error_from_code(code: str, message: str) -> EdgeCloudError:
         err.address = ""
         return err
     return cls(message)
-
-
-def error_message(err: EdgeCloudError) -> str:
-    """The text to put on the wire so that :func:`error_from_code` round-trips it."""
-    return str(err)
