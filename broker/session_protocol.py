@@ -44,13 +44,21 @@ def _unpack_small(data: Any, what: str) -> dict:
         raise ProtocolError("bad_body", f"{what} metadata is {len(raw)} bytes")
     try:
         obj = msgpack.unpackb(
-            raw, raw=False, strict_map_key=True, max_bin_len=64, max_str_len=256,
-            max_array_len=16, max_map_len=16, ext_hook=_no_ext,
+            raw,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=64,
+            max_str_len=256,
+            max_array_len=16,
+            max_map_len=16,
+            ext_hook=_no_ext,
         )
     except ProtocolError:
         raise
     except Exception as exc:  # msgpack raises several unrelated types on bad input
-        raise ProtocolError("bad_body", f"{what} metadata is not valid msgpack: {type(exc).__name__}") from None
+        raise ProtocolError(
+            "bad_body", f"{what} metadata is not valid msgpack: {type(exc).__name__}"
+        ) from None
     if not isinstance(obj, dict):
         raise ProtocolError("bad_body", f"{what} metadata is not a map")
     return obj
@@ -68,6 +76,7 @@ def _int_field(d: dict, key: str, what: str) -> int:
 
 
 # --- open ----------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class OpenParams:
@@ -106,6 +115,7 @@ def check_open_proof(cipher: Cipher, session_id: str, step: int, frames: list[An
 
 # --- step ----------------------------------------------------------------------------------------
 
+
 def seal_step(cipher: Cipher, session_id: str, step: int, pos: int, hidden, wire_dtype: str) -> list[Any]:
     """hidden: (1, T, H) boundary activations for positions pos .. pos+T."""
     meta, data = encode_tensor(hidden, wire_dtype)
@@ -128,7 +138,9 @@ def open_step(cipher: Cipher, session_id: str, step: int, frames: list[Any], hid
     return pos, hidden
 
 
-def seal_step_reply(cipher: Cipher, session_id: str, step: int, token: int, pos: int, compute_ms: float) -> list[Any]:
+def seal_step_reply(
+    cipher: Cipher, session_id: str, step: int, token: int, pos: int, compute_ms: float
+) -> list[Any]:
     head = msgpack.packb({"token": token, "pos": pos, "compute_ms": float(compute_ms)})
     return cipher.seal(make_aad(session_id, step, KIND_STEP), [head])
 
@@ -148,4 +160,6 @@ def open_step_reply(cipher: Cipher, session_id: str, step: int, frames: list[Any
     compute_ms = head.get("compute_ms")
     if not isinstance(compute_ms, float | int):
         raise ProtocolError("bad_body", "step reply compute_ms must be a number")
-    return StepReply(_int_field(head, "token", "step reply"), _int_field(head, "pos", "step reply"), float(compute_ms))
+    return StepReply(
+        _int_field(head, "token", "step reply"), _int_field(head, "pos", "step reply"), float(compute_ms)
+    )
