@@ -11,7 +11,9 @@ request *kinds* a session uses and their bodies, which the broker forwards untou
            ``pos`` is the position of the first new token; the worker's cache must hold exactly
            ``pos`` positions, or ``pos`` must be a retry of a step it already ran (then the cache is
            cropped back and the step recomputed: the effect on the cache happens once).
-           Reply body, sealed: [msgpack ``{"token": int, "compute_ms": float, "pos": int}``].
+           Reply body, sealed: [msgpack ``{"token": int, "pos": int, "compute_ms": float,
+           "worker_ms": float}``]: ``compute_ms`` is the forward pass and sampling, ``worker_ms``
+           everything from the job's arrival at the worker to its reply (decryption included).
 ``close``  no body; the worker frees the session.
 
 Every sealed body is bound to ``make_aad(session_id, step, kind)``, so a body moved to another
@@ -139,9 +141,11 @@ def open_step(cipher: Cipher, session_id: str, step: int, frames: list[Any], hid
 
 
 def seal_step_reply(
-    cipher: Cipher, session_id: str, step: int, token: int, pos: int, compute_ms: float
+    cipher: Cipher, session_id: str, step: int, token: int, pos: int, compute_ms: float, worker_ms: float
 ) -> list[Any]:
-    head = msgpack.packb({"token": token, "pos": pos, "compute_ms": float(compute_ms)})
+    head = msgpack.packb(
+        {"token": token, "pos": pos, "compute_ms": float(compute_ms), "worker_ms": float(worker_ms)}
+    )
     return cipher.seal(make_aad(session_id, step, KIND_STEP), [head])
 
 
@@ -150,6 +154,7 @@ class StepReply:
     token: int
     pos: int  # positions the worker's cache holds after the step
     compute_ms: float
+    worker_ms: float
 
 
 def open_step_reply(cipher: Cipher, session_id: str, step: int, frames: list[Any]) -> StepReply:
@@ -157,9 +162,12 @@ def open_step_reply(cipher: Cipher, session_id: str, step: int, frames: list[Any
     if len(body) != 1:
         raise ProtocolError("bad_body", f"a step reply has 1 frame, got {len(body)}")
     head = _unpack_small(body[0], "step reply")
-    compute_ms = head.get("compute_ms")
-    if not isinstance(compute_ms, float | int):
-        raise ProtocolError("bad_body", "step reply compute_ms must be a number")
+    times = [head.get("compute_ms"), head.get("worker_ms")]
+    if not all(isinstance(t, float | int) for t in times):
+        raise ProtocolError("bad_body", "step reply compute_ms and worker_ms must be numbers")
     return StepReply(
-        _int_field(head, "token", "step reply"), _int_field(head, "pos", "step reply"), float(compute_ms)
+        _int_field(head, "token", "step reply"),
+        _int_field(head, "pos", "step reply"),
+        float(times[0]),
+        float(times[1]),
     )

@@ -203,7 +203,9 @@ class CloudWorker:
             raise ProtocolError("too_long", str(exc)) from None
         token = choose_token(out.logits[0, -1], session.sampling, job.step)
         compute_ms = (time.perf_counter() - t0) * 1e3
-        return {}, seal_step_reply(session.cipher, job.session_id, job.step, token, cache.length, compute_ms)
+        worker_ms = (time.monotonic() - job.received_at) * 1e3
+        return {}, seal_step_reply(session.cipher, job.session_id, job.step, token, cache.length, compute_ms,
+                                   worker_ms)
 
 
 def run_worker(config: CloudWorkerConfig, stop_event: threading.Event | None = None) -> None:

@@ -231,7 +231,8 @@ class CloudSession:
         stats.worker_id = str(reply.worker_id)
         stats.round_trips += 1
         stats.cloud_compute_ms += result.compute_ms
-        stats.transport_ms += max(0.0, elapsed_ms - result.compute_ms)
+        stats.worker_overhead_ms += max(0.0, result.worker_ms - result.compute_ms)
+        stats.transport_ms += max(0.0, elapsed_ms - result.worker_ms)
         return result.token
 
 

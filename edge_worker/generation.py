@@ -34,6 +34,7 @@ class StepStats:
     """What one backend step cost, as seen from the edge."""
 
     cloud_compute_ms: float = 0.0
+    worker_overhead_ms: float = 0.0  # time in the worker outside the forward pass (decrypt, decode)
     transport_ms: float = 0.0  # serialisation, encryption and time on the wire
     waiting_ms: float = 0.0  # queueing at the broker and worker
     bytes_sent: int = 0
@@ -197,7 +198,9 @@ class EdgeGenerator:
                     _add_stats(result, stats)
                 result.trace.append({
                     "token": token, "positions": x.shape[1], "edge_ms": round(edge_ms, 3),
-                    "cloud_ms": round(stats.cloud_compute_ms, 3), "transport_ms": round(stats.transport_ms, 3),
+                    "cloud_ms": round(stats.cloud_compute_ms, 3),
+                    "worker_overhead_ms": round(stats.worker_overhead_ms, 3),
+                    "transport_ms": round(stats.transport_ms, 3),
                     "waiting_ms": round(stats.waiting_ms, 3), "bytes_sent": stats.bytes_sent,
                     "bytes_received": stats.bytes_received, "round_trips": stats.round_trips,
                     "retries": stats.retries,
