@@ -1,0 +1,130 @@
+"""Layer profiles: measured on tiny-llama, weight sizes from the real parameters, the JSON cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+import pytest
+import torch
+
+import partition.profile as profile_mod
+from partition.profile import (
+    PROFILE_FORMAT,
+    STEP_OVERHEAD_BYTES,
+    STEP_REPLY_BYTES,
+    LayerProfile,
+    load_or_measure_profile,
+    machine_description,
+    measure_profile,
+    profile_cache_path,
+)
+from partition.segment import ModelSegment
+
+
+@pytest.fixture(scope="module")
+def tiny_profile(tiny_llama):
+    return measure_profile(tiny_llama, repeats=2)
+
+
+def _bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def test_measured_profile_is_complete_and_positive(tiny_llama, tiny_profile):
+    p = tiny_profile
+    assert p.model_id == tiny_llama.model_id and p.machine == machine_description()
+    assert p.n_layers == tiny_llama.n_layers == 4 and p.hidden_size == 64
+    assert len(p.layer_decode_ms) == len(p.layer_prefill_ms_per_token) == len(p.layer_weight_bytes) == 4
+    assert p.embed_ms > 0 and p.head_ms > 0
+    assert all(t > 0 for t in p.layer_decode_ms + p.layer_prefill_ms_per_token)
+
+
+def test_weight_bytes_match_the_segments_parameters(tiny_llama, tiny_profile):
+    segment = ModelSegment.load(tiny_llama, 0, tiny_llama.n_layers)
+    unique = {p.data_ptr(): p.numel() * p.element_size() for p in segment.parameters()}
+    assert tiny_profile.total_weight_bytes == sum(unique.values())
+    assert tiny_profile.layer_weight_bytes == tuple(_bytes(layer) for layer in segment.layers)
+    assert tiny_profile.embed_weight_bytes == _bytes(segment.embeddings)
+    # tiny-llama ties its head to the embedding: the head adds only the final norm.
+    assert segment.lm_head.weight.data_ptr() == segment.embeddings[0].weight.data_ptr()
+    assert tiny_profile.head_weight_bytes == _bytes(segment.norm)
+
+
+def test_kv_bytes_match_the_cache(tiny_llama, tiny_profile):
+    segment = ModelSegment.load(tiny_llama, 0, tiny_llama.n_layers)
+    cache = segment.new_cache()
+    positions = 256  # the cache's first allocation, so capacity == length
+    segment(torch.zeros((1, positions), dtype=torch.long), cache, logits="none")
+    assert cache.nbytes() == tiny_profile.kv_bytes_per_token_per_layer * tiny_llama.n_layers * positions
+
+
+def test_json_round_trip(tiny_profile):
+    again = LayerProfile.from_json(tiny_profile.to_json())
+    assert again == tiny_profile
+    assert isinstance(again.layer_decode_ms, tuple)
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda d: d.update(format_version=PROFILE_FORMAT + 1),
+    lambda d: d.pop("head_ms"),
+    lambda d: d.update(layer_decode_ms=[1.0]),
+])
+def test_from_json_rejects_incomplete_profiles(tiny_profile, mutate):
+    data = json.loads(tiny_profile.to_json())
+    mutate(data)
+    with pytest.raises(ValueError):
+        LayerProfile.from_json(json.dumps(data))
+    with pytest.raises(ValueError):
+        LayerProfile.from_json("[1, 2]")
+
+
+def test_cache_measures_once_then_reads(tiny_llama, tiny_profile, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_measure(source, repeats=5):
+        calls.append(source.model_id)
+        return tiny_profile
+
+    monkeypatch.setattr(profile_mod, "measure_profile", fake_measure)
+    first = load_or_measure_profile(tiny_llama, cache_dir=tmp_path)
+    second = load_or_measure_profile(tiny_llama, cache_dir=tmp_path)
+    assert first == second == tiny_profile and len(calls) == 1
+    path = profile_cache_path(tiny_llama.model_id, machine_description(), tmp_path)
+    assert path.exists() and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+    path.write_text("{ not json")  # unreadable: measured again and rewritten
+    assert load_or_measure_profile(tiny_llama, cache_dir=tmp_path) == tiny_profile and len(calls) == 2
+    assert LayerProfile.from_json(path.read_text()) == tiny_profile
+
+    load_or_measure_profile(tiny_llama, cache_dir=tmp_path, remeasure=True)
+    assert len(calls) == 3
+
+
+def test_default_cache_lives_under_edgecloud_cache(tiny_llama, tiny_profile, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGECLOUD_CACHE", str(tmp_path))
+    monkeypatch.setattr(profile_mod, "measure_profile", lambda source, repeats=5: tiny_profile)
+    load_or_measure_profile(tiny_llama)
+    files = os.listdir(tmp_path / "profiles")
+    assert len(files) == 1 and files[0].startswith(tiny_llama.model_id) and files[0].endswith(".json")
+
+
+def test_overhead_constants_cover_the_real_wire_format():
+    """STEP_OVERHEAD_BYTES / STEP_REPLY_BYTES against what broker.protocol really sends."""
+    from broker import protocol
+    from broker.crypto import SessionCipher
+    from broker.session_protocol import seal_step, seal_step_reply
+
+    cipher = SessionCipher(os.urandom(32), os.urandom(32), b"edge", b"worker")
+    sid, hidden = uuid.uuid4().hex, torch.zeros(1, 1, 576)
+    body = seal_step(cipher, sid, 7, 100, hidden, "fp16")
+    request = protocol.Request(uuid.uuid4().hex, sid, "llama-30x576@0123456789ab", 15, 30_000, 7, "step",
+                               "k" * 43, {}, body)
+    sent = sum(protocol.frame_nbytes(f) for f in protocol.encode(request))
+    overhead = sent - hidden.numel() * 2
+    assert 0.75 * STEP_OVERHEAD_BYTES <= overhead <= STEP_OVERHEAD_BYTES
+    reply = protocol.Reply(uuid.uuid4().hex, sid, 7, "worker-1", 0, {},
+                           seal_step_reply(cipher, sid, 7, 123, 101, 1.5, 2.5))
+    received = sum(protocol.frame_nbytes(f) for f in protocol.encode(reply))
+    assert 0.75 * STEP_REPLY_BYTES <= received <= STEP_REPLY_BYTES
