@@ -1,0 +1,103 @@
+"""``edgecloud netem``: run the link-emulating proxy (broker/linkproxy.py) in front of a broker.
+
+Point edges at ``--listen`` instead of the broker to see how they fare over
+a slow or lossy link; ``tc netem`` needs a kernel module and root, this
+needs neither.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Annotated
+
+import typer
+import zmq
+
+from cli.common import EXIT_FAILED, setup_logging, typed_errors
+
+logger = logging.getLogger(__name__)
+
+FAULT_DIRECTIONS = ("both", "up", "down")
+# How often the main thread checks that the proxy thread is still alive while waiting for a signal.
+LIVENESS_CHECK_S = 1.0
+
+
+def _stop_on_signals() -> threading.Event:
+    """SIGTERM and SIGINT set an event, so the proxy stops and its stats are logged."""
+    stop = threading.Event()
+
+    def handler(signum, frame):  # noqa: ARG001
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def netem(
+    listen: Annotated[str, typer.Option(help="Address edges connect to.")] = "tcp://127.0.0.1:5556",
+    upstream: Annotated[str, typer.Option(help="The broker's address.")] = "tcp://127.0.0.1:5555",
+    rtt_ms: Annotated[float, typer.Option("--rtt-ms", help="Added round-trip time, ms.")] = 0.0,
+    jitter_ms: Annotated[
+        float, typer.Option("--jitter-ms", help="Uniform ± jitter of each one-way delay, ms.")
+    ] = 0.0,
+    uplink_mbps: Annotated[float | None, typer.Option("--uplink-mbps", help="Edge -> broker Mbit/s.")] = None,
+    downlink_mbps: Annotated[
+        float | None, typer.Option("--downlink-mbps", help="Broker -> edge Mbit/s.")
+    ] = None,
+    drop: Annotated[float, typer.Option(help="Probability a message is lost.")] = 0.0,
+    duplicate: Annotated[float, typer.Option(help="Probability a message arrives twice.")] = 0.0,
+    reorder: Annotated[float, typer.Option(help="Probability a message is held back (reordered).")] = 0.0,
+    reorder_delay_ms: Annotated[
+        float, typer.Option("--reorder-delay-ms", help="How long a reordered message is held, ms.")
+    ] = 50.0,
+    faults: Annotated[
+        str, typer.Option(help="Directions drop/duplicate/reorder apply to: both, up, down.")
+    ] = "both",
+    seed: Annotated[int | None, typer.Option(help="RNG seed, to replay the same faults.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Emulate a WAN link (delay, bandwidth, loss, duplication, reordering) between edges and a broker."""
+    from broker.linkproxy import LinkConfig, LinkProxy
+
+    setup_logging(verbose)
+    with typed_errors():
+        if faults not in FAULT_DIRECTIONS:
+            raise ValueError(f"--faults must be one of {', '.join(FAULT_DIRECTIONS)}, got {faults!r}")
+        config = LinkConfig(
+            rtt_ms=rtt_ms, jitter_ms=jitter_ms, uplink_mbps=uplink_mbps, downlink_mbps=downlink_mbps,
+            drop_rate=drop, duplicate_rate=duplicate, delay_rate=reorder,
+            extra_delay_ms=reorder_delay_ms if reorder > 0 else 0.0, seed=seed,
+            fault_uplink=faults in ("both", "up"), fault_downlink=faults in ("both", "down"),
+        )  # fmt: skip
+        try:
+            proxy = LinkProxy(listen, upstream, config)
+        except zmq.ZMQError as exc:
+            typer.echo(f"error: cannot listen on {listen}: {exc}", err=True)
+            raise typer.Exit(EXIT_FAILED) from None
+        stop = _stop_on_signals()
+        proxy.start()
+        typer.echo(f"netem proxy on {proxy.endpoint} -> {upstream}: {config.describe()} (seed {proxy.seed})",
+                   err=True)  # fmt: skip
+        failed = False
+        try:
+            while not stop.wait(LIVENESS_CHECK_S):
+                if not proxy.running:
+                    failed = True  # the proxy thread logged why
+                    break
+        finally:
+            proxy.stop()
+            st = proxy.stats()
+            for name, d in (("uplink", st.uplink), ("downlink", st.downlink)):
+                logger.info(
+                    "%s: %d messages (%d bytes) in, %d delivered, %d dropped, %d duplicated, %d delayed, "
+                    "%d overflow, %d undeliverable",
+                    name, d.messages, d.bytes, d.delivered, d.dropped, d.duplicated, d.delayed, d.overflow,
+                    d.undeliverable,
+                )  # fmt: skip
+            logger.info("clients open at exit %d, closed while running %d, seed %d",
+                        st.clients, st.clients_evicted, st.seed)  # fmt: skip
+        if failed:
+            raise typer.Exit(EXIT_FAILED)
