@@ -97,6 +97,7 @@ def edge(
 
 from cli import demo as demo_cmd  # noqa: E402
 from cli import netem as netem_cmd  # noqa: E402
+from cli import plan as plan_cmd  # noqa: E402
 from cli import roles  # noqa: E402
 
 app.command("broker")(roles.broker)
@@ -104,6 +105,7 @@ app.command("cloud-worker")(roles.cloud_worker)
 app.command("status")(roles.status)
 app.command("demo")(demo_cmd.demo)
 app.command("netem")(netem_cmd.netem)
+app.command("plan")(plan_cmd.plan)
 app.add_typer(roles.keys_app, name="keys")
 
 

@@ -405,7 +405,7 @@ def plan(
         if allowed is not None and k not in allowed:
             reasons.append("not an allowed split")
         if budget is not None and row.memory_bytes > budget:
-            reasons.append(f"needs {row.memory_bytes / 2**20:.0f} MiB of {budget / 2**20:.0f} MiB available")
+            reasons.append(f"needs {row.memory_bytes / 2**20:.1f} MiB of {budget / 2**20:.1f} MiB available")
         if reasons:
             row = replace(row, feasible=False, reason="; ".join(reasons))
         rows.append(row)

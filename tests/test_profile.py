@@ -128,3 +128,62 @@ def test_overhead_constants_cover_the_real_wire_format():
                            seal_step_reply(cipher, sid, 7, 123, 101, 1.5, 2.5))
     received = sum(protocol.frame_nbytes(f) for f in protocol.encode(reply))
     assert 0.75 * STEP_REPLY_BYTES <= received <= STEP_REPLY_BYTES
+
+
+# --- edgecloud plan ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def plan_cli(tiny_profile, monkeypatch):
+    """Run `edgecloud plan` on tiny-llama with the profile above (nothing measured or cached)."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    monkeypatch.setattr(profile_mod, "load_or_measure_profile", lambda source, remeasure=False: tiny_profile)
+    runner = CliRunner()
+    return lambda *args: runner.invoke(app, ["plan", "--model", "tiny-llama", *args])
+
+
+def test_plan_cli_table_marks_the_choice(plan_cli):
+    result = plan_cli("--rtt-ms", "100")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    rows = [line for line in lines if line[:2] in ("* ", "  ", "x ") and line[2:].strip()[:1].isdigit()]
+    assert len(rows) == 5  # k = 0..4
+    assert "choice: split" in result.output
+
+
+def test_plan_cli_json_is_one_object(plan_cli):
+    result = plan_cli("--json", "--rtt-ms", "0", "--latency-weight", "1", "--energy-weight", "0",
+                      "--memory-weight", "0", "--min-split", "2")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["k"] >= 2 and len(out["table"]) == 5 and out["min_split"] == 2
+    assert out["profile"]["n_layers"] == 4 and out["conditions"]["rtt_ms"] == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--power-preset", "5g"], "power preset"),
+    (["--latency-weight", "-1"], "weights"),
+    (["--wire-dtype", "int3"], "wire dtype"),
+    (["--min-split", "9"], "min_split"),
+    (["--mem-available-mib", "0.01"], "no split"),
+])
+def test_plan_cli_bad_input_is_one_line_and_exit_2(plan_cli, args, message):
+    result = plan_cli(*args)
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_plan_cli_plot(plan_cli, tmp_path):
+    target = tmp_path / "plan.png"
+    result = plan_cli("--plot", str(target))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert result.exit_code == 2 and "pip install matplotlib" in result.output
+        assert not target.exists()
+    else:
+        assert result.exit_code == 0, result.output
+        assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
