@@ -89,6 +89,9 @@ class BrokerConfig:
     restartable_kinds: frozenset[str] = frozenset({"open"})  # safe to re-run on another worker
     warn_interval_s: float = 5.0  # at most one malformed-input warning per reason per interval
     lost_sessions_remembered: int = 10_000  # recently lost sessions kept to explain WorkerLost
+    # Answered request ids kept so that a copy arriving later (a link that duplicates, a client
+    # retry of the same id) is dropped instead of being run a second time.
+    done_requests_remembered: int = 10_000
 
     @property
     def worker_expiry_s(self) -> float:
@@ -121,6 +124,7 @@ class Broker:
         self._by_identity: dict[bytes, WorkerState] = {}
         self._sessions: dict[SessionId, SessionState] = {}
         self._lost: OrderedDict[SessionId, str] = OrderedDict()
+        self._done_ids: OrderedDict[RequestId, None] = OrderedDict()
         self._requests: dict[RequestId, PendingRequest] = {}
         self._queue: deque[PendingRequest] = deque()
         self._timers: list[tuple[float, int, str, RequestId]] = []
@@ -224,9 +228,11 @@ class Broker:
                 identity, msg.request_id, AuthError("invalid API key; check --api-key / EDGECLOUD_API_KEY")
             )
             return
-        if msg.request_id in self._requests:
-            self._bad_input(identity, ProtocolError("duplicate_request_id", msg.request_id,
-                                                    msg_type=p.MsgType.REQUEST, request_id=msg.request_id))  # fmt: skip
+        if msg.request_id in self._requests or msg.request_id in self._done_ids:
+            # A copy of a request in flight or already answered: its original gets (or got) the
+            # one answer. Answering the copy with an error would reach the client first and be
+            # taken as the result; running it again would apply a step twice.
+            self.counters["duplicate_requests_dropped"] += 1
             return
         budget_s = msg.deadline_ms / 1000 if msg.deadline_ms else cfg.default_deadline_s
         req = PendingRequest(msg, identity, now, now + min(budget_s, cfg.max_deadline_s))
@@ -474,6 +480,9 @@ class Broker:
     def _finish(self, req: PendingRequest, drop_session: bool = False) -> None:
         """Forget an answered request; ``drop_session`` also unpins its session (close, failed open)."""
         self._requests.pop(req.request_id, None)
+        self._done_ids[req.request_id] = None
+        if len(self._done_ids) > self.config.done_requests_remembered:
+            self._done_ids.popitem(last=False)
         self._unqueue(req, remove=True)
         session = self._sessions.get(req.session_id)
         if session is None:

@@ -66,7 +66,11 @@ def typed_errors() -> Iterator[None]:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
     except Exception as exc:
-        # Errors from the wire layer carry their own actionable message.
+        # Errors from the wire layer carry their own actionable message; ZeroMQ's say which
+        # address it could not use (a malformed endpoint, a port already taken).
+        if type(exc).__module__.startswith("zmq"):
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(EXIT_USAGE) from None
         if type(exc).__module__.startswith("broker"):
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(EXIT_FAILED) from None

@@ -188,6 +188,8 @@ class CloudSession:
 
     # --- wire -----------------------------------------------------------------------------------
     def _open(self, step: int, stats: StepStats) -> None:
+        if self.client.encryption:
+            self.client.trusted_workers()  # fail before any traffic if there is no trust list
         keypair = generate_keypair() if self.client.encryption else None
         params = OpenParams(
             edge_pk=keypair.public_key if keypair else b"",

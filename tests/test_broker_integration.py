@@ -253,14 +253,18 @@ def test_oversized_frame_is_dropped_by_libzmq(broker: Broker) -> None:
         assert c.request("s1", "open", MODEL, 2, 0).worker_id == "w1"
 
 
-def test_duplicate_request_id_is_rejected(broker: Broker) -> None:
-    with echo_workers(broker.endpoint, "w1") as (w,), raw_dealer(broker.endpoint) as raw:
+def test_a_duplicated_request_gets_exactly_one_answer(broker: Broker) -> None:
+    """Copies of a request, in flight or after its answer, are dropped: one reply, one execution."""
+    with echo_workers(broker.endpoint, "w1") as (w,), raw_dealer(broker.endpoint) as raw, \
+            client(broker.endpoint) as c:
         w.gate.clear()
         req = p.Request(request_id="dup", session_id="s", model_id=MODEL, layer_lo=1, deadline_ms=2000, step=0,
                         kind="open", api_key="")  # fmt: skip
         raw.send_multipart(p.encode(req))
-        raw.send_multipart(p.encode(req))
-        err = recv_until(raw, p.Error)
-        assert err.request_id == "dup" and "duplicate_request_id" in err.message
+        raw.send_multipart(p.encode(req))  # while the original is in flight
         w.gate.set()
         assert isinstance(recv_msg(raw), p.Reply)
+        raw.send_multipart(p.encode(req))  # after it was answered
+        assert wait_until(lambda: counters(c).get("duplicate_requests_dropped") == 2,
+                          what="both copies counted")  # fmt: skip
+        assert not raw.poll(200), "a copy must not be answered a second time"

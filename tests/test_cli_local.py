@@ -82,3 +82,12 @@ def test_no_broker_gives_a_clear_error_within_the_deadline():
     assert out.returncode == 1
     assert "broker" in out.stderr.lower()
     assert "Traceback" not in out.stderr
+
+
+def test_a_worker_asked_for_cuda_without_a_gpu_says_so():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = run("cloud-worker", "--model", "tiny-llama", "--device", "cuda", "--no-encryption",
+              "--broker", "tcp://127.0.0.1:9", timeout=60)
+    assert out.returncode == 2
+    assert "no CUDA device" in out.stderr

@@ -27,7 +27,7 @@ from brokerutil import (
 from broker import protocol as p
 from broker.broker import Broker
 from broker.client_api import BrokerClient, ClientConfig
-from broker.errors import BrokerUnavailable, ProtocolError
+from broker.errors import BrokerUnavailable
 from broker.linkproxy import DOWNLINK, UPLINK, LinkConfig, LinkDirection, LinkProxy
 from cli.cluster import ROOT, child_env, cli_command, free_port
 
@@ -227,12 +227,6 @@ def test_duplicated_pings_both_ways(broker: Broker, worker: EchoWorker) -> None:
         assert (st.uplink.messages, st.uplink.delivered, st.downlink.messages) == (1, 2, 2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ProtocolError,
-    reason="the broker answers a duplicated REQUEST id with ProtocolError(duplicate_request_id) "
-    "while the original is in flight, and the client takes that as the answer",
-)
 def test_duplicated_requests_get_one_reply_each(broker: Broker, worker: EchoWorker) -> None:
     with (
         proxy_to(broker.endpoint, duplicate_rate=1.0, fault_downlink=False) as proxy,
