@@ -26,6 +26,8 @@ def demo(
     wire_dtype: Annotated[str, typer.Option(help="fp32, fp16 or bf16.")] = "fp16",
     temperature: Annotated[float, typer.Option()] = 0.0,
     seed: Annotated[int, typer.Option()] = 0,
+    cloud_latency: Annotated[float, typer.Option(help="Emulated extra round trip to the cloud, seconds.")] = 0.0,
+    bandwidth_mbps: Annotated[float | None, typer.Option(help="Emulated link bandwidth, Mbit/s.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the edge's JSON object only.")] = False,
     trace_rows: Annotated[int, typer.Option("--trace-rows", help="Per-token trace rows to print.")] = 8,
 ) -> None:
@@ -55,6 +57,10 @@ def demo(
             args += ["--split", str(split)]
         if no_encryption:
             args.append("--no-encryption")
+        if cloud_latency:
+            args += ["--cloud-latency", str(cloud_latency)]
+        if bandwidth_mbps:
+            args += ["--bandwidth-mbps", str(bandwidth_mbps)]
         out = cluster.edge(*args)
         if out.returncode != 0:
             raise ClusterError(f"the edge failed (exit {out.returncode}):\n{out.stderr[-2000:]}")

@@ -53,6 +53,8 @@ def edge(
     raw_prompt: Annotated[bool, typer.Option("--raw-prompt", help="Do not apply the chat template.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout, nothing else.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds one cloud step may take before a retry.")] = 30.0,
+    cloud_latency: Annotated[float, typer.Option(help="Emulated extra round trip to the cloud, seconds.")] = 0.0,
+    bandwidth_mbps: Annotated[float | None, typer.Option(help="Emulated link bandwidth, Mbit/s.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Generate text on this device, alone (--force-local) or with cloud workers."""
@@ -69,7 +71,8 @@ def edge(
             force_cloud=force_cloud, raw_prompt=raw_prompt, temperature=temperature, top_p=top_p, seed=seed,
             broker=broker or default_broker(), keys_dir=keys or default_keys_dir(),
             api_key=api_key or os.environ.get("EDGECLOUD_API_KEY"), encryption=not no_encryption,
-            wire_dtype=wire_dtype, request_timeout_s=timeout,
+            wire_dtype=wire_dtype, request_timeout_s=timeout, cloud_latency_s=cloud_latency,
+            bandwidth_mbps=bandwidth_mbps,
         )
         started = False
 

@@ -29,6 +29,7 @@ from broker.crypto import (
     load_trusted_workers,
 )
 from broker.errors import ConfigError, CryptoError, EdgeCloudError, WorkerLost
+from broker.linkproxy import LinkConfig, LinkProxy
 from broker.session_protocol import (
     KIND_CLOSE,
     KIND_OPEN,
@@ -67,6 +68,7 @@ class CloudClient:
         max_retries: int = 4,
         backoff_initial_s: float = 0.1,
         backoff_max_s: float = 2.0,
+        link: LinkConfig | None = None,
     ) -> None:
         self.broker = broker or default_broker()
         self.keys_dir = Path(keys_dir) if keys_dir is not None else default_keys_dir()
@@ -77,6 +79,8 @@ class CloudClient:
         self.max_retries = max_retries
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
+        self.link = link  # emulate a slower link: every frame crosses an in-process LinkProxy
+        self._proxy: LinkProxy | None = None
         self._client: BrokerClient | None = None
         self._trusted: frozenset[bytes] | None = None
 
@@ -102,7 +106,14 @@ class CloudClient:
     @property
     def connection(self) -> BrokerClient:
         if self._client is None:
-            self._client = BrokerClient(self.broker, self.api_key)
+            endpoint = self.broker
+            if self.link is not None:
+                # The real frames are delayed in transit, so anything timing them (the trace,
+                # DeviceMonitor) measures the emulated link, not a counter added afterwards.
+                self._proxy = LinkProxy("tcp://127.0.0.1:*", self.broker, self.link)
+                self._proxy.start()
+                endpoint = self._proxy.endpoint
+            self._client = BrokerClient(endpoint, self.api_key)
         return self._client
 
     def ping(self, timeout_s: float = 5.0) -> float:
@@ -118,6 +129,9 @@ class CloudClient:
         if self._client is not None:
             self._client.close()
             self._client = None
+        if self._proxy is not None:
+            self._proxy.stop()
+            self._proxy = None
 
 
 class CloudSession:

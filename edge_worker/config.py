@@ -38,6 +38,8 @@ class EdgeConfig:
     encryption: bool = True
     wire_dtype: str = "fp16"
     request_timeout_s: float = 30.0  # one cloud step, queueing included, before it is retried
+    cloud_latency_s: float = 0.0  # emulated extra round trip between edge and broker
+    bandwidth_mbps: float | None = None  # emulated link bandwidth, each direction; None: unlimited
     torch_threads: int | None = None  # None keeps torch's default (one per core)
 
     def __post_init__(self) -> None:
@@ -47,6 +49,10 @@ class EdgeConfig:
             raise ValueError(f"tokens must be at least 1, got {self.max_new_tokens}")
         if self.split is not None and self.split < 0:
             raise ValueError(f"split must be >= 0, got {self.split}")
+        if self.cloud_latency_s < 0:
+            raise ValueError(f"cloud latency must be >= 0 seconds, got {self.cloud_latency_s}")
+        if self.bandwidth_mbps is not None and self.bandwidth_mbps <= 0:
+            raise ValueError(f"bandwidth must be > 0 Mbit/s, got {self.bandwidth_mbps}")
         if self.wire_dtype not in ("fp32", "fp16", "bf16"):
             raise ValueError(f"wire dtype must be fp32, fp16 or bf16, got {self.wire_dtype!r}")
 

@@ -41,11 +41,16 @@ def make_backend(config: EdgeConfig, source: ModelSource, split: int) -> Backend
     """The remote side for hybrid and cloud modes; None when the edge runs every layer."""
     if split == source.n_layers:
         return None
-    from edge_worker.cloud_client import CloudClient  # imports zmq only when needed
+    from broker.linkproxy import LinkConfig  # imports zmq only when needed
+    from edge_worker.cloud_client import CloudClient
 
+    link = None
+    if config.cloud_latency_s or config.bandwidth_mbps:
+        link = LinkConfig(rtt_ms=config.cloud_latency_s * 1e3, uplink_mbps=config.bandwidth_mbps,
+                          downlink_mbps=config.bandwidth_mbps)
     client = CloudClient(
         api_key=config.api_key, broker=config.broker, keys_dir=config.keys_dir, encryption=config.encryption,
-        wire_dtype=config.wire_dtype, request_timeout_s=config.request_timeout_s,
+        wire_dtype=config.wire_dtype, request_timeout_s=config.request_timeout_s, link=link,
     )
     return client.session(source.model_id, split, source.hidden_size)
 
@@ -67,4 +72,9 @@ def run_edge(config: EdgeConfig, on_text: Callable[[str], None] | None = None,
     ids = encode_prompt(tokenizer, config.prompt, raw=config.raw_prompt)
     progress(f"generating up to {config.max_new_tokens} tokens from a {len(ids)}-token prompt")
     sampling = SamplingParams(config.temperature, config.top_p, config.seed)
-    return generator.generate(ids, config.max_new_tokens, sampling, on_text=on_text)
+    try:
+        return generator.generate(ids, config.max_new_tokens, sampling, on_text=on_text)
+    finally:
+        client = getattr(backend, "client", None)
+        if client is not None:
+            client.close()

@@ -226,3 +226,14 @@ def test_generation_survives_kill_9_of_its_worker_with_identical_output():
         assert result["token_ids"] == expected
         assert result["retries"] >= 1, (victim.name, result["workers_used"], result["total_ms"], err[-2000:])
         assert len(result["workers_used"]) == 2, result["workers_used"]
+
+
+def test_emulated_link_delays_real_frames_and_changes_nothing_else(tiny_cluster):
+    plain = edge_json(tiny_cluster, "--split", "2", "--tokens", "8")
+    slow = edge_json(tiny_cluster, "--split", "2", "--tokens", "8", "--cloud-latency", "0.05",
+                     "--bandwidth-mbps", "100")
+    assert slow["token_ids"] == plain["token_ids"]
+    # Every decode step waits one emulated round trip; the trace sees it as transport time.
+    decode = slow["trace"][1:]
+    assert min(s["transport_ms"] for s in decode) >= 45, [s["transport_ms"] for s in decode]
+    assert slow["ms_per_token"] >= 50 > plain["ms_per_token"]
