@@ -15,7 +15,11 @@ from cli.common import EXIT_FAILED
 
 def demo(
     workers: Annotated[int, typer.Option(help="Cloud worker processes to start.")] = 1,
-    split: Annotated[int, typer.Option("--split", "-k", help="Layers on the edge.")] = 15,
+    split: Annotated[int | None, typer.Option("--split", "-k", help="Layers on the edge; "
+                                              "without it the cost model chooses.")] = None,
+    energy_weight: Annotated[float, typer.Option(help="Cost-model weight of device energy.")] = 0.3,
+    latency_weight: Annotated[float, typer.Option(help="Cost-model weight of latency.")] = 0.4,
+    memory_weight: Annotated[float, typer.Option(help="Cost-model weight of device memory.")] = 0.3,
     model: Annotated[str, typer.Option("--model", "-m", help="Model (see `edge --help`).")] = "smollm2-135m",
     prompt: Annotated[str, typer.Option("--prompt", "-p")] = "Explain in two sentences why a phone might "
     "send part of a neural network to the cloud.",
@@ -53,8 +57,10 @@ def demo(
             args.append("--force-local")
         elif force_cloud:
             args.append("--force-cloud")
-        else:
+        elif split is not None:
             args += ["--split", str(split)]
+        args += ["--energy-weight", str(energy_weight), "--latency-weight", str(latency_weight),
+                 "--memory-weight", str(memory_weight)]
         if no_encryption:
             args.append("--no-encryption")
         if cloud_latency:

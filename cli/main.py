@@ -39,7 +39,11 @@ def edge(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt.")] = "What is edge computing?",
     tokens: Annotated[int, typer.Option("--tokens", "-n", help="Maximum number of tokens to generate.")] = 64,
     model: ModelOpt = "smollm2-135m",
-    split: Annotated[int | None, typer.Option("--split", "-k", help="Layers to run on the edge (0..N).")] = None,
+    split: Annotated[int | None, typer.Option("--split", "-k", help="Layers to run on the edge (0..N); "
+                                              "without it the cost model chooses.")] = None,
+    energy_weight: Annotated[float, typer.Option(help="Cost-model weight of device energy.")] = 0.3,
+    latency_weight: Annotated[float, typer.Option(help="Cost-model weight of latency.")] = 0.4,
+    memory_weight: Annotated[float, typer.Option(help="Cost-model weight of device memory.")] = 0.3,
     force_local: Annotated[bool, typer.Option("--force-local", help="Run every layer here; no broker.")] = False,
     force_cloud: Annotated[bool, typer.Option("--force-cloud", help="Only the embedding here (split 0).")] = False,
     broker: Annotated[str | None, typer.Option(help="Broker address [env EDGECLOUD_BROKER].")] = None,
@@ -72,7 +76,8 @@ def edge(
             broker=broker or default_broker(), keys_dir=keys or default_keys_dir(),
             api_key=api_key or os.environ.get("EDGECLOUD_API_KEY"), encryption=not no_encryption,
             wire_dtype=wire_dtype, request_timeout_s=timeout, cloud_latency_s=cloud_latency,
-            bandwidth_mbps=bandwidth_mbps,
+            bandwidth_mbps=bandwidth_mbps, energy_weight=energy_weight, latency_weight=latency_weight,
+            memory_weight=memory_weight,
         )
         started = False
 

@@ -41,6 +41,10 @@ class EdgeConfig:
     cloud_latency_s: float = 0.0  # emulated extra round trip between edge and broker
     bandwidth_mbps: float | None = None  # emulated link bandwidth, each direction; None: unlimited
     torch_threads: int | None = None  # None keeps torch's default (one per core)
+    # Cost-model weights for choosing the split when none is given (the original design's defaults).
+    energy_weight: float = 0.3
+    latency_weight: float = 0.4
+    memory_weight: float = 0.3
 
     def __post_init__(self) -> None:
         if self.force_local and self.force_cloud:
@@ -55,11 +59,3 @@ class EdgeConfig:
             raise ValueError(f"bandwidth must be > 0 Mbit/s, got {self.bandwidth_mbps}")
         if self.wire_dtype not in ("fp32", "fp16", "bf16"):
             raise ValueError(f"wire dtype must be fp32, fp16 or bf16, got {self.wire_dtype!r}")
-
-    @property
-    def mode(self) -> str:
-        if self.force_local:
-            return "local"
-        if self.force_cloud or self.split == 0:
-            return "cloud"
-        return "hybrid"

@@ -109,6 +109,7 @@ class GenerationResult:
     timings: Timings = field(default_factory=Timings)
     splits_used: list[int] = field(default_factory=list)
     workers_used: list[str] = field(default_factory=list)  # in the order they first served
+    decision: dict | None = None  # how the split was chosen, when the planner chose it
     # One entry per generated token: where its time and bytes went.
     trace: list[dict] = field(default_factory=list)
 

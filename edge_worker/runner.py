@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 
 from edge_worker.config import EdgeConfig
-from edge_worker.generation import Backend, EdgeGenerator, GenerationResult
+from edge_worker.generation import EdgeGenerator, GenerationResult
 from partition.errors import InvalidSplitError
 from partition.models import ModelSource, resolve_model
 from partition.sampling import SamplingParams
@@ -25,22 +25,20 @@ def _quiet(_: str) -> None:
     pass
 
 
-def resolve_split(config: EdgeConfig, n_layers: int) -> int:
+def resolve_split(config: EdgeConfig, n_layers: int) -> int | None:
+    """The split the user fixed, or None when the planner should choose."""
     if config.force_local:
         return n_layers
     if config.force_cloud:
         return 0
     if config.split is None:
-        raise InvalidSplitError("hybrid mode needs --split K (or --force-local / --force-cloud)")
+        return None
     if not 0 <= config.split <= n_layers:
         raise InvalidSplitError(f"split {config.split} is outside [0, {n_layers}] for this model")
     return config.split
 
 
-def make_backend(config: EdgeConfig, source: ModelSource, split: int) -> Backend | None:
-    """The remote side for hybrid and cloud modes; None when the edge runs every layer."""
-    if split == source.n_layers:
-        return None
+def make_client(config: EdgeConfig):
     from broker.linkproxy import LinkConfig  # imports zmq only when needed
     from edge_worker.cloud_client import CloudClient
 
@@ -48,11 +46,26 @@ def make_backend(config: EdgeConfig, source: ModelSource, split: int) -> Backend
     if config.cloud_latency_s or config.bandwidth_mbps:
         link = LinkConfig(rtt_ms=config.cloud_latency_s * 1e3, uplink_mbps=config.bandwidth_mbps,
                           downlink_mbps=config.bandwidth_mbps)
-    client = CloudClient(
+    return CloudClient(
         api_key=config.api_key, broker=config.broker, keys_dir=config.keys_dir, encryption=config.encryption,
         wire_dtype=config.wire_dtype, request_timeout_s=config.request_timeout_s, link=link,
     )
-    return client.session(source.model_id, split, source.hidden_size)
+
+
+def plan_split(config: EdgeConfig, source: ModelSource, client, prompt_tokens: int):
+    """Let the cost model choose: measured link and device, the per-layer profile, the weights."""
+    from edge_worker.manager import EdgeCloudManager
+    from edge_worker.privacy import PrivacyProtection
+
+    manager = EdgeCloudManager(
+        model=source, cloud_client=client, energy_weight=config.energy_weight,
+        latency_weight=config.latency_weight, memory_weight=config.memory_weight,
+        privacy_protection=PrivacyProtection(config.encryption, config.wire_dtype),
+        max_new_tokens=config.max_new_tokens,
+    )
+    decision = manager.choose_split(prompt_tokens, config.max_new_tokens)
+    log.info("planner: %s", decision.summary())
+    return decision
 
 
 def run_edge(config: EdgeConfig, on_text: Callable[[str], None] | None = None,
@@ -64,17 +77,26 @@ def run_edge(config: EdgeConfig, on_text: Callable[[str], None] | None = None,
     source = resolve_model(config.model)
     split = resolve_split(config, source.n_layers)
     tokenizer = source.load_tokenizer()
+    ids = encode_prompt(tokenizer, config.prompt, raw=config.raw_prompt)
+    client = None if split == source.n_layers else make_client(config)
+    decision = None
+    if split is None:
+        progress("measuring the link and pricing every split")
+        decision = plan_split(config, source, client, len(ids))
+        split = decision.k
     progress(f"loading layers [0, {split}) of {source.n_layers}" + (" and the head" if split == source.n_layers else ""))
     edge = ModelSegment.load(source, 0, split)
     log.info("edge segment ready: %s (%.1f s)", edge.describe(), time.perf_counter() - t0)
-    backend = make_backend(config, source, split)
-    generator = EdgeGenerator(edge, backend, tokenizer, eos_token_ids(source, tokenizer), mode=config.mode)
-    ids = encode_prompt(tokenizer, config.prompt, raw=config.raw_prompt)
+    backend = None if split == source.n_layers else client.session(source.model_id, split, source.hidden_size)
+    mode = "local" if split == source.n_layers else ("cloud" if split == 0 else "hybrid")
+    generator = EdgeGenerator(edge, backend, tokenizer, eos_token_ids(source, tokenizer), mode=mode)
     progress(f"generating up to {config.max_new_tokens} tokens from a {len(ids)}-token prompt")
     sampling = SamplingParams(config.temperature, config.top_p, config.seed)
     try:
-        return generator.generate(ids, config.max_new_tokens, sampling, on_text=on_text)
+        result = generator.generate(ids, config.max_new_tokens, sampling, on_text=on_text)
     finally:
-        client = getattr(backend, "client", None)
         if client is not None:
             client.close()
+    if decision is not None:
+        result.decision = {"k": decision.k, "reason": decision.reason, "rtt_ms": decision.rtt_ms}
+    return result

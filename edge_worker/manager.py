@@ -1,0 +1,207 @@
+"""``EdgeCloudManager``: the original design's entry point.
+
+It measures the device and the link, prices every split with the cost model
+(``partition/planner.py``), runs the chosen split and returns token ids like ``generate()``::
+
+    manager = EdgeCloudManager(model=main_model, device_monitor=DeviceMonitor(background_monitoring=True),
+                               cloud_client=CloudClient(api_key="..."), energy_weight=0.3,
+                               latency_weight=0.4, memory_weight=0.3)
+    output_ids = manager.process_hybrid(input_ids)  # (1, T + new) like generate(): prompt, then new tokens
+
+Defaults: ``max_new_tokens`` from the keyword, else ``$EDGECLOUD_MAX_NEW_TOKENS``, else 64; the
+broker address and keys from the CloudClient (``$EDGECLOUD_BROKER``, ``$EDGECLOUD_KEYS``).
+When the cloud cannot be reached the manager runs locally (it holds the model) and says so in
+the log and in ``last_result``. Every decision is logged with the measurements behind it and kept
+in ``decisions``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from broker.errors import EdgeCloudError
+from edge_worker.cloud_client import CloudClient
+from edge_worker.config import DEFAULT_TOKENS
+from edge_worker.generation import EdgeGenerator, GenerationResult
+from edge_worker.privacy import MiniLLMHandler, PrivacyProtection
+from partition.models import ModelSource, resolve_model
+from partition.planner import WIFI, Conditions, Plan, PowerModel, Weights, plan
+from partition.profile import load_or_measure_profile
+from partition.sampling import SamplingParams
+from partition.segment import ModelSegment
+from partition.tokens import eos_token_ids
+
+log = logging.getLogger(__name__)
+
+FORCE_MODES = ("local-only", "cloud-only")
+# A ping slower than this means the cloud is as good as unreachable for interactive use.
+PING_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One split decision and the measurements behind it."""
+
+    k: int
+    reason: str  # "forced", "planned", "cloud unreachable"
+    rtt_ms: float | None
+    conditions: Conditions | None
+    plan: Plan | None
+    at: float  # time.time()
+
+    def summary(self) -> str:
+        c = self.conditions
+        cond = (f"rtt {c.rtt_ms:.1f} ms, uplink {c.bandwidth_mbps:.1f} Mbit/s, cpu load {c.edge_cpu_load:.2f}"
+                if c else "no measurements")
+        return f"split {self.k} ({self.reason}; {cond})"
+
+
+def source_of(model: Any) -> ModelSource:
+    """A ModelSource for a model name, a ModelSource, or a loaded transformers model."""
+    if isinstance(model, ModelSource):
+        return model
+    if isinstance(model, str):
+        return resolve_model(model)
+    path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if path:
+        source = resolve_model(str(path))
+        cfg = model.config
+        if (source.n_layers, source.hidden_size) == (cfg.num_hidden_layers, cfg.hidden_size):
+            return source
+    raise ValueError(
+        "cannot tell where this model's weights live; pass model= a model name or path "
+        "(as for --model), or a model loaded with from_pretrained(path)"
+    )
+
+
+class EdgeCloudManager:
+    def __init__(
+        self,
+        model: Any = "smollm2-135m",
+        device_monitor: Any = None,
+        cloud_client: CloudClient | None = None,
+        mini_llm: MiniLLMHandler | None = None,
+        privacy_protection: PrivacyProtection | None = None,
+        energy_weight: float = 0.3,
+        latency_weight: float = 0.4,
+        memory_weight: float = 0.3,
+        force_mode: str | None = None,
+        split: int | None = None,
+        max_new_tokens: int | None = None,
+        tokenizer: Any = None,
+        power: PowerModel = WIFI,
+        base_conditions: Conditions | None = None,
+    ) -> None:
+        if force_mode is not None and force_mode not in FORCE_MODES:
+            raise ValueError(f"force_mode must be one of {FORCE_MODES} or None, got {force_mode!r}")
+        self.source = source_of(model)
+        self.tokenizer = tokenizer or self.source.load_tokenizer()
+        self.eos = eos_token_ids(self.source, self.tokenizer)
+        self.device_monitor = device_monitor
+        self.privacy = privacy_protection or PrivacyProtection()
+        self.cloud_client = cloud_client or CloudClient()
+        # The privacy settings decide how activations leave the device.
+        self.cloud_client.encryption = self.privacy.encryption_enabled
+        self.cloud_client.wire_dtype = self.privacy.wire_dtype
+        self.mini_llm = mini_llm
+        if mini_llm is not None:
+            mini_llm.check_tokenizer(self.tokenizer)
+        self.weights = Weights(energy=energy_weight, latency=latency_weight, memory=memory_weight)
+        self.force_mode = force_mode
+        self.split = split
+        env_tokens = os.environ.get("EDGECLOUD_MAX_NEW_TOKENS")
+        self.max_new_tokens = max_new_tokens or (int(env_tokens) if env_tokens else DEFAULT_TOKENS)
+        self.power = power
+        self.base_conditions = base_conditions or Conditions()
+        self.decisions: list[Decision] = []
+        self.last_result: GenerationResult | None = None
+        self._segments: dict[int, ModelSegment] = {}
+
+    # --- deciding ------------------------------------------------------------------------------
+    def measure_conditions(self) -> tuple[Conditions, float | None]:
+        """Conditions for the planner from the device monitor and a ping through the broker."""
+        conditions = self.base_conditions
+        if self.device_monitor is not None and hasattr(self.device_monitor, "snapshot"):
+            from edge_worker.device_monitor import to_conditions
+
+            conditions = to_conditions(self.device_monitor.snapshot(), conditions)
+        # Ping on this thread even when the monitor pings too: it is the freshest reading of the
+        # link this generation will use, and it proves the broker answers before we commit to it.
+        try:
+            rtt_ms = self.cloud_client.ping(PING_TIMEOUT_S) * 1e3
+        except EdgeCloudError as exc:
+            log.warning("cloud unreachable (%s)", exc)
+            return conditions, None
+        # The ping is the freshest reading of the link this generation will use.
+        return replace(conditions, rtt_ms=rtt_ms), rtt_ms
+
+    def choose_split(self, prompt_tokens: int, new_tokens: int) -> Decision:
+        n = self.source.n_layers
+        if self.force_mode == "local-only":
+            return Decision(n, "forced", None, None, None, time.time())
+        if self.force_mode == "cloud-only":
+            return Decision(0, "forced", None, None, None, time.time())
+        if self.split is not None:
+            return Decision(self.split, "forced", None, None, None, time.time())
+        conditions, rtt_ms = self.measure_conditions()
+        if rtt_ms is None:
+            return Decision(n, "cloud unreachable", None, conditions, None, time.time())
+        profile = load_or_measure_profile(self.source)
+        chosen = plan(profile, conditions, self.weights, power=self.power, prompt_tokens=prompt_tokens,
+                      new_tokens=new_tokens, wire_dtype=self.privacy.wire_dtype)
+        return Decision(chosen.k, "planned", rtt_ms, conditions, chosen, time.time())
+
+    # --- running -------------------------------------------------------------------------------
+    def _edge_segment(self, k: int) -> ModelSegment:
+        if k not in self._segments:
+            self._segments = {k: ModelSegment.load(self.source, 0, k)}  # hold one split's weights only
+        return self._segments[k]
+
+    def process_hybrid(self, input_ids: Any, max_new_tokens: int | None = None,
+                       sampling: SamplingParams | None = None) -> torch.Tensor:
+        """Generate from ``input_ids`` ((1, T) tensor or a list of ids); returns (1, T + new) ids."""
+        ids = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else list(input_ids)
+        if ids and isinstance(ids[0], list):
+            if len(ids) != 1:
+                raise ValueError(f"process_hybrid takes one sequence (batch size 1), got {len(ids)}")
+            ids = ids[0]
+        new_tokens = max_new_tokens or self.max_new_tokens
+        decision = self.choose_split(len(ids), new_tokens)
+        self.decisions.append(decision)
+        log.info("decision: %s", decision.summary())
+        k = decision.k
+        n = self.source.n_layers
+        backend = None if k == n else self.cloud_client.session(self.source.model_id, k, self.source.hidden_size)
+        mode = "local" if k == n else ("cloud" if k == 0 else "hybrid")
+        generator = EdgeGenerator(self._edge_segment(k), backend, self.tokenizer, self.eos, mode=mode)
+        result = generator.generate(ids, new_tokens, sampling)
+        self.last_result = result
+        self._feed_monitor(result)
+        return torch.tensor([ids + result.token_ids], dtype=torch.long)
+
+    def _feed_monitor(self, result: GenerationResult) -> None:
+        """Real steps are the best link measurements: decode steps carry ~1 KB, so their transport
+        time is a round trip; the prefill's extra time over that round trip is its upload."""
+        monitor = self.device_monitor
+        if monitor is None or not hasattr(monitor, "record_rtt"):
+            return
+        rtts = [s["transport_ms"] for s in result.trace if s["positions"] == 1 and s["round_trips"]]
+        for rtt_ms in rtts:
+            monitor.record_rtt(rtt_ms / 1e3)
+        if rtts and result.trace and result.trace[0]["round_trips"]:
+            first = result.trace[0]
+            rtt_ms = sorted(rtts)[len(rtts) // 2]
+            upload_s = (first["transport_ms"] - rtt_ms) / 1e3
+            if upload_s > 0:
+                monitor.record_transfer(first["bytes_sent"], upload_s, "up")
+
+    def close(self) -> None:
+        self.cloud_client.close()
+        if self.device_monitor is not None and hasattr(self.device_monitor, "stop"):
+            self.device_monitor.stop()

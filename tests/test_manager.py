@@ -1,0 +1,135 @@
+"""EdgeCloudManager: the original usage example, force modes, planner choices, fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cli.cluster import LocalCluster
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = LocalCluster(model="tiny-llama", worker_threads=1, heartbeat_s=0.5)
+    try:
+        c.start_broker()
+        c.add_worker()
+        c.wait_for_workers(1, timeout_s=60)
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def env(cluster, monkeypatch):
+    monkeypatch.setenv("EDGECLOUD_BROKER", cluster.endpoint)
+    monkeypatch.setenv("EDGECLOUD_KEYS", str(cluster.keys_dir))
+    monkeypatch.setenv("EDGECLOUD_MAX_NEW_TOKENS", "12")
+
+
+def reference(source, ids: list[int], n: int) -> list[int]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source.directory).eval()
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0].tolist()
+
+
+def test_the_original_usage_example_runs_as_written(env, tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    from edge_worker import CloudClient, DeviceMonitor, EdgeCloudManager, MiniLLMHandler, PrivacyProtection
+
+    main_model = AutoModelForCausalLM.from_pretrained(tiny_llama.directory)
+    tokenizer = tiny_llama.load_tokenizer()
+    input_ids = torch.tensor([tokenizer("an edge, a cloud")["input_ids"]])
+
+    device_monitor = DeviceMonitor(background_monitoring=True)
+    cloud_client = CloudClient(api_key=None)
+    mini_llm = MiniLLMHandler(model=None, tokenizer=tokenizer)
+    privacy = PrivacyProtection(encryption_enabled=True)
+    edge_cloud_manager = EdgeCloudManager(
+        model=main_model,
+        device_monitor=device_monitor,
+        cloud_client=cloud_client,
+        mini_llm=mini_llm,
+        privacy_protection=privacy,
+        energy_weight=0.3,
+        latency_weight=0.4,
+        memory_weight=0.3,
+    )
+    try:
+        outputs = edge_cloud_manager.process_hybrid(input_ids)
+    finally:
+        edge_cloud_manager.close()
+    # Like generate(): the prompt, then the new tokens, greedy, as a (1, T + new) tensor.
+    assert outputs.shape == (1, input_ids.shape[1] + 12)
+    assert outputs[0].tolist() == reference(tiny_llama, input_ids[0].tolist(), 12)
+    decision = edge_cloud_manager.decisions[-1]
+    assert decision.reason == "planned" and decision.rtt_ms is not None
+    assert decision.plan is not None and len(decision.plan.table) == tiny_llama.n_layers + 1
+
+
+@pytest.mark.parametrize("force_mode, split", [("local-only", 4), ("cloud-only", 0), (None, 2)])
+def test_forced_modes_and_splits_give_the_same_ids(env, tiny_llama, force_mode, split):
+    from edge_worker import EdgeCloudManager
+
+    manager = EdgeCloudManager(model="tiny-llama", force_mode=force_mode,
+                               split=split if force_mode is None else None)
+    ids = tiny_llama.load_tokenizer()("forced")["input_ids"]
+    try:
+        out = manager.process_hybrid(ids, max_new_tokens=10)
+    finally:
+        manager.close()
+    assert manager.decisions[-1].k == split
+    assert out[0].tolist() == reference(tiny_llama, ids, 10)
+    assert manager.last_result.cloud_round_trips == (0 if split == 4 else 11)  # an open, then 10 steps
+
+
+def test_latency_weight_and_a_slow_link_keep_everything_local(env, tiny_llama):
+    from broker.linkproxy import LinkConfig
+    from edge_worker import CloudClient, EdgeCloudManager
+
+    client = CloudClient(link=LinkConfig(rtt_ms=80))
+    manager = EdgeCloudManager(model="tiny-llama", cloud_client=client, energy_weight=0, latency_weight=1,
+                               memory_weight=0)
+    try:
+        manager.process_hybrid(tiny_llama.load_tokenizer()("slow link")["input_ids"], max_new_tokens=4)
+    finally:
+        manager.close()
+    decision = manager.decisions[-1]
+    assert decision.rtt_ms >= 70
+    assert decision.k == tiny_llama.n_layers
+
+
+def test_an_unreachable_cloud_falls_back_to_local(tiny_llama, monkeypatch):
+    from edge_worker import CloudClient, EdgeCloudManager
+
+    manager = EdgeCloudManager(model="tiny-llama", cloud_client=CloudClient(broker="tcp://127.0.0.1:9",
+                                                                             encryption=False))
+    ids = tiny_llama.load_tokenizer()("alone")["input_ids"]
+    try:
+        out = manager.process_hybrid(ids, max_new_tokens=6)
+    finally:
+        manager.close()
+    assert manager.decisions[-1].reason == "cloud unreachable"
+    assert out[0].tolist() == reference(tiny_llama, ids, 6)
+
+
+def test_a_drafter_with_another_tokenizer_is_refused(tiny_llama):
+    from edge_worker import MiniLLMHandler
+    from edge_worker.privacy import TokenizerMismatchError
+    from partition.models import resolve_model
+
+    gpt2_tokenizer = resolve_model("tiny-gpt2").load_tokenizer()  # same bytes, so it passes
+    MiniLLMHandler(model=None, tokenizer=gpt2_tokenizer, main_tokenizer=tiny_llama.load_tokenizer())
+
+    class Shifted:
+        def __len__(self):
+            return 257
+
+        def __call__(self, text):
+            return {"input_ids": [b + 1 for b in text.encode()]}
+
+    with pytest.raises(TokenizerMismatchError):
+        MiniLLMHandler(model=None, tokenizer=Shifted(), main_tokenizer=tiny_llama.load_tokenizer())
