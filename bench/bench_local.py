@@ -17,13 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-PROMPTS = [
-    "Explain why the sky is blue.",
-    "Write a short poem about the sea.",
-    "List three uses of a paperclip.",
-]
+from common import PROMPTS  # noqa: E402
 
 
 def main() -> None:

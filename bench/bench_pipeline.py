@@ -20,15 +20,11 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import PROMPTS  # noqa: E402
 
 from cli.cluster import LocalCluster  # noqa: E402
-
-PROMPTS = [
-    "Explain why the sky is blue.",
-    "Write a short poem about the sea.",
-    "List three uses of a paperclip.",
-]
 
 
 def main() -> None:

@@ -8,32 +8,18 @@ needs neither.
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 from typing import Annotated
 
 import typer
 import zmq
 
-from cli.common import EXIT_FAILED, setup_logging, typed_errors
+from cli.common import EXIT_FAILED, setup_logging, stop_on_signals, typed_errors
 
 logger = logging.getLogger(__name__)
 
 FAULT_DIRECTIONS = ("both", "up", "down")
 # How often the main thread checks that the proxy thread is still alive while waiting for a signal.
 LIVENESS_CHECK_S = 1.0
-
-
-def _stop_on_signals() -> threading.Event:
-    """SIGTERM and SIGINT set an event, so the proxy stops and its stats are logged."""
-    stop = threading.Event()
-
-    def handler(signum, frame):  # noqa: ARG001
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-    return stop
 
 
 def netem(
@@ -77,7 +63,7 @@ def netem(
         except zmq.ZMQError as exc:
             typer.echo(f"error: cannot listen on {listen}: {exc}", err=True)
             raise typer.Exit(EXIT_FAILED) from None
-        stop = _stop_on_signals()
+        stop = stop_on_signals()
         proxy.start()
         typer.echo(f"netem proxy on {proxy.endpoint} -> {upstream}: {config.describe()} (seed {proxy.seed})",
                    err=True)  # fmt: skip

@@ -3,28 +3,14 @@
 from __future__ import annotations
 
 import json
-import signal
-import threading
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from cli.common import EXIT_FAILED, EXIT_USAGE, setup_logging, typed_errors
+from cli.common import EXIT_FAILED, EXIT_USAGE, setup_logging, stop_on_signals, typed_errors
 
 keys_app = typer.Typer(help="Create and inspect key material.", no_args_is_help=True)
-
-
-def _stop_on_signals() -> threading.Event:
-    """SIGTERM and SIGINT set an event so the role leaves cleanly (a worker says DISCONNECT)."""
-    stop = threading.Event()
-
-    def handler(signum, frame):  # noqa: ARG001
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-    return stop
 
 
 def broker(
@@ -58,7 +44,7 @@ def broker(
                               api_keys=frozenset() if no_auth else frozenset(accepted))
         b = Broker(config)
         typer.echo(f"broker listening on {b.endpoint} ({len(config.api_keys)} API keys)", err=True)
-        b.serve_forever(_stop_on_signals())
+        b.serve_forever(stop_on_signals())
 
 
 def cloud_worker(
@@ -80,7 +66,7 @@ def cloud_worker(
     from edge_worker.config import default_broker, default_keys_dir
 
     setup_logging(verbose)
-    stop = _stop_on_signals()
+    stop = stop_on_signals()
     with typed_errors():
         keys_dir = keys or default_keys_dir()
         has_key = (keys_dir / f"worker-{key_name}.key").exists()
