@@ -56,7 +56,11 @@ def edge(
     seed: Annotated[int, typer.Option(help="Seed for sampling: the same seed gives the same text.")] = 0,
     raw_prompt: Annotated[bool, typer.Option("--raw-prompt", help="Do not apply the chat template.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout, nothing else.")] = False,
-    timeout: Annotated[float, typer.Option(help="Seconds one cloud step may take before a retry.")] = 30.0,
+    timeout: Annotated[float, typer.Option(help="Seconds one cloud request may take before a retry.")] = 30.0,
+    deadline: Annotated[float, typer.Option(help="Seconds one step may take, retries and failovers "
+                                            "included, before giving up.")] = 60.0,
+    no_fallback: Annotated[bool, typer.Option("--no-fallback", help="Fail instead of running the rest "
+                                              "of the model here when the cloud is gone.")] = False,
     cloud_latency: Annotated[float, typer.Option(help="Emulated extra round trip to the cloud, seconds.")] = 0.0,
     bandwidth_mbps: Annotated[float | None, typer.Option(help="Emulated link bandwidth, Mbit/s.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -75,7 +79,8 @@ def edge(
             force_cloud=force_cloud, raw_prompt=raw_prompt, temperature=temperature, top_p=top_p, seed=seed,
             broker=broker or default_broker(), keys_dir=keys or default_keys_dir(),
             api_key=api_key or os.environ.get("EDGECLOUD_API_KEY"), encryption=not no_encryption,
-            wire_dtype=wire_dtype, request_timeout_s=timeout, cloud_latency_s=cloud_latency,
+            wire_dtype=wire_dtype, request_timeout_s=timeout, step_deadline_s=deadline,
+            fallback_local=not no_fallback, cloud_latency_s=cloud_latency,
             bandwidth_mbps=bandwidth_mbps, energy_weight=energy_weight, latency_weight=latency_weight,
             memory_weight=memory_weight,
         )

@@ -16,6 +16,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,7 +29,16 @@ from broker.crypto import (
     load_api_keys,
     load_trusted_workers,
 )
-from broker.errors import ConfigError, CryptoError, EdgeCloudError, WorkerLost
+from broker.errors import (
+    BrokerUnavailable,
+    Busy,
+    ConfigError,
+    CryptoError,
+    EdgeCloudError,
+    NoWorkerAvailable,
+    RequestTimeout,
+    WorkerLost,
+)
 from broker.linkproxy import LinkConfig, LinkProxy
 from broker.session_protocol import (
     KIND_CLOSE,
@@ -40,7 +50,7 @@ from broker.session_protocol import (
     seal_step,
 )
 from edge_worker.config import default_broker, default_keys_dir
-from edge_worker.generation import StepStats
+from edge_worker.generation import Backend, StepStats
 from partition.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -65,7 +75,8 @@ class CloudClient:
         encryption: bool = True,
         wire_dtype: str = "fp16",
         request_timeout_s: float = 30.0,
-        max_retries: int = 4,
+        max_retries: int = 20,
+        step_deadline_s: float = 60.0,
         backoff_initial_s: float = 0.1,
         backoff_max_s: float = 2.0,
         link: LinkConfig | None = None,
@@ -75,8 +86,11 @@ class CloudClient:
         self.api_key = api_key or os.environ.get("EDGECLOUD_API_KEY") or self._api_key_from_dir()
         self.encryption = encryption
         self.wire_dtype = wire_dtype
-        self.request_timeout_s = request_timeout_s
+        self.request_timeout_s = request_timeout_s  # one request, queueing included
         self.max_retries = max_retries
+        # One step, retries and failovers included: long enough for a restarted broker to see its
+        # workers re-register (their liveness window is a few seconds), short enough not to hang.
+        self.step_deadline_s = step_deadline_s
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.link = link  # emulate a slower link: every frame crosses an in-process LinkProxy
@@ -148,6 +162,9 @@ class CloudSession:
         self.pos = 0  # positions the worker's cache holds
         self.replay: list[torch.Tensor] = []  # (1, T_i, H) activations sent so far, in order
         self.open_count = 0
+        # Builds a LocalBackend for layers [split, N) when the cloud is gone for good; None: fail.
+        self.fallback: Callable[[], Backend] | None = None
+        self.local: Backend | None = None
 
     # --- Backend --------------------------------------------------------------------------------
     def start(self, sampling: SamplingParams) -> None:
@@ -156,23 +173,45 @@ class CloudSession:
         self.cipher = None
         self.pos = 0
         self.replay = []
+        self.local = None
 
     def step(self, hidden: torch.Tensor, step: int) -> tuple[int, StepStats]:
-        """hidden: (1, T, H) activations for the positions after ``self.pos``."""
+        """hidden: (1, T, H) activations for the positions after ``self.pos``.
+
+        Transient errors are retried with backoff, and a lost worker is replaced by reopening
+        the session elsewhere and replaying the log, until ``step_deadline_s`` has passed. Then,
+        if a local fallback was given, the rest of the model runs here from the replay log;
+        otherwise the last error is raised.
+        """
+        if self.local is not None:
+            return self._local_step(hidden, step, StepStats())
         stats = StepStats()
         pending = hidden  # what must reach the worker; grows to the whole log after a failover
         attempt = 0
+        deadline = time.monotonic() + self.client.step_deadline_s
         while True:
+            remaining = deadline - time.monotonic()
             try:
+                if remaining <= 0:
+                    raise RequestTimeout(f"step {step} found no working path to the cloud within "
+                                         f"{self.client.step_deadline_s:.0f} s")
+                timeout_s = min(self.client.request_timeout_s, remaining)
                 if self.cipher is None:
-                    self._open(step, stats)
+                    self._open(step, stats, timeout_s)
                     if self.pos == 0 and self.replay:
                         pending = torch.cat([*self.replay, hidden], dim=1)
-                token = self._send_step(pending, step, stats)
+                token = self._send_step(pending, step, stats, timeout_s)
                 break
             except EdgeCloudError as exc:
                 attempt += 1
-                if attempt > self.client.max_retries or not _recoverable(exc):
+                if not _recoverable(exc) or attempt > self.client.max_retries or time.monotonic() >= deadline:
+                    if self.fallback is not None and _availability_error(exc):
+                        log.warning("cloud unavailable (%s): running layers [%d, N) on the edge from now on",
+                                    exc, self.split)
+                        self.local = self.fallback()
+                        self.local.start(self.sampling)
+                        stats.retries += 1
+                        return self._local_step(hidden, step, stats, replay=True)
                     raise
                 stats.retries += 1
                 if isinstance(exc, WorkerLost):
@@ -183,10 +222,22 @@ class CloudSession:
                     self.session_id = uuid.uuid4().hex  # the old id stays pinned to the dead worker
                     pending = hidden
                     continue
-                pause = backoff_s(attempt, self.client.backoff_initial_s, self.client.backoff_max_s)
+                pause = min(backoff_s(attempt, self.client.backoff_initial_s, self.client.backoff_max_s),
+                            max(0.0, deadline - time.monotonic()))
                 log.info("step %d: %s; retry %d in %.2f s", step, exc, attempt, pause)
                 time.sleep(pause)
                 stats.waiting_ms += pause * 1e3
+        self.replay.append(hidden.detach().to(torch.float32).cpu())
+        return token, stats
+
+    def _local_step(self, hidden: torch.Tensor, step: int, stats: StepStats,
+                    replay: bool = False) -> tuple[int, StepStats]:
+        """The fallback: the remaining layers in this process, rebuilt from the replay log once."""
+        assert self.local is not None, "only called once a local fallback exists"
+        x = torch.cat([*self.replay, hidden], dim=1) if replay and self.replay else hidden
+        token, local_stats = self.local.step(x, step)
+        stats.cloud_compute_ms += local_stats.cloud_compute_ms
+        stats.fell_back = True
         self.replay.append(hidden.detach().to(torch.float32).cpu())
         return token, stats
 
@@ -201,7 +252,7 @@ class CloudSession:
         self.cipher = None
 
     # --- wire -----------------------------------------------------------------------------------
-    def _open(self, step: int, stats: StepStats) -> None:
+    def _open(self, step: int, stats: StepStats, timeout_s: float) -> None:
         if self.client.encryption:
             self.client.trusted_workers()  # fail before any traffic if there is no trust list
         keypair = generate_keypair() if self.client.encryption else None
@@ -211,8 +262,8 @@ class CloudSession:
         )
         t0 = time.perf_counter()
         reply = self.client.connection.request(
-            self.session_id, KIND_OPEN, self.model_id, self.split, step,
-            timeout_s=self.client.request_timeout_s, extra=params.to_extra(),
+            self.session_id, KIND_OPEN, self.model_id, self.split, step, timeout_s=timeout_s,
+            extra=params.to_extra(),
         )
         stats.round_trips += 1
         stats.transport_ms += (time.perf_counter() - t0) * 1e3
@@ -229,13 +280,12 @@ class CloudSession:
         self.cipher = cipher
         self.open_count += 1
 
-    def _send_step(self, hidden: torch.Tensor, step: int, stats: StepStats) -> int:
+    def _send_step(self, hidden: torch.Tensor, step: int, stats: StepStats, timeout_s: float) -> int:
         t0 = time.perf_counter()
         frames = seal_step(self.cipher, self.session_id, step, self.pos, hidden, self.client.wire_dtype)
         stats.bytes_sent += sum(len(memoryview(f)) for f in frames)
         reply: Reply = self.client.connection.request(
-            self.session_id, KIND_STEP, self.model_id, self.split, step, frames,
-            timeout_s=self.client.request_timeout_s,
+            self.session_id, KIND_STEP, self.model_id, self.split, step, frames, timeout_s=timeout_s,
         )
         stats.bytes_received += sum(len(f) for f in reply.frames)
         result = open_step_reply(self.cipher, self.session_id, step, reply.frames)
@@ -254,3 +304,9 @@ class CloudSession:
 
 def _recoverable(exc: EdgeCloudError) -> bool:
     return isinstance(exc, WorkerLost) or bool(getattr(exc, "retryable", False))
+
+
+def _availability_error(exc: EdgeCloudError) -> bool:
+    """Errors that mean "no cloud right now", where running locally is the right answer. Security
+    and protocol errors are never papered over by a fallback."""
+    return isinstance(exc, WorkerLost | BrokerUnavailable | NoWorkerAvailable | RequestTimeout | Busy)

@@ -42,6 +42,7 @@ class StepStats:
     round_trips: int = 0
     retries: int = 0
     worker_id: str = ""  # the worker that answered, for the trace
+    fell_back: bool = False  # the remaining layers ran on the edge because the cloud was unavailable
 
 
 class Backend(Protocol):
@@ -110,6 +111,7 @@ class GenerationResult:
     splits_used: list[int] = field(default_factory=list)
     workers_used: list[str] = field(default_factory=list)  # in the order they first served
     decision: dict | None = None  # how the split was chosen, when the planner chose it
+    fallback_at_step: int | None = None  # the step from which the edge ran every layer itself
     # One entry per generated token: where its time and bytes went.
     trace: list[dict] = field(default_factory=list)
 
@@ -197,6 +199,8 @@ class EdgeGenerator:
                 else:
                     token, stats = self.backend.step(out.hidden, step)  # hidden: (1, T, H)
                     _add_stats(result, stats)
+                    if stats.fell_back and result.fallback_at_step is None:
+                        result.fallback_at_step = step
                 result.trace.append({
                     "token": token, "positions": x.shape[1], "edge_ms": round(edge_ms, 3),
                     "cloud_ms": round(stats.cloud_compute_ms, 3),

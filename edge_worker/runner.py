@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 
 from edge_worker.config import EdgeConfig
-from edge_worker.generation import EdgeGenerator, GenerationResult
+from edge_worker.generation import EdgeGenerator, GenerationResult, LocalBackend
 from partition.errors import InvalidSplitError
 from partition.models import ModelSource, resolve_model
 from partition.sampling import SamplingParams
@@ -48,7 +48,8 @@ def make_client(config: EdgeConfig):
                           downlink_mbps=config.bandwidth_mbps)
     return CloudClient(
         api_key=config.api_key, broker=config.broker, keys_dir=config.keys_dir, encryption=config.encryption,
-        wire_dtype=config.wire_dtype, request_timeout_s=config.request_timeout_s, link=link,
+        wire_dtype=config.wire_dtype, request_timeout_s=config.request_timeout_s,
+        step_deadline_s=config.step_deadline_s, link=link,
     )
 
 
@@ -88,6 +89,9 @@ def run_edge(config: EdgeConfig, on_text: Callable[[str], None] | None = None,
     edge = ModelSegment.load(source, 0, split)
     log.info("edge segment ready: %s (%.1f s)", edge.describe(), time.perf_counter() - t0)
     backend = None if split == source.n_layers else client.session(source.model_id, split, source.hidden_size)
+    if backend is not None and config.fallback_local:
+        n, k = source.n_layers, split
+        backend.fallback = lambda: LocalBackend(ModelSegment.load(source, k, n, embed=False))
     mode = "local" if split == source.n_layers else ("cloud" if split == 0 else "hybrid")
     generator = EdgeGenerator(edge, backend, tokenizer, eos_token_ids(source, tokenizer), mode=mode)
     progress(f"generating up to {config.max_new_tokens} tokens from a {len(ids)}-token prompt")

@@ -77,11 +77,25 @@ def test_bad_input_gets_one_line_and_exit_code_2(args, message):
 
 
 def test_no_broker_gives_a_clear_error_within_the_deadline():
+    import time
+
+    t0 = time.monotonic()
     out = run("edge", "--model", "tiny-llama", "--split", "2", "--tokens", "2", "--no-encryption",
-              "--broker", "tcp://127.0.0.1:9", "--timeout", "1", timeout=60)
+              "--broker", "tcp://127.0.0.1:9", "--timeout", "1", "--deadline", "3", "--no-fallback", timeout=60)
     assert out.returncode == 1
     assert "broker" in out.stderr.lower()
     assert "Traceback" not in out.stderr
+    assert time.monotonic() - t0 < 20
+
+
+def test_without_a_cloud_the_edge_falls_back_to_local_with_the_same_output():
+    local = json.loads(run("edge", "--model", "tiny-llama", "--force-local", "--tokens", "8", "--json").stdout)
+    out = run("edge", "--model", "tiny-llama", "--split", "2", "--tokens", "8", "--no-encryption", "--json",
+              "--broker", "tcp://127.0.0.1:9", "--timeout", "1", "--deadline", "2", timeout=60)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert r["token_ids"] == local["token_ids"]
+    assert r["fallback_at_step"] == 0
 
 
 def test_a_worker_asked_for_cuda_without_a_gpu_says_so():
