@@ -144,6 +144,37 @@ class LocalCluster:
         return subprocess.run(cli_command("edge", "--model", self.model, *args), env=self.env(),
                               capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
 
+    def start_edge(self, *args: str) -> subprocess.Popen:
+        """Start ``edgecloud edge ARGS`` without waiting (read its output with communicate())."""
+        return subprocess.Popen(cli_command("edge", "--model", self.model, *args), env=self.env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+    def wait_for_decoding(self, edge: subprocess.Popen, served: int = 50, timeout_s: float = 120.0) -> str:
+        """Wait until the broker has served ``served`` requests and a worker holds a session (the
+        edge is decoding, past its opener); return that worker's id. For injecting faults."""
+        from broker.client_api import BrokerClient
+        from broker.crypto import load_api_keys
+        from broker.errors import EdgeCloudError
+
+        keys = sorted(load_api_keys(Path(self.keys_dir) / "api_keys.txt"))
+        watcher = BrokerClient(self.endpoint, keys[0] if keys else "")
+        try:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and edge.poll() is None:
+                try:
+                    st = watcher.status(timeout_s=2)
+                except EdgeCloudError:
+                    continue
+                busy = [w for w in st["workers"] if w["sessions"]]
+                if busy and st["counters"].get("requests_served", 0) >= served:
+                    return str(busy[0]["worker_id"])
+            raise ClusterError("the edge never started decoding")
+        finally:
+            watcher.close()
+
+    def worker_named(self, worker_id: str) -> Proc:
+        return next(p for p in self.workers if p.name == worker_id)
+
     def kill(self, proc: Proc, sig: int = signal.SIGKILL) -> None:
         with contextlib.suppress(ProcessLookupError):
             proc.popen.send_signal(sig)

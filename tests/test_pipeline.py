@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 
 import pytest
 
@@ -197,30 +196,15 @@ def test_generation_survives_kill_9_of_its_worker_with_identical_output():
         cluster.add_worker()
         cluster.wait_for_workers(2, timeout_s=60)
         expected = edge_json(cluster, "--force-local", "--tokens", "900", "--raw-prompt")["token_ids"]
-        from broker.client_api import BrokerClient
-        from broker.crypto import load_api_keys
-
-        watcher = BrokerClient(cluster.endpoint, sorted(load_api_keys(cluster.keys_dir / "api_keys.txt"))[0])
-        proc = subprocess.Popen(
-            cli_command("edge", "--model", "tiny-llama", "--split", "2", "--tokens", "900", "--json",
-                        "--raw-prompt", "--prompt", PROMPT),
-            env=cluster.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = cluster.start_edge("--split", "2", "--tokens", "900", "--json", "--raw-prompt", "--prompt", PROMPT)
         try:
             # Kill the session's worker once decoding is under way (not while the opener is in
             # flight: the broker itself re-dispatches an opener, and the edge would see nothing).
-            victim = None
-            deadline = time.monotonic() + 60
-            while victim is None and time.monotonic() < deadline and proc.poll() is None:
-                st = watcher.status()
-                busy = [w for w in st["workers"] if w["sessions"]]
-                if busy and st["counters"].get("requests_served", 0) >= 50:
-                    victim = next(p for p in cluster.workers if p.name == busy[0]["worker_id"])
-            assert victim is not None, "the session never showed up on a worker"
+            victim = cluster.worker_named(cluster.wait_for_decoding(proc))
             cluster.kill(victim)  # SIGKILL mid-generation
             out, err = proc.communicate(timeout=120)
         finally:
             proc.kill()
-            watcher.close()
         assert proc.returncode == 0, err[-3000:]
         result = json.loads(out)
         assert result["token_ids"] == expected
