@@ -45,6 +45,11 @@ class StepStats:
     fell_back: bool = False  # the remaining layers ran on the edge because the cloud was unavailable
 
 
+def mode_for(split: int, n_layers: int) -> str:
+    """The JSON contract's mode name for a split."""
+    return "local" if split == n_layers else ("cloud" if split == 0 else "hybrid")
+
+
 class Backend(Protocol):
     """Runs layers ``[k, N)`` and the head for one session and returns the next token."""
 

@@ -28,7 +28,7 @@ import torch
 from broker.errors import EdgeCloudError
 from edge_worker.cloud_client import CloudClient
 from edge_worker.config import DEFAULT_TOKENS
-from edge_worker.generation import EdgeGenerator, GenerationResult
+from edge_worker.generation import EdgeGenerator, GenerationResult, mode_for
 from edge_worker.privacy import MiniLLMHandler, PrivacyProtection
 from partition.models import ModelSource, resolve_model
 from partition.planner import WIFI, Conditions, Plan, PowerModel, Weights, plan
@@ -178,8 +178,7 @@ class EdgeCloudManager:
         k = decision.k
         n = self.source.n_layers
         backend = None if k == n else self.cloud_client.session(self.source.model_id, k, self.source.hidden_size)
-        mode = "local" if k == n else ("cloud" if k == 0 else "hybrid")
-        generator = EdgeGenerator(self._edge_segment(k), backend, self.tokenizer, self.eos, mode=mode)
+        generator = EdgeGenerator(self._edge_segment(k), backend, self.tokenizer, self.eos, mode=mode_for(k, n))
         result = generator.generate(ids, new_tokens, sampling)
         self.last_result = result
         self._feed_monitor(result)

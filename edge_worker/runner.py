@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 
 from edge_worker.config import EdgeConfig
-from edge_worker.generation import EdgeGenerator, GenerationResult, LocalBackend
+from edge_worker.generation import EdgeGenerator, GenerationResult, LocalBackend, mode_for
 from partition.errors import InvalidSplitError
 from partition.models import ModelSource, resolve_model
 from partition.sampling import SamplingParams
@@ -92,8 +92,8 @@ def run_edge(config: EdgeConfig, on_text: Callable[[str], None] | None = None,
     if backend is not None and config.fallback_local:
         n, k = source.n_layers, split
         backend.fallback = lambda: LocalBackend(ModelSegment.load(source, k, n, embed=False))
-    mode = "local" if split == source.n_layers else ("cloud" if split == 0 else "hybrid")
-    generator = EdgeGenerator(edge, backend, tokenizer, eos_token_ids(source, tokenizer), mode=mode)
+    generator = EdgeGenerator(edge, backend, tokenizer, eos_token_ids(source, tokenizer),
+                              mode=mode_for(split, source.n_layers))
     progress(f"generating up to {config.max_new_tokens} tokens from a {len(ids)}-token prompt")
     sampling = SamplingParams(config.temperature, config.top_p, config.seed)
     try:
