@@ -27,6 +27,7 @@ from cli.cluster import LocalCluster, cli_command, free_port  # noqa: E402
 
 HEARTBEAT_S = 0.5  # workers are declared dead after 3 missed beats: 1.5 s of detection
 REQUEST_TIMEOUT_S = "2"
+ALL_FAULTS = ("none", "worker-kill", "worker-stop", "none-1w", "broker-restart", "only-worker-kill", "lossy-link")
 
 
 def run_fault(fault: str, model: str, tokens: int, prompt: str, expected: list[int]) -> dict:
@@ -79,10 +80,14 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--tokens", type=int, default=160)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--faults", default=",".join(ALL_FAULTS), help="comma-separated subset to run")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    faults = ["none", "worker-kill", "worker-stop", "none-1w", "broker-restart", "only-worker-kill", "lossy-link"]
+    faults = [f for f in args.faults.split(",") if f]
+    unknown = set(faults) - set(ALL_FAULTS)
+    if unknown:
+        parser.error(f"unknown faults {sorted(unknown)}; choose from {ALL_FAULTS}")
     rows: list[dict] = []
     with LocalCluster(model=args.model) as cluster:
         expected = {}
@@ -101,6 +106,8 @@ def main() -> None:
                           "median_total_ms": statistics.median(times) if times else None}
     for fault, base in (("worker-kill", "none"), ("worker-stop", "none"), ("broker-restart", "none-1w"),
                         ("only-worker-kill", "none-1w"), ("lossy-link", "none")):
+        if fault not in summary or base not in summary:
+            continue
         a, b = summary[fault]["median_total_ms"], summary[base]["median_total_ms"]
         summary[fault]["extra_ms_vs_fault_free"] = None if a is None or b is None else a - b
     if args.json:

@@ -56,6 +56,7 @@ from partition.sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 TRUSTED_WORKERS_FILE = "trusted_workers.txt"
+FAILED_OPENS_BEFORE_FALLBACK = 2
 API_KEYS_FILE = "api_keys.txt"
 
 
@@ -188,6 +189,7 @@ class CloudSession:
         stats = StepStats()
         pending = hidden  # what must reach the worker; grows to the whole log after a failover
         attempt = 0
+        failed_opens = 0  # openers that found no worker (no answer in time, or none registered)
         deadline = time.monotonic() + self.client.step_deadline_s
         while True:
             remaining = deadline - time.monotonic()
@@ -204,7 +206,12 @@ class CloudSession:
                 break
             except EdgeCloudError as exc:
                 attempt += 1
-                if not _recoverable(exc) or attempt > self.client.max_retries or time.monotonic() >= deadline:
+                failed_opens += self.cipher is None and _availability_error(exc)
+                # With a local fallback at hand, a couple of openers that found no worker are
+                # enough: waiting out the whole deadline only delays what the edge can compute.
+                give_up_on_cloud = self.fallback is not None and failed_opens >= FAILED_OPENS_BEFORE_FALLBACK
+                if (not _recoverable(exc) or give_up_on_cloud or attempt > self.client.max_retries
+                        or time.monotonic() >= deadline):
                     if self.fallback is not None and _availability_error(exc):
                         log.warning("cloud unavailable (%s): running layers [%d, N) on the edge from now on",
                                     exc, self.split)
