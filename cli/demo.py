@@ -94,6 +94,10 @@ def demo(
 def print_result(r: dict, trace_rows: int) -> None:
     typer.echo(r["text"])
     t = r["timings"]
+    if r.get("decision"):
+        d = r["decision"]
+        rtt = "unknown" if d.get("rtt_ms") is None else f"{d['rtt_ms']:.1f} ms"
+        typer.echo(f"\n[split {d['k']} chosen by the cost model ({d['reason']}; measured round trip {rtt})]", err=True)
     typer.echo(
         f"\n[{r['mode']}, split {r['split']}/{r['n_layers']}] {len(r['token_ids'])} tokens; first after "
         f"{r['ttft_ms']:.0f} ms, then {r['ms_per_token']:.1f} ms/token; {r['cloud_round_trips']} round trips, "
