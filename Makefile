@@ -39,6 +39,10 @@ bench: setup
 	$(BIN)/python bench/bench_pipeline.py
 	$(BIN)/python bench/bench_broker.py
 
+# Longer fuzzing of every decoder that reads network bytes (CI runs 300 examples per test).
+fuzz: setup
+	EDGECLOUD_FUZZ_EXAMPLES=20000 $(BIN)/python -m pytest -q -k fuzz tests/test_broker_protocol.py tests/test_session_protocol.py
+
 lint: setup
 	$(BIN)/ruff check .
 

@@ -1,0 +1,106 @@
+"""The end-to-end bodies: round trips, and fuzzing of every decoder that reads network bytes.
+
+``EDGECLOUD_FUZZ_EXAMPLES`` sets how hard the fuzz tests try (``make fuzz`` raises it)."""
+
+from __future__ import annotations
+
+import os
+
+import msgpack
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from broker import session_protocol as sp
+from broker.crypto import NullCipher, SessionCipher, generate_keypair
+from broker.errors import CryptoError, ProtocolError
+
+FUZZ = settings(max_examples=int(os.environ.get("EDGECLOUD_FUZZ_EXAMPLES", "300")), deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
+HIDDEN = 8
+SID = "s" * 32
+
+
+def ciphers():
+    worker = generate_keypair()
+    edge = generate_keypair()
+    return (SessionCipher.for_edge(edge.secret_key, worker.public_key, SID),
+            SessionCipher.for_worker(worker.secret_key, edge.public_key, SID))
+
+
+def test_step_and_reply_round_trip_encrypted():
+    edge, worker = ciphers()
+    hidden = torch.randn(1, 3, HIDDEN)
+    frames = sp.seal_step(edge, SID, 4, 10, hidden, "fp32")
+    pos, got = sp.open_step(worker, SID, 4, frames, HIDDEN)
+    assert pos == 10 and torch.equal(got, hidden)
+    reply = sp.seal_step_reply(worker, SID, 4, token=42, pos=13, compute_ms=1.5, worker_ms=2.0)
+    r = sp.open_step_reply(edge, SID, 4, reply)
+    assert (r.token, r.pos, r.compute_ms, r.worker_ms) == (42, 13, 1.5, 2.0)
+
+
+def test_a_body_moved_to_another_step_or_session_is_refused():
+    edge, worker = ciphers()
+    frames = sp.seal_step(edge, SID, 4, 10, torch.randn(1, 1, HIDDEN), "fp16")
+    with pytest.raises(CryptoError):
+        sp.open_step(worker, SID, 5, frames, HIDDEN)
+
+
+def test_wrong_hidden_size_is_a_protocol_error():
+    frames = sp.seal_step(NullCipher(), SID, 0, 0, torch.randn(1, 2, HIDDEN + 1), "fp16")
+    with pytest.raises(ProtocolError):
+        sp.open_step(NullCipher(), SID, 0, frames, HIDDEN)
+
+
+@pytest.mark.parametrize("extra", [
+    {}, {"edge_pk": b"x" * 31, "sampling": {"temperature": 0, "top_p": 1, "seed": 0}},
+    {"edge_pk": b"", "sampling": {"temperature": "hot", "top_p": 1, "seed": 0}},
+    {"edge_pk": b"", "sampling": {"temperature": 0, "top_p": 1, "seed": 0}, "wire_dtype": "int4"},
+])
+def test_bad_openers_are_protocol_errors(extra):
+    with pytest.raises(ProtocolError):
+        sp.OpenParams.from_extra(extra)
+
+
+@FUZZ
+@given(st.lists(st.binary(max_size=300), max_size=4), st.integers(0, 2**20))
+def test_fuzz_step_bodies_only_raise_typed_errors(frames, step):
+    try:
+        pos, hidden = sp.open_step(NullCipher(), SID, step, frames, HIDDEN)
+    except ProtocolError:
+        return
+    assert pos >= 0 and hidden.shape[-1] == HIDDEN
+
+
+@FUZZ
+@given(st.dictionaries(st.sampled_from(["pos", "tensor", "x"]),
+                       st.one_of(st.integers(-5, 2**40), st.text(max_size=5), st.none(),
+                                 st.dictionaries(st.sampled_from(["dtype", "shape"]),
+                                                 st.one_of(st.text(max_size=5), st.lists(st.integers(-3, 10 ** 6),
+                                                                                         max_size=9)))),
+                       max_size=3),
+       st.binary(max_size=200))
+def test_fuzz_structured_step_metadata(head, data):
+    try:
+        sp.open_step(NullCipher(), SID, 0, [msgpack.packb(head), data], HIDDEN)
+    except ProtocolError:
+        pass
+
+
+@FUZZ
+@given(st.lists(st.binary(max_size=120), max_size=3))
+def test_fuzz_step_replies_only_raise_typed_errors(frames):
+    try:
+        r = sp.open_step_reply(NullCipher(), SID, 0, frames)
+    except ProtocolError:
+        return
+    assert r.token >= 0 and r.pos >= 0
+
+
+@FUZZ
+@given(st.lists(st.binary(max_size=200), min_size=1, max_size=3))
+def test_fuzz_sealed_bodies_fail_authentication(frames):
+    _, worker = ciphers()
+    with pytest.raises((CryptoError, ProtocolError)):
+        sp.open_step(worker, SID, 0, frames, HIDDEN)
