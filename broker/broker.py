@@ -92,6 +92,10 @@ class BrokerConfig:
     # Answered request ids kept so that a copy arriving later (a link that duplicates, a client
     # retry of the same id) is dropped instead of being run a second time.
     done_requests_remembered: int = 10_000
+    # A worker that failed (missed heartbeats, became unroutable) and registers again is given new
+    # sessions only when no other worker has room, for this long: a flapping worker (a hang that
+    # resumes, an overloaded host) should not keep attracting sessions it may lose again.
+    failed_worker_avoid_s: float = 60.0
 
     @property
     def worker_expiry_s(self) -> float:
@@ -125,6 +129,7 @@ class Broker:
         self._sessions: dict[SessionId, SessionState] = {}
         self._lost: OrderedDict[SessionId, str] = OrderedDict()
         self._done_ids: OrderedDict[RequestId, None] = OrderedDict()
+        self._avoid_until: dict[WorkerId, float] = {}  # failed workers, deprioritised until then
         self._requests: dict[RequestId, PendingRequest] = {}
         self._queue: deque[PendingRequest] = deque()
         self._timers: list[tuple[float, int, str, RequestId]] = []
@@ -400,7 +405,8 @@ class Broker:
             self.counters["busy"] += 1
             self._fail(req, Busy(f"all {len(eligible)} workers for {r.model_id} hold their maximum sessions"))
             return False
-        w = min(roomy, key=WorkerState.load)
+        now = time.monotonic()
+        w = min(roomy, key=lambda c: (self._avoid_until.get(c.worker_id, 0.0) > now, c.load()))
         session.worker_id = w.worker_id
         w.sessions.add(session.session_id)
         self._lost.pop(session.session_id, None)
@@ -527,6 +533,10 @@ class Broker:
             w = self._workers.get(wid)
             if w is not None:
                 self._expire_worker(w, reason)
+                self._avoid_until[wid] = time.monotonic() + self.config.failed_worker_avoid_s
+        if len(self._avoid_until) > self.config.lost_sessions_remembered:
+            now = time.monotonic()
+            self._avoid_until = {k: t for k, t in self._avoid_until.items() if t > now}
 
     def _expire_worker(self, w: WorkerState, reason: str) -> None:
         """Remove ``w``; re-run its restartable attempts elsewhere, fail the rest with WorkerLost."""
@@ -656,7 +666,10 @@ class Broker:
             "endpoint": self.endpoint,
             "protocol_version": p.PROTOCOL_VERSION,
             "uptime_s": round(now - self._started, 3),
-            "workers": [w.status(now) for w in self._workers.values()],
+            "workers": [
+                {**w.status(now), "avoided_for_s": round(max(0.0, self._avoid_until.get(w.worker_id, 0.0) - now), 1)}
+                for w in self._workers.values()
+            ],
             "sessions": len(self._sessions),
             "in_flight": sum(len(w.in_flight) for w in self._workers.values()),
             "pending_requests": len(self._requests),

@@ -92,6 +92,21 @@ def test_hung_worker_expires_and_open_is_redispatched(broker: Broker) -> None:
             wait_until(lambda: counters(c).get("late_replies_discarded", 0) == 1, what="late reply discarded")
 
 
+def test_a_worker_that_failed_is_avoided_when_it_comes_back(broker: Broker) -> None:
+    with raw_dealer(broker.endpoint) as flaky, client(broker.endpoint) as c:
+        _register_raw(flaky, "flaky")
+        c.submit("s1", "open", MODEL, 2, 0, timeout_s=LONG_S)
+        recv_until(flaky, p.Dispatch)  # it takes the opener, then hangs: no reply, no heartbeat
+        with echo_workers(broker.endpoint, "healthy"):
+            wait_until(lambda: counters(c).get("workers_expired") == 1, what="the hung worker to expire")
+            _register_raw(flaky, "flaky")  # it resumes and registers again, with no load at all
+            st = c.status()
+            flaky_row = next(w for w in st["workers"] if w["worker_id"] == "flaky")
+            assert flaky_row["avoided_for_s"] > 0
+            # Least load alone would pick the idle newcomer; the failed worker waits its turn.
+            assert {c.request(f"new{i}", "open", MODEL, 2, 0).worker_id for i in range(3)} == {"healthy"}
+
+
 def test_queued_requests_of_a_dead_workers_session_fail_promptly() -> None:
     with running_broker(worker_max_in_flight=1) as b, client(b.endpoint) as c:
         with echo_workers(b.endpoint, "w1") as (w,):
