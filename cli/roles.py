@@ -125,6 +125,7 @@ def render_status(st: dict) -> str:
             f"  {w.get('worker_id')}  pid {w.get('pid')}  {w.get('model_id')}  layers {ranges}  "
             f"sessions {w.get('sessions')}  in flight {w.get('in_flight')}  "
             f"seen {w.get('last_seen_s_ago', 0):.1f}s ago"
+            + (f"  avoided for {w['avoided_for_s']:.0f}s after a failure" if w.get("avoided_for_s") else "")
         )
     counters = st.get("counters", {})
     if counters:
