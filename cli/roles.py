@@ -53,6 +53,8 @@ def cloud_worker(
     keys: Annotated[Path | None, typer.Option("--keys", help="Keys directory [env EDGECLOUD_KEYS].")] = None,
     key_name: Annotated[str, typer.Option(help="Which worker key in the directory: worker-NAME.key.")] = "default",
     no_encryption: Annotated[bool, typer.Option("--no-encryption", help="Serve only unencrypted sessions.")] = False,
+    allow_plaintext: Annotated[bool, typer.Option("--allow-plaintext", help="With keys, also serve edges "
+                                                  "that run --no-encryption.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     max_sessions: Annotated[int, typer.Option(help="KV caches held at once.")] = 64,
     session_ttl: Annotated[float, typer.Option(help="Seconds an idle session is kept.")] = 600.0,
@@ -75,7 +77,8 @@ def cloud_worker(
                        f"only (create one with `edgecloud keys generate {keys_dir}`)", err=True)
         config = CloudWorkerConfig(
             broker=broker or default_broker(), model=model, keys_dir=keys_dir if has_key else None,
-            key_name=key_name, encryption=not no_encryption, device=device, max_sessions=max_sessions,
+            key_name=key_name, encryption=not no_encryption, allow_plaintext=allow_plaintext, device=device,
+            max_sessions=max_sessions,
             session_idle_ttl_s=session_ttl, max_session_tokens=max_tokens, torch_threads=threads,
             worker_id=worker_id,
         )

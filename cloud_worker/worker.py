@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from broker.crypto import NullCipher, SessionCipher, load_keys
-from broker.errors import EdgeCloudError, ProtocolError, WorkerLost
+from broker.errors import CryptoError, EdgeCloudError, ProtocolError, WorkerLost
 from broker.protocol import WorkerId
 from broker.session_protocol import (
     KIND_CLOSE,
@@ -48,6 +48,9 @@ class CloudWorkerConfig:
     keys_dir: Path | None = None  # holds worker-<name>.key; None or missing keys: no encryption
     key_name: str = "default"
     encryption: bool = True
+    # A worker with keys refuses sessions in the clear unless this is set: an edge that forgot
+    # --keys (or an attacker with an API key) must not downgrade a deployment that encrypts.
+    allow_plaintext: bool = False
     device: str = "auto"  # auto | cpu | cuda
     worker_id: str | None = None
     max_sessions: int = 64
@@ -170,6 +173,9 @@ class CloudWorker:
                 raise ProtocolError("no_encryption", "this worker has no keys; run the edge with --no-encryption "
                                     "or start the worker with --keys DIR")
             cipher = SessionCipher.for_worker(self.keypair.secret_key, params.edge_pk, job.session_id)
+        elif self.keypair is not None and not self.config.allow_plaintext:
+            raise CryptoError("this worker only serves encrypted sessions: run the edge without "
+                              "--no-encryption (or start the worker with --allow-plaintext)")
         else:
             cipher = NullCipher()
         session = Session(

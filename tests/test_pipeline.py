@@ -61,6 +61,13 @@ def test_wrong_api_key_is_refused_clearly(tiny_cluster):
     assert "Traceback" not in out.stderr
 
 
+def test_a_keyed_worker_refuses_a_session_in_the_clear(tiny_cluster):
+    out = tiny_cluster.edge("--split", "2", "--tokens", "4", "--no-encryption")
+    assert out.returncode == 1
+    assert "only serves encrypted sessions" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_untrusted_worker_key_is_refused(tiny_cluster, tmp_path):
     import shutil
 
