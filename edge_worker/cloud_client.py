@@ -162,7 +162,6 @@ class CloudSession:
         self.cipher = None
         self.pos = 0  # positions the worker's cache holds
         self.replay: list[torch.Tensor] = []  # (1, T_i, H) activations sent so far, in order
-        self.open_count = 0
         # Builds a LocalBackend for layers [split, N) when the cloud is gone for good; None: fail.
         self.fallback: Callable[[], Backend] | None = None
         self.local: Backend | None = None
@@ -285,7 +284,6 @@ class CloudSession:
                                             trusted=self.client.trusted_workers())
         check_open_proof(cipher, self.session_id, step, reply.frames)
         self.cipher = cipher
-        self.open_count += 1
 
     def _send_step(self, hidden: torch.Tensor, step: int, stats: StepStats, timeout_s: float) -> int:
         t0 = time.perf_counter()

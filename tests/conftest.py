@@ -40,3 +40,18 @@ def smollm2_hf(smollm2):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(smollm2.directory, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_cluster():
+    """A broker and one tiny-llama worker as real processes, shared by the tests of one module."""
+    from cli.cluster import LocalCluster
+
+    cluster = LocalCluster(model="tiny-llama", worker_threads=1, heartbeat_s=0.5)
+    try:
+        cluster.start_broker()
+        cluster.add_worker()
+        cluster.wait_for_workers(1, timeout_s=60)
+        yield cluster
+    finally:
+        cluster.stop()

@@ -5,25 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cli.cluster import LocalCluster
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    c = LocalCluster(model="tiny-llama", worker_threads=1, heartbeat_s=0.5)
-    try:
-        c.start_broker()
-        c.add_worker()
-        c.wait_for_workers(1, timeout_s=60)
-        yield c
-    finally:
-        c.stop()
-
 
 @pytest.fixture
-def env(cluster, monkeypatch):
-    monkeypatch.setenv("EDGECLOUD_BROKER", cluster.endpoint)
-    monkeypatch.setenv("EDGECLOUD_KEYS", str(cluster.keys_dir))
+def env(tiny_cluster, monkeypatch):
+    monkeypatch.setenv("EDGECLOUD_BROKER", tiny_cluster.endpoint)
+    monkeypatch.setenv("EDGECLOUD_KEYS", str(tiny_cluster.keys_dir))
     monkeypatch.setenv("EDGECLOUD_MAX_NEW_TOKENS", "12")
 
 

@@ -21,18 +21,6 @@ def edge_json(cluster: LocalCluster, *args: str) -> dict:
     return json.loads(lines[0])
 
 
-@pytest.fixture(scope="module")
-def tiny_cluster():
-    cluster = LocalCluster(model="tiny-llama", worker_threads=1, heartbeat_s=0.5)
-    try:
-        cluster.start_broker()
-        cluster.add_worker()
-        cluster.wait_for_workers(1, timeout_s=60)
-        yield cluster
-    finally:
-        cluster.stop()
-
-
 def test_hybrid_output_equals_local_output_at_every_split(tiny_cluster):
     local = edge_json(tiny_cluster, "--force-local", "--tokens", "20")
     assert local["mode"] == "local" and local["cloud_round_trips"] == 0
