@@ -8,7 +8,16 @@ from typing import Annotated
 
 import typer
 
-from cli.common import Progress, setup_logging, typed_errors
+from cli.common import (
+    MiniDraftOpt,
+    MiniFixedOpt,
+    MiniModeOpt,
+    MiniOpt,
+    MiniThresholdOpt,
+    Progress,
+    setup_logging,
+    typed_errors,
+)
 
 app = typer.Typer(
     name="edgecloud",
@@ -63,6 +72,11 @@ def edge(
                                               "of the model here when the cloud is gone.")] = False,
     cloud_latency: Annotated[float, typer.Option(help="Emulated extra round trip to the cloud, seconds.")] = 0.0,
     bandwidth_mbps: Annotated[float | None, typer.Option(help="Emulated link bandwidth, Mbit/s.")] = None,
+    mini: MiniOpt = "none",
+    mini_threshold: MiniThresholdOpt = 0.5,
+    mini_mode: MiniModeOpt = "verify",
+    mini_max_draft: MiniDraftOpt = 8,
+    mini_fixed: MiniFixedOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Generate text on this device, alone (--force-local) or with cloud workers."""
@@ -82,7 +96,8 @@ def edge(
             wire_dtype=wire_dtype, request_timeout_s=timeout, step_deadline_s=deadline,
             fallback_local=not no_fallback, cloud_latency_s=cloud_latency,
             bandwidth_mbps=bandwidth_mbps, energy_weight=energy_weight, latency_weight=latency_weight,
-            memory_weight=memory_weight,
+            memory_weight=memory_weight, mini=mini, mini_threshold=mini_threshold, mini_mode=mini_mode,
+            mini_max_draft=mini_max_draft, mini_adaptive=not mini_fixed,
         )
         started = False
 
@@ -103,7 +118,9 @@ def edge(
         typer.echo(
             f"[{result.mode}, split {result.split}/{result.n_layers}: {len(result.token_ids)} tokens, "
             f"first after {result.ttft_ms:.0f} ms, then {result.ms_per_token:.1f} ms/token, "
-            f"{result.cloud_round_trips} cloud round trips]",
+            f"{result.cloud_round_trips} cloud round trips"
+            + (f", {result.tokens_from_mini} tokens from the mini-LLM ({result.mini}, "
+               f"{result.acceptance_rate or 0:.0%} of drafts kept)" if result.mini else "") + "]",
             err=True,
         )
 

@@ -21,8 +21,6 @@ class Session:
     wire_dtype: str
     cache: SegmentKVCache
     last_used: float = field(default_factory=time.monotonic)
-    # step number -> cache length before that step ran: a retried step crops back to it.
-    step_starts: dict[int, int] = field(default_factory=dict)
 
 
 class SessionTable:

@@ -32,8 +32,9 @@ from broker.worker_api import Job, WorkerConnection, WorkerInfo
 from cloud_worker.sessions import Session, SessionTable
 from partition.kv_cache import CacheFullError
 from partition.models import resolve_model
-from partition.sampling import SamplingParams, choose_token
+from partition.sampling import SamplingParams
 from partition.segment import ModelSegment
+from partition.speculative import run_and_verify
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +193,9 @@ class CloudWorker:
         if session is None:
             raise WorkerLost(f"session {job.session_id} is not held by worker {self.worker_id} "
                              "(expired, evicted or the worker restarted): reopen it and replay")
-        pos, hidden = open_step(session.cipher, job.session_id, job.step, job.frames, self.source.hidden_size)
-        cache = session.cache
+        req = open_step(session.cipher, job.session_id, job.step, job.frames, self.source.hidden_size,
+                        vocab_size=self.source.vocab_size)
+        pos, cache = req.pos, session.cache
         if pos < cache.length:
             # A retry of a step this cache already ran (the reply was lost or late): undo it and
             # run it again, so the step affects the cache exactly once.
@@ -203,15 +205,16 @@ class CloudWorker:
                              f"at {pos}: a step is missing; reopen and replay")
         t0 = time.perf_counter()
         try:
-            out = self.segment(hidden, cache, start_layer=session.layer_lo)  # hidden: (1, T, H)
+            # hidden: (1, T, H); the last len(draft) positions are drafted tokens to verify.
+            accepted, token = run_and_verify(self.segment, req.hidden, cache, session.sampling, job.step,
+                                             req.draft, start_layer=session.layer_lo)
         except CacheFullError as exc:
             cache.crop(pos)
             raise ProtocolError("too_long", str(exc)) from None
-        token = choose_token(out.logits[0, -1], session.sampling, job.step)
         compute_ms = (time.perf_counter() - t0) * 1e3
         worker_ms = (time.monotonic() - job.received_at) * 1e3
         return {}, seal_step_reply(session.cipher, job.session_id, job.step, token, cache.length, compute_ms,
-                                   worker_ms)
+                                   worker_ms, accepted=accepted)
 
 
 def run_worker(config: CloudWorkerConfig, stop_event: threading.Event | None = None) -> None:

@@ -175,8 +175,10 @@ class CloudSession:
         self.replay = []
         self.local = None
 
-    def step(self, hidden: torch.Tensor, step: int) -> tuple[int, StepStats]:
-        """hidden: (1, T, H) activations for the positions after ``self.pos``.
+    def step(self, hidden: torch.Tensor, step: int, draft: list[int] | tuple[int, ...] = ()
+             ) -> tuple[list[int], StepStats]:
+        """hidden: (1, T, H) activations for the positions after ``self.pos``; the last
+        ``len(draft)`` of them hold drafted tokens for the worker to verify.
 
         Transient errors are retried with backoff, and a lost worker is replaced by reopening
         the session elsewhere and replaying the log, until ``step_deadline_s`` has passed. Then,
@@ -184,7 +186,7 @@ class CloudSession:
         otherwise the last error is raised.
         """
         if self.local is not None:
-            return self._local_step(hidden, step, StepStats())
+            return self._local_step(hidden, step, StepStats(), draft=draft)
         stats = StepStats()
         pending = hidden  # what must reach the worker; grows to the whole log after a failover
         attempt = 0
@@ -201,7 +203,7 @@ class CloudSession:
                     self._open(step, stats, timeout_s)
                     if self.pos == 0 and self.replay:
                         pending = torch.cat([*self.replay, hidden], dim=1)
-                token = self._send_step(pending, step, stats, timeout_s)
+                accepted, token = self._send_step(pending, step, stats, timeout_s, draft)
                 break
             except EdgeCloudError as exc:
                 attempt += 1
@@ -217,7 +219,7 @@ class CloudSession:
                         self.local = self.fallback()
                         self.local.start(self.sampling)
                         stats.retries += 1
-                        return self._local_step(hidden, step, stats, replay=True)
+                        return self._local_step(hidden, step, stats, replay=True, draft=draft)
                     raise
                 stats.retries += 1
                 if isinstance(exc, WorkerLost):
@@ -233,19 +235,24 @@ class CloudSession:
                 log.info("step %d: %s; retry %d in %.2f s", step, exc, attempt, pause)
                 time.sleep(pause)
                 stats.waiting_ms += pause * 1e3
-        self.replay.append(hidden.detach().to(torch.float32).cpu())
-        return token, stats
+        self._log(hidden, len(draft) - accepted)
+        return [*draft[:accepted], token], stats
 
-    def _local_step(self, hidden: torch.Tensor, step: int, stats: StepStats,
-                    replay: bool = False) -> tuple[int, StepStats]:
+    def _log(self, hidden: torch.Tensor, rejected: int) -> None:
+        """Keep what the worker's cache now holds: the step's positions minus rejected drafts."""
+        kept = hidden[:, :hidden.shape[1] - rejected] if rejected else hidden
+        self.replay.append(kept.detach().to(torch.float32).cpu())
+
+    def _local_step(self, hidden: torch.Tensor, step: int, stats: StepStats, replay: bool = False,
+                    draft: list[int] | tuple[int, ...] = ()) -> tuple[list[int], StepStats]:
         """The fallback: the remaining layers in this process, rebuilt from the replay log once."""
         assert self.local is not None, "only called once a local fallback exists"
         x = torch.cat([*self.replay, hidden], dim=1) if replay and self.replay else hidden
-        token, local_stats = self.local.step(x, step)
+        tokens, local_stats = self.local.step(x, step, draft)
         stats.cloud_compute_ms += local_stats.cloud_compute_ms
         stats.fell_back = True
-        self.replay.append(hidden.detach().to(torch.float32).cpu())
-        return token, stats
+        self._log(hidden, len(draft) - (len(tokens) - 1))
+        return tokens, stats
 
     def close(self) -> None:
         if self.cipher is None:
@@ -285,9 +292,11 @@ class CloudSession:
         check_open_proof(cipher, self.session_id, step, reply.frames)
         self.cipher = cipher
 
-    def _send_step(self, hidden: torch.Tensor, step: int, stats: StepStats, timeout_s: float) -> int:
+    def _send_step(self, hidden: torch.Tensor, step: int, stats: StepStats, timeout_s: float,
+                   draft: list[int] | tuple[int, ...] = ()) -> tuple[int, int]:
+        """Returns (drafts accepted, the token after them)."""
         t0 = time.perf_counter()
-        frames = seal_step(self.cipher, self.session_id, step, self.pos, hidden, self.client.wire_dtype)
+        frames = seal_step(self.cipher, self.session_id, step, self.pos, hidden, self.client.wire_dtype, draft)
         stats.bytes_sent += sum(len(memoryview(f)) for f in frames)
         reply: Reply = self.client.connection.request(
             self.session_id, KIND_STEP, self.model_id, self.split, step, frames, timeout_s=timeout_s,
@@ -295,7 +304,9 @@ class CloudSession:
         stats.bytes_received += sum(len(f) for f in reply.frames)
         result = open_step_reply(self.cipher, self.session_id, step, reply.frames)
         elapsed_ms = (time.perf_counter() - t0) * 1e3
-        expected = self.pos + hidden.shape[1]
+        if not 0 <= result.accepted <= len(draft):
+            raise WorkerLost(f"the worker accepted {result.accepted} of {len(draft)} drafts")
+        expected = self.pos + hidden.shape[1] - (len(draft) - result.accepted)
         if result.pos != expected:
             raise WorkerLost(f"worker cache holds {result.pos} positions, expected {expected}")
         self.pos = expected
@@ -304,7 +315,7 @@ class CloudSession:
         stats.cloud_compute_ms += result.compute_ms
         stats.worker_overhead_ms += max(0.0, result.worker_ms - result.compute_ms)
         stats.transport_ms += max(0.0, elapsed_ms - result.worker_ms)
-        return result.token
+        return result.accepted, result.token
 
 
 def _recoverable(exc: EdgeCloudError) -> bool:

@@ -29,8 +29,9 @@ from broker.errors import EdgeCloudError
 from edge_worker.cloud_client import CloudClient
 from edge_worker.config import DEFAULT_TOKENS
 from edge_worker.generation import EdgeGenerator, GenerationResult, mode_for
-from edge_worker.privacy import MiniLLMHandler, PrivacyProtection
-from partition.models import ModelSource, resolve_model
+from edge_worker.mini_llm import MiniLLMHandler
+from edge_worker.privacy import PrivacyProtection
+from partition.models import source_of
 from partition.planner import WIFI, Conditions, Plan, PowerModel, Weights, plan
 from partition.profile import load_or_measure_profile
 from partition.sampling import SamplingParams
@@ -60,24 +61,6 @@ class Decision:
         cond = (f"rtt {c.rtt_ms:.1f} ms, uplink {c.bandwidth_mbps:.1f} Mbit/s, cpu load {c.edge_cpu_load:.2f}"
                 if c else "no measurements")
         return f"split {self.k} ({self.reason}; {cond})"
-
-
-def source_of(model: Any) -> ModelSource:
-    """A ModelSource for a model name, a ModelSource, or a loaded transformers model."""
-    if isinstance(model, ModelSource):
-        return model
-    if isinstance(model, str):
-        return resolve_model(model)
-    path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
-    if path:
-        source = resolve_model(str(path))
-        cfg = model.config
-        if (source.n_layers, source.hidden_size) == (cfg.num_hidden_layers, cfg.hidden_size):
-            return source
-    raise ValueError(
-        "cannot tell where this model's weights live; pass model= a model name or path "
-        "(as for --model), or a model loaded with from_pretrained(path)"
-    )
 
 
 class EdgeCloudManager:

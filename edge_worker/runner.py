@@ -38,6 +38,16 @@ def resolve_split(config: EdgeConfig, n_layers: int) -> int | None:
     return config.split
 
 
+def mini_handler(config: EdgeConfig):
+    """The MiniLLMHandler the options ask for, or None for ``--mini none``."""
+    from edge_worker.mini_llm import MiniLLMHandler
+
+    if config.mini == "none":
+        return None
+    return MiniLLMHandler(model=config.mini, threshold=config.mini_threshold, mode=config.mini_mode,
+                          max_draft=config.mini_max_draft, adaptive=config.mini_adaptive)
+
+
 def make_client(config: EdgeConfig):
     from broker.linkproxy import LinkConfig  # imports zmq only when needed
     from edge_worker.cloud_client import CloudClient
@@ -85,15 +95,18 @@ def run_edge(config: EdgeConfig, on_text: Callable[[str], None] | None = None,
         progress("measuring the link and pricing every split")
         decision = plan_split(config, source, client, len(ids))
         split = decision.k
-    progress(f"loading layers [0, {split}) of {source.n_layers}" + (" and the head" if split == source.n_layers else ""))
-    edge = ModelSegment.load(source, 0, split)
+    handler = mini_handler(config) if split != source.n_layers else None
+    head = split == source.n_layers or bool(handler and handler.needs_edge_head)
+    progress(f"loading layers [0, {split}) of {source.n_layers}" + (" and the head" if head else ""))
+    edge = ModelSegment.load(source, 0, split, head=head)
     log.info("edge segment ready: %s (%.1f s)", edge.describe(), time.perf_counter() - t0)
     backend = None if split == source.n_layers else client.session(source.model_id, split, source.hidden_size)
     if backend is not None and config.fallback_local:
         n, k = source.n_layers, split
         backend.fallback = lambda: LocalBackend(ModelSegment.load(source, k, n, embed=False))
+    mini = handler.settings(source, edge, tokenizer) if handler else None
     generator = EdgeGenerator(edge, backend, tokenizer, eos_token_ids(source, tokenizer),
-                              mode=mode_for(split, source.n_layers))
+                              mode=mode_for(split, source.n_layers), mini=mini)
     progress(f"generating up to {config.max_new_tokens} tokens from a {len(ids)}-token prompt")
     sampling = SamplingParams(config.temperature, config.top_p, config.seed)
     try:

@@ -104,7 +104,7 @@ def test_an_unreachable_cloud_falls_back_to_local(tiny_llama, monkeypatch):
 
 def test_a_drafter_with_another_tokenizer_is_refused(tiny_llama):
     from edge_worker import MiniLLMHandler
-    from edge_worker.privacy import TokenizerMismatchError
+    from edge_worker.mini_llm import TokenizerMismatchError
     from partition.models import resolve_model
 
     gpt2_tokenizer = resolve_model("tiny-gpt2").load_tokenizer()  # same bytes, so it passes
