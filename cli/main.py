@@ -125,6 +125,7 @@ def edge(
         )
 
 
+from cli import calibrate_drafter as calibrate_drafter_cmd  # noqa: E402
 from cli import demo as demo_cmd  # noqa: E402
 from cli import netem as netem_cmd  # noqa: E402
 from cli import plan as plan_cmd  # noqa: E402
@@ -136,6 +137,7 @@ app.command("status")(roles.status)
 app.command("demo")(demo_cmd.demo)
 app.command("netem")(netem_cmd.netem)
 app.command("plan")(plan_cmd.plan)
+app.command("calibrate-drafter")(calibrate_drafter_cmd.calibrate_drafter)
 app.add_typer(roles.keys_app, name="keys")
 
 

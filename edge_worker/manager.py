@@ -104,7 +104,7 @@ class EdgeCloudManager:
         self.base_conditions = base_conditions or Conditions()
         self.decisions: list[Decision] = []
         self.last_result: GenerationResult | None = None
-        self._segments: dict[int, ModelSegment] = {}
+        self._segments: dict[tuple[int, bool], ModelSegment] = {}
 
     # --- deciding ------------------------------------------------------------------------------
     def measure_conditions(self) -> tuple[Conditions, float | None]:
@@ -141,10 +141,11 @@ class EdgeCloudManager:
         return Decision(chosen.k, "planned", rtt_ms, conditions, chosen, time.time())
 
     # --- running -------------------------------------------------------------------------------
-    def _edge_segment(self, k: int) -> ModelSegment:
-        if k not in self._segments:
-            self._segments = {k: ModelSegment.load(self.source, 0, k)}  # hold one split's weights only
-        return self._segments[k]
+    def _edge_segment(self, k: int, head: bool = False) -> ModelSegment:
+        head = head or k == self.source.n_layers
+        if (k, head) not in self._segments:  # hold one split's weights only
+            self._segments = {(k, head): ModelSegment.load(self.source, 0, k, head=head)}
+        return self._segments[(k, head)]
 
     def process_hybrid(self, input_ids: Any, max_new_tokens: int | None = None,
                        sampling: SamplingParams | None = None) -> torch.Tensor:
@@ -161,7 +162,13 @@ class EdgeCloudManager:
         k = decision.k
         n = self.source.n_layers
         backend = None if k == n else self.cloud_client.session(self.source.model_id, k, self.source.hidden_size)
-        generator = EdgeGenerator(self._edge_segment(k), backend, self.tokenizer, self.eos, mode=mode_for(k, n))
+        mini = None
+        if self.mini_llm is not None and k < n:
+            edge = self._edge_segment(k, head=self.mini_llm.needs_edge_head)
+            mini = self.mini_llm.settings(self.source, edge, self.tokenizer)
+        else:
+            edge = self._edge_segment(k)
+        generator = EdgeGenerator(edge, backend, self.tokenizer, self.eos, mode=mode_for(k, n), mini=mini)
         result = generator.generate(ids, new_tokens, sampling)
         self.last_result = result
         self._feed_monitor(result)

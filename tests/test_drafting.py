@@ -136,3 +136,22 @@ def test_a_missing_adapter_file_is_a_clear_error(tiny_llama, tmp_path):
     mini = MiniLLMHandler(model="self", adapter=tmp_path / "nope.pt")
     with pytest.raises(DrafterError, match="calibrate"):
         generator(tiny_llama, 2, mini)
+
+
+def test_a_calibrated_adapter_is_found_and_keeps_output_unchanged(tiny_llama, tmp_path, monkeypatch):
+    from edge_worker.drafter_calibration import calibrate_drafter
+    from edge_worker.drafting import DrafterError, load_adapter
+
+    monkeypatch.setenv("EDGECLOUD_CACHE", str(tmp_path))
+    from edge_worker.mini_llm import default_adapters_dir
+
+    path, metrics = calibrate_drafter(tiny_llama, 2, None, default_adapters_dir(), new_tokens=6, epochs=2)
+    assert path.exists() and metrics["train_positions"] > 0
+    assert 0.0 <= metrics["heldout_agreement_after"] <= 1.0
+    with pytest.raises(DrafterError, match="calibrated for"):
+        load_adapter(path, tiny_llama.model_id, 3, tiny_llama.hidden_size)
+    mini = MiniLLMHandler(model="self", threshold=0.0, max_draft=3, adaptive=False)
+    gen = generator(tiny_llama, 2, mini)
+    assert gen.mini.drafter.adapter is not None  # found in the cache by model and split
+    ids = ids_of(tiny_llama, PROMPTS[0])
+    assert gen.generate(ids, 16).token_ids == generator(tiny_llama, 2).generate(ids, 16).token_ids
