@@ -238,6 +238,12 @@ class CloudSession:
         self._log(hidden, len(draft) - accepted)
         return [*draft[:accepted], token], stats
 
+    def prime(self, hidden: torch.Tensor) -> None:
+        """Positions the next opener replays before the pending token (after the split moved)."""
+        self.replay = [hidden.detach().to(torch.float32).cpu()]
+        self.pos = 0
+        self.cipher = None
+
     def _log(self, hidden: torch.Tensor, rejected: int) -> None:
         """Keep what the worker's cache now holds: the step's positions minus rejected drafts."""
         kept = hidden[:, :hidden.shape[1] - rejected] if rejected else hidden

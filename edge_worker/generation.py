@@ -24,6 +24,7 @@ from typing import Protocol
 import torch
 
 from edge_worker.drafting import DraftController, MiniSettings
+from partition.kv_cache import SegmentKVCache
 from partition.sampling import SamplingParams, choose_token
 from partition.segment import ModelSegment
 from partition.speculative import run_and_verify
@@ -67,7 +68,26 @@ class Backend(Protocol):
         """
         ...
 
+    def prime(self, hidden: torch.Tensor) -> None:
+        """Make the backend hold ``hidden`` (1, P, H), the boundary activations of every position
+        before the pending token, without producing a token (after the split moved)."""
+        ...
+
     def close(self) -> None: ...
+
+
+class SplitMover(Protocol):
+    """Moves the split during a generation (``EdgeCloudManager`` implements it)."""
+
+    def replan(self, step: int, result: GenerationResult) -> int | None:
+        """A new split to move to before generation step ``step``, or None to stay."""
+        ...
+
+    def edge_segment(self, k: int) -> ModelSegment: ...
+
+    def backend_for(self, k: int) -> Backend | None: ...
+
+    def mini_for(self, k: int, edge: ModelSegment) -> MiniSettings | None: ...
 
 
 class LocalBackend:
@@ -87,6 +107,9 @@ class LocalBackend:
         t0 = time.perf_counter()
         accepted, token = run_and_verify(self.segment, hidden, self.cache, self.sampling, step, draft)
         return [*draft[:accepted], token], StepStats(cloud_compute_ms=(time.perf_counter() - t0) * 1e3)
+
+    def prime(self, hidden: torch.Tensor) -> None:
+        self.segment(hidden, self.cache, logits="none")
 
     def close(self) -> None:
         self.cache = self.segment.new_cache()
@@ -129,6 +152,8 @@ class GenerationResult:
     workers_used: list[str] = field(default_factory=list)  # in the order they first served
     decision: dict | None = None  # how the split was chosen, when the planner chose it
     fallback_at_step: int | None = None  # the step from which the edge ran every layer itself
+    # Split moves during the generation: {"step", "from", "to", "rebuild_ms", "reason"}.
+    moves: list[dict] = field(default_factory=list)
     # One entry per round (one edge pass and at most one backend step; several tokens when
     # drafts were kept): where its time and bytes went.
     trace: list[dict] = field(default_factory=list)
@@ -179,6 +204,7 @@ class EdgeGenerator:
         eos_token_ids: set[int],
         mode: str,
         mini: MiniSettings | None = None,
+        mover: SplitMover | None = None,
     ) -> None:
         if backend is None and not edge.spec.head:
             raise ValueError("an edge segment without the head needs a backend for the remaining layers")
@@ -188,6 +214,7 @@ class EdgeGenerator:
         self.eos_token_ids = eos_token_ids
         self.mode = mode
         self.mini = mini if backend is not None else None  # local mode makes no round trips to save
+        self.mover = mover
 
     def generate(
         self,
@@ -225,6 +252,15 @@ class EdgeGenerator:
         try:
             while len(generated) < max_new_tokens:
                 step = len(generated)
+                if self.mover is not None and step:
+                    new_k = self.mover.replan(step, result)
+                    if new_k is not None and new_k != self.edge.spec.hi:
+                        cache = self._move_split(new_k, committed, sampling, result)
+                        mini = self.mini
+                        if mini is not None:
+                            mini.drafter.reset(list(committed))
+                            if controller is None:
+                                controller = DraftController(max_tokens=mini.max_draft)
                 t0 = time.perf_counter()
                 out = self.edge(x, cache, logits="last" if self.backend is None else "none")
                 base_ms = (time.perf_counter() - t0) * 1e3
@@ -301,6 +337,35 @@ class EdgeGenerator:
             result.acceptance_rate = round(result.tokens_from_mini / result.tokens_drafted, 4)
         result.text = self.tokenizer.decode(generated, skip_special_tokens=True)
         return result
+
+    def _move_split(self, k: int, committed: list[int], sampling: SamplingParams,
+                    result: GenerationResult) -> SegmentKVCache:
+        """Continue with layers ``[0, k)`` here: rebuild the edge cache for them from the committed
+        tokens, and give a backend for ``[k, N)`` the boundary activations of the same positions
+        (the side that gains layers rebuilds their cache; the output does not change)."""
+        assert self.mover is not None
+        t0 = time.perf_counter()
+        old_k = self.edge.spec.hi
+        edge = self.mover.edge_segment(k)
+        cache = edge.new_cache()
+        prefix = torch.tensor([committed[:-1]], dtype=torch.long)  # all but the pending token
+        out = edge(prefix, cache, logits="none")
+        backend = self.mover.backend_for(k)
+        if self.backend is not None:
+            self.backend.close()
+        if backend is not None:
+            backend.start(sampling)
+            backend.prime(out.hidden)
+        self.edge, self.backend = edge, backend
+        self.mini = self.mover.mini_for(k, edge) if backend is not None else None
+        rebuild_ms = (time.perf_counter() - t0) * 1e3
+        result.timings.edge_compute_ms += rebuild_ms
+        result.splits_used.append(k)
+        result.moves.append({"step": len(result.token_ids), "from": old_k, "to": k,
+                             "rebuild_ms": round(rebuild_ms, 3), "positions": prefix.shape[1]})
+        log.info("moved the split from %d to %d at step %d (%d positions rebuilt in %.0f ms)",
+                 old_k, k, len(result.token_ids), prefix.shape[1], rebuild_ms)
+        return cache
 
     def _draft(self, mini: MiniSettings, committed: list[int], parts: list[torch.Tensor], cache,
                n_max: int) -> list[int]:
