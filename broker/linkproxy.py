@@ -342,6 +342,14 @@ class LinkProxy:
         logger.info("link proxy %s -> %s: %s (seed %d)", self.endpoint, upstream_endpoint,
                     self.config.describe(), self.seed)  # fmt: skip
 
+    def set_rtt(self, rtt_ms: float) -> None:
+        """Change the emulated round trip from now on (the link got slower or faster); messages
+        already admitted keep their due times."""
+        _check_nonneg("rtt_ms", rtt_ms)
+        with self._lock:
+            for d in self._dirs:
+                d.one_way_s = rtt_ms / 2 / MS_PER_S
+
     # ------------------------------------------------------------- lifecycle
     def start(self) -> None:
         """Run the proxy in a background thread."""

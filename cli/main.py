@@ -68,6 +68,8 @@ def edge(
     timeout: Annotated[float, typer.Option(help="Seconds one cloud request may take before a retry.")] = 30.0,
     deadline: Annotated[float, typer.Option(help="Seconds one step may take, retries and failovers "
                                             "included, before giving up.")] = 60.0,
+    no_replan: Annotated[bool, typer.Option("--no-replan", help="Keep the planned split for the whole "
+                                            "generation, even when the link or the device changes.")] = False,
     no_fallback: Annotated[bool, typer.Option("--no-fallback", help="Fail instead of running the rest "
                                               "of the model here when the cloud is gone.")] = False,
     cloud_latency: Annotated[float, typer.Option(help="Emulated extra round trip to the cloud, seconds.")] = 0.0,
@@ -97,7 +99,7 @@ def edge(
             fallback_local=not no_fallback, cloud_latency_s=cloud_latency,
             bandwidth_mbps=bandwidth_mbps, energy_weight=energy_weight, latency_weight=latency_weight,
             memory_weight=memory_weight, mini=mini, mini_threshold=mini_threshold, mini_mode=mini_mode,
-            mini_max_draft=mini_max_draft, mini_adaptive=not mini_fixed,
+            mini_max_draft=mini_max_draft, mini_adaptive=not mini_fixed, dynamic=not no_replan,
         )
         started = False
 

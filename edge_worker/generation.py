@@ -151,6 +151,7 @@ class GenerationResult:
     splits_used: list[int] = field(default_factory=list)
     workers_used: list[str] = field(default_factory=list)  # in the order they first served
     decision: dict | None = None  # how the split was chosen, when the planner chose it
+    decisions: list[dict] = field(default_factory=list)  # that and every re-plan that moved it
     fallback_at_step: int | None = None  # the step from which the edge ran every layer itself
     # Split moves during the generation: {"step", "from", "to", "rebuild_ms", "reason"}.
     moves: list[dict] = field(default_factory=list)

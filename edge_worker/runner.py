@@ -63,8 +63,12 @@ def make_client(config: EdgeConfig):
     )
 
 
-def plan_split(config: EdgeConfig, source: ModelSource, client, prompt_tokens: int):
-    """Let the cost model choose: measured link and device, the per-layer profile, the weights."""
+def plan_split(config: EdgeConfig, source: ModelSource, client, prompt_tokens: int, mini=None):
+    """Let the cost model choose: measured link and device, the per-layer profile, the weights.
+
+    Returns the decision and the manager, which keeps watching the link and the device during
+    the generation and moves the split when they change (``EdgeCloudManager.replan``)."""
+    from edge_worker.device_monitor import DeviceMonitor
     from edge_worker.manager import EdgeCloudManager
     from edge_worker.privacy import PrivacyProtection
 
@@ -72,11 +76,12 @@ def plan_split(config: EdgeConfig, source: ModelSource, client, prompt_tokens: i
         model=source, cloud_client=client, energy_weight=config.energy_weight,
         latency_weight=config.latency_weight, memory_weight=config.memory_weight,
         privacy_protection=PrivacyProtection(config.encryption, config.wire_dtype),
-        max_new_tokens=config.max_new_tokens,
+        max_new_tokens=config.max_new_tokens, device_monitor=DeviceMonitor(), mini_llm=mini,
+        dynamic=config.dynamic,
     )
     decision = manager.choose_split(prompt_tokens, config.max_new_tokens)
     log.info("planner: %s", decision.summary())
-    return decision
+    return decision, manager
 
 
 def run_edge(config: EdgeConfig, on_text: Callable[[str], None] | None = None,
@@ -90,23 +95,27 @@ def run_edge(config: EdgeConfig, on_text: Callable[[str], None] | None = None,
     tokenizer = source.load_tokenizer()
     ids = encode_prompt(tokenizer, config.prompt, raw=config.raw_prompt)
     client = None if split == source.n_layers else make_client(config)
-    decision = None
+    decision = mover = None
+    handler = mini_handler(config)
     if split is None:
         progress("measuring the link and pricing every split")
-        decision = plan_split(config, source, client, len(ids))
+        decision, mover = plan_split(config, source, client, len(ids), handler)
         split = decision.k
-    handler = mini_handler(config) if split != source.n_layers else None
+        mover.prepare(len(ids), config.max_new_tokens)
+    if split == source.n_layers and mover is None:
+        handler = None
     head = split == source.n_layers or bool(handler and handler.needs_edge_head)
     progress(f"loading layers [0, {split}) of {source.n_layers}" + (" and the head" if head else ""))
-    edge = ModelSegment.load(source, 0, split, head=head)
+    edge = mover.edge_segment(split) if mover is not None else ModelSegment.load(source, 0, split, head=head)
     log.info("edge segment ready: %s (%.1f s)", edge.describe(), time.perf_counter() - t0)
     backend = None if split == source.n_layers else client.session(source.model_id, split, source.hidden_size)
     if backend is not None and config.fallback_local:
         n, k = source.n_layers, split
         backend.fallback = lambda: LocalBackend(ModelSegment.load(source, k, n, embed=False))
-    mini = handler.settings(source, edge, tokenizer) if handler else None
+    mini = handler.settings(source, edge, tokenizer) if handler and backend is not None else None
     generator = EdgeGenerator(edge, backend, tokenizer, eos_token_ids(source, tokenizer),
-                              mode=mode_for(split, source.n_layers), mini=mini)
+                              mode=mode_for(split, source.n_layers), mini=mini,
+                              mover=mover if mover is not None and mover.dynamic else None)
     progress(f"generating up to {config.max_new_tokens} tokens from a {len(ids)}-token prompt")
     sampling = SamplingParams(config.temperature, config.top_p, config.seed)
     try:
@@ -116,4 +125,6 @@ def run_edge(config: EdgeConfig, on_text: Callable[[str], None] | None = None,
             client.close()
     if decision is not None:
         result.decision = {"k": decision.k, "reason": decision.reason, "rtt_ms": decision.rtt_ms}
+        result.decisions = [{"k": d.k, "reason": d.reason, "rtt_ms": d.rtt_ms, "at_step": d.at_step}
+                            for d in mover.decisions]
     return result
