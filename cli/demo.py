@@ -27,7 +27,7 @@ def demo(
     force_local: Annotated[bool, typer.Option("--force-local")] = False,
     force_cloud: Annotated[bool, typer.Option("--force-cloud")] = False,
     no_encryption: Annotated[bool, typer.Option("--no-encryption")] = False,
-    wire_dtype: Annotated[str, typer.Option(help="fp32, fp16 or bf16.")] = "fp16",
+    wire_dtype: Annotated[str, typer.Option(help="fp32, fp16, bf16 or int8.")] = "fp16",
     temperature: Annotated[float, typer.Option()] = 0.0,
     seed: Annotated[int, typer.Option()] = 0,
     cloud_latency: Annotated[float, typer.Option(help="Emulated extra round trip to the cloud, seconds.")] = 0.0,

@@ -50,7 +50,7 @@ def edge(
     keys: Annotated[Path | None, typer.Option("--keys", help="Keys directory [env EDGECLOUD_KEYS].")] = None,
     api_key: Annotated[str | None, typer.Option(help="API key for the broker [env EDGECLOUD_API_KEY].")] = None,
     no_encryption: Annotated[bool, typer.Option("--no-encryption", help="Send activations in the clear.")] = False,
-    wire_dtype: Annotated[str, typer.Option(help="Activation precision on the wire: fp32, fp16, bf16.")] = "fp16",
+    wire_dtype: Annotated[str, typer.Option(help="Activation precision on the wire: fp32, fp16, bf16, int8 (fp16 outlier channels).")] = "fp16",
     temperature: Annotated[float, typer.Option(help="0 is greedy; above 0 samples.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed for sampling: the same seed gives the same text.")] = 0,

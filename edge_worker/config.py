@@ -59,5 +59,7 @@ class EdgeConfig:
             raise ValueError(f"cloud latency must be >= 0 seconds, got {self.cloud_latency_s}")
         if self.bandwidth_mbps is not None and self.bandwidth_mbps <= 0:
             raise ValueError(f"bandwidth must be > 0 Mbit/s, got {self.bandwidth_mbps}")
-        if self.wire_dtype not in ("fp32", "fp16", "bf16"):
-            raise ValueError(f"wire dtype must be fp32, fp16 or bf16, got {self.wire_dtype!r}")
+        from broker.codec import WIRE_DTYPES
+
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire dtype must be one of {', '.join(WIRE_DTYPES)}, got {self.wire_dtype!r}")

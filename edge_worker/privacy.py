@@ -33,8 +33,10 @@ class PrivacyProtection:
     reduce_dims: int | None = None
 
     def __post_init__(self) -> None:
-        if self.wire_dtype not in ("fp32", "fp16", "bf16"):
-            raise ValueError(f"wire dtype must be fp32, fp16 or bf16, got {self.wire_dtype!r}")
+        from broker.codec import WIRE_DTYPES
+
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire dtype must be one of {', '.join(WIRE_DTYPES)}, got {self.wire_dtype!r}")
         if self.reduce_dims is not None:
             raise NotImplementedError(
                 "dimensionality reduction needs a calibrated projection (`edgecloud calibrate`, issue 7), "
