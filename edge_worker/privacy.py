@@ -86,16 +86,28 @@ class CloudView:
     @torch.inference_mode()
     def __call__(self, input_ids: list[int] | torch.Tensor) -> torch.Tensor:
         """input_ids: (T,) or (1, T); returns the (1, T, D or H) float32 tensor the worker decodes."""
-        from broker.crypto import NullCipher
-        from broker.session_protocol import open_step, seal_step
-
         ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)  # (1, T)
         hidden = self.edge(ids, self.edge.new_cache(), logits="none").hidden  # (1, T, H)
-        wire = self.reduction.project(hidden) if self.reduction else hidden
-        sid = uuid.uuid4().hex
-        frames = seal_step(NullCipher(), sid, 0, 0, wire, self.privacy.wire_dtype)
-        _, seen = open_step(NullCipher(), sid, 0, frames, self.width)
-        return seen
+        return through_wire(hidden, self.privacy.wire_dtype, self.reduction)
+
+
+def through_wire(hidden: torch.Tensor, wire_dtype: str, reduction: Reduction | None = None) -> torch.Tensor:
+    """(1, T, H) edge activations -> the (1, T, D or H) tensor the worker decodes from the step
+    body: the projection, the codec and the decoder's checks, as in the edge and the worker."""
+    from broker.crypto import NullCipher
+    from broker.session_protocol import open_step, seal_step
+
+    wire = reduction.project(hidden) if reduction else hidden
+    sid = uuid.uuid4().hex
+    frames = seal_step(NullCipher(), sid, 0, 0, wire, wire_dtype)
+    _, seen = open_step(NullCipher(), sid, 0, frames, wire.shape[-1])
+    return seen
+
+
+def worker_input(hidden: torch.Tensor, wire_dtype: str, reduction: Reduction | None = None) -> torch.Tensor:
+    """(1, T, H) edge activations -> the (1, T, H) tensor the worker's layers run on."""
+    seen = through_wire(hidden, wire_dtype, reduction)
+    return reduction.reconstruct(seen) if reduction else seen
 
 
 # Probe strings for the tokenizer check: ASCII, whitespace runs, digits, accents, CJK, emoji.

@@ -19,6 +19,7 @@ and the leakage benchmark (how much of the input an attacker still recovers).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -85,21 +86,26 @@ class Reduction:
             )
 
     def to_bytes(self) -> bytes:
-        meta = {"format": FORMAT, "model_id": self.model_id, "split": str(self.split),
-                "hidden_size": str(self.hidden_size), "dims": str(self.dims),
-                "explained": repr(self.explained)}
-        return save_safetensors({"mean": self.mean.contiguous(), "basis": self.basis.contiguous()}, metadata=meta)
+        meta = {"format": FORMAT, "model_id": self.model_id, "split": self.split,
+                "hidden_size": self.hidden_size, "dims": self.dims, "explained": self.explained}
+        # One metadata entry holding sorted JSON: safetensors writes a map's entries in a random
+        # order, and the same projection must give the same bytes (and so the same sha256).
+        return save_safetensors({"mean": self.mean.contiguous(), "basis": self.basis.contiguous()},
+                                metadata={"edgecloud": json.dumps(meta, sort_keys=True)})
 
     @classmethod
     def from_bytes(cls, data: bytes, origin: str = "reduction file") -> Reduction:
         """Parse and validate a file's bytes; its sha256 is computed from exactly these bytes."""
         try:
             tensors = load_safetensors(data)
-            meta = _safetensors_metadata(data)
-            if meta.get("format") != FORMAT:
+            meta = json.loads(_safetensors_metadata(data).get("edgecloud", "{}"))
+            if type(meta) is not dict or meta.get("format") != FORMAT:
                 raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT}")
-            split, hidden, dims = int(meta["split"]), int(meta["hidden_size"]), int(meta["dims"])
-            explained = float(meta["explained"])
+            split, hidden, dims = meta["split"], meta["hidden_size"], meta["dims"]
+            explained, model_id = meta["explained"], meta["model_id"]
+            if not all(type(v) is int for v in (split, hidden, dims)) or type(model_id) is not str:
+                raise ValueError("split, hidden_size and dims must be integers, model_id a string")
+            explained = float(explained)
             mean, basis = tensors["mean"], tensors["basis"]
         except (KeyError, ValueError, TypeError, OSError) as exc:
             raise ReductionError(f"{origin} is not an edgecloud reduction: {exc}") from None
@@ -111,11 +117,10 @@ class Reduction:
                                  f"basis {tuple(basis.shape)})")
         if not (torch.isfinite(mean).all() and torch.isfinite(basis).all()):
             raise ReductionError(f"{origin}: non-finite values")
-        return cls(meta["model_id"], split, hidden, dims, mean, basis, explained, hashlib.sha256(data).hexdigest())
+        return cls(model_id, split, hidden, dims, mean, basis, explained, hashlib.sha256(data).hexdigest())
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:
-    import json
     import struct
 
     (n,) = struct.unpack("<Q", data[:8])
