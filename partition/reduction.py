@@ -245,17 +245,47 @@ def find_or_calibrate(source: ModelSource, split: int, dims: int, directory: Pat
                       edge_segment=None) -> Reduction:
     """The saved projection for this model, split and D in ``directory`` (default
     ``default_reductions_dir()``), calibrating and saving it first if there is none."""
+    return calibrate_many(source, split, [dims], directory, edge_segment)[dims]
+
+
+def calibrate_many(source: ModelSource, split: int, dims_list: list[int], directory: Path | None = None,
+                   edge_segment=None) -> dict[int, Reduction]:
+    """``find_or_calibrate`` for several D at one split: the calibration states are computed once,
+    and only for the D that have no file yet."""
+    from partition.segment import ModelSegment
+
     directory = directory or default_reductions_dir()
-    path = directory / reduction_filename(source.model_id, split, dims)
-    if path.exists():
+    found: dict[int, Reduction] = {}
+    missing = []
+    for dims in dict.fromkeys(dims_list):
+        path = directory / reduction_filename(source.model_id, split, dims)
+        if not path.exists():
+            missing.append(dims)
+            continue
         reduction = load_reduction(path)
         reduction.check_matches(source.model_id, split, source.hidden_size)
         if reduction.dims != dims:
             raise ReductionError(f"{path} holds {reduction.dims} dims, not {dims}")
-        return reduction
-    reduction = save_reduction(calibrate(source, split, dims, edge_segment), path)
-    log.info("saved reduction %s (sha256 %s)", path, reduction.sha256)
-    return reduction
+        found[dims] = reduction
+    if missing:
+        for dims in missing:
+            if not 0 < dims <= source.hidden_size:
+                raise ReductionError(f"dims must be in [1, {source.hidden_size}] for this model, got {dims}")
+        t0 = time.perf_counter()
+        segment = edge_segment if edge_segment is not None else ModelSegment.load(source, 0, split)
+        if segment.spec.hi != split:
+            raise ReductionError(f"the edge segment ends at layer {segment.spec.hi}, not at split {split}")
+        states = calibration_states(segment, calibration_sequences(source.load_tokenizer()))
+        for dims in missing:
+            mean, basis, explained = fit_pca(states, dims)
+            path = directory / reduction_filename(source.model_id, split, dims)
+            reduction = save_reduction(
+                Reduction(source.model_id, split, source.hidden_size, dims, mean, basis, explained), path)
+            log.info("calibrated %s split %d to %d dims from %d positions in %.1f s (%.2f%% of the variance "
+                     "kept): %s, sha256 %s", source.model_id, split, dims, states.shape[0],
+                     time.perf_counter() - t0, 100 * explained, path, reduction.sha256)
+            found[dims] = reduction
+    return found
 
 
 # --- the worker's side ---------------------------------------------------------------------------
