@@ -45,8 +45,11 @@ MAX_FILE_BYTES = 256 * 1024 * 1024
 # How often a worker looks again at its directory after an unknown hash (new files appear when an
 # edge calibrates next to a running worker); bounds the work a stream of bogus hashes can cause.
 RESCAN_INTERVAL_S = 2.0
-# Calibration sequences are cut to this many tokens (the paragraphs are shorter anyway).
+# Calibration sequences are cut to this many tokens (the paragraphs are shorter anyway), and the
+# text to this many positions in all: SmolLM2's tokenizer gives ~5.6k from the shipped text, a
+# byte-level tokenizer (the tiny test models) 20k, which would only slow calibration down.
 _MAX_CALIBRATION_TOKENS = 512
+_MAX_CALIBRATION_POSITIONS = 8192
 
 
 class ReductionError(PartitionError):
@@ -179,12 +182,14 @@ def calibration_sequences(tokenizer, text: str | None = None) -> list[list[int]]
     paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
     if not paragraphs:
         raise ReductionError("the calibration text is empty")
-    seqs = []
+    seqs: list[list[int]] = []
+    total = 0
     for p in paragraphs:
         for raw in (True, False):
             ids = encode_prompt(tokenizer, p, raw=raw)[:_MAX_CALIBRATION_TOKENS]
-            if ids:
+            if ids and total < _MAX_CALIBRATION_POSITIONS:
                 seqs.append(ids)
+                total += len(ids)
     return seqs
 
 

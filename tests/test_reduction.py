@@ -191,3 +191,28 @@ def test_the_worker_refuses_a_reduction_for_another_split(tiny_llama, tmp_path) 
         worker._reduction(r.sha256, SPLIT + 1)
     with pytest.raises(UnknownReduction):
         worker._reduction("f" * 64, SPLIT)
+
+
+def test_calibrate_command_writes_the_file_the_edge_finds(tiny_llama, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    runner = CliRunner()
+    out = runner.invoke(app, ["calibrate", "--model", "tiny-llama", "--split", "1", "--dims", "8",
+                              "--reductions", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    path = tmp_path / reduction_filename(tiny_llama.model_id, 1, 8)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert str(path) in out.output and f"sha256 {sha}" in out.output
+    assert find_or_calibrate(tiny_llama, 1, 8, tmp_path).sha256 == sha
+    text = tmp_path / "cal.txt"
+    text.write_text("one short paragraph\n\nand another one")
+    custom = tmp_path / "custom.safetensors"
+    out = runner.invoke(app, ["calibrate", "--model", "tiny-llama", "--split", "1", "--dims", "8",
+                              "--text", str(text), "--out", str(custom)])
+    assert out.exit_code == 0, out.output
+    assert load_reduction(custom).sha256 != sha  # other text, other projection
+    bad = runner.invoke(app, ["calibrate", "--model", "tiny-llama", "--split", "9", "--dims", "8",
+                              "--reductions", str(tmp_path)])
+    assert bad.exit_code == 2 and "split 9 is outside" in bad.output
