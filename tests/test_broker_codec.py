@@ -183,6 +183,25 @@ def test_fuzz_int8_frames_only_raise_protocol_errors(shape, outliers, data):
     assert out.dtype == torch.float32 and list(out.shape) == shape
 
 
+_VALID_INT8 = _int8_frame(_with_outliers(rows=2, width=400))
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=8),
+       st.integers(-2, 2))
+def test_fuzz_corrupted_int8_frames_decode_to_the_right_shape_or_fail_typed(flips, outlier_delta):
+    meta, data = _VALID_INT8
+    corrupt = bytearray(data)
+    for at, value in flips:
+        corrupt[at % len(corrupt)] = value
+    meta = {**meta, "outliers": meta["outliers"] + outlier_delta}
+    try:
+        out = decode_tensor(meta, bytes(corrupt))
+    except ProtocolError:
+        return
+    assert out.shape == (1, 2, 400) and out.dtype == torch.float32
+
+
 @FUZZ
 @given(st.integers(1, 4), st.integers(1, 200), st.floats(0.01, 1e4), st.integers(0, 2**31 - 1))
 def test_fuzz_int8_round_trips_within_its_error_bound(rows, width, scale, seed):
