@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from broker.crypto import Cipher
 from broker.errors import Busy
 from partition.kv_cache import SegmentKVCache
+from partition.reduction import Reduction
 from partition.sampling import SamplingParams
 
 
@@ -21,6 +22,7 @@ class Session:
     wire_dtype: str
     cache: SegmentKVCache
     last_used: float = field(default_factory=time.monotonic)
+    reduction: Reduction | None = None  # steps arrive (1, T, D) and are reconstructed to (1, T, H)
 
 
 class SessionTable:

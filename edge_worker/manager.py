@@ -179,7 +179,6 @@ class EdgeCloudManager:
         log.info("decision: %s", decision.summary())
         k = decision.k
         n = self.source.n_layers
-        backend = None if k == n else self.cloud_client.session(self.source.model_id, k, self.source.hidden_size)
         mover = None
         if self.dynamic and decision.reason == "planned" and self._plan_snapshot is not None:
             mover = self
@@ -190,6 +189,7 @@ class EdgeCloudManager:
             mini = self.mini_llm.settings(self.source, edge, self.tokenizer)
         else:
             edge = self._edge_segment(k)
+        backend = self._backend(k, edge)
         generator = EdgeGenerator(edge, backend, self.tokenizer, self.eos, mode=mode_for(k, n), mini=mini,
                                   mover=mover)
         result = generator.generate(ids, new_tokens, sampling)
@@ -239,8 +239,15 @@ class EdgeCloudManager:
         return self._edge_segment(k, head=bool(self.mini_llm and self.mini_llm.needs_edge_head))
 
     def backend_for(self, k: int):
-        n = self.source.n_layers
-        return None if k == n else self.cloud_client.session(self.source.model_id, k, self.source.hidden_size)
+        return self._backend(k, self._segments.get((k, bool(self.mini_llm and self.mini_llm.needs_edge_head))))
+
+    def _backend(self, k: int, edge: ModelSegment | None):
+        """A cloud session for layers [k, N) (None at k = N), with the projection the privacy
+        settings ask for (calibrated for this split on first use)."""
+        if k == self.source.n_layers:
+            return None
+        reduction = self.privacy.reduction_for(self.source, k, edge)  # None unless reduce_dims
+        return self.cloud_client.session(self.source.model_id, k, self.source.hidden_size, reduction)
 
     def mini_for(self, k: int, edge: ModelSegment):
         if self.mini_llm is None or k == self.source.n_layers:
