@@ -27,6 +27,7 @@ def demo(
     force_local: Annotated[bool, typer.Option("--force-local")] = False,
     force_cloud: Annotated[bool, typer.Option("--force-cloud")] = False,
     no_encryption: Annotated[bool, typer.Option("--no-encryption")] = False,
+    no_curve: Annotated[bool, typer.Option("--no-curve", help="Plain broker connections (no CURVE).")] = False,
     wire_dtype: Annotated[str, typer.Option(help="fp32, fp16, bf16 or int8.")] = "fp16",
     reduce_dims: Annotated[int | None, typer.Option(help="Project the activations to this many dims "
                                                     "(see `edge --help`).")] = None,
@@ -48,7 +49,7 @@ def demo(
         if not json_out:
             typer.echo(msg, err=True)
 
-    cluster = LocalCluster(model=model, encryption=not no_encryption)
+    cluster = LocalCluster(model=model, encryption=not no_encryption, curve=not no_curve)
     try:
         t0 = time.perf_counter()
         say(f"starting broker on {cluster.endpoint} and {workers} worker(s) of {model} (logs in {cluster.workdir})")

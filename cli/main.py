@@ -59,6 +59,8 @@ def edge(
     keys: Annotated[Path | None, typer.Option("--keys", help="Keys directory [env EDGECLOUD_KEYS].")] = None,
     api_key: Annotated[str | None, typer.Option(help="API key for the broker [env EDGECLOUD_API_KEY].")] = None,
     no_encryption: Annotated[bool, typer.Option("--no-encryption", help="Send activations in the clear.")] = False,
+    no_curve: Annotated[bool, typer.Option("--no-curve", help="Connect to the broker without CURVE (on when "
+                                           "the keys directory holds client-default.key).")] = False,
     wire_dtype: Annotated[str, typer.Option(help="Activation precision on the wire: fp32, fp16, bf16, "
                                             "int8 (with fp16 outlier channels).")] = "fp16",
     reduce_dims: Annotated[int | None, typer.Option(help="Project the activations to this many dims "
@@ -107,6 +109,7 @@ def edge(
             bandwidth_mbps=bandwidth_mbps, energy_weight=energy_weight, latency_weight=latency_weight,
             memory_weight=memory_weight, mini=mini, mini_threshold=mini_threshold, mini_mode=mini_mode,
             mini_max_draft=mini_max_draft, mini_adaptive=not mini_fixed, dynamic=not no_replan,
+            curve=not no_curve,
         )
         started = False
 

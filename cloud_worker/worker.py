@@ -28,6 +28,7 @@ from broker.session_protocol import (
     seal_open_proof,
     seal_step_reply,
 )
+from broker.transport import client_keys
 from broker.worker_api import Job, WorkerConnection, WorkerInfo
 from cloud_worker.sessions import Session, SessionTable
 from partition.kv_cache import CacheFullError
@@ -62,6 +63,9 @@ class CloudWorkerConfig:
     # Where the projection files of reduced sessions are (partition/reduction.py); None: the default,
     # $EDGECLOUD_REDUCTIONS or ~/.cache/edgecloud/reductions.
     reductions_dir: Path | None = None
+    # CURVE to the broker with worker-<key_name>.key and the broker's public key from keys_dir
+    # (when they are there); False (--no-curve) connects in the clear.
+    curve: bool = True
 
 
 def pick_device(name: str) -> torch.device:
@@ -96,6 +100,7 @@ def measure_per_layer_ms(segment: ModelSegment, repeats: int = 8) -> float:
 class CloudWorker:
     def __init__(self, config: CloudWorkerConfig) -> None:
         self.config = config
+        self.curve_keys = client_keys(config.keys_dir, "worker", config.key_name) if config.curve else None
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self.device = pick_device(config.device)
@@ -124,7 +129,7 @@ class CloudWorker:
 
     def serve(self) -> None:
         """Serve until ``stop_event`` is set; then leave the broker gracefully."""
-        self.conn = WorkerConnection(self.config.broker, self.info)
+        self.conn = WorkerConnection(self.config.broker, self.info, curve=self.curve_keys)
         log.info("worker %s serving %s (%d layers on %s, %.2f ms/layer) via %s",
                  self.worker_id, self.source.model_id, self.source.n_layers, self.device,
                  self.per_layer_ms, self.config.broker)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import zmq
 
 from broker.client_api import BrokerClient, Reply
 from broker.crypto import (
@@ -49,6 +50,7 @@ from broker.session_protocol import (
     open_step_reply,
     seal_step,
 )
+from broker.transport import client_keys
 from edge_worker.config import default_broker, default_keys_dir
 from edge_worker.generation import Backend, StepStats
 from partition.reduction import Reduction
@@ -82,9 +84,15 @@ class CloudClient:
         backoff_initial_s: float = 0.1,
         backoff_max_s: float = 2.0,
         link: LinkConfig | None = None,
+        curve: bool = True,
+        key_name: str = "default",
     ) -> None:
         self.broker = broker or default_broker()
         self.keys_dir = Path(keys_dir) if keys_dir is not None else default_keys_dir()
+        # CURVE to the broker with client-KEY_NAME.key when the keys directory has it (and the
+        # broker's public key); curve=False (--no-curve) connects in the clear.
+        self.curve = curve
+        self.key_name = key_name
         self.api_key = api_key or os.environ.get("EDGECLOUD_API_KEY") or self._api_key_from_dir()
         self.encryption = encryption
         self.wire_dtype = wire_dtype
@@ -97,6 +105,7 @@ class CloudClient:
         self.backoff_max_s = backoff_max_s
         self.link = link  # emulate a slower link: every frame crosses an in-process LinkProxy
         self._proxy: LinkProxy | None = None
+        self._ctx: zmq.Context | None = None
         self._client: BrokerClient | None = None
         self._trusted: frozenset[bytes] | None = None
 
@@ -122,14 +131,19 @@ class CloudClient:
     @property
     def connection(self) -> BrokerClient:
         if self._client is None:
-            endpoint = self.broker
-            if self.link is not None:
-                # The real frames are delayed in transit, so anything timing them (the trace,
-                # DeviceMonitor) measures the emulated link, not a counter added afterwards.
-                self._proxy = LinkProxy("tcp://127.0.0.1:*", self.broker, self.link)
-                self._proxy.start()
-                endpoint = self._proxy.endpoint
-            self._client = BrokerClient(endpoint, self.api_key)
+            curve = client_keys(self.keys_dir, "client", self.key_name) if self.curve else None
+            if self.link is None:
+                self._client = BrokerClient(self.broker, self.api_key, curve=curve)
+                return self._client
+            # The real frames are delayed in transit, so anything timing them (the trace,
+            # DeviceMonitor) measures the emulated link, not a counter added afterwards. The proxy
+            # is in this process (inproc: no port another local user could reach) and speaks
+            # CURVE upstream with our key.
+            self._ctx = zmq.Context()
+            self._proxy = LinkProxy(f"inproc://edgecloud-link-{uuid.uuid4().hex}", self.broker, self.link,
+                                    context=self._ctx, upstream_curve=curve)  # fmt: skip
+            self._proxy.start()
+            self._client = BrokerClient(self._proxy.endpoint, self.api_key, context=self._ctx)
         return self._client
 
     def ping(self, timeout_s: float = 5.0) -> float:
@@ -148,6 +162,9 @@ class CloudClient:
         if self._proxy is not None:
             self._proxy.stop()
             self._proxy = None
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
 
 
 class CloudSession:

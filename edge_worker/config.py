@@ -57,6 +57,7 @@ class EdgeConfig:
     energy_weight: float = 0.3
     latency_weight: float = 0.4
     memory_weight: float = 0.3
+    curve: bool = True  # CURVE to the broker when the keys directory has the client key (--no-curve: off)
 
     def __post_init__(self) -> None:
         if self.force_local and self.force_cloud:

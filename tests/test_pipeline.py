@@ -75,12 +75,15 @@ def test_garbage_to_the_broker_and_bad_requests_to_a_worker_leave_both_serving(t
     from broker.client_api import BrokerClient
     from broker.crypto import load_api_keys
     from broker.errors import CryptoError, EdgeCloudError, ProtocolError
+    from broker.transport import client_keys, setup_curve_client
     from edge_worker.cloud_client import CloudClient
     from partition.models import resolve_model
 
     ctx = zmq.Context()
     raw = ctx.socket(zmq.DEALER)
     raw.setsockopt(zmq.LINGER, 2000)  # deliver the junk before closing
+    curve = client_keys(tiny_cluster.keys_dir, "client")
+    setup_curve_client(raw, curve)  # an allowed key, so the junk gets past the handshake to the decoder
     raw.connect(tiny_cluster.endpoint)
     for junk in ([b""], [b"\x00" * 10], [b"EC\x01" + b"\xff" * 50], [b"EC\x01\x81\xa1t\x01", b"x" * 100],
                  [b"hello", b"world", b"!"], [b"EC\x09" + b"\x80"]):
@@ -90,7 +93,7 @@ def test_garbage_to_the_broker_and_bad_requests_to_a_worker_leave_both_serving(t
 
     source = resolve_model("tiny-llama")
     api_key = sorted(load_api_keys(tiny_cluster.keys_dir / "api_keys.txt"))[0]
-    conn = BrokerClient(tiny_cluster.endpoint, api_key)
+    conn = BrokerClient(tiny_cluster.endpoint, api_key, curve=curve)
     try:
         # A malformed opener reaches the worker through the broker: the worker answers an error.
         with pytest.raises(ProtocolError):
