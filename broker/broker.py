@@ -224,6 +224,7 @@ class Broker:
     def _drain_socket(self) -> None:
         for _ in range(RECV_BATCH):
             # Only the routing id (at most 255 bytes) as bytes: a header is size-checked before copying.
+            # The header stays a zmq.Frame: with CURVE its User-Id property names the sender's key.
             frames = recv_message(self._sock, 1)
             if frames is None:
                 break

@@ -226,9 +226,10 @@ class BrokerClient:
     def _receive(self, timeout_ms: int) -> None:
         """Wait up to ``timeout_ms`` for messages and file every one that arrived."""
         assert self._sock is not None
-        if not self._poller.poll(timeout_ms):
+        events = dict(self._poller.poll(timeout_ms))
+        if not events:
             return
-        if self._handshake is not None:
+        if self._handshake is not None and self._handshake.monitor in events:
             self._refused_by_broker()
         while True:
             frames = recv_message(self._sock, 1)

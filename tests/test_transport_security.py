@@ -35,7 +35,7 @@ from broker.transport import (
     setup_curve_client,
 )
 from broker.worker_api import WorkerConfig, WorkerConnection, WorkerInfo
-from cli.cluster import ROOT, LocalCluster, cli_command
+from cli.cluster import ROOT, LocalCluster, cli_command, free_port
 from tests.brokerutil import wait_until
 
 MODEL = "tiny-llama"
@@ -287,12 +287,8 @@ def test_workers_register_only_within_their_key_and_a_revoked_worker_is_dropped_
         wait_until(lambda: _worker_ids(cluster) == {"in-scope"}, what="the scoped worker to register")
 
 
-def test_an_edge_with_an_unknown_key_fails_clearly_and_one_with_the_right_key_generates(cluster, tmp_path):
-    cluster.add_worker()
-    cluster.wait_for_workers(1)
-    ok = cluster.edge("--split", "1", "--tokens", "3", "--json")
-    assert ok.returncode == 0, ok.stderr
-    assert len(json.loads(ok.stdout)["token_ids"]) == 3
+def test_an_edge_with_an_unknown_key_fails_clearly_instead_of_falling_back(cluster, tmp_path):
+    # (Edges with the right key generate through CURVE in every tiny_cluster test of test_pipeline.)
     stranger = tmp_path / "stranger"
     shutil.copytree(cluster.keys_dir, stranger)
     for f in stranger.glob("client-default.*"):
@@ -301,9 +297,42 @@ def test_an_edge_with_an_unknown_key_fails_clearly_and_one_with_the_right_key_ge
     for suffix in ("key", "pub"):
         shutil.copy(stranger / "new" / f"client-default.{suffix}", stranger / f"client-default.{suffix}")
     env = dict(cluster.env(), EDGECLOUD_KEYS=str(stranger))
-    out = subprocess.run(cli_command("edge", "--model", MODEL, "--split", "1", "--tokens", "3", "--no-fallback",
-                                     "--deadline", "20"), env=env, capture_output=True, text=True, cwd=ROOT,
-                         timeout=120)  # fmt: skip
+    out = subprocess.run(cli_command("edge", "--model", MODEL, "--split", "1", "--tokens", "3", "--deadline", "20"),
+                         env=env, capture_output=True, text=True, cwd=ROOT, timeout=120)  # fmt: skip
     assert out.returncode != 0
     assert "refused this key" in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
+
+
+def test_netem_stands_in_for_the_broker_with_curve_on_both_sides(cluster):
+    listen = f"tcp://127.0.0.1:{free_port()}"
+    proc = subprocess.Popen(cli_command("netem", "--listen", listen, "--upstream", cluster.endpoint, "--rtt-ms", "10"),
+                            env=cluster.env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT)  # fmt: skip
+    try:
+        via = LocalCluster(model=MODEL, keys_dir=cluster.keys_dir, workdir=cluster.workdir)
+        via.port = int(listen.rsplit(":", 1)[1])
+        with broker_client(via) as bc:
+            wait_until(lambda: _pings(bc), timeout_s=60, what="a ping through the proxy")
+            assert bc.status()["transport"]["curve"]  # the broker's status, through the proxy
+        with broker_client(via, keypair=generate_keypair()) as bc, pytest.raises(AuthError, match="refused"):
+            bc.ping(3.0)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert "CURVE" in err and "no CURVE" not in err
+
+
+def test_without_curve_every_process_runs_in_the_clear_as_before(tmp_path):
+    with LocalCluster(model=MODEL, heartbeat_s=HEARTBEAT_S, workdir=tmp_path, curve=False, worker_threads=1) as c:
+        c.start_broker()
+        c.add_worker()
+        st = c.wait_for_workers(1)
+        assert st["transport"] == {"curve": False}
+        out = c.edge("--split", "1", "--tokens", "2", "--json", "--no-fallback")
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["mode"] == "hybrid"
+        # A CURVE client gets no answer from a plain broker, and says why.
+        with broker_client(c) as bc, pytest.raises(BrokerUnavailable, match="handshake"):
+            bc.ping(1.5)
