@@ -278,10 +278,14 @@ class Broker:
         if isinstance(msg, p.Request | p.Status | p.Ping):
             self._reply_error(identity, msg.request_id, AuthError(why))
             return False
+        # A refused REGISTER, or a registered worker refused now, is told why (it logs it); anything else
+        # is dropped silently, so a worker whose key was revoked hears nothing, reconnects, and then
+        # fails the handshake for good.
         w = self._by_identity.get(identity)
         if w is not None:
             self._expire_worker(w, f"refused: {why}")
-        self._send(identity, p.BrokerDisconnect(reason=f"refused: {why}"))
+        if w is not None or isinstance(msg, p.Register):
+            self._send(identity, p.BrokerDisconnect(reason=f"refused: {why}"))
         return False
 
     def _reload_allowlist(self) -> None:

@@ -87,13 +87,11 @@ class BrokerClient:
     def _connect(self) -> None:
         self._sock = make_socket(self._ctx, zmq.DEALER)
         setup_curve_client(self._sock, self.curve)
-        if self.curve is not None:
-            self._handshake = HandshakeWatch(self._sock)
+        self._handshake = HandshakeWatch(self._sock, curve=self.curve is not None)
         self._sock.connect(self.endpoint)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
-        if self._handshake is not None:
-            self._poller.register(self._handshake.monitor, zmq.POLLIN)
+        self._poller.register(self._handshake.monitor, zmq.POLLIN)
 
     def _close_socket(self) -> None:
         if self._handshake is not None:
@@ -245,7 +243,7 @@ class BrokerClient:
     def _refused_by_broker(self) -> None:
         """If the broker refused our key at the handshake, fail everything waiting with AuthError now
         (libzmq would retry the handshake silently until every deadline ran out)."""
-        assert self._handshake is not None, "called with CURVE on only"
+        assert self._handshake is not None, "called only while a socket is open"
         self._handshake.poll()
         if not self._handshake.refused:
             return

@@ -348,8 +348,9 @@ class HandshakeWatch:
     EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
               | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_SUCCEEDED)  # fmt: skip
 
-    def __init__(self, sock: zmq.Socket) -> None:
+    def __init__(self, sock: zmq.Socket, curve: bool) -> None:
         self.monitor = sock.get_monitor_socket(self.EVENTS)
+        self.curve = curve  # whether this socket is a CURVE client (else plain)
         self.refused = False  # the broker answered our key with an authentication failure
         self.failure = ""  # the last handshake failure, for error messages
 
@@ -367,9 +368,12 @@ class HandshakeWatch:
             elif ev["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 self.refused = True
                 self.failure = f"the broker refused this key (status {ev['value']})"
-            else:
+            elif self.curve:
                 self.failure = ("the CURVE handshake failed (the broker runs without CURVE, or its public key "
                                 "is not the one in the keys directory)")  # fmt: skip
+            else:
+                self.failure = ("the handshake failed: the broker requires CURVE; give this client a keys directory "
+                                "with its key and broker-default.pub (--keys / EDGECLOUD_KEYS)")  # fmt: skip
 
     def close(self) -> None:
         with contextlib.suppress(zmq.ZMQError):

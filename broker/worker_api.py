@@ -272,8 +272,7 @@ class WorkerConnection:
     def _connect(self) -> None:
         sock = make_socket(self._ctx, zmq.DEALER)
         setup_curve_client(sock, self.curve)
-        if self.curve is not None:
-            self._handshake = HandshakeWatch(sock)
+        self._handshake = HandshakeWatch(sock, curve=self.curve is not None)
         sock.connect(self.endpoint)
         self._sock = sock
         self._poller = zmq.Poller()

@@ -164,6 +164,9 @@ def test_an_unknown_key_a_plain_client_a_wrong_server_key_and_tcp_garbage_are_re
     # An unknown client key: refused at the handshake, and the client says so at once.
     with broker_client(cluster, keypair=generate_keypair()) as bc, pytest.raises(AuthError, match="refused"):
         bc.ping(3.0)
+    # Our own client without keys: no answer, and it says why.
+    with broker_client(cluster, plain=True) as bc, pytest.raises(BrokerUnavailable, match="requires CURVE"):
+        bc.ping(1.5)
     # A plain (NULL mechanism) client and one that expects another broker key: no handshake, no answer.
     for kind, sock_setup in (("plain", lambda s: None),
                              ("wrong server key", lambda s: setup_curve_client(s, CurveClientKeys(
