@@ -210,8 +210,9 @@ def keys_allow(
     directory: Annotated[Path, typer.Argument(help="The keys directory the broker reads.")],
     who: Annotated[str, typer.Argument(help="A hex public key, or ROLE-NAME for ROLE-NAME.pub in DIRECTORY.")],
     role: Annotated[str | None, typer.Option(help="client or worker (default: from ROLE-NAME).")] = None,
-    models: Annotated[str | None, typer.Option(help="Worker keys only: comma-separated models it may "
-                                               "serve (default: any).")] = None,
+    models: Annotated[str | None, typer.Option(help="Worker keys only: comma-separated models it may serve "
+                                               "(names as for --model, or model ids as `status` shows them; "
+                                               "default: any).")] = None,
 ) -> None:
     """Let a client or worker key connect (a running broker picks the change up within a second)."""
     from broker.transport import allow_key, resolve_public_key
@@ -219,9 +220,20 @@ def keys_allow(
     with typed_errors():
         key = resolve_public_key(directory, who)
         role = role or who.partition("-")[0]
-        path = allow_key(directory, key, role, models.split(",") if models else None,
-                         comment=who if len(who) != 2 * len(key) else "")  # fmt: skip
-    typer.echo(f"allowed {role} key {key.hex()[:16]}... in {path}", err=True)
+        names = [m for m in (models or "").split(",") if m]
+        # The broker compares model ids (architecture and a digest of the weights), so a name is
+        # resolved here, where the model is; an id (it contains "@") is taken as it is.
+        ids = [m if "@" in m else _model_id(m) for m in names]
+        comment = " ".join(([who] if len(who) != 2 * len(key) else []) + names)
+        path = allow_key(directory, key, role, ids or None, comment=comment)
+    typer.echo(f"allowed {role} key {key.hex()[:16]}... in {path}" + (f" for {', '.join(ids)}" if ids else ""),
+               err=True)  # fmt: skip
+
+
+def _model_id(name: str) -> str:
+    from partition.models import resolve_model
+
+    return resolve_model(name).model_id
 
 
 @keys_app.command("revoke")

@@ -96,7 +96,7 @@ def test_a_worker_may_announce_only_its_own_key_for_sessions():
     assert register_key_mismatch(KEY_A, _register(public_key=bytes.fromhex(KEY_B))) is not None
 
 
-def test_keys_generate_lists_every_client_and_worker_and_revoke_and_allow_edit_the_lists(tmp_path):
+def test_keys_generate_lists_every_client_and_worker_and_revoke_and_allow_edit_the_lists(tmp_path, tiny_llama):
     keys = tmp_path / "keys"
     out = subprocess.run(cli_command("keys", "generate", str(keys), "--workers", "2", "--clients", "2"),
                          capture_output=True, text=True, cwd=ROOT)  # fmt: skip
@@ -112,6 +112,11 @@ def test_keys_generate_lists_every_client_and_worker_and_revoke_and_allow_edit_t
     assert load_allowlist(keys).get(pub["client-default"]) is not None
     allow_key(keys, bytes.fromhex(pub["worker-2"]), ROLE_WORKER, ["m1"])
     assert load_allowlist(keys).get(pub["worker-2"]).models == {"m1"}
+    # The CLI scopes by model name: stored as the model id the worker will register with.
+    out = subprocess.run(cli_command("keys", "allow", str(keys), "worker-2", "--models", f"{MODEL},other@1"),
+                         capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert load_allowlist(keys).get(pub["worker-2"]).models == {tiny_llama.model_id, "other@1"}
     assert (keys / "trusted_workers.txt").stat().st_mode & 0o077 == 0
 
 
