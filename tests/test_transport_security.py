@@ -344,3 +344,22 @@ def test_without_curve_every_process_runs_in_the_clear_as_before(tmp_path):
         # A CURVE client gets no answer from a plain broker, and says why.
         with broker_client(c) as bc, pytest.raises(BrokerUnavailable, match="handshake"):
             bc.ping(1.5)
+
+
+def test_a_broker_with_its_key_but_no_client_list_refuses_to_start_and_says_what_to_do(tmp_path):
+    keys = tmp_path / "keys"
+    subprocess.run(cli_command("keys", "generate", str(keys)), check=True, capture_output=True, cwd=ROOT)
+    (keys / "trusted_clients.txt").unlink()  # a keys directory made before the client list existed
+    out = subprocess.run(cli_command("broker", "--keys", str(keys), "--endpoint", f"tcp://127.0.0.1:{free_port()}"),
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)  # fmt: skip
+    assert out.returncode == 2
+    assert "keys allow" in out.stderr and "--no-curve" in out.stderr
+
+
+def test_status_shows_whether_curve_is_on_and_the_refused_handshakes():
+    from cli.roles import render_status
+
+    on = render_status({"transport": {"curve": True, "allowed_clients": 2, "allowed_workers": 3,
+                                      "handshakes": {"accepted": 5, "refused_key": 1, "refused_other": 1}}})
+    assert "CURVE: 2 client and 3 worker keys allowed; handshakes accepted 5, refused 2" in on
+    assert "no CURVE" in render_status({"transport": {"curve": False}})
