@@ -363,3 +363,32 @@ def test_status_shows_whether_curve_is_on_and_the_refused_handshakes():
                                       "handshakes": {"accepted": 5, "refused_key": 1, "refused_other": 1}}})
     assert "CURVE: 2 client and 3 worker keys allowed; handshakes accepted 5, refused 2" in on
     assert "no CURVE" in render_status({"transport": {"curve": False}})
+
+
+def test_revoking_the_worker_of_a_live_session_moves_the_session_to_another_worker(tmp_path):
+    # (That a moved session's output is unchanged is test_faults' subject: revocation expires the
+    # worker through the same path as a missed heartbeat.)
+    prompt, tokens = "Describe a lighthouse at night.", "600"  # several seconds of decoding on tiny-llama
+    with LocalCluster(model=MODEL, worker_threads=1, heartbeat_s=HEARTBEAT_S, workdir=tmp_path) as c:
+        c.start_broker()
+        c.add_worker()  # worker1, key worker-default
+        c.add_worker()  # worker2, key worker-2
+        c.wait_for_workers(2, timeout_s=60)
+        edge = c.start_edge("--split", "2", "--tokens", tokens, "--json", "--raw-prompt", "--prompt", prompt,
+                            "--timeout", "2", "--no-fallback")  # fmt: skip
+        try:
+            victim = c.wait_for_decoding(edge)
+            key = {"worker1": "worker-default", "worker2": "worker-2"}[victim]
+            subprocess.run(cli_command("keys", "revoke", str(c.keys_dir), key), check=True, capture_output=True,
+                           cwd=ROOT)  # fmt: skip
+            out, err = edge.communicate(timeout=180)
+        finally:
+            edge.kill()
+        assert edge.returncode == 0, err[-3000:]
+        result = json.loads(out)
+        assert result["retries"] >= 1 and result["fallback_at_step"] is None
+        assert set(result["workers_used"]) == {"worker1", "worker2"}
+        st = c.status()
+        assert st["counters"]["workers_revoked"] == 1
+        assert [w["worker_id"] for w in st["workers"]] == [{"worker1": "worker2", "worker2": "worker1"}[victim]]
+        assert c.worker_named(victim).alive()  # still running, just no longer served
