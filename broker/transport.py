@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from broker import protocol as p
 from broker.crypto import KEY_BYTES, KeyPair, _key_paths, _read_hex_key, load_keys
@@ -356,8 +357,6 @@ class HandshakeWatch:
 
     def poll(self) -> None:
         """Read pending events (never blocks)."""
-        from zmq.utils.monitor import recv_monitor_message
-
         while self.monitor.poll(0):
             try:
                 ev = recv_monitor_message(self.monitor, zmq.NOBLOCK)
