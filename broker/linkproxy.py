@@ -47,6 +47,7 @@ import random
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -294,6 +295,11 @@ class LinkProxy:
 
     Use as a context manager, or call ``stop()`` (from any thread) when done:
     it closes every socket, and the context if the proxy made it.
+
+    ``tap(direction, frames)``, if given, sees every message as it enters the link (``UPLINK`` or
+    ``DOWNLINK``; frames without the ROUTER identity), on the proxy thread: an observer of
+    exactly the bytes on the wire, for tests that check what leaves the edge. It must not keep
+    the frames' buffers past the call without copying them (they are ZeroMQ-owned), nor raise.
     """
 
     def __init__(
@@ -302,8 +308,10 @@ class LinkProxy:
         upstream_endpoint: str,
         config: LinkConfig | None = None,
         context: zmq.Context | None = None,
+        tap: Callable[[int, list[Any]], None] | None = None,
     ) -> None:
         self.config = config or LinkConfig()
+        self._tap = tap
         self.upstream_endpoint = upstream_endpoint
         self._own_context = context is None
         self._ctx = context or zmq.Context()
@@ -443,6 +451,8 @@ class LinkProxy:
             self._admit(DOWNLINK, client, frames, now)
 
     def _admit(self, direction: int, client: _Client, frames: list[Any], now: float) -> None:
+        if self._tap is not None:
+            self._tap(direction, frames)
         nbytes = _payload_bytes(frames)
         dues = self._dirs[direction].admit(now, nbytes)
         for due in dues:

@@ -101,7 +101,7 @@ class LocalCluster:
                                              "--heartbeat", str(self.heartbeat_s)])
         return self.broker
 
-    def add_worker(self, key_name: str | None = None) -> Proc:
+    def add_worker(self, key_name: str | None = None, extra_args: tuple[str, ...] = ()) -> Proc:
         i = len(self.workers)
         name = f"worker{i + 1}"
         args = ["cloud-worker", "--model", self.model, "--worker-id", name,
@@ -110,6 +110,7 @@ class LocalCluster:
             args.append("--no-encryption")
         if self.worker_threads:
             args += ["--threads", str(self.worker_threads)]
+        args += extra_args
         proc = self._spawn(name, args)
         self.workers.append(proc)
         return proc
