@@ -4,7 +4,8 @@
 #   ./run_edge_cloud.sh --tokens 20 --cloud-latency 0.5 --energy-weight 0.4
 # Options: --model M (default smollm2-135m; the original defaulted to distilgpt2, which needs a hub),
 # --prompt P, --tokens N, --energy-weight W, --latency-weight W, --memory-weight W,
-# --cloud-latency SECONDS, --no-encryption, --force-local, --force-cloud, plus any `edgecloud demo` option.
+# --cloud-latency SECONDS, --no-encryption, --force-local, --force-cloud, --min-split K (privacy floor:
+# never fewer layers on the edge), plus any `edgecloud demo` option.
 set -euo pipefail
 cd "$(dirname "$0")"
 [ -x .venv/bin/edgecloud ] || make setup >&2

@@ -97,6 +97,7 @@ class EdgeCloudManager:
         tokenizer: Any = None,
         power: PowerModel = WIFI,
         base_conditions: Conditions | None = None,
+        min_split: int = 0,
     ) -> None:
         if force_mode is not None and force_mode not in FORCE_MODES:
             raise ValueError(f"force_mode must be one of {FORCE_MODES} or None, got {force_mode!r}")
@@ -115,6 +116,14 @@ class EdgeCloudManager:
         self.weights = Weights(energy=energy_weight, latency=latency_weight, memory=memory_weight)
         self.force_mode = force_mode
         self.split = split
+        # A privacy floor the planner never goes below (partition/planner.py: plan); a forced split
+        # under it is refused here, not silently raised.
+        forced = 0 if force_mode == "cloud-only" else split
+        if not 0 <= min_split <= self.source.n_layers:
+            raise ValueError(f"min_split {min_split} is outside [0, {self.source.n_layers}]")
+        if forced is not None and forced < min_split:
+            raise ValueError(f"the forced split {forced} is below min_split {min_split}")
+        self.min_split = min_split
         env_tokens = os.environ.get("EDGECLOUD_MAX_NEW_TOKENS")
         self.max_new_tokens = max_new_tokens or (int(env_tokens) if env_tokens else DEFAULT_TOKENS)
         self.power = power
@@ -154,7 +163,7 @@ class EdgeCloudManager:
             return Decision(n, "cloud unreachable", None, conditions, None, time.time())
         profile = load_or_measure_profile(self.source)
         chosen = plan(profile, conditions, self.weights, power=self.power, prompt_tokens=prompt_tokens,
-                      new_tokens=new_tokens, wire_dtype=self.privacy.wire_dtype)
+                      new_tokens=new_tokens, wire_dtype=self.privacy.wire_dtype, min_split=self.min_split)
         return Decision(chosen.k, "planned", rtt_ms, conditions, chosen, time.time())
 
     # --- running -------------------------------------------------------------------------------

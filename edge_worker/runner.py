@@ -26,16 +26,27 @@ def _quiet(_: str) -> None:
 
 
 def resolve_split(config: EdgeConfig, n_layers: int) -> int | None:
-    """The split the user fixed, or None when the planner should choose."""
+    """The split the user fixed, or None when the planner should choose. A fixed split below
+    ``min_split`` is refused rather than raised: the user asked for both, and only they can say
+    which one they meant."""
+    if config.min_split > n_layers:
+        raise InvalidSplitError(f"--min-split {config.min_split} is above this model's {n_layers} layers")
     if config.force_local:
         return n_layers
     if config.force_cloud:
-        return 0
-    if config.split is None:
+        k = 0
+    elif config.split is None:
         return None
-    if not 0 <= config.split <= n_layers:
-        raise InvalidSplitError(f"split {config.split} is outside [0, {n_layers}] for this model")
-    return config.split
+    else:
+        k = config.split
+    if not 0 <= k <= n_layers:
+        raise InvalidSplitError(f"split {k} is outside [0, {n_layers}] for this model")
+    if k < config.min_split:
+        raise InvalidSplitError(
+            f"split {k} is below --min-split {config.min_split}: fewer layers on the edge than the privacy "
+            "floor allows; raise the split, lower --min-split, or leave --split out to let the planner choose"
+        )
+    return k
 
 
 def make_client(config: EdgeConfig):
@@ -62,7 +73,7 @@ def plan_split(config: EdgeConfig, source: ModelSource, client, prompt_tokens: i
         model=source, cloud_client=client, energy_weight=config.energy_weight,
         latency_weight=config.latency_weight, memory_weight=config.memory_weight,
         privacy_protection=PrivacyProtection(config.encryption, config.wire_dtype),
-        max_new_tokens=config.max_new_tokens,
+        max_new_tokens=config.max_new_tokens, min_split=config.min_split,
     )
     decision = manager.choose_split(prompt_tokens, config.max_new_tokens)
     log.info("planner: %s", decision.summary())

@@ -1,0 +1,81 @@
+"""The privacy floor: ``--min-split`` and the floor derived from measured leakage, as pure functions,
+plus the edge CLI refusing a split below the floor."""
+
+from __future__ import annotations
+
+import pytest
+
+from edge_worker.config import EdgeConfig
+from edge_worker.runner import resolve_split
+from partition.errors import InvalidSplitError
+from partition.planner import Conditions, Weights, min_split_for_leakage, plan
+from partition.profile import LayerProfile
+
+N = 30
+# Shaped like the measured SmolLM2 fp16 table: falls with depth, with a bump at 15.
+LEAKAGE = {0: 1.0, 1: 0.98, 2: 0.97, 5: 0.9, 10: 0.8, 15: 0.82, 20: 0.7, 25: 0.6}
+
+
+def test_the_floor_is_the_shallowest_split_from_which_every_deeper_measurement_passes():
+    assert min_split_for_leakage(LEAKAGE, 0.75, N) == 20
+    assert min_split_for_leakage(LEAKAGE, 0.6, N) == 25
+    # 10 leaks 0.80 but 15 leaks 0.82: a floor of 10 would let the planner pick 15.
+    assert min_split_for_leakage(LEAKAGE, 0.81, N) == 20
+    assert min_split_for_leakage(LEAKAGE, 0.85, N) == 10
+    assert min_split_for_leakage(LEAKAGE, 1.0, N) == 0
+
+
+def test_no_passing_split_keeps_everything_on_the_device():
+    assert min_split_for_leakage(LEAKAGE, 0.5, N) == N
+    assert min_split_for_leakage({}, 0.5, N) == N
+
+
+def test_bad_leakage_inputs_are_refused():
+    with pytest.raises(ValueError, match="max_fraction"):
+        min_split_for_leakage(LEAKAGE, 1.5, N)
+    with pytest.raises(ValueError, match="outside"):
+        min_split_for_leakage({30: 0.1}, 0.5, N)
+
+
+def test_the_planner_never_goes_below_a_floor_derived_from_leakage():
+    n = 6
+    profile = LayerProfile(
+        model_id="m", machine="test", n_layers=n, hidden_size=64, embed_ms=0.1, head_ms=1.0,
+        layer_decode_ms=(2.0,) * n, layer_prefill_ms_per_token=(0.5,) * n,
+        embed_weight_bytes=1 << 20, layer_weight_bytes=(1 << 20,) * n, head_weight_bytes=1 << 20,
+        kv_bytes_per_token_per_layer=1024,
+    )
+    # A free network and a loaded edge: unconstrained, the planner sends everything to the cloud.
+    fast_cloud = Conditions(rtt_ms=0, bandwidth_mbps=10_000, downlink_mbps=10_000, edge_cpu_load=0.9,
+                            cloud_speedup=20)
+    free = plan(profile, fast_cloud, Weights(0, 1, 0))
+    floor = min_split_for_leakage({0: 1.0, 2: 0.9, 4: 0.4}, 0.5, n)
+    assert free.k < floor == 4
+    floored = plan(profile, fast_cloud, Weights(0, 1, 0), min_split=floor)
+    assert floored.k >= 4 and not any(r.feasible for r in floored.table[:4])
+
+
+def test_a_fixed_split_below_the_floor_is_refused_not_raised():
+    assert resolve_split(EdgeConfig(min_split=5), N) is None  # the planner chooses, at or above 5
+    assert resolve_split(EdgeConfig(split=5, min_split=5), N) == 5
+    assert resolve_split(EdgeConfig(force_local=True, min_split=30), N) == N
+    with pytest.raises(InvalidSplitError, match="below --min-split 5"):
+        resolve_split(EdgeConfig(split=4, min_split=5), N)
+    with pytest.raises(InvalidSplitError, match="below --min-split 1"):
+        resolve_split(EdgeConfig(force_cloud=True, min_split=1), N)
+    with pytest.raises(InvalidSplitError, match="above this model"):
+        resolve_split(EdgeConfig(min_split=31), N)
+    with pytest.raises(ValueError, match="min split"):
+        EdgeConfig(min_split=-1)
+
+
+def test_the_edge_cli_refuses_a_split_below_the_floor_clearly():
+    import subprocess
+
+    from cli.cluster import ROOT, child_env, cli_command
+
+    out = subprocess.run(cli_command("edge", "--model", "tiny-llama", "--split", "1", "--min-split", "3",
+                                     "--tokens", "2"),
+                         capture_output=True, text=True, timeout=120, cwd=ROOT, env=child_env())
+    assert out.returncode != 0
+    assert "below --min-split 3" in out.stderr and "Traceback" not in out.stderr
