@@ -6,6 +6,18 @@ copy when the tensor already has the wire dtype and is contiguous; decoding
 always returns a fresh float32 tensor, because received frames are read-only
 buffers owned by ZeroMQ and compute code expects to own its tensors.
 
+``int8`` is lossy: hidden states carry a few channels hundreds of times larger
+than the rest (SmolLM2: absmax/rms ~ 379), which make naive per-row int8 break
+greedy output within a few tokens. So the largest channels of the tensor travel
+as fp16, and the rest as int8 with one fp16 scale per row and group of
+``INT8_GROUP`` channels. Meta: ``{"dtype": "int8", "shape": [..., H],
+"outliers": n}``; data, little-endian, in this order::
+
+    n      x uint16   outlier channel indices, strictly increasing, < H
+    R x n  x fp16     outlier values, row-major (R = rows = prod(shape[:-1]))
+    R x G  x fp16     scales, finite and >= 0 (G = ceil((H - n) / INT8_GROUP))
+    R x (H - n) x int8  the other channels in order, value = q * scale
+
 This is the only broker module that imports torch; the broker process itself
 never imports it.
 """
@@ -31,7 +43,18 @@ WIRE_DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
     "fp32": (torch.float32, np.dtype("<f4")),
     "fp16": (torch.float16, np.dtype("<f2")),
     "bf16": (torch.bfloat16, np.dtype("<u2")),
+    "int8": (torch.int8, np.dtype("i1")),  # plus fp16 outliers and scales, see the module doc
 }
+# Channels per int8 scale. Measured on SmolLM2 hidden states at splits 5/15/25 (8 prompts, 560
+# positions): one scale per row leaves 0.1-0.6% relative error even with 8 outlier channels
+# removed and 98-99.7% teacher-forced top-1 agreement; groups of 64 bring it to 0.05-0.4% and
+# 99.5-100%, for 2 bytes per 64 values.
+INT8_GROUP = 64
+# A channel whose absmax over the tensor exceeds this many times the median channel's absmax
+# travels as fp16. SmolLM2 has 5 (split 5) to 12 (splits 15, 25) such channels per tensor.
+OUTLIER_RATIO = 6.0
+# At most this many outlier channels (each costs 2 bytes per row instead of 1).
+MAX_OUTLIERS = 32
 # Bounds decode allocations: a frame can hold at most this many 4-byte
 # elements, and the fp32 output of a 2-byte wire dtype is twice the frame.
 MAX_TENSOR_ELEMENTS = MAX_FRAME_BYTES // 4
@@ -54,6 +77,8 @@ def encode_tensor(t: torch.Tensor, wire_dtype: str = "fp16") -> tuple[dict[str, 
         )
     if t.dim() > MAX_TENSOR_DIMS:
         raise ProtocolError("bad_shape", f"{t.dim()} dims > {MAX_TENSOR_DIMS}")
+    if wire_dtype == "int8":
+        return _encode_int8(t)
     torch_dtype, np_dtype = WIRE_DTYPES[wire_dtype]
     src = t.detach()
     if src.device.type != "cpu":
@@ -97,6 +122,8 @@ def decode_tensor(meta: Any, data: Any, max_elements: int = MAX_TENSOR_ELEMENTS)
         view = memoryview(data).cast("B")
     except TypeError as exc:
         raise ProtocolError("bad_tensor_data", "tensor data is not a contiguous buffer") from exc
+    if dtype == "int8":
+        return _decode_int8(meta, view, shape, count)
     expected = count * np_dtype.itemsize
     if view.nbytes != expected:
         raise ProtocolError(
@@ -109,4 +136,85 @@ def decode_tensor(meta: Any, data: Any, max_elements: int = MAX_TENSOR_ELEMENTS)
         out = raw.astype(np.float32)
     else:  # bf16: the upper half of an fp32 bit pattern
         out = (raw.astype(np.uint32) << 16).view(np.float32)
+    return torch.from_numpy(out).reshape(shape)
+
+
+# --- int8 with fp16 outlier channels ---------------------------------------------------------------
+
+_F16 = np.dtype("<f2")
+_U16 = np.dtype("<u2")
+_F16_MAX = 65504.0
+
+
+def _int8_layout(rows: int, width: int, n_out: int) -> tuple[int, int, int, int]:
+    """Byte offsets of the outlier values, the scales and the int8 values, and the total size."""
+    groups = -(-(width - n_out) // INT8_GROUP)
+    at_values = 2 * n_out
+    at_scales = at_values + 2 * rows * n_out
+    at_q = at_scales + 2 * rows * groups
+    return at_values, at_scales, at_q, at_q + rows * (width - n_out)
+
+
+def _encode_int8(t: torch.Tensor) -> tuple[dict[str, Any], memoryview]:
+    x = t.detach().to("cpu", torch.float32)
+    width = x.shape[-1] if x.dim() else 1
+    rows = x.reshape(-1, width) if width else x.reshape(0, 0)  # (R, H)
+    if not bool(torch.isfinite(rows).all()):
+        raise ProtocolError("bad_tensor", "int8 cannot encode non-finite activations")
+    n_rows = rows.shape[0]
+    outliers = torch.zeros(0, dtype=torch.long)
+    if n_rows and width:
+        absmax = rows.abs().amax(0)  # (H,)
+        big = (absmax > OUTLIER_RATIO * absmax.median()).nonzero().flatten()
+        if big.numel() > MAX_OUTLIERS:
+            big = big[absmax[big].topk(MAX_OUTLIERS).indices]
+        outliers = big.sort().values
+    keep = torch.ones(width, dtype=torch.bool)
+    keep[outliers] = False
+    rest = rows[:, keep]  # (R, M)
+    n_kept = rest.shape[1]
+    groups = -(-n_kept // INT8_GROUP)
+    padded = torch.nn.functional.pad(rest, (0, groups * INT8_GROUP - n_kept)).reshape(n_rows, groups, INT8_GROUP)
+    # The scale is rounded to fp16 before quantizing, so the decoder's scale is the one used here.
+    scales = (padded.abs().amax(-1) / 127.0).clamp(max=_F16_MAX).to(torch.float16)  # (R, G)
+    divisor = scales.float().unsqueeze(-1)
+    q = torch.where(divisor > 0, padded / divisor.clamp_min(1e-30), 0.0).round().clamp(-127, 127)
+    q = q.reshape(n_rows, groups * INT8_GROUP)[:, :n_kept].to(torch.int8)
+    parts = [
+        outliers.numpy().astype(_U16),
+        rows[:, outliers].to(torch.float16).numpy().astype(_F16),
+        scales.numpy().astype(_F16),
+        q.numpy(),
+    ]
+    data = np.concatenate([p.reshape(-1).view(np.uint8) for p in parts])
+    meta = {"dtype": "int8", "shape": list(t.shape), "outliers": int(outliers.numel())}
+    return meta, memoryview(data)
+
+
+def _decode_int8(meta: dict, view: memoryview, shape: list[int], count: int) -> torch.Tensor:
+    width = shape[-1] if shape else 1
+    n_out = meta.get("outliers")
+    if type(n_out) is not int or not 0 <= n_out <= min(width, MAX_OUTLIERS):
+        raise ProtocolError("bad_tensor_meta", f"int8 outliers must be an integer in [0, {MAX_OUTLIERS}] "
+                            f"and at most the width {width}, got {n_out!r}")
+    n_rows = count // width if width else 0
+    at_values, at_scales, at_q, total = _int8_layout(n_rows, width, n_out)
+    if view.nbytes != total:
+        raise ProtocolError("bad_tensor_data", f"{view.nbytes} bytes for shape {shape} int8 with "
+                            f"{n_out} outliers, expected {total}")
+    idx = np.frombuffer(view, dtype=_U16, count=n_out).astype(np.int64)
+    if n_out and (idx[-1] >= width or np.any(np.diff(idx) <= 0)):
+        raise ProtocolError("bad_tensor_data", "int8 outlier channels must be strictly increasing and < width")
+    groups = -(-(width - n_out) // INT8_GROUP)
+    scales = np.frombuffer(view, dtype=_F16, count=n_rows * groups, offset=at_scales).astype(np.float32)
+    if not np.all(np.isfinite(scales) & (scales >= 0)):
+        raise ProtocolError("bad_tensor_data", "int8 scales must be finite and non-negative")
+    q = np.frombuffer(view, dtype=np.int8, count=n_rows * (width - n_out), offset=at_q)
+    q = q.reshape(n_rows, width - n_out)
+    out = np.empty((n_rows, width), dtype=np.float32)
+    keep = np.ones(width, dtype=bool)
+    keep[idx] = False
+    out[:, keep] = q * np.repeat(scales.reshape(n_rows, groups), INT8_GROUP, axis=1)[:, : width - n_out]
+    values = np.frombuffer(view, dtype=_F16, count=n_rows * n_out, offset=at_values)
+    out[:, idx] = values.reshape(n_rows, n_out)
     return torch.from_numpy(out).reshape(shape)

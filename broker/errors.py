@@ -15,6 +15,7 @@ __all__ = [
     "AuthError",
     "CryptoError",
     "ConfigError",
+    "UnknownReduction",
     "BrokerUnavailable",
     "RequestTimeout",
     "Busy",
@@ -72,6 +73,13 @@ class ConfigError(EdgeCloudError):
     """A key file, key list or setting is missing or malformed."""
 
     code = "config"
+
+
+class UnknownReduction(EdgeCloudError):
+    """The worker does not hold the projection file (by sha256) a session asked for, or holds it
+    for another model or split. Copy the edge's file into the worker's reductions directory."""
+
+    code = "unknown_reduction"
 
 
 class BrokerUnavailable(EdgeCloudError):
@@ -145,6 +153,7 @@ _BY_CODE: dict[str, type[EdgeCloudError]] = {
         AuthError,
         CryptoError,
         ConfigError,
+        UnknownReduction,
         BrokerUnavailable,
         RequestTimeout,
         Busy,

@@ -4,10 +4,14 @@
 request *kinds* a session uses and their bodies, which the broker forwards untouched:
 
 ``open``   extra: ``edge_pk`` (32-byte ephemeral X25519 key, or empty without encryption),
-           ``sampling`` (temperature, top_p, seed), ``wire_dtype``. No body: no key exists yet.
+           ``sampling`` (temperature, top_p, seed), ``wire_dtype`` (``broker.codec.WIRE_DTYPES``),
+           and, when the edge reduces its activations, ``reduction``: the sha256 (64 hex digits) of
+           the projection file (``partition/reduction.py``) both sides hold; the worker refuses a
+           hash it does not have. No body: no key exists yet.
            Reply extra: ``worker_pk``; body: one sealed frame ``b"open-ok"`` that proves the worker
            holds the secret key of ``worker_pk`` (the edge checks that key against its trusted list).
 ``step``   body, sealed: [msgpack ``{"pos": int, "tensor": {"dtype", "shape"}}``, raw tensor bytes].
+           The tensor is (1, T, H), or (1, T, D) under a reduction to D dims.
            ``pos`` is the position of the first new token; the worker's cache must hold exactly
            ``pos`` positions, or ``pos`` must be a retry of a step it already ran (then the cache is
            cropped back and the step recomputed: the effect on the cache happens once).
@@ -27,7 +31,7 @@ from typing import Any
 
 import msgpack
 
-from broker.codec import decode_tensor, encode_tensor
+from broker.codec import WIRE_DTYPES, decode_tensor, encode_tensor
 from broker.crypto import Cipher, make_aad
 from broker.errors import CryptoError, ProtocolError
 
@@ -85,9 +89,13 @@ class OpenParams:
     edge_pk: bytes
     sampling: dict[str, float | int]
     wire_dtype: str
+    reduction: str = ""  # sha256 hex of the projection file; "" when activations are not reduced
 
     def to_extra(self) -> dict[str, Any]:
-        return {"edge_pk": self.edge_pk, "sampling": dict(self.sampling), "wire_dtype": self.wire_dtype}
+        extra = {"edge_pk": self.edge_pk, "sampling": dict(self.sampling), "wire_dtype": self.wire_dtype}
+        if self.reduction:
+            extra["reduction"] = self.reduction
+        return extra
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any]) -> OpenParams:
@@ -100,9 +108,16 @@ class OpenParams:
             raise ProtocolError("bad_open", "sampling must be a map of temperature, top_p and seed")
         if not all(isinstance(v, int | float) for v in sampling.values()):
             raise ProtocolError("bad_open", "sampling values must be numbers")
-        if wire_dtype not in ("fp32", "fp16", "bf16"):
-            raise ProtocolError("bad_open", f"unknown wire dtype {wire_dtype!r}")
-        return cls(edge_pk, sampling, wire_dtype)
+        if type(wire_dtype) is not str or wire_dtype not in WIRE_DTYPES:
+            raise ProtocolError("bad_open", f"unknown wire dtype {wire_dtype!r}; use one of {sorted(WIRE_DTYPES)}")
+        reduction = extra.get("reduction", "")
+        if type(reduction) is not str or (reduction and not _is_sha256_hex(reduction)):
+            raise ProtocolError("bad_open", "reduction must be the 64 hex digits of a sha256")
+        return cls(edge_pk, sampling, wire_dtype, reduction)
+
+
+def _is_sha256_hex(s: str) -> bool:
+    return len(s) == 64 and all(c in "0123456789abcdef" for c in s)
 
 
 def seal_open_proof(cipher: Cipher, session_id: str, step: int) -> list[Any]:
@@ -126,7 +141,9 @@ def seal_step(cipher: Cipher, session_id: str, step: int, pos: int, hidden, wire
 
 
 def open_step(cipher: Cipher, session_id: str, step: int, frames: list[Any], hidden_size: int):
-    """Returns (pos, hidden (1, T, H) float32); raises ProtocolError or CryptoError."""
+    """Returns (pos, hidden (1, T, hidden_size) float32); raises ProtocolError or CryptoError.
+
+    ``hidden_size`` is the width the session sends: the model's H, or D under a reduction."""
     body = cipher.open(make_aad(session_id, step, KIND_STEP), frames)
     if len(body) != 2:
         raise ProtocolError("bad_body", f"a step body has 2 frames, got {len(body)}")

@@ -28,7 +28,9 @@ def demo(
     force_local: Annotated[bool, typer.Option("--force-local")] = False,
     force_cloud: Annotated[bool, typer.Option("--force-cloud")] = False,
     no_encryption: Annotated[bool, typer.Option("--no-encryption")] = False,
-    wire_dtype: Annotated[str, typer.Option(help="fp32, fp16 or bf16.")] = "fp16",
+    wire_dtype: Annotated[str, typer.Option(help="fp32, fp16, bf16 or int8.")] = "fp16",
+    reduce_dims: Annotated[int | None, typer.Option(help="Project the activations to this many dims "
+                                                    "(see `edge --help`).")] = None,
     temperature: Annotated[float, typer.Option()] = 0.0,
     seed: Annotated[int, typer.Option()] = 0,
     cloud_latency: Annotated[float, typer.Option(help="Emulated extra round trip to the cloud, seconds.")] = 0.0,
@@ -66,6 +68,8 @@ def demo(
                  "--memory-weight", str(memory_weight)]
         if no_encryption:
             args.append("--no-encryption")
+        if reduce_dims is not None:
+            args += ["--reduce-dims", str(reduce_dims)]
         if cloud_latency:
             args += ["--cloud-latency", str(cloud_latency)]
         if bandwidth_mbps:

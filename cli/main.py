@@ -52,7 +52,14 @@ def edge(
     keys: Annotated[Path | None, typer.Option("--keys", help="Keys directory [env EDGECLOUD_KEYS].")] = None,
     api_key: Annotated[str | None, typer.Option(help="API key for the broker [env EDGECLOUD_API_KEY].")] = None,
     no_encryption: Annotated[bool, typer.Option("--no-encryption", help="Send activations in the clear.")] = False,
-    wire_dtype: Annotated[str, typer.Option(help="Activation precision on the wire: fp32, fp16, bf16.")] = "fp16",
+    wire_dtype: Annotated[str, typer.Option(help="Activation precision on the wire: fp32, fp16, bf16, "
+                                            "int8 (with fp16 outlier channels).")] = "fp16",
+    reduce_dims: Annotated[int | None, typer.Option(help="Project the activations to this many dims "
+                                                    "before they leave (calibrated per model and split, "
+                                                    "see `edgecloud calibrate`).")] = None,
+    reductions: Annotated[Path | None, typer.Option("--reductions", help="Projection files for --reduce-dims "
+                                                    "[env EDGECLOUD_REDUCTIONS, default "
+                                                    "~/.cache/edgecloud/reductions].")] = None,
     temperature: Annotated[float, typer.Option(help="0 is greedy; above 0 samples.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed for sampling: the same seed gives the same text.")] = 0,
@@ -82,7 +89,7 @@ def edge(
             force_cloud=force_cloud, raw_prompt=raw_prompt, temperature=temperature, top_p=top_p, seed=seed,
             broker=broker or default_broker(), keys_dir=keys or default_keys_dir(),
             api_key=api_key or os.environ.get("EDGECLOUD_API_KEY"), encryption=not no_encryption,
-            wire_dtype=wire_dtype, request_timeout_s=timeout, step_deadline_s=deadline,
+            wire_dtype=wire_dtype, reduce_dims=reduce_dims, reductions_dir=reductions, request_timeout_s=timeout, step_deadline_s=deadline,
             fallback_local=not no_fallback, cloud_latency_s=cloud_latency,
             bandwidth_mbps=bandwidth_mbps, energy_weight=energy_weight, latency_weight=latency_weight,
             memory_weight=memory_weight,
@@ -111,6 +118,7 @@ def edge(
         )
 
 
+from cli import calibrate as calibrate_cmd  # noqa: E402
 from cli import demo as demo_cmd  # noqa: E402
 from cli import netem as netem_cmd  # noqa: E402
 from cli import plan as plan_cmd  # noqa: E402
@@ -122,6 +130,7 @@ app.command("status")(roles.status)
 app.command("demo")(demo_cmd.demo)
 app.command("netem")(netem_cmd.netem)
 app.command("plan")(plan_cmd.plan)
+app.command("calibrate")(calibrate_cmd.calibrate)
 app.add_typer(roles.keys_app, name="keys")
 
 

@@ -32,7 +32,8 @@ def plan(
     memory_weight: Annotated[float, typer.Option("--memory-weight")] = 1.0,
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="Prompt length to price.")] = 64,
     tokens: Annotated[int, typer.Option("--tokens", "-n", help="Tokens generated per request.")] = 64,
-    wire_dtype: Annotated[str, typer.Option(help="Activation precision on the wire: fp32, fp16, bf16.")] = "fp16",
+    wire_dtype: Annotated[str, typer.Option(help="Activation precision on the wire: fp32, fp16, bf16, "
+                                            "int8 (with fp16 outlier channels).")] = "fp16",
     min_split: Annotated[int, typer.Option("--min-split", help="Never fewer layers on the edge (privacy).")] = 0,
     power_preset: Annotated[str, typer.Option("--power-preset", help="Device power model: wifi or lte.")] = "wifi",
     remeasure: Annotated[bool, typer.Option("--remeasure", help="Measure the profile again.")] = False,

@@ -61,6 +61,9 @@ def cloud_worker(
     max_tokens: Annotated[int, typer.Option(help="Longest session, in tokens.")] = 8192,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: one per core).")] = None,
     worker_id: Annotated[str | None, typer.Option(help="Name shown by `edgecloud status`.")] = None,
+    reductions: Annotated[Path | None, typer.Option("--reductions", help="Projection files of --reduce-dims edges "
+                                                    "[env EDGECLOUD_REDUCTIONS, default "
+                                                    "~/.cache/edgecloud/reductions].")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run a cloud worker: serves layers [k, N) of a model for any split k, one KV cache per session."""
@@ -80,7 +83,7 @@ def cloud_worker(
             key_name=key_name, encryption=not no_encryption, allow_plaintext=allow_plaintext, device=device,
             max_sessions=max_sessions,
             session_idle_ttl_s=session_ttl, max_session_tokens=max_tokens, torch_threads=threads,
-            worker_id=worker_id,
+            worker_id=worker_id, reductions_dir=reductions,
         )
         worker = CloudWorker(config)
         worker.stop_event = stop

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from broker.crypto import Cipher
 from broker.errors import Busy
 from partition.kv_cache import SegmentKVCache
+from partition.reduction import Reduction
 from partition.sampling import SamplingParams
 
 
@@ -23,6 +24,7 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     # step number -> cache length before that step ran: a retried step crops back to it.
     step_starts: dict[int, int] = field(default_factory=dict)
+    reduction: Reduction | None = None  # steps arrive (1, T, D) and are reconstructed to (1, T, H)
 
 
 class SessionTable:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from broker.crypto import NullCipher, SessionCipher, load_keys
-from broker.errors import CryptoError, EdgeCloudError, ProtocolError, WorkerLost
+from broker.errors import CryptoError, EdgeCloudError, ProtocolError, UnknownReduction, WorkerLost
 from broker.protocol import WorkerId
 from broker.session_protocol import (
     KIND_CLOSE,
@@ -32,6 +32,7 @@ from broker.worker_api import Job, WorkerConnection, WorkerInfo
 from cloud_worker.sessions import Session, SessionTable
 from partition.kv_cache import CacheFullError
 from partition.models import resolve_model
+from partition.reduction import Reduction, ReductionError, ReductionStore
 from partition.sampling import SamplingParams, choose_token
 from partition.segment import ModelSegment
 
@@ -57,6 +58,9 @@ class CloudWorkerConfig:
     session_idle_ttl_s: float = 600.0  # a session untouched this long is freed
     max_session_tokens: int = 8192  # KV cache length limit per session
     torch_threads: int | None = None
+    # Where the projection files of reduced sessions are (partition/reduction.py); None: the default,
+    # $EDGECLOUD_REDUCTIONS or ~/.cache/edgecloud/reductions.
+    reductions_dir: Path | None = None
 
 
 def pick_device(name: str) -> torch.device:
@@ -103,6 +107,7 @@ class CloudWorker:
         if config.encryption and config.keys_dir is not None:
             self.keypair = load_keys(config.keys_dir, "worker", config.key_name)
         self.sessions = SessionTable(config.max_sessions, config.session_idle_ttl_s)
+        self.reductions = ReductionStore(config.reductions_dir)
         self.worker_id = WorkerId(config.worker_id or f"w-{os.getpid()}-{uuid.uuid4().hex[:6]}")
         self.per_layer_ms = measure_per_layer_ms(self.segment)
         self.info = WorkerInfo(
@@ -178,21 +183,36 @@ class CloudWorker:
                               "--no-encryption (or start the worker with --allow-plaintext)")
         else:
             cipher = NullCipher()
+        reduction = self._reduction(params.reduction, job.layer_lo) if params.reduction else None
         session = Session(
             session_id=job.session_id, layer_lo=job.layer_lo, cipher=cipher,
             sampling=SamplingParams.from_wire(params.sampling), wire_dtype=params.wire_dtype,
-            cache=self.segment.new_cache(self.config.max_session_tokens),
+            cache=self.segment.new_cache(self.config.max_session_tokens), reduction=reduction,
         )
         self.sessions.add(session)
         pk = self.keypair.public_key if (self.keypair and params.edge_pk) else b""
         return {"worker_pk": pk}, seal_open_proof(cipher, job.session_id, job.step)
+
+    def _reduction(self, sha256: str, split: int) -> Reduction:
+        reduction = self.reductions.get(sha256)
+        if reduction is None:
+            raise UnknownReduction(f"this worker has no reduction with sha256 {sha256} in {self.reductions.directory}: "
+                                   "copy the edge's file there (`edgecloud calibrate` prints its path)")
+        try:
+            reduction.check_matches(self.source.model_id, split, self.source.hidden_size)
+        except ReductionError as exc:
+            raise UnknownReduction(str(exc)) from None
+        return reduction
 
     def _step(self, job: Job) -> tuple[dict, list]:
         session = self.sessions.get(job.session_id)
         if session is None:
             raise WorkerLost(f"session {job.session_id} is not held by worker {self.worker_id} "
                              "(expired, evicted or the worker restarted): reopen it and replay")
-        pos, hidden = open_step(session.cipher, job.session_id, job.step, job.frames, self.source.hidden_size)
+        width = session.reduction.dims if session.reduction else self.source.hidden_size
+        pos, hidden = open_step(session.cipher, job.session_id, job.step, job.frames, width)
+        if session.reduction is not None:
+            hidden = session.reduction.reconstruct(hidden)  # (1, T, D) -> (1, T, H)
         cache = session.cache
         if pos < cache.length:
             # A retry of a step this cache already ran (the reply was lost or late): undo it and

@@ -51,6 +51,7 @@ from broker.session_protocol import (
 )
 from edge_worker.config import default_broker, default_keys_dir
 from edge_worker.generation import Backend, StepStats
+from partition.reduction import Reduction
 from partition.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -137,8 +138,8 @@ class CloudClient:
     def status(self, timeout_s: float = 5.0) -> dict:
         return self.connection.status(timeout_s)
 
-    def session(self, model_id: str, split: int, hidden_size: int) -> CloudSession:
-        return CloudSession(self, model_id, split, hidden_size)
+    def session(self, model_id: str, split: int, hidden_size: int, reduction: Reduction | None = None) -> CloudSession:
+        return CloudSession(self, model_id, split, hidden_size, reduction)
 
     def close(self) -> None:
         if self._client is not None:
@@ -152,8 +153,12 @@ class CloudClient:
 class CloudSession:
     """One generation's state on the cloud side; implements the generation loop's Backend."""
 
-    def __init__(self, client: CloudClient, model_id: str, split: int, hidden_size: int) -> None:
+    def __init__(self, client: CloudClient, model_id: str, split: int, hidden_size: int,
+                 reduction: Reduction | None = None) -> None:
         self.client = client
+        # Activations are projected to reduction.dims before they leave (the replay log keeps them
+        # full width, so the local fallback runs on the exact activations).
+        self.reduction = reduction
         self.model_id = model_id
         self.split = split
         self.hidden_size = hidden_size
@@ -265,6 +270,7 @@ class CloudSession:
         params = OpenParams(
             edge_pk=keypair.public_key if keypair else b"",
             sampling=self.sampling.to_wire(), wire_dtype=self.client.wire_dtype,
+            reduction=self.reduction.sha256 if self.reduction else "",
         )
         t0 = time.perf_counter()
         reply = self.client.connection.request(
@@ -287,7 +293,8 @@ class CloudSession:
 
     def _send_step(self, hidden: torch.Tensor, step: int, stats: StepStats, timeout_s: float) -> int:
         t0 = time.perf_counter()
-        frames = seal_step(self.cipher, self.session_id, step, self.pos, hidden, self.client.wire_dtype)
+        wire = self.reduction.project(hidden) if self.reduction else hidden  # (1, T, D or H)
+        frames = seal_step(self.cipher, self.session_id, step, self.pos, wire, self.client.wire_dtype)
         stats.bytes_sent += sum(len(memoryview(f)) for f in frames)
         reply: Reply = self.client.connection.request(
             self.session_id, KIND_STEP, self.model_id, self.split, step, frames, timeout_s=timeout_s,

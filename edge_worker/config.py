@@ -40,6 +40,8 @@ class EdgeConfig:
     api_key: str | None = None
     encryption: bool = True
     wire_dtype: str = "fp16"
+    reduce_dims: int | None = None  # project the activations to this many dims before they leave
+    reductions_dir: Path | None = None  # projection files; None: partition.reduction default
     request_timeout_s: float = 30.0  # one cloud request, queueing included, before it is retried
     step_deadline_s: float = 60.0  # one step, retries and failovers included, before giving up
     fallback_local: bool = True  # when the cloud is gone, load layers [k, N) here and carry on
@@ -64,5 +66,9 @@ class EdgeConfig:
             raise ValueError(f"cloud latency must be >= 0 seconds, got {self.cloud_latency_s}")
         if self.bandwidth_mbps is not None and self.bandwidth_mbps <= 0:
             raise ValueError(f"bandwidth must be > 0 Mbit/s, got {self.bandwidth_mbps}")
-        if self.wire_dtype not in ("fp32", "fp16", "bf16"):
-            raise ValueError(f"wire dtype must be fp32, fp16 or bf16, got {self.wire_dtype!r}")
+        if self.reduce_dims is not None and self.reduce_dims < 1:
+            raise ValueError(f"--reduce-dims must be at least 1, got {self.reduce_dims}")
+        from broker.codec import WIRE_DTYPES
+
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire dtype must be one of {', '.join(WIRE_DTYPES)}, got {self.wire_dtype!r}")

@@ -186,8 +186,12 @@ class EdgeCloudManager:
         log.info("decision: %s", decision.summary())
         k = decision.k
         n = self.source.n_layers
-        backend = None if k == n else self.cloud_client.session(self.source.model_id, k, self.source.hidden_size)
-        generator = EdgeGenerator(self._edge_segment(k), backend, self.tokenizer, self.eos, mode=mode_for(k, n))
+        edge = self._edge_segment(k)
+        backend = None
+        if k < n:
+            reduction = self.privacy.reduction_for(self.source, k, edge)  # None unless reduce_dims
+            backend = self.cloud_client.session(self.source.model_id, k, self.source.hidden_size, reduction)
+        generator = EdgeGenerator(edge, backend, self.tokenizer, self.eos, mode=mode_for(k, n))
         result = generator.generate(ids, new_tokens, sampling)
         self.last_result = result
         self._feed_monitor(result)

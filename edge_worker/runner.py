@@ -72,7 +72,8 @@ def plan_split(config: EdgeConfig, source: ModelSource, client, prompt_tokens: i
     manager = EdgeCloudManager(
         model=source, cloud_client=client, energy_weight=config.energy_weight,
         latency_weight=config.latency_weight, memory_weight=config.memory_weight,
-        privacy_protection=PrivacyProtection(config.encryption, config.wire_dtype),
+        privacy_protection=PrivacyProtection(config.encryption, config.wire_dtype, config.reduce_dims,
+                                             config.reductions_dir),
         max_new_tokens=config.max_new_tokens, min_split=config.min_split,
     )
     decision = manager.choose_split(prompt_tokens, config.max_new_tokens)
@@ -99,7 +100,15 @@ def run_edge(config: EdgeConfig, on_text: Callable[[str], None] | None = None,
     progress(f"loading layers [0, {split}) of {source.n_layers}" + (" and the head" if split == source.n_layers else ""))
     edge = ModelSegment.load(source, 0, split)
     log.info("edge segment ready: %s (%.1f s)", edge.describe(), time.perf_counter() - t0)
-    backend = None if split == source.n_layers else client.session(source.model_id, split, source.hidden_size)
+    backend = None
+    if split < source.n_layers:
+        from edge_worker.privacy import PrivacyProtection
+
+        privacy = PrivacyProtection(config.encryption, config.wire_dtype, config.reduce_dims, config.reductions_dir)
+        if config.reduce_dims is not None:
+            progress(f"finding or calibrating the {config.reduce_dims}-dim projection for split {split}")
+        reduction = privacy.reduction_for(source, split, edge)
+        backend = client.session(source.model_id, split, source.hidden_size, reduction)
     if backend is not None and config.fallback_local:
         n, k = source.n_layers, split
         backend.fallback = lambda: LocalBackend(ModelSegment.load(source, k, n, embed=False))

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from broker.codec import decode_tensor, encode_tensor
 from broker.errors import ProtocolError
@@ -65,7 +69,8 @@ def test_non_contiguous_scalar_and_empty_tensors() -> None:
     [
         ({"dtype": "fp32", "shape": [4]}, 12),  # shape claims more than the data holds
         ({"dtype": "fp32", "shape": [2]}, 16),  # and less
-        ({"dtype": "int8", "shape": [4]}, 4),
+        ({"dtype": "int8", "shape": [4]}, 4),  # int8 without its outlier count
+        ({"dtype": "int4", "shape": [4]}, 2),
         ({"dtype": "fp16", "shape": [-1]}, 2),
         ({"dtype": "fp16", "shape": [True]}, 2),
         ({"dtype": "fp16", "shape": "4"}, 8),
@@ -87,3 +92,105 @@ def test_rejects_bad_wire_dtype_and_non_buffer() -> None:
         decode_tensor({"dtype": "fp32", "shape": [1]}, 1234)
     with pytest.raises(ProtocolError):
         decode_tensor({"dtype": "fp32", "shape": [4]}, b"\x00" * 16, max_elements=3)
+
+
+# --- int8 with fp16 outlier channels --------------------------------------------------------------
+
+FUZZ = settings(max_examples=int(os.environ.get("EDGECLOUD_FUZZ_EXAMPLES", "300")), deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
+
+
+def _with_outliers(rows: int = 5, width: int = 576) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(1, rows, width, generator=g)
+    h[..., 7] *= 400.0  # like the massive channels of real hidden states
+    h[..., 300] *= -150.0
+    return h
+
+
+def test_int8_keeps_outlier_channels_in_fp16_and_bounds_the_rest() -> None:
+    h = _with_outliers()
+    meta, data = encode_tensor(h, "int8")
+    assert meta["dtype"] == "int8" and meta["outliers"] == 2
+    out = decode_tensor(meta, bytes(data))
+    assert torch.equal(out[..., [7, 300]], h[..., [7, 300]].half().float())
+    rest = [c for c in range(576) if c not in (7, 300)]
+    err = (out[..., rest] - h[..., rest]).abs()
+    # Each group's step is its absmax / 127; rounding is off by at most half a step (plus the
+    # fp16 rounding of the scale, < 0.1%).
+    groups = h[..., rest].reshape(1, 5, -1)
+    bound = torch.nn.functional.pad(groups.abs(), (0, 64 - 574 % 64)).reshape(1, 5, -1, 64).amax(-1)
+    bound = bound.repeat_interleave(64, -1)[..., :574] / 127 * 0.501 + 1e-6
+    assert torch.all(err <= bound)
+    naive = h / h.abs().amax(-1, keepdim=True) * 127
+    naive_err = (naive.round() * h.abs().amax(-1, keepdim=True) / 127 - h).norm()
+    assert (out - h).norm() < naive_err / 20  # what the outlier channels buy
+
+
+def test_int8_is_a_bit_over_one_byte_per_value() -> None:
+    h = _with_outliers(rows=1)
+    meta, data = encode_tensor(h, "int8")
+    n = meta["outliers"]
+    groups = -(-(576 - n) // 64)
+    assert data.nbytes == 2 * n + 2 * n + 2 * groups + (576 - n) < 0.55 * 576 * 2
+
+
+def test_int8_refuses_non_finite_activations() -> None:
+    with pytest.raises(ProtocolError):
+        encode_tensor(torch.tensor([1.0, float("nan")]), "int8")
+
+
+def _int8_frame(h: torch.Tensor) -> tuple[dict, bytearray]:
+    meta, data = encode_tensor(h, "int8")
+    return meta, bytearray(bytes(data))
+
+
+def test_int8_decode_refuses_inconsistent_frames() -> None:
+    meta, data = _int8_frame(_with_outliers(rows=2))
+    assert meta["outliers"] == 2
+    for bad_meta in ({**meta, "outliers": 3}, {**meta, "outliers": -1}, {**meta, "outliers": 1.0},
+                     {**meta, "outliers": 10**6}, {k: v for k, v in meta.items() if k != "outliers"}):
+        with pytest.raises(ProtocolError):
+            decode_tensor(bad_meta, bytes(data))
+    with pytest.raises(ProtocolError):
+        decode_tensor(meta, bytes(data[:-1]))
+    swapped = bytearray(data)
+    swapped[0:4] = data[2:4] + data[0:2]  # indices no longer increasing
+    with pytest.raises(ProtocolError):
+        decode_tensor(meta, bytes(swapped))
+    out_of_range = bytearray(data)
+    out_of_range[2:4] = (576).to_bytes(2, "little")
+    with pytest.raises(ProtocolError):
+        decode_tensor(meta, bytes(out_of_range))
+    nan_scale = bytearray(data)
+    at_scales = 2 * 2 + 2 * 2 * 2
+    nan_scale[at_scales:at_scales + 2] = b"\x00\x7e"  # fp16 NaN
+    with pytest.raises(ProtocolError):
+        decode_tensor(meta, bytes(nan_scale))
+    negative = bytearray(data)
+    negative[at_scales + 1] |= 0x80
+    with pytest.raises(ProtocolError):
+        decode_tensor(meta, bytes(negative))
+
+
+@FUZZ
+@given(st.lists(st.integers(0, 6), min_size=0, max_size=3), st.integers(-3, 40), st.binary(max_size=400))
+def test_fuzz_int8_frames_only_raise_protocol_errors(shape, outliers, data):
+    try:
+        out = decode_tensor({"dtype": "int8", "shape": shape, "outliers": outliers}, data)
+    except ProtocolError:
+        return
+    assert out.dtype == torch.float32 and list(out.shape) == shape
+
+
+@FUZZ
+@given(st.integers(1, 4), st.integers(1, 200), st.floats(0.01, 1e4), st.integers(0, 2**31 - 1))
+def test_fuzz_int8_round_trips_within_its_error_bound(rows, width, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(rows, width, generator=g) * scale
+    meta, data = encode_tensor(h, "int8")
+    out = decode_tensor(meta, bytes(data))
+    assert out.shape == h.shape
+    # Never worse than one int8 step of the row's largest magnitude.
+    step = h.abs().amax(-1, keepdim=True) / 127 * 1.01 + 1e-6
+    assert torch.all((out - h).abs() <= step)

@@ -47,6 +47,26 @@ def test_a_body_moved_to_another_step_or_session_is_refused():
         sp.open_step(worker, SID, 5, frames, HIDDEN)
 
 
+def test_openers_carry_every_wire_dtype_and_a_reduction_hash():
+    sampling = {"temperature": 0.0, "top_p": 1.0, "seed": 0}
+    for dtype in ("fp32", "fp16", "bf16", "int8"):
+        p = sp.OpenParams(b"", sampling, dtype, reduction="0f" * 32)
+        assert sp.OpenParams.from_extra(p.to_extra()) == p
+    assert "reduction" not in sp.OpenParams(b"", sampling, "fp16").to_extra()
+
+
+def test_int8_step_round_trips_encrypted_at_a_reduced_width():
+    edge, worker = ciphers()
+    hidden = torch.randn(1, 3, HIDDEN)
+    hidden[..., 2] *= 500
+    frames = sp.seal_step(edge, SID, 1, 0, hidden, "int8")
+    pos, got = sp.open_step(worker, SID, 1, frames, HIDDEN)
+    assert pos == 0 and got.shape == hidden.shape
+    assert torch.allclose(got, hidden, rtol=0.02, atol=0.05)
+    with pytest.raises(ProtocolError):
+        sp.open_step(worker, SID, 2, sp.seal_step(edge, SID, 2, 3, hidden, "int8"), HIDDEN + 1)
+
+
 def test_wrong_hidden_size_is_a_protocol_error():
     frames = sp.seal_step(NullCipher(), SID, 0, 0, torch.randn(1, 2, HIDDEN + 1), "fp16")
     with pytest.raises(ProtocolError):
@@ -57,6 +77,10 @@ def test_wrong_hidden_size_is_a_protocol_error():
     {}, {"edge_pk": b"x" * 31, "sampling": {"temperature": 0, "top_p": 1, "seed": 0}},
     {"edge_pk": b"", "sampling": {"temperature": "hot", "top_p": 1, "seed": 0}},
     {"edge_pk": b"", "sampling": {"temperature": 0, "top_p": 1, "seed": 0}, "wire_dtype": "int4"},
+    {"edge_pk": b"", "sampling": {"temperature": 0, "top_p": 1, "seed": 0}, "wire_dtype": ["fp16"]},
+    {"edge_pk": b"", "sampling": {"temperature": 0, "top_p": 1, "seed": 0}, "reduction": "ab" * 31},
+    {"edge_pk": b"", "sampling": {"temperature": 0, "top_p": 1, "seed": 0}, "reduction": "AB" * 32},
+    {"edge_pk": b"", "sampling": {"temperature": 0, "top_p": 1, "seed": 0}, "reduction": b"\x00" * 32},
 ])
 def test_bad_openers_are_protocol_errors(extra):
     with pytest.raises(ProtocolError):
@@ -76,9 +100,10 @@ def test_fuzz_step_bodies_only_raise_typed_errors(frames, step):
 @FUZZ
 @given(st.dictionaries(st.sampled_from(["pos", "tensor", "x"]),
                        st.one_of(st.integers(-5, 2**40), st.text(max_size=5), st.none(),
-                                 st.dictionaries(st.sampled_from(["dtype", "shape"]),
-                                                 st.one_of(st.text(max_size=5), st.lists(st.integers(-3, 10 ** 6),
-                                                                                         max_size=9)))),
+                                 st.dictionaries(st.sampled_from(["dtype", "shape", "outliers"]),
+                                                 st.one_of(st.sampled_from(["fp16", "int8"]), st.integers(-3, 40),
+                                                           st.text(max_size=5),
+                                                           st.lists(st.integers(-3, 10 ** 6), max_size=9)))),
                        max_size=3),
        st.binary(max_size=200))
 def test_fuzz_structured_step_metadata(head, data):
