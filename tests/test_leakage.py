@@ -37,7 +37,10 @@ def data(tiny_llama):
 
 
 def test_the_shipped_train_and_test_texts_are_disjoint():
-    train = set(L.read_paragraphs(L.DEFAULT_TRAIN_TEXT))
+    from partition.reduction import CALIBRATION_TEXT
+
+    # The attacker may train on both shipped calibration texts (ours and the reduction's).
+    train = set(L.read_paragraphs(L.DEFAULT_TRAIN_TEXT)) | set(L.read_paragraphs(CALIBRATION_TEXT))
     test = L.read_paragraphs(L.DEFAULT_TEST_TEXT)
     assert train and test and not train & set(test)
     # Not merely different paragraphs: no 8-word run of the test text appears in the calibration text.
@@ -98,6 +101,36 @@ def test_reduced_views_skip_nearest_neighbour_and_still_face_the_probes(data):
     assert cell.scores["ridge"] <= full.scores["ridge"]
 
 
+def test_verification_recomputes_candidates_and_keeps_the_one_that_matches(tiny_llama, data):
+    """Candidates holding the true token plus decoys: recomputing layers [0, k) with the recovered
+    prefix singles out the true one, through a lossy view too."""
+    train, test, emb_unit = data
+    n = min(len(test.token_ids), 40)
+    gen = torch.Generator().manual_seed(3)
+    decoys = torch.randint(0, emb_unit.shape[0], (len(test.token_ids), 7), generator=gen)
+    cands = torch.cat([decoys, test.token_ids[:, None]], 1)  # the truth last, never first
+    observed = L.worker_view(test, 3, fp16_view)
+    pred, at = L.verify_attack(tiny_llama, 3, fp16_view, test, observed, cands, max_positions=n)
+    assert len(at) >= n and L.recovery(pred, test.token_ids[at]) > 0.95
+    # Without the true token among them, verification cannot invent it.
+    pred, at = L.verify_attack(tiny_llama, 3, fp16_view, test, observed, decoys, max_positions=n)
+    assert L.recovery(pred, test.token_ids[at]) < 0.2
+
+
+def test_a_repeated_cache_continues_each_row_like_the_original(tiny_llama):
+    from partition.segment import ModelSegment
+
+    seg = ModelSegment.load(tiny_llama, 0, 2)
+    cache = seg.new_cache()
+    seg(torch.tensor([[5, 6, 7]]), cache, logits="none")
+    batch = seg(torch.tensor([[8], [9]]), cache.repeated(2), logits="none").hidden  # (2, 1, H)
+    for row, tok in enumerate((8, 9)):
+        one = cache.repeated(1)
+        single = seg(torch.tensor([[tok]]), one, logits="none").hidden[0]
+        torch.testing.assert_close(batch[row], single)
+    assert cache.length == 3  # the original is untouched
+
+
 def test_bad_inputs_are_refused_clearly(tiny_llama, tmp_path):
     with pytest.raises(L.LeakageInputError, match="splits must be in"):
         L.collect_boundary(tiny_llama, [[1, 2]], [4])
@@ -120,12 +153,15 @@ def test_the_bench_prints_one_json_table(tmp_path):
     test.write_text("\n\n".join(L.read_paragraphs(L.DEFAULT_TEST_TEXT)[:2]))
     out = subprocess.run(
         [sys.executable, "bench/bench_leakage.py", "--model", "tiny-llama", "--splits", "0,2",
-         "--attacks", "nn,ridge", "--train-text", str(train), "--test-text", str(test), "--json"],
+         "--attacks", "nn,ridge", "--train-text", str(train), "--test-text", str(test), "--json",
+         "--protections", "fp16,int8+d16", "--verify-splits", "2", "--verify-positions", "20"],
         capture_output=True, text=True, timeout=240, cwd=ROOT, env=child_env(),
     )
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout)
     cells = {(c["split"], c["protection"]): c for c in result["cells"]}
-    assert set(cells) == {(0, "fp16"), (0, "bf16"), (2, "fp16"), (2, "bf16")}
+    assert set(cells) == {(0, "fp16"), (0, "int8+d16"), (2, "fp16"), (2, "int8+d16")}
     assert cells[(0, "fp16")]["recovered"] == 1.0
+    assert cells[(2, "int8+d16")]["dims"] == 16 and "nn" not in cells[(2, "int8+d16")]["scores"]
+    assert "verify" in cells[(2, "fp16")]["scores"] and "verify" not in cells[(0, "fp16")]["scores"]
     assert result["train_tokens"] > result["test_tokens"] > 0
