@@ -5,7 +5,7 @@
 # Options: --model M (default smollm2-135m; the original defaulted to distilgpt2, which needs a hub),
 # --prompt P, --tokens N, --energy-weight W, --latency-weight W, --memory-weight W,
 # --cloud-latency SECONDS, --no-encryption, --force-local, --force-cloud, --min-split K (privacy floor:
-# never fewer layers on the edge), plus any `edgecloud demo` option such as --wire-dtype int8 or
+# never fewer layers on the edge), --max-leakage F (the floor from the measured leakage table), plus any `edgecloud demo` option such as --wire-dtype int8 or
 # --reduce-dims D (activations projected to D dims before they leave).
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -49,6 +51,21 @@ def resolve_split(config: EdgeConfig, n_layers: int) -> int | None:
     return k
 
 
+def apply_leakage_budget(config: EdgeConfig, source: ModelSource, tables_dir: Path | None = None) -> EdgeConfig:
+    """``config`` with ``min_split`` raised to what ``max_leakage`` needs under the measured table
+    for this model and protection (unchanged without a budget). Tables: ``partition/data``."""
+    if config.max_leakage is None:
+        return config
+    from partition.leakage import DATA_DIR, measured_leakage, protection_name
+    from partition.planner import min_split_for_leakage
+
+    name = protection_name(config.wire_dtype, config.reduce_dims)
+    table = measured_leakage(source.model_id, name, tables_dir or DATA_DIR)
+    floor = min_split_for_leakage(table, config.max_leakage, source.n_layers)
+    log.info("leakage budget %.2f with %s: no split below %d", config.max_leakage, name, floor)
+    return replace(config, min_split=max(config.min_split, floor))
+
+
 def make_client(config: EdgeConfig):
     from broker.linkproxy import LinkConfig  # imports zmq only when needed
     from edge_worker.cloud_client import CloudClient
@@ -88,6 +105,7 @@ def run_edge(config: EdgeConfig, on_text: Callable[[str], None] | None = None,
     t0 = time.perf_counter()
     progress(f"preparing model {config.model}")
     source = resolve_model(config.model)
+    config = apply_leakage_budget(config, source)
     split = resolve_split(config, source.n_layers)
     tokenizer = source.load_tokenizer()
     ids = encode_prompt(tokenizer, config.prompt, raw=config.raw_prompt)

@@ -369,6 +369,36 @@ def leakage_cell(
     return Cell(split, protection, int(test_x.shape[1]), scores)
 
 
+# --- measured tables, for the planner --------------------------------------------------------------
+
+# ``bench/bench_leakage.py --json`` output, one file per model, shipped for the models we measured.
+MEASURED_TABLE_GLOB = "leakage-*.json"
+
+
+def protection_name(wire_dtype: str, reduce_dims: int | None) -> str:
+    """The bench's name for a setting: ``fp16``, ``int8+d128``."""
+    return wire_dtype + (f"+d{reduce_dims}" if reduce_dims else "")
+
+
+def measured_leakage(model_id: str, protection: str, directory: Path = DATA_DIR) -> dict[int, float]:
+    """Split -> fraction of input tokens recovered (best attack) from the shipped measurements of
+    this exact model (weights digest included) under this protection."""
+    import json
+
+    for path in sorted(directory.glob(MEASURED_TABLE_GLOB)):
+        table = json.loads(path.read_text())
+        if table.get("model") != model_id:
+            continue
+        out = {c["split"]: float(c["recovered"]) for c in table["cells"] if c["protection"] == protection}
+        if out:
+            return out
+        have = sorted({c["protection"] for c in table["cells"]})
+        raise LeakageInputError(f"{path.name} has no measurements for {protection!r} (it has {', '.join(have)}); "
+                                "measure them with bench/bench_leakage.py --protections " + protection)
+    raise LeakageInputError(f"no leakage measurements for model {model_id} in {directory}; measure them with "
+                            "bench/bench_leakage.py --json and save the output there as leakage-NAME.json")
+
+
 def majority_baseline(train: Boundary, test: Boundary) -> float:
     """What guessing the calibration text's commonest token at every position recovers."""
     commonest = torch.bincount(train.token_ids).argmax()

@@ -79,3 +79,43 @@ def test_the_edge_cli_refuses_a_split_below_the_floor_clearly():
                          capture_output=True, text=True, timeout=120, cwd=ROOT, env=child_env())
     assert out.returncode != 0
     assert "below --min-split 3" in out.stderr and "Traceback" not in out.stderr
+
+
+def _write_table(directory, model_id="llama-test@abc"):
+    import json
+
+    cells = [{"split": k, "protection": "fp16", "recovered": v} for k, v in LEAKAGE.items()]
+    cells.append({"split": 25, "protection": "fp16+d32", "recovered": 0.1})
+    (directory / "leakage-test.json").write_text(json.dumps({"model": model_id, "cells": cells}))
+
+
+def test_measured_leakage_reads_the_table_of_this_model_and_protection(tmp_path):
+    from partition.leakage import LeakageInputError, measured_leakage, protection_name
+
+    _write_table(tmp_path)
+    assert measured_leakage("llama-test@abc", "fp16", tmp_path) == LEAKAGE
+    assert measured_leakage("llama-test@abc", protection_name("fp16", 32), tmp_path) == {25: 0.1}
+    with pytest.raises(LeakageInputError, match="no measurements for 'int8'"):
+        measured_leakage("llama-test@abc", "int8", tmp_path)
+    with pytest.raises(LeakageInputError, match="no leakage measurements for model other"):
+        measured_leakage("other", "fp16", tmp_path)
+
+
+def test_a_leakage_budget_raises_the_floor_and_never_lowers_it(tmp_path):
+    from types import SimpleNamespace
+
+    from edge_worker.runner import apply_leakage_budget
+
+    _write_table(tmp_path)
+    source = SimpleNamespace(model_id="llama-test@abc", n_layers=N)
+
+    def floor(**kw) -> int:
+        return apply_leakage_budget(EdgeConfig(**kw), source, tmp_path).min_split
+
+    assert floor(max_leakage=0.75) == 20
+    assert floor(max_leakage=0.75, min_split=25) == 25
+    assert floor(max_leakage=0.5) == N  # only keeping everything here passes
+    assert floor(max_leakage=0.5, reduce_dims=32) == 25
+    assert floor(min_split=3) == 3
+    with pytest.raises(ValueError, match="max leakage"):
+        EdgeConfig(max_leakage=2.0)
