@@ -91,6 +91,10 @@ def main() -> None:
     parser.add_argument("--verify-splits", default="", help="splits where the verify attack also runs")
     parser.add_argument("--verify-protections", default="fp16", help="protections it runs on")
     parser.add_argument("--verify-positions", type=int, default=128, help="test positions it attacks")
+    parser.add_argument("--reduced-splits", default="", help="splits where +dD protections are measured "
+                        "(default: all); each needs a calibration")
+    parser.add_argument("--mlp-protections", default="", help="protections the MLP probe runs on (default: all)")
+    parser.add_argument("--mlp-steps", type=int, default=L.MLP_STEPS)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args()
 
@@ -104,7 +108,9 @@ def main() -> None:
     t0 = time.perf_counter()
     source = resolve_model(args.model)
     tokenizer = source.load_tokenizer()
-    views = protection_views(source, names, splits)
+    reduced_splits = [int(s) for s in args.reduced_splits.split(",") if s] or splits
+    mlp_names = {s for s in args.mlp_protections.split(",") if s} or set(names)
+    views = protection_views(source, names, reduced_splits)
     train_par = [p for f in args.train_text for p in L.read_paragraphs(f)]
     train_chunks = L.chunk_token_ids(tokenizer, train_par, args.chunk_tokens)
     test_chunks = L.chunk_token_ids(tokenizer, L.read_paragraphs(args.test_text), args.chunk_tokens)
@@ -114,8 +120,11 @@ def main() -> None:
     cells = []
     for k in splits:
         for name, view in views.items():
+            if parse_protection(name)[1] and k not in reduced_splits:
+                continue
             verify = k in verify_splits and name in verify_names
-            cell = L.leakage_cell(k, name, view, train, test, emb_unit, attacks,
+            cell_attacks = [a for a in attacks if a != "mlp" or name in mlp_names]
+            cell = L.leakage_cell(k, name, view, train, test, emb_unit, cell_attacks, mlp_steps=args.mlp_steps,
                                   source=source if verify else None, verify_positions=args.verify_positions)
             cells.append(cell)
             print(f"split {k:>2} {name:>10}: " + ", ".join(f"{a} {100 * s:.1f}%" for a, s in cell.scores.items()),
@@ -123,7 +132,7 @@ def main() -> None:
     baseline = L.majority_baseline(train, test)
     result = {
         "model": source.model_id, "train_text": [str(f) for f in args.train_text], "test_text": str(args.test_text),
-        "verify_positions": args.verify_positions,
+        "verify_positions": args.verify_positions, "mlp_steps": args.mlp_steps,
         "train_tokens": len(train.token_ids), "test_tokens": len(test.token_ids),
         "majority_baseline": baseline, "seconds": round(time.perf_counter() - t0, 1),
         "cells": [{"split": c.split, "protection": c.protection, "dims": c.dims, "scores": c.scores,
