@@ -119,3 +119,15 @@ def test_a_leakage_budget_raises_the_floor_and_never_lowers_it(tmp_path):
     assert floor(min_split=3) == 3
     with pytest.raises(ValueError, match="max leakage"):
         EdgeConfig(max_leakage=2.0)
+
+
+def test_the_shipped_smollm2_measurements_give_a_floor_for_every_protection_they_list():
+    import json
+
+    from partition.leakage import DATA_DIR, measured_leakage
+
+    table = json.loads((DATA_DIR / "leakage-smollm2-135m.json").read_text())
+    for protection in {c["protection"] for c in table["cells"]}:
+        leakage = measured_leakage(table["model"], protection)
+        assert leakage and all(0.0 <= v <= 1.0 for v in leakage.values())
+        assert 0 <= min_split_for_leakage(leakage, 0.5, N) <= N
