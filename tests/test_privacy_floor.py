@@ -131,3 +131,14 @@ def test_the_shipped_smollm2_measurements_give_a_floor_for_every_protection_they
         leakage = measured_leakage(table["model"], protection)
         assert leakage and all(0.0 <= v <= 1.0 for v in leakage.values())
         assert 0 <= min_split_for_leakage(leakage, 0.5, N) <= N
+
+
+def test_a_leakage_budget_without_measurements_for_the_model_is_refused_clearly():
+    import subprocess
+
+    from cli.cluster import ROOT, child_env, cli_command
+
+    out = subprocess.run(cli_command("edge", "--model", "tiny-llama", "--max-leakage", "0.5", "--tokens", "2"),
+                         capture_output=True, text=True, timeout=120, cwd=ROOT, env=child_env())
+    assert out.returncode != 0
+    assert "no leakage measurements for model" in out.stderr and "Traceback" not in out.stderr
