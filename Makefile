@@ -38,6 +38,7 @@ bench: setup
 	$(BIN)/python bench/bench_local.py
 	$(BIN)/python bench/bench_pipeline.py
 	$(BIN)/python bench/bench_broker.py
+	$(BIN)/python bench/bench_privacy_quality.py
 
 # Longer fuzzing of every decoder that reads network bytes (CI runs 300 examples per test).
 fuzz: setup
