@@ -38,10 +38,11 @@ bench: setup
 	$(BIN)/python bench/bench_local.py
 	$(BIN)/python bench/bench_pipeline.py
 	$(BIN)/python bench/bench_broker.py
+	$(BIN)/python bench/bench_privacy_quality.py
 
 # Longer fuzzing of every decoder that reads network bytes (CI runs 300 examples per test).
 fuzz: setup
-	EDGECLOUD_FUZZ_EXAMPLES=20000 $(BIN)/python -m pytest -q -k fuzz tests/test_broker_protocol.py tests/test_session_protocol.py
+	EDGECLOUD_FUZZ_EXAMPLES=20000 $(BIN)/python -m pytest -q -k fuzz tests/test_broker_protocol.py tests/test_session_protocol.py tests/test_broker_codec.py
 
 lint: setup
 	$(BIN)/ruff check .
