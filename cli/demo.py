@@ -17,6 +17,9 @@ def demo(
     workers: Annotated[int, typer.Option(help="Cloud worker processes to start.")] = 1,
     split: Annotated[int | None, typer.Option("--split", "-k", help="Layers on the edge; "
                                               "without it the cost model chooses.")] = None,
+    min_split: Annotated[int, typer.Option("--min-split", help="Privacy floor: never fewer layers on the edge.")] = 0,
+    max_leakage: Annotated[float | None, typer.Option("--max-leakage", help="Privacy budget: no split whose "
+                                                      "measured token recovery exceeds this fraction.")] = None,
     energy_weight: Annotated[float, typer.Option(help="Cost-model weight of device energy.")] = 0.3,
     latency_weight: Annotated[float, typer.Option(help="Cost-model weight of latency.")] = 0.4,
     memory_weight: Annotated[float, typer.Option(help="Cost-model weight of device memory.")] = 0.3,
@@ -67,6 +70,10 @@ def demo(
             args.append("--force-cloud")
         elif split is not None:
             args += ["--split", str(split)]
+        if min_split:
+            args += ["--min-split", str(min_split)]
+        if max_leakage is not None:
+            args += ["--max-leakage", str(max_leakage)]
         args += ["--energy-weight", str(energy_weight), "--latency-weight", str(latency_weight),
                  "--memory-weight", str(memory_weight)]
         if no_encryption:

@@ -50,6 +50,10 @@ def edge(
     model: ModelOpt = "smollm2-135m",
     split: Annotated[int | None, typer.Option("--split", "-k", help="Layers to run on the edge (0..N); "
                                               "without it the cost model chooses.")] = None,
+    min_split: Annotated[int, typer.Option("--min-split", help="Privacy floor: never fewer layers on the edge "
+                                           "(see the leakage table in BENCHMARKS.md).")] = 0,
+    max_leakage: Annotated[float | None, typer.Option("--max-leakage", help="Privacy budget: no split whose "
+                                                      "measured token recovery exceeds this fraction.")] = None,
     energy_weight: Annotated[float, typer.Option(help="Cost-model weight of device energy.")] = 0.3,
     latency_weight: Annotated[float, typer.Option(help="Cost-model weight of latency.")] = 0.4,
     memory_weight: Annotated[float, typer.Option(help="Cost-model weight of device memory.")] = 0.3,
@@ -100,7 +104,8 @@ def edge(
     progress = Progress(enabled=not json_out)
     with typed_errors():
         config = EdgeConfig(
-            model=model, prompt=prompt, max_new_tokens=tokens, split=split, force_local=force_local,
+            model=model, prompt=prompt, max_new_tokens=tokens, split=split, min_split=min_split, max_leakage=max_leakage,
+            force_local=force_local,
             force_cloud=force_cloud, raw_prompt=raw_prompt, temperature=temperature, top_p=top_p, seed=seed,
             broker=broker or default_broker(), keys_dir=keys or default_keys_dir(),
             api_key=api_key or os.environ.get("EDGECLOUD_API_KEY"), encryption=not no_encryption,

@@ -26,6 +26,12 @@ class EdgeConfig:
     prompt: str = "What is edge computing?"
     max_new_tokens: int = DEFAULT_TOKENS
     split: int | None = None  # layers kept on the edge; None lets the planner choose
+    # Privacy floor: never fewer layers on the edge (a fixed --split below it is refused, the
+    # planner never goes below it). See the leakage table in BENCHMARKS.md for what depth buys.
+    min_split: int = 0
+    # Alternatively a leakage budget: the floor becomes the shallowest split whose measured token
+    # recovery (partition/data/leakage-*.json, best attack) is at most this fraction.
+    max_leakage: float | None = None
     force_local: bool = False  # every layer on the edge, no broker needed
     force_cloud: bool = False  # only the embedding on the edge (split 0)
     raw_prompt: bool = False  # skip the chat template of instruct models
@@ -64,6 +70,10 @@ class EdgeConfig:
             raise ValueError("--force-local and --force-cloud exclude each other")
         if self.max_new_tokens < 1:
             raise ValueError(f"tokens must be at least 1, got {self.max_new_tokens}")
+        if self.max_leakage is not None and not 0.0 <= self.max_leakage <= 1.0:
+            raise ValueError(f"max leakage must be a fraction in [0, 1], got {self.max_leakage}")
+        if self.min_split < 0:
+            raise ValueError(f"min split must be >= 0, got {self.min_split}")
         if self.split is not None and self.split < 0:
             raise ValueError(f"split must be >= 0, got {self.split}")
         if self.cloud_latency_s < 0:

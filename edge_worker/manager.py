@@ -85,6 +85,7 @@ class EdgeCloudManager:
         dynamic: bool = True,
         replan_every: int = 8,
         replan_margin: float = 0.1,
+        min_split: int = 0,
     ) -> None:
         if force_mode is not None and force_mode not in FORCE_MODES:
             raise ValueError(f"force_mode must be one of {FORCE_MODES} or None, got {force_mode!r}")
@@ -103,6 +104,14 @@ class EdgeCloudManager:
         self.weights = Weights(energy=energy_weight, latency=latency_weight, memory=memory_weight)
         self.force_mode = force_mode
         self.split = split
+        # A privacy floor the planner never goes below (partition/planner.py: plan); a forced split
+        # under it is refused here, not silently raised.
+        forced = 0 if force_mode == "cloud-only" else split
+        if not 0 <= min_split <= self.source.n_layers:
+            raise ValueError(f"min_split {min_split} is outside [0, {self.source.n_layers}]")
+        if forced is not None and forced < min_split:
+            raise ValueError(f"the forced split {forced} is below min_split {min_split}")
+        self.min_split = min_split
         env_tokens = os.environ.get("EDGECLOUD_MAX_NEW_TOKENS")
         self.max_new_tokens = max_new_tokens or (int(env_tokens) if env_tokens else DEFAULT_TOKENS)
         self.power = power
@@ -155,7 +164,7 @@ class EdgeCloudManager:
             self._plan_snapshot = self.device_monitor.snapshot()
         profile = load_or_measure_profile(self.source)
         chosen = plan(profile, conditions, self.weights, power=self.power, prompt_tokens=prompt_tokens,
-                      new_tokens=new_tokens, wire_dtype=self.privacy.wire_dtype)
+                      new_tokens=new_tokens, wire_dtype=self.privacy.wire_dtype, min_split=self.min_split)
         return Decision(chosen.k, "planned", rtt_ms, conditions, chosen, time.time())
 
     # --- running -------------------------------------------------------------------------------
@@ -220,7 +229,7 @@ class EdgeCloudManager:
         current = result.splits_used[-1]
         new = plan(load_or_measure_profile(self.source), conditions, self.weights, power=self.power,
                    prompt_tokens=self._prompt_tokens + step, new_tokens=max(1, self._new_tokens - step),
-                   wire_dtype=self.privacy.wire_dtype)
+                   wire_dtype=self.privacy.wire_dtype, min_split=self.min_split)
         self._plan_snapshot = snap  # the reference moves with every re-plan: drift accumulates
         stay, best = new.table[current], new.chosen
         if best.k == current or (stay.feasible and stay.score is not None

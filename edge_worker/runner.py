@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -26,16 +28,42 @@ def _quiet(_: str) -> None:
 
 
 def resolve_split(config: EdgeConfig, n_layers: int) -> int | None:
-    """The split the user fixed, or None when the planner should choose."""
+    """The split the user fixed, or None when the planner should choose. A fixed split below
+    ``min_split`` is refused rather than raised: the user asked for both, and only they can say
+    which one they meant."""
+    if config.min_split > n_layers:
+        raise InvalidSplitError(f"--min-split {config.min_split} is above this model's {n_layers} layers")
     if config.force_local:
         return n_layers
     if config.force_cloud:
-        return 0
-    if config.split is None:
+        k = 0
+    elif config.split is None:
         return None
-    if not 0 <= config.split <= n_layers:
-        raise InvalidSplitError(f"split {config.split} is outside [0, {n_layers}] for this model")
-    return config.split
+    else:
+        k = config.split
+    if not 0 <= k <= n_layers:
+        raise InvalidSplitError(f"split {k} is outside [0, {n_layers}] for this model")
+    if k < config.min_split:
+        raise InvalidSplitError(
+            f"split {k} is below --min-split {config.min_split}: fewer layers on the edge than the privacy "
+            "floor allows; raise the split, lower --min-split, or leave --split out to let the planner choose"
+        )
+    return k
+
+
+def apply_leakage_budget(config: EdgeConfig, source: ModelSource, tables_dir: Path | None = None) -> EdgeConfig:
+    """``config`` with ``min_split`` raised to what ``max_leakage`` needs under the measured table
+    for this model and protection (unchanged without a budget). Tables: ``partition/data``."""
+    if config.max_leakage is None:
+        return config
+    from partition.leakage import DATA_DIR, measured_leakage, protection_name
+    from partition.planner import min_split_for_leakage
+
+    name = protection_name(config.wire_dtype, config.reduce_dims)
+    table = measured_leakage(source.model_id, name, tables_dir or DATA_DIR)
+    floor = min_split_for_leakage(table, config.max_leakage, source.n_layers)
+    log.info("leakage budget %.2f with %s: no split below %d", config.max_leakage, name, floor)
+    return replace(config, min_split=max(config.min_split, floor))
 
 
 def mini_handler(config: EdgeConfig):
@@ -78,7 +106,7 @@ def plan_split(config: EdgeConfig, source: ModelSource, client, prompt_tokens: i
         privacy_protection=PrivacyProtection(config.encryption, config.wire_dtype, config.reduce_dims,
                                              config.reductions_dir),
         max_new_tokens=config.max_new_tokens, device_monitor=DeviceMonitor(), mini_llm=mini,
-        dynamic=config.dynamic,
+        dynamic=config.dynamic, min_split=config.min_split,
     )
     decision = manager.choose_split(prompt_tokens, config.max_new_tokens)
     log.info("planner: %s", decision.summary())
@@ -92,6 +120,7 @@ def run_edge(config: EdgeConfig, on_text: Callable[[str], None] | None = None,
     t0 = time.perf_counter()
     progress(f"preparing model {config.model}")
     source = resolve_model(config.model)
+    config = apply_leakage_budget(config, source)
     split = resolve_split(config, source.n_layers)
     tokenizer = source.load_tokenizer()
     ids = encode_prompt(tokenizer, config.prompt, raw=config.raw_prompt)

@@ -80,6 +80,21 @@ class SegmentKVCache:
         for store in self._layers.values():
             store.length = min(store.length, length)
 
+    def repeated(self, batch: int) -> SegmentKVCache:
+        """A copy whose positions are this (batch-1) cache's, repeated ``batch`` times along the
+        batch dimension: to run several continuations of one prefix in one forward pass
+        (``partition/leakage.py`` tries candidate tokens this way)."""
+        out = SegmentKVCache(self.max_length_tokens)
+        out._length = self._length
+        for idx, s in self._layers.items():
+            if s.keys.shape[0] != 1:
+                raise ValueError(f"only a batch-1 cache can be repeated, this one has batch {s.keys.shape[0]}")
+            store = _LayerStore(s.keys[..., : s.length, :].repeat(batch, 1, 1, 1),
+                                s.values[..., : s.length, :].repeat(batch, 1, 1, 1))
+            store.length = s.length
+            out._layers[idx] = store
+        return out
+
     def nbytes(self) -> int:
         return sum(s.keys.nelement() * s.keys.element_size() * 2 for s in self._layers.values())
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -437,6 +437,28 @@ def plan(
         weights=weights, effective_weights=eff, power=power, prompt_tokens=prompt_tokens,
         new_tokens=new_tokens, wire_dtype=wire_dtype, min_split=min_split, allowed_splits=allowed,
     )
+
+
+def min_split_for_leakage(leakage: Mapping[int, float], max_fraction: float, n_layers: int) -> int:
+    """The privacy floor that keeps measured leakage at or below ``max_fraction``.
+
+    ``leakage`` maps splits to the fraction of input tokens an attacker recovered there
+    (``bench/bench_leakage.py``). Returns the smallest measured split ``k`` such that every measured
+    split at or above ``k`` leaks at most ``max_fraction``, so that whatever the planner then picks
+    above the floor is bracketed by measurements that pass; ``n_layers`` (nothing leaves the
+    device) if no measured split qualifies. Only measured splits are candidates: between two
+    measurements nothing is known. Use the result as ``plan(min_split=...)``.
+    """
+    if not (math.isfinite(max_fraction) and 0.0 <= max_fraction <= 1.0):
+        raise ValueError(f"max_fraction must be in [0, 1], got {max_fraction}")
+    if any(not 0 <= k < n_layers for k in leakage):
+        raise ValueError(f"leakage has splits outside [0, {n_layers}): {sorted(leakage)}")
+    floor = n_layers
+    for k in sorted(leakage, reverse=True):
+        if leakage[k] > max_fraction:
+            break
+        floor = k
+    return floor
 
 
 def _ratio(value: float, maximum: float) -> float:

@@ -213,3 +213,39 @@ def test_fuzz_int8_round_trips_within_its_error_bound(rows, width, scale, seed):
     # Never worse than one int8 step of the row's largest magnitude.
     step = h.abs().amax(-1, keepdim=True) / 127 * 1.01 + 1e-6
     assert torch.all((out - h).abs() <= step)
+
+
+@pytest.mark.real_model
+def test_int8_keeps_smollm2_greedy_output_where_naive_int8_does_not(smollm2) -> None:
+    """The point of the outlier channels, on real hidden states at split 15: 16 greedy tokens stay
+    those of the unmodified model, while naive per-row int8 changes the top-1 token at some
+    positions of the same text."""
+    from edge_worker.privacy import worker_input
+    from partition.segment import ModelSegment
+    from partition.tokens import encode_prompt
+
+    split = 15
+    edge = ModelSegment.load(smollm2, 0, split)
+    rest = ModelSegment.load(smollm2, split, smollm2.n_layers, embed=False)
+    ids = encode_prompt(smollm2.load_tokenizer(), "Explain why the sky is blue.")
+
+    def generate(transform) -> list[int]:
+        ec, rc, x, out = edge.new_cache(), rest.new_cache(), torch.tensor([ids]), []
+        for _ in range(16):
+            h = edge(x, ec, logits="none").hidden  # (1, T, H)
+            out.append(int(rest(transform(h), rc).logits[0, -1].argmax()))
+            x = torch.tensor([[out[-1]]])
+        return out
+
+    reference = generate(lambda h: h)
+    assert generate(lambda h: worker_input(h, "int8")) == reference
+
+    def naive(h: torch.Tensor) -> torch.Tensor:
+        scale = h.abs().amax(-1, keepdim=True) / 127
+        return (h / scale).round() * scale
+
+    text = torch.tensor([ids + reference])
+    h = edge(text, edge.new_cache(), logits="none").hidden
+    top1 = rest(h, rest.new_cache(), logits="all").logits.argmax(-1)
+    assert torch.equal(rest(worker_input(h, "int8"), rest.new_cache(), logits="all").logits.argmax(-1), top1)
+    assert not torch.equal(rest(naive(h), rest.new_cache(), logits="all").logits.argmax(-1), top1)
