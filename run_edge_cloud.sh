@@ -5,7 +5,8 @@
 # Options: --model M (default smollm2-135m; the original defaulted to distilgpt2, which needs a hub),
 # --prompt P, --tokens N, --energy-weight W, --latency-weight W, --memory-weight W,
 # --cloud-latency SECONDS, --no-encryption, --force-local, --force-cloud, plus any `edgecloud demo` option
-# such as --wire-dtype int8 or --reduce-dims D (activations projected to D dims before they leave).
+# (for example --mini self|lookup|MODEL, --mini-threshold T, --mini-mode verify|trust,
+# --wire-dtype int8, or --reduce-dims D: activations projected to D dims before they leave).
 set -euo pipefail
 cd "$(dirname "$0")"
 [ -x .venv/bin/edgecloud ] || make setup >&2

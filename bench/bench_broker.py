@@ -6,7 +6,10 @@ WorkerConnection with an empty compute loop, or a bare DEALER echo). The
 difference is what edgecloud adds: header encoding and validation, session
 routing and bookkeeping, and the worker's I/O-thread hand-off.
 
-    .venv/bin/python bench/bench_broker.py [--round-trips 2000] [--size 1200] [--json]
+    .venv/bin/python bench/bench_broker.py [--round-trips 2000] [--size 1200] [--json] [--curve]
+
+``--curve`` adds a third path: the same broker and worker with CURVE on (fresh keys), so the cost
+of transport security is measured against the plain broker under the same load.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import argparse
 import json
 import logging
 import multiprocessing as mp
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from broker.broker import BrokerConfig, run_broker  # noqa: E402
 from broker.client_api import BrokerClient  # noqa: E402
+from broker.crypto import save_keys  # noqa: E402
 from broker.protocol import WorkerId  # noqa: E402
+from broker.transport import ROLE_CLIENT, ROLE_WORKER, allow_key, client_keys  # noqa: E402
 from broker.worker_api import WorkerConnection, WorkerInfo  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -40,12 +47,13 @@ WINDOW_DEEP = 64  # "many in flight", as a pipelining edge or many edges would h
 
 
 # ----------------------------------------------------------------- processes
-def _broker_proc(endpoint: str, stop: Any) -> None:
-    run_broker(BrokerConfig(endpoint=endpoint, max_queue=4096), stop_event=stop)
+def _broker_proc(endpoint: str, keys_dir: str | None, stop: Any) -> None:
+    run_broker(BrokerConfig(endpoint=endpoint, max_queue=4096, curve_keys_dir=keys_dir), stop_event=stop)
 
 
-def _worker_proc(endpoint: str, stop: Any) -> None:
-    conn = WorkerConnection(endpoint, WorkerInfo(WorkerId("bench-w"), MODEL, ((0, 64),), max_sessions=1024))
+def _worker_proc(endpoint: str, keys_dir: str | None, stop: Any) -> None:
+    conn = WorkerConnection(endpoint, WorkerInfo(WorkerId("bench-w"), MODEL, ((0, 64),), max_sessions=1024),
+                            curve=client_keys(keys_dir, "worker"))  # fmt: skip
     try:
         while not stop.is_set():
             job = conn.get(0.1)
@@ -95,9 +103,9 @@ def _echo_proc(back: str, stop: Any) -> None:
 class BrokerPath:
     """Client side of the real broker, worker and client stack."""
 
-    def __init__(self, endpoint: str, payload: bytes) -> None:
+    def __init__(self, endpoint: str, payload: bytes, keys_dir: str | None = None) -> None:
         self.payload = payload
-        self.client = BrokerClient(endpoint)
+        self.client = BrokerClient(endpoint, curve=client_keys(keys_dir, "client"))
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not self.client.status(READY_TIMEOUT_S)["workers"]:
             if time.monotonic() > deadline:
@@ -222,6 +230,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1200, help="payload bytes per request")
     ap.add_argument("--rounds", type=int, default=8, help="alternating measurement blocks per path")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    ap.add_argument("--curve", action="store_true", help="also measure the broker with CURVE on")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     payload = bytes(args.size)
@@ -229,27 +238,44 @@ def main() -> None:
     ep = f"tcp://127.0.0.1:{_free_port()}"
     front, back = f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
     procs = [
-        (_broker_proc, (ep,)),
-        (_worker_proc, (ep,)),
+        (_broker_proc, (ep, None)),
+        (_worker_proc, (ep, None)),
         (_proxy_proc, (front, back)),
         (_echo_proc, (back,)),
     ]
+    keys_dir = None
+    if args.curve:
+        keys_dir = tempfile.mkdtemp(prefix="bench-keys-")
+        save_keys(keys_dir, "broker", "default")
+        for role in (ROLE_CLIENT, ROLE_WORKER):
+            allow_key(keys_dir, save_keys(keys_dir, role, "default").public_key, role)
+        ep_curve = f"tcp://127.0.0.1:{_free_port()}"
+        procs += [(_broker_proc, (ep_curve, keys_dir)), (_worker_proc, (ep_curve, keys_dir))]
 
     def body() -> dict[str, dict[str, float]]:
         paths: dict[str, Any] = {}
         try:
             paths["broker"] = BrokerPath(ep, payload)
             paths["proxy"] = ProxyPath(front, payload)
+            if keys_dir is not None:
+                paths["broker_curve"] = BrokerPath(ep_curve, payload, keys_dir)
             return measure(paths, args.round_trips, args.rounds)
         finally:
             for path in paths.values():
                 path.close()
 
-    results = _run_with(procs, body)
+    try:
+        results = _run_with(procs, body)
+    finally:
+        if keys_dir is not None:
+            shutil.rmtree(keys_dir, ignore_errors=True)
     broker, proxy = results["broker"], results["proxy"]
     ratio = broker["median_us"] / proxy["median_us"]
     report = {"round_trips": args.round_trips, "rounds": args.rounds, "payload_bytes": args.size, "broker": broker, "proxy": proxy,
               "median_ratio": ratio}  # fmt: skip
+    if "broker_curve" in results:
+        curve = report["broker_curve"] = results["broker_curve"]
+        report["curve_median_ratio"] = curve["median_us"] / broker["median_us"]
     if args.json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
         return
@@ -262,6 +288,11 @@ def main() -> None:
     lines.append(
         f"broker/proxy median RTT ratio: {ratio:.2f}x ({args.round_trips} round trips of {args.size} B)"
     )
+    if "broker_curve" in report:
+        c = report["broker_curve"]
+        lines.append(f"with CURVE: median {c['median_us']:.0f} us, p99 {c['p99_us']:.0f} us, "
+                     f"{c[f'round_trips_per_s_{WINDOW_DEEP}']:.0f} round trips/s at {WINDOW_DEEP} in flight; "
+                     f"{report['curve_median_ratio']:.2f}x the plain broker's median")  # fmt: skip
     sys.stdout.write("\n".join(lines) + "\n")
 
 

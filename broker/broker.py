@@ -39,6 +39,7 @@ from typing import Any
 import zmq
 
 from broker import protocol as p
+from broker.crypto import load_keys
 from broker.errors import (
     AuthError,
     BrokerUnavailable,
@@ -52,6 +53,17 @@ from broker.errors import (
 from broker.protocol import RequestId, SessionId, WorkerId
 from broker.sockets import CLOSE_LINGER_MS, Waker, make_socket, poll_timeout_ms, recv_message, send_or_false
 from broker.state import PendingRequest, RateLimitedWarnings, SessionState, WorkerState
+from broker.transport import (
+    BROKER_KEY_NAME,
+    ROLE_CLIENT,
+    ROLE_WORKER,
+    AllowlistFiles,
+    ZapHandler,
+    authorize,
+    peer_key,
+    register_key_mismatch,
+    setup_curve_server,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +108,9 @@ class BrokerConfig:
     # sessions only when no other worker has room, for this long: a flapping worker (a hang that
     # resumes, an overloaded host) should not keep attracting sessions it may lose again.
     failed_worker_avoid_s: float = 60.0
+    # CURVE on every connection: the broker's keypair and the client/worker allowlists come from this
+    # directory (see broker/transport.py); the lists are re-read when they change. None: plaintext.
+    curve_keys_dir: str | None = None
 
     @property
     def worker_expiry_s(self) -> float:
@@ -117,7 +132,23 @@ class Broker:
         self._ctx = context or zmq.Context()
         self._sock = make_socket(self._ctx, zmq.ROUTER)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable sends raise: dead peers are noticed
-        self._sock.bind(config.endpoint)
+        self._allow: AllowlistFiles | None = None
+        self._zap: ZapHandler | None = None
+        self._worker_keys: dict[bytes, str] = {}  # identity of a registered worker -> its public key (hex)
+        try:
+            if config.curve_keys_dir is not None:
+                secret = load_keys(config.curve_keys_dir, "broker", BROKER_KEY_NAME).secret_key
+                allow = self._allow = AllowlistFiles(config.curve_keys_dir)
+                self._zap = ZapHandler(self._ctx, lambda: allow.current)
+                setup_curve_server(self._sock, secret)
+            self._sock.bind(config.endpoint)
+        except BaseException:
+            self._sock.close()
+            if self._zap is not None:
+                self._zap.close()
+            if self._own_context:
+                self._ctx.term()
+            raise
         self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._waker = Waker()
         self._stopping = threading.Event()
@@ -182,6 +213,8 @@ class Broker:
         finally:
             self._sock.close(linger=CLOSE_LINGER_MS)
             self._waker.close()
+            if self._zap is not None:
+                self._zap.close()
             if self._own_context:
                 self._ctx.term()
             self._stopped.set()
@@ -191,6 +224,7 @@ class Broker:
     def _drain_socket(self) -> None:
         for _ in range(RECV_BATCH):
             # Only the routing id (at most 255 bytes) as bytes: a header is size-checked before copying.
+            # The header stays a zmq.Frame: with CURVE its User-Id property names the sender's key.
             frames = recv_message(self._sock, 1)
             if frames is None:
                 break
@@ -208,6 +242,8 @@ class Broker:
         except ProtocolError as exc:
             self._bad_input(identity, exc)
             return
+        if self._allow is not None and not self._authorized(identity, frames[1], msg):
+            return
         handler = _HANDLERS.get(type(msg))
         if handler is None:
             self._bad_input(
@@ -221,6 +257,53 @@ class Broker:
         self._warn.warn(exc.reason, "malformed message from peer %s: %s", identity.hex(), exc)
         if exc.msg_type in p.CLIENT_TO_BROKER:
             self._send(identity, p.Error(request_id=exc.request_id or "", code=exc.code, message=str(exc)))
+
+    # ------------------------------------------------------------- CURVE auth
+    def _authorized(self, identity: bytes, header: Any, msg: p.Message) -> bool:
+        """Check ``msg`` against the current allowlist and the key its connection authenticated."""
+        assert self._allow is not None, "called with CURVE on only"
+        key = peer_key(header)
+        why = authorize(self._allow.current.get(key), msg)
+        if why is None and isinstance(msg, p.Register):
+            why = register_key_mismatch(key or "", msg)
+        if why is None:
+            if isinstance(msg, p.Register):
+                self._worker_keys[identity] = key or ""
+                # Reconnected workers leave their old identities behind: drop them now and then.
+                if len(self._worker_keys) > 2 * len(self._by_identity) + 64:
+                    self._worker_keys = {i: k for i, k in self._worker_keys.items() if i in self._by_identity}
+            return True
+        self.counters["auth_refused_messages"] += 1
+        self._warn.warn("auth", "refused %s from key %s...: %s", type(msg).__name__, (key or "?")[:16], why)
+        if isinstance(msg, p.Request | p.Status | p.Ping):
+            self._reply_error(identity, msg.request_id, AuthError(why))
+            return False
+        # A refused REGISTER, or a registered worker refused now, is told why (it logs it); anything else
+        # is dropped silently, so a worker whose key was revoked hears nothing, reconnects, and then
+        # fails the handshake for good.
+        w = self._by_identity.get(identity)
+        if w is not None:
+            self._expire_worker(w, f"refused: {why}")
+        if w is not None or isinstance(msg, p.Register):
+            self._send(identity, p.BrokerDisconnect(reason=f"refused: {why}"))
+        return False
+
+    def _reload_allowlist(self) -> None:
+        """Re-read the allowlist if its files changed; workers whose key lost its right go at once."""
+        if self._allow is None or not self._allow.reload_if_changed():
+            return
+        allow = self._allow.current
+        for identity, key in list(self._worker_keys.items()):
+            w = self._by_identity.get(identity)
+            if w is None:
+                del self._worker_keys[identity]
+                continue
+            entry = allow.get(key)
+            if entry is None or not entry.may_serve(w.model_id):
+                self.counters["workers_revoked"] += 1
+                del self._worker_keys[identity]
+                self._expire_worker(w, "its key was revoked")
+                self._send(identity, p.BrokerDisconnect(reason="refused: this worker's key was revoked"))
 
     # --------------------------------------------------------- client side
     def _on_request(self, identity: bytes, msg: p.Request) -> None:
@@ -637,6 +720,7 @@ class Broker:
             self._maintenance(now)
 
     def _maintenance(self, now: float) -> None:
+        self._reload_allowlist()
         for w in self._workers.values():
             for rid in [rid for rid, until in w.abandoned.items() if until <= now]:
                 del w.abandoned[rid]
@@ -676,7 +760,15 @@ class Broker:
             "queue_depth": len(self._queue),
             "counters": dict(self.counters),
             "protocol_errors": dict(self.protocol_errors),
+            "transport": self._transport_status(),
         }
+
+    def _transport_status(self) -> dict[str, Any]:
+        if self._allow is None or self._zap is None:
+            return {"curve": False}
+        allow = self._allow.current
+        return {"curve": True, "allowed_clients": allow.count(ROLE_CLIENT), "allowed_workers": allow.count(ROLE_WORKER),
+                "handshakes": dict(self._zap.counts)}  # fmt: skip
 
 
 _HANDLERS = {

@@ -22,9 +22,10 @@ from typing import Any
 import zmq
 
 from broker import protocol as p
-from broker.errors import BrokerUnavailable, EdgeCloudError, ProtocolError, error_from_code
+from broker.errors import AuthError, BrokerUnavailable, EdgeCloudError, ProtocolError, error_from_code
 from broker.protocol import RequestId, SessionId, WorkerId
 from broker.sockets import close_socket, make_socket, poll_timeout_ms, recv_message
+from broker.transport import CurveClientKeys, HandshakeWatch, setup_curve_client
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +68,13 @@ class BrokerClient:
         api_key: str = "",
         context: zmq.Context | None = None,
         config: ClientConfig | None = None,
+        curve: CurveClientKeys | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.api_key = api_key
         self.config = config or ClientConfig()
+        self.curve = curve  # None: a plain connection; else CURVE with this keypair (broker/transport.py)
+        self._handshake: HandshakeWatch | None = None
         self._own_context = context is None
         self._ctx = context or zmq.Context()
         self._sock: zmq.Socket | None = None
@@ -82,17 +86,31 @@ class BrokerClient:
 
     def _connect(self) -> None:
         self._sock = make_socket(self._ctx, zmq.DEALER)
+        setup_curve_client(self._sock, self.curve)
+        self._handshake = HandshakeWatch(self._sock, curve=self.curve is not None)
         self._sock.connect(self.endpoint)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._handshake.monitor, zmq.POLLIN)
+
+    def _close_socket(self) -> None:
+        if self._handshake is not None:
+            self._handshake.close()
+            self._handshake = None
+        close_socket(self._sock)
+        self._sock = None
 
     def _reset(self, reason: str) -> None:
         """Drop the socket and everything in flight on it; reconnect."""
         logger.warning("resetting connection to broker %s: %s", self.endpoint, reason)
+        if self._handshake is not None:
+            self._handshake.poll()
+            if self._handshake.failure:
+                reason += f"; {self._handshake.failure}"
         for rid in self._waiting:
             self._done[rid] = BrokerUnavailable(self.endpoint, reason)
         self._waiting.clear()
-        close_socket(self._sock)
+        self._close_socket()
         self._connect()
 
     # ----------------------------------------------------------------- API
@@ -166,8 +184,7 @@ class BrokerClient:
 
     def close(self) -> None:
         """Close the socket (and the context, if this client made it)."""
-        close_socket(self._sock)
-        self._sock = None
+        self._close_socket()
         if self._own_context:
             self._ctx.term()
 
@@ -207,8 +224,11 @@ class BrokerClient:
     def _receive(self, timeout_ms: int) -> None:
         """Wait up to ``timeout_ms`` for messages and file every one that arrived."""
         assert self._sock is not None
-        if not self._poller.poll(timeout_ms):
+        events = dict(self._poller.poll(timeout_ms))
+        if not events:
             return
+        if self._handshake is not None and self._handshake.monitor in events:
+            self._refused_by_broker()
         while True:
             frames = recv_message(self._sock, 1)
             if frames is None:
@@ -219,6 +239,19 @@ class BrokerClient:
                 logger.warning("malformed message from broker ignored: %s", exc)
                 continue
             self._file(msg)
+
+    def _refused_by_broker(self) -> None:
+        """If the broker refused our key at the handshake, fail everything waiting with AuthError now
+        (libzmq would retry the handshake silently until every deadline ran out)."""
+        assert self._handshake is not None, "called only while a socket is open"
+        self._handshake.poll()
+        if not self._handshake.refused:
+            return
+        pub = self.curve.keypair.public_key.hex()[:16] if self.curve else "?"
+        err = f"{self._handshake.failure}: client key {pub}... is not in its allowlist (trusted_clients.txt)"
+        for rid in self._waiting:
+            self._done[rid] = AuthError(err)
+        self._waiting.clear()
 
     def _file(self, msg: p.Message) -> None:
         rid = getattr(msg, "request_id", "")

@@ -47,6 +47,7 @@ import random
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -54,6 +55,7 @@ import zmq
 
 from broker.sockets import Waker, close_socket, make_socket, poll_timeout_ms, recv_message, send_or_false
 from broker.state import RateLimitedWarnings
+from broker.transport import CurveClientKeys, setup_curve_client
 
 logger = logging.getLogger(__name__)
 
@@ -302,13 +304,20 @@ class LinkProxy:
         upstream_endpoint: str,
         config: LinkConfig | None = None,
         context: zmq.Context | None = None,
+        upstream_curve: CurveClientKeys | None = None,
+        front_setup: Callable[[zmq.Socket], None] | None = None,
     ) -> None:
         self.config = config or LinkConfig()
         self.upstream_endpoint = upstream_endpoint
+        # With CURVE the proxy connects upstream as one client (these keys) for all its clients, and
+        # ``front_setup`` (e.g. transport.setup_curve_server) secures the listening side.
+        self.upstream_curve = upstream_curve
         self._own_context = context is None
         self._ctx = context or zmq.Context()
         self._front = make_socket(self._ctx, zmq.ROUTER)
         self._front.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply for a gone client raises, is counted
+        if front_setup is not None:
+            front_setup(self._front)
         try:
             self._front.bind(listen_endpoint)
         except zmq.ZMQError:
@@ -341,6 +350,14 @@ class LinkProxy:
         self._idle_check_s = min(IDLE_CHECK_S, self.config.client_idle_s / 4)
         logger.info("link proxy %s -> %s: %s (seed %d)", self.endpoint, upstream_endpoint,
                     self.config.describe(), self.seed)  # fmt: skip
+
+    def set_rtt(self, rtt_ms: float) -> None:
+        """Change the emulated round trip from now on (the link got slower or faster); messages
+        already admitted keep their due times."""
+        _check_nonneg("rtt_ms", rtt_ms)
+        with self._lock:
+            for d in self._dirs:
+                d.one_way_s = rtt_ms / 2 / MS_PER_S
 
     # ------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -482,6 +499,7 @@ class LinkProxy:
                             "active client's socket", self.config.max_clients)  # fmt: skip
             self._close_client(oldest)
         sock = make_socket(self._ctx, zmq.DEALER)
+        setup_curve_client(sock, self.upstream_curve)
         sock.connect(self.upstream_endpoint)
         client = _Client(identity, sock, now)
         self._clients[identity] = client

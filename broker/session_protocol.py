@@ -10,14 +10,19 @@ request *kinds* a session uses and their bodies, which the broker forwards untou
            hash it does not have. No body: no key exists yet.
            Reply extra: ``worker_pk``; body: one sealed frame ``b"open-ok"`` that proves the worker
            holds the secret key of ``worker_pk`` (the edge checks that key against its trusted list).
-``step``   body, sealed: [msgpack ``{"pos": int, "tensor": {"dtype", "shape"}}``, raw tensor bytes].
-           The tensor is (1, T, H), or (1, T, D) under a reduction to D dims.
-           ``pos`` is the position of the first new token; the worker's cache must hold exactly
-           ``pos`` positions, or ``pos`` must be a retry of a step it already ran (then the cache is
-           cropped back and the step recomputed: the effect on the cache happens once).
-           Reply body, sealed: [msgpack ``{"token": int, "pos": int, "compute_ms": float,
-           "worker_ms": float}``]: ``compute_ms`` is the forward pass and sampling, ``worker_ms``
-           everything from the job's arrival at the worker to its reply (decryption included).
+``step``   body, sealed: [msgpack ``{"pos": int, "tensor": {"dtype", "shape"}, "draft": [int]}``,
+           raw tensor bytes]; the tensor is (1, T, H), or (1, T, D) under a reduction to D dims. ``pos`` is the position of the first new token; the worker's cache
+           must hold exactly ``pos`` positions, or ``pos`` must be a retry of a step it already ran
+           (then the cache is cropped back and the step recomputed: the effect on the cache
+           happens once). ``draft`` (optional, at most ``MAX_DRAFT_TOKENS``) holds tokens a
+           drafter proposed; the tensor's last ``len(draft) + 1`` positions are the pending token
+           and the drafts, and the worker verifies them (``partition/speculative.py``), keeps the
+           accepted ones in its cache and drops the rest.
+           Reply body, sealed: [msgpack ``{"token": int, "accepted": int, "pos": int,
+           "compute_ms": float, "worker_ms": float}``]: ``accepted`` drafts were kept and
+           ``token`` follows them; ``pos`` is the cache length after the step; ``compute_ms`` is
+           the forward pass and sampling, ``worker_ms`` everything from the job's arrival at the
+           worker to its reply (decryption included).
 ``close``  no body; the worker frees the session.
 
 Every sealed body is bound to ``make_aad(session_id, step, kind)``, so a body moved to another
@@ -34,6 +39,7 @@ import msgpack
 from broker.codec import WIRE_DTYPES, decode_tensor, encode_tensor
 from broker.crypto import Cipher, make_aad
 from broker.errors import CryptoError, ProtocolError
+from partition.speculative import MAX_DRAFT_TOKENS
 
 KIND_OPEN = "open"
 KIND_STEP = "step"
@@ -55,7 +61,7 @@ def _unpack_small(data: Any, what: str) -> dict:
             strict_map_key=True,
             max_bin_len=64,
             max_str_len=256,
-            max_array_len=16,
+            max_array_len=MAX_DRAFT_TOKENS,
             max_map_len=16,
             ext_hook=_no_ext,
         )
@@ -133,15 +139,27 @@ def check_open_proof(cipher: Cipher, session_id: str, step: int, frames: list[An
 # --- step ----------------------------------------------------------------------------------------
 
 
-def seal_step(cipher: Cipher, session_id: str, step: int, pos: int, hidden, wire_dtype: str) -> list[Any]:
-    """hidden: (1, T, H) boundary activations for positions pos .. pos+T."""
+def seal_step(cipher: Cipher, session_id: str, step: int, pos: int, hidden, wire_dtype: str,
+              draft: list[int] | tuple[int, ...] = ()) -> list[Any]:
+    """hidden: (1, T, H) boundary activations for positions pos .. pos+T; ``draft``: tokens the
+    last ``len(draft)`` of those positions hold, to be verified."""
     meta, data = encode_tensor(hidden, wire_dtype)
-    head = msgpack.packb({"pos": pos, "tensor": meta})
-    return cipher.seal(make_aad(session_id, step, KIND_STEP), [head, data])
+    fields: dict[str, Any] = {"pos": pos, "tensor": meta}
+    if draft:
+        fields["draft"] = [int(t) for t in draft]
+    return cipher.seal(make_aad(session_id, step, KIND_STEP), [msgpack.packb(fields), data])
 
 
-def open_step(cipher: Cipher, session_id: str, step: int, frames: list[Any], hidden_size: int):
-    """Returns (pos, hidden (1, T, hidden_size) float32); raises ProtocolError or CryptoError.
+@dataclass(frozen=True)
+class StepRequest:
+    pos: int
+    hidden: Any  # (1, T, H) float32 tensor
+    draft: list[int]
+
+
+def open_step(cipher: Cipher, session_id: str, step: int, frames: list[Any], hidden_size: int,
+              vocab_size: int | None = None) -> StepRequest:
+    """Decrypt and validate a step body; raises ProtocolError or CryptoError.
 
     ``hidden_size`` is the width the session sends: the model's H, or D under a reduction."""
     body = cipher.open(make_aad(session_id, step, KIND_STEP), frames)
@@ -149,20 +167,28 @@ def open_step(cipher: Cipher, session_id: str, step: int, frames: list[Any], hid
         raise ProtocolError("bad_body", f"a step body has 2 frames, got {len(body)}")
     head = _unpack_small(body[0], "step")
     pos = _int_field(head, "pos", "step")
+    draft = head.get("draft", [])
+    if type(draft) is not list or not all(type(t) is int and t >= 0 for t in draft):
+        raise ProtocolError("bad_draft", "step field 'draft' must be a list of token ids")
+    if vocab_size is not None and any(t >= vocab_size for t in draft):
+        raise ProtocolError("bad_draft", f"a drafted token id is outside the vocabulary (size {vocab_size})")
     hidden = decode_tensor(head.get("tensor"), body[1])
     if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[2] != hidden_size or hidden.shape[1] < 1:
         raise ProtocolError(
             "bad_shape", f"step activations must be (1, T, {hidden_size}), got {tuple(hidden.shape)}"
         )
-    return pos, hidden
+    if len(draft) >= hidden.shape[1]:
+        raise ProtocolError("bad_draft", f"{len(draft)} drafts need at least {len(draft) + 1} positions, "
+                            f"the step has {hidden.shape[1]}")
+    return StepRequest(pos, hidden, draft)
 
 
 def seal_step_reply(
-    cipher: Cipher, session_id: str, step: int, token: int, pos: int, compute_ms: float, worker_ms: float
+    cipher: Cipher, session_id: str, step: int, token: int, pos: int, compute_ms: float, worker_ms: float,
+    accepted: int = 0,
 ) -> list[Any]:
-    head = msgpack.packb(
-        {"token": token, "pos": pos, "compute_ms": float(compute_ms), "worker_ms": float(worker_ms)}
-    )
+    head = msgpack.packb({"token": token, "accepted": accepted, "pos": pos, "compute_ms": float(compute_ms),
+                          "worker_ms": float(worker_ms)})
     return cipher.seal(make_aad(session_id, step, KIND_STEP), [head])
 
 
@@ -172,6 +198,7 @@ class StepReply:
     pos: int  # positions the worker's cache holds after the step
     compute_ms: float
     worker_ms: float
+    accepted: int = 0  # drafts the worker kept; ``token`` follows them
 
 
 def open_step_reply(cipher: Cipher, session_id: str, step: int, frames: list[Any]) -> StepReply:
@@ -187,4 +214,5 @@ def open_step_reply(cipher: Cipher, session_id: str, step: int, frames: list[Any
         _int_field(head, "pos", "step reply"),
         float(times[0]),
         float(times[1]),
+        _int_field(head, "accepted", "step reply") if "accepted" in head else 0,
     )

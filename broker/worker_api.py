@@ -45,6 +45,7 @@ from broker.sockets import (
     recv_message,
     send_or_false,
 )
+from broker.transport import CurveClientKeys, HandshakeWatch, setup_curve_client
 
 logger = logging.getLogger(__name__)
 
@@ -116,10 +117,13 @@ class WorkerConnection:
         info: WorkerInfo,
         context: zmq.Context | None = None,
         config: WorkerConfig | None = None,
+        curve: CurveClientKeys | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.info = info
         self.config = config or WorkerConfig()
+        self.curve = curve  # None: a plain connection; else CURVE with this keypair (broker/transport.py)
+        self._handshake: HandshakeWatch | None = None
         self._own_context = context is None
         self._ctx = context or zmq.Context()
         self._lock = threading.Lock()  # guards the socket and everything below it
@@ -211,8 +215,7 @@ class WorkerConnection:
                 self._flush_outbox()
                 if graceful:
                     send_or_false(self._sock, p.encode(p.Disconnect(worker_id=self.info.worker_id)))
-                close_socket(self._sock, CLOSE_LINGER_MS if graceful else 0)
-                self._sock = None
+                self._close_socket(CLOSE_LINGER_MS if graceful else 0)
             self._waker.close()
         if self._own_context:
             self._ctx.term()
@@ -268,6 +271,8 @@ class WorkerConnection:
 
     def _connect(self) -> None:
         sock = make_socket(self._ctx, zmq.DEALER)
+        setup_curve_client(sock, self.curve)
+        self._handshake = HandshakeWatch(sock, curve=self.curve is not None)
         sock.connect(self.endpoint)
         self._sock = sock
         self._poller = zmq.Poller()
@@ -310,10 +315,13 @@ class WorkerConnection:
             self._disconnect(now)
 
     def _disconnect(self, now: float) -> None:
-        logger.warning("broker at %s silent for %.1fs; reconnecting in %.2fs", self.endpoint, now - self._last_heard,
-                       self._backoff_s)  # fmt: skip
-        close_socket(self._sock)
-        self._sock = None
+        why = ""
+        if self._handshake is not None:
+            self._handshake.poll()
+            why = f" ({self._handshake.failure})" if self._handshake.failure else ""
+        logger.warning("broker at %s silent for %.1fs%s; reconnecting in %.2fs", self.endpoint,
+                       now - self._last_heard, why, self._backoff_s)  # fmt: skip
+        self._close_socket()
         self._reconnect_at = now + self._backoff_s
         self._backoff_s = min(self._backoff_s * 2, self.config.reconnect_max_s)
         self.reconnects += 1
@@ -321,6 +329,13 @@ class WorkerConnection:
             logger.warning("discarding %d jobs received before reconnecting", len(self._jobs))
             self._jobs.clear()
         self._outbox.clear()
+
+    def _close_socket(self, linger_ms: int = 0) -> None:
+        if self._handshake is not None:
+            self._handshake.close()
+            self._handshake = None
+        close_socket(self._sock, linger_ms)
+        self._sock = None
 
     def _flush_outbox(self) -> None:
         while self._outbox:

@@ -68,6 +68,7 @@ class LocalCluster:
     model: str = "smollm2-135m"
     keys_dir: Path | None = None  # None: a fresh directory with new keys
     encryption: bool = True
+    curve: bool = True  # False: every process runs with --no-curve
     worker_threads: int | None = None
     heartbeat_s: float = 1.0
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="edgecloud-")))
@@ -98,8 +99,11 @@ class LocalCluster:
 
     def start_broker(self) -> Proc:
         self.broker = self._spawn("broker", ["broker", "--endpoint", self.endpoint,
-                                             "--heartbeat", str(self.heartbeat_s)])
+                                             "--heartbeat", str(self.heartbeat_s), *self._curve_args()])
         return self.broker
+
+    def _curve_args(self) -> list[str]:
+        return [] if self.curve else ["--no-curve"]
 
     def add_worker(self, key_name: str | None = None) -> Proc:
         i = len(self.workers)
@@ -108,6 +112,7 @@ class LocalCluster:
                 "--key-name", key_name or ("default" if i == 0 else str(min(i + 1, 4)))]
         if not self.encryption:
             args.append("--no-encryption")
+        args += self._curve_args()
         if self.worker_threads:
             args += ["--threads", str(self.worker_threads)]
         proc = self._spawn(name, args)
@@ -115,7 +120,8 @@ class LocalCluster:
         return proc
 
     def status(self, timeout_s: float = 2.0) -> dict:
-        out = subprocess.run(cli_command("status", "--json", "--timeout", str(timeout_s)), env=self.env(),
+        out = subprocess.run(cli_command("status", "--json", "--timeout", str(timeout_s), *self._curve_args()),
+                             env=self.env(),
                              capture_output=True, text=True, cwd=ROOT)
         if out.returncode != 0:
             raise ClusterError(f"status failed: {out.stderr.strip()}")
@@ -141,12 +147,12 @@ class LocalCluster:
 
     def edge(self, *args: str, timeout_s: float = 300.0) -> subprocess.CompletedProcess:
         """Run ``edgecloud edge ARGS`` against this cluster as its own process."""
-        return subprocess.run(cli_command("edge", "--model", self.model, *args), env=self.env(),
-                              capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
+        return subprocess.run(cli_command("edge", "--model", self.model, *self._curve_args(), *args),
+                              env=self.env(), capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
 
     def start_edge(self, *args: str) -> subprocess.Popen:
         """Start ``edgecloud edge ARGS`` without waiting (read its output with communicate())."""
-        return subprocess.Popen(cli_command("edge", "--model", self.model, *args), env=self.env(),
+        return subprocess.Popen(cli_command("edge", "--model", self.model, *self._curve_args(), *args), env=self.env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
 
     def wait_for_decoding(self, edge: subprocess.Popen, served: int = 50, timeout_s: float = 120.0) -> str:
@@ -155,9 +161,11 @@ class LocalCluster:
         from broker.client_api import BrokerClient
         from broker.crypto import load_api_keys
         from broker.errors import EdgeCloudError
+        from broker.transport import client_keys
 
         keys = sorted(load_api_keys(Path(self.keys_dir) / "api_keys.txt"))
-        watcher = BrokerClient(self.endpoint, keys[0] if keys else "")
+        curve = client_keys(self.keys_dir, "client") if self.curve else None
+        watcher = BrokerClient(self.endpoint, keys[0] if keys else "", curve=curve)
         try:
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline and edge.poll() is None:

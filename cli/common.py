@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from typing import Annotated
 
 import typer
 
@@ -90,3 +91,19 @@ def stop_on_signals() -> threading.Event:
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
     return stop
+
+
+# The mini-LLM options, shared by `edge` and `demo`.
+MiniOpt = Annotated[str, typer.Option(
+    "--mini", help="Drafter for easy tokens: none, self (early exit from the edge's layers), lookup "
+    "(prompt lookup) or a small model sharing the tokenizer.")]
+MiniThresholdOpt = Annotated[float, typer.Option(
+    "--mini-threshold", help="Drafter confidence below which a token is hard and drafting stops.")]
+MiniModeOpt = Annotated[str, typer.Option(
+    "--mini-mode", help="verify: the main model checks every draft (output unchanged); trust: confident "
+    "drafts are emitted without waiting for the cloud.")]
+MiniDraftOpt = Annotated[int, typer.Option(
+    "--mini-max-draft", help="Most tokens drafted per cloud round trip (fewer when they do not pay).")]
+MiniFixedOpt = Annotated[bool, typer.Option(
+    "--mini-fixed", help="Always draft up to --mini-max-draft tokens instead of what the measured round "
+    "trip and acceptance rate say pays (for measurements).")]

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from cli.cluster import ClusterError, LocalCluster
-from cli.common import EXIT_FAILED
+from cli.common import EXIT_FAILED, MiniDraftOpt, MiniFixedOpt, MiniModeOpt, MiniOpt, MiniThresholdOpt
 
 
 def demo(
@@ -27,6 +27,7 @@ def demo(
     force_local: Annotated[bool, typer.Option("--force-local")] = False,
     force_cloud: Annotated[bool, typer.Option("--force-cloud")] = False,
     no_encryption: Annotated[bool, typer.Option("--no-encryption")] = False,
+    no_curve: Annotated[bool, typer.Option("--no-curve", help="Plain broker connections (no CURVE).")] = False,
     wire_dtype: Annotated[str, typer.Option(help="fp32, fp16, bf16 or int8.")] = "fp16",
     reduce_dims: Annotated[int | None, typer.Option(help="Project the activations to this many dims "
                                                     "(see `edge --help`).")] = None,
@@ -34,6 +35,11 @@ def demo(
     seed: Annotated[int, typer.Option()] = 0,
     cloud_latency: Annotated[float, typer.Option(help="Emulated extra round trip to the cloud, seconds.")] = 0.0,
     bandwidth_mbps: Annotated[float | None, typer.Option(help="Emulated link bandwidth, Mbit/s.")] = None,
+    mini: MiniOpt = "none",
+    mini_threshold: MiniThresholdOpt = 0.5,
+    mini_mode: MiniModeOpt = "verify",
+    mini_max_draft: MiniDraftOpt = 8,
+    mini_fixed: MiniFixedOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the edge's JSON object only.")] = False,
     trace_rows: Annotated[int, typer.Option("--trace-rows", help="Per-token trace rows to print.")] = 8,
 ) -> None:
@@ -43,7 +49,7 @@ def demo(
         if not json_out:
             typer.echo(msg, err=True)
 
-    cluster = LocalCluster(model=model, encryption=not no_encryption)
+    cluster = LocalCluster(model=model, encryption=not no_encryption, curve=not no_curve)
     try:
         t0 = time.perf_counter()
         say(f"starting broker on {cluster.endpoint} and {workers} worker(s) of {model} (logs in {cluster.workdir})")
@@ -71,6 +77,9 @@ def demo(
             args += ["--cloud-latency", str(cloud_latency)]
         if bandwidth_mbps:
             args += ["--bandwidth-mbps", str(bandwidth_mbps)]
+        if mini != "none":
+            args += ["--mini", mini, "--mini-threshold", str(mini_threshold), "--mini-mode", mini_mode,
+                     "--mini-max-draft", str(mini_max_draft)] + (["--mini-fixed"] if mini_fixed else [])
         out = cluster.edge(*args)
         if out.returncode != 0:
             raise ClusterError(f"the edge failed (exit {out.returncode}):\n{out.stderr[-2000:]}")
@@ -108,6 +117,10 @@ def print_result(r: dict, trace_rows: int) -> None:
         f"{r['bytes_sent']} B sent, {r['bytes_received']} B received, {r['retries']} retries",
         err=True,
     )
+    if r.get("mini"):
+        rate = r.get("acceptance_rate") or 0.0
+        typer.echo(f"mini-LLM ({r['mini']}, {r['mini_mode']}): {r['tokens_from_mini']} of {len(r['token_ids'])} "
+                   f"tokens, {rate:.0%} of {r['tokens_drafted']} drafts kept", err=True)
     typer.echo(
         f"time: edge {t['edge_compute_ms']:.0f} ms, cloud {t['cloud_compute_ms']:.0f} ms, "
         f"transport {t['transport_ms']:.0f} ms, waiting {t['waiting_ms']:.0f} ms",

@@ -8,7 +8,16 @@ from typing import Annotated
 
 import typer
 
-from cli.common import Progress, setup_logging, typed_errors
+from cli.common import (
+    MiniDraftOpt,
+    MiniFixedOpt,
+    MiniModeOpt,
+    MiniOpt,
+    MiniThresholdOpt,
+    Progress,
+    setup_logging,
+    typed_errors,
+)
 
 app = typer.Typer(
     name="edgecloud",
@@ -50,6 +59,8 @@ def edge(
     keys: Annotated[Path | None, typer.Option("--keys", help="Keys directory [env EDGECLOUD_KEYS].")] = None,
     api_key: Annotated[str | None, typer.Option(help="API key for the broker [env EDGECLOUD_API_KEY].")] = None,
     no_encryption: Annotated[bool, typer.Option("--no-encryption", help="Send activations in the clear.")] = False,
+    no_curve: Annotated[bool, typer.Option("--no-curve", help="Connect to the broker without CURVE (on when "
+                                           "the keys directory holds client-default.key).")] = False,
     wire_dtype: Annotated[str, typer.Option(help="Activation precision on the wire: fp32, fp16, bf16, "
                                             "int8 (with fp16 outlier channels).")] = "fp16",
     reduce_dims: Annotated[int | None, typer.Option(help="Project the activations to this many dims "
@@ -66,10 +77,17 @@ def edge(
     timeout: Annotated[float, typer.Option(help="Seconds one cloud request may take before a retry.")] = 30.0,
     deadline: Annotated[float, typer.Option(help="Seconds one step may take, retries and failovers "
                                             "included, before giving up.")] = 60.0,
+    no_replan: Annotated[bool, typer.Option("--no-replan", help="Keep the planned split for the whole "
+                                            "generation, even when the link or the device changes.")] = False,
     no_fallback: Annotated[bool, typer.Option("--no-fallback", help="Fail instead of running the rest "
                                               "of the model here when the cloud is gone.")] = False,
     cloud_latency: Annotated[float, typer.Option(help="Emulated extra round trip to the cloud, seconds.")] = 0.0,
     bandwidth_mbps: Annotated[float | None, typer.Option(help="Emulated link bandwidth, Mbit/s.")] = None,
+    mini: MiniOpt = "none",
+    mini_threshold: MiniThresholdOpt = 0.5,
+    mini_mode: MiniModeOpt = "verify",
+    mini_max_draft: MiniDraftOpt = 8,
+    mini_fixed: MiniFixedOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Generate text on this device, alone (--force-local) or with cloud workers."""
@@ -89,7 +107,9 @@ def edge(
             wire_dtype=wire_dtype, reduce_dims=reduce_dims, reductions_dir=reductions, request_timeout_s=timeout, step_deadline_s=deadline,
             fallback_local=not no_fallback, cloud_latency_s=cloud_latency,
             bandwidth_mbps=bandwidth_mbps, energy_weight=energy_weight, latency_weight=latency_weight,
-            memory_weight=memory_weight,
+            memory_weight=memory_weight, mini=mini, mini_threshold=mini_threshold, mini_mode=mini_mode,
+            mini_max_draft=mini_max_draft, mini_adaptive=not mini_fixed, dynamic=not no_replan,
+            curve=not no_curve,
         )
         started = False
 
@@ -110,7 +130,9 @@ def edge(
         typer.echo(
             f"[{result.mode}, split {result.split}/{result.n_layers}: {len(result.token_ids)} tokens, "
             f"first after {result.ttft_ms:.0f} ms, then {result.ms_per_token:.1f} ms/token, "
-            f"{result.cloud_round_trips} cloud round trips]",
+            f"{result.cloud_round_trips} cloud round trips"
+            + (f", {result.tokens_from_mini} tokens from the mini-LLM ({result.mini}, "
+               f"{result.acceptance_rate or 0:.0%} of drafts kept)" if result.mini else "") + "]",
             err=True,
         )
 

@@ -19,11 +19,14 @@ def broker(
     api_key: Annotated[list[str] | None, typer.Option("--api-key", help="An accepted API key (repeatable).")] = None,
     no_auth: Annotated[bool, typer.Option("--no-auth", help="Accept clients without an API key.")] = False,
     heartbeat: Annotated[float, typer.Option(help="Heartbeat period with workers, seconds.")] = 1.0,
+    no_curve: Annotated[bool, typer.Option("--no-curve", help="Accept plain connections: no CURVE, no key "
+                                           "allowlist (on by default when broker-default.key exists).")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the job broker: routes edge requests to cloud workers (never reads payloads)."""
     from broker.broker import Broker, BrokerConfig
     from broker.crypto import load_api_keys
+    from broker.transport import TRUSTED_CLIENTS_FILE, broker_has_keys
     from edge_worker.config import default_broker, default_keys_dir
 
     setup_logging(verbose)
@@ -39,11 +42,24 @@ def broker(
             err=True,
         )
         raise typer.Exit(EXIT_USAGE)
+    curve = not no_curve and broker_has_keys(keys_dir)
+    if curve and not (keys_dir / TRUSTED_CLIENTS_FILE).exists():
+        typer.echo(
+            f"error: CURVE is on ({keys_dir}/broker-default.key exists) but {keys_dir}/{TRUSTED_CLIENTS_FILE} "
+            f"does not: no client could connect. Run `edgecloud keys allow {keys_dir} client-default`, "
+            "or pass --no-curve.",
+            err=True,
+        )
+        raise typer.Exit(EXIT_USAGE)
     with typed_errors():
         config = BrokerConfig(endpoint=endpoint or default_broker(), heartbeat_interval_s=heartbeat,
-                              api_keys=frozenset() if no_auth else frozenset(accepted))
+                              api_keys=frozenset() if no_auth else frozenset(accepted),
+                              curve_keys_dir=str(keys_dir) if curve else None)  # fmt: skip
         b = Broker(config)
-        typer.echo(f"broker listening on {b.endpoint} ({len(config.api_keys)} API keys)", err=True)
+        transport = b.status()["transport"]
+        how = (f"CURVE, {transport['allowed_clients']} client and {transport['allowed_workers']} worker keys allowed"
+               if curve else "no CURVE: plain connections")  # fmt: skip
+        typer.echo(f"broker listening on {b.endpoint} ({len(config.api_keys)} API keys; {how})", err=True)
         b.serve_forever(stop_on_signals())
 
 
@@ -64,6 +80,8 @@ def cloud_worker(
     reductions: Annotated[Path | None, typer.Option("--reductions", help="Projection files of --reduce-dims edges "
                                                     "[env EDGECLOUD_REDUCTIONS, default "
                                                     "~/.cache/edgecloud/reductions].")] = None,
+    no_curve: Annotated[bool, typer.Option("--no-curve", help="Connect to the broker in the clear "
+                                           "(CURVE is on when the worker key and broker-default.pub exist).")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run a cloud worker: serves layers [k, N) of a model for any split k, one KV cache per session."""
@@ -83,7 +101,7 @@ def cloud_worker(
             key_name=key_name, encryption=not no_encryption, allow_plaintext=allow_plaintext, device=device,
             max_sessions=max_sessions,
             session_idle_ttl_s=session_ttl, max_session_tokens=max_tokens, torch_threads=threads,
-            worker_id=worker_id, reductions_dir=reductions,
+            worker_id=worker_id, reductions_dir=reductions, curve=not no_curve,
         )
         worker = CloudWorker(config)
         worker.stop_event = stop
@@ -97,12 +115,13 @@ def status(
     api_key: Annotated[str | None, typer.Option(help="API key [env EDGECLOUD_API_KEY].")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the raw status map as JSON.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the broker.")] = 5.0,
+    no_curve: Annotated[bool, typer.Option("--no-curve", help="Connect in the clear.")] = False,
 ) -> None:
     """Show the broker's workers, sessions, in-flight requests and error counters."""
     from edge_worker.cloud_client import CloudClient
 
     setup_logging(False, quiet=True)
-    client = CloudClient(api_key=api_key, broker=broker, keys_dir=keys)
+    client = CloudClient(api_key=api_key, broker=broker, keys_dir=keys, curve=not no_curve)
     try:
         with typed_errors():
             st = client.status(timeout_s=timeout)
@@ -133,6 +152,14 @@ def render_status(st: dict) -> str:
             f"seen {w.get('last_seen_s_ago', 0):.1f}s ago"
             + (f"  avoided for {w['avoided_for_s']:.0f}s after a failure" if w.get("avoided_for_s") else "")
         )
+    transport = st.get("transport", {})
+    if transport.get("curve"):
+        hs = transport.get("handshakes", {})
+        lines.append(f"CURVE: {transport.get('allowed_clients')} client and {transport.get('allowed_workers')} "
+                     f"worker keys allowed; handshakes accepted {hs.get('accepted', 0)}, refused "
+                     f"{hs.get('refused_key', 0) + hs.get('refused_other', 0)}")  # fmt: skip
+    elif transport:
+        lines.append("no CURVE: the broker accepts plain connections")
     counters = st.get("counters", {})
     if counters:
         lines.append("counters: " + ", ".join(f"{k}={v}" for k, v in sorted(counters.items())))
@@ -146,28 +173,82 @@ def render_status(st: dict) -> str:
 def keys_generate(
     directory: Annotated[Path, typer.Argument(help="Where to write the keys (created if missing).")],
     workers: Annotated[int, typer.Option(help="Worker keypairs to create (worker-default, worker-2, ...).")] = 1,
+    clients: Annotated[int, typer.Option(help="Client keypairs to create (client-default, client-2, ...).")] = 1,
     force: Annotated[bool, typer.Option(help="Overwrite existing keys.")] = False,
 ) -> None:
-    """Write keys for the broker, workers and clients, the trusted-workers list and an API key."""
-    from broker.crypto import add_api_key, add_trusted_worker, save_keys
+    """Write keys for the broker, workers and clients, the trusted worker and client lists and an API key."""
+    from broker.crypto import add_api_key, save_keys
+    from broker.transport import (
+        ROLE_CLIENT,
+        ROLE_WORKER,
+        TRUSTED_CLIENTS_FILE,
+        TRUSTED_WORKERS_FILE,
+        allow_key,
+    )
 
     if (directory / "worker-default.key").exists() and not force:
         typer.echo(f"error: {directory} already holds keys; pass --force to replace them", err=True)
         raise typer.Exit(EXIT_FAILED)
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o700)
-    trusted = directory / "trusted_workers.txt"
-    if force and trusted.exists():
-        trusted.unlink()
+    for name in (TRUSTED_WORKERS_FILE, TRUSTED_CLIENTS_FILE, "api_keys.txt"):
+        if force and (directory / name).exists():
+            (directory / name).unlink()
     save_keys(directory, "broker", "default")
-    save_keys(directory, "client", "default")
-    for i in range(workers):
-        name = "default" if i == 0 else str(i + 1)
-        kp = save_keys(directory, "worker", name)
-        add_trusted_worker(trusted, kp.public_key)
-    api = directory / "api_keys.txt"
-    if force and api.exists():
-        api.unlink()
-    add_api_key(api)
-    typer.echo(f"wrote broker, client and {workers} worker keypairs, trusted_workers.txt and api_keys.txt "
-               f"to {directory}", err=True)
+    for role, count in ((ROLE_CLIENT, clients), (ROLE_WORKER, workers)):
+        for i in range(count):
+            name = "default" if i == 0 else str(i + 1)
+            kp = save_keys(directory, role, name)
+            allow_key(directory, kp.public_key, role, comment=f"{role}-{name}")
+    add_api_key(directory / "api_keys.txt")
+    typer.echo(f"wrote broker, {clients} client and {workers} worker keypairs, {TRUSTED_WORKERS_FILE}, "
+               f"{TRUSTED_CLIENTS_FILE} and api_keys.txt to {directory}", err=True)
+
+
+@keys_app.command("allow")
+def keys_allow(
+    directory: Annotated[Path, typer.Argument(help="The keys directory the broker reads.")],
+    who: Annotated[str, typer.Argument(help="A hex public key, or ROLE-NAME for ROLE-NAME.pub in DIRECTORY.")],
+    role: Annotated[str | None, typer.Option(help="client or worker (default: from ROLE-NAME).")] = None,
+    models: Annotated[str | None, typer.Option(help="Worker keys only: comma-separated models it may serve "
+                                               "(names as for --model, or model ids as `status` shows them; "
+                                               "default: any).")] = None,
+) -> None:
+    """Let a client or worker key connect (a running broker picks the change up within a second)."""
+    from broker.transport import allow_key, resolve_public_key
+
+    with typed_errors():
+        key = resolve_public_key(directory, who)
+        role = role or who.partition("-")[0]
+        names = [m for m in (models or "").split(",") if m]
+        # The broker compares model ids (architecture and a digest of the weights), so a name is
+        # resolved here, where the model is; an id (it contains "@") is taken as it is.
+        ids = [m if "@" in m else _model_id(m) for m in names]
+        comment = " ".join(([who] if len(who) != 2 * len(key) else []) + names)
+        path = allow_key(directory, key, role, ids or None, comment=comment)
+    typer.echo(f"allowed {role} key {key.hex()[:16]}... in {path}" + (f" for {', '.join(ids)}" if ids else ""),
+               err=True)  # fmt: skip
+
+
+def _model_id(name: str) -> str:
+    from partition.models import resolve_model
+
+    return resolve_model(name).model_id
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    directory: Annotated[Path, typer.Argument(help="The keys directory the broker reads.")],
+    who: Annotated[str, typer.Argument(help="A hex public key, or ROLE-NAME for ROLE-NAME.pub in DIRECTORY.")],
+) -> None:
+    """Remove a key from the allowlists: a running broker stops serving it within a second, live
+    connections included, and edges stop trusting a revoked worker."""
+    from broker.transport import resolve_public_key, revoke_key
+
+    with typed_errors():
+        key = resolve_public_key(directory, who)
+        changed = revoke_key(directory, key)
+    if not changed:
+        typer.echo(f"error: key {key.hex()[:16]}... is in no allowlist of {directory}", err=True)
+        raise typer.Exit(EXIT_FAILED)
+    typer.echo(f"revoked key {key.hex()[:16]}... from {', '.join(p.name for p in changed)}", err=True)

@@ -22,8 +22,6 @@ class Session:
     wire_dtype: str
     cache: SegmentKVCache
     last_used: float = field(default_factory=time.monotonic)
-    # step number -> cache length before that step ran: a retried step crops back to it.
-    step_starts: dict[int, int] = field(default_factory=dict)
     reduction: Reduction | None = None  # steps arrive (1, T, D) and are reconstructed to (1, T, H)
 
 

@@ -28,13 +28,15 @@ from broker.session_protocol import (
     seal_open_proof,
     seal_step_reply,
 )
+from broker.transport import client_keys
 from broker.worker_api import Job, WorkerConnection, WorkerInfo
 from cloud_worker.sessions import Session, SessionTable
 from partition.kv_cache import CacheFullError
 from partition.models import resolve_model
 from partition.reduction import Reduction, ReductionError, ReductionStore
-from partition.sampling import SamplingParams, choose_token
+from partition.sampling import SamplingParams
 from partition.segment import ModelSegment
+from partition.speculative import run_and_verify
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,9 @@ class CloudWorkerConfig:
     # Where the projection files of reduced sessions are (partition/reduction.py); None: the default,
     # $EDGECLOUD_REDUCTIONS or ~/.cache/edgecloud/reductions.
     reductions_dir: Path | None = None
+    # CURVE to the broker with worker-<key_name>.key and the broker's public key from keys_dir
+    # (when they are there); False (--no-curve) connects in the clear.
+    curve: bool = True
 
 
 def pick_device(name: str) -> torch.device:
@@ -95,6 +100,7 @@ def measure_per_layer_ms(segment: ModelSegment, repeats: int = 8) -> float:
 class CloudWorker:
     def __init__(self, config: CloudWorkerConfig) -> None:
         self.config = config
+        self.curve_keys = client_keys(config.keys_dir, "worker", config.key_name) if config.curve else None
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self.device = pick_device(config.device)
@@ -123,7 +129,7 @@ class CloudWorker:
 
     def serve(self) -> None:
         """Serve until ``stop_event`` is set; then leave the broker gracefully."""
-        self.conn = WorkerConnection(self.config.broker, self.info)
+        self.conn = WorkerConnection(self.config.broker, self.info, curve=self.curve_keys)
         log.info("worker %s serving %s (%d layers on %s, %.2f ms/layer) via %s",
                  self.worker_id, self.source.model_id, self.source.n_layers, self.device,
                  self.per_layer_ms, self.config.broker)
@@ -210,10 +216,12 @@ class CloudWorker:
             raise WorkerLost(f"session {job.session_id} is not held by worker {self.worker_id} "
                              "(expired, evicted or the worker restarted): reopen it and replay")
         width = session.reduction.dims if session.reduction else self.source.hidden_size
-        pos, hidden = open_step(session.cipher, job.session_id, job.step, job.frames, width)
+        req = open_step(session.cipher, job.session_id, job.step, job.frames, width,
+                        vocab_size=self.source.vocab_size)
+        hidden = req.hidden
         if session.reduction is not None:
             hidden = session.reduction.reconstruct(hidden)  # (1, T, D) -> (1, T, H)
-        cache = session.cache
+        pos, cache = req.pos, session.cache
         if pos < cache.length:
             # A retry of a step this cache already ran (the reply was lost or late): undo it and
             # run it again, so the step affects the cache exactly once.
@@ -223,15 +231,16 @@ class CloudWorker:
                              f"at {pos}: a step is missing; reopen and replay")
         t0 = time.perf_counter()
         try:
-            out = self.segment(hidden, cache, start_layer=session.layer_lo)  # hidden: (1, T, H)
+            # hidden: (1, T, H); the last len(draft) positions are drafted tokens to verify.
+            accepted, token = run_and_verify(self.segment, hidden, cache, session.sampling, job.step,
+                                             req.draft, start_layer=session.layer_lo)
         except CacheFullError as exc:
             cache.crop(pos)
             raise ProtocolError("too_long", str(exc)) from None
-        token = choose_token(out.logits[0, -1], session.sampling, job.step)
         compute_ms = (time.perf_counter() - t0) * 1e3
         worker_ms = (time.monotonic() - job.received_at) * 1e3
         return {}, seal_step_reply(session.cipher, job.session_id, job.step, token, cache.length, compute_ms,
-                                   worker_ms)
+                                   worker_ms, accepted=accepted)
 
 
 def run_worker(config: CloudWorkerConfig, stop_event: threading.Event | None = None) -> None:

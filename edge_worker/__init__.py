@@ -15,7 +15,7 @@ _EXPORTS = {
     "EdgeCloudManager": "edge_worker.manager",
     "DeviceMonitor": "edge_worker.device_monitor",
     "CloudClient": "edge_worker.cloud_client",
-    "MiniLLMHandler": "edge_worker.privacy",
+    "MiniLLMHandler": "edge_worker.mini_llm",
     "PrivacyProtection": "edge_worker.privacy",
 }
 __all__ = list(_EXPORTS)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import zmq
 
 from broker.client_api import BrokerClient, Reply
 from broker.crypto import (
@@ -49,6 +50,7 @@ from broker.session_protocol import (
     open_step_reply,
     seal_step,
 )
+from broker.transport import client_keys
 from edge_worker.config import default_broker, default_keys_dir
 from edge_worker.generation import Backend, StepStats
 from partition.reduction import Reduction
@@ -82,9 +84,15 @@ class CloudClient:
         backoff_initial_s: float = 0.1,
         backoff_max_s: float = 2.0,
         link: LinkConfig | None = None,
+        curve: bool = True,
+        key_name: str = "default",
     ) -> None:
         self.broker = broker or default_broker()
         self.keys_dir = Path(keys_dir) if keys_dir is not None else default_keys_dir()
+        # CURVE to the broker with client-KEY_NAME.key when the keys directory has it (and the
+        # broker's public key); curve=False (--no-curve) connects in the clear.
+        self.curve = curve
+        self.key_name = key_name
         self.api_key = api_key or os.environ.get("EDGECLOUD_API_KEY") or self._api_key_from_dir()
         self.encryption = encryption
         self.wire_dtype = wire_dtype
@@ -97,6 +105,7 @@ class CloudClient:
         self.backoff_max_s = backoff_max_s
         self.link = link  # emulate a slower link: every frame crosses an in-process LinkProxy
         self._proxy: LinkProxy | None = None
+        self._ctx: zmq.Context | None = None
         self._client: BrokerClient | None = None
         self._trusted: frozenset[bytes] | None = None
 
@@ -122,14 +131,19 @@ class CloudClient:
     @property
     def connection(self) -> BrokerClient:
         if self._client is None:
-            endpoint = self.broker
-            if self.link is not None:
-                # The real frames are delayed in transit, so anything timing them (the trace,
-                # DeviceMonitor) measures the emulated link, not a counter added afterwards.
-                self._proxy = LinkProxy("tcp://127.0.0.1:*", self.broker, self.link)
-                self._proxy.start()
-                endpoint = self._proxy.endpoint
-            self._client = BrokerClient(endpoint, self.api_key)
+            curve = client_keys(self.keys_dir, "client", self.key_name) if self.curve else None
+            if self.link is None:
+                self._client = BrokerClient(self.broker, self.api_key, curve=curve)
+                return self._client
+            # The real frames are delayed in transit, so anything timing them (the trace,
+            # DeviceMonitor) measures the emulated link, not a counter added afterwards. The proxy
+            # is in this process (inproc: no port another local user could reach) and speaks
+            # CURVE upstream with our key.
+            self._ctx = zmq.Context()
+            self._proxy = LinkProxy(f"inproc://edgecloud-link-{uuid.uuid4().hex}", self.broker, self.link,
+                                    context=self._ctx, upstream_curve=curve)  # fmt: skip
+            self._proxy.start()
+            self._client = BrokerClient(self._proxy.endpoint, self.api_key, context=self._ctx)
         return self._client
 
     def ping(self, timeout_s: float = 5.0) -> float:
@@ -148,6 +162,9 @@ class CloudClient:
         if self._proxy is not None:
             self._proxy.stop()
             self._proxy = None
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
 
 
 class CloudSession:
@@ -180,8 +197,10 @@ class CloudSession:
         self.replay = []
         self.local = None
 
-    def step(self, hidden: torch.Tensor, step: int) -> tuple[int, StepStats]:
-        """hidden: (1, T, H) activations for the positions after ``self.pos``.
+    def step(self, hidden: torch.Tensor, step: int, draft: list[int] | tuple[int, ...] = ()
+             ) -> tuple[list[int], StepStats]:
+        """hidden: (1, T, H) activations for the positions after ``self.pos``; the last
+        ``len(draft)`` of them hold drafted tokens for the worker to verify.
 
         Transient errors are retried with backoff, and a lost worker is replaced by reopening
         the session elsewhere and replaying the log, until ``step_deadline_s`` has passed. Then,
@@ -189,7 +208,7 @@ class CloudSession:
         otherwise the last error is raised.
         """
         if self.local is not None:
-            return self._local_step(hidden, step, StepStats())
+            return self._local_step(hidden, step, StepStats(), draft=draft)
         stats = StepStats()
         pending = hidden  # what must reach the worker; grows to the whole log after a failover
         attempt = 0
@@ -206,7 +225,7 @@ class CloudSession:
                     self._open(step, stats, timeout_s)
                     if self.pos == 0 and self.replay:
                         pending = torch.cat([*self.replay, hidden], dim=1)
-                token = self._send_step(pending, step, stats, timeout_s)
+                accepted, token = self._send_step(pending, step, stats, timeout_s, draft)
                 break
             except EdgeCloudError as exc:
                 attempt += 1
@@ -222,7 +241,7 @@ class CloudSession:
                         self.local = self.fallback()
                         self.local.start(self.sampling)
                         stats.retries += 1
-                        return self._local_step(hidden, step, stats, replay=True)
+                        return self._local_step(hidden, step, stats, replay=True, draft=draft)
                     raise
                 stats.retries += 1
                 if isinstance(exc, WorkerLost):
@@ -238,19 +257,30 @@ class CloudSession:
                 log.info("step %d: %s; retry %d in %.2f s", step, exc, attempt, pause)
                 time.sleep(pause)
                 stats.waiting_ms += pause * 1e3
-        self.replay.append(hidden.detach().to(torch.float32).cpu())
-        return token, stats
+        self._log(hidden, len(draft) - accepted)
+        return [*draft[:accepted], token], stats
 
-    def _local_step(self, hidden: torch.Tensor, step: int, stats: StepStats,
-                    replay: bool = False) -> tuple[int, StepStats]:
+    def prime(self, hidden: torch.Tensor) -> None:
+        """Positions the next opener replays before the pending token (after the split moved)."""
+        self.replay = [hidden.detach().to(torch.float32).cpu()]
+        self.pos = 0
+        self.cipher = None
+
+    def _log(self, hidden: torch.Tensor, rejected: int) -> None:
+        """Keep what the worker's cache now holds: the step's positions minus rejected drafts."""
+        kept = hidden[:, :hidden.shape[1] - rejected] if rejected else hidden
+        self.replay.append(kept.detach().to(torch.float32).cpu())
+
+    def _local_step(self, hidden: torch.Tensor, step: int, stats: StepStats, replay: bool = False,
+                    draft: list[int] | tuple[int, ...] = ()) -> tuple[list[int], StepStats]:
         """The fallback: the remaining layers in this process, rebuilt from the replay log once."""
         assert self.local is not None, "only called once a local fallback exists"
         x = torch.cat([*self.replay, hidden], dim=1) if replay and self.replay else hidden
-        token, local_stats = self.local.step(x, step)
+        tokens, local_stats = self.local.step(x, step, draft)
         stats.cloud_compute_ms += local_stats.cloud_compute_ms
         stats.fell_back = True
-        self.replay.append(hidden.detach().to(torch.float32).cpu())
-        return token, stats
+        self._log(hidden, len(draft) - (len(tokens) - 1))
+        return tokens, stats
 
     def close(self) -> None:
         if self.cipher is None:
@@ -291,10 +321,12 @@ class CloudSession:
         check_open_proof(cipher, self.session_id, step, reply.frames)
         self.cipher = cipher
 
-    def _send_step(self, hidden: torch.Tensor, step: int, stats: StepStats, timeout_s: float) -> int:
+    def _send_step(self, hidden: torch.Tensor, step: int, stats: StepStats, timeout_s: float,
+                   draft: list[int] | tuple[int, ...] = ()) -> tuple[int, int]:
+        """Returns (drafts accepted, the token after them)."""
         t0 = time.perf_counter()
         wire = self.reduction.project(hidden) if self.reduction else hidden  # (1, T, D or H)
-        frames = seal_step(self.cipher, self.session_id, step, self.pos, wire, self.client.wire_dtype)
+        frames = seal_step(self.cipher, self.session_id, step, self.pos, wire, self.client.wire_dtype, draft)
         stats.bytes_sent += sum(len(memoryview(f)) for f in frames)
         reply: Reply = self.client.connection.request(
             self.session_id, KIND_STEP, self.model_id, self.split, step, frames, timeout_s=timeout_s,
@@ -302,7 +334,9 @@ class CloudSession:
         stats.bytes_received += sum(len(f) for f in reply.frames)
         result = open_step_reply(self.cipher, self.session_id, step, reply.frames)
         elapsed_ms = (time.perf_counter() - t0) * 1e3
-        expected = self.pos + hidden.shape[1]
+        if not 0 <= result.accepted <= len(draft):
+            raise WorkerLost(f"the worker accepted {result.accepted} of {len(draft)} drafts")
+        expected = self.pos + hidden.shape[1] - (len(draft) - result.accepted)
         if result.pos != expected:
             raise WorkerLost(f"worker cache holds {result.pos} positions, expected {expected}")
         self.pos = expected
@@ -311,7 +345,7 @@ class CloudSession:
         stats.cloud_compute_ms += result.compute_ms
         stats.worker_overhead_ms += max(0.0, result.worker_ms - result.compute_ms)
         stats.transport_ms += max(0.0, elapsed_ms - result.worker_ms)
-        return result.token
+        return result.accepted, result.token
 
 
 def _recoverable(exc: EdgeCloudError) -> bool:

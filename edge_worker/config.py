@@ -41,14 +41,23 @@ class EdgeConfig:
     reductions_dir: Path | None = None  # projection files; None: partition.reduction default
     request_timeout_s: float = 30.0  # one cloud request, queueing included, before it is retried
     step_deadline_s: float = 60.0  # one step, retries and failovers included, before giving up
+    dynamic: bool = True  # with a planned split, move it when the link or the device changes
     fallback_local: bool = True  # when the cloud is gone, load layers [k, N) here and carry on
     cloud_latency_s: float = 0.0  # emulated extra round trip between edge and broker
     bandwidth_mbps: float | None = None  # emulated link bandwidth, each direction; None: unlimited
     torch_threads: int | None = None  # None keeps torch's default (one per core)
+    # The mini-LLM: "none", "self" (early exit from the edge's layers), "lookup" (prompt lookup)
+    # or a model name/path sharing the main model's tokenizer.
+    mini: str = "none"
+    mini_threshold: float = 0.5  # drafter confidence below which a token is hard: stop drafting
+    mini_mode: str = "verify"  # verify: the main model checks every draft; trust: confident drafts go out
+    mini_max_draft: int = 8  # most tokens drafted per round trip (the controller may use fewer)
+    mini_adaptive: bool = True  # False: always draft mini_max_draft tokens (measurements)
     # Cost-model weights for choosing the split when none is given (the original design's defaults).
     energy_weight: float = 0.3
     latency_weight: float = 0.4
     memory_weight: float = 0.3
+    curve: bool = True  # CURVE to the broker when the keys directory has the client key (--no-curve: off)
 
     def __post_init__(self) -> None:
         if self.force_local and self.force_cloud:
@@ -61,6 +70,10 @@ class EdgeConfig:
             raise ValueError(f"cloud latency must be >= 0 seconds, got {self.cloud_latency_s}")
         if self.bandwidth_mbps is not None and self.bandwidth_mbps <= 0:
             raise ValueError(f"bandwidth must be > 0 Mbit/s, got {self.bandwidth_mbps}")
+        if self.mini_mode not in ("verify", "trust"):
+            raise ValueError(f"--mini-mode must be verify or trust, got {self.mini_mode!r}")
+        if not 0.0 <= self.mini_threshold <= 1.0:
+            raise ValueError(f"--mini-threshold must be in [0, 1], got {self.mini_threshold}")
         if self.reduce_dims is not None and self.reduce_dims < 1:
             raise ValueError(f"--reduce-dims must be at least 1, got {self.reduce_dims}")
         from broker.codec import WIRE_DTYPES

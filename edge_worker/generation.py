@@ -23,8 +23,11 @@ from typing import Protocol
 
 import torch
 
+from edge_worker.drafting import DraftController, MiniSettings
+from partition.kv_cache import SegmentKVCache
 from partition.sampling import SamplingParams, choose_token
 from partition.segment import ModelSegment
+from partition.speculative import run_and_verify
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +54,40 @@ def mode_for(split: int, n_layers: int) -> str:
 
 
 class Backend(Protocol):
-    """Runs layers ``[k, N)`` and the head for one session and returns the next token."""
+    """Runs layers ``[k, N)`` and the head for one session and returns the next tokens."""
 
     def start(self, sampling: SamplingParams) -> None: ...
 
-    def step(self, hidden: torch.Tensor, step: int) -> tuple[int, StepStats]:
-        """hidden: (1, T, H) boundary activations for T new positions; returns the next token."""
+    def step(self, hidden: torch.Tensor, step: int, draft: list[int] | tuple[int, ...] = ()
+             ) -> tuple[list[int], StepStats]:
+        """hidden: (1, T, H) boundary activations for T new positions, the last ``len(draft)`` of
+        which hold drafted tokens; ``step`` is the generation index of the first token returned.
+
+        Returns the drafts the main model kept followed by the token after them (without drafts:
+        one token); positions of rejected drafts are dropped from the cache.
+        """
+        ...
+
+    def prime(self, hidden: torch.Tensor) -> None:
+        """Make the backend hold ``hidden`` (1, P, H), the boundary activations of every position
+        before the pending token, without producing a token (after the split moved)."""
         ...
 
     def close(self) -> None: ...
+
+
+class SplitMover(Protocol):
+    """Moves the split during a generation (``EdgeCloudManager`` implements it)."""
+
+    def replan(self, step: int, result: GenerationResult) -> int | None:
+        """A new split to move to before generation step ``step``, or None to stay."""
+        ...
+
+    def edge_segment(self, k: int) -> ModelSegment: ...
+
+    def backend_for(self, k: int) -> Backend | None: ...
+
+    def mini_for(self, k: int, edge: ModelSegment) -> MiniSettings | None: ...
 
 
 class LocalBackend:
@@ -74,11 +102,14 @@ class LocalBackend:
         self.cache = self.segment.new_cache()
         self.sampling = sampling
 
-    def step(self, hidden: torch.Tensor, step: int) -> tuple[int, StepStats]:
+    def step(self, hidden: torch.Tensor, step: int, draft: list[int] | tuple[int, ...] = ()
+             ) -> tuple[list[int], StepStats]:
         t0 = time.perf_counter()
-        out = self.segment(hidden, self.cache)
-        token = choose_token(out.logits[0, -1], self.sampling, step)
-        return token, StepStats(cloud_compute_ms=(time.perf_counter() - t0) * 1e3)
+        accepted, token = run_and_verify(self.segment, hidden, self.cache, self.sampling, step, draft)
+        return [*draft[:accepted], token], StepStats(cloud_compute_ms=(time.perf_counter() - t0) * 1e3)
+
+    def prime(self, hidden: torch.Tensor) -> None:
+        self.segment(hidden, self.cache, logits="none")
 
     def close(self) -> None:
         self.cache = self.segment.new_cache()
@@ -106,7 +137,11 @@ class GenerationResult:
     cloud_round_trips: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
-    tokens_from_mini: int = 0
+    tokens_from_mini: int = 0  # drafted tokens emitted (kept by the main model, or trusted)
+    tokens_drafted: int = 0
+    acceptance_rate: float | None = None  # tokens_from_mini / tokens_drafted
+    mini: str | None = None  # the drafter: self, lookup or a model name
+    mini_mode: str | None = None  # verify or trust
     retries: int = 0
     ttft_ms: float = 0.0
     ms_per_token: float = 0.0  # mean time per generated token after the first
@@ -116,8 +151,12 @@ class GenerationResult:
     splits_used: list[int] = field(default_factory=list)
     workers_used: list[str] = field(default_factory=list)  # in the order they first served
     decision: dict | None = None  # how the split was chosen, when the planner chose it
+    decisions: list[dict] = field(default_factory=list)  # that and every re-plan that moved it
     fallback_at_step: int | None = None  # the step from which the edge ran every layer itself
-    # One entry per generated token: where its time and bytes went.
+    # Split moves during the generation: {"step", "from", "to", "rebuild_ms", "reason"}.
+    moves: list[dict] = field(default_factory=list)
+    # One entry per round (one edge pass and at most one backend step; several tokens when
+    # drafts were kept): where its time and bytes went.
     trace: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -149,7 +188,14 @@ class TextStream:
 
 
 class EdgeGenerator:
-    """Generates text with the edge segment and a backend for the remaining layers."""
+    """Generates text with the edge segment and a backend for the remaining layers.
+
+    With ``mini`` (a drafter, see ``edge_worker/drafting.py``) each round trip carries the
+    pending token plus the tokens the drafter guessed: in ``verify`` mode the backend keeps the
+    longest prefix the main model agrees with (the output is the main model's), in ``trust``
+    mode confident drafts are emitted at once and their activations ride along with the next
+    frame so the cloud's cache stays complete.
+    """
 
     def __init__(
         self,
@@ -158,6 +204,8 @@ class EdgeGenerator:
         tokenizer,
         eos_token_ids: set[int],
         mode: str,
+        mini: MiniSettings | None = None,
+        mover: SplitMover | None = None,
     ) -> None:
         if backend is None and not edge.spec.head:
             raise ValueError("an edge segment without the head needs a backend for the remaining layers")
@@ -166,6 +214,8 @@ class EdgeGenerator:
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.mode = mode
+        self.mini = mini if backend is not None else None  # local mode makes no round trips to save
+        self.mover = mover
 
     def generate(
         self,
@@ -186,28 +236,79 @@ class EdgeGenerator:
         )
         timings = result.timings
         result.splits_used = [self.edge.spec.hi]
+        mini = self.mini
+        controller = None
+        if mini is not None:
+            result.mini, result.mini_mode = mini.drafter.name, mini.mode
+            controller = DraftController(max_tokens=mini.max_draft)
+            mini.drafter.reset(list(input_ids))
+        committed = list(input_ids)  # prompt and generated tokens; the last one is pending
+        generated = result.token_ids
         cache = self.edge.new_cache()
         if self.backend is not None:
             self.backend.start(sampling)
         t_start = time.perf_counter()
         t_first = t_start
-        x = torch.tensor([input_ids], dtype=torch.long)  # (1, T)
+        x = torch.tensor([input_ids], dtype=torch.long)  # (1, T): positions the edge has not run
         try:
-            for step in range(max_new_tokens):
+            while len(generated) < max_new_tokens:
+                step = len(generated)
+                if self.mover is not None and step:
+                    new_k = self.mover.replan(step, result)
+                    if new_k is not None and new_k != self.edge.spec.hi:
+                        cache = self._move_split(new_k, committed, sampling, result)
+                        mini = self.mini
+                        if mini is not None:
+                            mini.drafter.reset(list(committed))
+                            if controller is None:
+                                controller = DraftController(max_tokens=mini.max_draft)
                 t0 = time.perf_counter()
-                out = self.edge(x, cache, logits="last")
-                edge_ms = (time.perf_counter() - t0) * 1e3
+                out = self.edge(x, cache, logits="last" if self.backend is None else "none")
+                base_ms = (time.perf_counter() - t0) * 1e3
+                drafts: list[int] = []
+                parts = [out.hidden]
+                draft_ms = 0.0
+                if mini is not None and controller is not None:
+                    budget = max_new_tokens - step - 1
+                    adapt = mini.adaptive and mini.mode == "verify"
+                    n_max = min(budget, controller.best_length() if adapt else mini.max_draft)
+                    if n_max > 0:
+                        t1 = time.perf_counter()
+                        drafts = self._draft(mini, committed, parts, cache, n_max)
+                        draft_ms = (time.perf_counter() - t1) * 1e3
+                edge_ms = base_ms + draft_ms
                 timings.edge_compute_ms += edge_ms
+                accepted = 0
                 if self.backend is None:
-                    token = choose_token(out.logits[0, -1], sampling, step)
+                    tokens = [choose_token(out.logits[0, -1], sampling, step)]
                     stats = StepStats()
                 else:
-                    token, stats = self.backend.step(out.hidden, step)  # hidden: (1, T, H)
+                    hidden = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (1, T, H)
+                    if mini is not None and mini.mode == "trust":
+                        tail, stats = self.backend.step(hidden, step + len(drafts))
+                        tokens, accepted = [*drafts, *tail], len(drafts)
+                    else:
+                        tokens, stats = self.backend.step(hidden, step, drafts)
+                        accepted = len(tokens) - 1
+                        if accepted < len(drafts):
+                            cache.crop(cache.length - (len(drafts) - accepted))
                     _add_stats(result, stats)
                     if stats.fell_back and result.fallback_at_step is None:
                         result.fallback_at_step = step
+                    if controller is not None and mini is not None and mini.mode == "verify":
+                        controller.record(len(drafts), accepted, base_ms, draft_ms,
+                                          stats.transport_ms + stats.waiting_ms + stats.worker_overhead_ms,
+                                          stats.cloud_compute_ms)
+                kept = []
+                for token in tokens:
+                    kept.append(token)
+                    if token in self.eos_token_ids or step + len(kept) >= max_new_tokens:
+                        break
+                result.tokens_drafted += len(drafts)
+                result.tokens_from_mini += min(accepted, len(kept))
                 result.trace.append({
-                    "token": token, "positions": x.shape[1], "edge_ms": round(edge_ms, 3),
+                    "token": kept[-1], "tokens": kept, "drafted": len(drafts), "accepted": accepted,
+                    "positions": x.shape[1] + len(drafts), "edge_ms": round(edge_ms, 3),
                     "cloud_ms": round(stats.cloud_compute_ms, 3),
                     "worker_overhead_ms": round(stats.worker_overhead_ms, 3),
                     "transport_ms": round(stats.transport_ms, 3),
@@ -215,25 +316,85 @@ class EdgeGenerator:
                     "bytes_received": stats.bytes_received, "round_trips": stats.round_trips,
                     "retries": stats.retries,
                 })
-                result.token_ids.append(token)
+                generated.extend(kept)
+                committed.extend(kept)
                 if step == 0:
                     t_first = time.perf_counter()
                     result.ttft_ms = (t_first - t_start) * 1e3
-                if token in self.eos_token_ids:
+                if kept[-1] in self.eos_token_ids:
                     result.stop_reason = "eos"
                     break
                 if stream:
-                    stream.update(result.token_ids)
-                x = torch.tensor([[token]], dtype=torch.long)
+                    stream.update(generated)
+                x = torch.tensor([[kept[-1]]], dtype=torch.long)
         finally:
             if self.backend is not None:
                 self.backend.close()
         t_end = time.perf_counter()
         result.total_ms = (t_end - t_start) * 1e3
-        if len(result.token_ids) > 1:
-            result.ms_per_token = (t_end - t_first) * 1e3 / (len(result.token_ids) - 1)
-        result.text = self.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        if len(generated) > 1:
+            result.ms_per_token = (t_end - t_first) * 1e3 / (len(generated) - 1)
+        if result.tokens_drafted:
+            result.acceptance_rate = round(result.tokens_from_mini / result.tokens_drafted, 4)
+        result.text = self.tokenizer.decode(generated, skip_special_tokens=True)
         return result
+
+    def _move_split(self, k: int, committed: list[int], sampling: SamplingParams,
+                    result: GenerationResult) -> SegmentKVCache:
+        """Continue with layers ``[0, k)`` here: rebuild the edge cache for them from the committed
+        tokens, and give a backend for ``[k, N)`` the boundary activations of the same positions
+        (the side that gains layers rebuilds their cache; the output does not change)."""
+        assert self.mover is not None
+        t0 = time.perf_counter()
+        old_k = self.edge.spec.hi
+        edge = self.mover.edge_segment(k)
+        cache = edge.new_cache()
+        prefix = torch.tensor([committed[:-1]], dtype=torch.long)  # all but the pending token
+        out = edge(prefix, cache, logits="none")
+        backend = self.mover.backend_for(k)
+        if self.backend is not None:
+            self.backend.close()
+        if backend is not None:
+            backend.start(sampling)
+            backend.prime(out.hidden)
+        self.edge, self.backend = edge, backend
+        self.mini = self.mover.mini_for(k, edge) if backend is not None else None
+        rebuild_ms = (time.perf_counter() - t0) * 1e3
+        result.timings.edge_compute_ms += rebuild_ms
+        result.splits_used.append(k)
+        result.moves.append({"step": len(result.token_ids), "from": old_k, "to": k,
+                             "rebuild_ms": round(rebuild_ms, 3), "positions": prefix.shape[1]})
+        log.info("moved the split from %d to %d at step %d (%d positions rebuilt in %.0f ms)",
+                 old_k, k, len(result.token_ids), prefix.shape[1], rebuild_ms)
+        return cache
+
+    def _draft(self, mini: MiniSettings, committed: list[int], parts: list[torch.Tensor], cache,
+               n_max: int) -> list[int]:
+        """Guess up to ``n_max`` tokens after ``committed``; run the edge layers on them (appending
+        their activations to ``parts``) so they can travel with the pending token."""
+        drafter = mini.drafter
+        drafts: list[int] = []
+        if drafter.incremental:  # early exit: each draft comes from the previous one's activations
+            h = parts[-1][0, -1]
+            while len(drafts) < n_max:
+                token, conf = drafter.next_from_hidden(h)
+                if conf < mini.threshold:
+                    break
+                drafts.append(token)
+                out = self.edge(torch.tensor([[token]], dtype=torch.long), cache, logits="none")
+                parts.append(out.hidden)
+                h = out.hidden[0, -1]
+                if token in self.eos_token_ids:
+                    break
+            return drafts
+        for token, _conf in drafter.propose(committed, n_max, mini.threshold):
+            drafts.append(token)
+            if token in self.eos_token_ids:
+                break
+        if drafts:
+            out = self.edge(torch.tensor([drafts], dtype=torch.long), cache, logits="none")
+            parts.append(out.hidden)
+        return drafts
 
 
 def _add_stats(result: GenerationResult, stats: StepStats) -> None:

@@ -28,9 +28,11 @@ import torch
 from broker.errors import EdgeCloudError
 from edge_worker.cloud_client import CloudClient
 from edge_worker.config import DEFAULT_TOKENS
+from edge_worker.device_monitor import changed_beyond, to_conditions
 from edge_worker.generation import EdgeGenerator, GenerationResult, mode_for
-from edge_worker.privacy import MiniLLMHandler, PrivacyProtection
-from partition.models import ModelSource, resolve_model
+from edge_worker.mini_llm import MiniLLMHandler
+from edge_worker.privacy import PrivacyProtection
+from partition.models import source_of
 from partition.planner import WIFI, Conditions, Plan, PowerModel, Weights, plan
 from partition.profile import load_or_measure_profile
 from partition.sampling import SamplingParams
@@ -54,30 +56,13 @@ class Decision:
     conditions: Conditions | None
     plan: Plan | None
     at: float  # time.time()
+    at_step: int = 0  # the generation step it took effect at (0: before the first token)
 
     def summary(self) -> str:
         c = self.conditions
         cond = (f"rtt {c.rtt_ms:.1f} ms, uplink {c.bandwidth_mbps:.1f} Mbit/s, cpu load {c.edge_cpu_load:.2f}"
                 if c else "no measurements")
         return f"split {self.k} ({self.reason}; {cond})"
-
-
-def source_of(model: Any) -> ModelSource:
-    """A ModelSource for a model name, a ModelSource, or a loaded transformers model."""
-    if isinstance(model, ModelSource):
-        return model
-    if isinstance(model, str):
-        return resolve_model(model)
-    path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
-    if path:
-        source = resolve_model(str(path))
-        cfg = model.config
-        if (source.n_layers, source.hidden_size) == (cfg.num_hidden_layers, cfg.hidden_size):
-            return source
-    raise ValueError(
-        "cannot tell where this model's weights live; pass model= a model name or path "
-        "(as for --model), or a model loaded with from_pretrained(path)"
-    )
 
 
 class EdgeCloudManager:
@@ -97,6 +82,9 @@ class EdgeCloudManager:
         tokenizer: Any = None,
         power: PowerModel = WIFI,
         base_conditions: Conditions | None = None,
+        dynamic: bool = True,
+        replan_every: int = 8,
+        replan_margin: float = 0.1,
     ) -> None:
         if force_mode is not None and force_mode not in FORCE_MODES:
             raise ValueError(f"force_mode must be one of {FORCE_MODES} or None, got {force_mode!r}")
@@ -121,15 +109,25 @@ class EdgeCloudManager:
         self.base_conditions = base_conditions or Conditions()
         self.decisions: list[Decision] = []
         self.last_result: GenerationResult | None = None
-        self._segments: dict[int, ModelSegment] = {}
+        # Dynamic partitioning: during a planned generation, every ``replan_every`` tokens the
+        # measurements are compared with those the current plan came from (hysteresis in
+        # ``changed_beyond``); when they moved, the split is re-planned and moved if the new
+        # choice scores at least ``replan_margin`` better than staying.
+        self.dynamic = dynamic
+        self.replan_every = replan_every
+        self.replan_margin = replan_margin
+        self._plan_snapshot: Any = None
+        self._checked_at = 0
+        self._trace_fed = 0
+        self._prompt_tokens = 0
+        self._new_tokens = 0
+        self._segments: dict[tuple[int, bool], ModelSegment] = {}
 
     # --- deciding ------------------------------------------------------------------------------
     def measure_conditions(self) -> tuple[Conditions, float | None]:
         """Conditions for the planner from the device monitor and a ping through the broker."""
         conditions = self.base_conditions
         if self.device_monitor is not None and hasattr(self.device_monitor, "snapshot"):
-            from edge_worker.device_monitor import to_conditions
-
             conditions = to_conditions(self.device_monitor.snapshot(), conditions)
         # Ping on this thread even when the monitor pings too: it is the freshest reading of the
         # link this generation will use, and it proves the broker answers before we commit to it.
@@ -152,16 +150,20 @@ class EdgeCloudManager:
         conditions, rtt_ms = self.measure_conditions()
         if rtt_ms is None:
             return Decision(n, "cloud unreachable", None, conditions, None, time.time())
+        if self.device_monitor is not None and hasattr(self.device_monitor, "record_rtt"):
+            self.device_monitor.record_rtt(rtt_ms / 1e3)
+            self._plan_snapshot = self.device_monitor.snapshot()
         profile = load_or_measure_profile(self.source)
         chosen = plan(profile, conditions, self.weights, power=self.power, prompt_tokens=prompt_tokens,
                       new_tokens=new_tokens, wire_dtype=self.privacy.wire_dtype)
         return Decision(chosen.k, "planned", rtt_ms, conditions, chosen, time.time())
 
     # --- running -------------------------------------------------------------------------------
-    def _edge_segment(self, k: int) -> ModelSegment:
-        if k not in self._segments:
-            self._segments = {k: ModelSegment.load(self.source, 0, k)}  # hold one split's weights only
-        return self._segments[k]
+    def _edge_segment(self, k: int, head: bool = False) -> ModelSegment:
+        head = head or k == self.source.n_layers
+        if (k, head) not in self._segments:  # hold one split's weights only
+            self._segments = {(k, head): ModelSegment.load(self.source, 0, k, head=head)}
+        return self._segments[(k, head)]
 
     def process_hybrid(self, input_ids: Any, max_new_tokens: int | None = None,
                        sampling: SamplingParams | None = None) -> torch.Tensor:
@@ -177,16 +179,80 @@ class EdgeCloudManager:
         log.info("decision: %s", decision.summary())
         k = decision.k
         n = self.source.n_layers
-        edge = self._edge_segment(k)
-        backend = None
-        if k < n:
-            reduction = self.privacy.reduction_for(self.source, k, edge)  # None unless reduce_dims
-            backend = self.cloud_client.session(self.source.model_id, k, self.source.hidden_size, reduction)
-        generator = EdgeGenerator(edge, backend, self.tokenizer, self.eos, mode=mode_for(k, n))
+        mover = None
+        if self.dynamic and decision.reason == "planned" and self._plan_snapshot is not None:
+            mover = self
+            self.prepare(len(ids), new_tokens)
+        mini = None
+        if self.mini_llm is not None and k < n:
+            edge = self._edge_segment(k, head=self.mini_llm.needs_edge_head)
+            mini = self.mini_llm.settings(self.source, edge, self.tokenizer)
+        else:
+            edge = self._edge_segment(k)
+        backend = self._backend(k, edge)
+        generator = EdgeGenerator(edge, backend, self.tokenizer, self.eos, mode=mode_for(k, n), mini=mini,
+                                  mover=mover)
         result = generator.generate(ids, new_tokens, sampling)
         self.last_result = result
         self._feed_monitor(result)
         return torch.tensor([ids + result.token_ids], dtype=torch.long)
+
+    # --- SplitMover: re-planning during a generation ---------------------------------------------
+    def prepare(self, prompt_tokens: int, new_tokens: int) -> None:
+        """Start watching a new generation (the planned decision's snapshot is the reference)."""
+        self._checked_at, self._trace_fed = 0, 0
+        self._prompt_tokens, self._new_tokens = prompt_tokens, new_tokens
+
+    def replan(self, step: int, result: GenerationResult) -> int | None:
+        monitor = self.device_monitor
+        if step - self._checked_at < self.replan_every or monitor is None:
+            return None
+        self._checked_at = step
+        for entry in result.trace[self._trace_fed:]:  # this generation's round trips, as they come
+            if entry["round_trips"] and not entry["retries"]:
+                monitor.record_rtt(entry["transport_ms"] / 1e3)
+        self._trace_fed = len(result.trace)
+        snap = monitor.snapshot()
+        changed = changed_beyond(self._plan_snapshot, snap)
+        if not changed or not snap.cloud_reachable:
+            return None
+        conditions = to_conditions(snap, self.base_conditions)
+        current = result.splits_used[-1]
+        new = plan(load_or_measure_profile(self.source), conditions, self.weights, power=self.power,
+                   prompt_tokens=self._prompt_tokens + step, new_tokens=max(1, self._new_tokens - step),
+                   wire_dtype=self.privacy.wire_dtype)
+        self._plan_snapshot = snap  # the reference moves with every re-plan: drift accumulates
+        stay, best = new.table[current], new.chosen
+        if best.k == current or (stay.feasible and stay.score is not None
+                                 and best.score > stay.score * (1 - self.replan_margin)):
+            log.info("re-planned at step %d (%s changed; rtt %.1f ms): staying at split %d (score %.3f; best "
+                     "split %d scores %.3f)", step, ", ".join(changed), conditions.rtt_ms, current,
+                     stay.score or 0.0, best.k, best.score or 0.0)
+            return None
+        decision = Decision(best.k, "replanned: " + ", ".join(changed), conditions.rtt_ms, conditions, new,
+                            time.time(), at_step=step)
+        self.decisions.append(decision)
+        log.info("step %d: %s", step, decision.summary())
+        return best.k
+
+    def edge_segment(self, k: int) -> ModelSegment:
+        return self._edge_segment(k, head=bool(self.mini_llm and self.mini_llm.needs_edge_head))
+
+    def backend_for(self, k: int):
+        return self._backend(k, self._segments.get((k, bool(self.mini_llm and self.mini_llm.needs_edge_head))))
+
+    def _backend(self, k: int, edge: ModelSegment | None):
+        """A cloud session for layers [k, N) (None at k = N), with the projection the privacy
+        settings ask for (calibrated for this split on first use)."""
+        if k == self.source.n_layers:
+            return None
+        reduction = self.privacy.reduction_for(self.source, k, edge)  # None unless reduce_dims
+        return self.cloud_client.session(self.source.model_id, k, self.source.hidden_size, reduction)
+
+    def mini_for(self, k: int, edge: ModelSegment):
+        if self.mini_llm is None or k == self.source.n_layers:
+            return None
+        return self.mini_llm.settings(self.source, edge, self.tokenizer)
 
     def _feed_monitor(self, result: GenerationResult) -> None:
         """Real steps are the best link measurements: decode steps carry ~1 KB, so their transport

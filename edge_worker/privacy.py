@@ -1,4 +1,4 @@
-"""``PrivacyProtection`` and ``MiniLLMHandler``: the original design's settings objects.
+"""``PrivacyProtection``: the original design's settings object for how activations leave the device.
 
 ``PrivacyProtection`` decides how activations leave the device: end-to-end encryption (on by
 default), the wire precision (``broker.codec.WIRE_DTYPES``), and optionally a reduction to
@@ -6,11 +6,6 @@ default), the wire precision (``broker.codec.WIRE_DTYPES``), and optionally a re
 (``partition/reduction.py``; found in ``reductions_dir`` or calibrated there on first use).
 Encryption hides the activations from the broker and the network, not from the worker that
 decrypts them; ``CloudView`` returns exactly what that worker sees, for measuring what it reveals.
-
-``MiniLLMHandler`` holds the on-device drafter and its confidence threshold and refuses a drafter
-whose tokenizer differs from the main model's. Drafting itself (issue 6) is not wired into the
-generation loop yet: until it is, every token comes from the main model and ``tokens_from_mini``
-stays 0.
 """
 
 from __future__ import annotations
@@ -19,19 +14,13 @@ import logging
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from partition.errors import PartitionError
 from partition.models import ModelSource, resolve_model
 from partition.reduction import Reduction, find_or_calibrate
 
 log = logging.getLogger(__name__)
-
-
-class TokenizerMismatchError(PartitionError):
-    """The drafter's tokenizer does not produce the main model's token ids."""
 
 
 @dataclass(frozen=True)
@@ -100,42 +89,10 @@ def through_wire(hidden: torch.Tensor, wire_dtype: str, reduction: Reduction | N
     wire = reduction.project(hidden) if reduction else hidden
     sid = uuid.uuid4().hex
     frames = seal_step(NullCipher(), sid, 0, 0, wire, wire_dtype)
-    _, seen = open_step(NullCipher(), sid, 0, frames, wire.shape[-1])
-    return seen
+    return open_step(NullCipher(), sid, 0, frames, wire.shape[-1]).hidden
 
 
 def worker_input(hidden: torch.Tensor, wire_dtype: str, reduction: Reduction | None = None) -> torch.Tensor:
     """(1, T, H) edge activations -> the (1, T, H) tensor the worker's layers run on."""
     seen = through_wire(hidden, wire_dtype, reduction)
     return reduction.reconstruct(seen) if reduction else seen
-
-
-# Probe strings for the tokenizer check: ASCII, whitespace runs, digits, accents, CJK, emoji.
-_TOKENIZER_PROBES = ("Hello, world!", "  indented\n\ttext 12345", "café naïve", "边缘云", "🙂 ok")
-
-
-class MiniLLMHandler:
-    def __init__(self, model: Any = None, tokenizer: Any = None, threshold: float = 0.8,
-                 main_tokenizer: Any = None) -> None:
-        if not 0.0 < threshold <= 1.0:
-            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-        self.model = model
-        self.tokenizer = tokenizer
-        self.threshold = threshold
-        if main_tokenizer is not None:
-            self.check_tokenizer(main_tokenizer)
-
-    def check_tokenizer(self, main_tokenizer: Any) -> None:
-        """Refuse a drafter whose tokenizer would give different ids than the main model's."""
-        if self.tokenizer is None or self.tokenizer is main_tokenizer:
-            return
-        if len(self.tokenizer) != len(main_tokenizer):
-            raise TokenizerMismatchError(
-                f"the mini-LLM's tokenizer has {len(self.tokenizer)} tokens, the main model's {len(main_tokenizer)}: "
-                "a drafter must share the main model's tokenizer"
-            )
-        for text in _TOKENIZER_PROBES:
-            if self.tokenizer(text)["input_ids"] != main_tokenizer(text)["input_ids"]:
-                raise TokenizerMismatchError(
-                    f"the mini-LLM's tokenizer encodes {text!r} differently from the main model's"
-                )

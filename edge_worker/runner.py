@@ -38,6 +38,16 @@ def resolve_split(config: EdgeConfig, n_layers: int) -> int | None:
     return config.split
 
 
+def mini_handler(config: EdgeConfig):
+    """The MiniLLMHandler the options ask for, or None for ``--mini none``."""
+    from edge_worker.mini_llm import MiniLLMHandler
+
+    if config.mini == "none":
+        return None
+    return MiniLLMHandler(model=config.mini, threshold=config.mini_threshold, mode=config.mini_mode,
+                          max_draft=config.mini_max_draft, adaptive=config.mini_adaptive)
+
+
 def make_client(config: EdgeConfig):
     from broker.linkproxy import LinkConfig  # imports zmq only when needed
     from edge_worker.cloud_client import CloudClient
@@ -49,12 +59,16 @@ def make_client(config: EdgeConfig):
     return CloudClient(
         api_key=config.api_key, broker=config.broker, keys_dir=config.keys_dir, encryption=config.encryption,
         wire_dtype=config.wire_dtype, request_timeout_s=config.request_timeout_s,
-        step_deadline_s=config.step_deadline_s, link=link,
+        step_deadline_s=config.step_deadline_s, link=link, curve=config.curve,
     )
 
 
-def plan_split(config: EdgeConfig, source: ModelSource, client, prompt_tokens: int):
-    """Let the cost model choose: measured link and device, the per-layer profile, the weights."""
+def plan_split(config: EdgeConfig, source: ModelSource, client, prompt_tokens: int, mini=None):
+    """Let the cost model choose: measured link and device, the per-layer profile, the weights.
+
+    Returns the decision and the manager, which keeps watching the link and the device during
+    the generation and moves the split when they change (``EdgeCloudManager.replan``)."""
+    from edge_worker.device_monitor import DeviceMonitor
     from edge_worker.manager import EdgeCloudManager
     from edge_worker.privacy import PrivacyProtection
 
@@ -63,11 +77,12 @@ def plan_split(config: EdgeConfig, source: ModelSource, client, prompt_tokens: i
         latency_weight=config.latency_weight, memory_weight=config.memory_weight,
         privacy_protection=PrivacyProtection(config.encryption, config.wire_dtype, config.reduce_dims,
                                              config.reductions_dir),
-        max_new_tokens=config.max_new_tokens,
+        max_new_tokens=config.max_new_tokens, device_monitor=DeviceMonitor(), mini_llm=mini,
+        dynamic=config.dynamic,
     )
     decision = manager.choose_split(prompt_tokens, config.max_new_tokens)
     log.info("planner: %s", decision.summary())
-    return decision
+    return decision, manager
 
 
 def run_edge(config: EdgeConfig, on_text: Callable[[str], None] | None = None,
@@ -81,13 +96,18 @@ def run_edge(config: EdgeConfig, on_text: Callable[[str], None] | None = None,
     tokenizer = source.load_tokenizer()
     ids = encode_prompt(tokenizer, config.prompt, raw=config.raw_prompt)
     client = None if split == source.n_layers else make_client(config)
-    decision = None
+    decision = mover = None
+    handler = mini_handler(config)
     if split is None:
         progress("measuring the link and pricing every split")
-        decision = plan_split(config, source, client, len(ids))
+        decision, mover = plan_split(config, source, client, len(ids), handler)
         split = decision.k
-    progress(f"loading layers [0, {split}) of {source.n_layers}" + (" and the head" if split == source.n_layers else ""))
-    edge = ModelSegment.load(source, 0, split)
+        mover.prepare(len(ids), config.max_new_tokens)
+    if split == source.n_layers and mover is None:
+        handler = None
+    head = split == source.n_layers or bool(handler and handler.needs_edge_head)
+    progress(f"loading layers [0, {split}) of {source.n_layers}" + (" and the head" if head else ""))
+    edge = mover.edge_segment(split) if mover is not None else ModelSegment.load(source, 0, split, head=head)
     log.info("edge segment ready: %s (%.1f s)", edge.describe(), time.perf_counter() - t0)
     backend = None
     if split < source.n_layers:
@@ -101,8 +121,10 @@ def run_edge(config: EdgeConfig, on_text: Callable[[str], None] | None = None,
     if backend is not None and config.fallback_local:
         n, k = source.n_layers, split
         backend.fallback = lambda: LocalBackend(ModelSegment.load(source, k, n, embed=False))
+    mini = handler.settings(source, edge, tokenizer) if handler and backend is not None else None
     generator = EdgeGenerator(edge, backend, tokenizer, eos_token_ids(source, tokenizer),
-                              mode=mode_for(split, source.n_layers))
+                              mode=mode_for(split, source.n_layers), mini=mini,
+                              mover=mover if mover is not None and mover.dynamic else None)
     progress(f"generating up to {config.max_new_tokens} tokens from a {len(ids)}-token prompt")
     sampling = SamplingParams(config.temperature, config.top_p, config.seed)
     try:
@@ -112,4 +134,6 @@ def run_edge(config: EdgeConfig, on_text: Callable[[str], None] | None = None,
             client.close()
     if decision is not None:
         result.decision = {"k": decision.k, "reason": decision.reason, "rtt_ms": decision.rtt_ms}
+        result.decisions = [{"k": d.k, "reason": d.reason, "rtt_ms": d.rtt_ms, "at_step": d.at_step}
+                            for d in mover.decisions]
     return result

@@ -27,6 +27,7 @@ import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
@@ -89,8 +90,30 @@ class ModelSource:
     def hidden_size(self) -> int:
         return hidden_size_of(self.config)
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.vocab_size)
+
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(self.directory)
+
+
+def source_of(model: Any) -> ModelSource:
+    """A ModelSource for a model name, a ModelSource, or a loaded transformers model."""
+    if isinstance(model, ModelSource):
+        return model
+    if isinstance(model, str):
+        return resolve_model(model)
+    path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if path:
+        source = resolve_model(str(path))
+        cfg = model.config
+        if (source.n_layers, source.hidden_size) == (cfg.num_hidden_layers, cfg.hidden_size):
+            return source
+    raise ValueError(
+        "cannot tell where this model's weights live; pass a model name or path "
+        "(as for --model), or a model loaded with from_pretrained(path)"
+    )
 
 
 def resolve_model(spec: str | None = None) -> ModelSource:

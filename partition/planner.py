@@ -415,14 +415,19 @@ def plan(
         why = "; ".join(sorted({r.reason for r in rows}))
         raise NoFeasibleSplitError(f"no split of {n} layers is feasible: {why}")
     eff = effective_weights(weights, conditions)
-    max_latency = max(r.latency_ms for r in feasible)
-    max_energy = max(r.energy_j for r in feasible)
-    max_memory = max(r.memory_bytes for r in feasible)
+    # Each component relative to running everything on the device (the k = N row): 1.0 means "as
+    # costly as local-only", 7.0 "seven times". Not capped, so a link that makes the cloud seven
+    # times slower weighs seven times, instead of saturating at the worst candidate's value (a
+    # max-normalisation let a small memory saving outvote a 7x slowdown).
+    local = rows[n]
+    ref_latency = local.latency_ms or max(r.latency_ms for r in rows)
+    ref_energy = local.energy_j or max(r.energy_j for r in rows)
+    ref_memory = local.memory_bytes or max(r.memory_bytes for r in rows)
     scored = []
     for r in rows:
-        lat = _ratio(r.latency_ms, max_latency)
-        en = _ratio(r.energy_j, max_energy)
-        mem = _ratio(r.memory_bytes, max_memory)
+        lat = _ratio(r.latency_ms, ref_latency)
+        en = _ratio(r.energy_j, ref_energy)
+        mem = _ratio(r.memory_bytes, ref_memory)
         score = eff.latency * lat + eff.energy * en + eff.memory * mem
         scored.append(replace(r, latency_norm=lat, energy_norm=en, memory_norm=mem, score=score))
     best = min((r for r in scored if r.feasible), key=lambda r: (r.score, -r.k))

@@ -125,14 +125,15 @@ class ModelSegment(nn.Module):
         cache: SegmentKVCache,
         *,
         start_layer: int | None = None,
-        logits: str = "last",
+        logits: str | int = "last",
     ) -> SegmentOutput:
         """Run the segment on new positions ``cache.length .. cache.length + T``.
 
         ``x`` is token ids (1, T) when the segment embeds, else hidden states (1, T, H).
         ``start_layer`` (a global index in ``[lo, hi]``) skips the first layers: a worker that
         holds ``[lo, N)`` serves a session split at any ``k >= lo``. ``logits`` is ``"last"``
-        (next-token only), ``"all"`` (speculative verification) or ``"none"``.
+        (next-token only), ``"all"``, ``"none"``, or a count ``n``: the last ``n`` positions
+        (speculative verification needs the pending token's and the drafts' logits).
         """
         past = cache.length
         if self.embeddings is not None:
@@ -164,7 +165,10 @@ class ModelSegment(nn.Module):
         cache.advance(t_new)
         out_logits = None
         if self.lm_head is not None and logits != "none":
-            normed = self.norm(hidden if logits == "all" else hidden[:, -1:, :])
+            count = {"all": t_new, "last": 1}.get(logits, logits) if isinstance(logits, str) else logits
+            if not isinstance(count, int) or not 1 <= count <= t_new:
+                raise ValueError(f"logits must be 'last', 'all', 'none' or 1..{t_new}, got {logits!r}")
+            normed = self.norm(hidden[:, t_new - count:, :])
             out_logits = self.lm_head(normed).float()  # (1, T or 1, V)
         return SegmentOutput(hidden=hidden, logits=out_logits)
 

@@ -104,7 +104,7 @@ def test_an_unreachable_cloud_falls_back_to_local(tiny_llama, monkeypatch):
 
 def test_a_drafter_with_another_tokenizer_is_refused(tiny_llama):
     from edge_worker import MiniLLMHandler
-    from edge_worker.privacy import TokenizerMismatchError
+    from edge_worker.mini_llm import TokenizerMismatchError
     from partition.models import resolve_model
 
     gpt2_tokenizer = resolve_model("tiny-gpt2").load_tokenizer()  # same bytes, so it passes
@@ -119,3 +119,54 @@ def test_a_drafter_with_another_tokenizer_is_refused(tiny_llama):
 
     with pytest.raises(TokenizerMismatchError):
         MiniLLMHandler(model=None, tokenizer=Shifted(), main_tokenizer=tiny_llama.load_tokenizer())
+
+
+@pytest.mark.real_model
+def test_the_split_moves_when_the_link_slows_mid_generation(smollm2, tmp_path, monkeypatch):
+    """The round trip jumps from loopback to 1.5 s during a planned generation: the manager sees
+    it in the steps' own timings, re-plans past the hysteresis and moves the split (the cloud
+    layers come back to the edge); the output stays the main model's greedy output.
+
+    Latency and memory weigh equally, so at loopback speed the cloud wins on memory whatever the
+    machine's load, and at 1.5 s the edge wins on latency even when the load slows it tenfold."""
+    from broker.linkproxy import LinkConfig
+    from cli.cluster import LocalCluster
+    from edge_worker import CloudClient, DeviceMonitor, EdgeCloudManager
+    from edge_worker.generation import EdgeGenerator
+    from partition.segment import ModelSegment
+    from partition.tokens import encode_prompt, eos_token_ids
+
+    tokenizer = smollm2.load_tokenizer()
+    ids = encode_prompt(tokenizer, "Name two rivers in Europe.")
+    whole = ModelSegment.load(smollm2, 0, smollm2.n_layers)
+    expected = EdgeGenerator(whole, None, tokenizer, eos_token_ids(smollm2, tokenizer), "local").generate(ids, 24)
+    with LocalCluster(model="smollm2-135m", worker_threads=1) as cluster:
+        cluster.start_broker()
+        cluster.add_worker()
+        cluster.wait_for_workers(1, timeout_s=120)
+        monkeypatch.setenv("EDGECLOUD_BROKER", cluster.endpoint)
+        monkeypatch.setenv("EDGECLOUD_KEYS", str(cluster.keys_dir))
+        client = CloudClient(link=LinkConfig())
+        manager = EdgeCloudManager(model="smollm2-135m", device_monitor=DeviceMonitor(background_monitoring=False),
+                                   cloud_client=client, replan_every=4, latency_weight=0.5,
+                                   memory_weight=0.5, energy_weight=0.0)
+        plan_at = manager.replan
+
+        def slow_link_then_replan(step, result):
+            if step >= 6:
+                client._proxy.set_rtt(1500.0)
+            return plan_at(step, result)
+
+        manager.replan = slow_link_then_replan
+        try:
+            manager.process_hybrid([ids], max_new_tokens=24)
+        finally:
+            manager.close()
+    result = manager.last_result
+    first, *later = manager.decisions
+    assert first.reason == "planned" and first.k < smollm2.n_layers, first.summary()
+    assert later and later[0].reason.startswith("replanned") and "rtt" in later[0].reason, later
+    assert result.splits_used == [first.k, later[0].k] and later[0].k > first.k
+    assert result.moves[0]["step"] >= 8
+    assert result.token_ids == expected.token_ids[:len(result.token_ids)]
+    assert result.token_ids == expected.token_ids or result.stop_reason == "eos"

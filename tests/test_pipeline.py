@@ -75,12 +75,15 @@ def test_garbage_to_the_broker_and_bad_requests_to_a_worker_leave_both_serving(t
     from broker.client_api import BrokerClient
     from broker.crypto import load_api_keys
     from broker.errors import CryptoError, EdgeCloudError, ProtocolError
+    from broker.transport import client_keys, setup_curve_client
     from edge_worker.cloud_client import CloudClient
     from partition.models import resolve_model
 
     ctx = zmq.Context()
     raw = ctx.socket(zmq.DEALER)
     raw.setsockopt(zmq.LINGER, 2000)  # deliver the junk before closing
+    curve = client_keys(tiny_cluster.keys_dir, "client")
+    setup_curve_client(raw, curve)  # an allowed key, so the junk gets past the handshake to the decoder
     raw.connect(tiny_cluster.endpoint)
     for junk in ([b""], [b"\x00" * 10], [b"EC\x01" + b"\xff" * 50], [b"EC\x01\x81\xa1t\x01", b"x" * 100],
                  [b"hello", b"world", b"!"], [b"EC\x09" + b"\x80"]):
@@ -90,7 +93,7 @@ def test_garbage_to_the_broker_and_bad_requests_to_a_worker_leave_both_serving(t
 
     source = resolve_model("tiny-llama")
     api_key = sorted(load_api_keys(tiny_cluster.keys_dir / "api_keys.txt"))[0]
-    conn = BrokerClient(tiny_cluster.endpoint, api_key)
+    conn = BrokerClient(tiny_cluster.endpoint, api_key, curve=curve)
     try:
         # A malformed opener reaches the worker through the broker: the worker answers an error.
         with pytest.raises(ProtocolError):
@@ -104,7 +107,7 @@ def test_garbage_to_the_broker_and_bad_requests_to_a_worker_leave_both_serving(t
 
         session.start(SamplingParams())
         hidden = torch.randn(1, 3, source.hidden_size)
-        token, _ = session.step(hidden, 0)
+        _tokens, _ = session.step(hidden, 0)
         from broker.session_protocol import seal_step
 
         frames = seal_step(session.cipher, session.session_id, 1, session.pos, hidden[:, :1], "fp16")
@@ -216,3 +219,28 @@ def test_emulated_link_delays_real_frames_and_changes_nothing_else(tiny_cluster)
     decode = slow["trace"][1:]
     assert min(s["transport_ms"] for s in decode) >= 45, [s["transport_ms"] for s in decode]
     assert slow["ms_per_token"] >= 50 > plain["ms_per_token"]
+
+
+@pytest.mark.parametrize("mini", ["self", "lookup", "tiny-gpt2"])
+def test_drafts_verified_by_a_real_worker_leave_the_output_unchanged(tiny_cluster, mini):
+    """Drafts, rejections and rollback on both sides, through the broker: the text is the main
+    model's, and a generation continued after rejections stays identical (caches consistent)."""
+    args = ("--tokens", "40", "--raw-prompt", "--prompt", "abcabcabc abcabcabc abc")
+    local = edge_json(tiny_cluster, "--force-local", *args)
+    drafted = edge_json(tiny_cluster, "--split", "2", *args, "--mini", mini, "--mini-threshold", "0",
+                        "--mini-max-draft", "4", "--mini-fixed")
+    assert drafted["token_ids"] == local["token_ids"]
+    assert drafted["mini"] == mini and drafted["mini_mode"] == "verify"
+    assert drafted["tokens_drafted"] > 0 and drafted["acceptance_rate"] is not None
+    assert drafted["cloud_round_trips"] == len(drafted["trace"]) + 1  # one opener, then one per round
+
+
+def test_a_drafter_that_is_always_right_cuts_round_trips(tiny_cluster):
+    args = ("--tokens", "30", "--mini", "tiny-llama", "--mini-threshold", "0", "--mini-max-draft", "4",
+            "--mini-fixed")
+    verified = edge_json(tiny_cluster, "--split", "2", *args)
+    trusted = edge_json(tiny_cluster, "--split", "2", *args, "--mini-mode", "trust")
+    local = edge_json(tiny_cluster, "--force-local", "--tokens", "30")
+    assert verified["token_ids"] == trusted["token_ids"] == local["token_ids"]
+    assert verified["acceptance_rate"] == 1.0 and verified["tokens_from_mini"] >= 20
+    assert verified["cloud_round_trips"] <= 30 // 5 + 2

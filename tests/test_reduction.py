@@ -129,8 +129,8 @@ class _ReducedLocalBackend(LocalBackend):
         super().__init__(segment)
         self.wire_dtype, self.reduction = wire_dtype, reduction
 
-    def step(self, hidden, step):
-        return super().step(worker_input(hidden, self.wire_dtype, self.reduction), step)
+    def step(self, hidden, step, draft=()):
+        return super().step(worker_input(hidden, self.wire_dtype, self.reduction), step, draft)
 
 
 @pytest.fixture(scope="module")

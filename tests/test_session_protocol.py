@@ -33,11 +33,30 @@ def test_step_and_reply_round_trip_encrypted():
     edge, worker = ciphers()
     hidden = torch.randn(1, 3, HIDDEN)
     frames = sp.seal_step(edge, SID, 4, 10, hidden, "fp32")
-    pos, got = sp.open_step(worker, SID, 4, frames, HIDDEN)
-    assert pos == 10 and torch.equal(got, hidden)
+    req = sp.open_step(worker, SID, 4, frames, HIDDEN)
+    assert req.pos == 10 and torch.equal(req.hidden, hidden) and req.draft == []
     reply = sp.seal_step_reply(worker, SID, 4, token=42, pos=13, compute_ms=1.5, worker_ms=2.0)
     r = sp.open_step_reply(edge, SID, 4, reply)
-    assert (r.token, r.pos, r.compute_ms, r.worker_ms) == (42, 13, 1.5, 2.0)
+    assert (r.token, r.pos, r.compute_ms, r.worker_ms, r.accepted) == (42, 13, 1.5, 2.0, 0)
+
+
+def test_drafts_travel_with_the_step_and_the_verdict_with_the_reply():
+    edge, worker = ciphers()
+    frames = sp.seal_step(edge, SID, 4, 10, torch.randn(1, 3, HIDDEN), "fp16", draft=[5, 9])
+    assert sp.open_step(worker, SID, 4, frames, HIDDEN, vocab_size=100).draft == [5, 9]
+    reply = sp.seal_step_reply(worker, SID, 4, token=7, pos=12, compute_ms=1.0, worker_ms=1.0, accepted=1)
+    assert sp.open_step_reply(edge, SID, 4, reply).accepted == 1
+
+
+@pytest.mark.parametrize("draft, positions, vocab", [
+    ([5, 9], 2, 100),  # two drafts need three positions
+    ([5, 100], 3, 100),  # outside the vocabulary
+    (list(range(40)), 41, 100),  # more drafts than the wire allows
+])
+def test_bad_drafts_are_protocol_errors(draft, positions, vocab):
+    frames = sp.seal_step(NullCipher(), SID, 0, 0, torch.randn(1, positions, HIDDEN), "fp16", draft=draft)
+    with pytest.raises(ProtocolError):
+        sp.open_step(NullCipher(), SID, 0, frames, HIDDEN, vocab_size=vocab)
 
 
 def test_a_body_moved_to_another_step_or_session_is_refused():
@@ -60,7 +79,8 @@ def test_int8_step_round_trips_encrypted_at_a_reduced_width():
     hidden = torch.randn(1, 3, HIDDEN)
     hidden[..., 2] *= 500
     frames = sp.seal_step(edge, SID, 1, 0, hidden, "int8")
-    pos, got = sp.open_step(worker, SID, 1, frames, HIDDEN)
+    req = sp.open_step(worker, SID, 1, frames, HIDDEN)
+    pos, got = req.pos, req.hidden
     assert pos == 0 and got.shape == hidden.shape
     assert torch.allclose(got, hidden, rtol=0.02, atol=0.05)
     with pytest.raises(ProtocolError):
@@ -91,14 +111,14 @@ def test_bad_openers_are_protocol_errors(extra):
 @given(st.lists(st.binary(max_size=300), max_size=4), st.integers(0, 2**20))
 def test_fuzz_step_bodies_only_raise_typed_errors(frames, step):
     try:
-        pos, hidden = sp.open_step(NullCipher(), SID, step, frames, HIDDEN)
+        req = sp.open_step(NullCipher(), SID, step, frames, HIDDEN)
     except ProtocolError:
         return
-    assert pos >= 0 and hidden.shape[-1] == HIDDEN
+    assert req.pos >= 0 and req.hidden.shape[-1] == HIDDEN and len(req.draft) < req.hidden.shape[1]
 
 
 @FUZZ
-@given(st.dictionaries(st.sampled_from(["pos", "tensor", "x"]),
+@given(st.dictionaries(st.sampled_from(["pos", "tensor", "draft", "x"]),
                        st.one_of(st.integers(-5, 2**40), st.text(max_size=5), st.none(),
                                  st.dictionaries(st.sampled_from(["dtype", "shape", "outliers"]),
                                                  st.one_of(st.sampled_from(["fp16", "int8"]), st.integers(-3, 40),

@@ -1,0 +1,286 @@
+"""Drafters: cheap guesses of the next tokens, made on the device, checked by the main model.
+
+Three kinds, all proposing greedy drafts with a confidence (the drafter's probability of its own
+guess; prompt lookup has none and reports 1.0):
+
+* ``SelfDrafter``: the edge's own layers ``[0, k)`` followed by the final norm and the LM head
+  (early exit), optionally through a learned adapter (``edgecloud calibrate --drafter``). It
+  needs no second model: the boundary activations it computes for a draft are exactly the ones
+  the cloud needs to verify it.
+* ``LookupDrafter``: prompt lookup, i.e. the tokens that followed the most recent earlier
+  occurrence of the context's last n-gram. Nearly free; strong when the answer repeats the
+  prompt or itself.
+* ``ModelDrafter``: any small causal LM that shares the main model's tokenizer, with its own
+  KV cache kept in step with the committed tokens.
+
+``DraftController`` decides how many tokens to draft per cloud round trip from measured
+quantities (acceptance rate, edge cost per draft, the round trip, the cloud's cost per verified
+position), so drafting switches itself off where it does not pay (near-zero delay).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from partition.errors import PartitionError
+from partition.speculative import MAX_DRAFT_TOKENS
+
+log = logging.getLogger(__name__)
+
+MINI_MODES = ("verify", "trust")
+
+
+class DrafterError(PartitionError):
+    """A drafter that cannot be used with this model (wrong tokenizer, bad adapter file, ...)."""
+
+
+def _top1(logits: torch.Tensor) -> tuple[int, float]:
+    probs = torch.softmax(logits.float(), dim=-1)
+    conf, token = torch.max(probs, dim=-1)
+    return int(token), float(conf)
+
+
+# --- self-drafting (early exit) -----------------------------------------------------------------
+
+
+class DrafterAdapter(torch.nn.Module):
+    """A residual linear map from the hidden state at layer k towards the last layer's:
+    ``h + W h + b``, initialised at zero so an untrained adapter is plain early exit."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(hidden_size, hidden_size)
+        torch.nn.init.zeros_(self.proj.weight)
+        torch.nn.init.zeros_(self.proj.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.proj(h)
+
+
+def adapter_path(directory: Path, model_id: str, split: int) -> Path:
+    return Path(directory) / f"drafter-{model_id}-k{split}.pt"
+
+
+def save_adapter(adapter: DrafterAdapter, path: Path, model_id: str, split: int, metrics: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model_id": model_id, "split": split, "state": adapter.state_dict(), "metrics": metrics}, tmp)
+    tmp.replace(path)
+
+
+def load_adapter(path: Path, model_id: str, split: int, hidden_size: int) -> DrafterAdapter:
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise DrafterError(f"cannot read the drafter adapter {path}: {exc}") from None
+    if blob.get("model_id") != model_id or blob.get("split") != split:
+        raise DrafterError(f"{path} was calibrated for {blob.get('model_id')} at split {blob.get('split')}, "
+                           f"not {model_id} at split {split}: run `edgecloud calibrate --drafter --split {split}`")
+    adapter = DrafterAdapter(hidden_size)
+    adapter.load_state_dict(blob["state"])
+    return adapter.eval()
+
+
+class SelfDrafter:
+    """Early exit from the edge's layers: norm and LM head applied to the layer-k hidden state."""
+
+    name = "self"
+    incremental = True  # drafts one token at a time from the edge's own forward pass
+
+    def __init__(self, norm: torch.nn.Module, lm_head: torch.nn.Module, adapter: DrafterAdapter | None = None):
+        self.norm = norm
+        self.lm_head = lm_head
+        self.adapter = adapter
+
+    def reset(self, prompt: list[int]) -> None:
+        pass
+
+    @torch.inference_mode()
+    def next_from_hidden(self, hidden: torch.Tensor) -> tuple[int, float]:
+        """hidden: (H,) the boundary activation of the newest position."""
+        h = hidden.float()
+        if self.adapter is not None:
+            h = self.adapter(h)
+        return _top1(self.lm_head(self.norm(h.to(self.lm_head.weight.dtype))))
+
+
+# --- prompt lookup ------------------------------------------------------------------------------
+
+
+class LookupDrafter:
+    """Proposes what followed the most recent earlier match of the context's last n-gram."""
+
+    name = "lookup"
+    incremental = False
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
+        self.max_ngram = max_ngram
+        self.min_ngram = min_ngram
+
+    def reset(self, prompt: list[int]) -> None:
+        pass
+
+    def propose(self, context: list[int], max_tokens: int, threshold: float) -> list[tuple[int, float]]:
+        n_ctx = len(context)
+        for n in range(min(self.max_ngram, n_ctx - 1), self.min_ngram - 1, -1):
+            tail = context[n_ctx - n:]
+            # Most recent earlier occurrence first: recent text predicts the continuation best.
+            for start in range(n_ctx - n - 1, -1, -1):
+                if context[start:start + n] == tail:
+                    follow = context[start + n:start + n + max_tokens]
+                    if follow:
+                        return [(t, 1.0) for t in follow]
+        return []
+
+
+# --- a separate small model ---------------------------------------------------------------------
+
+
+class ModelDrafter:
+    """A small causal LM with the main model's tokenizer, run fully on the device."""
+
+    name = "model"
+    incremental = False
+
+    def __init__(self, model: Any, label: str = "model") -> None:
+        self.model = model  # a ModelSegment holding every layer and the head
+        self.name = label
+        self.cache = model.new_cache()
+        self.ids: list[int] = []  # tokens the cache holds
+        self.last_logits: torch.Tensor | None = None
+
+    def reset(self, prompt: list[int]) -> None:
+        self.cache = self.model.new_cache()
+        self.ids = []
+        self.last_logits = None
+
+    def _feed(self, tokens: list[int]) -> torch.Tensor:
+        out = self.model(torch.tensor([tokens], dtype=torch.long), self.cache, logits="last")
+        self.ids.extend(tokens)
+        return out.logits[0, -1]
+
+    @torch.inference_mode()
+    def propose(self, context: list[int], max_tokens: int, threshold: float) -> list[tuple[int, float]]:
+        common = 0
+        for a, b in zip(self.ids, context, strict=False):
+            if a != b:
+                break
+            common += 1
+        if common == len(context) and common == len(self.ids) and self.last_logits is not None:
+            logits = self.last_logits
+        else:
+            common = min(common, len(context) - 1)  # the newest token must be fed to get logits
+            self.cache.crop(common)
+            del self.ids[common:]
+            logits = self._feed(context[common:])
+        drafts: list[tuple[int, float]] = []
+        while len(drafts) < max_tokens:
+            token, conf = _top1(logits)
+            if conf < threshold:
+                break
+            drafts.append((token, conf))
+            logits = self._feed([token])
+        self.last_logits = logits
+        return drafts
+
+
+# --- how many tokens to draft -------------------------------------------------------------------
+
+
+@dataclass
+class DraftController:
+    """Chooses the draft length that maximises expected tokens per unit of time.
+
+    With a per-token acceptance probability ``a``, a round with ``n`` drafts yields
+    ``(1 - a^(n+1)) / (1 - a)`` tokens and costs ``base + n * edge_per_draft + round_trip +
+    cloud_one + n * cloud_per_draft`` milliseconds; ``n = 0`` is plain hybrid. Every quantity is a
+    running estimate from this generation's own rounds. When ``n = 0`` wins, a probe round every
+    ``probe_every`` rounds keeps the estimates fresh, so drafting comes back when the link slows.
+    """
+
+    max_tokens: int = 8
+    probe_every: int = 16
+    smoothing: float = 0.3
+    # Priors, replaced by measurements as rounds complete.
+    accept_hits: float = 2.0  # pseudo-counts for the acceptance rate (prior 0.5)
+    accept_trials: float = 4.0
+    edge_per_draft_ms: float | None = None
+    round_trip_ms: float | None = None
+    cloud_one_ms: float | None = None
+    cloud_per_draft_ms: float | None = None
+    base_ms: float | None = None
+    rounds_since_draft: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_tokens <= MAX_DRAFT_TOKENS:
+            raise ValueError(f"draft length must be in 1..{MAX_DRAFT_TOKENS}, got {self.max_tokens}")
+
+    @property
+    def acceptance(self) -> float:
+        return self.accept_hits / self.accept_trials
+
+    def _ewma(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self.smoothing * (new - old)
+
+    def expected_rate(self, n: int) -> float:
+        """Expected tokens per millisecond with ``n`` drafts (the cost model, exposed for tests)."""
+        a = min(self.acceptance, 0.999)
+        tokens = (1 - a ** (n + 1)) / (1 - a)
+        cost = ((self.base_ms or 0.0) + n * (self.edge_per_draft_ms or 0.0) + (self.round_trip_ms or 0.0)
+                + (self.cloud_one_ms or 0.0) + n * (self.cloud_per_draft_ms or 0.0))
+        return tokens / max(cost, 1e-3)
+
+    def best_length(self) -> int:
+        if self.round_trip_ms is None:
+            return min(2, self.max_tokens)  # nothing measured yet: a short draft measures everything
+        best = max(range(self.max_tokens + 1), key=self.expected_rate)
+        if best == 0 and self.rounds_since_draft >= self.probe_every:
+            return 1
+        return best
+
+    def record(self, drafted: int, accepted: int, edge_base_ms: float, edge_draft_ms: float,
+               round_trip_ms: float, cloud_ms: float) -> None:
+        """One round's measurements: ``drafted`` tokens proposed, ``accepted`` kept."""
+        if drafted:
+            self.rounds_since_draft = 0
+            self.accept_hits += accepted
+            self.accept_trials += accepted + (1 if accepted < drafted else 0)
+            self.edge_per_draft_ms = self._ewma(self.edge_per_draft_ms, edge_draft_ms / drafted)
+            if self.cloud_one_ms is not None:
+                self.cloud_per_draft_ms = self._ewma(
+                    self.cloud_per_draft_ms, max(0.0, cloud_ms - self.cloud_one_ms) / drafted)
+        else:
+            self.rounds_since_draft += 1
+            self.cloud_one_ms = self._ewma(self.cloud_one_ms, cloud_ms)
+        if self.cloud_one_ms is None:  # first round drafted: split its cloud time evenly
+            self.cloud_one_ms = cloud_ms / (drafted + 1)
+        self.base_ms = self._ewma(self.base_ms, edge_base_ms)
+        self.round_trip_ms = self._ewma(self.round_trip_ms, round_trip_ms)
+
+
+
+@dataclass
+class MiniSettings:
+    """What the generation loop needs from a ``MiniLLMHandler``: the drafter and how to use it."""
+
+    drafter: SelfDrafter | LookupDrafter | ModelDrafter
+    mode: str = "verify"
+    threshold: float = 0.5
+    max_draft: int = 8
+    adaptive: bool = True  # False: always draft up to max_draft (tests, fixed-length benchmarks)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MINI_MODES:
+            raise ValueError(f"mini mode must be one of {', '.join(MINI_MODES)}, got {self.mode!r}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"mini threshold must be in [0, 1], got {self.threshold}")
+        if not 1 <= self.max_draft <= MAX_DRAFT_TOKENS:
+            raise ValueError(f"draft length must be in 1..{MAX_DRAFT_TOKENS}, got {self.max_draft}")
+        if self.mode == "trust" and isinstance(self.drafter, LookupDrafter):
+            raise ValueError("trust mode needs a drafter with a probability (self or a model): "
+                             "prompt lookup has no confidence to trust")

@@ -1,0 +1,129 @@
+"""``MiniLLMHandler``: the original design's on-device model for easy tokens.
+
+It holds the choice of drafter and how to use it, and builds the drafter once the edge knows its
+model and split:
+
+* ``model=None`` or ``"self"``: early exit from the edge's own layers (the default; no second
+  model), with the adapter ``edgecloud calibrate --drafter`` trained, when one exists;
+* ``"lookup"``: prompt lookup (n-gram matching against the context);
+* a model name or path (as for ``--model``), or a loaded transformers model: a separate small
+  causal LM, which must share the main model's tokenizer.
+
+``threshold`` is the drafter's confidence below which a token counts as hard and drafting stops.
+``mode="verify"`` (default) has the main model check every draft, so the output is the main
+model's; ``mode="trust"`` emits confident drafts without waiting for the cloud.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from edge_worker.drafting import (
+    MINI_MODES,
+    DrafterError,
+    LookupDrafter,
+    MiniSettings,
+    ModelDrafter,
+    SelfDrafter,
+    adapter_path,
+    load_adapter,
+)
+from partition.models import ModelSource, source_of
+from partition.segment import ModelSegment
+
+log = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLD = 0.5
+DEFAULT_MAX_DRAFT = 8
+
+
+class TokenizerMismatchError(DrafterError):
+    """The drafter's tokenizer does not produce the main model's token ids."""
+
+
+# Probe strings for the tokenizer check: ASCII, whitespace runs, digits, accents, CJK, emoji.
+_TOKENIZER_PROBES = ("Hello, world!", "  indented\n\ttext 12345", "café naïve", "边缘云", "🙂 ok")
+
+
+def default_adapters_dir() -> Path:
+    """``$EDGECLOUD_CACHE/drafters`` (default ``~/.cache/edgecloud/drafters``)."""
+    root = os.environ.get("EDGECLOUD_CACHE")
+    return Path(root) / "drafters" if root else Path.home() / ".cache" / "edgecloud" / "drafters"
+
+
+class MiniLLMHandler:
+    def __init__(self, model: Any = None, tokenizer: Any = None, threshold: float = DEFAULT_THRESHOLD,
+                 main_tokenizer: Any = None, mode: str = "verify", max_draft: int = DEFAULT_MAX_DRAFT,
+                 adapter: str | Path | None = None, use_adapter: bool = True, adaptive: bool = True) -> None:
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        if mode not in MINI_MODES:
+            raise ValueError(f"mini mode must be one of {', '.join(MINI_MODES)}, got {mode!r}")
+        self.model = "self" if model is None else model
+        self.tokenizer = tokenizer
+        self.threshold = threshold
+        self.mode = mode
+        self.max_draft = max_draft
+        self.adapter = Path(adapter) if adapter is not None else None
+        self.use_adapter = use_adapter
+        self.adaptive = adaptive  # False: always draft max_draft tokens instead of what pays
+        if main_tokenizer is not None:
+            self.check_tokenizer(main_tokenizer)
+
+    @property
+    def kind(self) -> str:
+        """``self``, ``lookup`` or ``model``."""
+        return self.model if self.model in ("self", "lookup") else "model"
+
+    @property
+    def needs_edge_head(self) -> bool:
+        """The self-drafter applies the final norm and LM head to the edge's own activations."""
+        return self.kind == "self"
+
+    def check_tokenizer(self, main_tokenizer: Any) -> None:
+        """Refuse a drafter whose tokenizer would give different ids than the main model's."""
+        if self.tokenizer is None or self.tokenizer is main_tokenizer:
+            return
+        if len(self.tokenizer) != len(main_tokenizer):
+            raise TokenizerMismatchError(
+                f"the mini-LLM's tokenizer has {len(self.tokenizer)} tokens, the main model's {len(main_tokenizer)}: "
+                "a drafter must share the main model's tokenizer"
+            )
+        for text in _TOKENIZER_PROBES:
+            if self.tokenizer(text)["input_ids"] != main_tokenizer(text)["input_ids"]:
+                raise TokenizerMismatchError(
+                    f"the mini-LLM's tokenizer encodes {text!r} differently from the main model's"
+                )
+
+    def settings(self, source: ModelSource, edge: ModelSegment, main_tokenizer: Any) -> MiniSettings:
+        """The drafter for this model and edge segment, ready for the generation loop."""
+        kind = self.kind
+        if kind == "self":
+            if edge.norm is None or edge.lm_head is None:
+                raise DrafterError("the self-drafter needs the edge segment loaded with head=True")
+            adapter = None
+            path = self.adapter or adapter_path(default_adapters_dir(), source.model_id, edge.spec.hi)
+            if self.use_adapter and path.exists():
+                adapter = load_adapter(path, source.model_id, edge.spec.hi, source.hidden_size)
+                log.info("self-drafter uses the adapter %s", path)
+            elif self.adapter is not None:
+                raise DrafterError(f"no drafter adapter at {path}: run `edgecloud calibrate --drafter`")
+            drafter: Any = SelfDrafter(edge.norm, edge.lm_head, adapter)
+        elif kind == "lookup":
+            drafter = LookupDrafter()
+        else:
+            small = source_of(self.model)
+            if small.model_id == source.model_id:
+                log.warning("the drafter is the main model itself: every draft is accepted, nothing is saved")
+            small_tokenizer = self.tokenizer or small.load_tokenizer()
+            saved, self.tokenizer = self.tokenizer, small_tokenizer
+            try:
+                self.check_tokenizer(main_tokenizer)
+            finally:
+                self.tokenizer = saved
+            segment = ModelSegment.load(small, 0, small.n_layers)
+            drafter = ModelDrafter(segment, label=small.name)
+        return MiniSettings(drafter, self.mode, self.threshold, self.max_draft, self.adaptive)

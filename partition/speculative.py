@@ -1,0 +1,76 @@
+"""Verifying drafted tokens against the main model: lossless speculative decoding.
+
+A drafter on the edge proposes tokens ``d1 .. dn`` after the pending token. The edge sends the
+boundary activations of ``[pending, d1 .. dn]``; whoever holds the head computes logits
+``L0 .. Ln`` for those positions (``Li`` predicts the token after position ``i``) and calls
+:func:`verify_drafts`, which returns how many drafts the main model keeps and the token that
+follows them (a correction, or a bonus token when every draft was kept).
+
+Greedy: a draft is kept while it equals the main model's argmax, so the output is exactly the
+main model's greedy output.
+
+Sampling: the drafter is treated as proposing a single token (a point mass ``q = delta(d)``),
+for which the speculative-sampling rule (Leviathan et al. 2023; Chen et al. 2023) is: keep ``d``
+with probability ``p(d)``; otherwise draw from ``p`` with ``d`` removed and renormalised. Whatever
+the drafter proposed, each emitted token is then distributed exactly as ``p``, the main model's
+(temperature, top-p) distribution, and the drafter's own probabilities never cross the network.
+Draws are seeded by ``(seed, step)`` like :func:`partition.sampling.choose_token`, so a run is
+reproducible and a retried verification draws the same verdict.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from partition.sampling import SamplingParams, choose_token, probabilities
+
+# Upper bound on drafts per verification: the wire format and the worker both enforce it.
+MAX_DRAFT_TOKENS = 32
+
+
+def _generator(params: SamplingParams, step: int, salt: int) -> torch.Generator:
+    return torch.Generator().manual_seed((params.seed * 1_000_003 + step * 7 + salt) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def verify_drafts(logits: torch.Tensor, drafts: list[int], params: SamplingParams, step: int) -> tuple[int, int]:
+    """logits: (n + 1, V) for ``[pending, d1 .. dn]``; ``step`` is the generation index of ``d1``.
+
+    Returns ``(accepted, token)``: the first ``accepted`` drafts are kept and ``token`` follows
+    them (generation index ``step + accepted``).
+    """
+    n = len(drafts)
+    if logits.dim() != 2 or logits.shape[0] != n + 1:
+        raise ValueError(f"verifying {n} drafts needs logits of shape ({n + 1}, V), got {tuple(logits.shape)}")
+    for i, draft in enumerate(drafts):
+        row = logits[i]
+        if params.greedy:
+            best = int(torch.argmax(row))
+            if best != draft:
+                return i, best
+            continue
+        p = probabilities(row, params)
+        u = float(torch.rand((), generator=_generator(params, step + i, 1)))
+        if u < float(p[draft]):
+            continue
+        residual = p.clone()
+        residual[draft] = 0.0
+        total = float(residual.sum())
+        if total <= 0.0:  # p(d) rounds to 1: keeping d is the only draw p allows
+            continue
+        token = int(torch.multinomial(residual / total, 1, generator=_generator(params, step + i, 2)))
+        return i, token
+    return n, choose_token(logits[n], params, step + n)
+
+
+def run_and_verify(segment, hidden: torch.Tensor, cache, params: SamplingParams, step: int,
+                   draft: list[int] | tuple[int, ...] = (), start_layer: int | None = None) -> tuple[int, int]:
+    """Run ``segment`` (which holds the head) on ``hidden`` (1, T, H), verify the drafts held by
+    the last ``len(draft)`` positions, and crop ``cache`` to the positions that were kept.
+
+    Without drafts this is an ordinary step: ``(0, next token)``.
+    """
+    n = len(draft)
+    out = segment(hidden, cache, start_layer=start_layer, logits=n + 1)
+    accepted, token = verify_drafts(out.logits[0], list(draft), params, step)
+    cache.crop(cache.length - (n - accepted))
+    return accepted, token
