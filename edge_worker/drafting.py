@@ -204,7 +204,7 @@ class DraftController:
     """
 
     max_tokens: int = 8
-    probe_every: int = 16
+    probe_every: int = 32
     smoothing: float = 0.3
     # Priors, replaced by measurements as rounds complete.
     accept_hits: float = 2.0  # pseudo-counts for the acceptance rate (prior 0.5)
@@ -215,6 +215,7 @@ class DraftController:
     cloud_per_draft_ms: float | None = None
     base_ms: float | None = None
     rounds_since_draft: int = 0
+    rtt_when_off: float | None = None  # the round trip when drafting last switched off
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_tokens <= MAX_DRAFT_TOKENS:
@@ -239,8 +240,13 @@ class DraftController:
         if self.round_trip_ms is None:
             return min(2, self.max_tokens)  # nothing measured yet: a short draft measures everything
         best = max(range(self.max_tokens + 1), key=self.expected_rate)
-        if best == 0 and self.rounds_since_draft >= self.probe_every:
-            return 1
+        if best == 0:
+            if self.rtt_when_off is None:
+                self.rtt_when_off = self.round_trip_ms
+            slower = self.round_trip_ms > 1.5 * self.rtt_when_off + 1.0  # the link slowed since
+            if slower or self.rounds_since_draft >= self.probe_every:
+                self.rtt_when_off = None
+                return 1
         return best
 
     def record(self, drafted: int, accepted: int, edge_base_ms: float, edge_draft_ms: float,
