@@ -14,6 +14,11 @@ Failure policy, in one place:
   of its sessions is answered ``WorkerLost`` immediately, not at a deadline;
 * every request has a deadline; missing it answers ``RequestTimeout`` and a
   later reply for that attempt is discarded (and counted);
+* poison: a *task* (``protocol.task_of``: the edge names one per step, shared by
+  its retries and its replay after a failover) that was in flight on
+  ``max_attempts`` different workers when each of them died, hung or missed the
+  deadline is answered ``PoisonRequest`` and refused from then on, so one bad
+  request cannot take down the whole pool;
 * requests that cannot be dispatched wait in one bounded FIFO (``Busy``
   beyond it); an opener with no worker at all for its model waits at most
   ``no_worker_grace_s`` and then gets ``NoWorkerAvailable``;
@@ -33,6 +38,7 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +51,7 @@ from broker.errors import (
     Busy,
     EdgeCloudError,
     NoWorkerAvailable,
+    PoisonRequest,
     ProtocolError,
     RequestTimeout,
     WorkerLost,
@@ -80,7 +87,10 @@ class BrokerConfig:
     default_deadline_s: float = 30.0  # budget of a request that names none (deadline_ms == 0)
     max_deadline_s: float = 600.0  # cap on a client's budget: a long CPU prefill fits, a leak does not
     no_worker_grace_s: float = 2.0  # how long an opener waits for some worker of its model to register
-    max_attempts: int = 3  # dispatches of one restartable request before giving up with WorkerLost
+    # Workers one task may fail on (die, hang or miss the deadline while holding it) before it is
+    # answered PoisonRequest and refused; also bounds the re-dispatches of a restartable opener.
+    # 3: one worker killed by an operator mid-step, or one hang, must not mark a request poison.
+    max_attempts: int = 3
     api_keys: frozenset[str] = frozenset()  # empty -> authentication off
     session_idle_s: float = 3600.0  # an untouched session is dropped and its worker told to free it
     abandoned_grace_s: float = 30.0  # a timed-out attempt counts toward its worker's load this long
@@ -96,6 +106,7 @@ class BrokerConfig:
     # sessions only when no other worker has room, for this long: a flapping worker (a hang that
     # resumes, an overloaded host) should not keep attracting sessions it may lose again.
     failed_worker_avoid_s: float = 60.0
+    tasks_remembered: int = 10_000  # tasks with failures kept for poison detection (oldest forgotten)
 
     @property
     def worker_expiry_s(self) -> float:
@@ -130,6 +141,7 @@ class Broker:
         self._lost: OrderedDict[SessionId, str] = OrderedDict()
         self._done_ids: OrderedDict[RequestId, None] = OrderedDict()
         self._avoid_until: dict[WorkerId, float] = {}  # failed workers, deprioritised until then
+        self._task_failures: OrderedDict[str, list[WorkerId]] = OrderedDict()  # task -> workers it failed on
         self._requests: dict[RequestId, PendingRequest] = {}
         self._queue: deque[PendingRequest] = deque()
         self._timers: list[tuple[float, int, str, RequestId]] = []
@@ -238,6 +250,11 @@ class Broker:
             # one answer. Answering the copy with an error would reach the client first and be
             # taken as the result; running it again would apply a step twice.
             self.counters["duplicate_requests_dropped"] += 1
+            return
+        failed_on = self._task_failures.get(p.task_of(msg), ())
+        if len(failed_on) >= cfg.max_attempts:
+            self.counters["poison_refused"] += 1
+            self._reply_error(identity, msg.request_id, self._poison_error(msg, failed_on))
             return
         budget_s = msg.deadline_ms / 1000 if msg.deadline_ms else cfg.default_deadline_s
         req = PendingRequest(msg, identity, now, now + min(budget_s, cfg.max_deadline_s))
@@ -554,10 +571,12 @@ class Broker:
             if req is None:
                 continue
             req.worker_id = None
+            poisoned = self._task_failed(req, w.worker_id)
             ok = (
                 req.request.kind in cfg.restartable_kinds
                 and req.attempt < cfg.max_attempts
                 and now < req.deadline
+                and not poisoned
             )
             (restart if ok else lost).append(req)
         w.in_flight.clear()
@@ -574,6 +593,11 @@ class Broker:
             self._lost.popitem(last=False)
         for req in lost:
             r = req.request
+            failed_on = self._task_failures.get(p.task_of(r), ())
+            if len(failed_on) >= cfg.max_attempts:
+                self.counters["poison_requests"] += 1
+                self._fail(req, self._poison_error(r, failed_on))
+                continue
             self.counters["worker_lost"] += 1
             self._fail(req, WorkerLost(f"{why} while computing {r.kind} step {r.step} of session "
                                        f"{r.session_id}; its cache is gone, reopen the session"))  # fmt: skip
@@ -584,6 +608,31 @@ class Broker:
                     req.session_id, req.request.model_id, None, now, outstanding=1)  # fmt: skip
             self._route(req, session, now, front=True)
         self._pump(now, sweep=True)
+
+    # ---------------------------------------------------------------- poison
+    def _task_failed(self, req: PendingRequest, worker_id: WorkerId) -> bool:
+        """Record that ``req``'s task failed on ``worker_id``; True once it failed on max_attempts workers.
+
+        Distinct workers only: an edge retrying a slow step on the same worker, or the broker's
+        own timeouts there, say nothing about the request (the worker may simply be loaded).
+        """
+        task = p.task_of(req.request)
+        failed_on = self._task_failures.get(task)
+        if failed_on is None:
+            failed_on = self._task_failures[task] = []
+            while len(self._task_failures) > self.config.tasks_remembered:
+                self._task_failures.popitem(last=False)
+        self._task_failures.move_to_end(task)
+        if worker_id not in failed_on:
+            failed_on.append(worker_id)
+        return len(failed_on) >= self.config.max_attempts
+
+    def _poison_error(self, r: p.Request, failed_on: Sequence[WorkerId]) -> PoisonRequest:
+        return PoisonRequest(
+            f"{r.kind} step {r.step} of session {r.session_id} (task {p.task_of(r)}) was refused: that work "
+            f"already failed on {len(failed_on)} workers ({', '.join(failed_on)}), each dying, hanging or "
+            f"missing the deadline while holding it (limit: --max-attempts {self.config.max_attempts}); "
+            "it is likely what makes them fail, so it is not run again")
 
     # ---------------------------------------------------------------- timers
     def _push_timer(self, when: float, kind: str, request_id: RequestId) -> None:
@@ -607,6 +656,10 @@ class Broker:
             if req is None:
                 continue
             if kind == "deadline" and req.deadline <= now:
+                if req.worker_id is not None and self._task_failed(req, req.worker_id):
+                    self.counters["poison_requests"] += 1
+                    self._fail(req, self._poison_error(req.request, self._task_failures[p.task_of(req.request)]))
+                    continue
                 self.counters["timeouts"] += 1
                 where = f"dispatched to worker {req.worker_id}" if req.worker_id else "queued"
                 self._fail(req, RequestTimeout(f"request {rid} ({req.request.kind}) missed its "

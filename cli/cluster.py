@@ -88,20 +88,22 @@ class LocalCluster:
     def env(self) -> dict[str, str]:
         return child_env({"EDGECLOUD_BROKER": self.endpoint, "EDGECLOUD_KEYS": str(self.keys_dir)})
 
-    def _spawn(self, name: str, args: list[str]) -> Proc:
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Proc:
         log_path = self.workdir / f"{name}.log"
         with open(log_path, "wb") as log:
             popen = subprocess.Popen(cli_command(*args), stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=self.env(), cwd=ROOT,
+                                     stdin=subprocess.DEVNULL, env={**self.env(), **(env or {})}, cwd=ROOT,
                                      start_new_session=True)  # Ctrl-C in a terminal reaches us, not them
         return Proc(name, popen, log_path)
 
-    def start_broker(self) -> Proc:
+    def start_broker(self, *args: str) -> Proc:
+        """Start the broker; ``args`` are extra ``edgecloud broker`` options."""
         self.broker = self._spawn("broker", ["broker", "--endpoint", self.endpoint,
-                                             "--heartbeat", str(self.heartbeat_s)])
+                                             "--heartbeat", str(self.heartbeat_s), *args])
         return self.broker
 
-    def add_worker(self, key_name: str | None = None) -> Proc:
+    def add_worker(self, key_name: str | None = None, env: dict[str, str] | None = None) -> Proc:
+        """Start a worker; ``env`` adds environment variables (e.g. EDGECLOUD_FAULT_INJECTION)."""
         i = len(self.workers)
         name = f"worker{i + 1}"
         args = ["cloud-worker", "--model", self.model, "--worker-id", name,
@@ -110,7 +112,7 @@ class LocalCluster:
             args.append("--no-encryption")
         if self.worker_threads:
             args += ["--threads", str(self.worker_threads)]
-        proc = self._spawn(name, args)
+        proc = self._spawn(name, args, env)
         self.workers.append(proc)
         return proc
 

@@ -19,6 +19,10 @@ def broker(
     api_key: Annotated[list[str] | None, typer.Option("--api-key", help="An accepted API key (repeatable).")] = None,
     no_auth: Annotated[bool, typer.Option("--no-auth", help="Accept clients without an API key.")] = False,
     heartbeat: Annotated[float, typer.Option(help="Heartbeat period with workers, seconds.")] = 1.0,
+    max_attempts: Annotated[int, typer.Option(help="Workers one request may fail on (die, hang, time out) "
+                                              "before it is refused as poison.")] = 3,
+    max_queue: Annotated[int, typer.Option(help="Requests waiting for a worker; beyond it senders get "
+                                           "'busy'.")] = 1024,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the job broker: routes edge requests to cloud workers (never reads payloads)."""
@@ -40,8 +44,11 @@ def broker(
         )
         raise typer.Exit(EXIT_USAGE)
     with typed_errors():
+        if max_attempts < 1 or max_queue < 1:
+            raise ValueError("--max-attempts and --max-queue must be at least 1")
         config = BrokerConfig(endpoint=endpoint or default_broker(), heartbeat_interval_s=heartbeat,
-                              api_keys=frozenset() if no_auth else frozenset(accepted))
+                              api_keys=frozenset() if no_auth else frozenset(accepted),
+                              max_attempts=max_attempts, max_queue=max_queue)
         b = Broker(config)
         typer.echo(f"broker listening on {b.endpoint} ({len(config.api_keys)} API keys)", err=True)
         b.serve_forever(stop_on_signals())

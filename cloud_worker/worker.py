@@ -29,6 +29,7 @@ from broker.session_protocol import (
     seal_step_reply,
 )
 from broker.worker_api import Job, WorkerConnection, WorkerInfo
+from cloud_worker.faults import FaultInjector
 from cloud_worker.sessions import Session, SessionTable
 from partition.kv_cache import CacheFullError
 from partition.models import resolve_model
@@ -117,6 +118,7 @@ class CloudWorker:
             public_key=self.keypair.public_key if self.keypair else b"",
             per_layer_ms=self.per_layer_ms, max_sessions=config.max_sessions,
         )
+        self.faults = FaultInjector.from_env()  # off unless EDGECLOUD_FAULT_INJECTION is set (tests)
         self.stop_event = threading.Event()
         self.served = 0
         self.failed = 0
@@ -148,6 +150,7 @@ class CloudWorker:
             log.debug("skipping %s: its deadline passed while queued", job.request_id)
             return
         try:
+            self.faults.before(job)
             if job.kind == KIND_OPEN:
                 extra, frames = self._open(job)
             elif job.kind == KIND_STEP:
@@ -169,6 +172,7 @@ class CloudWorker:
             return
         self.served += 1
         self.conn.reply(job, extra, frames)
+        self.faults.after(job)
 
     def _open(self, job: Job) -> tuple[dict, list]:
         params = OpenParams.from_extra(job.extra)
