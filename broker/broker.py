@@ -65,6 +65,9 @@ logger = logging.getLogger(__name__)
 # Messages handled per poll wake-up before timers run again: keeps deadlines
 # and heartbeats on time under a flood without a syscall per message.
 RECV_BATCH = 512
+# Messages libzmq queues per peer before we read them (see Broker.__init__). 1000 still covers 64
+# requests in flight per client many times over.
+RECV_HWM = 1000
 # Upper bound on one poll wait, so a clock jump or a missed timer self-heals.
 MAX_POLL_S = 1.0
 # With an external stop_event the loop must notice it without a wake-up.
@@ -83,6 +86,10 @@ class BrokerConfig:
     heartbeat_interval_s: float = 1.0  # broker<->worker heartbeat period
     worker_liveness: int = 3  # missed heartbeat periods before a worker is declared dead
     max_queue: int = 1024  # requests waiting for a worker slot; beyond it -> Busy
+    # Body bytes of all requests held (queued or in flight); beyond it -> Busy. max_queue alone
+    # would let 1024 maximal messages (256 MiB each) through; 512 MiB holds 8 of those, or
+    # thousands of decode steps.
+    max_pending_bytes: int = 512 << 20
     worker_max_in_flight: int = 8  # attempts outstanding per worker; more would hide load from placement
     default_deadline_s: float = 30.0  # budget of a request that names none (deadline_ms == 0)
     max_deadline_s: float = 600.0  # cap on a client's budget: a long CPU prefill fits, a leak does not
@@ -128,6 +135,10 @@ class Broker:
         self._ctx = context or zmq.Context()
         self._sock = make_socket(self._ctx, zmq.ROUTER)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable sends raise: dead peers are noticed
+        # libzmq reads each peer's TCP stream into a queue ahead of us; SOCKET_HWM (10k messages)
+        # let one flooding client park 160 MB of 16 KiB requests in this process
+        # (bench/bench_flood.py). Beyond RECV_HWM the peer's TCP window closes instead: it waits.
+        self._sock.setsockopt(zmq.RCVHWM, RECV_HWM)
         self._sock.bind(config.endpoint)
         self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._waker = Waker()
@@ -143,6 +154,7 @@ class Broker:
         self._avoid_until: dict[WorkerId, float] = {}  # failed workers, deprioritised until then
         self._task_failures: OrderedDict[str, list[WorkerId]] = OrderedDict()  # task -> workers it failed on
         self._requests: dict[RequestId, PendingRequest] = {}
+        self._pending_bytes = 0  # body bytes of self._requests
         self._queue: deque[PendingRequest] = deque()
         self._timers: list[tuple[float, int, str, RequestId]] = []
         self._timer_seq = itertools.count()
@@ -257,7 +269,14 @@ class Broker:
             self._reply_error(identity, msg.request_id, self._poison_error(msg, failed_on))
             return
         budget_s = msg.deadline_ms / 1000 if msg.deadline_ms else cfg.default_deadline_s
-        req = PendingRequest(msg, identity, now, now + min(budget_s, cfg.max_deadline_s))
+        nbytes = sum(p.frame_nbytes(f) for f in msg.frames)
+        if self._pending_bytes + nbytes > cfg.max_pending_bytes:
+            self.counters["busy"] += 1
+            self._reply_error(identity, msg.request_id, Busy(
+                f"the broker holds {self._pending_bytes >> 20} MiB of requests (limit "
+                f"{cfg.max_pending_bytes >> 20} MiB); retry later"))  # fmt: skip
+            return
+        req = PendingRequest(msg, identity, now, now + min(budget_s, cfg.max_deadline_s), nbytes=nbytes)
         session = self._sessions.get(msg.session_id)
         if session is None:
             if msg.kind not in cfg.open_kinds:
@@ -272,6 +291,7 @@ class Broker:
                 "session_model_mismatch", f"session {msg.session_id} belongs to model {session.model_id}"))  # fmt: skip
             return
         self._requests[msg.request_id] = req
+        self._pending_bytes += nbytes
         self._sessions[msg.session_id] = session
         session.outstanding += 1
         session.last_used = now
@@ -502,7 +522,8 @@ class Broker:
     # ------------------------------------------------------- completion
     def _finish(self, req: PendingRequest, drop_session: bool = False) -> None:
         """Forget an answered request; ``drop_session`` also unpins its session (close, failed open)."""
-        self._requests.pop(req.request_id, None)
+        if self._requests.pop(req.request_id, None) is not None:
+            self._pending_bytes -= req.nbytes
         self._done_ids[req.request_id] = None
         if len(self._done_ids) > self.config.done_requests_remembered:
             self._done_ids.popitem(last=False)
@@ -726,6 +747,7 @@ class Broker:
             "sessions": len(self._sessions),
             "in_flight": sum(len(w.in_flight) for w in self._workers.values()),
             "pending_requests": len(self._requests),
+            "pending_bytes": self._pending_bytes,
             "queue_depth": len(self._queue),
             "counters": dict(self.counters),
             "protocol_errors": dict(self.protocol_errors),
