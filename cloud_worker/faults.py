@@ -5,7 +5,9 @@ Off unless the worker process starts with ``EDGECLOUD_FAULT_INJECTION`` set (rea
     ACTION@WHEN:STEP[:ONCE_FILE]
 
 * ACTION: ``kill`` (the worker SIGKILLs itself: a crash), ``stop`` (SIGSTOPs itself: a hang that a
-  later SIGCONT ends) or ``raise`` (a RuntimeError inside the request: the worker must survive it);
+  later SIGCONT ends), ``hang`` (only the compute thread stops, for an hour: heartbeats go on, as
+  when a kernel deadlocks without the GIL) or ``raise`` (a RuntimeError inside the request: the
+  worker must survive it);
 * WHEN: ``before`` computing the step (the request is in flight; step 0 is the prefill) or
   ``after`` its reply was sent (the fault lands between two steps);
 * STEP: the edge's step number. A replay after a failover carries the same number, so without
@@ -33,7 +35,8 @@ from broker.worker_api import Job
 log = logging.getLogger(__name__)
 
 ENV = "EDGECLOUD_FAULT_INJECTION"
-ACTIONS = ("kill", "stop", "raise")
+ACTIONS = ("kill", "stop", "hang", "raise")
+HANG_S = 3600.0
 WHENS = ("before", "after")
 # After a reply is handed to ZeroMQ its I/O thread still has to write it: wait this long before
 # dying, so that the reply reaches the broker and the fault lands *after* it.
@@ -56,8 +59,8 @@ class FaultSpec:
         if head not in ACTIONS or when not in WHENS or not step.isdigit():
             raise ConfigError(f"{ENV}={text!r}: expected ACTION@WHEN:STEP[:ONCE_FILE] with ACTION one of "
                               f"{ACTIONS} and WHEN one of {WHENS}, e.g. kill@before:0")
-        if head == "raise" and when == "after":
-            raise ConfigError(f"{ENV}={text!r}: raise only works before a step (after it, nothing is waiting)")
+        if head in ("raise", "hang") and when == "after":
+            raise ConfigError(f"{ENV}={text!r}: {head} only works before a step (after it, nothing is waiting)")
         return cls(head, when, int(step), once or None)
 
 
@@ -91,6 +94,9 @@ class FaultInjector:
                     job.session_id[:8])
         if spec.action == "raise":
             raise RuntimeError(f"injected fault at step {job.step}")
+        if spec.action == "hang":
+            time.sleep(HANG_S)
+            return
         if when == "after":
             time.sleep(AFTER_REPLY_FLUSH_S)
         os.kill(os.getpid(), signal.SIGKILL if spec.action == "kill" else signal.SIGSTOP)

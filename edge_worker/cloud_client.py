@@ -60,6 +60,10 @@ log = logging.getLogger(__name__)
 
 TRUSTED_WORKERS_FILE = "trusted_workers.txt"
 FAILED_OPENS_BEFORE_FALLBACK = 2
+# A worker that lets a step time out this many times in a row, while the broker still hears its
+# heartbeats, is hung in its compute: move the session elsewhere, as if it had died. Twice, so a
+# single slow step (a loaded host) does not cost a replay.
+TIMEOUTS_BEFORE_FAILOVER = 2
 API_KEYS_FILE = "api_keys.txt"
 # Beyond its budget the client's own reply grace applies (the broker answers every request by its
 # deadline, or the connection is reset); this only keeps the final wait from being unbounded.
@@ -209,6 +213,7 @@ class CloudSession:
         pending = hidden  # what must reach the worker; grows to the whole log after a failover
         attempt = 0
         failed_opens = 0  # openers that found no worker (no answer in time, or none registered)
+        timeouts = 0  # of this step on the session's current worker
         deadline = time.monotonic() + self.client.step_deadline_s
         while True:
             remaining = deadline - time.monotonic()
@@ -240,6 +245,12 @@ class CloudSession:
                         return self._local_step(hidden, step, stats, replay=True, draft=draft)
                     raise
                 stats.retries += 1
+                timeouts = timeouts + 1 if isinstance(exc, RequestTimeout) and self.cipher is not None else 0
+                if timeouts >= TIMEOUTS_BEFORE_FAILOVER:
+                    log.warning("session %s: step %d timed out %d times on its worker, which still beats; "
+                                "treating it as hung", self.session_id[:8], step, timeouts)
+                    exc = WorkerLost(f"step {step} timed out {timeouts} times")
+                    timeouts = 0
                 if isinstance(exc, WorkerLost):
                     log.warning("session %s lost its worker (%s); reopening and replaying %d positions",
                                 self.session_id[:8], exc, self.pos + hidden.shape[1])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from brokerutil import MODEL, client, counters, echo_workers, running_broker, wait_until
 
@@ -79,3 +81,23 @@ def test_a_request_that_raises_in_the_worker_is_a_typed_error_and_the_worker_car
         assert cluster.workers[0].alive()
         st = cluster.status()  # still registered, and it answered the failure (it did not crash)
         assert len(st["workers"]) == 1 and st["counters"]["worker_errors"] == 1, st
+
+
+def test_a_step_that_hangs_every_worker_is_moved_twice_then_refused_within_the_deadline():
+    """The workers keep beating (only their compute hangs), so only timeouts reveal the hang: the
+    edge moves the session after two, and the broker refuses the step after two workers."""
+    hang = {"EDGECLOUD_FAULT_INJECTION": "hang@before:5"}
+    with LocalCluster(model="tiny-llama", worker_threads=1, heartbeat_s=0.3) as cluster:
+        cluster.start_broker("--max-attempts", "2")
+        for _ in range(3):
+            cluster.add_worker(env=hang)
+        cluster.wait_for_workers(3, timeout_s=90)
+        t0 = time.monotonic()
+        out = cluster.edge("--split", "2", "--tokens", "12", "--timeout", "1", "--deadline", "30", "--no-fallback",
+                           timeout_s=90)
+        elapsed = time.monotonic() - t0
+        assert out.returncode == 1 and "Traceback" not in out.stderr
+        assert "failed on 2 workers" in out.stderr, out.stderr[-1500:]
+        assert elapsed < 30, elapsed  # well within the step deadline: two workers x two 1 s timeouts
+        hung = [w for w in cluster.workers if "fault injection: hang" in w.log_tail(20_000)]
+        assert len(hung) == 2 and all(w.alive() for w in cluster.workers)
