@@ -121,4 +121,5 @@ def test_with_no_broker_coming_back_the_edge_fails_clearly_within_its_deadline()
         out, err = edge.communicate(timeout=60)
         assert edge.returncode == 1
         assert "Traceback" not in err and "error:" in err
-        assert time.monotonic() - t0 < 4 + 2 + 5  # the deadline, one request timeout, start-up slack
+        elapsed = time.monotonic() - t0
+        assert elapsed < 4 + 2 + 5, (elapsed, err[-2000:])  # the deadline, one request timeout, slack
