@@ -65,6 +65,7 @@ logger = logging.getLogger(__name__)
 # Messages handled per poll wake-up before timers run again: keeps deadlines
 # and heartbeats on time under a flood without a syscall per message.
 RECV_BATCH = 512
+MIB = 1 << 20
 # Messages libzmq queues per peer before we read them (see Broker.__init__). 1000 still covers 64
 # requests in flight per client many times over.
 RECV_HWM = 1000
@@ -273,8 +274,8 @@ class Broker:
         if self._pending_bytes + nbytes > cfg.max_pending_bytes:
             self.counters["busy"] += 1
             self._reply_error(identity, msg.request_id, Busy(
-                f"the broker holds {self._pending_bytes >> 20} MiB of requests (limit "
-                f"{cfg.max_pending_bytes >> 20} MiB); retry later"))  # fmt: skip
+                f"the broker holds {self._pending_bytes / MIB:.1f} MiB of requests (limit "
+                f"{cfg.max_pending_bytes / MIB:.1f} MiB); retry later"))  # fmt: skip
             return
         req = PendingRequest(msg, identity, now, now + min(budget_s, cfg.max_deadline_s), nbytes=nbytes)
         session = self._sessions.get(msg.session_id)

@@ -60,7 +60,8 @@ class FaultSpec:
             raise ConfigError(f"{ENV}={text!r}: expected ACTION@WHEN:STEP[:ONCE_FILE] with ACTION one of "
                               f"{ACTIONS} and WHEN one of {WHENS}, e.g. kill@before:0")
         if head in ("raise", "hang") and when == "after":
-            raise ConfigError(f"{ENV}={text!r}: {head} only works before a step (after it, nothing is waiting)")
+            raise ConfigError(f"{ENV}={text!r}: {head} only works before a step (ACTION@WHEN:STEP with WHEN "
+                              "before): after it, nothing is waiting for the request")
         return cls(head, when, int(step), once or None)
 
 

@@ -69,3 +69,25 @@ def test_a_flood_against_a_frozen_worker_gets_busy_answers_and_leaves_broker_mem
         finally:
             sock.close()
             worker.close()
+
+
+def test_requests_beyond_the_byte_bound_get_busy_naming_the_limit():
+    from brokerutil import running_broker
+
+    from broker.errors import Busy
+
+    with running_broker(max_pending_bytes=100_000) as b, client(b.endpoint) as c:
+        worker = EchoWorker(b.endpoint, "frozen")
+        try:
+            wait_until(lambda: c.status()["workers"], what="the worker to register")
+            c.request("s", "open", MODEL, 2, 0)
+            worker.gate.clear()
+            rids = [c.submit("s", "step", MODEL, 2, i, [BODY], timeout_s=10) for i in range(10)]  # 160 KiB
+            wait_until(lambda: c.status()["pending_bytes"] >= 6 * len(BODY), what="requests to be held")
+            with pytest.raises(Busy, match=r"limit 0.1 MiB"):
+                c.result(rids[-1])
+            assert c.status()["pending_bytes"] <= 100_000
+            worker.gate.set()
+            assert c.result(rids[0]).frames
+        finally:
+            worker.close()
