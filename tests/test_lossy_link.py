@@ -28,11 +28,14 @@ class TimedBackend:
     def start(self, sampling) -> None:
         self.inner.start(sampling)
 
-    def step(self, hidden, step):
+    def step(self, hidden, step, draft=()):
         t0 = time.perf_counter()
-        out = self.inner.step(hidden, step)
+        out = self.inner.step(hidden, step, draft)
         self.step_s.append(time.perf_counter() - t0)
         return out
+
+    def prime(self, hidden) -> None:
+        self.inner.prime(hidden)
 
     def close(self) -> None:
         self.inner.close()
