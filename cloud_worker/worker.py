@@ -221,6 +221,11 @@ class CloudWorker:
         if session.reduction is not None:
             hidden = session.reduction.reconstruct(hidden)  # (1, T, D) -> (1, T, H)
         pos, cache = req.pos, session.cache
+        if job.step < session.last_step:
+            # A copy of an earlier step that a reordering link delivered after a later one: running
+            # it would crop the later step out of the cache. Its answer was taken from another copy.
+            raise ProtocolError("stale_step", f"step {job.step} arrived after step {session.last_step}; "
+                                "not run again")
         if pos < cache.length:
             # A retry of a step this cache already ran (the reply was lost or late): undo it and
             # run it again, so the step affects the cache exactly once.
@@ -236,6 +241,7 @@ class CloudWorker:
         except CacheFullError as exc:
             cache.crop(pos)
             raise ProtocolError("too_long", str(exc)) from None
+        session.last_step = job.step
         compute_ms = (time.perf_counter() - t0) * 1e3
         worker_ms = (time.monotonic() - job.received_at) * 1e3
         return {}, seal_step_reply(session.cipher, job.session_id, job.step, token, cache.length, compute_ms,

@@ -65,3 +65,29 @@ def test_lost_decode_messages_cost_a_copy_after_one_round_trip_not_the_request_t
     worst_s = max(backend.step_s[5:])
     assert copies >= 1, (dropped, result.retries)
     assert worst_s < REQUEST_TIMEOUT_S / 2, (worst_s, sorted(backend.step_s)[-5:])
+
+
+def test_a_late_copy_of_an_earlier_step_is_refused_and_leaves_the_cache_alone(tiny_cluster, tiny_llama):
+    """A reordering link can deliver a copy of step s after step s+1; running it would crop s+1."""
+    import torch
+
+    from broker.errors import ProtocolError
+    from broker.session_protocol import seal_step
+    from partition.sampling import SamplingParams
+
+    source = tiny_llama
+    client = CloudClient(api_key=sorted(load_api_keys(tiny_cluster.keys_dir / "api_keys.txt"))[0],
+                         broker=tiny_cluster.endpoint, keys_dir=tiny_cluster.keys_dir, request_timeout_s=10)
+    try:
+        session = client.session(source.model_id, 2, source.hidden_size)
+        session.start(SamplingParams())
+        first = torch.randn(1, 3, source.hidden_size)
+        session.step(first, 0)
+        late_copy = seal_step(session.cipher, session.session_id, 0, 0, first, "fp16")
+        session.step(torch.randn(1, 1, source.hidden_size), 1)
+        with pytest.raises(ProtocolError, match="stale_step"):
+            client.connection.request(session.session_id, "step", source.model_id, 2, 0, late_copy, timeout_s=10)
+        session.step(torch.randn(1, 1, source.hidden_size), 2)  # the cache still holds 4 positions
+        assert session.pos == 5
+    finally:
+        client.close()
