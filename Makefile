@@ -47,9 +47,14 @@ bench-leakage: setup
 		--mlp-protections fp16,fp16+d32 --mlp-steps 300 --verify-splits 5,15 \
 		--verify-protections fp16,fp16+d32 --verify-positions 64
 
-# Longer fuzzing of every decoder that reads network bytes (CI runs 300 examples per test).
+# Longer fuzzing of every decoder that reads network bytes (CI runs 300 examples per test), with
+# atheris where it installs, and a longer worker-churn state machine over real processes.
 fuzz: setup
 	EDGECLOUD_FUZZ_EXAMPLES=20000 $(BIN)/python -m pytest -q -k fuzz tests/test_broker_protocol.py tests/test_session_protocol.py tests/test_broker_codec.py
+	if $(BIN)/python -m pip install -q atheris; then \
+		$(BIN)/python tests/fuzz_atheris.py -atheris_runs=300000 -max_len=8192; \
+	else echo "atheris did not install here (no wheel?): Hypothesis fuzzing only"; fi
+	EDGECLOUD_CHURN_EXAMPLES=8 EDGECLOUD_CHURN_STEPS=12 $(BIN)/python -m pytest -q tests/test_churn.py
 
 lint: setup
 	$(BIN)/ruff check .

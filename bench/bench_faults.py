@@ -4,7 +4,8 @@ For each fault, the edge CLI generates in hybrid mode while the fault is injecte
 is under way; its output is compared with local-only output of the same prompt, and its total
 time with fault-free hybrid runs of the same run. Faults: kill -9 of the session's worker,
 SIGSTOP of it (a hang), kill -9 and restart of the broker, kill -9 of the only worker (the edge
-finishes locally), and a lossy, duplicating link (through ``edgecloud netem``).
+finishes locally), and a lossy, duplicating link (through ``edgecloud netem``), with the edge's
+adaptive step timeout and with ``--fixed-timeout`` (the ratio of their tokens/s is printed).
 
     .venv/bin/python bench/bench_faults.py [--model smollm2-135m] [--tokens 160] [--runs 3] [--json]
 """
@@ -27,7 +28,8 @@ from cli.cluster import LocalCluster, cli_command, free_port  # noqa: E402
 
 HEARTBEAT_S = 0.5  # workers are declared dead after 3 missed beats: 1.5 s of detection
 REQUEST_TIMEOUT_S = "2"
-ALL_FAULTS = ("none", "worker-kill", "worker-stop", "none-1w", "broker-restart", "only-worker-kill", "lossy-link")
+ALL_FAULTS = ("none", "worker-kill", "worker-stop", "none-1w", "broker-restart", "only-worker-kill", "lossy-link",
+              "lossy-link-fixed")
 
 
 def run_fault(fault: str, model: str, tokens: int, prompt: str, expected: list[int]) -> dict:
@@ -40,7 +42,7 @@ def run_fault(fault: str, model: str, tokens: int, prompt: str, expected: list[i
         args = ["--split", "15" if model.startswith("smollm2") else "2", "--tokens", str(tokens), "--json",
                 "--prompt", prompt, "--timeout", REQUEST_TIMEOUT_S, "--deadline", "30"]
         netem = None
-        if fault == "lossy-link":
+        if fault.startswith("lossy-link"):
             port = free_port()
             netem = subprocess.Popen(
                 cli_command("netem", "--listen", f"tcp://127.0.0.1:{port}", "--upstream", cluster.endpoint,
@@ -49,9 +51,11 @@ def run_fault(fault: str, model: str, tokens: int, prompt: str, expected: list[i
             args += ["--broker", f"tcp://127.0.0.1:{port}"]
         if fault != "only-worker-kill":
             args.append("--no-fallback")
+        if fault == "lossy-link-fixed":  # the same link, every lost message waiting out --timeout
+            args.append("--fixed-timeout")
         try:
             edge = cluster.start_edge(*args)
-            if fault not in ("none", "none-1w", "lossy-link"):
+            if fault not in ("none", "none-1w", "lossy-link", "lossy-link-fixed"):
                 victim = cluster.wait_for_decoding(edge, served=20)
                 if fault == "worker-kill":
                     cluster.kill(cluster.worker_named(victim))
@@ -72,6 +76,7 @@ def run_fault(fault: str, model: str, tokens: int, prompt: str, expected: list[i
         return {"fault": fault, "ok": False, "identical": False, "error": err.strip().splitlines()[-1:]}
     r = json.loads(out)
     return {"fault": fault, "ok": True, "identical": r["token_ids"] == expected, "total_ms": r["total_ms"],
+            "tokens_per_s": len(r["token_ids"]) / r["total_ms"] * 1e3,
             "retries": r["retries"], "fallback_at_step": r["fallback_at_step"]}
 
 
@@ -102,16 +107,23 @@ def main() -> None:
     for fault in faults:
         mine = [r for r in rows if r["fault"] == fault]
         times = [r["total_ms"] for r in mine if r["ok"]]
+        rates = [r["tokens_per_s"] for r in mine if r["ok"]]
         summary[fault] = {"attempted": len(mine), "identical": sum(r["identical"] for r in mine),
-                          "median_total_ms": statistics.median(times) if times else None}
+                          "median_total_ms": statistics.median(times) if times else None,
+                          "median_tokens_per_s": statistics.median(rates) if rates else None}
     for fault, base in (("worker-kill", "none"), ("worker-stop", "none"), ("broker-restart", "none-1w"),
-                        ("only-worker-kill", "none-1w"), ("lossy-link", "none")):
+                        ("only-worker-kill", "none-1w"), ("lossy-link", "none"), ("lossy-link-fixed", "none")):
         if fault not in summary or base not in summary:
             continue
         a, b = summary[fault]["median_total_ms"], summary[base]["median_total_ms"]
         summary[fault]["extra_ms_vs_fault_free"] = None if a is None or b is None else a - b
+    ratio = None
+    if "lossy-link" in summary and "lossy-link-fixed" in summary:
+        a, b = summary["lossy-link"]["median_tokens_per_s"], summary["lossy-link-fixed"]["median_tokens_per_s"]
+        ratio = None if a is None or b is None else a / b
     if args.json:
-        print(json.dumps({"model": args.model, "tokens": args.tokens, "summary": summary, "runs": rows}))
+        print(json.dumps({"model": args.model, "tokens": args.tokens, "summary": summary, "runs": rows,
+                          "lossy_link_tokens_per_s_adaptive_over_fixed": ratio}))
         return
     print(f"model {args.model}, {args.tokens} tokens, {args.runs} prompts per fault, heartbeat {HEARTBEAT_S} s")
     print(f"{'fault':18} {'identical/attempted':>20} {'median total ms':>16} {'extra ms':>9}")
@@ -120,6 +132,8 @@ def main() -> None:
         total = s["median_total_ms"]
         print(f"{fault:18} {s['identical']:>9}/{s['attempted']:<10} {total if total is None else round(total):>16} "
               f"{'' if extra is None else round(extra):>9}")
+    if ratio is not None:
+        print(f"lossy link, tokens/s with adaptive timeouts / with --fixed-timeout: {ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,11 @@ Failure policy, in one place:
   of its sessions is answered ``WorkerLost`` immediately, not at a deadline;
 * every request has a deadline; missing it answers ``RequestTimeout`` and a
   later reply for that attempt is discarded (and counted);
+* poison: a *task* (``protocol.task_of``: the edge names one per step, shared by
+  its retries and its replay after a failover) that was in flight on
+  ``max_attempts`` different workers when each of them died, hung or missed the
+  deadline is answered ``PoisonRequest`` and refused from then on, so one bad
+  request cannot take down the whole pool;
 * requests that cannot be dispatched wait in one bounded FIFO (``Busy``
   beyond it); an opener with no worker at all for its model waits at most
   ``no_worker_grace_s`` and then gets ``NoWorkerAvailable``;
@@ -33,6 +38,7 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +52,7 @@ from broker.errors import (
     Busy,
     EdgeCloudError,
     NoWorkerAvailable,
+    PoisonRequest,
     ProtocolError,
     RequestTimeout,
     WorkerLost,
@@ -70,6 +77,10 @@ logger = logging.getLogger(__name__)
 # Messages handled per poll wake-up before timers run again: keeps deadlines
 # and heartbeats on time under a flood without a syscall per message.
 RECV_BATCH = 512
+MIB = 1 << 20
+# Messages libzmq queues per peer before we read them (see Broker.__init__). 1000 still covers 64
+# requests in flight per client many times over.
+RECV_HWM = 1000
 # Upper bound on one poll wait, so a clock jump or a missed timer self-heals.
 MAX_POLL_S = 1.0
 # With an external stop_event the loop must notice it without a wake-up.
@@ -88,11 +99,18 @@ class BrokerConfig:
     heartbeat_interval_s: float = 1.0  # broker<->worker heartbeat period
     worker_liveness: int = 3  # missed heartbeat periods before a worker is declared dead
     max_queue: int = 1024  # requests waiting for a worker slot; beyond it -> Busy
+    # Body bytes of all requests held (queued or in flight); beyond it -> Busy. max_queue alone
+    # would let 1024 maximal messages (256 MiB each) through; 512 MiB holds 8 of those, or
+    # thousands of decode steps.
+    max_pending_bytes: int = 512 << 20
     worker_max_in_flight: int = 8  # attempts outstanding per worker; more would hide load from placement
     default_deadline_s: float = 30.0  # budget of a request that names none (deadline_ms == 0)
     max_deadline_s: float = 600.0  # cap on a client's budget: a long CPU prefill fits, a leak does not
     no_worker_grace_s: float = 2.0  # how long an opener waits for some worker of its model to register
-    max_attempts: int = 3  # dispatches of one restartable request before giving up with WorkerLost
+    # Workers one task may fail on (die, hang or miss the deadline while holding it) before it is
+    # answered PoisonRequest and refused; also bounds the re-dispatches of a restartable opener.
+    # 3: one worker killed by an operator mid-step, or one hang, must not mark a request poison.
+    max_attempts: int = 3
     api_keys: frozenset[str] = frozenset()  # empty -> authentication off
     session_idle_s: float = 3600.0  # an untouched session is dropped and its worker told to free it
     abandoned_grace_s: float = 30.0  # a timed-out attempt counts toward its worker's load this long
@@ -111,6 +129,7 @@ class BrokerConfig:
     # CURVE on every connection: the broker's keypair and the client/worker allowlists come from this
     # directory (see broker/transport.py); the lists are re-read when they change. None: plaintext.
     curve_keys_dir: str | None = None
+    tasks_remembered: int = 10_000  # tasks with failures kept for poison detection (oldest forgotten)
 
     @property
     def worker_expiry_s(self) -> float:
@@ -141,6 +160,10 @@ class Broker:
                 allow = self._allow = AllowlistFiles(config.curve_keys_dir)
                 self._zap = ZapHandler(self._ctx, lambda: allow.current)
                 setup_curve_server(self._sock, secret)
+            # libzmq reads each peer's TCP stream into a queue ahead of us; SOCKET_HWM (10k messages)
+            # let one flooding client park 160 MB of 16 KiB requests in this process
+            # (bench/bench_flood.py). Beyond RECV_HWM the peer's TCP window closes instead: it waits.
+            self._sock.setsockopt(zmq.RCVHWM, RECV_HWM)
             self._sock.bind(config.endpoint)
         except BaseException:
             self._sock.close()
@@ -161,7 +184,9 @@ class Broker:
         self._lost: OrderedDict[SessionId, str] = OrderedDict()
         self._done_ids: OrderedDict[RequestId, None] = OrderedDict()
         self._avoid_until: dict[WorkerId, float] = {}  # failed workers, deprioritised until then
+        self._task_failures: OrderedDict[str, list[WorkerId]] = OrderedDict()  # task -> workers it failed on
         self._requests: dict[RequestId, PendingRequest] = {}
+        self._pending_bytes = 0  # body bytes of self._requests
         self._queue: deque[PendingRequest] = deque()
         self._timers: list[tuple[float, int, str, RequestId]] = []
         self._timer_seq = itertools.count()
@@ -322,8 +347,20 @@ class Broker:
             # taken as the result; running it again would apply a step twice.
             self.counters["duplicate_requests_dropped"] += 1
             return
+        failed_on = self._task_failures.get(p.task_of(msg), ())
+        if len(failed_on) >= cfg.max_attempts:
+            self.counters["poison_refused"] += 1
+            self._reply_error(identity, msg.request_id, self._poison_error(msg, failed_on))
+            return
         budget_s = msg.deadline_ms / 1000 if msg.deadline_ms else cfg.default_deadline_s
-        req = PendingRequest(msg, identity, now, now + min(budget_s, cfg.max_deadline_s))
+        nbytes = sum(p.frame_nbytes(f) for f in msg.frames)
+        if self._pending_bytes + nbytes > cfg.max_pending_bytes:
+            self.counters["busy"] += 1
+            self._reply_error(identity, msg.request_id, Busy(
+                f"the broker holds {self._pending_bytes / MIB:.1f} MiB of requests (limit "
+                f"{cfg.max_pending_bytes / MIB:.1f} MiB); retry later"))  # fmt: skip
+            return
+        req = PendingRequest(msg, identity, now, now + min(budget_s, cfg.max_deadline_s), nbytes=nbytes)
         session = self._sessions.get(msg.session_id)
         if session is None:
             if msg.kind not in cfg.open_kinds:
@@ -338,6 +375,7 @@ class Broker:
                 "session_model_mismatch", f"session {msg.session_id} belongs to model {session.model_id}"))  # fmt: skip
             return
         self._requests[msg.request_id] = req
+        self._pending_bytes += nbytes
         self._sessions[msg.session_id] = session
         session.outstanding += 1
         session.last_used = now
@@ -568,7 +606,8 @@ class Broker:
     # ------------------------------------------------------- completion
     def _finish(self, req: PendingRequest, drop_session: bool = False) -> None:
         """Forget an answered request; ``drop_session`` also unpins its session (close, failed open)."""
-        self._requests.pop(req.request_id, None)
+        if self._requests.pop(req.request_id, None) is not None:
+            self._pending_bytes -= req.nbytes
         self._done_ids[req.request_id] = None
         if len(self._done_ids) > self.config.done_requests_remembered:
             self._done_ids.popitem(last=False)
@@ -637,10 +676,12 @@ class Broker:
             if req is None:
                 continue
             req.worker_id = None
+            poisoned = self._task_failed(req, w.worker_id)
             ok = (
                 req.request.kind in cfg.restartable_kinds
                 and req.attempt < cfg.max_attempts
                 and now < req.deadline
+                and not poisoned
             )
             (restart if ok else lost).append(req)
         w.in_flight.clear()
@@ -657,6 +698,11 @@ class Broker:
             self._lost.popitem(last=False)
         for req in lost:
             r = req.request
+            failed_on = self._task_failures.get(p.task_of(r), ())
+            if len(failed_on) >= cfg.max_attempts:
+                self.counters["poison_requests"] += 1
+                self._fail(req, self._poison_error(r, failed_on))
+                continue
             self.counters["worker_lost"] += 1
             self._fail(req, WorkerLost(f"{why} while computing {r.kind} step {r.step} of session "
                                        f"{r.session_id}; its cache is gone, reopen the session"))  # fmt: skip
@@ -667,6 +713,31 @@ class Broker:
                     req.session_id, req.request.model_id, None, now, outstanding=1)  # fmt: skip
             self._route(req, session, now, front=True)
         self._pump(now, sweep=True)
+
+    # ---------------------------------------------------------------- poison
+    def _task_failed(self, req: PendingRequest, worker_id: WorkerId) -> bool:
+        """Record that ``req``'s task failed on ``worker_id``; True once it failed on max_attempts workers.
+
+        Distinct workers only: an edge retrying a slow step on the same worker, or the broker's
+        own timeouts there, say nothing about the request (the worker may simply be loaded).
+        """
+        task = p.task_of(req.request)
+        failed_on = self._task_failures.get(task)
+        if failed_on is None:
+            failed_on = self._task_failures[task] = []
+            while len(self._task_failures) > self.config.tasks_remembered:
+                self._task_failures.popitem(last=False)
+        self._task_failures.move_to_end(task)
+        if worker_id not in failed_on:
+            failed_on.append(worker_id)
+        return len(failed_on) >= self.config.max_attempts
+
+    def _poison_error(self, r: p.Request, failed_on: Sequence[WorkerId]) -> PoisonRequest:
+        return PoisonRequest(
+            f"{r.kind} step {r.step} of session {r.session_id} (task {p.task_of(r)}) was refused: that work "
+            f"already failed on {len(failed_on)} workers ({', '.join(failed_on)}), each dying, hanging or "
+            f"missing the deadline while holding it (limit: --max-attempts {self.config.max_attempts}); "
+            "it is likely what makes them fail, so it is not run again")
 
     # ---------------------------------------------------------------- timers
     def _push_timer(self, when: float, kind: str, request_id: RequestId) -> None:
@@ -690,6 +761,10 @@ class Broker:
             if req is None:
                 continue
             if kind == "deadline" and req.deadline <= now:
+                if req.worker_id is not None and self._task_failed(req, req.worker_id):
+                    self.counters["poison_requests"] += 1
+                    self._fail(req, self._poison_error(req.request, self._task_failures[p.task_of(req.request)]))
+                    continue
                 self.counters["timeouts"] += 1
                 where = f"dispatched to worker {req.worker_id}" if req.worker_id else "queued"
                 self._fail(req, RequestTimeout(f"request {rid} ({req.request.kind}) missed its "
@@ -757,6 +832,7 @@ class Broker:
             "sessions": len(self._sessions),
             "in_flight": sum(len(w.in_flight) for w in self._workers.values()),
             "pending_requests": len(self._requests),
+            "pending_bytes": self._pending_bytes,
             "queue_depth": len(self._queue),
             "counters": dict(self.counters),
             "protocol_errors": dict(self.protocol_errors),

@@ -157,6 +157,31 @@ class BrokerClient:
         """Send one request and wait for its reply (typed errors are raised)."""
         return self.result(self.submit(session_id, kind, model_id, layer_lo, step, frames, timeout_s, extra))
 
+    def wait_any(self, request_ids: Sequence[RequestId], timeout_s: float) -> RequestId | None:
+        """Wait up to ``timeout_s`` for an answer to any of ``request_ids``; return that id (collect
+        it with :meth:`result`), or None. The others stay pending. A request whose own deadline
+        passes unanswered resets the connection, as in :meth:`result`."""
+        until = time.monotonic() + timeout_s
+        while True:
+            for rid in request_ids:
+                if rid in self._done:
+                    return rid
+            waiting = [self._waiting[rid] for rid in request_ids if rid in self._waiting]
+            if not waiting:
+                raise ProtocolError("unknown_request", "none of these requests is pending")
+            now = time.monotonic()
+            if now >= min(waiting):
+                self._reset("no answer to a request within its deadline")
+                continue
+            if now >= until:
+                return None
+            self._receive(poll_timeout_ms(min(until, min(waiting)), now))
+
+    def forget(self, request_id: RequestId) -> None:
+        """Stop waiting for ``request_id``: an answer arriving later is dropped as stale."""
+        self._waiting.pop(request_id, None)
+        self._done.pop(request_id, None)
+
     def ping(self, timeout_s: float = 5.0) -> float:
         """Round-trip time to the broker in seconds; BrokerUnavailable if none within ``timeout_s``."""
         rid = new_request_id()

@@ -21,6 +21,7 @@ __all__ = [
     "Busy",
     "NoWorkerAvailable",
     "WorkerLost",
+    "PoisonRequest",
     "RemoteError",
     "error_from_code",
 ]
@@ -130,6 +131,17 @@ class WorkerLost(EdgeCloudError):
     code = "worker_lost"
 
 
+class PoisonRequest(EdgeCloudError):
+    """The same work failed on as many workers as the broker allows (``--max-attempts``).
+
+    Each of those workers died, hung or missed the deadline while holding it, so the request
+    itself is the likely cause: it is not tried again, on any worker. Terminal: retrying or
+    reopening elsewhere would only take down more workers.
+    """
+
+    code = "poison"
+
+
 class RemoteError(EdgeCloudError):
     """The worker raised while computing; carries the remote error type and message."""
 
@@ -159,6 +171,7 @@ _BY_CODE: dict[str, type[EdgeCloudError]] = {
         Busy,
         NoWorkerAvailable,
         WorkerLost,
+        PoisonRequest,
         RemoteError,
     )
 }

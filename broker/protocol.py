@@ -203,6 +203,21 @@ class Request(Message):
     )  # fmt: skip
 
 
+# An optional key in Request.extra, the one the broker reads: the id of the unit of work a request
+# carries, the same for every request that retries it (an edge's retries and the replay after a
+# failover). The broker counts the workers each task failed on and stops a poison request after
+# max_attempts of them. A request without it is its own task.
+TASK_KEY = "task"
+
+
+def task_of(msg: Request) -> str:
+    """The request's task id (``extra["task"]`` when it is a valid id, else its request id)."""
+    task = msg.extra.get(TASK_KEY)
+    if type(task) is str and 0 < len(task) <= MAX_ID_CHARS:
+        return task
+    return msg.request_id
+
+
 @dataclass(slots=True)
 class Status(Message):
     """Client asks for the broker's status map."""

@@ -108,6 +108,7 @@ class PendingRequest:
     attempt: int = 0  # dispatches so far; replies must echo the latest
     worker_id: WorkerId | None = None  # set while an attempt is in flight
     queued: bool = False
+    nbytes: int = 0  # body bytes held until answered (counted against max_pending_bytes)
 
     @property
     def request_id(self) -> RequestId:

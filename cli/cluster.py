@@ -89,23 +89,26 @@ class LocalCluster:
     def env(self) -> dict[str, str]:
         return child_env({"EDGECLOUD_BROKER": self.endpoint, "EDGECLOUD_KEYS": str(self.keys_dir)})
 
-    def _spawn(self, name: str, args: list[str]) -> Proc:
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Proc:
         log_path = self.workdir / f"{name}.log"
         with open(log_path, "wb") as log:
             popen = subprocess.Popen(cli_command(*args), stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=self.env(), cwd=ROOT,
+                                     stdin=subprocess.DEVNULL, env={**self.env(), **(env or {})}, cwd=ROOT,
                                      start_new_session=True)  # Ctrl-C in a terminal reaches us, not them
         return Proc(name, popen, log_path)
 
-    def start_broker(self) -> Proc:
+    def start_broker(self, *args: str) -> Proc:
+        """Start the broker; ``args`` are extra ``edgecloud broker`` options."""
         self.broker = self._spawn("broker", ["broker", "--endpoint", self.endpoint,
-                                             "--heartbeat", str(self.heartbeat_s), *self._curve_args()])
+                                             "--heartbeat", str(self.heartbeat_s), *self._curve_args(), *args])
         return self.broker
 
     def _curve_args(self) -> list[str]:
         return [] if self.curve else ["--no-curve"]
 
-    def add_worker(self, key_name: str | None = None, extra_args: tuple[str, ...] = ()) -> Proc:
+    def add_worker(self, key_name: str | None = None, extra_args: tuple[str, ...] = (),
+                   env: dict[str, str] | None = None) -> Proc:
+        """Start a worker; ``env`` adds environment variables (e.g. EDGECLOUD_FAULT_INJECTION)."""
         i = len(self.workers)
         name = f"worker{i + 1}"
         args = ["cloud-worker", "--model", self.model, "--worker-id", name,
@@ -116,7 +119,7 @@ class LocalCluster:
         if self.worker_threads:
             args += ["--threads", str(self.worker_threads)]
         args += extra_args
-        proc = self._spawn(name, args)
+        proc = self._spawn(name, args, env)
         self.workers.append(proc)
         return proc
 

@@ -83,6 +83,9 @@ def edge(
                                             "included, before giving up.")] = 60.0,
     no_replan: Annotated[bool, typer.Option("--no-replan", help="Keep the planned split for the whole "
                                             "generation, even when the link or the device changes.")] = False,
+    adaptive_timeout: Annotated[bool, typer.Option("--adaptive-timeout/--fixed-timeout", help="Resend an "
+                                                   "unanswered decode step after about one measured round trip "
+                                                   "(default), or only after --timeout.")] = True,
     no_fallback: Annotated[bool, typer.Option("--no-fallback", help="Fail instead of running the rest "
                                               "of the model here when the cloud is gone.")] = False,
     cloud_latency: Annotated[float, typer.Option(help="Emulated extra round trip to the cloud, seconds.")] = 0.0,
@@ -110,6 +113,7 @@ def edge(
             broker=broker or default_broker(), keys_dir=keys or default_keys_dir(),
             api_key=api_key or os.environ.get("EDGECLOUD_API_KEY"), encryption=not no_encryption,
             wire_dtype=wire_dtype, reduce_dims=reduce_dims, reductions_dir=reductions, request_timeout_s=timeout, step_deadline_s=deadline,
+            adaptive_timeout=adaptive_timeout,
             fallback_local=not no_fallback, cloud_latency_s=cloud_latency,
             bandwidth_mbps=bandwidth_mbps, energy_weight=energy_weight, latency_weight=latency_weight,
             memory_weight=memory_weight, mini=mini, mini_threshold=mini_threshold, mini_mode=mini_mode,

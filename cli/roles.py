@@ -21,6 +21,10 @@ def broker(
     heartbeat: Annotated[float, typer.Option(help="Heartbeat period with workers, seconds.")] = 1.0,
     no_curve: Annotated[bool, typer.Option("--no-curve", help="Accept plain connections: no CURVE, no key "
                                            "allowlist (on by default when broker-default.key exists).")] = False,
+    max_attempts: Annotated[int, typer.Option(help="Workers one request may fail on (die, hang, time out) "
+                                              "before it is refused as poison.")] = 3,
+    max_queue: Annotated[int, typer.Option(help="Requests waiting for a worker; beyond it senders get "
+                                           "'busy'.")] = 1024,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the job broker: routes edge requests to cloud workers (never reads payloads)."""
@@ -52,9 +56,12 @@ def broker(
         )
         raise typer.Exit(EXIT_USAGE)
     with typed_errors():
+        if max_attempts < 1 or max_queue < 1:
+            raise ValueError("--max-attempts and --max-queue must be at least 1")
         config = BrokerConfig(endpoint=endpoint or default_broker(), heartbeat_interval_s=heartbeat,
                               api_keys=frozenset() if no_auth else frozenset(accepted),
-                              curve_keys_dir=str(keys_dir) if curve else None)  # fmt: skip
+                              curve_keys_dir=str(keys_dir) if curve else None,
+                              max_attempts=max_attempts, max_queue=max_queue)  # fmt: skip
         b = Broker(config)
         transport = b.status()["transport"]
         how = (f"CURVE, {transport['allowed_clients']} client and {transport['allowed_workers']} worker keys allowed"

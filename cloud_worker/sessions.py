@@ -23,6 +23,7 @@ class Session:
     cache: SegmentKVCache
     last_used: float = field(default_factory=time.monotonic)
     reduction: Reduction | None = None  # steps arrive (1, T, D) and are reconstructed to (1, T, H)
+    last_step: int = -1  # highest step number run: an older one is a late copy, never run again
 
 
 class SessionTable:

@@ -30,6 +30,7 @@ from broker.session_protocol import (
 )
 from broker.transport import client_keys
 from broker.worker_api import Job, WorkerConnection, WorkerInfo
+from cloud_worker.faults import FaultInjector
 from cloud_worker.sessions import Session, SessionTable
 from partition.kv_cache import CacheFullError
 from partition.models import resolve_model
@@ -122,6 +123,7 @@ class CloudWorker:
             public_key=self.keypair.public_key if self.keypair else b"",
             per_layer_ms=self.per_layer_ms, max_sessions=config.max_sessions,
         )
+        self.faults = FaultInjector.from_env()  # off unless EDGECLOUD_FAULT_INJECTION is set (tests)
         self.stop_event = threading.Event()
         self.served = 0
         self.failed = 0
@@ -153,6 +155,7 @@ class CloudWorker:
             log.debug("skipping %s: its deadline passed while queued", job.request_id)
             return
         try:
+            self.faults.before(job)
             if job.kind == KIND_OPEN:
                 extra, frames = self._open(job)
             elif job.kind == KIND_STEP:
@@ -174,6 +177,7 @@ class CloudWorker:
             return
         self.served += 1
         self.conn.reply(job, extra, frames)
+        self.faults.after(job)
 
     def _open(self, job: Job) -> tuple[dict, list]:
         params = OpenParams.from_extra(job.extra)
@@ -222,6 +226,11 @@ class CloudWorker:
         if session.reduction is not None:
             hidden = session.reduction.reconstruct(hidden)  # (1, T, D) -> (1, T, H)
         pos, cache = req.pos, session.cache
+        if job.step < session.last_step:
+            # A copy of an earlier step that a reordering link delivered after a later one: running
+            # it would crop the later step out of the cache. Its answer was taken from another copy.
+            raise ProtocolError("stale_step", f"step {job.step} arrived after step {session.last_step}; "
+                                "not run again")
         if pos < cache.length:
             # A retry of a step this cache already ran (the reply was lost or late): undo it and
             # run it again, so the step affects the cache exactly once.
@@ -237,6 +246,7 @@ class CloudWorker:
         except CacheFullError as exc:
             cache.crop(pos)
             raise ProtocolError("too_long", str(exc)) from None
+        session.last_step = job.step
         compute_ms = (time.perf_counter() - t0) * 1e3
         worker_ms = (time.monotonic() - job.received_at) * 1e3
         return {}, seal_step_reply(session.cipher, job.session_id, job.step, token, cache.length, compute_ms,

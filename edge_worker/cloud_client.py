@@ -41,6 +41,7 @@ from broker.errors import (
     WorkerLost,
 )
 from broker.linkproxy import LinkConfig, LinkProxy
+from broker.protocol import TASK_KEY, RequestId
 from broker.session_protocol import (
     KIND_CLOSE,
     KIND_OPEN,
@@ -53,6 +54,7 @@ from broker.session_protocol import (
 from broker.transport import client_keys
 from edge_worker.config import default_broker, default_keys_dir
 from edge_worker.generation import Backend, StepStats
+from edge_worker.timeouts import ADAPTIVE_MAX_POSITIONS, DEFAULT_MIN_TIMEOUT_S, StepTimer
 from partition.reduction import Reduction
 from partition.sampling import SamplingParams
 
@@ -60,7 +62,14 @@ log = logging.getLogger(__name__)
 
 TRUSTED_WORKERS_FILE = "trusted_workers.txt"
 FAILED_OPENS_BEFORE_FALLBACK = 2
+# A worker that lets a step time out this many times in a row, while the broker still hears its
+# heartbeats, is hung in its compute: move the session elsewhere, as if it had died. Twice, so a
+# single slow step (a loaded host) does not cost a replay.
+TIMEOUTS_BEFORE_FAILOVER = 2
 API_KEYS_FILE = "api_keys.txt"
+# Beyond its budget the client's own reply grace applies (the broker answers every request by its
+# deadline, or the connection is reset); this only keeps the final wait from being unbounded.
+IDLE_WAIT_S = 60.0
 
 
 def backoff_s(attempt: int, initial_s: float, max_s: float) -> float:
@@ -86,6 +95,8 @@ class CloudClient:
         link: LinkConfig | None = None,
         curve: bool = True,
         key_name: str = "default",
+        adaptive_timeout: bool = True,
+        min_attempt_timeout_s: float = DEFAULT_MIN_TIMEOUT_S,
     ) -> None:
         self.broker = broker or default_broker()
         self.keys_dir = Path(keys_dir) if keys_dir is not None else default_keys_dir()
@@ -104,6 +115,10 @@ class CloudClient:
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.link = link  # emulate a slower link: every frame crosses an in-process LinkProxy
+        # Decode steps unanswered after about one expected round trip get a copy sent (timeouts.py);
+        # off, every lost message costs the whole request_timeout_s.
+        self.adaptive_timeout = adaptive_timeout
+        self.step_timer = StepTimer(min_timeout_s=min_attempt_timeout_s)
         self._proxy: LinkProxy | None = None
         self._ctx: zmq.Context | None = None
         self._client: BrokerClient | None = None
@@ -180,6 +195,7 @@ class CloudSession:
         self.split = split
         self.hidden_size = hidden_size
         self.session_id = uuid.uuid4().hex
+        self.task_base = uuid.uuid4().hex
         self.sampling = SamplingParams()
         self.cipher = None
         self.pos = 0  # positions the worker's cache holds
@@ -192,6 +208,7 @@ class CloudSession:
     def start(self, sampling: SamplingParams) -> None:
         self.sampling = sampling
         self.session_id = uuid.uuid4().hex
+        self.task_base = uuid.uuid4().hex  # step s is task "<base>-s" through retries and failovers
         self.cipher = None
         self.pos = 0
         self.replay = []
@@ -213,6 +230,7 @@ class CloudSession:
         pending = hidden  # what must reach the worker; grows to the whole log after a failover
         attempt = 0
         failed_opens = 0  # openers that found no worker (no answer in time, or none registered)
+        timeouts = 0  # of this step on the session's current worker
         deadline = time.monotonic() + self.client.step_deadline_s
         while True:
             remaining = deadline - time.monotonic()
@@ -244,6 +262,12 @@ class CloudSession:
                         return self._local_step(hidden, step, stats, replay=True, draft=draft)
                     raise
                 stats.retries += 1
+                timeouts = timeouts + 1 if isinstance(exc, RequestTimeout) and self.cipher is not None else 0
+                if timeouts >= TIMEOUTS_BEFORE_FAILOVER:
+                    log.warning("session %s: step %d timed out %d times on its worker, which still beats; "
+                                "treating it as hung", self.session_id[:8], step, timeouts)
+                    exc = WorkerLost(f"step {step} timed out {timeouts} times")
+                    timeouts = 0
                 if isinstance(exc, WorkerLost):
                     log.warning("session %s lost its worker (%s); reopening and replaying %d positions",
                                 self.session_id[:8], exc, self.pos + hidden.shape[1])
@@ -305,7 +329,7 @@ class CloudSession:
         t0 = time.perf_counter()
         reply = self.client.connection.request(
             self.session_id, KIND_OPEN, self.model_id, self.split, step, timeout_s=timeout_s,
-            extra=params.to_extra(),
+            extra={**params.to_extra(), TASK_KEY: f"{self.task_base}-{step}-open"},
         )
         stats.round_trips += 1
         stats.transport_ms += (time.perf_counter() - t0) * 1e3
@@ -323,14 +347,44 @@ class CloudSession:
 
     def _send_step(self, hidden: torch.Tensor, step: int, stats: StepStats, timeout_s: float,
                    draft: list[int] | tuple[int, ...] = ()) -> tuple[int, int]:
-        """Returns (drafts accepted, the token after them)."""
-        t0 = time.perf_counter()
+        """Returns (drafts accepted, the token after them).
+
+        While unanswered after the adaptive wait (timeouts.py), copies are sent; the first answer wins.
+        """
+        conn = self.client.connection
+        timer = self.client.step_timer
+        adaptive = self.client.adaptive_timeout and hidden.shape[1] <= ADAPTIVE_MAX_POSITIONS
+        t_first = time.perf_counter()
+        end = t_first + timeout_s  # every copy shares the first one's budget
+        sent: dict[RequestId, float] = {}
+        winner: RequestId | None = None
         wire = self.reduction.project(hidden) if self.reduction else hidden  # (1, T, D or H)
-        frames = seal_step(self.cipher, self.session_id, step, self.pos, wire, self.client.wire_dtype, draft)
-        stats.bytes_sent += sum(len(memoryview(f)) for f in frames)
-        reply: Reply = self.client.connection.request(
-            self.session_id, KIND_STEP, self.model_id, self.split, step, frames, timeout_s=timeout_s,
-        )
+        try:
+            while winner is None:
+                frames = seal_step(self.cipher, self.session_id, step, self.pos, wire, self.client.wire_dtype,
+                                   draft)
+                stats.bytes_sent += sum(len(memoryview(f)) for f in frames)
+                now = time.perf_counter()
+                rid = conn.submit(self.session_id, KIND_STEP, self.model_id, self.split, step, frames,
+                                  timeout_s=max(0.001, end - now), extra={TASK_KEY: f"{self.task_base}-{step}"})
+                sent[rid] = now
+                wait = timer.copy_wait_s(len(sent), end - now) if adaptive and end > now else None
+                if wait is None:  # no more copies: wait for an answer, or a deadline that resets the link
+                    winner = conn.wait_any(list(sent), max(0.0, end - now) + IDLE_WAIT_S)
+                    continue
+                winner = conn.wait_any(list(sent), wait)
+                if winner is None:
+                    stats.retries += 1
+                    log.debug("step %d: no reply after %.0f ms; sending copy %d", step, wait * 1e3, len(sent) + 1)
+            reply: Reply = conn.result(winner)
+        finally:
+            for rid in sent:
+                if rid != winner:
+                    conn.forget(rid)
+        t0 = sent[winner]
+        if adaptive:
+            timer.observe(time.perf_counter() - t0)
+        stats.waiting_ms += (t0 - t_first) * 1e3  # time lost to copies that got no answer
         stats.bytes_received += sum(len(f) for f in reply.frames)
         result = open_step_reply(self.cipher, self.session_id, step, reply.frames)
         elapsed_ms = (time.perf_counter() - t0) * 1e3

@@ -48,6 +48,7 @@ class EdgeConfig:
     request_timeout_s: float = 30.0  # one cloud request, queueing included, before it is retried
     step_deadline_s: float = 60.0  # one step, retries and failovers included, before giving up
     dynamic: bool = True  # with a planned split, move it when the link or the device changes
+    adaptive_timeout: bool = True  # resend a decode step after ~one measured round trip, not request_timeout_s
     fallback_local: bool = True  # when the cloud is gone, load layers [k, N) here and carry on
     cloud_latency_s: float = 0.0  # emulated extra round trip between edge and broker
     bandwidth_mbps: float | None = None  # emulated link bandwidth, each direction; None: unlimited
