@@ -104,7 +104,7 @@ def main() -> None:
     args = parser.parse_args()
 
     body = bytes(args.body_kib * 1024)
-    with LocalCluster(model="tiny-llama", encryption=False, worker_threads=1) as cluster:
+    with LocalCluster(model="tiny-llama", encryption=False, worker_threads=1, curve=False) as cluster:
         cluster.start_broker()
         worker = cluster.add_worker()
         cluster.wait_for_workers(1)
