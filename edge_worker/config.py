@@ -81,10 +81,9 @@ class EdgeConfig:
             raise ValueError(f"cloud latency must be >= 0 seconds, got {self.cloud_latency_s}")
         if self.bandwidth_mbps is not None and self.bandwidth_mbps <= 0:
             raise ValueError(f"bandwidth must be > 0 Mbit/s, got {self.bandwidth_mbps}")
-        if self.mini_mode not in ("verify", "trust"):
-            raise ValueError(f"--mini-mode must be verify or trust, got {self.mini_mode!r}")
-        if not 0.0 <= self.mini_threshold <= 1.0:
-            raise ValueError(f"--mini-threshold must be in [0, 1], got {self.mini_threshold}")
+        from edge_worker.drafting import check_mini_options
+
+        check_mini_options(self.mini_mode, self.mini_threshold, self.mini_max_draft)
         if self.reduce_dims is not None and self.reduce_dims < 1:
             raise ValueError(f"--reduce-dims must be at least 1, got {self.reduce_dims}")
         from broker.codec import WIRE_DTYPES

@@ -270,6 +270,16 @@ class DraftController:
 
 
 
+def check_mini_options(mode: str, threshold: float, max_draft: int) -> None:
+    """The mini-LLM settings every entry point accepts (CLI config, handler, generation loop)."""
+    if mode not in MINI_MODES:
+        raise ValueError(f"mini mode must be one of {', '.join(MINI_MODES)}, got {mode!r}")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"mini threshold must be in [0, 1], got {threshold}")
+    if not 1 <= max_draft <= MAX_DRAFT_TOKENS:
+        raise ValueError(f"draft length must be in 1..{MAX_DRAFT_TOKENS}, got {max_draft}")
+
+
 @dataclass
 class MiniSettings:
     """What the generation loop needs from a ``MiniLLMHandler``: the drafter and how to use it."""
@@ -281,12 +291,7 @@ class MiniSettings:
     adaptive: bool = True  # False: always draft up to max_draft (tests, fixed-length benchmarks)
 
     def __post_init__(self) -> None:
-        if self.mode not in MINI_MODES:
-            raise ValueError(f"mini mode must be one of {', '.join(MINI_MODES)}, got {self.mode!r}")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"mini threshold must be in [0, 1], got {self.threshold}")
-        if not 1 <= self.max_draft <= MAX_DRAFT_TOKENS:
-            raise ValueError(f"draft length must be in 1..{MAX_DRAFT_TOKENS}, got {self.max_draft}")
+        check_mini_options(self.mode, self.threshold, self.max_draft)
         if self.mode == "trust" and isinstance(self.drafter, LookupDrafter):
             raise ValueError("trust mode needs a drafter with a probability (self or a model): "
                              "prompt lookup has no confidence to trust")

@@ -65,6 +65,21 @@ class Decision:
         return f"split {self.k} ({self.reason}; {cond})"
 
 
+def _round_trips_ms(trace: list[dict]) -> list[float]:
+    """Transport times of the steps that were one request and its reply, not retried (the first
+    step also opens the session, a move's first step replays every position): round trips."""
+    return [s["transport_ms"] for s in trace if s["round_trips"] == 1 and not s["retries"]]
+
+
+def cloud_backend(client: CloudClient, privacy: PrivacyProtection, source, k: int, edge: ModelSegment | None):
+    """A cloud session for layers [k, N) (None at k = N), with the projection the privacy settings
+    ask for (calibrated for this split on first use, from ``edge`` when given)."""
+    if k == source.n_layers:
+        return None
+    reduction = privacy.reduction_for(source, k, edge)  # None unless reduce_dims
+    return client.session(source.model_id, k, source.hidden_size, reduction)
+
+
 class EdgeCloudManager:
     def __init__(
         self,
@@ -189,6 +204,7 @@ class EdgeCloudManager:
         k = decision.k
         n = self.source.n_layers
         mover = None
+        self._trace_fed = 0
         if self.dynamic and decision.reason == "planned" and self._plan_snapshot is not None:
             mover = self
             self.prepare(len(ids), new_tokens)
@@ -198,7 +214,7 @@ class EdgeCloudManager:
             mini = self.mini_llm.settings(self.source, edge, self.tokenizer)
         else:
             edge = self._edge_segment(k)
-        backend = self._backend(k, edge)
+        backend = cloud_backend(self.cloud_client, self.privacy, self.source, k, edge)
         generator = EdgeGenerator(edge, backend, self.tokenizer, self.eos, mode=mode_for(k, n), mini=mini,
                                   mover=mover)
         result = generator.generate(ids, new_tokens, sampling)
@@ -217,10 +233,7 @@ class EdgeCloudManager:
         if step - self._checked_at < self.replan_every or monitor is None:
             return None
         self._checked_at = step
-        for entry in result.trace[self._trace_fed:]:  # this generation's round trips, as they come
-            if entry["round_trips"] and not entry["retries"]:
-                monitor.record_rtt(entry["transport_ms"] / 1e3)
-        self._trace_fed = len(result.trace)
+        self._record_round_trips(result)  # this generation's round trips, as they come
         snap = monitor.snapshot()
         changed = changed_beyond(self._plan_snapshot, snap)
         if not changed or not snap.cloud_reachable:
@@ -248,20 +261,20 @@ class EdgeCloudManager:
         return self._edge_segment(k, head=bool(self.mini_llm and self.mini_llm.needs_edge_head))
 
     def backend_for(self, k: int):
-        return self._backend(k, self._segments.get((k, bool(self.mini_llm and self.mini_llm.needs_edge_head))))
-
-    def _backend(self, k: int, edge: ModelSegment | None):
-        """A cloud session for layers [k, N) (None at k = N), with the projection the privacy
-        settings ask for (calibrated for this split on first use)."""
-        if k == self.source.n_layers:
-            return None
-        reduction = self.privacy.reduction_for(self.source, k, edge)  # None unless reduce_dims
-        return self.cloud_client.session(self.source.model_id, k, self.source.hidden_size, reduction)
+        edge = self.edge_segment(k) if k < self.source.n_layers else None  # loaded already: a cache hit
+        return cloud_backend(self.cloud_client, self.privacy, self.source, k, edge)
 
     def mini_for(self, k: int, edge: ModelSegment):
         if self.mini_llm is None or k == self.source.n_layers:
             return None
         return self.mini_llm.settings(self.source, edge, self.tokenizer)
+
+    def _record_round_trips(self, result: GenerationResult) -> None:
+        """Feed the monitor the round trips of the trace entries it has not seen yet (``replan``
+        feeds them during a generation, ``_feed_monitor`` the rest after it)."""
+        for rtt_ms in _round_trips_ms(result.trace[self._trace_fed:]):
+            self.device_monitor.record_rtt(rtt_ms / 1e3)
+        self._trace_fed = len(result.trace)
 
     def _feed_monitor(self, result: GenerationResult) -> None:
         """Real steps are the best link measurements: decode steps carry ~1 KB, so their transport
@@ -269,9 +282,8 @@ class EdgeCloudManager:
         monitor = self.device_monitor
         if monitor is None or not hasattr(monitor, "record_rtt"):
             return
-        rtts = [s["transport_ms"] for s in result.trace if s["positions"] == 1 and s["round_trips"]]
-        for rtt_ms in rtts:
-            monitor.record_rtt(rtt_ms / 1e3)
+        self._record_round_trips(result)
+        rtts = _round_trips_ms(result.trace)
         if rtts and result.trace and result.trace[0]["round_trips"]:
             first = result.trace[0]
             rtt_ms = sorted(rtts)[len(rtts) // 2]

@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from edge_worker.drafting import (
-    MINI_MODES,
     DrafterError,
     LookupDrafter,
     MiniSettings,
     ModelDrafter,
     SelfDrafter,
     adapter_path,
+    check_mini_options,
     load_adapter,
 )
 from partition.models import ModelSource, source_of
@@ -58,10 +58,7 @@ class MiniLLMHandler:
     def __init__(self, model: Any = None, tokenizer: Any = None, threshold: float = DEFAULT_THRESHOLD,
                  main_tokenizer: Any = None, mode: str = "verify", max_draft: int = DEFAULT_MAX_DRAFT,
                  adapter: str | Path | None = None, use_adapter: bool = True, adaptive: bool = True) -> None:
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-        if mode not in MINI_MODES:
-            raise ValueError(f"mini mode must be one of {', '.join(MINI_MODES)}, got {mode!r}")
+        check_mini_options(mode, threshold, max_draft)
         self.model = "self" if model is None else model
         self.tokenizer = tokenizer
         self.threshold = threshold

@@ -92,6 +92,13 @@ def make_client(config: EdgeConfig):
     )
 
 
+def privacy_of(config: EdgeConfig):
+    """The PrivacyProtection the edge options describe."""
+    from edge_worker.privacy import PrivacyProtection
+
+    return PrivacyProtection(config.encryption, config.wire_dtype, config.reduce_dims, config.reductions_dir)
+
+
 def plan_split(config: EdgeConfig, source: ModelSource, client, prompt_tokens: int, mini=None):
     """Let the cost model choose: measured link and device, the per-layer profile, the weights.
 
@@ -99,13 +106,11 @@ def plan_split(config: EdgeConfig, source: ModelSource, client, prompt_tokens: i
     the generation and moves the split when they change (``EdgeCloudManager.replan``)."""
     from edge_worker.device_monitor import DeviceMonitor
     from edge_worker.manager import EdgeCloudManager
-    from edge_worker.privacy import PrivacyProtection
 
     manager = EdgeCloudManager(
         model=source, cloud_client=client, energy_weight=config.energy_weight,
         latency_weight=config.latency_weight, memory_weight=config.memory_weight,
-        privacy_protection=PrivacyProtection(config.encryption, config.wire_dtype, config.reduce_dims,
-                                             config.reductions_dir),
+        privacy_protection=privacy_of(config),
         max_new_tokens=config.max_new_tokens, device_monitor=DeviceMonitor(), mini_llm=mini,
         dynamic=config.dynamic, min_split=config.min_split,
     )
@@ -141,13 +146,11 @@ def run_edge(config: EdgeConfig, on_text: Callable[[str], None] | None = None,
     log.info("edge segment ready: %s (%.1f s)", edge.describe(), time.perf_counter() - t0)
     backend = None
     if split < source.n_layers:
-        from edge_worker.privacy import PrivacyProtection
+        from edge_worker.manager import cloud_backend
 
-        privacy = PrivacyProtection(config.encryption, config.wire_dtype, config.reduce_dims, config.reductions_dir)
         if config.reduce_dims is not None:
             progress(f"finding or calibrating the {config.reduce_dims}-dim projection for split {split}")
-        reduction = privacy.reduction_for(source, split, edge)
-        backend = client.session(source.model_id, split, source.hidden_size, reduction)
+        backend = cloud_backend(client, privacy_of(config), source, split, edge)
     if backend is not None and config.fallback_local:
         n, k = source.n_layers, split
         backend.fallback = lambda: LocalBackend(ModelSegment.load(source, k, n, embed=False))
