@@ -224,26 +224,41 @@ def fit_pca(states: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor
     return mean.float(), basis.float().contiguous(), explained
 
 
-def calibrate(source: ModelSource, split: int, dims: int, edge_segment=None, text: str | None = None) -> Reduction:
-    """Compute (not save) the projection for ``source`` at ``split``; loads layers [0, split) unless
-    the caller passes its edge segment."""
+def _check_dims(source: ModelSource, dims: int) -> None:
+    if not 0 < dims <= source.hidden_size:
+        raise ReductionError(f"--dims must be in [1, {source.hidden_size}] for this model, got {dims}")
+
+
+def _split_states(source: ModelSource, split: int, edge_segment=None, text: str | None = None) -> torch.Tensor:
+    """The hidden states at ``split`` of the calibration text; loads layers [0, split) unless the
+    caller passes its edge segment."""
     from partition.segment import ModelSegment
 
     if not 0 <= split <= source.n_layers:
         raise ReductionError(f"split {split} is outside [0, {source.n_layers}]")
-    if not 0 < dims <= source.hidden_size:
-        raise ReductionError(f"--dims must be in [1, {source.hidden_size}] for this model, got {dims}")
-    t0 = time.perf_counter()
     segment = edge_segment if edge_segment is not None else ModelSegment.load(source, 0, split)
     if segment.spec.hi != split:
         raise ReductionError(f"the edge segment ends at layer {segment.spec.hi}, not at split {split}")
-    states = calibration_states(segment, calibration_sequences(source.load_tokenizer(), text))
+    return calibration_states(segment, calibration_sequences(source.load_tokenizer(), text))
+
+
+def _fit(source: ModelSource, split: int, states: torch.Tensor, dims: int) -> Reduction:
     if states.shape[0] < dims:
         raise ReductionError(f"the calibration text gives {states.shape[0]} positions, fewer than {dims} dims")
     mean, basis, explained = fit_pca(states, dims)
-    log.info("calibrated %s split %d to %d dims from %d positions in %.1f s (%.2f%% of variance kept)",
-             source.model_id, split, dims, states.shape[0], time.perf_counter() - t0, 100 * explained)
     return Reduction(source.model_id, split, source.hidden_size, dims, mean, basis, explained)
+
+
+def calibrate(source: ModelSource, split: int, dims: int, edge_segment=None, text: str | None = None) -> Reduction:
+    """Compute (not save) the projection for ``source`` at ``split``; loads layers [0, split) unless
+    the caller passes its edge segment."""
+    _check_dims(source, dims)
+    t0 = time.perf_counter()
+    states = _split_states(source, split, edge_segment, text)
+    reduction = _fit(source, split, states, dims)
+    log.info("calibrated %s split %d to %d dims from %d positions in %.1f s (%.2f%% of variance kept)",
+             source.model_id, split, dims, states.shape[0], time.perf_counter() - t0, 100 * reduction.explained)
+    return reduction
 
 
 def find_or_calibrate(source: ModelSource, split: int, dims: int, directory: Path | None = None,
@@ -257,8 +272,6 @@ def calibrate_many(source: ModelSource, split: int, dims_list: list[int], direct
                    edge_segment=None) -> dict[int, Reduction]:
     """``find_or_calibrate`` for several D at one split: the calibration states are computed once,
     and only for the D that have no file yet."""
-    from partition.segment import ModelSegment
-
     directory = directory or default_reductions_dir()
     found: dict[int, Reduction] = {}
     missing = []
@@ -274,21 +287,15 @@ def calibrate_many(source: ModelSource, split: int, dims_list: list[int], direct
         found[dims] = reduction
     if missing:
         for dims in missing:
-            if not 0 < dims <= source.hidden_size:
-                raise ReductionError(f"dims must be in [1, {source.hidden_size}] for this model, got {dims}")
+            _check_dims(source, dims)
         t0 = time.perf_counter()
-        segment = edge_segment if edge_segment is not None else ModelSegment.load(source, 0, split)
-        if segment.spec.hi != split:
-            raise ReductionError(f"the edge segment ends at layer {segment.spec.hi}, not at split {split}")
-        states = calibration_states(segment, calibration_sequences(source.load_tokenizer()))
+        states = _split_states(source, split, edge_segment)
         for dims in missing:
-            mean, basis, explained = fit_pca(states, dims)
             path = directory / reduction_filename(source.model_id, split, dims)
-            reduction = save_reduction(
-                Reduction(source.model_id, split, source.hidden_size, dims, mean, basis, explained), path)
+            reduction = save_reduction(_fit(source, split, states, dims), path)
             log.info("calibrated %s split %d to %d dims from %d positions in %.1f s (%.2f%% of the variance "
                      "kept): %s, sha256 %s", source.model_id, split, dims, states.shape[0],
-                     time.perf_counter() - t0, 100 * explained, path, reduction.sha256)
+                     time.perf_counter() - t0, 100 * reduction.explained, path, reduction.sha256)
             found[dims] = reduction
     return found
 
