@@ -36,13 +36,10 @@ def calibration_prompts() -> list[str]:
 
 
 @torch.inference_mode()
-def collect(source: ModelSource, split: int, prompts: list[str], new_tokens: int,
+def collect(lower: ModelSegment, upper: ModelSegment, tokenizer, prompts: list[str], new_tokens: int,
             progress: Callable[[str], None] = lambda _: None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hidden at layer ``split`` (P, H), the main model's greedy next token (P,)) over every
-    prompt and generated position."""
-    tokenizer = source.load_tokenizer()
-    lower = ModelSegment.load(source, 0, split, head=False)
-    upper = ModelSegment.load(source, split, source.n_layers, embed=False, head=True)
+    """(hidden at layer k (P, H), the main model's greedy next token (P,)) over every prompt and
+    generated position; ``lower`` holds layers [0, k), ``upper`` layers [k, N) and the head."""
     hiddens, targets = [], []
     for i, prompt in enumerate(prompts):
         progress(f"generating calibration text {i + 1}/{len(prompts)}")
@@ -83,12 +80,15 @@ def train_adapter(source: ModelSource, split: int, new_tokens: int = 48, epochs:
     held = prompts[: len(prompts) // 4]
     train = prompts[len(prompts) // 4:]
     t0 = time.perf_counter()
-    h_train, y_train = collect(source, split, train, new_tokens, progress)
-    h_test, y_test = collect(source, split, held, new_tokens, progress)
-    # The head: norm and LM head only (the embedding is tied on most small models).
-    head = ModelSegment.load(source, split, split, embed=False, head=True)
+    tokenizer = source.load_tokenizer()
+    lower = ModelSegment.load(source, 0, split, head=False)
+    # Layers [k, N) and the head: they make the targets, and the adapter trains through the norm and
+    # LM head (frozen).
+    head = ModelSegment.load(source, split, source.n_layers, embed=False, head=True)
     for p in head.parameters():
         p.requires_grad_(False)
+    h_train, y_train = collect(lower, head, tokenizer, train, new_tokens, progress)
+    h_test, y_test = collect(lower, head, tokenizer, held, new_tokens, progress)
     adapter = DrafterAdapter(source.hidden_size)
     before = agreement(None, head, h_test, y_test)
     opt = torch.optim.Adam(adapter.parameters(), lr=1e-3, weight_decay=1e-4)
