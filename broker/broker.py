@@ -439,6 +439,7 @@ class Broker:
         w = self._known_worker(identity)
         if w is not None:
             w.reported_sessions, w.reported_queue_depth = msg.active_sessions, msg.queue_depth
+            w.per_layer_ms = msg.per_layer_ms
 
     def _on_disconnect(self, identity: bytes, msg: p.Disconnect) -> None:
         w = self._by_identity.get(identity)

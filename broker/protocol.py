@@ -33,7 +33,7 @@ RequestId = NewType("RequestId", str)
 SessionId = NewType("SessionId", str)
 WorkerId = NewType("WorkerId", str)
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: heartbeats carry per_layer_ms
 MAGIC = b"EC"
 _PREFIX = MAGIC + bytes([PROTOCOL_VERSION])
 
@@ -311,8 +311,10 @@ class Heartbeat(Message):
     worker_id: WorkerId
     active_sessions: int
     queue_depth: int
+    per_layer_ms: float  # the worker's current decode cost per layer (register's, updated by real steps)
     TYPE = MsgType.HEARTBEAT
-    FIELDS = (("worker_id", _id), ("active_sessions", _uint), ("queue_depth", _uint))
+    FIELDS = (("worker_id", _id), ("active_sessions", _uint), ("queue_depth", _uint),
+              ("per_layer_ms", _nonneg_float))
 
 
 @dataclass(slots=True)

@@ -134,6 +134,7 @@ class WorkerConnection:
         self._outbox: deque[list[Any]] = deque()  # appended without the lock, flushed under it
         self._dropped: deque[SessionId] = deque()
         self._active_sessions = 0
+        self._per_layer_ms = info.per_layer_ms
         self._closing = threading.Event()
         self._closed = False
         now = time.monotonic()
@@ -198,6 +199,11 @@ class WorkerConnection:
     def set_active_sessions(self, count: int) -> None:
         """Tell heartbeats how many KV caches we hold (for the broker's status)."""
         self._active_sessions = max(0, int(count))
+
+    def set_per_layer_ms(self, ms: float) -> None:
+        """Tell heartbeats the current per-layer decode cost (the planner prices the cloud with it)."""
+        if ms >= 0 and ms == ms and ms != float("inf"):
+            self._per_layer_ms = float(ms)
 
     def close(self, graceful: bool = True) -> None:
         """Close the connection; ``graceful`` sends DISCONNECT so the broker fails over at once.
@@ -309,7 +315,7 @@ class WorkerConnection:
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.config.heartbeat_interval_s
             hb = p.Heartbeat(worker_id=self.info.worker_id, active_sessions=self._active_sessions,
-                             queue_depth=len(self._jobs))  # fmt: skip
+                             queue_depth=len(self._jobs), per_layer_ms=self._per_layer_ms)  # fmt: skip
             send_or_false(self._sock, p.encode(hb))
         if now > self._silent_deadline():
             self._disconnect(now)

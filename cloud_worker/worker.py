@@ -34,6 +34,7 @@ from cloud_worker.faults import FaultInjector
 from cloud_worker.sessions import Session, SessionTable
 from partition.kv_cache import CacheFullError
 from partition.models import resolve_model
+from partition.profile import measure_decode_ms
 from partition.reduction import Reduction, ReductionError, ReductionStore
 from partition.sampling import SamplingParams
 from partition.segment import ModelSegment
@@ -79,23 +80,32 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def measure_per_layer_ms(segment: ModelSegment, repeats: int = 8) -> float:
-    """Median time of one decode step through one layer (reported to the broker when registering)."""
-    if not segment.layers:
-        return 0.0
-    cache = segment.new_cache()
-    h = torch.zeros(1, 16, segment.source.hidden_size, device=segment.device)
-    segment(h, cache, logits="none")
-    times = []
-    one = torch.zeros(1, 1, segment.source.hidden_size, device=segment.device)
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        segment(one, cache, logits="none")
-        if segment.device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2] / len(segment.layers)
+class LayerCost:
+    """The decode cost per layer this worker reports: measured warm at start-up
+    (``partition.profile.measure_decode_ms``, the same method as the edge's profile), then
+    followed by the one-position steps it serves, so that a worker slowed by load or by its
+    neighbours says so in its next heartbeat.
+    """
+
+    # Weight of one step through every layer; a step through fewer layers counts for less, since
+    # the head's share (subtracted as measured at start-up) makes its per-layer figure noisier.
+    WEIGHT = 0.2
+
+    def __init__(self, layer_ms: tuple[float, ...], head_ms: float) -> None:
+        self.n_layers = len(layer_ms)
+        self.head_ms = head_ms
+        self.measured_ms = sum(layer_ms) / len(layer_ms) if layer_ms else 0.0
+        self.per_layer_ms = self.measured_ms
+        self.observed = 0
+
+    def observe(self, compute_ms: float, layers: int, positions: int) -> None:
+        """A served step's forward time (head included) over ``layers`` layers and ``positions``."""
+        if positions != 1 or layers < 1 or not self.n_layers:
+            return  # prefills and verified drafts cost differently per layer: only decode counts
+        sample = max(0.0, compute_ms - self.head_ms) / layers
+        weight = self.WEIGHT * min(1.0, layers / self.n_layers)
+        self.per_layer_ms += weight * (sample - self.per_layer_ms)
+        self.observed += 1
 
 
 class CloudWorker:
@@ -116,12 +126,12 @@ class CloudWorker:
         self.sessions = SessionTable(config.max_sessions, config.session_idle_ttl_s)
         self.reductions = ReductionStore(config.reductions_dir)
         self.worker_id = WorkerId(config.worker_id or f"w-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-        self.per_layer_ms = measure_per_layer_ms(self.segment)
+        self.cost = LayerCost(*measure_decode_ms(self.segment))
         self.info = WorkerInfo(
             worker_id=self.worker_id, model_id=self.source.model_id,
             layer_ranges=((0, self.source.n_layers),),
             public_key=self.keypair.public_key if self.keypair else b"",
-            per_layer_ms=self.per_layer_ms, max_sessions=config.max_sessions,
+            per_layer_ms=self.cost.per_layer_ms, max_sessions=config.max_sessions,
         )
         self.faults = FaultInjector.from_env()  # off unless EDGECLOUD_FAULT_INJECTION is set (tests)
         self.stop_event = threading.Event()
@@ -134,7 +144,7 @@ class CloudWorker:
         self.conn = WorkerConnection(self.config.broker, self.info, curve=self.curve_keys)
         log.info("worker %s serving %s (%d layers on %s, %.2f ms/layer) via %s",
                  self.worker_id, self.source.model_id, self.source.n_layers, self.device,
-                 self.per_layer_ms, self.config.broker)
+                 self.cost.per_layer_ms, self.config.broker)
         try:
             while not self.stop_event.is_set():
                 for sid in self.conn.dropped_sessions():
@@ -143,6 +153,7 @@ class CloudWorker:
                 if expired:
                     log.info("expired %d idle sessions", len(expired))
                 self.conn.set_active_sessions(len(self.sessions))
+                self.conn.set_per_layer_ms(self.cost.per_layer_ms)
                 job = self.conn.get(_IDLE_POLL_S)
                 if job is not None:
                     self.handle(job)
@@ -248,6 +259,7 @@ class CloudWorker:
             raise ProtocolError("too_long", str(exc)) from None
         session.last_step = job.step
         compute_ms = (time.perf_counter() - t0) * 1e3
+        self.cost.observe(compute_ms, self.source.n_layers - session.layer_lo, hidden.shape[1])
         worker_ms = (time.monotonic() - job.received_at) * 1e3
         return {}, seal_step_reply(session.cipher, job.session_id, job.step, token, cache.length, compute_ms,
                                    worker_ms, accepted=accepted)

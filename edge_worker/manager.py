@@ -161,7 +161,22 @@ class EdgeCloudManager:
             log.warning("cloud unreachable (%s)", exc)
             return conditions, None
         # The ping is the freshest reading of the link this generation will use.
-        return replace(conditions, rtt_ms=rtt_ms), rtt_ms
+        conditions = replace(conditions, rtt_ms=rtt_ms)
+        layer_ms = self._worker_layer_ms()
+        if layer_ms is not None:  # the workers' own measurement beats an assumed cloud speed-up
+            conditions = replace(conditions, cloud_layer_ms=(layer_ms,) * self.source.n_layers)
+        return conditions, rtt_ms
+
+    def _worker_layer_ms(self) -> float | None:
+        """The median per-layer decode time the registered workers of this model reported."""
+        try:
+            workers = self.cloud_client.status(PING_TIMEOUT_S).get("workers", [])
+        except EdgeCloudError as exc:
+            log.debug("no worker timings from the broker: %s", exc)
+            return None
+        times = sorted(float(w["per_layer_ms"]) for w in workers
+                       if w.get("model_id") == self.source.model_id and float(w.get("per_layer_ms") or 0) > 0)
+        return times[len(times) // 2] if times else None
 
     def choose_split(self, prompt_tokens: int, new_tokens: int) -> Decision:
         n = self.source.n_layers

@@ -183,22 +183,11 @@ def measure_profile(source: ModelSource, repeats: int = 5) -> LayerProfile:
         return cache
 
     def decode(cache: SegmentKVCache, timed: bool) -> None:
-        """One position after the prompt, cropped back so every sample sees the same length."""
         t0 = time.perf_counter()
         x = embed(next_id, t_prompt)
         if timed:
             embed_s.append(time.perf_counter() - t0)
-        shared = runner.position_inputs(x, torch.tensor([[t_prompt]]))
-        for i, layer in enumerate(segment.layers):
-            t0 = time.perf_counter()
-            x = runner.call(layer, x, None, cache, shared)  # one query position: no mask
-            if timed:
-                decode_s[i].append(time.perf_counter() - t0)
-        cache.crop(t_prompt)
-        t0 = time.perf_counter()
-        segment.lm_head(segment.norm(x))
-        if timed:
-            head_s.append(time.perf_counter() - t0)
+        _decode_sample(segment, x, cache, t_prompt, decode_s if timed else None, head_s if timed else None)
 
     embed_s: list[float] = []
     head_s: list[float] = []
@@ -235,6 +224,65 @@ def measure_profile(source: ModelSource, repeats: int = 5) -> LayerProfile:
              profile.embed_ms + sum(profile.layer_decode_ms) + profile.head_ms,
              sum(profile.layer_prefill_ms_per_token), profile.total_weight_bytes / 2**20)
     return profile
+
+
+def _decode_sample(segment, x, cache: SegmentKVCache, past: int, layer_s: list[list[float]] | None,
+                   head_s: list[float] | None) -> None:
+    """Time one position through every layer of ``segment`` (appending to ``layer_s[i]``) and
+    through its head when it has one; the cache is cropped back to ``past`` so every sample sees
+    the same length. ``None`` lists: an untimed warm-up pass."""
+    import torch
+
+    runner = segment.runner
+    shared = runner.position_inputs(x, torch.tensor([[past]], device=x.device))
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    for i, layer in enumerate(segment.layers):
+        t0 = time.perf_counter()
+        x = runner.call(layer, x, None, cache, shared)  # one query position: no mask
+        sync()
+        if layer_s is not None:
+            layer_s[i].append(time.perf_counter() - t0)
+    cache.crop(past)
+    if segment.lm_head is not None:
+        t0 = time.perf_counter()
+        segment.lm_head(segment.norm(x))
+        sync()
+        if head_s is not None:
+            head_s.append(time.perf_counter() - t0)
+
+
+def measure_decode_ms(segment, samples: int = 15) -> tuple[tuple[float, ...], float]:
+    """(per-layer decode ms, head ms) of an already loaded segment, measured the way
+    ``measure_profile`` measures decode: a warm 64-position cache, untimed warm-up passes, then
+    the lower quartile of ``samples`` one-token passes. Random activations stand in for real ones
+    (dense compute costs the same for any values).
+
+    This is what a cloud worker reports when it registers: its layers timed warm, so that the
+    planner compares like with like against the edge's profile. (A cold cache and a sleeping
+    OpenMP pool made the first decode passes read several times slower than steady state.)
+    """
+    import torch
+
+    if samples < 1:
+        raise ValueError(f"samples must be at least 1, got {samples}")
+    if not segment.layers:
+        return (), 0.0
+    hidden = segment.source.hidden_size
+    generator = torch.Generator().manual_seed(0)
+    dtype = next(segment.layers[0].parameters()).dtype
+    prompt = torch.randn(1, PROFILE_PROMPT_TOKENS, hidden, generator=generator).to(segment.device, dtype)
+    x = torch.randn(1, 1, hidden, generator=generator).to(segment.device, dtype)
+    layer_s: list[list[float]] = [[] for _ in segment.layers]
+    head_s: list[float] = []
+    with torch.inference_mode():
+        cache = segment.new_cache()
+        segment(prompt, cache, logits="none")
+        for _ in range(_WARMUP_PASSES + 2):
+            _decode_sample(segment, x, cache, PROFILE_PROMPT_TOKENS, None, None)
+        for _ in range(samples):
+            _decode_sample(segment, x, cache, PROFILE_PROMPT_TOKENS, layer_s, head_s)
+    head_ms = _low_quartile_ms(head_s) if head_s else 0.0
+    return tuple(_low_quartile_ms(s) for s in layer_s), head_ms
 
 
 # A 1-minute load average above this fraction of the cores means other processes compete for

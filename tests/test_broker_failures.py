@@ -148,7 +148,7 @@ def test_failed_open_fails_its_queued_followers() -> None:
 
 def test_unknown_worker_is_asked_to_reregister(broker: Broker) -> None:
     with raw_dealer(broker.endpoint) as raw:
-        raw.send_multipart(p.encode(p.Heartbeat(worker_id="ghost", active_sessions=0, queue_depth=0)))
+        raw.send_multipart(p.encode(p.Heartbeat(worker_id="ghost", active_sessions=0, queue_depth=0, per_layer_ms=0.0)))
         assert "register" in recv_until(raw, p.Reregister).reason
 
 

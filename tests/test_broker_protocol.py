@@ -38,7 +38,7 @@ EXAMPLES = [
                per_layer_ms=0.75, pid=1234, max_sessions=16),
     p.Register(worker_id="w2", model_id="m", layer_ranges=((3, 4),), public_key=b"", per_layer_ms=0.0, pid=0,
                max_sessions=1),
-    p.Heartbeat(worker_id="w1", active_sessions=4, queue_depth=1),
+    p.Heartbeat(worker_id="w1", active_sessions=4, queue_depth=1, per_layer_ms=0.8),
     p.WorkerReply(request_id="r1", session_id="s1", step=3, attempt=2, extra={}, frames=[b"y" * 100]),
     p.WorkerError(request_id="r1", attempt=1, code="remote", message="ValueError: bad shape"),
     p.Disconnect(worker_id="w1"),
@@ -58,7 +58,7 @@ def test_every_message_type_has_an_example() -> None:
 @pytest.mark.parametrize("msg", EXAMPLES, ids=lambda m: type(m).__name__)
 def test_round_trip(msg: p.Message) -> None:
     frames = p.encode(msg)
-    assert frames[0][:3] == b"EC\x01"
+    assert frames[0][:3] == b"EC\x02"
     back = p.decode([bytes(f) for f in frames])
     assert back == msg
     assert type(back).TYPE == type(msg).TYPE
@@ -76,13 +76,13 @@ def _reason(frames: list) -> str:
 
 def test_rejects_bad_magic_version_and_type() -> None:
     assert _reason([b"XX\x01\x80"]) == "bad_magic"
-    assert _reason([b"EC\x02" + msgpack.packb({"t": 3, "request_id": "x"})]) == "bad_version"
+    assert _reason([b"EC\x01" + msgpack.packb({"t": 3, "request_id": "x"})]) == "bad_version"  # the old version
     assert _reason([b"EC"]) == "bad_version"
     assert _reason([_header({"t": 99})]) == "unknown_type"
     assert _reason([_header({"x": 1})]) == "bad_header"
     assert _reason([_header([1, 2])]) == "bad_header"
     assert _reason([]) == "empty"
-    assert _reason([b"EC\x01\xc1"]) == "bad_msgpack"
+    assert _reason([b"EC\x02\xc1"]) == "bad_msgpack"
 
 
 def test_rejects_missing_and_mistyped_fields() -> None:
@@ -109,7 +109,7 @@ def test_rejects_bad_register_fields() -> None:
 
 
 def test_rejects_ext_types_and_body_on_bodyless_types() -> None:
-    ext = p.MAGIC + bytes([1]) + msgpack.packb({"t": 3, "request_id": msgpack.ExtType(5, b"x")})
+    ext = p.MAGIC + bytes([p.PROTOCOL_VERSION]) + msgpack.packb({"t": 3, "request_id": msgpack.ExtType(5, b"x")})
     assert _reason([ext]) in ("ext_type", "bad_msgpack")
     assert _reason([*p.encode(p.Ping(request_id="a")), b"body"]) == "unexpected_frames"
 
@@ -121,7 +121,7 @@ def test_size_limits(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _reason([head, b"x" * 101]) == "frame_too_large"
     monkeypatch.setattr(p, "MAX_MESSAGE_BYTES", 150)
     assert _reason([head, b"x" * 100, b"y" * 100]) == "message_too_large"
-    assert _reason([b"EC\x01" + b"\x00" * p.MAX_HEADER_BYTES]) == "header_too_large"
+    assert _reason([b"EC\x02" + b"\x00" * p.MAX_HEADER_BYTES]) == "header_too_large"
     with pytest.raises(ProtocolError):
         p.encode(
             p.Reply(request_id="r", session_id="s", step=0, worker_id="w", attempt=1, frames=[b"z" * 101])

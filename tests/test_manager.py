@@ -88,6 +88,23 @@ def test_latency_weight_and_a_slow_link_keep_everything_local(env, tiny_llama):
     assert decision.k == tiny_llama.n_layers
 
 
+def test_the_planner_prices_the_cloud_with_the_workers_reported_timing(env, tiny_llama, tiny_cluster):
+    """Not an assumed speed-up: the per-layer time the workers measured (and keep measuring on the
+    steps they serve) reaches the planner through the broker's status."""
+    from edge_worker import EdgeCloudManager
+
+    manager = EdgeCloudManager(model="tiny-llama")
+    try:
+        manager.process_hybrid(tiny_llama.load_tokenizer()("timed")["input_ids"], max_new_tokens=3)
+        reported = [w["per_layer_ms"] for w in manager.cloud_client.status()["workers"]]
+        conditions, _rtt = manager.measure_conditions()
+    finally:
+        manager.close()
+    assert reported and all(ms > 0 for ms in reported)
+    assert conditions.cloud_layer_ms is not None and len(conditions.cloud_layer_ms) == tiny_llama.n_layers
+    assert min(reported) <= conditions.cloud_layer_ms[0] <= max(reported)
+
+
 def test_an_unreachable_cloud_falls_back_to_local(tiny_llama, monkeypatch):
     from edge_worker import CloudClient, EdgeCloudManager
 

@@ -187,3 +187,28 @@ def test_plan_cli_plot(plan_cli, tmp_path):
     else:
         assert result.exit_code == 0, result.output
         assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_workers_decode_timing_is_measured_warm_and_follows_served_steps(tiny_llama, tiny_profile):
+    from cloud_worker.worker import LayerCost
+    from partition.profile import measure_decode_ms
+    from partition.segment import ModelSegment
+
+    segment = ModelSegment.load(tiny_llama, 0, tiny_llama.n_layers, embed=False, head=True)
+    layer_ms, head_ms = measure_decode_ms(segment, samples=5)
+    assert len(layer_ms) == tiny_llama.n_layers and all(t > 0 for t in layer_ms) and head_ms > 0
+    assert segment.new_cache().length == 0
+    with pytest.raises(ValueError, match="samples"):
+        measure_decode_ms(segment, samples=0)
+
+    cost = LayerCost((1.0, 1.0, 1.0, 1.0), head_ms=2.0)
+    assert cost.per_layer_ms == 1.0
+    cost.observe(compute_ms=100.0, layers=4, positions=64)  # a prefill: not a decode figure
+    cost.observe(compute_ms=50.0, layers=4, positions=3)  # verified drafts: neither
+    assert cost.per_layer_ms == 1.0 and cost.observed == 0
+    for _ in range(40):  # the worker got 3x slower (load): the reported figure follows
+        cost.observe(compute_ms=2.0 + 4 * 3.0, layers=4, positions=1)
+    assert cost.per_layer_ms == pytest.approx(3.0, rel=0.01)
+    before = cost.per_layer_ms
+    cost.observe(compute_ms=2.0 + 1 * 1.0, layers=1, positions=1)  # one layer: a quarter of the pull
+    assert before - cost.per_layer_ms == pytest.approx(LayerCost.WEIGHT / 4 * (before - 1.0))

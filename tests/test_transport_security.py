@@ -77,7 +77,7 @@ def _register(model: str = MODEL, public_key: bytes = b"") -> p.Register:
         (AllowEntry(frozenset({ROLE_CLIENT})), p.Status(request_id="r", api_key=""), True),
         (AllowEntry(frozenset({ROLE_CLIENT})), _register(), False),
         (AllowEntry(frozenset({ROLE_CLIENT})), p.Heartbeat(worker_id=p.WorkerId("w"), active_sessions=0,
-                                                           queue_depth=0), False),  # fmt: skip
+                                                           queue_depth=0, per_layer_ms=0.0), False),  # fmt: skip
         (AllowEntry(frozenset({ROLE_WORKER})), _register(), True),
         (AllowEntry(frozenset({ROLE_WORKER})), p.Status(request_id="r", api_key=""), False),
         (AllowEntry(frozenset({ROLE_WORKER})), p.Ping(request_id="r"), True),
