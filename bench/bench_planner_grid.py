@@ -87,10 +87,12 @@ def main() -> None:
                         measured[k] = statistics.median(r["total_ms"] for r in rs)
                     prompt_tokens = rs[0]["prompt_tokens"]
                     choices = {}
+                    decisions: dict[str, dict] = {}
                     for name, (wl, we, wm) in WEIGHTS.items():
                         rs = run(*link, "--latency-weight", str(wl), "--energy-weight", str(we),
                                  "--memory-weight", str(wm))
                         k = rs[0]["decision"]["k"]
+                        decisions[name] = rs[0]["decision"]
                         if k not in measured:
                             measured[k] = statistics.median(r["total_ms"] for r in run("--split", str(k), *link))
                         choices[name] = k
@@ -111,6 +113,8 @@ def main() -> None:
                             "cpu": cpu, "rtt_ms": rtt, "weights": name, "chosen": k_chosen, "best": best,
                             "regret": round(score(k_chosen) / score(best) - 1, 4),
                             "chosen_ms": round(measured[k_chosen], 1), "best_latency_ms": round(min(measured.values()), 1),
+                            # What the planner measured and predicted when it chose (edge_worker/manager.py).
+                            "decision": decisions[name],
                         })
                     cells.append({"cpu": cpu, "rtt_ms": rtt, "measured_ms": {str(k): round(v, 1)
                                                                              for k, v in sorted(measured.items())}})

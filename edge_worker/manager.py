@@ -58,6 +58,24 @@ class Decision:
     at: float  # time.time()
     at_step: int = 0  # the generation step it took effect at (0: before the first token)
 
+    def to_dict(self) -> dict[str, Any]:
+        """For the ``--json`` object: the choice, the measurements behind it, and what the planner
+        predicted for it (so a run can be checked against its own forecast)."""
+        d: dict[str, Any] = {"k": self.k, "reason": self.reason, "rtt_ms": self.rtt_ms, "at_step": self.at_step}
+        c = self.conditions
+        if c is not None:
+            cloud = (round(sum(c.cloud_layer_ms) / len(c.cloud_layer_ms), 4) if c.cloud_layer_ms
+                     else None)
+            d["measured"] = {"rtt_ms": round(c.rtt_ms, 3), "bandwidth_mbps": round(c.bandwidth_mbps, 3),
+                             "edge_cpu_load": round(c.edge_cpu_load, 3), "cloud_layer_ms": cloud,
+                             "cloud_speedup": None if cloud is not None else c.cloud_speedup}
+        if self.plan is not None:
+            row = self.plan.chosen
+            d["predicted"] = {"latency_ms": round(row.latency_ms, 1), "decode_ms_per_token":
+                              round(row.decode_ms_per_token, 3), "energy_j": round(row.energy_j, 4),
+                              "memory_bytes": row.memory_bytes}
+        return d
+
     def summary(self) -> str:
         c = self.conditions
         cond = (f"rtt {c.rtt_ms:.1f} ms, uplink {c.bandwidth_mbps:.1f} Mbit/s, cpu load {c.edge_cpu_load:.2f}"

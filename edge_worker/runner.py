@@ -166,7 +166,6 @@ def run_edge(config: EdgeConfig, on_text: Callable[[str], None] | None = None,
         if client is not None:
             client.close()
     if decision is not None:
-        result.decision = {"k": decision.k, "reason": decision.reason, "rtt_ms": decision.rtt_ms}
-        result.decisions = [{"k": d.k, "reason": d.reason, "rtt_ms": d.rtt_ms, "at_step": d.at_step}
-                            for d in mover.decisions]
+        result.decision = decision.to_dict()
+        result.decisions = [d.to_dict() for d in mover.decisions]
     return result

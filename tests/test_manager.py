@@ -103,6 +103,10 @@ def test_the_planner_prices_the_cloud_with_the_workers_reported_timing(env, tiny
     assert reported and all(ms > 0 for ms in reported)
     assert conditions.cloud_layer_ms is not None and len(conditions.cloud_layer_ms) == tiny_llama.n_layers
     assert min(reported) <= conditions.cloud_layer_ms[0] <= max(reported)
+    # The --json object's decision carries the measurements behind it and the planner's forecast.
+    d = manager.decisions[-1].to_dict()
+    assert d["measured"]["cloud_layer_ms"] > 0 and d["measured"]["cloud_speedup"] is None
+    assert d["predicted"]["latency_ms"] > 0 and d["k"] == manager.decisions[-1].k
 
 
 def test_an_unreachable_cloud_falls_back_to_local(tiny_llama, monkeypatch):
