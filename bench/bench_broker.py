@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -164,8 +165,20 @@ class ProxyPath:
         self.ctx.term()
 
 
-def measure(paths: dict[str, Any], round_trips: int, rounds: int) -> dict[str, dict[str, float]]:
-    """Alternate blocks of round trips between paths so background load hits both alike."""
+def _cpu_s(procs: list[psutil.Process]) -> float:
+    return sum(sum(p.cpu_times()[:2]) for p in procs)
+
+
+def measure(paths: dict[str, Any], round_trips: int, rounds: int,
+            procs: dict[str, list[psutil.Process]] | None = None) -> dict[str, dict[str, float]]:
+    """Alternate blocks of round trips between paths so background load hits both alike.
+
+    ``procs``: per path, the processes whose CPU time the path's round trips cost (this one, the
+    middle process and the echo); CPU per round trip moves far less with machine load than wall
+    time does.
+    """
+    procs = procs or {}
+    cpu: dict[str, list[float]] = {name: [] for name in paths}
     lat: dict[str, list[float]] = {name: [] for name in paths}
     rate1: dict[str, list[float]] = {name: [] for name in paths}
     rate_deep: dict[str, list[float]] = {name: [] for name in paths}
@@ -178,10 +191,12 @@ def measure(paths: dict[str, Any], round_trips: int, rounds: int) -> dict[str, d
         order = list(paths.items()) if r % 2 == 0 else list(paths.items())[::-1]
         for name, path in order:
             block = []
+            cpu0 = _cpu_s(procs.get(name, []))
             for _ in range(per_round):
                 t0 = time.perf_counter()
                 path.round_trip()
                 block.append(time.perf_counter() - t0)
+            cpu[name].append((_cpu_s(procs.get(name, [])) - cpu0) / per_round)
             lat[name] += block
             rate1[name].append(len(block) / sum(block))
             t0 = time.perf_counter()
@@ -196,6 +211,8 @@ def measure(paths: dict[str, Any], round_trips: int, rounds: int) -> dict[str, d
             "round_trips_per_s_1": statistics.median(rate1[name]),
             f"round_trips_per_s_{WINDOW_DEEP}": statistics.median(rate_deep[name]),
         }
+        if procs.get(name):
+            out[name]["cpu_us_per_round_trip"] = statistics.median(cpu[name]) * 1e6
     return out
 
 
@@ -208,14 +225,16 @@ def _free_port() -> int:
     return port
 
 
-def _run_with(procs: list[tuple[Callable[..., None], tuple[Any, ...]]], body: Callable[[], dict]) -> dict:
+def _run_with(procs: list[tuple[Callable[..., None], tuple[Any, ...]]],
+              body: Callable[[list[psutil.Process]], dict]) -> dict:
+    """Start ``procs`` as processes, run ``body`` with them (in the same order), stop them."""
     spawn = mp.get_context("spawn")
     stop = spawn.Event()
     children = [spawn.Process(target=fn, args=(*args, stop), daemon=True) for fn, args in procs]
     for ch in children:
         ch.start()
     try:
-        return body()
+        return body([psutil.Process(ch.pid) for ch in children])
     finally:
         stop.set()
         for ch in children:
@@ -252,14 +271,18 @@ def main() -> None:
         ep_curve = f"tcp://127.0.0.1:{_free_port()}"
         procs += [(_broker_proc, (ep_curve, keys_dir)), (_worker_proc, (ep_curve, keys_dir))]
 
-    def body() -> dict[str, dict[str, float]]:
+    def body(children: list[psutil.Process]) -> dict[str, dict[str, float]]:
         paths: dict[str, Any] = {}
+        me = psutil.Process()
+        procs = {"broker": [me, *children[0:2]], "proxy": [me, *children[2:4]]}
+        if keys_dir is not None:
+            procs["broker_curve"] = [me, *children[4:6]]
         try:
             paths["broker"] = BrokerPath(ep, payload)
             paths["proxy"] = ProxyPath(front, payload)
             if keys_dir is not None:
                 paths["broker_curve"] = BrokerPath(ep_curve, payload, keys_dir)
-            return measure(paths, args.round_trips, args.rounds)
+            return measure(paths, args.round_trips, args.rounds, procs)
         finally:
             for path in paths.values():
                 path.close()
@@ -280,11 +303,12 @@ def main() -> None:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
         return
     rows = [("median RTT (us)", "median_us", "{:.0f}"), ("p99 RTT (us)", "p99_us", "{:.0f}"),
+            ("CPU per round trip, 3 processes (us)", "cpu_us_per_round_trip", "{:.0f}"),
             ("round trips/s, 1 in flight", "round_trips_per_s_1", "{:.0f}"),
             (f"round trips/s, {WINDOW_DEEP} in flight", f"round_trips_per_s_{WINDOW_DEEP}", "{:.0f}")]  # fmt: skip
-    lines = [f"{'':32}{'broker':>12}{'1-hop proxy':>14}"]
+    lines = [f"{'':38}{'broker':>12}{'1-hop proxy':>14}"]
     for label, key, fmt in rows:
-        lines.append(f"{label:32}{fmt.format(broker[key]):>12}{fmt.format(proxy[key]):>14}")
+        lines.append(f"{label:38}{fmt.format(broker[key]):>12}{fmt.format(proxy[key]):>14}")
     lines.append(
         f"broker/proxy median RTT ratio: {ratio:.2f}x ({args.round_trips} round trips of {args.size} B)"
     )
