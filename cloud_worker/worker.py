@@ -91,12 +91,26 @@ class LayerCost:
     # the head's share (subtracted as measured at start-up) makes its per-layer figure noisier.
     WEIGHT = 0.2
 
+    # Idle this long after serving steps, the worker measures itself again: a figure followed up
+    # under load would otherwise stay high once the load is gone, and a planner that prices the
+    # cloud by it might never send the steps that would bring it down.
+    IDLE_REMEASURE_S = 20.0
+
     def __init__(self, layer_ms: tuple[float, ...], head_ms: float) -> None:
+        self.n_layers = 0
+        self.reset(layer_ms, head_ms)
+
+    def reset(self, layer_ms: tuple[float, ...], head_ms: float) -> None:
+        """Start again from a fresh measurement (``partition.profile.measure_decode_ms``)."""
         self.n_layers = len(layer_ms)
         self.head_ms = head_ms
         self.measured_ms = sum(layer_ms) / len(layer_ms) if layer_ms else 0.0
         self.per_layer_ms = self.measured_ms
         self.observed = 0
+
+    def stale(self, idle_s: float) -> bool:
+        """True when steps moved the figure and none came for IDLE_REMEASURE_S."""
+        return self.observed > 0 and idle_s >= self.IDLE_REMEASURE_S
 
     def observe(self, compute_ms: float, layers: int, positions: int) -> None:
         """A served step's forward time (head included) over ``layers`` layers and ``positions``."""
@@ -145,6 +159,7 @@ class CloudWorker:
         log.info("worker %s serving %s (%d layers on %s, %.2f ms/layer) via %s",
                  self.worker_id, self.source.model_id, self.source.n_layers, self.device,
                  self.cost.per_layer_ms, self.config.broker)
+        last_job = time.monotonic()
         try:
             while not self.stop_event.is_set():
                 for sid in self.conn.dropped_sessions():
@@ -157,6 +172,12 @@ class CloudWorker:
                 job = self.conn.get(_IDLE_POLL_S)
                 if job is not None:
                     self.handle(job)
+                    last_job = time.monotonic()
+                elif self.cost.stale(time.monotonic() - last_job):
+                    before = self.cost.per_layer_ms
+                    self.cost.reset(*measure_decode_ms(self.segment, samples=5))
+                    log.info("idle: re-measured %.2f ms/layer (steps had moved it to %.2f)",
+                             self.cost.per_layer_ms, before)
         finally:
             self.conn.close(graceful=True)
 

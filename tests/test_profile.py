@@ -212,3 +212,7 @@ def test_a_workers_decode_timing_is_measured_warm_and_follows_served_steps(tiny_
     before = cost.per_layer_ms
     cost.observe(compute_ms=2.0 + 1 * 1.0, layers=1, positions=1)  # one layer: a quarter of the pull
     assert before - cost.per_layer_ms == pytest.approx(LayerCost.WEIGHT / 4 * (before - 1.0))
+    # Idle long enough after serving, it is measured again (and not while it keeps serving).
+    assert not cost.stale(idle_s=1.0) and cost.stale(idle_s=LayerCost.IDLE_REMEASURE_S)
+    cost.reset(layer_ms, head_ms)
+    assert cost.per_layer_ms == pytest.approx(sum(layer_ms) / len(layer_ms)) and not cost.stale(1e9)
