@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,19 +87,22 @@ class LayerCost:
     (``partition.profile.measure_decode_ms``, the same method as the edge's profile), then
     followed by the one-position steps it serves, so that a worker slowed by load or by its
     neighbours says so in its next heartbeat.
+
+    The followed figure is the median of the last ``WINDOW`` steps' per-layer times: one step
+    delayed by a scheduler quantum must not swing what the planner sees.
     """
 
-    # Weight of one step through every layer; a step through fewer layers counts for less, since
-    # the head's share (subtracted as measured at start-up) makes its per-layer figure noisier.
-    WEIGHT = 0.2
-
+    WINDOW = 15
+    # Steps through fewer layers than this carry too little compute beside the head (subtracted as
+    # measured at start-up) to give a per-layer figure.
+    MIN_LAYERS = 4
     # Idle this long after serving steps, the worker measures itself again: a figure followed up
     # under load would otherwise stay high once the load is gone, and a planner that prices the
     # cloud by it might never send the steps that would bring it down.
     IDLE_REMEASURE_S = 20.0
 
     def __init__(self, layer_ms: tuple[float, ...], head_ms: float) -> None:
-        self.n_layers = 0
+        self.samples: deque[float] = deque(maxlen=self.WINDOW)
         self.reset(layer_ms, head_ms)
 
     def reset(self, layer_ms: tuple[float, ...], head_ms: float) -> None:
@@ -106,20 +111,21 @@ class LayerCost:
         self.head_ms = head_ms
         self.measured_ms = sum(layer_ms) / len(layer_ms) if layer_ms else 0.0
         self.per_layer_ms = self.measured_ms
+        self.samples.clear()
         self.observed = 0
+
+    def observe(self, compute_ms: float, layers: int, positions: int) -> None:
+        """A served step's forward time (head included) over ``layers`` layers and ``positions``."""
+        if positions != 1 or layers < min(self.MIN_LAYERS, self.n_layers) or not self.n_layers:
+            return  # prefills and verified drafts cost differently per layer: only decode counts
+        self.samples.append(max(0.0, compute_ms - self.head_ms) / layers)
+        self.observed += 1
+        if len(self.samples) >= 3:
+            self.per_layer_ms = statistics.median(self.samples)
 
     def stale(self, idle_s: float) -> bool:
         """True when steps moved the figure and none came for IDLE_REMEASURE_S."""
         return self.observed > 0 and idle_s >= self.IDLE_REMEASURE_S
-
-    def observe(self, compute_ms: float, layers: int, positions: int) -> None:
-        """A served step's forward time (head included) over ``layers`` layers and ``positions``."""
-        if positions != 1 or layers < 1 or not self.n_layers:
-            return  # prefills and verified drafts cost differently per layer: only decode counts
-        sample = max(0.0, compute_ms - self.head_ms) / layers
-        weight = self.WEIGHT * min(1.0, layers / self.n_layers)
-        self.per_layer_ms += weight * (sample - self.per_layer_ms)
-        self.observed += 1
 
 
 class CloudWorker:
