@@ -34,7 +34,7 @@ from edge_worker.mini_llm import MiniLLMHandler
 from edge_worker.privacy import PrivacyProtection
 from partition.models import source_of
 from partition.planner import WIFI, Conditions, Plan, PowerModel, Weights, plan
-from partition.profile import load_or_measure_profile
+from partition.profile import compute_probe_ms, load_or_measure_profile
 from partition.sampling import SamplingParams
 from partition.segment import ModelSegment
 from partition.tokens import eos_token_ids
@@ -67,7 +67,8 @@ class Decision:
             cloud = (round(sum(c.cloud_layer_ms) / len(c.cloud_layer_ms), 4) if c.cloud_layer_ms
                      else None)
             d["measured"] = {"rtt_ms": round(c.rtt_ms, 3), "bandwidth_mbps": round(c.bandwidth_mbps, 3),
-                             "edge_cpu_load": round(c.edge_cpu_load, 3), "cloud_layer_ms": cloud,
+                             "edge_cpu_load": round(c.edge_cpu_load, 3),
+                             "edge_slowdown": round(c.edge_slowdown, 3), "cloud_layer_ms": cloud,
                              "cloud_speedup": None if cloud is not None else c.cloud_speedup}
         if self.plan is not None:
             row = self.plan.chosen
@@ -179,11 +180,20 @@ class EdgeCloudManager:
             log.warning("cloud unreachable (%s)", exc)
             return conditions, None
         # The ping is the freshest reading of the link this generation will use.
-        conditions = replace(conditions, rtt_ms=rtt_ms)
+        return self._with_measured_compute(replace(conditions, rtt_ms=rtt_ms)), rtt_ms
+
+    def _with_measured_compute(self, conditions: Conditions) -> Conditions:
+        """``conditions`` with both sides' compute speed as measured now: the workers' reported
+        per-layer time (rather than an assumed speed-up) and this device's probe."""
         layer_ms = self._worker_layer_ms()
-        if layer_ms is not None:  # the workers' own measurement beats an assumed cloud speed-up
+        if layer_ms is not None:
             conditions = replace(conditions, cloud_layer_ms=(layer_ms,) * self.source.n_layers)
-        return conditions, rtt_ms
+        return replace(conditions, edge_slowdown_measured=self._edge_slowdown())
+
+    def _edge_slowdown(self) -> float | None:
+        """This device's compute speed now against when its profile was measured (a few ms)."""
+        baseline = load_or_measure_profile(self.source).probe_ms
+        return compute_probe_ms() / baseline if baseline > 0 else None
 
     def _worker_layer_ms(self) -> float | None:
         """The median per-layer decode time the registered workers of this model reported."""
@@ -271,7 +281,7 @@ class EdgeCloudManager:
         changed = changed_beyond(self._plan_snapshot, snap)
         if not changed or not snap.cloud_reachable:
             return None
-        conditions = to_conditions(snap, self.base_conditions)
+        conditions = self._with_measured_compute(to_conditions(snap, self.base_conditions))
         current = result.splits_used[-1]
         new = plan(load_or_measure_profile(self.source), conditions, self.weights, power=self.power,
                    prompt_tokens=self._prompt_tokens + step, new_tokens=max(1, self._new_tokens - step),

@@ -70,6 +70,9 @@ class Conditions:
     cloud_speedup: float = 4.0
     cloud_layer_ms: tuple[float, ...] | None = None
     battery_fraction: float | None = None  # 0..1; below 1 it raises the energy weight (effective_weights)
+    # How much slower the edge computes now than when its profile was measured, from a probe timed
+    # just before planning (partition/profile.py: compute_probe_ms); None: infer it from the load.
+    edge_slowdown_measured: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("rtt_ms", "cloud_queue_ms"):
@@ -82,6 +85,9 @@ class Conditions:
             raise ValueError(f"edge_cpu_load must be in [0, 1], got {self.edge_cpu_load}")
         if self.edge_mem_available_bytes is not None and self.edge_mem_available_bytes < 0:
             raise ValueError(f"edge_mem_available_bytes must be >= 0, got {self.edge_mem_available_bytes}")
+        if self.edge_slowdown_measured is not None and not (
+                math.isfinite(self.edge_slowdown_measured) and self.edge_slowdown_measured > 0):
+            raise ValueError(f"edge_slowdown_measured must be a positive number, got {self.edge_slowdown_measured}")
         if self.battery_fraction is not None and not 0.0 <= self.battery_fraction <= 1.0:
             raise ValueError(f"battery_fraction must be in [0, 1], got {self.battery_fraction}")
         if self.cloud_layer_ms is not None:
@@ -92,7 +98,10 @@ class Conditions:
 
     @property
     def edge_slowdown(self) -> float:
-        """Factor on edge compute time: 1 / (1 - load), at most EDGE_SLOWDOWN_CAP."""
+        """Factor on edge compute time: the measured one (at least 1, at most EDGE_SLOWDOWN_CAP)
+        when there is one, else 1 / (1 - load), at most EDGE_SLOWDOWN_CAP."""
+        if self.edge_slowdown_measured is not None:
+            return min(EDGE_SLOWDOWN_CAP, max(1.0, self.edge_slowdown_measured))
         idle = 1.0 - self.edge_cpu_load
         return EDGE_SLOWDOWN_CAP if idle <= 1.0 / EDGE_SLOWDOWN_CAP else 1.0 / idle
 

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Bump when the measurement method or the fields change, so old cached profiles are re-measured.
-PROFILE_FORMAT = 1
+PROFILE_FORMAT = 2  # 2: probe_ms
 
 # Shapes of the measurement. 64 positions is a short chat prompt; decode is timed with a KV cache
 # of that length, which is where per-token cost sits for the prompts this project runs.
@@ -75,6 +75,9 @@ class LayerProfile:
     # always holds the embedding, shares that one matrix and only the norm is extra).
     head_weight_bytes: int
     kv_bytes_per_token_per_layer: int  # keys + values, fp32
+    # ``compute_probe_ms`` when the profile was measured: the same probe timed again before
+    # planning says how much slower the device computes now (Conditions.edge_slowdown_measured).
+    probe_ms: float = 0.0
     measured_at: float = 0.0  # unix time
     format_version: int = PROFILE_FORMAT
 
@@ -204,6 +207,7 @@ def measure_profile(source: ModelSource, repeats: int = 5) -> LayerProfile:
             decode(cache, timed=True)
 
     layer_bytes, embed_bytes, head_bytes = segment_weight_bytes(segment)
+    probe = compute_probe_ms()
     profile = LayerProfile(
         model_id=source.model_id,
         machine=machine_description(),
@@ -217,6 +221,7 @@ def measure_profile(source: ModelSource, repeats: int = 5) -> LayerProfile:
         embed_weight_bytes=embed_bytes,
         head_weight_bytes=head_bytes,
         kv_bytes_per_token_per_layer=kv_bytes_per_token_per_layer(source.config),
+        probe_ms=probe,
         measured_at=time.time(),
     )
     log.info("profiled %s in %.1f s: %.2f ms/token decode, %.2f ms/token prefill, %.0f MiB",
@@ -283,6 +288,38 @@ def measure_decode_ms(segment, samples: int = 15) -> tuple[tuple[float, ...], fl
             _decode_sample(segment, x, cache, PROFILE_PROMPT_TOKENS, layer_s, head_s)
     head_ms = _low_quartile_ms(head_s) if head_s else 0.0
     return tuple(_low_quartile_ms(s) for s in layer_s), head_ms
+
+
+# The probe's matrix: about one decoder layer of a small model (12 MB of fp32 weights), so that it
+# meets what a decode step meets: memory bandwidth, the thread pool, other processes.
+_PROBE_SHAPE = (5120, 576)
+# Enough samples to span several scheduler slices (~15 ms in all): a busy neighbour delays some
+# of them by a slice and leaves others alone, and the mean is what a decode step meets.
+_PROBE_SAMPLES = 48
+_probe_weight = None
+
+
+def compute_probe_ms() -> float:
+    """How long this device takes now for a fixed decode-like job (one matrix-vector product over
+    a layer-sized fp32 matrix, with torch's threads): the mean of _PROBE_SAMPLES samples, about
+    15 ms in all. The mean, not a low quantile: this measures the contention the profile's low
+    quantiles leave out. Its ratio to the value stored in the profile is the device's current
+    slowdown, measured rather than inferred from a CPU-load percentage (on a 2-core machine a busy
+    neighbour slowed 2-thread decode about 4x while the load formula said 2x)."""
+    import torch
+
+    global _probe_weight
+    if _probe_weight is None:
+        _probe_weight = torch.randn(*_PROBE_SHAPE, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, _PROBE_SHAPE[1], generator=torch.Generator().manual_seed(1))
+    samples = []
+    with torch.inference_mode():
+        torch.nn.functional.linear(x, _probe_weight)  # warm-up: wakes the thread pool
+        for _ in range(_PROBE_SAMPLES):
+            t0 = time.perf_counter()
+            torch.nn.functional.linear(x, _probe_weight)
+            samples.append(time.perf_counter() - t0)
+    return sum(samples) / len(samples) * 1e3
 
 
 # A 1-minute load average above this fraction of the cores means other processes compete for

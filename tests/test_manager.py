@@ -106,6 +106,8 @@ def test_the_planner_prices_the_cloud_with_the_workers_reported_timing(env, tiny
     # The --json object's decision carries the measurements behind it and the planner's forecast.
     d = manager.decisions[-1].to_dict()
     assert d["measured"]["cloud_layer_ms"] > 0 and d["measured"]["cloud_speedup"] is None
+    assert d["measured"]["edge_slowdown"] >= 1.0  # from the compute probe, not the load formula
+    assert conditions.edge_slowdown_measured is not None
     assert d["predicted"]["latency_ms"] > 0 and d["k"] == manager.decisions[-1].k
 
 

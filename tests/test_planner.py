@@ -119,6 +119,17 @@ def test_edge_load_slows_only_edge_compute():
     assert cloud_busy.cloud_ms_per_token == cloud_idle.cloud_ms_per_token
 
 
+def test_a_measured_edge_slowdown_replaces_the_load_formula():
+    idle = estimate(N, PROFILE, Conditions(edge_cpu_load=0))
+    # A probe said 4x slower while the load reads 0.5 (the formula would say 2x): the probe wins.
+    probed = estimate(N, PROFILE, Conditions(edge_cpu_load=0.5, edge_slowdown_measured=4.0))
+    assert probed.latency_ms == pytest.approx(4 * idle.latency_ms)
+    # A probe a little faster than the profile (noise) does not make the edge faster than profiled.
+    quick = estimate(N, PROFILE, Conditions(edge_cpu_load=0.5, edge_slowdown_measured=0.8))
+    assert quick.latency_ms == pytest.approx(idle.latency_ms)
+    assert Conditions(edge_slowdown_measured=50.0).edge_slowdown == 10.0  # capped like the formula
+
+
 def test_wire_dtype_fp32_doubles_activation_bytes():
     fp16 = estimate(5, PROFILE, Conditions(), wire_dtype="fp16")
     fp32 = estimate(5, PROFILE, Conditions(), wire_dtype="fp32")
@@ -226,6 +237,7 @@ def test_low_battery_raises_the_energy_weight():
 @pytest.mark.parametrize("bad", [
     {"rtt_ms": -1}, {"bandwidth_mbps": 0}, {"edge_cpu_load": 1.5}, {"cloud_speedup": 0},
     {"battery_fraction": 2}, {"edge_mem_available_bytes": -1}, {"cloud_layer_ms": (-1.0,)},
+    {"edge_slowdown_measured": 0.0}, {"edge_slowdown_measured": float("nan")},
 ])
 def test_conditions_are_validated(bad):
     with pytest.raises(ValueError):

@@ -37,7 +37,7 @@ def test_measured_profile_is_complete_and_positive(tiny_llama, tiny_profile):
     assert p.model_id == tiny_llama.model_id and p.machine == machine_description()
     assert p.n_layers == tiny_llama.n_layers == 4 and p.hidden_size == 64
     assert len(p.layer_decode_ms) == len(p.layer_prefill_ms_per_token) == len(p.layer_weight_bytes) == 4
-    assert p.embed_ms > 0 and p.head_ms > 0
+    assert p.embed_ms > 0 and p.head_ms > 0 and p.probe_ms > 0
     assert all(t > 0 for t in p.layer_decode_ms + p.layer_prefill_ms_per_token)
 
 
