@@ -9,8 +9,10 @@ chooses, and the choice is scored against the best candidate.
 
 Scoring uses the planner's own formula with the *measured* latency in place of the predicted
 one: ``w_lat * latency/latency_local + w_energy * energy/energy_local + w_mem * mem/mem_local``.
-Energy and memory come from the planner's models (there is no power meter here); latency, the
-quantity that moves with the conditions, is measured. Regret = chosen / best - 1; the target
+Energy and memory come from the planner's models (there is no power meter here), under the
+conditions the planner itself measured in that cell (median over its decisions: the workers'
+per-layer time, the edge's probed slowdown); latency, the quantity that moves with the
+conditions, is measured. Regret = chosen / best - 1; the target
 (issue 5) is within 10%.
 
     .venv/bin/python bench/bench_planner_grid.py [--tokens 32] [--rtt-ms 0 20 100]
@@ -40,6 +42,20 @@ WEIGHTS = {
     "default": (0.4, 0.3, 0.3),
     "energy": (0.2, 0.6, 0.2),
 }
+
+
+def scoring_conditions(rtt_ms: float, n: int, decisions) -> Conditions:
+    """The conditions the planner saw in this cell (medians over its decisions), so that the energy
+    and memory it is scored with are its own model's, under its own measurements."""
+    measured = [d["measured"] for d in decisions if d.get("measured")]
+    if not measured:
+        return Conditions(rtt_ms=rtt_ms)
+    cloud = [m["cloud_layer_ms"] for m in measured if m.get("cloud_layer_ms")]
+    return Conditions(
+        rtt_ms=rtt_ms,
+        cloud_layer_ms=(statistics.median(cloud),) * n if cloud else None,
+        edge_slowdown_measured=statistics.median(m.get("edge_slowdown") or 1.0 for m in measured),
+    )
 
 
 def burner() -> subprocess.Popen:
@@ -96,7 +112,7 @@ def main() -> None:
                         if k not in measured:
                             measured[k] = statistics.median(r["total_ms"] for r in run("--split", str(k), *link))
                         choices[name] = k
-                    cond = Conditions(rtt_ms=rtt)
+                    cond = scoring_conditions(rtt, n, decisions.values())
                     rows = {k: estimate(k, profile, cond, prompt_tokens=prompt_tokens, new_tokens=args.tokens)
                             for k in measured}
                     for name, k_chosen in choices.items():
