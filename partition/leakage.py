@@ -310,9 +310,9 @@ def verify_attack(
             trial = cache.repeated(len(cand))
             h = seg(cand.view(-1, 1), trial, logits="none").hidden[:, 0]  # (K, H)
             d = (view(h, split) - observed[i]).norm(dim=-1)  # (K,)
-            best = int(cand[int(d.argmin())])
-            seg(torch.tensor([[best]]), cache, logits="none")
-            preds.append(best)
+            pick = int(d.argmin())
+            cache = trial.row(pick)  # the chosen candidate's keys and values, not recomputed
+            preds.append(int(cand[pick]))
             attacked.append(i)
     return torch.tensor(preds, dtype=torch.long), torch.tensor(attacked, dtype=torch.long)
 

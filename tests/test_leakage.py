@@ -131,6 +131,26 @@ def test_a_repeated_cache_continues_each_row_like_the_original(tiny_llama):
     assert cache.length == 3  # the original is untouched
 
 
+def test_a_row_of_a_batched_cache_continues_like_that_candidate_alone(tiny_llama):
+    from partition.segment import ModelSegment
+
+    seg = ModelSegment.load(tiny_llama, 0, 2)
+    cache = seg.new_cache()
+    seg(torch.tensor([[5, 6, 7]]), cache, logits="none")
+    trial = cache.repeated(3)
+    seg(torch.tensor([[8], [9], [10]]), trial, logits="none")
+    kept = trial.row(1)  # as if 9 had been chosen
+    assert kept.length == 4
+    reference = cache.repeated(1)
+    seg(torch.tensor([[9]]), reference, logits="none")
+    after_9 = seg(torch.tensor([[11]]), reference, logits="none").hidden
+    torch.testing.assert_close(seg(torch.tensor([[11]]), kept, logits="none").hidden, after_9)
+    other = trial.row(2)  # the row that tried 10 continues differently
+    assert not torch.allclose(seg(torch.tensor([[11]]), other, logits="none").hidden, after_9)
+    with pytest.raises(IndexError):
+        trial.row(3)
+
+
 def test_bad_inputs_are_refused_clearly(tiny_llama, tmp_path):
     with pytest.raises(L.LeakageInputError, match="splits must be in"):
         L.collect_boundary(tiny_llama, [[1, 2]], [4])
