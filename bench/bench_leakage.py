@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402,F401  (puts the repository root on sys.path)
+import common  # noqa: E402  (puts the repository root on sys.path)
 
 from edge_worker.privacy import through_wire  # noqa: E402
 from partition import leakage as L  # noqa: E402
@@ -76,6 +76,14 @@ def markdown(cells: list[L.Cell], names: list[str], baseline: float) -> str:
         lines.append(f"| {k} | " + " | ".join(row) + " |")
     lines.append(f"\nGuessing the commonest calibration token everywhere recovers {100 * baseline:.1f}%.")
     return "\n".join(lines)
+
+
+def _shown(path: Path) -> str:
+    """A path as recorded in the JSON: relative to the repository when inside it."""
+    try:
+        return str(path.resolve().relative_to(common.ROOT))
+    except ValueError:
+        return str(path)
 
 
 def main() -> None:
@@ -131,7 +139,7 @@ def main() -> None:
                   file=sys.stderr, flush=True)
     baseline = L.majority_baseline(train, test)
     result = {
-        "model": source.model_id, "train_text": [str(f) for f in args.train_text], "test_text": str(args.test_text),
+        "model": source.model_id, "train_text": [_shown(f) for f in args.train_text], "test_text": _shown(args.test_text),
         "verify_positions": args.verify_positions, "mlp_steps": args.mlp_steps,
         "train_tokens": len(train.token_ids), "test_tokens": len(test.token_ids),
         "majority_baseline": baseline, "seconds": round(time.perf_counter() - t0, 1),
