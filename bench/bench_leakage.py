@@ -65,6 +65,8 @@ def protection_views(source, names: list[str], splits: list[int]) -> dict[str, L
 
 
 def markdown(cells: list[L.Cell], names: list[str], baseline: float) -> str:
+    """The table as BENCHMARKS.md shows it: per cell the best of the probes (nn, ridge, mlp; on
+    every test position) with its name, then ``verify`` (on its sample of positions) where it ran."""
     by = {(c.split, c.protection): c for c in cells}
     splits = sorted({c.split for c in cells})
     lines = ["| split | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
@@ -72,10 +74,26 @@ def markdown(cells: list[L.Cell], names: list[str], baseline: float) -> str:
         row = []
         for n in names:
             c = by.get((k, n))
-            row.append("" if c is None else f"{100 * c.recovered:.1f}% ({c.best_attack})")
+            if c is None:
+                row.append("")
+                continue
+            probes = {a: s for a, s in c.scores.items() if a != "verify"}
+            best = max(probes, key=lambda a: probes[a])
+            text = f"{100 * probes[best]:.1f} ({best})"
+            if "verify" in c.scores:
+                text += f"; **verify {100 * c.scores['verify']:.1f}**"
+            row.append(text)
         lines.append(f"| {k} | " + " | ".join(row) + " |")
     lines.append(f"\nGuessing the commonest calibration token everywhere recovers {100 * baseline:.1f}%.")
     return "\n".join(lines)
+
+
+def render(path: Path) -> str:
+    """The markdown table of a saved ``--json`` output."""
+    result = json.loads(path.read_text())
+    cells = [L.Cell(c["split"], c["protection"], c["dims"], c["scores"]) for c in result["cells"]]
+    names = list(dict.fromkeys(c.protection for c in cells))
+    return markdown(cells, names, result["majority_baseline"])
 
 
 def _shown(path: Path) -> str:
@@ -104,7 +122,12 @@ def main() -> None:
     parser.add_argument("--mlp-protections", default="", help="protections the MLP probe runs on (default: all)")
     parser.add_argument("--mlp-steps", type=int, default=L.MLP_STEPS)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="print the markdown table of a saved --json output, and run nothing")
     args = parser.parse_args()
+    if args.render:
+        print(render(args.render))
+        return
 
     splits = [int(s) for s in args.splits.split(",") if s]
     names = [s for s in args.protections.split(",") if s]

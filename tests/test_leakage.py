@@ -185,3 +185,10 @@ def test_the_bench_prints_one_json_table(tmp_path):
     assert cells[(2, "int8+d16")]["dims"] == 16 and "nn" not in cells[(2, "int8+d16")]["scores"]
     assert "verify" in cells[(2, "fp16")]["scores"] and "verify" not in cells[(0, "fp16")]["scores"]
     assert result["train_tokens"] > result["test_tokens"] > 0
+    saved = tmp_path / "table.json"
+    saved.write_text(out.stdout)
+    table = subprocess.run([sys.executable, "bench/bench_leakage.py", "--render", str(saved)],
+                           capture_output=True, text=True, timeout=60, cwd=ROOT, env=child_env())
+    assert table.returncode == 0, table.stderr[-2000:]
+    rows = [line for line in table.stdout.splitlines() if line.startswith("| 2 |")]
+    assert len(rows) == 1 and "**verify" in rows[0].split("|")[2] and "**verify" not in rows[0].split("|")[3]
