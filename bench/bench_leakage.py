@@ -117,6 +117,8 @@ def main() -> None:
     parser.add_argument("--verify-splits", default="", help="splits where the verify attack also runs")
     parser.add_argument("--verify-protections", default="fp16", help="protections it runs on")
     parser.add_argument("--verify-positions", type=int, default=128, help="test positions it attacks")
+    parser.add_argument("--verify-candidates", type=int, default=L.VERIFY_CANDIDATES,
+                        help="candidate tokens it recomputes per position")
     parser.add_argument("--reduced-splits", default="", help="splits where +dD protections are measured "
                         "(default: all); each needs a calibration")
     parser.add_argument("--mlp-protections", default="", help="protections the MLP probe runs on (default: all)")
@@ -156,14 +158,16 @@ def main() -> None:
             verify = k in verify_splits and name in verify_names
             cell_attacks = [a for a in attacks if a != "mlp" or name in mlp_names]
             cell = L.leakage_cell(k, name, view, train, test, emb_unit, cell_attacks, mlp_steps=args.mlp_steps,
-                                  source=source if verify else None, verify_positions=args.verify_positions)
+                                  source=source if verify else None, verify_positions=args.verify_positions,
+                                  verify_candidates=args.verify_candidates)
             cells.append(cell)
             print(f"split {k:>2} {name:>10}: " + ", ".join(f"{a} {100 * s:.1f}%" for a, s in cell.scores.items()),
                   file=sys.stderr, flush=True)
     baseline = L.majority_baseline(train, test)
     result = {
         "model": source.model_id, "train_text": [_shown(f) for f in args.train_text], "test_text": _shown(args.test_text),
-        "verify_positions": args.verify_positions, "mlp_steps": args.mlp_steps,
+        "verify_positions": args.verify_positions, "verify_candidates": args.verify_candidates,
+        "mlp_steps": args.mlp_steps,
         "train_tokens": len(train.token_ids), "test_tokens": len(test.token_ids),
         "majority_baseline": baseline, "seconds": round(time.perf_counter() - t0, 1),
         "cells": [{"split": c.split, "protection": c.protection, "dims": c.dims, "scores": c.scores,

@@ -112,6 +112,15 @@ def test_verification_recomputes_candidates_and_keeps_the_one_that_matches(tiny_
     observed = L.worker_view(test, 3, fp16_view)
     pred, at = L.verify_attack(tiny_llama, 3, fp16_view, test, observed, cands, max_positions=n)
     assert len(at) >= n and L.recovery(pred, test.token_ids[at]) > 0.95
+    # Through leakage_cell: the candidates are the probe's nearest tokens, as many as asked for.
+    one = L.leakage_cell(3, "fp16", fp16_view, train, test, emb_unit, attacks=("ridge",), source=tiny_llama,
+                         verify_positions=n, verify_candidates=1)
+    many = L.leakage_cell(3, "fp16", fp16_view, train, test, emb_unit, attacks=("ridge",), source=tiny_llama,
+                          verify_positions=n, verify_candidates=64)
+    assert many.scores["verify"] >= one.scores["verify"]
+    with pytest.raises(L.LeakageInputError, match="at least one candidate"):
+        L.leakage_cell(3, "fp16", fp16_view, train, test, emb_unit, attacks=("ridge",), source=tiny_llama,
+                       verify_positions=n, verify_candidates=0)
     # Without the true token among them, verification cannot invent it.
     pred, at = L.verify_attack(tiny_llama, 3, fp16_view, test, observed, decoys, max_positions=n)
     assert L.recovery(pred, test.token_ids[at]) < 0.2
