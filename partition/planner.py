@@ -48,9 +48,10 @@ INT8_GROUP = 64
 INT8_MAX_OUTLIERS = 32
 # The codec keeps a channel in fp16 when its absmax over the frame exceeds 6x the median
 # channel's, so how many travel that way depends on the activations. SmolLM2 decode steps carried
-# about 13, 17 and 6 of 576 channels at splits 5, 15 and 25, and 1-11 on reduced widths of 64-512
-# (BENCHMARKS.md, "Quality of the wire codecs": 634, 645 and 613 B per full-width step): 2% of
-# the width is their middle, within about +-6 channels (+-18 B, 3% of a step) of each.
+# 13.6, 18.2 and 5.9 of 576 channels on average at splits 5, 15 and 25 (288 steps each; single
+# steps 2-32), and 1-11 on reduced widths of 64-512 (BENCHMARKS.md, "Quality of the wire codecs"):
+# 2% of the width is their middle. The mean step comes within 3% of the estimate, a single step
+# within 6% (tests/test_planner_bytes.py).
 INT8_OUTLIER_FRACTION = 0.02
 
 
