@@ -201,3 +201,18 @@ def test_the_bench_prints_one_json_table(tmp_path):
     assert table.returncode == 0, table.stderr[-2000:]
     rows = [line for line in table.stdout.splitlines() if line.startswith("| 2 |")]
     assert len(rows) == 1 and "**verify" in rows[0].split("|")[2] and "**verify" not in rows[0].split("|")[3]
+
+
+def test_the_shipped_smollm2_table_is_complete_and_loads_for_the_planner():
+    """Every split x protection of BENCHMARKS.md, every attack in every cell, as --max-leakage reads it."""
+    table = json.loads((L.DATA_DIR / "leakage-smollm2-135m.json").read_text())
+    splits = {0, 1, 2, 5, 10, 15, 20, 25}
+    protections = ("fp16", "int8", "fp16+d384", "fp16+d128", "fp16+d32")
+    cells = {(c["split"], c["protection"]): c for c in table["cells"]}
+    assert set(cells) == {(k, p) for k in splits for p in protections}
+    for (_, p), c in cells.items():
+        expected = {"ridge", "mlp", "verify"} | ({"nn"} if "+d" not in p else set())
+        assert set(c["scores"]) == expected and c["recovered"] == max(c["scores"].values())
+    assert table["verify_positions"] >= 128 and not table["test_text"].startswith("/")
+    for p in protections:
+        assert set(L.measured_leakage(table["model"], p)) == splits
