@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402,F401  (puts the repository root on sys.path)
+import common  # noqa: E402  (puts the repository root on sys.path)
 
 from edge_worker.privacy import through_wire  # noqa: E402
 from partition import leakage as L  # noqa: E402
@@ -65,6 +65,8 @@ def protection_views(source, names: list[str], splits: list[int]) -> dict[str, L
 
 
 def markdown(cells: list[L.Cell], names: list[str], baseline: float) -> str:
+    """The table as BENCHMARKS.md shows it: per cell the best of the probes (nn, ridge, mlp; on
+    every test position) with its name, then ``verify`` (on its sample of positions) where it ran."""
     by = {(c.split, c.protection): c for c in cells}
     splits = sorted({c.split for c in cells})
     lines = ["| split | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
@@ -72,10 +74,34 @@ def markdown(cells: list[L.Cell], names: list[str], baseline: float) -> str:
         row = []
         for n in names:
             c = by.get((k, n))
-            row.append("" if c is None else f"{100 * c.recovered:.1f}% ({c.best_attack})")
+            if c is None:
+                row.append("")
+                continue
+            probes = {a: s for a, s in c.scores.items() if a != "verify"}
+            best = max(probes, key=lambda a: probes[a])
+            text = f"{100 * probes[best]:.1f} ({best})"
+            if "verify" in c.scores:
+                text += f"; **verify {100 * c.scores['verify']:.1f}**"
+            row.append(text)
         lines.append(f"| {k} | " + " | ".join(row) + " |")
     lines.append(f"\nGuessing the commonest calibration token everywhere recovers {100 * baseline:.1f}%.")
     return "\n".join(lines)
+
+
+def render(path: Path) -> str:
+    """The markdown table of a saved ``--json`` output."""
+    result = json.loads(path.read_text())
+    cells = [L.Cell(c["split"], c["protection"], c["dims"], c["scores"]) for c in result["cells"]]
+    names = list(dict.fromkeys(c.protection for c in cells))
+    return markdown(cells, names, result["majority_baseline"])
+
+
+def _shown(path: Path) -> str:
+    """A path as recorded in the JSON: relative to the repository when inside it."""
+    try:
+        return str(path.resolve().relative_to(common.ROOT))
+    except ValueError:
+        return str(path)
 
 
 def main() -> None:
@@ -91,12 +117,19 @@ def main() -> None:
     parser.add_argument("--verify-splits", default="", help="splits where the verify attack also runs")
     parser.add_argument("--verify-protections", default="fp16", help="protections it runs on")
     parser.add_argument("--verify-positions", type=int, default=128, help="test positions it attacks")
+    parser.add_argument("--verify-candidates", type=int, default=L.VERIFY_CANDIDATES,
+                        help="candidate tokens it recomputes per position")
     parser.add_argument("--reduced-splits", default="", help="splits where +dD protections are measured "
                         "(default: all); each needs a calibration")
     parser.add_argument("--mlp-protections", default="", help="protections the MLP probe runs on (default: all)")
     parser.add_argument("--mlp-steps", type=int, default=L.MLP_STEPS)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="print the markdown table of a saved --json output, and run nothing")
     args = parser.parse_args()
+    if args.render:
+        print(render(args.render))
+        return
 
     splits = [int(s) for s in args.splits.split(",") if s]
     names = [s for s in args.protections.split(",") if s]
@@ -125,14 +158,16 @@ def main() -> None:
             verify = k in verify_splits and name in verify_names
             cell_attacks = [a for a in attacks if a != "mlp" or name in mlp_names]
             cell = L.leakage_cell(k, name, view, train, test, emb_unit, cell_attacks, mlp_steps=args.mlp_steps,
-                                  source=source if verify else None, verify_positions=args.verify_positions)
+                                  source=source if verify else None, verify_positions=args.verify_positions,
+                                  verify_candidates=args.verify_candidates)
             cells.append(cell)
             print(f"split {k:>2} {name:>10}: " + ", ".join(f"{a} {100 * s:.1f}%" for a, s in cell.scores.items()),
                   file=sys.stderr, flush=True)
     baseline = L.majority_baseline(train, test)
     result = {
-        "model": source.model_id, "train_text": [str(f) for f in args.train_text], "test_text": str(args.test_text),
-        "verify_positions": args.verify_positions, "mlp_steps": args.mlp_steps,
+        "model": source.model_id, "train_text": [_shown(f) for f in args.train_text], "test_text": _shown(args.test_text),
+        "verify_positions": args.verify_positions, "verify_candidates": args.verify_candidates,
+        "mlp_steps": args.mlp_steps,
         "train_tokens": len(train.token_ids), "test_tokens": len(test.token_ids),
         "majority_baseline": baseline, "seconds": round(time.perf_counter() - t0, 1),
         "cells": [{"split": c.split, "protection": c.protection, "dims": c.dims, "scores": c.scores,

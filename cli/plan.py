@@ -34,6 +34,8 @@ def plan(
     tokens: Annotated[int, typer.Option("--tokens", "-n", help="Tokens generated per request.")] = 64,
     wire_dtype: Annotated[str, typer.Option(help="Activation precision on the wire: fp32, fp16, bf16, "
                                             "int8 (with fp16 outlier channels).")] = "fp16",
+    reduce_dims: Annotated[int | None, typer.Option("--reduce-dims", help="Price activations projected to this "
+                                                    "many dims (as `edge --reduce-dims`).")] = None,
     min_split: Annotated[int, typer.Option("--min-split", help="Never fewer layers on the edge (privacy).")] = 0,
     power_preset: Annotated[str, typer.Option("--power-preset", help="Device power model: wifi or lte.")] = "wifi",
     remeasure: Annotated[bool, typer.Option("--remeasure", help="Measure the profile again.")] = False,
@@ -45,7 +47,7 @@ def plan(
     import psutil
 
     from partition.models import resolve_model
-    from partition.planner import POWER_PRESETS, Conditions, Weights
+    from partition.planner import POWER_PRESETS, Conditions, Weights, tensor_wire_bytes, wire_width
     from partition.planner import plan as make_plan
     from partition.profile import load_or_measure_profile, profile_summary
 
@@ -54,6 +56,9 @@ def plan(
     with typed_errors():
         if power_preset not in POWER_PRESETS:
             raise ValueError(f"unknown power preset {power_preset!r}; use one of {sorted(POWER_PRESETS)}")
+        tensor_wire_bytes(1, 1, wire_dtype)  # an unknown wire dtype fails here, before any measuring
+        if reduce_dims is not None and reduce_dims < 1:
+            raise ValueError(f"--reduce-dims must be at least 1, got {reduce_dims}")
         if plot is not None:
             _require_matplotlib()  # before minutes of work, not after
         budget = (
@@ -67,11 +72,12 @@ def plan(
         weights = Weights(energy=energy_weight, latency=latency_weight, memory=memory_weight)
         progress("resolving the model")
         source = resolve_model(model)
+        wire_width(source.hidden_size, reduce_dims)  # at most the model's width
         progress("loading or measuring the layer profile")
         profile = load_or_measure_profile(source, remeasure=remeasure)
         result = make_plan(
             profile, conditions, weights, power=POWER_PRESETS[power_preset], prompt_tokens=prompt_tokens,
-            new_tokens=tokens, wire_dtype=wire_dtype, min_split=min_split,
+            new_tokens=tokens, wire_dtype=wire_dtype, min_split=min_split, reduce_dims=reduce_dims,
         )
         progress.done()
         if plot is not None:
@@ -93,18 +99,20 @@ def _table(result, model_name: str, machine: str) -> str:
         f"{model_name} ({result.n_layers} layers), profile from {machine}; {result.power.name} power model",
         f"rtt {c.rtt_ms:g} ms, up {c.bandwidth_mbps:g} / down {c.downlink_mbps:g} Mbit/s, edge load "
         f"{c.edge_cpu_load:g}, cloud x{c.cloud_speedup:g}; {result.prompt_tokens} prompt + "
-        f"{result.new_tokens} new tokens, {result.wire_dtype} on the wire",
+        f"{result.new_tokens} new tokens, {result.wire_dtype} on the wire"
+        + (f", reduced to {result.reduce_dims} dims" if result.reduce_dims else ""),
         f"weights: latency {w.latency:.2f}, energy {w.energy:.2f}, memory {w.memory:.2f}"
         + (f" (after battery {c.battery_fraction:g})" if c.battery_fraction is not None else ""),
         "",
-        f"{'':2}{'k':>3} {'ms/token':>9} {'prefill ms':>10} {'energy J':>9} {'mem MiB':>8} "
+        f"{'':2}{'k':>3} {'ms/token':>9} {'prefill ms':>10} {'energy J':>9} {'mem MiB':>8} {'up B/tok':>8} "
         f"{'lat':>5} {'energy':>6} {'mem':>5} {'total':>6}",
     ]
     for row in result.table:
         mark = "*" if row.k == result.k else ("x" if not row.feasible else " ")
         lines.append(
             f"{mark:2}{row.k:>3} {row.decode_ms_per_token:>9.1f} {row.prefill_ms:>10.1f} {row.energy_j:>9.2f} "
-            f"{row.memory_bytes / MIB:>8.1f} {row.latency_norm:>5.2f} {row.energy_norm:>6.2f} "
+            f"{row.memory_bytes / MIB:>8.1f} {row.uplink_bytes_per_token:>8} {row.latency_norm:>5.2f} "
+            f"{row.energy_norm:>6.2f} "
             f"{row.memory_norm:>5.2f} {row.score:>6.3f}" + (f"  ({row.reason})" if not row.feasible else "")
         )
     chosen = result.chosen

@@ -222,7 +222,8 @@ class EdgeCloudManager:
             self._plan_snapshot = self.device_monitor.snapshot()
         profile = load_or_measure_profile(self.source)
         chosen = plan(profile, conditions, self.weights, power=self.power, prompt_tokens=prompt_tokens,
-                      new_tokens=new_tokens, wire_dtype=self.privacy.wire_dtype, min_split=self.min_split)
+                      new_tokens=new_tokens, wire_dtype=self.privacy.wire_dtype, min_split=self.min_split,
+                      reduce_dims=self.privacy.reduce_dims)
         return Decision(chosen.k, "planned", rtt_ms, conditions, chosen, time.time())
 
     # --- running -------------------------------------------------------------------------------
@@ -285,7 +286,8 @@ class EdgeCloudManager:
         current = result.splits_used[-1]
         new = plan(load_or_measure_profile(self.source), conditions, self.weights, power=self.power,
                    prompt_tokens=self._prompt_tokens + step, new_tokens=max(1, self._new_tokens - step),
-                   wire_dtype=self.privacy.wire_dtype, min_split=self.min_split)
+                   wire_dtype=self.privacy.wire_dtype, min_split=self.min_split,
+                   reduce_dims=self.privacy.reduce_dims)
         self._plan_snapshot = snap  # the reference moves with every re-plan: drift accumulates
         stay, best = new.table[current], new.chosen
         if best.k == current or (stay.feasible and stay.score is not None

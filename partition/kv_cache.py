@@ -95,6 +95,20 @@ class SegmentKVCache:
             out._layers[idx] = store
         return out
 
+    def row(self, index: int) -> SegmentKVCache:
+        """A batch-1 copy of row ``index`` of this (batched) cache: after trying several
+        continuations with ``repeated``, keep the chosen one without recomputing it."""
+        out = SegmentKVCache(self.max_length_tokens)
+        out._length = self._length
+        for idx, s in self._layers.items():
+            if not 0 <= index < s.keys.shape[0]:
+                raise IndexError(f"row {index} of a batch-{s.keys.shape[0]} cache")
+            store = _LayerStore(s.keys[index : index + 1, ..., : s.length, :].clone(),
+                                s.values[index : index + 1, ..., : s.length, :].clone())
+            store.length = s.length
+            out._layers[idx] = store
+        return out
+
     def nbytes(self) -> int:
         return sum(s.keys.nelement() * s.keys.element_size() * 2 for s in self._layers.values())
 

@@ -310,9 +310,9 @@ def verify_attack(
             trial = cache.repeated(len(cand))
             h = seg(cand.view(-1, 1), trial, logits="none").hidden[:, 0]  # (K, H)
             d = (view(h, split) - observed[i]).norm(dim=-1)  # (K,)
-            best = int(cand[int(d.argmin())])
-            seg(torch.tensor([[best]]), cache, logits="none")
-            preds.append(best)
+            pick = int(d.argmin())
+            cache = trial.row(pick)  # the chosen candidate's keys and values, not recomputed
+            preds.append(int(cand[pick]))
             attacked.append(i)
     return torch.tensor(preds, dtype=torch.long), torch.tensor(attacked, dtype=torch.long)
 
@@ -357,10 +357,11 @@ def leakage_cell(
     split: int, protection: str, view: View, train: Boundary, test: Boundary, emb_unit: torch.Tensor,
     attacks: Sequence[str] = ATTACKS, mlp_steps: int = MLP_STEPS,
     source: ModelSource | None = None, verify_positions: int | None = None,
+    verify_candidates: int = VERIFY_CANDIDATES,
 ) -> Cell:
     """Every attack on what the worker sees at ``split`` under one protection.
 
-    With ``source`` given, also ``verify``: the best probe's top ``VERIFY_CANDIDATES`` guesses per
+    With ``source`` given, also ``verify``: the best probe's top ``verify_candidates`` guesses per
     position, checked by recomputation (``verify_attack``), on the first ``verify_positions``
     test positions (scored on those positions only).
     """
@@ -375,7 +376,9 @@ def leakage_cell(
             scores[a] = recovery(nearest_token(vectors, emb_unit), test.token_ids)
     if source is not None and guesses:
         probe = max(guesses, key=lambda a: scores[a])  # the candidates' source; ties keep the order given
-        cands = top_candidates(guesses[probe], emb_unit, VERIFY_CANDIDATES)
+        if verify_candidates < 1:
+            raise LeakageInputError(f"verify needs at least one candidate per position, got {verify_candidates}")
+        cands = top_candidates(guesses[probe], emb_unit, verify_candidates)
         pred, at = verify_attack(source, split, view, test, test_x, cands, verify_positions)
         scores["verify"] = recovery(pred, test.token_ids[at])
     return Cell(split, protection, int(test_x.shape[1]), scores)

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from partition.errors import PartitionError
-from partition.profile import STEP_OVERHEAD_BYTES, STEP_REPLY_BYTES, LayerProfile, boundary_bytes
+from partition.profile import STEP_OVERHEAD_BYTES, STEP_REPLY_BYTES, LayerProfile
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,67 @@ SESSION_OPEN_ROUND_TRIPS = 1
 # The open request carries a public key and sampling parameters but no activations: about the
 # size of an empty step's envelope (partition/profile.py: STEP_OVERHEAD_BYTES).
 OPEN_REQUEST_BYTES = STEP_OVERHEAD_BYTES
+
+
+# --- bytes on the wire ------------------------------------------------------------------------------
+
+# Bytes per element of the fixed-width wire dtypes (broker/codec.py: WIRE_DTYPES).
+WIRE_ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+# broker/codec.py's int8 layout: channels per fp16 scale, and the most fp16 outlier channels a
+# frame carries (tests/test_planner_bytes.py checks both against the codec).
+INT8_GROUP = 64
+INT8_MAX_OUTLIERS = 32
+# The codec keeps a channel in fp16 when its absmax over the frame exceeds 6x the median
+# channel's, so how many travel that way depends on the activations. SmolLM2 decode steps carried
+# 13.6, 18.2 and 5.9 of 576 channels on average at splits 5, 15 and 25 (288 steps each; single
+# steps 2-32), and 1-11 on reduced widths of 64-512 (BENCHMARKS.md, "Quality of the wire codecs"):
+# 2% of the width is their middle. The mean step comes within 3% of the estimate, a single step
+# within 6% (tests/test_planner_bytes.py).
+INT8_OUTLIER_FRACTION = 0.02
+
+
+def expected_int8_outliers(width: int) -> int:
+    """The planner's estimate of the fp16 outlier channels in an int8 frame ``width`` wide."""
+    return min(INT8_MAX_OUTLIERS, width, round(INT8_OUTLIER_FRACTION * width))
+
+
+def tensor_wire_bytes(rows: int, width: int, wire_dtype: str = "fp16", outliers: int | None = None) -> int:
+    """Bytes of the tensor frame broker/codec.py encodes for ``rows`` positions ``width`` wide.
+
+    int8 (the codec's layout): ``n`` uint16 outlier indices, ``rows x n`` fp16 outlier values,
+    ``rows x ceil((width - n) / INT8_GROUP)`` fp16 scales and ``rows x (width - n)`` int8 values;
+    ``outliers`` is ``n`` (default: ``expected_int8_outliers``).
+    """
+    if rows < 0 or width < 1:
+        raise ValueError(f"bad activation shape: {rows} positions x {width}")
+    if wire_dtype == "int8":
+        n = expected_int8_outliers(width) if outliers is None else outliers
+        if not 0 <= n <= min(width, INT8_MAX_OUTLIERS):
+            raise ValueError(f"an int8 frame {width} wide carries 0..{min(width, INT8_MAX_OUTLIERS)} outliers, not {n}")
+        groups = -(-(width - n) // INT8_GROUP)
+        return 2 * n + rows * (2 * n + 2 * groups + (width - n))
+    try:
+        return rows * width * WIRE_ELEMENT_BYTES[wire_dtype]
+    except KeyError:
+        known = sorted([*WIRE_ELEMENT_BYTES, "int8"])
+        raise ValueError(f"unknown wire dtype {wire_dtype!r}; use one of {known}") from None
+
+
+def wire_width(hidden_size: int, reduce_dims: int | None = None) -> int:
+    """Width of what crosses the wire: ``reduce_dims`` under a reduction, else the hidden size."""
+    if reduce_dims is None:
+        return hidden_size
+    if type(reduce_dims) is not int or not 1 <= reduce_dims <= hidden_size:
+        raise ValueError(f"reduce_dims must be an integer in [1, {hidden_size}], got {reduce_dims!r}")
+    return reduce_dims
+
+
+def step_uplink_bytes(hidden_size: int, n_tokens: int, wire_dtype: str = "fp16",
+                      reduce_dims: int | None = None) -> int:
+    """Bytes one step request puts on the uplink: the tensor frame of ``n_tokens`` positions as
+    the codec lays it out, at the reduced width if any, plus STEP_OVERHEAD_BYTES (broker envelope,
+    sealed step head, AEAD overhead)."""
+    return tensor_wire_bytes(n_tokens, wire_width(hidden_size, reduce_dims), wire_dtype) + STEP_OVERHEAD_BYTES
 
 
 class NoFeasibleSplitError(PartitionError):
@@ -198,6 +259,7 @@ class SplitEstimate:
     energy_j: float  # the whole request, radio tail included
     memory_bytes: int  # weights held + KV cache at prompt + new tokens
     uplink_bytes: int  # the whole request
+    uplink_bytes_per_token: int = 0  # one decode step's request (0: nothing leaves the device)
     feasible: bool = True
     reason: str = ""  # why not feasible
     latency_norm: float | None = None
@@ -238,6 +300,7 @@ def estimate(
     prompt_tokens: int = 64,
     new_tokens: int = 64,
     wire_dtype: str = "fp16",
+    reduce_dims: int | None = None,
 ) -> SplitEstimate:
     """Latency, device energy and device memory of one request at split ``k``.
 
@@ -247,12 +310,20 @@ def estimate(
     gets ``radio_tail_s`` of quiet, so each gap (waiting for the reply, computing the next step)
     costs tail power for min(gap, tail); after the last reply one full tail is paid, once per
     request. Steps faster than the tail thus share one tail instead of paying one each.
+
+    Uplink bytes follow the wire format: ``wire_dtype`` as the codec lays it out (int8 with its
+    scales and an estimate of its outlier channels), ``reduce_dims`` wide under a reduction. The
+    projection's own compute is not charged: H x D multiply-adds per position on each side, under
+    a tenth of one SmolLM2 layer's (about 3.5M) even at D = 384.
     """
     n = profile.n_layers
     if not 0 <= k <= n:
         raise ValueError(f"split {k} is outside [0, {n}]")
     if prompt_tokens < 1 or new_tokens < 1:
         raise ValueError(f"prompt_tokens and new_tokens must be >= 1, got {prompt_tokens} and {new_tokens}")
+    # Priced (and checked) for every k, also where nothing is sent, so bad settings fail at once.
+    up_decode = step_uplink_bytes(profile.hidden_size, 1, wire_dtype, reduce_dims)
+    up_prefill = step_uplink_bytes(profile.hidden_size, prompt_tokens, wire_dtype, reduce_dims)
     decode_steps = new_tokens - 1
     slow = conditions.edge_slowdown
     local = k == n
@@ -292,8 +363,6 @@ def estimate(
         + cloud_head + conditions.cloud_queue_ms
     )
 
-    up_decode = boundary_bytes(profile.hidden_size, 1, wire_dtype)
-    up_prefill = boundary_bytes(profile.hidden_size, prompt_tokens, wire_dtype)
     tx_decode = _transfer_ms(up_decode, conditions.bandwidth_mbps)
     tx_prefill = _transfer_ms(up_prefill, conditions.bandwidth_mbps)
     rx = _transfer_ms(STEP_REPLY_BYTES, conditions.downlink_mbps)
@@ -335,6 +404,7 @@ def estimate(
         k=k, decode_ms_per_token=decode, prefill_ms=prefill, latency_ms=latency,
         edge_ms_per_token=edge_decode, network_ms_per_token=tx_decode + rtt + rx,
         cloud_ms_per_token=cloud_decode, energy_j=energy, memory_bytes=memory, uplink_bytes=uplink,
+        uplink_bytes_per_token=up_decode,
     )
 
 
@@ -358,6 +428,7 @@ class Plan:
     wire_dtype: str
     min_split: int
     allowed_splits: tuple[int, ...] | None
+    reduce_dims: int | None = None
 
     @property
     def chosen(self) -> SplitEstimate:
@@ -379,6 +450,7 @@ def plan(
     wire_dtype: str = "fp16",
     min_split: int = 0,
     allowed_splits: Iterable[int] | None = None,
+    reduce_dims: int | None = None,
 ) -> Plan:
     """Score every split 0..N and choose the cheapest feasible one.
 
@@ -407,7 +479,7 @@ def plan(
 
     rows = []
     for k in range(n + 1):
-        row = estimate(k, profile, conditions, power, prompt_tokens, new_tokens, wire_dtype)
+        row = estimate(k, profile, conditions, power, prompt_tokens, new_tokens, wire_dtype, reduce_dims)
         reasons = []
         if k < min_split:
             reasons.append(f"below min_split {min_split}")
@@ -445,6 +517,7 @@ def plan(
         k=best.k, table=tuple(scored), model_id=profile.model_id, n_layers=n, conditions=conditions,
         weights=weights, effective_weights=eff, power=power, prompt_tokens=prompt_tokens,
         new_tokens=new_tokens, wire_dtype=wire_dtype, min_split=min_split, allowed_splits=allowed,
+        reduce_dims=reduce_dims,
     )
 
 

@@ -112,6 +112,15 @@ def test_verification_recomputes_candidates_and_keeps_the_one_that_matches(tiny_
     observed = L.worker_view(test, 3, fp16_view)
     pred, at = L.verify_attack(tiny_llama, 3, fp16_view, test, observed, cands, max_positions=n)
     assert len(at) >= n and L.recovery(pred, test.token_ids[at]) > 0.95
+    # Through leakage_cell: the candidates are the probe's nearest tokens, as many as asked for.
+    one = L.leakage_cell(3, "fp16", fp16_view, train, test, emb_unit, attacks=("ridge",), source=tiny_llama,
+                         verify_positions=n, verify_candidates=1)
+    many = L.leakage_cell(3, "fp16", fp16_view, train, test, emb_unit, attacks=("ridge",), source=tiny_llama,
+                          verify_positions=n, verify_candidates=64)
+    assert many.scores["verify"] >= one.scores["verify"]
+    with pytest.raises(L.LeakageInputError, match="at least one candidate"):
+        L.leakage_cell(3, "fp16", fp16_view, train, test, emb_unit, attacks=("ridge",), source=tiny_llama,
+                       verify_positions=n, verify_candidates=0)
     # Without the true token among them, verification cannot invent it.
     pred, at = L.verify_attack(tiny_llama, 3, fp16_view, test, observed, decoys, max_positions=n)
     assert L.recovery(pred, test.token_ids[at]) < 0.2
@@ -129,6 +138,26 @@ def test_a_repeated_cache_continues_each_row_like_the_original(tiny_llama):
         single = seg(torch.tensor([[tok]]), one, logits="none").hidden[0]
         torch.testing.assert_close(batch[row], single)
     assert cache.length == 3  # the original is untouched
+
+
+def test_a_row_of_a_batched_cache_continues_like_that_candidate_alone(tiny_llama):
+    from partition.segment import ModelSegment
+
+    seg = ModelSegment.load(tiny_llama, 0, 2)
+    cache = seg.new_cache()
+    seg(torch.tensor([[5, 6, 7]]), cache, logits="none")
+    trial = cache.repeated(3)
+    seg(torch.tensor([[8], [9], [10]]), trial, logits="none")
+    kept = trial.row(1)  # as if 9 had been chosen
+    assert kept.length == 4
+    reference = cache.repeated(1)
+    seg(torch.tensor([[9]]), reference, logits="none")
+    after_9 = seg(torch.tensor([[11]]), reference, logits="none").hidden
+    torch.testing.assert_close(seg(torch.tensor([[11]]), kept, logits="none").hidden, after_9)
+    other = trial.row(2)  # the row that tried 10 continues differently
+    assert not torch.allclose(seg(torch.tensor([[11]]), other, logits="none").hidden, after_9)
+    with pytest.raises(IndexError):
+        trial.row(3)
 
 
 def test_bad_inputs_are_refused_clearly(tiny_llama, tmp_path):
@@ -165,3 +194,25 @@ def test_the_bench_prints_one_json_table(tmp_path):
     assert cells[(2, "int8+d16")]["dims"] == 16 and "nn" not in cells[(2, "int8+d16")]["scores"]
     assert "verify" in cells[(2, "fp16")]["scores"] and "verify" not in cells[(0, "fp16")]["scores"]
     assert result["train_tokens"] > result["test_tokens"] > 0
+    saved = tmp_path / "table.json"
+    saved.write_text(out.stdout)
+    table = subprocess.run([sys.executable, "bench/bench_leakage.py", "--render", str(saved)],
+                           capture_output=True, text=True, timeout=60, cwd=ROOT, env=child_env())
+    assert table.returncode == 0, table.stderr[-2000:]
+    rows = [line for line in table.stdout.splitlines() if line.startswith("| 2 |")]
+    assert len(rows) == 1 and "**verify" in rows[0].split("|")[2] and "**verify" not in rows[0].split("|")[3]
+
+
+def test_the_shipped_smollm2_table_is_complete_and_loads_for_the_planner():
+    """Every split x protection of BENCHMARKS.md, every attack in every cell, as --max-leakage reads it."""
+    table = json.loads((L.DATA_DIR / "leakage-smollm2-135m.json").read_text())
+    splits = {0, 1, 2, 5, 10, 15, 20, 25}
+    protections = ("fp16", "int8", "fp16+d384", "fp16+d128", "fp16+d32")
+    cells = {(c["split"], c["protection"]): c for c in table["cells"]}
+    assert set(cells) == {(k, p) for k in splits for p in protections}
+    for (_, p), c in cells.items():
+        expected = {"ridge", "mlp", "verify"} | ({"nn"} if "+d" not in p else set())
+        assert set(c["scores"]) == expected and c["recovered"] == max(c["scores"].values())
+    assert table["verify_positions"] >= 128 and not table["test_text"].startswith("/")
+    for p in protections:
+        assert set(L.measured_leakage(table["model"], p)) == splits

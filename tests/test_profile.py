@@ -120,7 +120,7 @@ def test_overhead_constants_cover_the_real_wire_format():
     sid, hidden = uuid.uuid4().hex, torch.zeros(1, 1, 576)
     body = seal_step(cipher, sid, 7, 100, hidden, "fp16")
     request = protocol.Request(uuid.uuid4().hex, sid, "llama-30x576@0123456789ab", 15, 30_000, 7, "step",
-                               "k" * 43, {}, body)
+                               "k" * 43, {protocol.TASK_KEY: f"{uuid.uuid4().hex}-7"}, body)  # as CloudSession
     sent = sum(protocol.frame_nbytes(f) for f in protocol.encode(request))
     overhead = sent - hidden.numel() * 2
     assert 0.75 * STEP_OVERHEAD_BYTES <= overhead <= STEP_OVERHEAD_BYTES
