@@ -88,13 +88,15 @@ class LayerCost:
     followed by the one-position steps it serves, so that a worker slowed by load or by its
     neighbours says so in its next heartbeat.
 
-    The followed figure is the median of the last ``WINDOW`` steps' per-layer times: one step
-    delayed by a scheduler quantum must not swing what the planner sees.
+    A served step is compared with what the start-up measurement predicts for it (its layers and
+    the head); the reported figure is the start-up per-layer time scaled by the median ratio over
+    the last ``WINDOW`` steps. A ratio rather than "step minus head, over layers": a head time
+    inflated by a busy start-up, subtracted from every step, read 0.3 ms/layer for a worker that
+    took 0.9. The median: one step delayed by a scheduler quantum must not swing the figure.
     """
 
     WINDOW = 15
-    # Steps through fewer layers than this carry too little compute beside the head (subtracted as
-    # measured at start-up) to give a per-layer figure.
+    # Steps through fewer layers than this are mostly the head: they say little about the layers.
     MIN_LAYERS = 4
     # Idle this long after serving steps, the worker measures itself again: a figure followed up
     # under load would otherwise stay high once the load is gone, and a planner that prices the
@@ -118,10 +120,13 @@ class LayerCost:
         """A served step's forward time (head included) over ``layers`` layers and ``positions``."""
         if positions != 1 or layers < min(self.MIN_LAYERS, self.n_layers) or not self.n_layers:
             return  # prefills and verified drafts cost differently per layer: only decode counts
-        self.samples.append(max(0.0, compute_ms - self.head_ms) / layers)
+        predicted = layers * self.measured_ms + self.head_ms
+        if predicted <= 0:
+            return
+        self.samples.append(compute_ms / predicted)
         self.observed += 1
         if len(self.samples) >= 3:
-            self.per_layer_ms = statistics.median(self.samples)
+            self.per_layer_ms = self.measured_ms * statistics.median(self.samples)
 
     def stale(self, idle_s: float) -> bool:
         """True when steps moved the figure and none came for IDLE_REMEASURE_S."""

@@ -208,10 +208,15 @@ def test_a_workers_decode_timing_is_measured_warm_and_follows_served_steps(tiny_
     cost.observe(compute_ms=50.0, layers=1, positions=1)  # one layer beside the head: too noisy
     assert cost.per_layer_ms == 1.0 and cost.observed == 0
     for _ in range(LayerCost.WINDOW):  # the worker got 3x slower (load): the reported figure follows
-        cost.observe(compute_ms=2.0 + 4 * 3.0, layers=4, positions=1)
+        cost.observe(compute_ms=3 * (2.0 + 4 * 1.0), layers=4, positions=1)
     assert cost.per_layer_ms == pytest.approx(3.0)
     cost.observe(compute_ms=2.0 + 4 * 50.0, layers=4, positions=1)  # one step caught by the scheduler
     assert cost.per_layer_ms == pytest.approx(3.0)
+    # A head measured 10x too slow at start-up does not make the layers look faster than they are.
+    skewed = LayerCost((1.0, 1.0, 1.0, 1.0), head_ms=20.0)
+    for _ in range(LayerCost.WINDOW):
+        skewed.observe(compute_ms=2.0 + 4 * 1.0, layers=4, positions=1)  # really: 1 ms/layer, head 2
+    assert skewed.per_layer_ms > 0.2
     # Idle long enough after serving, it is measured again (and not while it keeps serving).
     assert not cost.stale(idle_s=1.0) and cost.stale(idle_s=LayerCost.IDLE_REMEASURE_S)
     cost.reset(layer_ms, head_ms)
