@@ -92,10 +92,13 @@ class SelfDrafter:
     name = "self"
     incremental = True  # drafts one token at a time from the edge's own forward pass
 
-    def __init__(self, norm: torch.nn.Module, lm_head: torch.nn.Module, adapter: DrafterAdapter | None = None):
+    def __init__(self, norm: torch.nn.Module, lm_head: torch.nn.Module, adapter: DrafterAdapter | None = None,
+                 lookup: LookupDrafter | None = None):
         self.norm = norm
         self.lm_head = lm_head
         self.adapter = adapter
+        # Pipelined drafting asks prompt lookup first: a match costs no LM head.
+        self.lookup = lookup
 
     def reset(self, prompt: list[int]) -> None:
         pass
@@ -107,6 +110,15 @@ class SelfDrafter:
         if self.adapter is not None:
             h = self.adapter(h)
         return _top1(self.lm_head(self.norm(h.to(self.lm_head.weight.dtype))))
+
+    def guess(self, context: list[int], hidden: torch.Tensor) -> tuple[int, float] | None:
+        """The next token after ``context``, whose newest position has the boundary activation
+        ``hidden`` (H,): a prompt-lookup match when there is one, else early exit."""
+        if self.lookup is not None:
+            found = self.lookup.propose(context, 1, 0.0)
+            if found:
+                return found[0]
+        return self.next_from_hidden(hidden)
 
 
 # --- prompt lookup ------------------------------------------------------------------------------
@@ -136,6 +148,10 @@ class LookupDrafter:
                     if follow:
                         return [(t, 1.0) for t in follow]
         return []
+
+    def guess(self, context: list[int], hidden: torch.Tensor) -> tuple[int, float] | None:
+        found = self.propose(context, 1, 0.0)
+        return found[0] if found else None
 
 
 # --- a separate small model ---------------------------------------------------------------------
@@ -187,6 +203,10 @@ class ModelDrafter:
             logits = self._feed([token])
         self.last_logits = logits
         return drafts
+
+    def guess(self, context: list[int], hidden: torch.Tensor) -> tuple[int, float] | None:
+        found = self.propose(context, 1, 0.0)
+        return found[0] if found else None
 
 
 # --- how many tokens to draft -------------------------------------------------------------------
@@ -249,6 +269,62 @@ class DraftController:
                 return 1
         return best
 
+    # --- pipelined drafting (EdgeGenerator._pipeline_cycle) ---------------------------------------
+    # One frame per position: the pending token, then one conditional frame per guess, sent while
+    # earlier ones are in flight. A cycle ends at the first guess the main model does not make.
+    # With acceptance ``a``, base edge time ``b`` (layers for one token), draft time ``e`` (a guess
+    # and its layers), round trip ``R`` and cloud time ``c`` per frame, a cycle costs about
+    # ``b + R + c`` plus the chain of kept guesses, each taking ``tau = max(e, c, (R + c + e) /
+    # (n + 1))`` with at most ``n`` guesses in flight; it yields ``1 / (1 - a)`` tokens. A rejected
+    # guess may find the edge in the middle of a draft (``e / 2``). Plain hybrid costs ``b + R + c``
+    # per token.
+    min_gain: float = 0.05  # pipeline only when it is predicted this much faster than plain hybrid
+
+    def pipeline_ms_per_token(self, n: int) -> float:
+        """Predicted ms per token with at most ``n`` guesses in flight (``n = 0``: plain hybrid)."""
+        b, r, c = self.base_ms or 0.0, self.round_trip_ms or 0.0, self.cloud_one_ms or 0.0
+        if n == 0:
+            return b + r + c
+        a = min(self.acceptance, 0.95)
+        e = self.edge_per_draft_ms if self.edge_per_draft_ms is not None else b
+        tau = max(e, c, (r + c + e) / (n + 1))
+        return (1 - a) * (b + r + c + e / 2) + a * tau
+
+    def pipeline_depth(self) -> int:
+        """How many guesses may be in flight this cycle (0: none, plain hybrid)."""
+        if self.round_trip_ms is None or self.base_ms is None or self.cloud_one_ms is None:
+            return min(2, self.max_tokens)  # nothing measured yet: a short pipeline measures everything
+        best = min(range(1, self.max_tokens + 1), key=self.pipeline_ms_per_token)
+        if self.pipeline_ms_per_token(best) <= (1 - self.min_gain) * self.pipeline_ms_per_token(0):
+            self.rtt_when_off = None
+            return best
+        if self.rtt_when_off is None:
+            self.rtt_when_off = self.round_trip_ms
+        slower = self.round_trip_ms > 1.5 * self.rtt_when_off + 1.0
+        if slower or self.rounds_since_draft >= self.probe_every:
+            self.rtt_when_off = None
+            return 1
+        return 0
+
+    def record_edge(self, base_ms: float | None = None, draft_ms: float | None = None) -> None:
+        if base_ms is not None:
+            self.base_ms = self._ewma(self.base_ms, base_ms)
+        if draft_ms is not None:
+            self.edge_per_draft_ms = self._ewma(self.edge_per_draft_ms, draft_ms)
+
+    def record_reply(self, round_trip_ms: float | None, cloud_ms: float) -> None:
+        """A one-position frame's answer: ``round_trip_ms`` when its arrival time is known."""
+        self.cloud_one_ms = self._ewma(self.cloud_one_ms, cloud_ms)
+        if round_trip_ms is not None:
+            self.round_trip_ms = self._ewma(self.round_trip_ms, round_trip_ms)
+
+    def record_guess(self, hit: bool) -> None:
+        self.accept_hits += hit
+        self.accept_trials += 1
+
+    def record_cycle(self, drafted: int) -> None:
+        self.rounds_since_draft = 0 if drafted else self.rounds_since_draft + 1
+
     def record(self, drafted: int, accepted: int, edge_base_ms: float, edge_draft_ms: float,
                round_trip_ms: float, cloud_ms: float) -> None:
         """One round's measurements: ``drafted`` tokens proposed, ``accepted`` kept."""
@@ -289,6 +365,13 @@ class MiniSettings:
     threshold: float = 0.5
     max_draft: int = 8
     adaptive: bool = True  # False: always draft up to max_draft (tests, fixed-length benchmarks)
+    # Verify mode: send guesses while earlier frames are in flight (EdgeGenerator._pipeline_cycle)
+    # instead of one frame of drafts per round trip. max_draft then bounds the guesses in flight.
+    pipeline: bool = True
+
+    @property
+    def pipelined(self) -> bool:
+        return self.pipeline and self.mode == "verify"
 
     def __post_init__(self) -> None:
         check_mini_options(self.mode, self.threshold, self.max_draft)
