@@ -43,8 +43,10 @@ def main() -> None:
     parser.add_argument("--trust", action="store_true", help="also run the self-drafter in trust mode")
     parser.add_argument("--no-pipeline-too", action="store_true",
                         help="also run each drafter with --no-mini-pipeline (one frame of drafts per round trip)")
+    parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="use the first N fixed prompts")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    prompts = PROMPTS[:args.prompts]
 
     configs: dict[str, list[str]] = {"plain": []}
     for d in args.drafters:
@@ -65,10 +67,10 @@ def main() -> None:
                 raise SystemExit(f"edge {' '.join(extra)} failed:\n{out.stderr[-2000:]}")
             return json.loads(out.stdout)
 
-        local = {p: run("--force-local", "--prompt", p)["token_ids"] for p in PROMPTS}
+        local = {p: run("--force-local", "--prompt", p)["token_ids"] for p in prompts}
         for rtt in args.rtt_ms:
             results: dict[str, list[dict]] = {c: [] for c in configs}
-            for prompt in PROMPTS:
+            for prompt in prompts:
                 for name, extra in configs.items():
                     results[name].append(run("--split", str(args.split), "--cloud-latency", str(rtt / 1e3),
                                              "--prompt", prompt, *extra))
@@ -84,14 +86,14 @@ def main() -> None:
                     "waits_per_token": round(sum(r.get("cloud_waits", 0) for r in rs) / tokens, 3),
                     "acceptance": round(sum(r["tokens_from_mini"] for r in rs) / drafted, 3) if drafted else None,
                     "drafted_per_token": round(drafted / tokens, 3),
-                    "identical": sum(r["token_ids"] == local[p] for r, p in zip(rs, PROMPTS, strict=True)),
-                    "prompts": len(PROMPTS),
+                    "identical": sum(r["token_ids"] == local[p] for r, p in zip(rs, prompts, strict=True)),
+                    "prompts": len(prompts),
                 })
     load = [round(x, 2) for x in os.getloadavg()]
     if args.json:
         print(json.dumps({"load_average": load, "model": args.model, "split": args.split, "tokens": args.tokens, "rows": rows}))
         return
-    print(f"model {args.model}, split {args.split}, {args.tokens} tokens x {len(PROMPTS)} prompts; "
+    print(f"model {args.model}, split {args.split}, {args.tokens} tokens x {len(prompts)} prompts; "
           f"median decode ms/token; speedup = plain ms / config ms at the same round trip; load average {load}")
     print(f"{'rtt ms':>6} {'config':>13} {'ms/tok':>7} {'speedup':>7} {'frames/tok':>10} {'waits/tok':>9} "
           f"{'accept':>6} {'identical':>9}")

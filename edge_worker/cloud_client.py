@@ -321,6 +321,8 @@ class CloudSession:
         self.cipher = None
 
     # --- pipelined frames (edge_worker/generation.py, EdgeGenerator._pipeline_cycle) --------------
+    pipelines = True
+
     def can_pipeline(self) -> bool:
         """Pipelined frames need an open session on a worker (the first step, a reopen after a
         lost worker and the local fallback all go through ``step``)."""

@@ -101,6 +101,8 @@ class Backend(Protocol):
 class PipelinedBackend(Backend, Protocol):
     """A backend that also takes frames without waiting for the earlier ones' answers."""
 
+    pipelines: bool  # it implements the methods below (can_pipeline says whether it can right now)
+
     def can_pipeline(self) -> bool: ...
 
     def submit(self, hidden: torch.Tensor, step: int, pos: int, first: int | None) -> PipelinedFrame: ...
@@ -156,6 +158,10 @@ class LocalBackend:
     # Pipelined frames, for tests of the generation loop: an answer is never in before the edge
     # asks for it (so the edge fills its pipeline), and a frame runs only when collected, which
     # the loop does oldest first and never for a frame it discarded, like a worker's skip.
+    @property
+    def pipelines(self) -> bool:
+        return self.pipelined
+
     def can_pipeline(self) -> bool:
         return self.pipelined
 
@@ -341,8 +347,8 @@ class EdgeGenerator:
                             mini.drafter.reset(list(committed))
                             if controller is None:
                                 controller = DraftController(max_tokens=mini.max_draft)
-                if (mini is not None and controller is not None and mini.pipelined
-                        and getattr(self.backend, "can_pipeline", lambda: False)()):
+                pipelined = mini is not None and mini.pipelined and getattr(self.backend, "pipelines", False)
+                if pipelined and controller is not None and self.backend.can_pipeline():  # type: ignore[union-attr]
                     last = self._pipeline_cycle(mini, controller, x, cache, committed, max_new_tokens, result,
                                                 commit)
                     if last in self.eos_token_ids:
@@ -356,7 +362,8 @@ class EdgeGenerator:
                 drafts: list[int] = []
                 parts = [out.hidden]
                 draft_ms = 0.0
-                if mini is not None and controller is not None and not mini.pipelined:
+                # Pipelined, a round the backend cannot pipeline (the opener, the local fallback) is plain.
+                if mini is not None and controller is not None and not pipelined:
                     budget = max_new_tokens - step - 1
                     adapt = mini.adaptive and mini.mode == "verify"
                     n_max = min(budget, controller.best_length() if adapt else mini.max_draft)
@@ -383,7 +390,7 @@ class EdgeGenerator:
                     _add_stats(result, stats)
                     if stats.fell_back and result.fallback_at_step is None:
                         result.fallback_at_step = step
-                    if controller is not None and mini is not None and mini.mode == "verify" and not mini.pipelined:
+                    if controller is not None and mini is not None and mini.mode == "verify" and not pipelined:
                         controller.record(len(drafts), accepted, base_ms, draft_ms,
                                           stats.transport_ms + stats.waiting_ms + stats.worker_overhead_ms,
                                           stats.cloud_compute_ms)

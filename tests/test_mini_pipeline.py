@@ -107,19 +107,21 @@ def test_controller_pipelines_when_round_trips_are_slow_and_not_when_drafts_are_
 # --- through a real broker and worker -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("k", ["1", "2", "3"])
-def test_pipelined_drafts_through_a_real_worker_leave_the_output_unchanged(tiny_cluster, k):
-    local = edge_json(tiny_cluster, "--force-local", "--tokens", "40", *RAW)
-    for mini in ("self", "tiny-llama"):
-        got = edge_json(tiny_cluster, "--split", k, "--tokens", "40", *RAW, "--mini", mini, "--mini-threshold", "0",
-                        "--mini-max-draft", "4", "--mini-fixed", "--cloud-latency", "0.02")
-        assert got["token_ids"] == local["token_ids"], (k, mini)
-        assert got["tokens_drafted"] > 0
-        assert got["cloud_waits"] < got["cloud_round_trips"], got
-    # tiny-llama drafting for itself is always right: the pipeline stays full (4 guesses behind
-    # the frame the edge waits for), so each wait is for a frame sent 4 frames ago.
-    assert got["acceptance_rate"] == 1.0, got
-    assert sum(t["in_flight"] >= 3 for t in got["trace"]) >= 20, [t["in_flight"] for t in got["trace"]]
+@pytest.mark.parametrize(("k", "mini"), [("1", "self"), ("3", "self"), ("2", "tiny-llama")])
+def test_pipelined_drafts_through_a_real_worker_leave_the_output_unchanged(tiny_cluster, k, mini):
+    local = edge_json(tiny_cluster, "--force-local", "--tokens", "30", *RAW)
+    got = edge_json(tiny_cluster, "--split", k, "--tokens", "30", *RAW, "--mini", mini, "--mini-threshold", "0",
+                    "--mini-max-draft", "4", "--mini-fixed", "--cloud-latency", "0.02")
+    assert got["token_ids"] == local["token_ids"], (k, mini)
+    assert got["tokens_drafted"] > 0
+    assert got["cloud_waits"] < got["cloud_round_trips"], got
+    if mini == "tiny-llama":
+        # Drafting for itself it is always right: the pipeline stays full (4 guesses behind the
+        # frame the edge waits for), so each wait is for a frame sent 4 frames earlier.
+        assert got["acceptance_rate"] == 1.0, got
+        assert sum(t.get("in_flight", 0) >= 3 for t in got["trace"]) >= 15, got["trace"]
+    else:
+        assert got["tokens_from_mini"] < got["tokens_drafted"]  # wrong guesses cut pipelines mid-way
 
 
 def test_conditional_frames_run_only_after_the_guessed_token(tiny_cluster, tiny_llama):
