@@ -21,7 +21,7 @@ position), so drafting switches itself off where it does not pay (near-zero dela
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,9 @@ from partition.speculative import MAX_DRAFT_TOKENS
 log = logging.getLogger(__name__)
 
 MINI_MODES = ("verify", "trust")
+# Pipelined cycles (counted modulo DraftController.probe_every) that try the choice the
+# measurements do not favour, so that both keep being measured.
+_EXPLORE_CYCLES = (8, 9, 10)
 
 
 class DrafterError(PartitionError):
@@ -279,6 +282,12 @@ class DraftController:
     # guess may find the edge in the middle of a draft (``e / 2``). Plain hybrid costs ``b + R + c``
     # per token.
     min_gain: float = 0.05  # pipeline only when it is predicted this much faster than plain hybrid
+    # Realised [ms, tokens] of recent cycles with guesses (True) and without (False), decayed per
+    # cycle: once both are known they decide, so the choice also holds where the cost model does
+    # not (an edge and a worker sharing one loaded CPU, where a guess slows the worker down).
+    # Cycles _EXPLORE_CYCLES of every probe_every try the other choice, to keep both figures fresh.
+    realised: dict = field(default_factory=lambda: {True: [0.0, 0.0], False: [0.0, 0.0]})
+    cycles: int = 0
 
     def pipeline_ms_per_token(self, n: int) -> float:
         """Predicted ms per token with at most ``n`` guesses in flight (``n = 0``: plain hybrid)."""
@@ -290,21 +299,23 @@ class DraftController:
         tau = max(e, c, (r + c + e) / (n + 1))
         return (1 - a) * (b + r + c + e / 2) + a * tau
 
+    def realised_ms(self, pipelined: bool) -> float | None:
+        ms, tokens = self.realised[pipelined]
+        return ms / tokens if tokens >= 2 else None
+
     def pipeline_depth(self) -> int:
         """How many guesses may be in flight this cycle (0: none, plain hybrid)."""
         if self.round_trip_ms is None or self.base_ms is None or self.cloud_one_ms is None:
             return min(2, self.max_tokens)  # nothing measured yet: a short pipeline measures everything
         best = min(range(1, self.max_tokens + 1), key=self.pipeline_ms_per_token)
-        if self.pipeline_ms_per_token(best) <= (1 - self.min_gain) * self.pipeline_ms_per_token(0):
-            self.rtt_when_off = None
-            return best
-        if self.rtt_when_off is None:
-            self.rtt_when_off = self.round_trip_ms
-        slower = self.round_trip_ms > 1.5 * self.rtt_when_off + 1.0
-        if slower or self.rounds_since_draft >= self.probe_every:
-            self.rtt_when_off = None
-            return 1
-        return 0
+        pipe, plain = self.realised_ms(True), self.realised_ms(False)
+        if pipe is not None and plain is not None:
+            use = pipe <= (1 - self.min_gain) * plain
+        else:
+            use = self.pipeline_ms_per_token(best) <= (1 - self.min_gain) * self.pipeline_ms_per_token(0)
+        if self.cycles % self.probe_every in _EXPLORE_CYCLES:
+            use = not use
+        return best if use else 0
 
     def record_edge(self, base_ms: float | None = None, draft_ms: float | None = None) -> None:
         if base_ms is not None:
@@ -322,8 +333,13 @@ class DraftController:
         self.accept_hits += hit
         self.accept_trials += 1
 
-    def record_cycle(self, drafted: int) -> None:
+    def record_cycle(self, drafted: int, ms: float = 0.0, tokens: int = 0) -> None:
+        """A pipelined cycle: ``drafted`` guesses sent, ``tokens`` committed in ``ms``."""
         self.rounds_since_draft = 0 if drafted else self.rounds_since_draft + 1
+        self.cycles += 1
+        if tokens:
+            acc = self.realised[drafted > 0]
+            acc[0], acc[1] = acc[0] * 0.9 + ms, acc[1] * 0.9 + tokens
 
     def record(self, drafted: int, accepted: int, edge_base_ms: float, edge_draft_ms: float,
                round_trip_ms: float, cloud_ms: float) -> None:

@@ -487,6 +487,7 @@ class EdgeGenerator:
         timings = result.timings
         depth = controller.pipeline_depth() if mini.adaptive else mini.max_draft
         t0 = time.perf_counter()
+        had = len(result.token_ids)
         out = self.edge(x, cache, logits="none")
         base_ms = (time.perf_counter() - t0) * 1e3
         timings.edge_compute_ms += base_ms
@@ -573,7 +574,7 @@ class EdgeGenerator:
         finally:
             if inflight:
                 backend.discard(list(inflight))
-            controller.record_cycle(drafted)
+            controller.record_cycle(drafted, (time.perf_counter() - t0) * 1e3, len(result.token_ids) - had)
 
     def _draft(self, mini: MiniSettings, committed: list[int], parts: list[torch.Tensor], cache,
                n_max: int) -> list[int]:
