@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 MINI_MODES = ("verify", "trust")
 # Pipelined cycles (counted modulo DraftController.probe_every) that try the choice the
 # measurements do not favour, so that both keep being measured.
-_EXPLORE_CYCLES = (8, 9, 10)
+_EXPLORE_CYCLES = (3, 4, 5)
 
 
 class DrafterError(PartitionError):

@@ -104,7 +104,7 @@ def test_controller_pipelines_when_round_trips_are_slow_and_not_when_drafts_are_
         c.record_cycle(3, ms=400.0, tokens=2)
         c.record_cycle(0, ms=150.0, tokens=1)
     assert c.pipeline_depth() == 0 and c.pipeline_ms_per_token(slow) < 150
-    while c.cycles % c.probe_every != 8:
+    while c.cycles % c.probe_every != 3:
         c.record_cycle(0, ms=150.0, tokens=1)
     assert c.pipeline_depth() == slow  # exploring
     fresh = DraftController(max_tokens=8)
