@@ -36,6 +36,7 @@ MINI_MODES = ("verify", "trust")
 # Pipelined cycles (counted modulo DraftController.probe_every) that try the choice the
 # measurements do not favour, so that both keep being measured.
 _EXPLORE_CYCLES = (3, 4, 5)
+_PLAIN_FIRST = 3  # plain cycles that start every pipelined generation (they measure plain hybrid)
 
 
 class DrafterError(PartitionError):
@@ -304,16 +305,24 @@ class DraftController:
         return ms / tokens if tokens >= 2 else None
 
     def pipeline_depth(self) -> int:
-        """How many guesses may be in flight this cycle (0: none, plain hybrid)."""
-        if self.round_trip_ms is None or self.base_ms is None or self.cloud_one_ms is None:
-            return min(2, self.max_tokens)  # nothing measured yet: a short pipeline measures everything
-        best = min(range(1, self.max_tokens + 1), key=self.pipeline_ms_per_token)
+        """How many guesses may be in flight this cycle (0: none, plain hybrid).
+
+        The first cycles are plain (they measure the round trip and the costs), then the cost
+        model decides until the realised ms per token of both choices is known; from then on
+        those decide, with a few exploring cycles of the other choice in every ``probe_every``."""
+        if self.cycles < _PLAIN_FIRST:
+            return 0
+        measured = self.round_trip_ms is not None and self.base_ms is not None and self.cloud_one_ms is not None
+        best = min(range(1, self.max_tokens + 1), key=self.pipeline_ms_per_token) if measured else 2
+        best = min(best, self.max_tokens)
         pipe, plain = self.realised_ms(True), self.realised_ms(False)
         if pipe is not None and plain is not None:
             use = pipe <= (1 - self.min_gain) * plain
+        elif not measured:
+            use = True  # a short pipeline measures the rest
         else:
             use = self.pipeline_ms_per_token(best) <= (1 - self.min_gain) * self.pipeline_ms_per_token(0)
-        if self.cycles % self.probe_every in _EXPLORE_CYCLES:
+        if self.cycles >= self.probe_every and self.cycles % self.probe_every in _EXPLORE_CYCLES:
             use = not use
         return best if use else 0
 

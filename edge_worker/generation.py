@@ -563,7 +563,7 @@ class EdgeGenerator:
                     "bytes_sent": stats.bytes_sent, "bytes_received": stats.bytes_received,
                     # 1: a frame whose round trip was measured (the edge was waiting when its answer
                     # came); the answers it found already in have no arrival time.
-                    "round_trips": int(stats.waited), "retries": stats.retries, "in_flight": len(inflight),
+                    "round_trips": int(stats.waited), "retries": stats.retries, "in_flight": len(inflight), "depth": depth,
                 })
                 if hit:
                     result.tokens_from_mini += 1

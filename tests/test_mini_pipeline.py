@@ -88,7 +88,11 @@ def test_pipelined_sampling_is_reproducible_and_equals_plain_sampling(tiny_llama
 
 def test_controller_pipelines_when_round_trips_are_slow_and_not_when_drafts_are_bad():
     c = DraftController(max_tokens=8)
-    assert c.pipeline_depth() == 2  # nothing measured: a short pipeline measures everything
+    assert c.pipeline_depth() == 0  # the first cycles measure plain hybrid
+    for _ in range(3):
+        c.record_cycle(0, ms=150.0, tokens=1)
+    assert c.pipeline_depth() == 2  # then a short pipeline, before anything else is known
+    c.realised[False] = [0.0, 0.0]
     for _ in range(20):
         c.record_edge(base_ms=12.0, draft_ms=16.0)
         c.record_reply(100.0, 15.0)
@@ -104,10 +108,10 @@ def test_controller_pipelines_when_round_trips_are_slow_and_not_when_drafts_are_
         c.record_cycle(3, ms=400.0, tokens=2)
         c.record_cycle(0, ms=150.0, tokens=1)
     assert c.pipeline_depth() == 0 and c.pipeline_ms_per_token(slow) < 150
-    while c.cycles % c.probe_every != 3:
+    while c.cycles < c.probe_every or c.cycles % c.probe_every != 3:
         c.record_cycle(0, ms=150.0, tokens=1)
     assert c.pipeline_depth() == slow  # exploring
-    fresh = DraftController(max_tokens=8)
+    fresh = DraftController(max_tokens=8, cycles=3)
     for _ in range(20):
         fresh.record_edge(base_ms=12.0, draft_ms=16.0)
         fresh.record_reply(100.0, 15.0)
