@@ -99,8 +99,8 @@ def test_controller_pipelines_when_round_trips_are_slow_and_not_when_drafts_are_
         c.record_guess(True)
         c.record_guess(False)
     slow = c.pipeline_depth()
-    assert slow >= 4  # (R + c + e) / e: about 8 guesses keep the edge busy for a round trip
-    assert c.pipeline_ms_per_token(slow) < 0.6 * c.pipeline_ms_per_token(0)
+    assert slow >= 4  # (R + c + e) / (e + c): about 4 guesses cover a round trip
+    assert c.pipeline_ms_per_token(slow) < 0.7 * c.pipeline_ms_per_token(0)
     # What the cycles really took wins over the model (an edge and a worker sharing one CPU):
     # pipelined cycles measured slower per token than plain ones switch guessing off, except
     # in the few exploring cycles of every probe_every.
@@ -111,6 +111,13 @@ def test_controller_pipelines_when_round_trips_are_slow_and_not_when_drafts_are_
     while c.cycles < c.probe_every or c.cycles % c.probe_every != 3:
         c.record_cycle(0, ms=150.0, tokens=1)
     assert c.pipeline_depth() == slow  # exploring
+    loopback = DraftController(max_tokens=8, cycles=3)
+    for _ in range(20):
+        loopback.record_edge(base_ms=14.0, draft_ms=18.0)
+        loopback.record_reply(2.0, 20.0)
+        loopback.record_guess(True)
+        loopback.record_guess(False)
+    assert loopback.pipeline_depth() == 0  # at loopback nothing is hidden: plain hybrid
     fresh = DraftController(max_tokens=8, cycles=3)
     for _ in range(20):
         fresh.record_edge(base_ms=12.0, draft_ms=16.0)
