@@ -292,14 +292,15 @@ class DraftController:
     realised: dict = field(default_factory=lambda: {True: [0.0, 0.0], False: [0.0, 0.0]})
     cycles: int = 0
 
-    def pipeline_ms_per_token(self, n: int) -> float:
-        """Predicted ms per token with at most ``n`` guesses in flight (``n = 0``: plain hybrid)."""
+    def pipeline_ms_per_token(self, n: int, overlap: bool = False) -> float:
+        """Predicted ms per token with at most ``n`` guesses in flight (``n = 0``: plain hybrid);
+        ``overlap``: edge and cloud compute in parallel (separate machines)."""
         b, r, c = self.base_ms or 0.0, self.round_trip_ms or 0.0, self.cloud_one_ms or 0.0
         if n == 0:
             return b + r + c
         a = min(self.acceptance, 0.95)
         e = self.edge_per_draft_ms if self.edge_per_draft_ms is not None else b
-        tau = max(e + c, (r + c + e) / (n + 1))
+        tau = max(max(e, c) if overlap else e + c, (r + c + e) / (n + 1))
         return (1 - a) * (b + r + c + e / 2) + a * tau
 
     def realised_ms(self, pipelined: bool) -> float | None:
@@ -315,7 +316,10 @@ class DraftController:
         if self.cycles < _PLAIN_FIRST:
             return 0
         measured = self.round_trip_ms is not None and self.base_ms is not None and self.cloud_one_ms is not None
-        best = min(range(1, self.max_tokens + 1), key=self.pipeline_ms_per_token) if measured else 2
+        # How many in flight: enough to cover a round trip if edge and cloud do overlap; whether
+        # at all: only if it pays even when they do not.
+        best = min(range(1, self.max_tokens + 1), key=lambda n: self.pipeline_ms_per_token(n, overlap=True)
+                   ) if measured else 2
         best = min(best, self.max_tokens)
         pipe, plain = self.realised_ms(True), self.realised_ms(False)
         model = not measured or (
