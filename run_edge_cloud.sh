@@ -7,7 +7,7 @@
 # --cloud-latency SECONDS, --no-encryption, --force-local, --force-cloud, --min-split K (privacy floor:
 # never fewer layers on the edge), --max-leakage F (the floor from the measured leakage table), plus
 # any `edgecloud demo` option (for example --mini self|lookup|MODEL, --mini-threshold T,
-# --mini-mode verify|trust, --wire-dtype int8, or --reduce-dims D: activations projected to D dims
+# --mini-mode verify|trust, --mini-pipeline/--no-mini-pipeline, --wire-dtype int8, or --reduce-dims D: activations projected to D dims
 # before they leave).
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -2,22 +2,25 @@
 
 Starts a broker and one cloud worker as processes, then for each emulated round trip and each
 prompt runs the edge CLI (a fresh process each time) in plain hybrid mode and with each drafter,
-in turn, so every configuration sees the same machine state. Reports per configuration: decode
-ms/token (median over prompts), cloud round trips per generated token, the share of drafts the
-main model kept, tokens/s relative to plain hybrid at the same round trip, and whether the output
-equals local-only output (it must, in verify mode; trust mode reports how often it differs).
+pipelined (the default: guesses go out while earlier frames are in flight) and, with
+``--no-pipeline-too``, also one frame of drafts per round trip, in turn, so every configuration
+sees the same machine state. Reports per configuration: decode ms/token (median over prompts),
+frames sent and waits for the cloud per generated token, the share of drafts the main model
+kept, tokens/s relative to plain hybrid at the same round trip, and whether the output equals
+local-only output (it must, in verify mode; trust mode reports how often it differs).
 
 Targets (issue 6): at 100 ms, at least 2x the tokens/s of plain hybrid with identical greedy
 output; at 0 ms, no more than 5% slower than plain hybrid.
 
     .venv/bin/python bench/bench_mini.py [--model smollm2-135m] [--split 15] [--tokens 64]
-        [--rtt-ms 0 20 100] [--drafters self lookup] [--trust]
+        [--rtt-ms 0 20 100] [--drafters self lookup] [--no-pipeline-too] [--trust]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -38,12 +41,18 @@ def main() -> None:
     parser.add_argument("--drafters", nargs="+", default=["self", "lookup"])
     parser.add_argument("--threshold", type=float, default=None, help="--mini-threshold (default: the CLI's)")
     parser.add_argument("--trust", action="store_true", help="also run the self-drafter in trust mode")
+    parser.add_argument("--no-pipeline-too", action="store_true",
+                        help="also run each drafter with --no-mini-pipeline (one frame of drafts per round trip)")
+    parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="use the first N fixed prompts")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    prompts = PROMPTS[:args.prompts]
 
     configs: dict[str, list[str]] = {"plain": []}
     for d in args.drafters:
         configs[d] = ["--mini", d] + (["--mini-threshold", str(args.threshold)] if args.threshold is not None else [])
+        if args.no_pipeline_too:
+            configs[f"{d}-nopipe"] = [*configs[d], "--no-mini-pipeline"]
     if args.trust:
         configs["self-trust"] = ["--mini", "self", "--mini-mode", "trust", "--mini-threshold", "0.8"]
     rows = []
@@ -58,10 +67,10 @@ def main() -> None:
                 raise SystemExit(f"edge {' '.join(extra)} failed:\n{out.stderr[-2000:]}")
             return json.loads(out.stdout)
 
-        local = {p: run("--force-local", "--prompt", p)["token_ids"] for p in PROMPTS}
+        local = {p: run("--force-local", "--prompt", p)["token_ids"] for p in prompts}
         for rtt in args.rtt_ms:
             results: dict[str, list[dict]] = {c: [] for c in configs}
-            for prompt in PROMPTS:
+            for prompt in prompts:
                 for name, extra in configs.items():
                     results[name].append(run("--split", str(args.split), "--cloud-latency", str(rtt / 1e3),
                                              "--prompt", prompt, *extra))
@@ -74,22 +83,24 @@ def main() -> None:
                     "rtt_ms": rtt, "config": name, "ms_per_token": round(ms, 2),
                     "speedup": round(plain_ms / ms, 3),
                     "round_trips_per_token": round(sum(r["cloud_round_trips"] for r in rs) / tokens, 3),
+                    "waits_per_token": round(sum(r.get("cloud_waits", 0) for r in rs) / tokens, 3),
                     "acceptance": round(sum(r["tokens_from_mini"] for r in rs) / drafted, 3) if drafted else None,
                     "drafted_per_token": round(drafted / tokens, 3),
-                    "identical": sum(r["token_ids"] == local[p] for r, p in zip(rs, PROMPTS, strict=True)),
-                    "prompts": len(PROMPTS),
+                    "identical": sum(r["token_ids"] == local[p] for r, p in zip(rs, prompts, strict=True)),
+                    "prompts": len(prompts),
                 })
+    load = [round(x, 2) for x in os.getloadavg()]
     if args.json:
-        print(json.dumps({"model": args.model, "split": args.split, "tokens": args.tokens, "rows": rows}))
+        print(json.dumps({"load_average": load, "model": args.model, "split": args.split, "tokens": args.tokens, "rows": rows}))
         return
-    print(f"model {args.model}, split {args.split}, {args.tokens} tokens x {len(PROMPTS)} prompts; "
-          "median decode ms/token; speedup = plain ms / config ms at the same round trip")
-    print(f"{'rtt ms':>6} {'config':>11} {'ms/tok':>7} {'speedup':>7} {'trips/tok':>9} {'accept':>6} "
-          f"{'identical':>9}")
+    print(f"model {args.model}, split {args.split}, {args.tokens} tokens x {len(prompts)} prompts; "
+          f"median decode ms/token; speedup = plain ms / config ms at the same round trip; load average {load}")
+    print(f"{'rtt ms':>6} {'config':>13} {'ms/tok':>7} {'speedup':>7} {'frames/tok':>10} {'waits/tok':>9} "
+          f"{'accept':>6} {'identical':>9}")
     for r in rows:
         acc = "-" if r["acceptance"] is None else f"{r['acceptance']:.2f}"
-        print(f"{r['rtt_ms']:6.0f} {r['config']:>11} {r['ms_per_token']:7.1f} {r['speedup']:7.2f} "
-              f"{r['round_trips_per_token']:9.2f} {acc:>6} {r['identical']:>5}/{r['prompts']}")
+        print(f"{r['rtt_ms']:6.0f} {r['config']:>13} {r['ms_per_token']:7.1f} {r['speedup']:7.2f} "
+              f"{r['round_trips_per_token']:10.2f} {r['waits_per_token']:9.2f} {acc:>6} {r['identical']:>5}/{r['prompts']}")
 
 
 if __name__ == "__main__":

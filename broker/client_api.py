@@ -162,6 +162,7 @@ class BrokerClient:
         it with :meth:`result`), or None. The others stay pending. A request whose own deadline
         passes unanswered resets the connection, as in :meth:`result`."""
         until = time.monotonic() + timeout_s
+        looked = False  # whether what already arrived was read (timeout 0: a poll that never blocks)
         while True:
             for rid in request_ids:
                 if rid in self._done:
@@ -174,7 +175,11 @@ class BrokerClient:
                 self._reset("no answer to a request within its deadline")
                 continue
             if now >= until:
-                return None
+                if looked:
+                    return None
+                looked = True
+                self._receive(0)
+                continue
             self._receive(poll_timeout_ms(min(until, min(waiting)), now))
 
     def forget(self, request_id: RequestId) -> None:

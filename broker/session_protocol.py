@@ -17,9 +17,17 @@ request *kinds* a session uses and their bodies, which the broker forwards untou
            happens once). ``draft`` (optional, at most ``MAX_DRAFT_TOKENS``) holds tokens a
            drafter proposed; the tensor's last ``len(draft) + 1`` positions are the pending token
            and the drafts, and the worker verifies them (``partition/speculative.py``), keeps the
-           accepted ones in its cache and drops the rest.
+           accepted ones in its cache and drops the rest. ``epoch`` (optional, default 0): the
+           edge raises it when it gives up on frames in flight and resends from its oldest
+           unanswered position; a step of a higher epoch may rewind the cache (crop back to
+           ``pos``), one of a lower epoch is stale. ``first`` (optional) makes the step
+           *conditional* (pipelined drafting): ``first`` is the edge's guess of the token at
+           ``pos``, and the worker runs the step only if its cache holds exactly ``pos``
+           positions, the epoch is the session's, and ``first`` is the token the main model
+           chose after the previous step; otherwise it answers ``skipped`` and changes nothing.
            Reply body, sealed: [msgpack ``{"token": int, "accepted": int, "pos": int,
-           "compute_ms": float, "worker_ms": float}``]: ``accepted`` drafts were kept and
+           "compute_ms": float, "worker_ms": float}``] (a skipped conditional step:
+           ``{"skipped": true, "pos": int, ...}`` with ``token`` 0): ``accepted`` drafts were kept and
            ``token`` follows them; ``pos`` is the cache length after the step; ``compute_ms`` is
            the forward pass and sampling, ``worker_ms`` everything from the job's arrival at the
            worker to its reply (decryption included).
@@ -140,13 +148,18 @@ def check_open_proof(cipher: Cipher, session_id: str, step: int, frames: list[An
 
 
 def seal_step(cipher: Cipher, session_id: str, step: int, pos: int, hidden, wire_dtype: str,
-              draft: list[int] | tuple[int, ...] = ()) -> list[Any]:
+              draft: list[int] | tuple[int, ...] = (), first: int | None = None, epoch: int = 0) -> list[Any]:
     """hidden: (1, T, H) boundary activations for positions pos .. pos+T; ``draft``: tokens the
-    last ``len(draft)`` of those positions hold, to be verified."""
+    last ``len(draft)`` of those positions hold, to be verified; ``first``: the guessed token at
+    ``pos`` of a conditional step; ``epoch``: see the module docstring."""
     meta, data = encode_tensor(hidden, wire_dtype)
     fields: dict[str, Any] = {"pos": pos, "tensor": meta}
     if draft:
         fields["draft"] = [int(t) for t in draft]
+    if first is not None:
+        fields["first"] = int(first)
+    if epoch:
+        fields["epoch"] = int(epoch)
     return cipher.seal(make_aad(session_id, step, KIND_STEP), [msgpack.packb(fields), data])
 
 
@@ -155,6 +168,8 @@ class StepRequest:
     pos: int
     hidden: Any  # (1, T, H) float32 tensor
     draft: list[int]
+    first: int | None = None  # a conditional step: the guessed token at ``pos``
+    epoch: int = 0
 
 
 def open_step(cipher: Cipher, session_id: str, step: int, frames: list[Any], hidden_size: int,
@@ -172,6 +187,11 @@ def open_step(cipher: Cipher, session_id: str, step: int, frames: list[Any], hid
         raise ProtocolError("bad_draft", "step field 'draft' must be a list of token ids")
     if vocab_size is not None and any(t >= vocab_size for t in draft):
         raise ProtocolError("bad_draft", f"a drafted token id is outside the vocabulary (size {vocab_size})")
+    first = head.get("first")
+    if first is not None and (type(first) is not int or first < 0
+                              or (vocab_size is not None and first >= vocab_size)):
+        raise ProtocolError("bad_draft", "step field 'first' must be a token id in the vocabulary")
+    epoch = _int_field(head, "epoch", "step") if "epoch" in head else 0
     hidden = decode_tensor(head.get("tensor"), body[1])
     if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[2] != hidden_size or hidden.shape[1] < 1:
         raise ProtocolError(
@@ -180,15 +200,18 @@ def open_step(cipher: Cipher, session_id: str, step: int, frames: list[Any], hid
     if len(draft) >= hidden.shape[1]:
         raise ProtocolError("bad_draft", f"{len(draft)} drafts need at least {len(draft) + 1} positions, "
                             f"the step has {hidden.shape[1]}")
-    return StepRequest(pos, hidden, draft)
+    return StepRequest(pos, hidden, draft, first, epoch)
 
 
 def seal_step_reply(
     cipher: Cipher, session_id: str, step: int, token: int, pos: int, compute_ms: float, worker_ms: float,
-    accepted: int = 0,
+    accepted: int = 0, skipped: bool = False,
 ) -> list[Any]:
-    head = msgpack.packb({"token": token, "accepted": accepted, "pos": pos, "compute_ms": float(compute_ms),
-                          "worker_ms": float(worker_ms)})
+    fields: dict[str, Any] = {"token": token, "accepted": accepted, "pos": pos, "compute_ms": float(compute_ms),
+                              "worker_ms": float(worker_ms)}
+    if skipped:
+        fields["skipped"] = True
+    head = msgpack.packb(fields)
     return cipher.seal(make_aad(session_id, step, KIND_STEP), [head])
 
 
@@ -199,6 +222,7 @@ class StepReply:
     compute_ms: float
     worker_ms: float
     accepted: int = 0  # drafts the worker kept; ``token`` follows them
+    skipped: bool = False  # a conditional step whose condition failed: nothing ran
 
 
 def open_step_reply(cipher: Cipher, session_id: str, step: int, frames: list[Any]) -> StepReply:
@@ -215,4 +239,5 @@ def open_step_reply(cipher: Cipher, session_id: str, step: int, frames: list[Any
         float(times[0]),
         float(times[1]),
         _int_field(head, "accepted", "step reply") if "accepted" in head else 0,
+        head.get("skipped") is True,
     )

@@ -106,3 +106,6 @@ MiniDraftOpt = Annotated[int, typer.Option(
 MiniFixedOpt = Annotated[bool, typer.Option(
     "--mini-fixed", help="Always draft up to --mini-max-draft tokens instead of what the measured round "
     "trip and acceptance rate say pays (for measurements).")]
+MiniPipelineOpt = Annotated[bool, typer.Option(
+    "--mini-pipeline/--no-mini-pipeline", help="Verify mode: send guesses while earlier frames are still in "
+    "flight, so a round trip is paid per rejected guess (default); off: one frame of drafts per round trip.")]

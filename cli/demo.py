@@ -10,7 +10,15 @@ from typing import Annotated
 import typer
 
 from cli.cluster import ClusterError, LocalCluster
-from cli.common import EXIT_FAILED, MiniDraftOpt, MiniFixedOpt, MiniModeOpt, MiniOpt, MiniThresholdOpt
+from cli.common import (
+    EXIT_FAILED,
+    MiniDraftOpt,
+    MiniFixedOpt,
+    MiniModeOpt,
+    MiniOpt,
+    MiniPipelineOpt,
+    MiniThresholdOpt,
+)
 
 
 def demo(
@@ -43,6 +51,7 @@ def demo(
     mini_mode: MiniModeOpt = "verify",
     mini_max_draft: MiniDraftOpt = 8,
     mini_fixed: MiniFixedOpt = False,
+    mini_pipeline: MiniPipelineOpt = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print the edge's JSON object only.")] = False,
     trace_rows: Annotated[int, typer.Option("--trace-rows", help="Per-token trace rows to print.")] = 8,
 ) -> None:
@@ -87,6 +96,7 @@ def demo(
         if mini != "none":
             args += ["--mini", mini, "--mini-threshold", str(mini_threshold), "--mini-mode", mini_mode,
                      "--mini-max-draft", str(mini_max_draft)] + (["--mini-fixed"] if mini_fixed else [])
+            args.append("--mini-pipeline" if mini_pipeline else "--no-mini-pipeline")
         out = cluster.edge(*args)
         if out.returncode != 0:
             raise ClusterError(f"the edge failed (exit {out.returncode}):\n{out.stderr[-2000:]}")
@@ -120,7 +130,8 @@ def print_result(r: dict, trace_rows: int) -> None:
         typer.echo(f"\n[split {d['k']} chosen by the cost model ({d['reason']}; measured round trip {rtt})]", err=True)
     typer.echo(
         f"\n[{r['mode']}, split {r['split']}/{r['n_layers']}] {len(r['token_ids'])} tokens; first after "
-        f"{r['ttft_ms']:.0f} ms, then {r['ms_per_token']:.1f} ms/token; {r['cloud_round_trips']} round trips, "
+        f"{r['ttft_ms']:.0f} ms, then {r['ms_per_token']:.1f} ms/token; {r['cloud_round_trips']} frames sent, "
+        f"{r.get('cloud_waits', 0)} waits for the cloud, "
         f"{r['bytes_sent']} B sent, {r['bytes_received']} B received, {r['retries']} retries",
         err=True,
     )

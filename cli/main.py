@@ -13,6 +13,7 @@ from cli.common import (
     MiniFixedOpt,
     MiniModeOpt,
     MiniOpt,
+    MiniPipelineOpt,
     MiniThresholdOpt,
     Progress,
     setup_logging,
@@ -95,6 +96,7 @@ def edge(
     mini_mode: MiniModeOpt = "verify",
     mini_max_draft: MiniDraftOpt = 8,
     mini_fixed: MiniFixedOpt = False,
+    mini_pipeline: MiniPipelineOpt = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Generate text on this device, alone (--force-local) or with cloud workers."""
@@ -117,7 +119,7 @@ def edge(
             fallback_local=not no_fallback, cloud_latency_s=cloud_latency,
             bandwidth_mbps=bandwidth_mbps, energy_weight=energy_weight, latency_weight=latency_weight,
             memory_weight=memory_weight, mini=mini, mini_threshold=mini_threshold, mini_mode=mini_mode,
-            mini_max_draft=mini_max_draft, mini_adaptive=not mini_fixed, dynamic=not no_replan,
+            mini_max_draft=mini_max_draft, mini_adaptive=not mini_fixed, mini_pipeline=mini_pipeline, dynamic=not no_replan,
             curve=not no_curve,
         )
         started = False

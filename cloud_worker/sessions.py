@@ -24,6 +24,10 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     reduction: Reduction | None = None  # steps arrive (1, T, D) and are reconstructed to (1, T, H)
     last_step: int = -1  # highest step number run: an older one is a late copy, never run again
+    epoch: int = 0  # of the last step run; a step of an older epoch is stale, a newer one may rewind
+    # The main model's token after the last position the cache holds (what the last step
+    # returned): a conditional step runs only if its first token is this one. None: no step yet.
+    expected: int | None = None
 
 
 class SessionTable:

@@ -269,11 +269,19 @@ class CloudWorker:
         if session.reduction is not None:
             hidden = session.reduction.reconstruct(hidden)  # (1, T, D) -> (1, T, H)
         pos, cache = req.pos, session.cache
-        if job.step < session.last_step:
-            # A copy of an earlier step that a reordering link delivered after a later one: running
-            # it would crop the later step out of the cache. Its answer was taken from another copy.
-            raise ProtocolError("stale_step", f"step {job.step} arrived after step {session.last_step}; "
-                                "not run again")
+        conditional = req.first is not None
+        if req.epoch < session.epoch or (req.epoch == session.epoch and job.step < session.last_step):
+            # A copy of an earlier step that a reordering link delivered after a later one (or a
+            # frame the edge gave up on before it resent from an older position, a new epoch):
+            # running it would crop the later step out of the cache. Its answer was taken elsewhere.
+            if conditional:
+                return self._skipped(job, session)
+            raise ProtocolError("stale_step", f"step {job.step} (epoch {req.epoch}) arrived after step "
+                                f"{session.last_step} (epoch {session.epoch}); not run again")
+        if conditional and (req.epoch != session.epoch or pos != cache.length or req.first != session.expected):
+            # A pipelined frame that follows a guess the main model did not make (or a frame that
+            # was itself skipped): the edge discards it, so it must leave the cache alone.
+            return self._skipped(job, session)
         if pos < cache.length:
             # A retry of a step this cache already ran (the reply was lost or late): undo it and
             # run it again, so the step affects the cache exactly once.
@@ -289,12 +297,17 @@ class CloudWorker:
         except CacheFullError as exc:
             cache.crop(pos)
             raise ProtocolError("too_long", str(exc)) from None
-        session.last_step = job.step
+        session.last_step, session.epoch, session.expected = job.step, req.epoch, token
         compute_ms = (time.perf_counter() - t0) * 1e3
         self.cost.observe(compute_ms, self.source.n_layers - session.layer_lo, hidden.shape[1])
         worker_ms = (time.monotonic() - job.received_at) * 1e3
         return {}, seal_step_reply(session.cipher, job.session_id, job.step, token, cache.length, compute_ms,
                                    worker_ms, accepted=accepted)
+
+    def _skipped(self, job: Job, session: Session) -> tuple[dict, list]:
+        worker_ms = (time.monotonic() - job.received_at) * 1e3
+        return {}, seal_step_reply(session.cipher, job.session_id, job.step, 0, session.cache.length, 0.0,
+                                   worker_ms, skipped=True)
 
 
 def run_worker(config: CloudWorkerConfig, stop_event: threading.Event | None = None) -> None:

@@ -53,7 +53,7 @@ from broker.session_protocol import (
 )
 from broker.transport import client_keys
 from edge_worker.config import default_broker, default_keys_dir
-from edge_worker.generation import Backend, StepStats
+from edge_worker.generation import Backend, FrameLost, PipelinedFrame, StepStats
 from edge_worker.timeouts import ADAPTIVE_MAX_POSITIONS, DEFAULT_MIN_TIMEOUT_S, StepTimer
 from partition.reduction import Reduction
 from partition.sampling import SamplingParams
@@ -203,6 +203,9 @@ class CloudSession:
         # Builds a LocalBackend for layers [split, N) when the cloud is gone for good; None: fail.
         self.fallback: Callable[[], Backend] | None = None
         self.local: Backend | None = None
+        # Raised when the edge gives up on pipelined frames in flight and resends from its oldest
+        # unanswered position: the worker lets a step of a newer epoch rewind its cache.
+        self.epoch = 0
 
     # --- Backend --------------------------------------------------------------------------------
     def start(self, sampling: SamplingParams) -> None:
@@ -213,6 +216,7 @@ class CloudSession:
         self.pos = 0
         self.replay = []
         self.local = None
+        self.epoch = 0
 
     def step(self, hidden: torch.Tensor, step: int, draft: list[int] | tuple[int, ...] = ()
              ) -> tuple[list[int], StepStats]:
@@ -316,6 +320,98 @@ class CloudSession:
             log.debug("closing session %s: %s", self.session_id[:8], exc)
         self.cipher = None
 
+    # --- pipelined frames (edge_worker/generation.py, EdgeGenerator._pipeline_cycle) --------------
+    pipelines = True
+
+    def can_pipeline(self) -> bool:
+        """Pipelined frames need an open session on a worker (the first step, a reopen after a
+        lost worker and the local fallback all go through ``step``)."""
+        return self.cipher is not None and self.local is None
+
+    def submit(self, hidden: torch.Tensor, step: int, pos: int, first: int | None) -> PipelinedFrame:
+        """Send one frame without waiting and without copies: positions ``pos ..`` of ``hidden``
+        (1, T, H); ``first`` makes it conditional on the main model choosing that token at ``pos``
+        (session_protocol.py). A transport error is raised at once."""
+        wire = self.reduction.project(hidden) if self.reduction else hidden
+        frames = seal_step(self.cipher, self.session_id, step, pos, wire, self.client.wire_dtype,
+                           first=first, epoch=self.epoch)
+        nbytes = sum(len(memoryview(f)) for f in frames)
+        rid = self.client.connection.submit(
+            self.session_id, KIND_STEP, self.model_id, self.split, step, frames,
+            timeout_s=self.client.request_timeout_s, extra={TASK_KEY: f"{self.task_base}-{step}"})
+        return PipelinedFrame(hidden=hidden, step=step, pos=pos, first=first, handle=rid,
+                              sent_at=time.perf_counter(), bytes_sent=nbytes)
+
+    def ready(self, frame: PipelinedFrame) -> bool:
+        """Whether the frame's answer (or error) has arrived; never blocks."""
+        try:
+            return self.client.connection.wait_any([frame.handle], 0.0) is not None
+        except EdgeCloudError:
+            return True  # collect() raises it
+
+    def collect(self, frame: PipelinedFrame) -> tuple[int | None, StepStats]:
+        """The oldest frame's answer: the main model's token after it, or None when the worker
+        skipped it (its condition failed). Waits at most about one expected round trip (the
+        adaptive copy wait) from when the frame was sent. A timeout or an error ``step`` would
+        retry (or fall back on) raises FrameLost; any other error (security, protocol, poison)
+        is raised as it is. Only frames that ran enter the replay log."""
+        try:
+            return self._collect(frame)
+        except EdgeCloudError as exc:
+            if _recoverable(exc) or _availability_error(exc):
+                raise FrameLost(f"{type(exc).__name__}: {exc}") from exc
+            raise
+
+    def _collect(self, frame: PipelinedFrame) -> tuple[int | None, StepStats]:
+        conn = self.client.connection
+        timer = self.client.step_timer
+        stats = StepStats(bytes_sent=frame.bytes_sent, round_trips=1)
+        budget = self.client.request_timeout_s
+        if self.client.adaptive_timeout:
+            budget = timer.timeout_s(budget) or budget
+        t_wait = time.perf_counter()
+        waited = conn.wait_any([frame.handle], 0.0) is None
+        if waited:
+            stats.waited = True
+            remaining = frame.sent_at + budget - t_wait
+            if conn.wait_any([frame.handle], max(0.0, remaining)) is None:
+                conn.forget(frame.handle)
+                raise RequestTimeout(f"pipelined step {frame.step} got no answer within {budget * 1e3:.0f} ms")
+        reply: Reply = conn.result(frame.handle)
+        now = time.perf_counter()
+        stats.bytes_received = sum(len(f) for f in reply.frames)
+        result = open_step_reply(self.cipher, self.session_id, frame.step, reply.frames)
+        if result.skipped:
+            return None, stats
+        expected = frame.pos + frame.hidden.shape[1]
+        if result.accepted or result.pos != expected:
+            raise WorkerLost(f"worker cache holds {result.pos} positions after pipelined step {frame.step}, "
+                             f"expected {expected}")
+        if waited and self.client.adaptive_timeout:
+            timer.observe(now - frame.sent_at)  # only then is the arrival time known
+        self.pos = expected
+        self._log(frame.hidden, 0)
+        elapsed_ms = (now - frame.sent_at) * 1e3
+        stats.worker_id = str(reply.worker_id)
+        stats.cloud_compute_ms = result.compute_ms
+        stats.worker_overhead_ms = max(0.0, result.worker_ms - result.compute_ms)
+        stats.transport_ms = max(0.0, elapsed_ms - result.worker_ms)
+        return result.token, stats
+
+    def discard(self, frames: list[PipelinedFrame]) -> None:
+        """Stop waiting for frames the edge gave up on: the worker skips them (their condition
+        fails) and their answers are dropped as stale."""
+        conn = self.client.connection
+        for frame in frames:
+            conn.forget(frame.handle)
+
+    def resend(self, frame: PipelinedFrame) -> tuple[list[int], StepStats]:
+        """The frame got no usable answer: give up on everything in flight (a new epoch, so the
+        worker may rewind to this frame's position even if it ran later frames) and send it
+        again through ``step``, with its copies, failover, replay and local fallback."""
+        self.epoch += 1
+        return self.step(frame.hidden, frame.step)
+
     # --- wire -----------------------------------------------------------------------------------
     def _open(self, step: int, stats: StepStats, timeout_s: float) -> None:
         if self.client.encryption:
@@ -362,7 +458,7 @@ class CloudSession:
         try:
             while winner is None:
                 frames = seal_step(self.cipher, self.session_id, step, self.pos, wire, self.client.wire_dtype,
-                                   draft)
+                                   draft, epoch=self.epoch)
                 stats.bytes_sent += sum(len(memoryview(f)) for f in frames)
                 now = time.perf_counter()
                 rid = conn.submit(self.session_id, KIND_STEP, self.model_id, self.split, step, frames,

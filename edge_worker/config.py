@@ -60,6 +60,7 @@ class EdgeConfig:
     mini_mode: str = "verify"  # verify: the main model checks every draft; trust: confident drafts go out
     mini_max_draft: int = 8  # most tokens drafted per round trip (the controller may use fewer)
     mini_adaptive: bool = True  # False: always draft mini_max_draft tokens (measurements)
+    mini_pipeline: bool = True  # verify mode: send guesses while earlier frames are in flight
     # Cost-model weights for choosing the split when none is given (the original design's defaults).
     energy_weight: float = 0.3
     latency_weight: float = 0.4

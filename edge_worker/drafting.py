@@ -21,7 +21,7 @@ position), so drafting switches itself off where it does not pay (near-zero dela
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,10 @@ from partition.speculative import MAX_DRAFT_TOKENS
 log = logging.getLogger(__name__)
 
 MINI_MODES = ("verify", "trust")
+# Pipelined cycles (counted modulo DraftController.probe_every) that try the choice the
+# measurements do not favour, so that both keep being measured.
+_EXPLORE_CYCLES = (3, 4, 5)
+_PLAIN_FIRST = 3  # plain cycles that start every pipelined generation (they measure plain hybrid)
 
 
 class DrafterError(PartitionError):
@@ -92,10 +96,13 @@ class SelfDrafter:
     name = "self"
     incremental = True  # drafts one token at a time from the edge's own forward pass
 
-    def __init__(self, norm: torch.nn.Module, lm_head: torch.nn.Module, adapter: DrafterAdapter | None = None):
+    def __init__(self, norm: torch.nn.Module, lm_head: torch.nn.Module, adapter: DrafterAdapter | None = None,
+                 lookup: LookupDrafter | None = None):
         self.norm = norm
         self.lm_head = lm_head
         self.adapter = adapter
+        # Pipelined drafting asks prompt lookup first: a match costs no LM head.
+        self.lookup = lookup
 
     def reset(self, prompt: list[int]) -> None:
         pass
@@ -107,6 +114,15 @@ class SelfDrafter:
         if self.adapter is not None:
             h = self.adapter(h)
         return _top1(self.lm_head(self.norm(h.to(self.lm_head.weight.dtype))))
+
+    def guess(self, context: list[int], hidden: torch.Tensor) -> tuple[int, float] | None:
+        """The next token after ``context``, whose newest position has the boundary activation
+        ``hidden`` (H,): a prompt-lookup match when there is one, else early exit."""
+        if self.lookup is not None:
+            found = self.lookup.propose(context, 1, 0.0)
+            if found:
+                return found[0]
+        return self.next_from_hidden(hidden)
 
 
 # --- prompt lookup ------------------------------------------------------------------------------
@@ -136,6 +152,10 @@ class LookupDrafter:
                     if follow:
                         return [(t, 1.0) for t in follow]
         return []
+
+    def guess(self, context: list[int], hidden: torch.Tensor) -> tuple[int, float] | None:
+        found = self.propose(context, 1, 0.0)
+        return found[0] if found else None
 
 
 # --- a separate small model ---------------------------------------------------------------------
@@ -187,6 +207,10 @@ class ModelDrafter:
             logits = self._feed([token])
         self.last_logits = logits
         return drafts
+
+    def guess(self, context: list[int], hidden: torch.Tensor) -> tuple[int, float] | None:
+        found = self.propose(context, 1, 0.0)
+        return found[0] if found else None
 
 
 # --- how many tokens to draft -------------------------------------------------------------------
@@ -249,6 +273,87 @@ class DraftController:
                 return 1
         return best
 
+    # --- pipelined drafting (EdgeGenerator._pipeline_cycle) ---------------------------------------
+    # One frame per position: the pending token, then one conditional frame per guess, sent while
+    # earlier ones are in flight. A cycle ends at the first guess the main model does not make.
+    # With acceptance ``a``, base edge time ``b`` (layers for one token), draft time ``e`` (a guess
+    # and its layers), round trip ``R`` and cloud time ``c`` per frame, a cycle costs about
+    # ``b + R + c`` plus the chain of kept guesses, each taking ``tau = max(e + c, (R + c + e) /
+    # (n + 1))`` with at most ``n`` guesses in flight; it yields ``1 / (1 - a)`` tokens. Edge and
+    # cloud compute are counted as if they could not overlap (they share a CPU in our tests, and
+    # overlapping them there costs more than it saves): only the round trip is hidden. A rejected
+    # guess may find the edge in the middle of a draft (``e / 2``). Plain hybrid costs ``b + R + c``
+    # per token.
+    min_gain: float = 0.05  # pipeline only when it is predicted this much faster than plain hybrid
+    # Realised [ms, tokens] of recent cycles with guesses (True) and without (False), decayed per
+    # cycle: once both are known they decide, so the choice also holds where the cost model does
+    # not (an edge and a worker sharing one loaded CPU, where a guess slows the worker down).
+    # Cycles _EXPLORE_CYCLES of every probe_every try the other choice, to keep both figures fresh.
+    realised: dict = field(default_factory=lambda: {True: [0.0, 0.0], False: [0.0, 0.0]})
+    cycles: int = 0
+
+    def pipeline_ms_per_token(self, n: int, overlap: bool = False) -> float:
+        """Predicted ms per token with at most ``n`` guesses in flight (``n = 0``: plain hybrid);
+        ``overlap``: edge and cloud compute in parallel (separate machines)."""
+        b, r, c = self.base_ms or 0.0, self.round_trip_ms or 0.0, self.cloud_one_ms or 0.0
+        if n == 0:
+            return b + r + c
+        a = min(self.acceptance, 0.95)
+        e = self.edge_per_draft_ms if self.edge_per_draft_ms is not None else b
+        tau = max(max(e, c) if overlap else e + c, (r + c + e) / (n + 1))
+        return (1 - a) * (b + r + c + e / 2) + a * tau
+
+    def realised_ms(self, pipelined: bool) -> float | None:
+        ms, tokens = self.realised[pipelined]
+        return ms / tokens if tokens >= 2 else None
+
+    def pipeline_depth(self) -> int:
+        """How many guesses may be in flight this cycle (0: none, plain hybrid).
+
+        The first cycles are plain (they measure the round trip and the costs), then the cost
+        model decides until the realised ms per token of both choices is known; from then on
+        those decide, with a few exploring cycles of the other choice in every ``probe_every``."""
+        if self.cycles < _PLAIN_FIRST:
+            return 0
+        measured = self.round_trip_ms is not None and self.base_ms is not None and self.cloud_one_ms is not None
+        # How many in flight: enough to cover a round trip if edge and cloud do overlap; whether
+        # at all: only if it pays even when they do not.
+        best = min(range(1, self.max_tokens + 1), key=lambda n: self.pipeline_ms_per_token(n, overlap=True)
+                   ) if measured else 2
+        best = min(best, self.max_tokens)
+        pipe, plain = self.realised_ms(True), self.realised_ms(False)
+        model = not measured or (
+            self.pipeline_ms_per_token(best) <= (1 - self.min_gain) * self.pipeline_ms_per_token(0))
+        use = pipe <= (1 - self.min_gain) * plain if pipe is not None and plain is not None else model
+        # Explore only where the model expects pipelining to pay (not at loopback round trips).
+        if model and self.cycles >= self.probe_every and self.cycles % self.probe_every in _EXPLORE_CYCLES:
+            use = not use
+        return best if use else 0
+
+    def record_edge(self, base_ms: float | None = None, draft_ms: float | None = None) -> None:
+        if base_ms is not None:
+            self.base_ms = self._ewma(self.base_ms, base_ms)
+        if draft_ms is not None:
+            self.edge_per_draft_ms = self._ewma(self.edge_per_draft_ms, draft_ms)
+
+    def record_reply(self, round_trip_ms: float | None, cloud_ms: float) -> None:
+        """A one-position frame's answer: ``round_trip_ms`` when its arrival time is known."""
+        self.cloud_one_ms = self._ewma(self.cloud_one_ms, cloud_ms)
+        if round_trip_ms is not None:
+            self.round_trip_ms = self._ewma(self.round_trip_ms, round_trip_ms)
+
+    def record_guess(self, hit: bool) -> None:
+        self.accept_hits += hit
+        self.accept_trials += 1
+
+    def record_cycle(self, drafted: int, ms: float = 0.0, tokens: int = 0) -> None:
+        """A pipelined cycle: ``drafted`` guesses sent, ``tokens`` committed in ``ms``."""
+        self.rounds_since_draft = 0 if drafted else self.rounds_since_draft + 1
+        self.cycles += 1
+        if tokens:
+            acc = self.realised[drafted > 0]
+            acc[0], acc[1] = acc[0] * 0.9 + ms, acc[1] * 0.9 + tokens
+
     def record(self, drafted: int, accepted: int, edge_base_ms: float, edge_draft_ms: float,
                round_trip_ms: float, cloud_ms: float) -> None:
         """One round's measurements: ``drafted`` tokens proposed, ``accepted`` kept."""
@@ -289,6 +394,13 @@ class MiniSettings:
     threshold: float = 0.5
     max_draft: int = 8
     adaptive: bool = True  # False: always draft up to max_draft (tests, fixed-length benchmarks)
+    # Verify mode: send guesses while earlier frames are in flight (EdgeGenerator._pipeline_cycle)
+    # instead of one frame of drafts per round trip. max_draft then bounds the guesses in flight.
+    pipeline: bool = True
+
+    @property
+    def pipelined(self) -> bool:
+        return self.pipeline and self.mode == "verify"
 
     def __post_init__(self) -> None:
         check_mini_options(self.mode, self.threshold, self.max_draft)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
@@ -46,6 +47,27 @@ class StepStats:
     retries: int = 0
     worker_id: str = ""  # the worker that answered, for the trace
     fell_back: bool = False  # the remaining layers ran on the edge because the cloud was unavailable
+    waited: bool = False  # a pipelined frame: the edge had to wait for its answer (it was not in yet)
+
+
+@dataclass
+class PipelinedFrame:
+    """A frame sent while earlier ones are unanswered (pipelined drafting, see
+    ``EdgeGenerator._pipeline_cycle``): ``hidden`` (1, T, H) holds positions ``pos ..``; ``first``,
+    when set, is the drafter's guess of the token at ``pos`` that the frame is conditional on."""
+
+    hidden: torch.Tensor
+    step: int
+    pos: int
+    first: int | None
+    handle: object = None  # the backend's request handle
+    sent_at: float = 0.0
+    bytes_sent: int = 0
+
+
+class FrameLost(Exception):
+    """A pipelined frame got no usable answer (timeout, lost worker, skipped): the edge gives up
+    on everything in flight and resends it through the ordinary step path."""
 
 
 def mode_for(split: int, n_layers: int) -> str:
@@ -76,6 +98,24 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+class PipelinedBackend(Backend, Protocol):
+    """A backend that also takes frames without waiting for the earlier ones' answers."""
+
+    pipelines: bool  # it implements the methods below (can_pipeline says whether it can right now)
+
+    def can_pipeline(self) -> bool: ...
+
+    def submit(self, hidden: torch.Tensor, step: int, pos: int, first: int | None) -> PipelinedFrame: ...
+
+    def ready(self, frame: PipelinedFrame) -> bool: ...
+
+    def collect(self, frame: PipelinedFrame) -> tuple[int | None, StepStats]: ...
+
+    def discard(self, frames: list[PipelinedFrame]) -> None: ...
+
+    def resend(self, frame: PipelinedFrame) -> tuple[list[int], StepStats]: ...
+
+
 class SplitMover(Protocol):
     """Moves the split during a generation (``EdgeCloudManager`` implements it)."""
 
@@ -93,8 +133,9 @@ class SplitMover(Protocol):
 class LocalBackend:
     """The rest of the model in this process: the reference a remote backend must match."""
 
-    def __init__(self, segment: ModelSegment) -> None:
+    def __init__(self, segment: ModelSegment, pipelined: bool = False) -> None:
         self.segment = segment
+        self.pipelined = pipelined  # take pipelined frames (tests of the generation loop)
         self.cache = segment.new_cache()
         self.sampling = SamplingParams()
 
@@ -113,6 +154,38 @@ class LocalBackend:
 
     def close(self) -> None:
         self.cache = self.segment.new_cache()
+
+    # Pipelined frames, for tests of the generation loop: an answer is never in before the edge
+    # asks for it (so the edge fills its pipeline), and a frame runs only when collected, which
+    # the loop does oldest first and never for a frame it discarded, like a worker's skip.
+    @property
+    def pipelines(self) -> bool:
+        return self.pipelined
+
+    def can_pipeline(self) -> bool:
+        return self.pipelined
+
+    def submit(self, hidden: torch.Tensor, step: int, pos: int, first: int | None) -> PipelinedFrame:
+        if pos != self.cache.length and first is None:
+            raise ValueError(f"frame at {pos}, cache holds {self.cache.length}")
+        return PipelinedFrame(hidden=hidden, step=step, pos=pos, first=first)
+
+    def ready(self, frame: PipelinedFrame) -> bool:
+        return False
+
+    def collect(self, frame: PipelinedFrame) -> tuple[int | None, StepStats]:
+        if frame.pos != self.cache.length:
+            return None, StepStats()
+        tokens, stats = self.step(frame.hidden, frame.step)
+        stats.round_trips, stats.waited = 1, True
+        return tokens[0], stats
+
+    def discard(self, frames: list[PipelinedFrame]) -> None:
+        pass
+
+    def resend(self, frame: PipelinedFrame) -> tuple[list[int], StepStats]:
+        self.cache.crop(frame.pos)
+        return self.step(frame.hidden, frame.step)
 
 
 @dataclass
@@ -134,7 +207,8 @@ class GenerationResult:
     n_layers: int
     model: str
     prompt_tokens: int
-    cloud_round_trips: int = 0
+    cloud_round_trips: int = 0  # frames sent to the cloud (pipelined frames included)
+    cloud_waits: int = 0  # times the edge had to wait for a cloud answer that was not in yet
     bytes_sent: int = 0
     bytes_received: int = 0
     tokens_from_mini: int = 0  # drafted tokens emitted (kept by the main model, or trusted)
@@ -249,6 +323,17 @@ class EdgeGenerator:
             self.backend.start(sampling)
         t_start = time.perf_counter()
         t_first = t_start
+
+        def commit(token: int) -> None:
+            """A pipelined frame's answer: one more token of the output."""
+            nonlocal t_first
+            generated.append(token)
+            committed.append(token)
+            if len(generated) == 1:
+                t_first = time.perf_counter()
+                result.ttft_ms = (t_first - t_start) * 1e3
+            if stream and token not in self.eos_token_ids:
+                stream.update(generated)
         x = torch.tensor([input_ids], dtype=torch.long)  # (1, T): positions the edge has not run
         try:
             while len(generated) < max_new_tokens:
@@ -262,13 +347,23 @@ class EdgeGenerator:
                             mini.drafter.reset(list(committed))
                             if controller is None:
                                 controller = DraftController(max_tokens=mini.max_draft)
+                pipelined = mini is not None and mini.pipelined and getattr(self.backend, "pipelines", False)
+                if pipelined and controller is not None and self.backend.can_pipeline():  # type: ignore[union-attr]
+                    last = self._pipeline_cycle(mini, controller, x, cache, committed, max_new_tokens, result,
+                                                commit)
+                    if last in self.eos_token_ids:
+                        result.stop_reason = "eos"
+                        break
+                    x = torch.tensor([[last]], dtype=torch.long)
+                    continue
                 t0 = time.perf_counter()
                 out = self.edge(x, cache, logits="last" if self.backend is None else "none")
                 base_ms = (time.perf_counter() - t0) * 1e3
                 drafts: list[int] = []
                 parts = [out.hidden]
                 draft_ms = 0.0
-                if mini is not None and controller is not None:
+                # Pipelined, a round the backend cannot pipeline (the opener, the local fallback) is plain.
+                if mini is not None and controller is not None and not pipelined:
                     budget = max_new_tokens - step - 1
                     adapt = mini.adaptive and mini.mode == "verify"
                     n_max = min(budget, controller.best_length() if adapt else mini.max_draft)
@@ -295,7 +390,7 @@ class EdgeGenerator:
                     _add_stats(result, stats)
                     if stats.fell_back and result.fallback_at_step is None:
                         result.fallback_at_step = step
-                    if controller is not None and mini is not None and mini.mode == "verify":
+                    if controller is not None and mini is not None and mini.mode == "verify" and not pipelined:
                         controller.record(len(drafts), accepted, base_ms, draft_ms,
                                           stats.transport_ms + stats.waiting_ms + stats.worker_overhead_ms,
                                           stats.cloud_compute_ms)
@@ -306,6 +401,7 @@ class EdgeGenerator:
                         break
                 result.tokens_drafted += len(drafts)
                 result.tokens_from_mini += min(accepted, len(kept))
+                result.cloud_waits += stats.round_trips
                 result.trace.append({
                     "token": kept[-1], "tokens": kept, "drafted": len(drafts), "accepted": accepted,
                     "positions": x.shape[1] + len(drafts), "edge_ms": round(edge_ms, 3),
@@ -367,6 +463,118 @@ class EdgeGenerator:
         log.info("moved the split from %d to %d at step %d (%d positions rebuilt in %.0f ms)",
                  old_k, k, len(result.token_ids), prefix.shape[1], rebuild_ms)
         return cache
+
+    def _pipeline_cycle(self, mini: MiniSettings, controller: DraftController, x: torch.Tensor,
+                        cache: SegmentKVCache, committed: list[int], max_new_tokens: int,
+                        result: GenerationResult, commit: Callable[[int], None]) -> int:
+        """Pipelined drafting: the round trip is paid per rejected guess, not per token.
+
+        The edge runs its layers on the pending tokens ``x`` and sends them; then, instead of
+        waiting, it guesses the main model's next token (the drafter), runs its layers on the guess
+        and sends that position too, as a frame *conditional* on the guess, and so on while the
+        controller's depth allows and the oldest answer is not in. Answers come back in order;
+        each commits one token. While a token equals the guess the next frame was sent with, that
+        frame is valid (the worker ran it); at the first difference the worker skips every later
+        frame (its condition fails), and so does the edge: it crops its cache to the committed
+        positions and returns. Output is the main model's, token for token.
+
+        Returns the last committed token (the next pending one). A frame that gets no usable
+        answer (timeout, lost worker, error) ends the pipeline: the edge forgets what is in flight
+        and resends that frame through the backend's ordinary step, with its retries, failover,
+        replay and local fallback.
+        """
+        backend: PipelinedBackend = self.backend  # type: ignore[assignment]
+        timings = result.timings
+        depth = controller.pipeline_depth() if mini.adaptive else mini.max_draft
+        t0 = time.perf_counter()
+        had = len(result.token_ids)
+        out = self.edge(x, cache, logits="none")
+        base_ms = (time.perf_counter() - t0) * 1e3
+        timings.edge_compute_ms += base_ms
+        if x.shape[1] == 1:
+            controller.record_edge(base_ms=base_ms)
+        step = len(result.token_ids)
+        inflight: deque[PipelinedFrame] = deque([backend.submit(out.hidden, step, cache.length - x.shape[1], None)])
+        result.cloud_round_trips += 1
+        h = out.hidden[0, -1]
+        next_step = step + 1
+        drafting = depth > 0
+        drafted = 0
+        try:
+            while True:
+                while (drafting and len(inflight) <= depth and next_step < max_new_tokens
+                       and not backend.ready(inflight[0])):
+                    t1 = time.perf_counter()
+                    context = committed + [f.first for f in list(inflight)[1:]]  # type: ignore[misc]
+                    guess = mini.drafter.guess(context, h)
+                    if guess is None or guess[1] < mini.threshold:
+                        drafting = False
+                        break
+                    token = guess[0]
+                    out = self.edge(torch.tensor([[token]], dtype=torch.long), cache, logits="none")
+                    h = out.hidden[0, -1]
+                    inflight.append(backend.submit(out.hidden, next_step, cache.length - 1, token))
+                    draft_ms = (time.perf_counter() - t1) * 1e3
+                    timings.edge_compute_ms += draft_ms
+                    controller.record_edge(draft_ms=draft_ms)
+                    result.cloud_round_trips += 1
+                    result.tokens_drafted += 1
+                    drafted += 1
+                    next_step += 1
+                    if token in self.eos_token_ids:
+                        drafting = False
+                frame = inflight.popleft()
+                try:
+                    token, stats = backend.collect(frame)
+                    if token is None:
+                        raise FrameLost(f"the worker skipped pipelined step {frame.step}, which the edge "
+                                        "expected it to run")
+                except FrameLost as exc:
+                    log.info("pipelined step %d: %s; resending it alone", frame.step, exc)
+                    backend.discard(list(inflight))
+                    inflight.clear()
+                    cache.crop(frame.pos + frame.hidden.shape[1])
+                    tokens, stats = backend.resend(frame)
+                    token, drafting = tokens[0], False
+                    stats.retries += 1
+                    stats.waited = False
+                else:
+                    stats.round_trips = 0  # counted when the frame was sent
+                _add_stats(result, stats)
+                if stats.fell_back and result.fallback_at_step is None:
+                    result.fallback_at_step = frame.step
+                result.cloud_waits += 1 if stats.waited or stats.retries else 0
+                if stats.waited and not stats.retries:
+                    controller.record_reply(stats.transport_ms + stats.waiting_ms + stats.worker_overhead_ms,
+                                            stats.cloud_compute_ms)
+                elif not stats.retries:
+                    controller.record_reply(None, stats.cloud_compute_ms)
+                guessed = bool(inflight) and inflight[0].first is not None
+                hit = guessed and inflight[0].first == token
+                if guessed:
+                    controller.record_guess(hit)
+                commit(token)
+                result.trace.append({
+                    "token": token, "tokens": [token], "drafted": int(frame.first is not None),
+                    "accepted": int(frame.first is not None), "positions": frame.hidden.shape[1],
+                    "edge_ms": 0.0, "cloud_ms": round(stats.cloud_compute_ms, 3),
+                    "worker_overhead_ms": round(stats.worker_overhead_ms, 3),
+                    "transport_ms": round(stats.transport_ms, 3), "waiting_ms": round(stats.waiting_ms, 3),
+                    "bytes_sent": stats.bytes_sent, "bytes_received": stats.bytes_received,
+                    # 1: a frame whose round trip was measured (the edge was waiting when its answer
+                    # came); the answers it found already in have no arrival time.
+                    "round_trips": int(stats.waited), "retries": stats.retries, "in_flight": len(inflight), "depth": depth,
+                })
+                if hit:
+                    result.tokens_from_mini += 1
+                if (token in self.eos_token_ids or len(result.token_ids) >= max_new_tokens or not hit
+                        or self.backend is not backend or not backend.can_pipeline()):
+                    cache.crop(frame.pos + frame.hidden.shape[1])
+                    return token
+        finally:
+            if inflight:
+                backend.discard(list(inflight))
+            controller.record_cycle(drafted, (time.perf_counter() - t0) * 1e3, len(result.token_ids) - had)
 
     def _draft(self, mini: MiniSettings, committed: list[int], parts: list[torch.Tensor], cache,
                n_max: int) -> list[int]:

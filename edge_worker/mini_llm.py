@@ -57,7 +57,8 @@ def default_adapters_dir() -> Path:
 class MiniLLMHandler:
     def __init__(self, model: Any = None, tokenizer: Any = None, threshold: float = DEFAULT_THRESHOLD,
                  main_tokenizer: Any = None, mode: str = "verify", max_draft: int = DEFAULT_MAX_DRAFT,
-                 adapter: str | Path | None = None, use_adapter: bool = True, adaptive: bool = True) -> None:
+                 adapter: str | Path | None = None, use_adapter: bool = True, adaptive: bool = True,
+                 pipeline: bool = True) -> None:
         check_mini_options(mode, threshold, max_draft)
         self.model = "self" if model is None else model
         self.tokenizer = tokenizer
@@ -67,6 +68,7 @@ class MiniLLMHandler:
         self.adapter = Path(adapter) if adapter is not None else None
         self.use_adapter = use_adapter
         self.adaptive = adaptive  # False: always draft max_draft tokens instead of what pays
+        self.pipeline = pipeline  # verify mode: guesses go out while earlier frames are in flight
         if main_tokenizer is not None:
             self.check_tokenizer(main_tokenizer)
 
@@ -108,7 +110,9 @@ class MiniLLMHandler:
                 log.info("self-drafter uses the adapter %s", path)
             elif self.adapter is not None:
                 raise DrafterError(f"no drafter adapter at {path}: run `edgecloud calibrate --drafter`")
-            drafter: Any = SelfDrafter(edge.norm, edge.lm_head, adapter)
+            # Pipelined, prompt lookup is asked first (bigram matches or longer: a lone repeated
+            # token predicts little); a match skips the LM head.
+            drafter: Any = SelfDrafter(edge.norm, edge.lm_head, adapter, lookup=LookupDrafter(min_ngram=2))
         elif kind == "lookup":
             drafter = LookupDrafter()
         else:
@@ -123,4 +127,4 @@ class MiniLLMHandler:
                 self.tokenizer = saved
             segment = ModelSegment.load(small, 0, small.n_layers)
             drafter = ModelDrafter(segment, label=small.name)
-        return MiniSettings(drafter, self.mode, self.threshold, self.max_draft, self.adaptive)
+        return MiniSettings(drafter, self.mode, self.threshold, self.max_draft, self.adaptive, self.pipeline)

@@ -73,7 +73,8 @@ def mini_handler(config: EdgeConfig):
     if config.mini == "none":
         return None
     return MiniLLMHandler(model=config.mini, threshold=config.mini_threshold, mode=config.mini_mode,
-                          max_draft=config.mini_max_draft, adaptive=config.mini_adaptive)
+                          max_draft=config.mini_max_draft, adaptive=config.mini_adaptive,
+                          pipeline=config.mini_pipeline)
 
 
 def make_client(config: EdgeConfig):

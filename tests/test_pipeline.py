@@ -228,7 +228,7 @@ def test_drafts_verified_by_a_real_worker_leave_the_output_unchanged(tiny_cluste
     args = ("--tokens", "40", "--raw-prompt", "--prompt", "abcabcabc abcabcabc abc")
     local = edge_json(tiny_cluster, "--force-local", *args)
     drafted = edge_json(tiny_cluster, "--split", "2", *args, "--mini", mini, "--mini-threshold", "0",
-                        "--mini-max-draft", "4", "--mini-fixed")
+                        "--mini-max-draft", "4", "--mini-fixed", "--no-mini-pipeline")
     assert drafted["token_ids"] == local["token_ids"]
     assert drafted["mini"] == mini and drafted["mini_mode"] == "verify"
     assert drafted["tokens_drafted"] > 0 and drafted["acceptance_rate"] is not None
@@ -237,7 +237,7 @@ def test_drafts_verified_by_a_real_worker_leave_the_output_unchanged(tiny_cluste
 
 def test_a_drafter_that_is_always_right_cuts_round_trips(tiny_cluster):
     args = ("--tokens", "30", "--mini", "tiny-llama", "--mini-threshold", "0", "--mini-max-draft", "4",
-            "--mini-fixed")
+            "--mini-fixed", "--no-mini-pipeline")  # one frame of drafts per round trip (tests/test_mini_pipeline.py)
     verified = edge_json(tiny_cluster, "--split", "2", *args)
     trusted = edge_json(tiny_cluster, "--split", "2", *args, "--mini-mode", "trust")
     local = edge_json(tiny_cluster, "--force-local", "--tokens", "30")

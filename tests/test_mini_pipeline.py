@@ -1,0 +1,261 @@
+"""Pipelined drafting: guesses sent while earlier frames are in flight, output unchanged.
+
+In-process (LocalBackend that answers only when asked, so the edge fills its pipeline), then
+through a real broker and worker: conditional frames, rejections mid-pipeline, a lossy link, a
+worker killed with frames in flight, and SmolLM2.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from broker.crypto import load_api_keys
+from broker.linkproxy import LinkConfig
+from cli.cluster import LocalCluster
+from edge_worker.cloud_client import CloudClient
+from edge_worker.drafting import DraftController
+from edge_worker.generation import EdgeGenerator, LocalBackend
+from edge_worker.mini_llm import MiniLLMHandler
+from partition.sampling import SamplingParams
+from partition.segment import ModelSegment
+from partition.tokens import encode_prompt, eos_token_ids
+
+PROMPTS = ["The quick brown fox jumps over the lazy dog. The quick brown", "abcabcabcabc", "Edge and cloud"]
+RAW = ("--raw-prompt", "--prompt", "abcabcabc abcabcabc abc")
+
+
+def generator(source, k: int, mini: MiniLLMHandler | None = None, pipelined: bool = True):
+    tokenizer = source.load_tokenizer()
+    edge = ModelSegment.load(source, 0, k, head=bool(mini and mini.needs_edge_head))
+    backend = LocalBackend(ModelSegment.load(source, k, source.n_layers, embed=False), pipelined=pipelined)
+    settings = mini.settings(source, edge, tokenizer) if mini else None
+    return EdgeGenerator(edge, backend, tokenizer, eos_token_ids(source, tokenizer), "hybrid", mini=settings)
+
+
+def ids_of(source, text: str) -> list[int]:
+    return source.load_tokenizer()(text)["input_ids"]
+
+
+def edge_json(cluster: LocalCluster, *args: str) -> dict:
+    out = cluster.edge(*args, "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+def api_key(cluster: LocalCluster) -> str:
+    return sorted(load_api_keys(cluster.keys_dir / "api_keys.txt"))[0]
+
+
+# --- in process -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["self", "lookup", "tiny-gpt2", "tiny-llama"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_pipelined_greedy_output_equals_plain_output(tiny_llama, kind, k):
+    # Threshold 0 and 4 guesses in flight: most guesses of the random drafters are wrong, so
+    # pipelines are cut mid-way all the time and the generation continues after each cut.
+    mini = MiniLLMHandler(model=kind, threshold=0.0, max_draft=4, adaptive=False)
+    for prompt in PROMPTS:
+        ids = ids_of(tiny_llama, prompt)
+        plain = generator(tiny_llama, k, pipelined=False).generate(ids, 24)
+        piped = generator(tiny_llama, k, mini).generate(ids, 24)
+        assert piped.token_ids == plain.token_ids, (kind, k, prompt)
+        assert piped.tokens_drafted > 0
+        # Every frame counts as a round trip: one per cycle (the pending token) and one per guess.
+        cycles = sum(1 for t in piped.trace if t["drafted"] == 0)
+        assert piped.cloud_round_trips == cycles + piped.tokens_drafted
+    if kind == "tiny-llama":  # the main model as its own drafter: every guess is kept
+        assert piped.acceptance_rate == 1.0
+    elif kind != "lookup":
+        assert piped.tokens_from_mini < piped.tokens_drafted  # rejections mid-pipeline happened
+
+
+def test_pipelined_sampling_is_reproducible_and_equals_plain_sampling(tiny_llama):
+    """Pipelined frames carry one position each: every token is the main model's draw for its
+    step, so the same seed gives the same text with or without guesses."""
+    ids = ids_of(tiny_llama, PROMPTS[0])
+    sampling = SamplingParams(temperature=0.9, top_p=0.95, seed=3)
+    mini = MiniLLMHandler(model="tiny-llama", threshold=0.0, max_draft=3, adaptive=False)
+    first = generator(tiny_llama, 2, mini).generate(ids, 20, sampling)
+    again = generator(tiny_llama, 2, mini).generate(ids, 20, sampling)
+    plain = generator(tiny_llama, 2, pipelined=False).generate(ids, 20, sampling)
+    assert first.token_ids == again.token_ids == plain.token_ids
+    assert first.tokens_from_mini > 0
+
+
+def test_controller_pipelines_when_round_trips_are_slow_and_not_when_drafts_are_bad():
+    c = DraftController(max_tokens=8)
+    assert c.pipeline_depth() == 0  # the first cycles measure plain hybrid
+    for _ in range(3):
+        c.record_cycle(0, ms=150.0, tokens=1)
+    assert c.pipeline_depth() == 2  # then a short pipeline, before anything else is known
+    c.realised[False] = [0.0, 0.0]
+    for _ in range(20):
+        c.record_edge(base_ms=12.0, draft_ms=16.0)
+        c.record_reply(100.0, 15.0)
+        c.record_guess(True)
+        c.record_guess(False)
+    slow = c.pipeline_depth()
+    assert slow >= 4  # (R + c + e) / (e + c): about 4 guesses cover a round trip
+    assert c.pipeline_ms_per_token(slow) < 0.7 * c.pipeline_ms_per_token(0)
+    # What the cycles really took wins over the model (an edge and a worker sharing one CPU):
+    # pipelined cycles measured slower per token than plain ones switch guessing off, except
+    # in the few exploring cycles of every probe_every.
+    for _ in range(3):
+        c.record_cycle(3, ms=400.0, tokens=2)
+        c.record_cycle(0, ms=150.0, tokens=1)
+    assert c.pipeline_depth() == 0 and c.pipeline_ms_per_token(slow) < 150
+    while c.cycles < c.probe_every or c.cycles % c.probe_every != 3:
+        c.record_cycle(0, ms=150.0, tokens=1)
+    assert c.pipeline_depth() == slow  # exploring
+    loopback = DraftController(max_tokens=8, cycles=3)
+    for _ in range(20):
+        loopback.record_edge(base_ms=14.0, draft_ms=18.0)
+        loopback.record_reply(2.0, 20.0)
+        loopback.record_guess(True)
+        loopback.record_guess(False)
+    assert loopback.pipeline_depth() == 0  # at loopback nothing is hidden: plain hybrid
+    fresh = DraftController(max_tokens=8, cycles=3)
+    for _ in range(20):
+        fresh.record_edge(base_ms=12.0, draft_ms=16.0)
+        fresh.record_reply(100.0, 15.0)
+    for _ in range(200):
+        fresh.record_guess(False)  # a drafter that is never right
+    assert fresh.pipeline_depth() == 0
+
+
+# --- through a real broker and worker -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("k", "mini"), [("1", "self"), ("3", "self"), ("2", "tiny-llama")])
+def test_pipelined_drafts_through_a_real_worker_leave_the_output_unchanged(tiny_cluster, k, mini):
+    local = edge_json(tiny_cluster, "--force-local", "--tokens", "30", *RAW)
+    got = edge_json(tiny_cluster, "--split", k, "--tokens", "30", *RAW, "--mini", mini, "--mini-threshold", "0",
+                    "--mini-max-draft", "4", "--mini-fixed", "--cloud-latency", "0.02")
+    assert got["token_ids"] == local["token_ids"], (k, mini)
+    assert got["tokens_drafted"] > 0
+    assert got["cloud_waits"] < got["cloud_round_trips"], got
+    if mini == "tiny-llama":
+        # Drafting for itself it is always right: the pipeline stays full (4 guesses behind the
+        # frame the edge waits for), so each wait is for a frame sent 4 frames earlier.
+        assert got["acceptance_rate"] == 1.0, got
+        assert sum(t.get("in_flight", 0) >= 3 for t in got["trace"]) >= 15, got["trace"]
+    else:
+        assert got["tokens_from_mini"] < got["tokens_drafted"]  # wrong guesses cut pipelines mid-way
+
+
+def test_conditional_frames_run_only_after_the_guessed_token(tiny_cluster, tiny_llama):
+    """The worker runs a pipelined frame only if it follows what the main model chose; a skipped
+    frame leaves the cache alone, and a resend (new epoch) may rewind what later frames did."""
+    source = tiny_llama
+    tok = source.load_tokenizer()
+    ids = encode_prompt(tok, "Describe a lighthouse at night.", raw=True)
+    eos = eos_token_ids(source, tok)
+    local = EdgeGenerator(ModelSegment.load(source, 0, source.n_layers), None, tok, eos, "local").generate(ids, 5)
+    t = local.token_ids
+    client = CloudClient(api_key=api_key(tiny_cluster), broker=tiny_cluster.endpoint,
+                         keys_dir=tiny_cluster.keys_dir, request_timeout_s=10)
+    edge = ModelSegment.load(source, 0, 2)
+    cache = edge.new_cache()
+
+    def run(token: int) -> torch.Tensor:
+        return edge(torch.tensor([[token]]), cache, logits="none").hidden
+
+    try:
+        session = client.session(source.model_id, 2, source.hidden_size)
+        session.start(SamplingParams())
+        tokens, _ = session.step(edge(torch.tensor([ids]), cache, logits="none").hidden, 0)
+        assert tokens == [t[0]] and session.can_pipeline()
+        p = len(ids)
+        wrong = (t[0] + 1) % source.vocab_size
+        skipped = [session.submit(run(wrong), 1, p, wrong), session.submit(run(7), 2, p + 1, 7)]
+        assert [session.collect(f)[0] for f in skipped] == [None, None]
+        assert session.pos == p  # nothing the worker skipped was logged
+        cache.crop(p)
+        right = session.submit(run(t[0]), 1, p, t[0])
+        after = session.submit(run(t[1]), 2, p + 1, t[1])
+        assert session.collect(right)[0] == t[1] and session.collect(after)[0] == t[2]
+        # Two more frames run, but the edge gives up on them before their answers (as if they were
+        # lost): the resend of the older one (a new epoch) rewinds the worker's cache to its
+        # position (the reply's cache length is checked) and runs it once more.
+        again = session.submit(run(t[2]), 3, p + 2, t[2])
+        behind = session.submit(run(t[3]), 4, p + 3, t[3])
+        session.discard([again, behind])
+        cache.crop(p + 3)
+        tokens, _ = session.resend(again)
+        assert tokens == [t[3]] and session.pos == p + 3
+        session.epoch -= 1  # a frame of the old epoch arriving late is skipped
+        old = session.submit(run(t[3]), 4, p + 3, t[3])
+        session.epoch += 1
+        assert session.collect(old)[0] is None and session.pos == p + 3
+        cache.crop(p + 3)
+        tokens, _ = session.step(run(t[3]), 4)
+        assert tokens == [t[4]]  # the caches were consistent after all of it
+        session.close()
+    finally:
+        client.close()
+
+
+def test_pipelining_over_a_lossy_duplicating_link_keeps_the_output(tiny_cluster, tiny_llama):
+    """Lost frames and answers end the pipeline and resend through the step path's copies."""
+    source = tiny_llama
+    tok = source.load_tokenizer()
+    ids = encode_prompt(tok, "Describe a lighthouse at night.", raw=True)
+    eos = eos_token_ids(source, tok)
+    local = EdgeGenerator(ModelSegment.load(source, 0, source.n_layers), None, tok, eos, "local").generate(ids, 60)
+    link = LinkConfig(rtt_ms=10, drop_rate=0.05, duplicate_rate=0.05, delay_rate=0.03, extra_delay_ms=30, seed=5)
+    client = CloudClient(api_key=api_key(tiny_cluster), broker=tiny_cluster.endpoint,
+                         keys_dir=tiny_cluster.keys_dir, request_timeout_s=2.0, step_deadline_s=30, link=link)
+    mini = MiniLLMHandler(model="tiny-llama", threshold=0.0, max_draft=4, adaptive=False)
+    try:
+        edge = ModelSegment.load(source, 0, 2, head=True)
+        backend = client.session(source.model_id, 2, source.hidden_size)
+        gen = EdgeGenerator(edge, backend, tok, eos, "hybrid", mini=mini.settings(source, edge, tok))
+        result = gen.generate(ids, 60)
+        dropped = client._proxy.stats().dropped if client._proxy is not None else 0
+    finally:
+        client.close()
+    assert result.token_ids == local.token_ids
+    assert dropped and result.retries >= 1, (dropped, result.retries)
+
+
+def test_a_worker_killed_with_frames_in_flight_changes_nothing():
+    with LocalCluster(model="tiny-llama", worker_threads=1, heartbeat_s=0.3) as cluster:
+        cluster.start_broker()
+        cluster.add_worker()
+        cluster.add_worker()
+        cluster.wait_for_workers(2, timeout_s=60)
+        args = ("--tokens", "600", *RAW)
+        expected = edge_json(cluster, "--force-local", *args)["token_ids"]
+        proc = cluster.start_edge("--split", "2", *args, "--json", "--mini", "tiny-llama", "--mini-threshold", "0",
+                                  "--mini-max-draft", "4", "--mini-fixed", "--cloud-latency", "0.01")
+        try:
+            victim = cluster.worker_named(cluster.wait_for_decoding(proc))
+            cluster.kill(victim)
+            out, err = proc.communicate(timeout=120)
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, err[-3000:]
+        result = json.loads(out)
+        assert result["token_ids"] == expected
+        assert result["retries"] >= 1 and len(result["workers_used"]) == 2, result["workers_used"]
+        assert result["tokens_from_mini"] > 300
+
+
+@pytest.mark.real_model
+def test_smollm2_pipelined_drafting_equals_local():
+    with LocalCluster(model="smollm2-135m") as cluster:
+        cluster.start_broker()
+        cluster.add_worker()
+        cluster.wait_for_workers(1)
+        for prompt in ("What is the capital of France?", "List three colours."):
+            local = edge_json(cluster, "--force-local", "--tokens", "32", "--prompt", prompt)
+            for k in ("10", "15"):
+                got = edge_json(cluster, "--split", k, "--tokens", "32", "--prompt", prompt, "--mini", "self",
+                                "--mini-threshold", "0", "--mini-max-draft", "4", "--mini-fixed",
+                                "--cloud-latency", "0.02")
+                assert got["token_ids"] == local["token_ids"], (prompt, k)
+                assert got["tokens_from_mini"] > 0 and got["cloud_waits"] < got["cloud_round_trips"]
