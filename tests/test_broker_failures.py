@@ -100,6 +100,9 @@ def test_a_worker_that_failed_is_avoided_when_it_comes_back(broker: Broker) -> N
         with echo_workers(broker.endpoint, "healthy"):
             wait_until(lambda: counters(c).get("workers_expired") == 1, what="the hung worker to expire")
             _register_raw(flaky, "flaky")  # it resumes and registers again, with no load at all
+            # (_register_raw may have read a heartbeat queued for it while it hung: wait for the listing.)
+            wait_until(lambda: any(w["worker_id"] == "flaky" for w in c.status()["workers"]),
+                       what="the flaky worker to be listed again")
             st = c.status()
             flaky_row = next(w for w in st["workers"] if w["worker_id"] == "flaky")
             assert flaky_row["avoided_for_s"] > 0
