@@ -132,8 +132,10 @@ def main() -> None:
                             # What the planner measured and predicted when it chose (edge_worker/manager.py).
                             "decision": decisions[name],
                         })
-                    cells.append({"cpu": cpu, "rtt_ms": rtt, "measured_ms": {str(k): round(v, 1)
-                                                                             for k, v in sorted(measured.items())}})
+                    cells.append({"cpu": cpu, "rtt_ms": rtt, "prompt_tokens": prompt_tokens,
+                                  "measured_ms": {str(k): round(v, 1) for k, v in sorted(measured.items())},
+                                  # the device energy the planner's model gives each split here
+                                  "energy_j": {str(k): round(rows[k].energy_j, 3) for k in sorted(measured)}})
             finally:
                 if hog is not None:
                     hog.kill()
