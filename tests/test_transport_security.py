@@ -8,7 +8,6 @@ import json
 import shutil
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -392,12 +391,13 @@ def test_revoking_the_worker_of_a_live_session_moves_the_session_to_another_work
         survivor = {"worker1": "worker2", "worker2": "worker1"}[victim]
         # On a starved machine the survivor can miss the test's short heartbeat window and be
         # re-registering at this moment: give it a few periods to be listed again.
-        deadline = time.monotonic() + 20 * HEARTBEAT_S * 3
-        while True:
+
+        def status_listing_only_the_survivor() -> dict | None:
             st = c.status()
-            if [w["worker_id"] for w in st["workers"]] == [survivor] or time.monotonic() > deadline:
-                break
-            time.sleep(HEARTBEAT_S)
+            return st if [w["worker_id"] for w in st["workers"]] == [survivor] else None
+
+        st = wait_until(status_listing_only_the_survivor, timeout_s=20 * HEARTBEAT_S * 3,
+                        what="the surviving worker to be listed")
         assert st["counters"]["workers_revoked"] == 1
         assert [w["worker_id"] for w in st["workers"]] == [survivor]
         assert c.worker_named(victim).alive()  # still running, just no longer served
