@@ -17,6 +17,7 @@ in ``decisions``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -190,9 +191,15 @@ class EdgeCloudManager:
             conditions = replace(conditions, cloud_layer_ms=(layer_ms,) * self.source.n_layers)
         return replace(conditions, edge_slowdown_measured=self._edge_slowdown())
 
+    @functools.cached_property
+    def profile(self):
+        """This model's per-layer profile on this machine (measured once, then read from its cache;
+        kept here so that a plan does not read the file for each of its parts)."""
+        return load_or_measure_profile(self.source)
+
     def _edge_slowdown(self) -> float | None:
         """This device's compute speed now against when its profile was measured (a few ms)."""
-        baseline = load_or_measure_profile(self.source).probe_ms
+        baseline = self.profile.probe_ms
         return compute_probe_ms() / baseline if baseline > 0 else None
 
     def _worker_layer_ms(self) -> float | None:
@@ -220,7 +227,7 @@ class EdgeCloudManager:
         if self.device_monitor is not None and hasattr(self.device_monitor, "record_rtt"):
             self.device_monitor.record_rtt(rtt_ms / 1e3)
             self._plan_snapshot = self.device_monitor.snapshot()
-        profile = load_or_measure_profile(self.source)
+        profile = self.profile
         chosen = plan(profile, conditions, self.weights, power=self.power, prompt_tokens=prompt_tokens,
                       new_tokens=new_tokens, wire_dtype=self.privacy.wire_dtype, min_split=self.min_split,
                       reduce_dims=self.privacy.reduce_dims)
@@ -284,7 +291,7 @@ class EdgeCloudManager:
             return None
         conditions = self._with_measured_compute(to_conditions(snap, self.base_conditions))
         current = result.splits_used[-1]
-        new = plan(load_or_measure_profile(self.source), conditions, self.weights, power=self.power,
+        new = plan(self.profile, conditions, self.weights, power=self.power,
                    prompt_tokens=self._prompt_tokens + step, new_tokens=max(1, self._new_tokens - step),
                    wire_dtype=self.privacy.wire_dtype, min_split=self.min_split,
                    reduce_dims=self.privacy.reduce_dims)
