@@ -14,6 +14,17 @@ pytestmark = pytest.mark.timeout(120)
 TASK = {"task": "gen-5"}
 
 
+def wait_for_status(cluster: LocalCluster, cond, what: str, timeout_s: float = 15.0) -> dict:
+    """Wait for the broker's status to satisfy ``cond``. On a busy machine a starved heartbeat can let a
+    live worker expire for a moment (it registers again at its next beat), so a single reading taken
+    just after a failure is not evidence; on timeout, show the status and the logs."""
+    try:
+        return wait_until(lambda: (lambda st: st if cond(st) else None)(cluster.status()), timeout_s, what)
+    except AssertionError as e:
+        logs = "".join(f"\n{p.name} log: {p.log_tail()}" for p in [cluster.broker, *cluster.workers])
+        raise AssertionError(f"{e}\nstatus: {cluster.status()}{logs}") from None
+
+
 def test_a_task_that_kills_every_worker_it_reaches_is_refused_after_max_attempts():
     with (running_broker(max_attempts=2) as b, echo_workers(b.endpoint, "w1", "w2", "w3") as ws,
           client(b.endpoint) as c):
@@ -66,8 +77,8 @@ def test_a_step_that_crashes_every_worker_ends_the_generation_with_a_clear_error
         assert "Traceback" not in out.stderr
         assert "error:" in out.stderr and "failed on 2 workers" in out.stderr, out.stderr[-1500:]
         assert sum(not w.alive() for w in cluster.workers) == 2
-        st = cluster.status()
-        assert len(st["workers"]) == 1 and st["counters"]["poison_requests"] == 1, st
+        wait_for_status(cluster, lambda st: len(st["workers"]) == 1 and st["counters"].get("poison_requests") == 1,
+                        "the survivor registered and one poison request counted")
 
 
 def test_a_request_that_raises_in_the_worker_is_a_typed_error_and_the_worker_carries_on():
@@ -79,8 +90,9 @@ def test_a_request_that_raises_in_the_worker_is_a_typed_error_and_the_worker_car
         assert out.returncode == 1 and "Traceback" not in out.stderr
         assert "error: RuntimeError: injected fault at step 3" in out.stderr, out.stderr[-1500:]
         assert cluster.workers[0].alive()
-        st = cluster.status()  # still registered, and it answered the failure (it did not crash)
-        assert len(st["workers"]) == 1 and st["counters"]["worker_errors"] == 1, st
+        # It answered the failure and is still registered: it did not crash or wedge.
+        wait_for_status(cluster, lambda st: len(st["workers"]) == 1 and st["counters"].get("worker_errors") == 1,
+                        "the worker registered after one error")
 
 
 def test_a_step_that_hangs_every_worker_is_moved_twice_then_refused_within_the_deadline():
