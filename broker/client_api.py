@@ -12,9 +12,11 @@ call starts clean instead of inheriting a half-dead connection's queue.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
+import secrets
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +26,7 @@ import zmq
 from broker import protocol as p
 from broker.errors import AuthError, BrokerUnavailable, EdgeCloudError, ProtocolError, error_from_code
 from broker.protocol import RequestId, SessionId, WorkerId
-from broker.sockets import close_socket, make_socket, poll_timeout_ms, recv_message
+from broker.sockets import close_socket, make_socket, poll_timeout_ms, recv_message, send_frames
 from broker.transport import CurveClientKeys, HandshakeWatch, setup_curve_client
 
 logger = logging.getLogger(__name__)
@@ -54,9 +56,18 @@ class Reply:
 Outcome = Reply | EdgeCloudError | dict[str, Any] | None
 
 
+_id_prefix: tuple[int, str] = (-1, "")  # (pid, 16 random hex digits), fresh in every process
+_id_counter = itertools.count()
+
+
 def new_request_id() -> RequestId:
-    """A random request id (unique across clients, so the broker can key on it)."""
-    return RequestId(uuid.uuid4().hex)
+    """A request id unique across clients (the broker keys on it): 16 random hex digits drawn once
+    per process, then a counter; 32 characters, like a uuid4 hex, at a tenth of its cost."""
+    global _id_prefix
+    pid = os.getpid()
+    if _id_prefix[0] != pid:  # first call, or a forked child: never reuse the parent's ids
+        _id_prefix = (pid, secrets.token_hex(8))
+    return RequestId(f"{_id_prefix[1]}{next(_id_counter):016x}")
 
 
 class BrokerClient:
@@ -230,13 +241,13 @@ class BrokerClient:
             raise BrokerUnavailable(self.endpoint, "client is closed")
         give_up = time.monotonic() + timeout_s + (self.config.reply_grace_s if grace else 0.0)
         try:
-            self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            send_frames(self._sock, frames)
         except zmq.Again as exc:
             # Nothing connected yet (DEALER has no peer) or the pipe is full.
             if not self._sock.poll(poll_timeout_ms(give_up, cap_s=timeout_s), zmq.POLLOUT):
                 self._reset("could not send")
                 raise BrokerUnavailable(self.endpoint, "could not send the request") from exc
-            self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            send_frames(self._sock, frames)
         self._waiting[rid] = give_up
 
     def _wait(self, rid: RequestId) -> Outcome:

@@ -81,6 +81,15 @@ class Waker:
         self._w.close()
 
 
+# Plain ints: pyzmq's constants are enum members, and every ``flags | SNDMORE`` or ``EVENTS & POLLIN``
+# on them builds a new enum value (about 1 us each, several per message on the hot path).
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_RCVMORE = int(zmq.RCVMORE)
+_NOBLOCK = int(zmq.NOBLOCK)
+_NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+
+
 def recv_message(sock: zmq.Socket, leading_bytes_frames: int) -> list[Any] | None:
     """One waiting multipart message, or None if none is waiting (never blocks).
 
@@ -89,18 +98,28 @@ def recv_message(sock: zmq.Socket, leading_bytes_frames: int) -> list[Any] | Non
     never copied. Checking EVENTS first avoids raising ``zmq.Again`` on every
     drained socket, which costs more than the check.
     """
-    if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+    if not sock.getsockopt(_EVENTS) & _POLLIN:
         return None
-    parts: list[Any] = [sock.recv(zmq.NOBLOCK, copy=leading_bytes_frames > 0)]
-    while sock.getsockopt(zmq.RCVMORE):  # later parts of a message are always already here
-        parts.append(sock.recv(zmq.NOBLOCK, copy=len(parts) < leading_bytes_frames))
+    parts: list[Any] = [sock.recv(_NOBLOCK, copy=leading_bytes_frames > 0)]
+    while sock.getsockopt(_RCVMORE):  # later parts of a message are always already here
+        parts.append(sock.recv(_NOBLOCK, copy=len(parts) < leading_bytes_frames))
     return parts
+
+
+def send_frames(sock: zmq.Socket, frames: list[Any]) -> None:
+    """Non-blocking multipart send (zero-copy for large buffers), as ``send_multipart`` without its
+    per-frame type checks and enum arithmetic. Raises ``zmq.Again`` (nothing sent) like it: ZeroMQ
+    accepts or refuses a multipart message at its first frame."""
+    send = sock.send
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        send(frame, _NOBLOCK_MORE if i < last else _NOBLOCK, copy=False)
 
 
 def send_or_false(sock: zmq.Socket, frames: list[Any]) -> bool:
     """Non-blocking multipart send; False if the peer is unknown (ROUTER_MANDATORY) or full."""
     try:
-        sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        send_frames(sock, frames)
         return True
     except zmq.Again:
         return False
