@@ -106,12 +106,14 @@ class EchoWorker:
                     return
             if self._stop.is_set() or (self.delay_s and self._stop.wait(self.delay_s)):
                 return  # closing mid-job: the job is never answered, as in a crash
+            # Counted before the answer leaves: a test that has received it must see the count (counting
+            # after raced with the client, which can get the reply before this thread runs again).
+            self.replied += 1
             if self.fail_with is not None:
                 self.conn.fail(job, self.fail_with)
             else:
                 extra = {"worker": self.worker_id, "kind": job.kind, "step": job.step, **job.extra}
                 self.conn.reply(job, extra, [bytes(f) for f in job.frames])
-            self.replied += 1
 
     def sessions_seen(self) -> set[str]:
         """Session ids of all jobs received so far."""
