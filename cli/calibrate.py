@@ -16,7 +16,7 @@ def calibrate(
     dims: Annotated[int | None, typer.Option("--dims", "-d", help="Dimensions the activations are reduced to.")] = None,
     drafter: Annotated[bool, typer.Option("--drafter", help="Instead: train the self-drafter's adapter for "
                                           "--split on the main model's own generations (`--mini self`).")] = False,
-    tokens: Annotated[int, typer.Option(help="--drafter: tokens generated per calibration prompt.")] = 48,
+    tokens: Annotated[int, typer.Option(help="--drafter: tokens generated per calibration prompt.")] = 120,
     epochs: Annotated[int, typer.Option(help="--drafter: training passes over the positions.")] = 30,
     model: Annotated[str, typer.Option("--model", "-m", help="Model (see `edge --help`).")] = "smollm2-135m",
     out: Annotated[Path | None, typer.Option("--out", help="File to write; default: the reductions "

@@ -9,6 +9,11 @@ Data: the main model generates greedily from the calibration prompts (``data/dra
 shipped with the package); at every position we keep the layer-``k`` hidden state and the main
 model's next token. The prompts are split into train and held-out halves, and the held-out
 agreement before and after training is reported and stored with the adapter.
+
+The adapter is data-limited: on SmolLM2 at split 15, measured on the generated positions of 8
+prompts outside the calibration set, 40 tokens per prompt (2.2k positions) gave 31.5% agreement
+and 120 (6.7k positions) 36.7%, hence the default of 120. Teacher-forcing it on other text
+instead (40k positions of Python's documentation) gave 17.8%: it must see the model's own answers.
 """
 
 from __future__ import annotations
@@ -69,7 +74,7 @@ def agreement(adapter: DrafterAdapter | None, head: ModelSegment, hidden: torch.
     return hits / max(1, hidden.shape[0])
 
 
-def train_adapter(source: ModelSource, split: int, new_tokens: int = 48, epochs: int = 30,
+def train_adapter(source: ModelSource, split: int, new_tokens: int = 120, epochs: int = 30,
                   seed: int = 0, progress: Callable[[str], None] = lambda _: None
                   ) -> tuple[DrafterAdapter, dict]:
     if not 0 < split < source.n_layers:
