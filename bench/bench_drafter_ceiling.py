@@ -31,8 +31,8 @@ import cli  # noqa: E402,F401  (the OpenMP defaults, set before torch loads)
 # isort: split
 import torch  # noqa: E402
 
-from edge_worker.drafter_calibration import agreement, calibration_prompts  # noqa: E402
-from edge_worker.drafting import DrafterAdapter, DrafterError, adapter_path, load_adapter  # noqa: E402
+from edge_worker.drafter_calibration import agreement, calibration_prompts, collect, fit_adapter  # noqa: E402
+from edge_worker.drafting import DrafterError, adapter_path, load_adapter  # noqa: E402
 from edge_worker.mini_llm import default_adapters_dir  # noqa: E402
 from partition.models import resolve_model  # noqa: E402
 from partition.segment import ModelSegment  # noqa: E402
@@ -41,23 +41,6 @@ from partition.tokens import encode_prompt  # noqa: E402
 EVAL_PROMPTS = [*PROMPTS, "What is the capital of France and why is it famous?", "Give me a recipe for pancakes.",
                 "Describe how a bicycle works.", "Why do cats purr?", "Summarize the plot of Romeo and Juliet."]
 EVAL_TOKENS = 64
-
-
-@torch.inference_mode()
-def generated_positions(lower, upper, tokenizer, prompts, new_tokens):
-    """(hidden at layer K, main model's greedy next token) at generated positions only."""
-    hs, ys = [], []
-    for prompt in prompts:
-        c_lo, c_hi = lower.new_cache(), upper.new_cache()
-        x = torch.tensor([encode_prompt(tokenizer, prompt)])
-        for i in range(new_tokens):
-            h = lower(x, c_lo, logits="none").hidden
-            nxt = upper(h, c_hi, logits="last").logits[0, -1].argmax()
-            if i > 0:  # the first token follows the prompt: the cloud answers it, nobody drafts it
-                hs.append(h[0, -1].float())
-                ys.append(nxt)
-            x = nxt.view(1, 1)
-    return torch.stack(hs), torch.stack(ys)
 
 
 @torch.inference_mode()
@@ -72,17 +55,7 @@ def teacher_forced(lower, upper, ids, positions, chunk=256):
 
 def train(upper, hidden_size, h, y, epochs):
     torch.manual_seed(0)
-    adapter = DrafterAdapter(hidden_size)
-    opt = torch.optim.Adam(adapter.parameters(), lr=1e-3, weight_decay=1e-4)
-    for _ in range(epochs):
-        order = torch.randperm(len(y))
-        for lo in range(0, len(y), 256):
-            idx = order[lo:lo + 256]
-            loss = torch.nn.functional.cross_entropy(upper.lm_head(upper.norm(adapter(h[idx]))), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return adapter.eval()
+    return fit_adapter(upper, hidden_size, h, y, epochs)
 
 
 @torch.inference_mode()
@@ -121,7 +94,7 @@ def main() -> None:
     upper = ModelSegment.load(source, k, n, embed=False, head=True)
     for p in upper.parameters():
         p.requires_grad_(False)
-    h_eval, y_eval = generated_positions(lower, upper, tokenizer, EVAL_PROMPTS, EVAL_TOKENS)
+    h_eval, y_eval = collect(lower, upper, tokenizer, EVAL_PROMPTS, EVAL_TOKENS, generated_only=True)
     rows: dict[str, float] = {"early exit": agreement(None, upper, h_eval, y_eval)}
     try:
         installed = load_adapter(adapter_path(default_adapters_dir(), source.model_id, k), source.model_id, k, width)
@@ -129,7 +102,7 @@ def main() -> None:
     except DrafterError:
         pass
     for tokens in args.tokens:
-        h, y = generated_positions(lower, upper, tokenizer, calibration_prompts(), tokens)
+        h, y = collect(lower, upper, tokenizer, calibration_prompts(), tokens, generated_only=True)
         adapter = train(upper, width, h, y, args.epochs)
         rows[f"adapter, own answers, {tokens} tokens/prompt ({len(y)} positions)"] = agreement(
             adapter, upper, h_eval, y_eval)

@@ -42,21 +42,28 @@ def calibration_prompts() -> list[str]:
 
 @torch.inference_mode()
 def collect(lower: ModelSegment, upper: ModelSegment, tokenizer, prompts: list[str], new_tokens: int,
-            progress: Callable[[str], None] = lambda _: None) -> tuple[torch.Tensor, torch.Tensor]:
+            progress: Callable[[str], None] = lambda _: None, generated_only: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden at layer k (P, H), the main model's greedy next token (P,)) over every prompt and
-    generated position; ``lower`` holds layers [0, k), ``upper`` layers [k, N) and the head."""
+    generated position; ``lower`` holds layers [0, k), ``upper`` layers [k, N) and the head.
+    ``generated_only``: only the positions a drafter is asked about, those after the first
+    generated token (the cloud answers the prompt's last position; nobody drafts it)."""
     hiddens, targets = [], []
     for i, prompt in enumerate(prompts):
         progress(f"generating calibration text {i + 1}/{len(prompts)}")
         ids = encode_prompt(tokenizer, prompt)
         c_lo, c_hi = lower.new_cache(), upper.new_cache()
         x = torch.tensor([ids], dtype=torch.long)
-        for _ in range(new_tokens):
+        for step in range(new_tokens):
             h = lower(x, c_lo, logits="none").hidden
-            logits = upper(h, c_hi, logits="all").logits[0]  # (T, V)
-            hiddens.append(h[0].float())
+            logits = upper(h, c_hi, logits="last" if generated_only else "all").logits[0]  # (T or 1, V)
             nxt = logits.argmax(dim=-1)
-            targets.append(nxt)
+            if not generated_only:
+                hiddens.append(h[0].float())
+                targets.append(nxt)
+            elif step > 0:
+                hiddens.append(h[0, -1:].float())
+                targets.append(nxt[-1:])
             x = nxt[-1:].view(1, 1)
     return torch.cat(hiddens), torch.cat(targets)
 
@@ -72,6 +79,28 @@ def agreement(adapter: DrafterAdapter | None, head: ModelSegment, hidden: torch.
                 h = adapter(h)
             hits += int((head.lm_head(head.norm(h)).argmax(-1) == targets[lo:lo + 512]).sum())
     return hits / max(1, hidden.shape[0])
+
+
+def fit_adapter(head: ModelSegment, hidden_size: int, hidden: torch.Tensor, targets: torch.Tensor, epochs: int,
+                progress: Callable[[str], None] = lambda _: None) -> DrafterAdapter:
+    """Train an adapter so that ``head``'s norm and LM head (frozen) map ``hidden`` (layer k) to
+    ``targets`` (the main model's tokens); returned in eval mode. Seed torch first to repeat it."""
+    adapter = DrafterAdapter(hidden_size)
+    opt = torch.optim.Adam(adapter.parameters(), lr=1e-3, weight_decay=1e-4)
+    batch = 256
+    for epoch in range(epochs):
+        order = torch.randperm(hidden.shape[0])
+        total = 0.0
+        for lo in range(0, len(order), batch):
+            idx = order[lo:lo + batch]
+            logits = head.lm_head(head.norm(adapter(hidden[idx])))
+            loss = torch.nn.functional.cross_entropy(logits, targets[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        progress(f"epoch {epoch + 1}/{epochs}: loss {total / len(order):.3f}")
+    return adapter.eval()
 
 
 def train_adapter(source: ModelSource, split: int, new_tokens: int = 120, epochs: int = 30,
@@ -94,23 +123,8 @@ def train_adapter(source: ModelSource, split: int, new_tokens: int = 120, epochs
         p.requires_grad_(False)
     h_train, y_train = collect(lower, head, tokenizer, train, new_tokens, progress)
     h_test, y_test = collect(lower, head, tokenizer, held, new_tokens, progress)
-    adapter = DrafterAdapter(source.hidden_size)
     before = agreement(None, head, h_test, y_test)
-    opt = torch.optim.Adam(adapter.parameters(), lr=1e-3, weight_decay=1e-4)
-    batch = 256
-    for epoch in range(epochs):
-        order = torch.randperm(h_train.shape[0])
-        total = 0.0
-        for lo in range(0, len(order), batch):
-            idx = order[lo:lo + batch]
-            logits = head.lm_head(head.norm(adapter(h_train[idx])))
-            loss = torch.nn.functional.cross_entropy(logits, y_train[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-        progress(f"epoch {epoch + 1}/{epochs}: loss {total / len(order):.3f}")
-    adapter.eval()
+    adapter = fit_adapter(head, source.hidden_size, h_train, y_train, epochs, progress)
     after = agreement(adapter, head, h_test, y_test)
     metrics = {"heldout_agreement_before": round(before, 4), "heldout_agreement_after": round(after, 4),
                "train_positions": int(h_train.shape[0]), "heldout_positions": int(h_test.shape[0]),
