@@ -16,6 +16,7 @@ from broker import protocol as p
 from broker.broker import Broker, BrokerConfig
 from broker.client_api import BrokerClient, ClientConfig
 from broker.worker_api import Job, WorkerConfig, WorkerConnection, WorkerInfo
+from cli.cluster import LocalCluster
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,24 @@ def wait_until(cond: Callable[[], Any], timeout_s: float = WAIT_S, what: str = "
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
         time.sleep(0.005)
+
+
+
+def wait_for_status(cluster: LocalCluster, cond: Callable[[dict], bool], what: str, timeout_s: float = 15.0) -> dict:
+    """Wait for a ``LocalCluster`` broker's status to satisfy ``cond``; return that status. On a busy
+    machine a starved heartbeat can let a live worker expire for a moment (it registers again at its
+    next beat), so one reading taken just after a failure is not evidence. On timeout the error
+    shows the last status and every process's log."""
+
+    def satisfied() -> dict | None:
+        st = cluster.status()
+        return st if cond(st) else None
+
+    try:
+        return wait_until(satisfied, timeout_s, what)
+    except AssertionError as e:
+        logs = "".join(f"\n{proc.name} log: {proc.log_tail()}" for proc in [cluster.broker, *cluster.workers])
+        raise AssertionError(f"{e}\nstatus: {cluster.status()}{logs}") from None
 
 
 @contextmanager

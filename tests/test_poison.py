@@ -5,24 +5,13 @@ from __future__ import annotations
 import time
 
 import pytest
-from brokerutil import MODEL, client, counters, echo_workers, running_broker, wait_until
+from brokerutil import MODEL, client, counters, echo_workers, running_broker, wait_for_status, wait_until
 
 from broker.errors import PoisonRequest, RequestTimeout, WorkerLost
 from cli.cluster import LocalCluster
 
 pytestmark = pytest.mark.timeout(120)
 TASK = {"task": "gen-5"}
-
-
-def wait_for_status(cluster: LocalCluster, cond, what: str, timeout_s: float = 15.0) -> dict:
-    """Wait for the broker's status to satisfy ``cond``. On a busy machine a starved heartbeat can let a
-    live worker expire for a moment (it registers again at its next beat), so a single reading taken
-    just after a failure is not evidence; on timeout, show the status and the logs."""
-    try:
-        return wait_until(lambda: (lambda st: st if cond(st) else None)(cluster.status()), timeout_s, what)
-    except AssertionError as e:
-        logs = "".join(f"\n{p.name} log: {p.log_tail()}" for p in [cluster.broker, *cluster.workers])
-        raise AssertionError(f"{e}\nstatus: {cluster.status()}{logs}") from None
 
 
 def test_a_task_that_kills_every_worker_it_reaches_is_refused_after_max_attempts():

@@ -36,7 +36,7 @@ from broker.transport import (
 )
 from broker.worker_api import WorkerConfig, WorkerConnection, WorkerInfo
 from cli.cluster import ROOT, LocalCluster, cli_command, free_port
-from tests.brokerutil import wait_until
+from tests.brokerutil import wait_for_status, wait_until
 
 MODEL = "tiny-llama"
 HEARTBEAT_S = 0.3
@@ -392,12 +392,8 @@ def test_revoking_the_worker_of_a_live_session_moves_the_session_to_another_work
         # On a starved machine the survivor can miss the test's short heartbeat window and be
         # re-registering at this moment: give it a few periods to be listed again.
 
-        def status_listing_only_the_survivor() -> dict | None:
-            st = c.status()
-            return st if [w["worker_id"] for w in st["workers"]] == [survivor] else None
-
-        st = wait_until(status_listing_only_the_survivor, timeout_s=20 * HEARTBEAT_S * 3,
-                        what="the surviving worker to be listed")
+        st = wait_for_status(c, lambda st: [w["worker_id"] for w in st["workers"]] == [survivor],
+                             "the surviving worker to be listed", timeout_s=20 * HEARTBEAT_S * 3)
         assert st["counters"]["workers_revoked"] == 1
         assert [w["worker_id"] for w in st["workers"]] == [survivor]
         assert c.worker_named(victim).alive()  # still running, just no longer served
