@@ -47,6 +47,7 @@ from broker.session_protocol import (
     KIND_OPEN,
     KIND_STEP,
     OpenParams,
+    StepReply,
     check_open_proof,
     open_step_reply,
     seal_step,
@@ -391,11 +392,7 @@ class CloudSession:
             timer.observe(now - frame.sent_at)  # only then is the arrival time known
         self.pos = expected
         self._log(frame.hidden, 0)
-        elapsed_ms = (now - frame.sent_at) * 1e3
-        stats.worker_id = str(reply.worker_id)
-        stats.cloud_compute_ms = result.compute_ms
-        stats.worker_overhead_ms = max(0.0, result.worker_ms - result.compute_ms)
-        stats.transport_ms = max(0.0, elapsed_ms - result.worker_ms)
+        _account(stats, reply, result, (now - frame.sent_at) * 1e3)
         return result.token, stats
 
     def discard(self, frames: list[PipelinedFrame]) -> None:
@@ -490,12 +487,18 @@ class CloudSession:
         if result.pos != expected:
             raise WorkerLost(f"worker cache holds {result.pos} positions, expected {expected}")
         self.pos = expected
-        stats.worker_id = str(reply.worker_id)
         stats.round_trips += 1
-        stats.cloud_compute_ms += result.compute_ms
-        stats.worker_overhead_ms += max(0.0, result.worker_ms - result.compute_ms)
-        stats.transport_ms += max(0.0, elapsed_ms - result.worker_ms)
+        _account(stats, reply, result, elapsed_ms)
         return result.accepted, result.token
+
+
+def _account(stats: StepStats, reply: Reply, result: StepReply, elapsed_ms: float) -> None:
+    """Split a reply's ``elapsed_ms`` (send to receipt) into the worker's compute, its overhead
+    around the compute, and the rest: serialisation, encryption and the wire."""
+    stats.worker_id = str(reply.worker_id)
+    stats.cloud_compute_ms += result.compute_ms
+    stats.worker_overhead_ms += max(0.0, result.worker_ms - result.compute_ms)
+    stats.transport_ms += max(0.0, elapsed_ms - result.worker_ms)
 
 
 def _recoverable(exc: EdgeCloudError) -> bool:
