@@ -20,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -405,12 +405,7 @@ class EdgeGenerator:
                 result.trace.append({
                     "token": kept[-1], "tokens": kept, "drafted": len(drafts), "accepted": accepted,
                     "positions": x.shape[1] + len(drafts), "edge_ms": round(edge_ms, 3),
-                    "cloud_ms": round(stats.cloud_compute_ms, 3),
-                    "worker_overhead_ms": round(stats.worker_overhead_ms, 3),
-                    "transport_ms": round(stats.transport_ms, 3),
-                    "waiting_ms": round(stats.waiting_ms, 3), "bytes_sent": stats.bytes_sent,
-                    "bytes_received": stats.bytes_received, "round_trips": stats.round_trips,
-                    "retries": stats.retries,
+                    **_trace_figures(stats), "round_trips": stats.round_trips,
                 })
                 generated.extend(kept)
                 committed.extend(kept)
@@ -557,13 +552,10 @@ class EdgeGenerator:
                 result.trace.append({
                     "token": token, "tokens": [token], "drafted": int(frame.first is not None),
                     "accepted": int(frame.first is not None), "positions": frame.hidden.shape[1],
-                    "edge_ms": 0.0, "cloud_ms": round(stats.cloud_compute_ms, 3),
-                    "worker_overhead_ms": round(stats.worker_overhead_ms, 3),
-                    "transport_ms": round(stats.transport_ms, 3), "waiting_ms": round(stats.waiting_ms, 3),
-                    "bytes_sent": stats.bytes_sent, "bytes_received": stats.bytes_received,
+                    "edge_ms": 0.0, **_trace_figures(stats),
                     # 1: a frame whose round trip was measured (the edge was waiting when its answer
                     # came); the answers it found already in have no arrival time.
-                    "round_trips": int(stats.waited), "retries": stats.retries, "in_flight": len(inflight), "depth": depth,
+                    "round_trips": int(stats.waited), "in_flight": len(inflight), "depth": depth,
                 })
                 if hit:
                     result.tokens_from_mini += 1
@@ -603,6 +595,13 @@ class EdgeGenerator:
             out = self.edge(torch.tensor([drafts], dtype=torch.long), cache, logits="none")
             parts.append(out.hidden)
         return drafts
+
+
+def _trace_figures(stats: StepStats) -> dict[str, Any]:
+    """A trace row's cloud-side columns (every kind of step reports the same ones)."""
+    return {"cloud_ms": round(stats.cloud_compute_ms, 3), "worker_overhead_ms": round(stats.worker_overhead_ms, 3),
+            "transport_ms": round(stats.transport_ms, 3), "waiting_ms": round(stats.waiting_ms, 3),
+            "bytes_sent": stats.bytes_sent, "bytes_received": stats.bytes_received, "retries": stats.retries}
 
 
 def _add_stats(result: GenerationResult, stats: StepStats) -> None:
