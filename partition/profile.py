@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import socket
 import time
@@ -41,11 +40,6 @@ PROFILE_PROMPT_TOKENS = 64
 _WARMUP_PASSES = 1
 # Decode is cheap, so it gets more samples per repeat than prefill for a stable estimate.
 _DECODE_SAMPLES_PER_REPEAT = 3
-
-# Bytes per activation element on the wire, per wire dtype (broker/codec.py: WIRE_DTYPES).
-# int8 also carries fp16 outlier channels and one fp16 scale per 64 values: 630 bytes for one
-# SmolLM2 position with 12 outlier channels, 1.09 bytes per element.
-WIRE_DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4, "int8": 1.1}
 
 # Bytes a step request carries besides the activations. Measured with broker.protocol.encode on
 # a sealed step (broker.session_protocol.seal_step, uuid ids, a 43-character API key, the SmolLM2
@@ -115,18 +109,6 @@ class LayerProfile:
 
 
 _KNOWN_FIELDS = frozenset(f.name for f in fields(LayerProfile))
-
-
-def boundary_bytes(hidden_size: int, n_tokens: int, wire_dtype: str = "fp16") -> int:
-    """Bytes one step request puts on the uplink: activations (1, T, H) plus STEP_OVERHEAD_BYTES."""
-    try:
-        per_elem = WIRE_DTYPE_BYTES[wire_dtype]
-    except KeyError:
-        known = sorted(WIRE_DTYPE_BYTES)
-        raise ValueError(f"unknown wire dtype {wire_dtype!r}; use one of {known}") from None
-    if hidden_size < 1 or n_tokens < 0:
-        raise ValueError(f"bad activation shape: {n_tokens} tokens x {hidden_size}")
-    return math.ceil(hidden_size * n_tokens * per_elem) + STEP_OVERHEAD_BYTES
 
 
 def machine_description() -> str:

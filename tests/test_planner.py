@@ -16,8 +16,9 @@ from partition.planner import (
     effective_weights,
     estimate,
     plan,
+    step_uplink_bytes,
 )
-from partition.profile import STEP_OVERHEAD_BYTES, LayerProfile, boundary_bytes
+from partition.profile import STEP_OVERHEAD_BYTES, LayerProfile
 
 N = 30
 MIB = 2**20
@@ -134,10 +135,10 @@ def test_wire_dtype_fp32_doubles_activation_bytes():
     fp16 = estimate(5, PROFILE, Conditions(), wire_dtype="fp16")
     fp32 = estimate(5, PROFILE, Conditions(), wire_dtype="fp32")
     assert fp32.uplink_bytes > fp16.uplink_bytes and fp32.latency_ms > fp16.latency_ms
-    assert boundary_bytes(576, 1, "fp16") == 576 * 2 + STEP_OVERHEAD_BYTES
-    assert boundary_bytes(576, 64, "fp32") == 576 * 64 * 4 + STEP_OVERHEAD_BYTES
+    assert step_uplink_bytes(576, 1, "fp16") == 576 * 2 + STEP_OVERHEAD_BYTES
+    assert step_uplink_bytes(576, 64, "fp32") == 576 * 64 * 4 + STEP_OVERHEAD_BYTES
     with pytest.raises(ValueError, match="wire dtype"):
-        boundary_bytes(576, 1, "int3")
+        step_uplink_bytes(576, 1, "int3")
 
 
 def test_lte_tail_is_paid_once_per_request_not_per_token():
