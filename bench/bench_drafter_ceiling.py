@@ -6,12 +6,13 @@ on the *generated* positions of prompts outside the drafter's calibration set, f
 
 * early exit: layers [0, K), the final norm and the LM head;
 * the self-drafter's adapter as installed (``edgecloud calibrate --drafter``), if there is one;
-* adapters trained here on the model's own answers to the calibration prompts, with
-  ``--tokens`` tokens per prompt (more data), and one trained on teacher-forced text instead
-  (Python's documentation, ``--doc-positions`` positions: other text, much more of it);
+* adapters trained here on the model's own answers to the 56 shipped calibration prompts, with
+  ``--tokens`` tokens per prompt, and to those plus ``--drawn`` prompts drawn from the shipped
+  templates (128 tokens each: what ``calibrate --drafter`` does by default), and one trained on
+  teacher-forced text instead (Python's documentation, ``--doc-positions`` positions: other text);
 * layer skipping (self-speculative decoding): the whole model with some layers left out.
 
-    .venv/bin/python bench/bench_drafter_ceiling.py [--split 15] [--tokens 40 120] [--epochs 30]
+    .venv/bin/python bench/bench_drafter_ceiling.py [--split 15] [--tokens 40 120] [--drawn 400] [--epochs 8]
 """
 
 from __future__ import annotations
@@ -31,12 +32,17 @@ import cli  # noqa: E402,F401  (the OpenMP defaults, set before torch loads)
 # isort: split
 import torch  # noqa: E402
 
-from edge_worker.drafter_calibration import agreement, calibration_prompts, collect, fit_adapter  # noqa: E402
+from edge_worker.drafter_calibration import (  # noqa: E402
+    agreement,
+    calibration_prompts,
+    fit_adapter,
+    generate_answers,
+    positions,
+)
 from edge_worker.drafting import DrafterError, adapter_path, load_adapter  # noqa: E402
 from edge_worker.mini_llm import default_adapters_dir  # noqa: E402
 from partition.models import resolve_model  # noqa: E402
 from partition.segment import ModelSegment  # noqa: E402
-from partition.tokens import encode_prompt  # noqa: E402
 
 EVAL_PROMPTS = [*PROMPTS, "What is the capital of France and why is it famous?", "Give me a recipe for pancakes.",
                 "Describe how a bicycle works.", "Why do cats purr?", "Summarize the plot of Romeo and Juliet."]
@@ -82,7 +88,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--split", type=int, default=15)
     ap.add_argument("--tokens", type=int, nargs="+", default=[40, 120], help="calibration tokens per prompt")
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--drawn", type=int, default=400, help="prompts drawn from the templates (0: no such row)")
+    ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--doc-positions", type=int, default=40_000)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -94,36 +101,33 @@ def main() -> None:
     upper = ModelSegment.load(source, k, n, embed=False, head=True)
     for p in upper.parameters():
         p.requires_grad_(False)
-    h_eval, y_eval = collect(lower, upper, tokenizer, EVAL_PROMPTS, EVAL_TOKENS, generated_only=True)
+    # One prompt at a time: no padding, so these are the answers a generation gives.
+    eval_answers = generate_answers(source, tokenizer, EVAL_PROMPTS, EVAL_TOKENS, batch=1)
+    h_eval, y_eval = positions(lower, upper, eval_answers)
     rows: dict[str, float] = {"early exit": agreement(None, upper, h_eval, y_eval)}
     try:
         installed = load_adapter(adapter_path(default_adapters_dir(), source.model_id, k), source.model_id, k, width)
         rows["installed adapter"] = agreement(installed, upper, h_eval, y_eval)
     except DrafterError:
         pass
-    for tokens in args.tokens:
-        h, y = collect(lower, upper, tokenizer, calibration_prompts(), tokens, generated_only=True)
+    data = [(f"shipped prompts, {tokens} tokens/prompt", calibration_prompts(), tokens) for tokens in args.tokens]
+    if args.drawn:
+        data.append((f"{56 + args.drawn} prompts, 128 tokens/prompt", calibration_prompts(args.drawn), 128))
+    for label, prompts, tokens in data:
+        h, y = positions(lower, upper, generate_answers(source, tokenizer, prompts, tokens))
         adapter = train(upper, width, h, y, args.epochs)
-        rows[f"adapter, own answers, {tokens} tokens/prompt ({len(y)} positions)"] = agreement(
-            adapter, upper, h_eval, y_eval)
+        covered = float(torch.isin(y_eval, adapter.vocab).float().mean())
+        rows[f"adapter, own answers, {label} ({len(y)} positions; vocabulary {len(adapter.vocab)}, "
+             f"covers {covered:.0%})"] = agreement(adapter, upper, h_eval, y_eval)
     if args.doc_positions:
         import pydoc_data.topics as topics
 
         text = "\n\n".join(topics.topics[name] for name in sorted(topics.topics))
         h, y = teacher_forced(lower, upper, tokenizer(text)["input_ids"], args.doc_positions)
-        adapter = train(upper, width, h, y, max(1, args.epochs // 8))
+        adapter = train(upper, width, h, y, max(1, args.epochs // 4))
         rows[f"adapter, Python docs teacher-forced ({len(y)} positions)"] = agreement(adapter, upper, h_eval, y_eval)
     del lower, upper
     full = ModelSegment.load(source, 0, n)
-    sequences = []
-    with torch.inference_mode():
-        for prompt in EVAL_PROMPTS:
-            ids = encode_prompt(tokenizer, prompt)
-            cache, x, out = full.new_cache(), torch.tensor([ids]), []
-            for _ in range(EVAL_TOKENS):
-                out.append(int(full(x, cache).logits[0, -1].argmax()))
-                x = torch.tensor([[out[-1]]])
-            sequences.append((ids, out))
     upper_layers = list(range(k, n))
     skips = {
         f"layers [0, {k}) and every 2nd upper layer": list(range(k)) + upper_layers[1::2],
@@ -132,7 +136,7 @@ def main() -> None:
         f"all but 2 layers ({k + 5}, {k + 9})": [i for i in range(n) if i not in (k + 5, k + 9)],
     }
     for name, keep in skips.items():
-        rows[f"skip: {name}"] = skip_agreement(full, keep, sequences)
+        rows[f"skip: {name}"] = skip_agreement(full, keep, eval_answers)
     result = {"model": args.model, "split": k, "eval_positions": len(y_eval),
               "agreement": rows, "seconds": round(time.perf_counter() - t0)}  # fmt: skip
     if args.json:

@@ -16,8 +16,10 @@ def calibrate(
     dims: Annotated[int | None, typer.Option("--dims", "-d", help="Dimensions the activations are reduced to.")] = None,
     drafter: Annotated[bool, typer.Option("--drafter", help="Instead: train the self-drafter's adapter for "
                                           "--split on the main model's own generations (`--mini self`).")] = False,
-    tokens: Annotated[int, typer.Option(help="--drafter: tokens generated per calibration prompt.")] = 120,
-    epochs: Annotated[int, typer.Option(help="--drafter: training passes over the positions.")] = 30,
+    tokens: Annotated[int, typer.Option(help="--drafter: tokens generated per calibration prompt.")] = 128,
+    prompts: Annotated[int, typer.Option(help="--drafter: calibration prompts drawn from the shipped templates, "
+                                         "besides the 56 shipped ones.")] = 400,
+    epochs: Annotated[int, typer.Option(help="--drafter: training passes over the positions.")] = 8,
     model: Annotated[str, typer.Option("--model", "-m", help="Model (see `edge --help`).")] = "smollm2-135m",
     out: Annotated[Path | None, typer.Option("--out", help="File to write; default: the reductions "
                                              "directory, where edge and cloud-worker look.")] = None,
@@ -37,7 +39,7 @@ def calibrate(
     from partition.models import resolve_model
 
     if drafter:
-        _calibrate_drafter(model, split, out, tokens, epochs, verbose)
+        _calibrate_drafter(model, split, out, tokens, prompts, epochs, verbose)
         return
     if dims is None:
         typer.echo("error: --dims D is required (or --drafter)", err=True)
@@ -56,7 +58,8 @@ def calibrate(
                f"dims, {100 * reduction.explained:.3f}% of the calibration variance kept")
 
 
-def _calibrate_drafter(model: str, split: int, out: Path | None, tokens: int, epochs: int, verbose: bool) -> None:
+def _calibrate_drafter(model: str, split: int, out: Path | None, tokens: int, prompts: int, epochs: int,
+                       verbose: bool) -> None:
     import json
 
     from edge_worker.drafter_calibration import calibrate_drafter
@@ -68,6 +71,6 @@ def _calibrate_drafter(model: str, split: int, out: Path | None, tokens: int, ep
     with typed_errors():
         source = resolve_model(model)
         path, metrics = calibrate_drafter(source, split, out, default_adapters_dir(), progress=progress,
-                                          new_tokens=tokens, epochs=epochs)
+                                          new_tokens=tokens, prompts=prompts, epochs=epochs)
         progress.done()
     typer.echo(json.dumps({"adapter": str(path), **metrics}))

@@ -54,13 +54,17 @@ def _top1(logits: torch.Tensor) -> tuple[int, float]:
 
 class DrafterAdapter(torch.nn.Module):
     """A residual linear map from the hidden state at layer k towards the last layer's:
-    ``h + W h + b``, initialised at zero so an untrained adapter is plain early exit."""
+    ``h + W h + b``, initialised at zero so an untrained adapter is plain early exit.
+
+    ``vocab`` (token ids, ascending), when set, restricts the drafter's guesses to those tokens
+    (the ones the model produced in calibration): the LM head then computes only their rows."""
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
         self.proj = torch.nn.Linear(hidden_size, hidden_size)
         torch.nn.init.zeros_(self.proj.weight)
         torch.nn.init.zeros_(self.proj.bias)
+        self.vocab: torch.Tensor | None = None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h + self.proj(h)
@@ -73,7 +77,8 @@ def adapter_path(directory: Path, model_id: str, split: int) -> Path:
 def save_adapter(adapter: DrafterAdapter, path: Path, model_id: str, split: int, metrics: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"model_id": model_id, "split": split, "state": adapter.state_dict(), "metrics": metrics}, tmp)
+    torch.save({"model_id": model_id, "split": split, "state": adapter.state_dict(), "vocab": adapter.vocab,
+                "metrics": metrics}, tmp)
     tmp.replace(path)
 
 
@@ -86,7 +91,16 @@ def load_adapter(path: Path, model_id: str, split: int, hidden_size: int) -> Dra
         raise DrafterError(f"{path} was calibrated for {blob.get('model_id')} at split {blob.get('split')}, "
                            f"not {model_id} at split {split}: run `edgecloud calibrate --drafter --split {split}`")
     adapter = DrafterAdapter(hidden_size)
-    adapter.load_state_dict(blob["state"])
+    vocab = blob.get("vocab")  # absent from adapters calibrated before vocabularies
+    try:
+        adapter.load_state_dict(blob["state"])
+        if vocab is not None:
+            vocab = torch.as_tensor(vocab, dtype=torch.long)
+            if vocab.dim() != 1 or not len(vocab) or int(vocab.min()) < 0:
+                raise ValueError("its vocabulary is not a list of token ids")
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise DrafterError(f"the drafter adapter {path} is damaged: {exc}") from None
+    adapter.vocab = vocab
     return adapter.eval()
 
 
@@ -101,6 +115,12 @@ class SelfDrafter:
         self.norm = norm
         self.lm_head = lm_head
         self.adapter = adapter
+        self.vocab = adapter.vocab if adapter is not None else None
+        if self.vocab is not None:
+            if int(self.vocab.max()) >= lm_head.weight.shape[0]:
+                raise DrafterError(f"the adapter's vocabulary has token {int(self.vocab.max())}, beyond the "
+                                   f"model's {lm_head.weight.shape[0]}")
+            self.head_rows = lm_head.weight[self.vocab].detach().clone()  # (V', H): the only rows used
         # Pipelined drafting asks prompt lookup first: a match costs no LM head.
         self.lookup = lookup
 
@@ -113,7 +133,11 @@ class SelfDrafter:
         h = hidden.float()
         if self.adapter is not None:
             h = self.adapter(h)
-        return _top1(self.lm_head(self.norm(h.to(self.lm_head.weight.dtype))))
+        h = self.norm(h.to(self.lm_head.weight.dtype))
+        if self.vocab is None:
+            return _top1(self.lm_head(h))
+        index, conf = _top1(h @ self.head_rows.T)
+        return int(self.vocab[index]), conf
 
     def guess(self, context: list[int], hidden: torch.Tensor) -> tuple[int, float] | None:
         """The next token after ``context``, whose newest position has the boundary activation

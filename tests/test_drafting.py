@@ -155,7 +155,8 @@ def test_a_calibrated_adapter_is_found_and_keeps_output_unchanged(tiny_llama, tm
     monkeypatch.setenv("EDGECLOUD_CACHE", str(tmp_path))
     from edge_worker.mini_llm import default_adapters_dir
 
-    path, metrics = calibrate_drafter(tiny_llama, 2, None, default_adapters_dir(), new_tokens=6, epochs=2)
+    path, metrics = calibrate_drafter(tiny_llama, 2, None, default_adapters_dir(), new_tokens=6, prompts=8,
+                                      epochs=2)
     assert path.exists() and metrics["train_positions"] > 0
     assert 0.0 <= metrics["heldout_agreement_after"] <= 1.0
     with pytest.raises(DrafterError, match="calibrated for"):
@@ -165,3 +166,43 @@ def test_a_calibrated_adapter_is_found_and_keeps_output_unchanged(tiny_llama, tm
     assert gen.mini.drafter.adapter is not None  # found in the cache by model and split
     ids = ids_of(tiny_llama, PROMPTS[0])
     assert gen.generate(ids, 16).token_ids == generator(tiny_llama, 2).generate(ids, 16).token_ids
+    assert metrics["vocabulary"] == len(gen.mini.drafter.vocab)
+
+
+def test_calibration_prompts_are_the_shipped_ones_plus_distinct_drawn_ones():
+    from edge_worker.drafter_calibration import calibration_prompts
+
+    shipped = calibration_prompts()
+    drawn = calibration_prompts(50)
+    assert drawn[:len(shipped)] == shipped and len(drawn) == len(shipped) + 50
+    assert len(set(drawn)) == len(drawn) and calibration_prompts(50) == drawn  # distinct, repeatable
+    assert calibration_prompts(50, seed=1) != drawn
+    assert not any("{" in p for p in drawn)
+
+
+def test_an_adapter_vocabulary_restricts_the_guesses_and_survives_saving(tiny_llama, tmp_path):
+    from edge_worker.drafting import DrafterAdapter, DrafterError, SelfDrafter, load_adapter, save_adapter
+
+    edge = ModelSegment.load(tiny_llama, 0, 2, head=True)
+    adapter = DrafterAdapter(tiny_llama.hidden_size)
+    adapter.vocab = torch.tensor([5, 17, 99])
+    path = tmp_path / "a.pt"
+    save_adapter(adapter, path, tiny_llama.model_id, 2, {})
+    loaded = load_adapter(path, tiny_llama.model_id, 2, tiny_llama.hidden_size)
+    assert loaded.vocab.tolist() == [5, 17, 99]
+    drafter = SelfDrafter(edge.norm, edge.lm_head, loaded)
+    for seed in range(20):
+        token, conf = drafter.next_from_hidden(torch.randn(tiny_llama.hidden_size, generator=torch.Generator().manual_seed(seed)))
+        assert token in (5, 17, 99) and 1 / 3 <= conf <= 1.0
+    # An adapter saved before vocabularies existed still loads (whole vocabulary).
+    blob = torch.load(path, weights_only=True)
+    del blob["vocab"]
+    torch.save(blob, path)
+    assert load_adapter(path, tiny_llama.model_id, 2, tiny_llama.hidden_size).vocab is None
+    blob["vocab"] = torch.tensor([[1, 2]])
+    torch.save(blob, path)
+    with pytest.raises(DrafterError, match="damaged"):
+        load_adapter(path, tiny_llama.model_id, 2, tiny_llama.hidden_size)
+    adapter.vocab = torch.tensor([10 ** 6])
+    with pytest.raises(DrafterError, match="vocabulary"):
+        SelfDrafter(edge.norm, edge.lm_head, adapter)
