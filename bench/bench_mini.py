@@ -13,7 +13,7 @@ Targets (issue 6): at 100 ms, at least 2x the tokens/s of plain hybrid with iden
 output; at 0 ms, no more than 5% slower than plain hybrid.
 
     .venv/bin/python bench/bench_mini.py [--model smollm2-135m] [--split 15] [--tokens 64]
-        [--rtt-ms 0 20 100] [--drafters self lookup] [--no-pipeline-too] [--trust]
+        [--rtt-ms 0 20 100] [--drafters self lookup self=ADAPTER.pt] [--no-pipeline-too] [--trust]
 """
 
 from __future__ import annotations
@@ -50,7 +50,10 @@ def main() -> None:
 
     configs: dict[str, list[str]] = {"plain": []}
     for d in args.drafters:
-        configs[d] = ["--mini", d] + (["--mini-threshold", str(args.threshold)] if args.threshold is not None else [])
+        # "self=FILE": the self-drafter with that adapter (to compare calibrations in one run)
+        name, _, adapter = d.partition("=")
+        configs[d] = (["--mini", name] + (["--mini-adapter", adapter] if adapter else [])
+                      + (["--mini-threshold", str(args.threshold)] if args.threshold is not None else []))
         if args.no_pipeline_too:
             configs[f"{d}-nopipe"] = [*configs[d], "--no-mini-pipeline"]
     if args.trust:

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -106,6 +107,9 @@ MiniDraftOpt = Annotated[int, typer.Option(
 MiniFixedOpt = Annotated[bool, typer.Option(
     "--mini-fixed", help="Always draft up to --mini-max-draft tokens instead of what the measured round "
     "trip and acceptance rate say pays (for measurements).")]
+MiniAdapterOpt = Annotated[Path | None, typer.Option(
+    "--mini-adapter", help="--mini self: the adapter file to use (`edgecloud calibrate --drafter --out FILE`); "
+    "default: the one calibrated for this model and split, if any.")]
 MiniPipelineOpt = Annotated[bool, typer.Option(
     "--mini-pipeline/--no-mini-pipeline", help="Verify mode: send guesses while earlier frames are still in "
     "flight, so a round trip is paid per rejected guess (default); off: one frame of drafts per round trip.")]

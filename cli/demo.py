@@ -12,6 +12,7 @@ import typer
 from cli.cluster import ClusterError, LocalCluster
 from cli.common import (
     EXIT_FAILED,
+    MiniAdapterOpt,
     MiniDraftOpt,
     MiniFixedOpt,
     MiniModeOpt,
@@ -52,6 +53,7 @@ def demo(
     mini_max_draft: MiniDraftOpt = 8,
     mini_fixed: MiniFixedOpt = False,
     mini_pipeline: MiniPipelineOpt = True,
+    mini_adapter: MiniAdapterOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the edge's JSON object only.")] = False,
     trace_rows: Annotated[int, typer.Option("--trace-rows", help="Per-token trace rows to print.")] = 8,
 ) -> None:
@@ -97,6 +99,8 @@ def demo(
             args += ["--mini", mini, "--mini-threshold", str(mini_threshold), "--mini-mode", mini_mode,
                      "--mini-max-draft", str(mini_max_draft)] + (["--mini-fixed"] if mini_fixed else [])
             args.append("--mini-pipeline" if mini_pipeline else "--no-mini-pipeline")
+            if mini_adapter is not None:
+                args += ["--mini-adapter", str(mini_adapter)]
         out = cluster.edge(*args)
         if out.returncode != 0:
             raise ClusterError(f"the edge failed (exit {out.returncode}):\n{out.stderr[-2000:]}")

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from cli.common import (
+    MiniAdapterOpt,
     MiniDraftOpt,
     MiniFixedOpt,
     MiniModeOpt,
@@ -97,6 +98,7 @@ def edge(
     mini_max_draft: MiniDraftOpt = 8,
     mini_fixed: MiniFixedOpt = False,
     mini_pipeline: MiniPipelineOpt = True,
+    mini_adapter: MiniAdapterOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Generate text on this device, alone (--force-local) or with cloud workers."""
@@ -119,7 +121,8 @@ def edge(
             fallback_local=not no_fallback, cloud_latency_s=cloud_latency,
             bandwidth_mbps=bandwidth_mbps, energy_weight=energy_weight, latency_weight=latency_weight,
             memory_weight=memory_weight, mini=mini, mini_threshold=mini_threshold, mini_mode=mini_mode,
-            mini_max_draft=mini_max_draft, mini_adaptive=not mini_fixed, mini_pipeline=mini_pipeline, dynamic=not no_replan,
+            mini_max_draft=mini_max_draft, mini_adaptive=not mini_fixed, mini_pipeline=mini_pipeline,
+            mini_adapter=mini_adapter, dynamic=not no_replan,
             curve=not no_curve,
         )
         started = False

@@ -61,6 +61,7 @@ class EdgeConfig:
     mini_max_draft: int = 8  # most tokens drafted per round trip (the controller may use fewer)
     mini_adaptive: bool = True  # False: always draft mini_max_draft tokens (measurements)
     mini_pipeline: bool = True  # verify mode: send guesses while earlier frames are in flight
+    mini_adapter: Path | None = None  # --mini self: this adapter file instead of the calibrated default
     # Cost-model weights for choosing the split when none is given (the original design's defaults).
     energy_weight: float = 0.3
     latency_weight: float = 0.4
@@ -85,6 +86,8 @@ class EdgeConfig:
         from edge_worker.drafting import check_mini_options
 
         check_mini_options(self.mini_mode, self.mini_threshold, self.mini_max_draft)
+        if self.mini_adapter is not None and self.mini != "self":
+            raise ValueError(f"--mini-adapter is for --mini self, not --mini {self.mini}")
         if self.reduce_dims is not None and self.reduce_dims < 1:
             raise ValueError(f"--reduce-dims must be at least 1, got {self.reduce_dims}")
         from broker.codec import WIRE_DTYPES

@@ -68,6 +68,9 @@ def test_text_mode_streams_the_text_to_stdout_and_the_summary_to_stderr():
     (("--model", "tiny-llama", "--force-local", "--force-cloud"), "exclude each other"),
     (("--model", "tiny-llama", "--force-local", "--tokens", "0"), "at least 1"),
     (("--model", "tiny-llama", "--force-local", "--top-p", "0"), "top_p"),
+    (("--model", "tiny-llama", "--split", "2", "--mini", "lookup", "--mini-adapter", "a.pt"), "is for --mini self"),
+    (("--model", "tiny-llama", "--split", "2", "--mini", "self", "--mini-adapter", "/no/such/adapter.pt"),
+     "no drafter adapter at /no/such/adapter.pt"),
 ])
 def test_bad_input_gets_one_line_and_exit_code_2(args, message):
     out = run("edge", *args)
