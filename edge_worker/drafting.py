@@ -86,7 +86,11 @@ def load_adapter(path: Path, model_id: str, split: int, hidden_size: int) -> Dra
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise DrafterError(f"cannot read the drafter adapter {path}: {exc}") from None
+        # torch's own message suggests weights_only=False, which would run the file's code: not shown.
+        raise DrafterError(f"cannot read the drafter adapter {path}: it is not a file that `edgecloud calibrate "
+                           f"--drafter` wrote ({type(exc).__name__})") from None
+    if not isinstance(blob, dict) or "state" not in blob:
+        raise DrafterError(f"{path} is not a drafter adapter (`edgecloud calibrate --drafter` writes them)")
     if blob.get("model_id") != model_id or blob.get("split") != split:
         raise DrafterError(f"{path} was calibrated for {blob.get('model_id')} at split {blob.get('split')}, "
                            f"not {model_id} at split {split}: run `edgecloud calibrate --drafter --split {split}`")

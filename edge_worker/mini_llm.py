@@ -110,6 +110,10 @@ class MiniLLMHandler:
                 log.info("self-drafter uses the adapter %s", path)
             elif self.adapter is not None:
                 raise DrafterError(f"no drafter adapter at {path}: run `edgecloud calibrate --drafter`")
+            elif self.use_adapter:
+                log.warning("no drafter adapter for split %d: the self-drafter guesses by plain early exit, "
+                            "which is rarely right; `edgecloud calibrate --drafter --split %d` trains one",
+                            edge.spec.hi, edge.spec.hi)
             # Pipelined, prompt lookup is asked first (bigram matches or longer: a lone repeated
             # token predicts little); a match skips the LM head.
             drafter: Any = SelfDrafter(edge.norm, edge.lm_head, adapter, lookup=LookupDrafter(min_ngram=2))

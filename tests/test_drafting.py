@@ -206,3 +206,16 @@ def test_an_adapter_vocabulary_restricts_the_guesses_and_survives_saving(tiny_ll
     adapter.vocab = torch.tensor([10 ** 6])
     with pytest.raises(DrafterError, match="vocabulary"):
         SelfDrafter(edge.norm, edge.lm_head, adapter)
+
+
+def test_a_file_that_is_not_an_adapter_is_a_clear_error(tiny_llama, tmp_path):
+    from edge_worker.drafting import DrafterError, load_adapter
+
+    garbage, tensor = tmp_path / "garbage.pt", tmp_path / "tensor.pt"
+    garbage.write_bytes(b"not a torch file at all")
+    torch.save(torch.zeros(3), tensor)
+    with pytest.raises(DrafterError, match="not a file that `edgecloud calibrate --drafter` wrote") as info:
+        load_adapter(garbage, tiny_llama.model_id, 2, tiny_llama.hidden_size)
+    assert "weights_only" not in str(info.value)
+    with pytest.raises(DrafterError, match="is not a drafter adapter"):
+        load_adapter(tensor, tiny_llama.model_id, 2, tiny_llama.hidden_size)
