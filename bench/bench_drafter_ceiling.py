@@ -39,7 +39,7 @@ from edge_worker.drafter_calibration import (  # noqa: E402
     generate_answers,
     positions,
 )
-from edge_worker.drafting import DrafterError, adapter_path, load_adapter  # noqa: E402
+from edge_worker.drafting import DrafterError, LookupDrafter, SelfDrafter, adapter_path, load_adapter  # noqa: E402
 from edge_worker.mini_llm import default_adapters_dir  # noqa: E402
 from partition.models import resolve_model  # noqa: E402
 from partition.segment import ModelSegment  # noqa: E402
@@ -57,6 +57,26 @@ def teacher_forced(lower, upper, ids, positions, chunk=256):
         hs.append(h[0].float())
         ys.append(upper(h, upper.new_cache(), logits="all").logits[0].argmax(-1))
     return torch.cat(hs), torch.cat(ys)
+
+
+def guessing_as_run(adapter, upper, answers, hidden, targets) -> dict[str, float]:
+    """How ``--mini self`` guesses when pipelined: a prompt-lookup match of 2 tokens or more
+    first, the adapter otherwise (the same SelfDrafter the edge builds); and lookup alone where it
+    matches."""
+    drafter = SelfDrafter(upper.norm, upper.lm_head, adapter, lookup=LookupDrafter(min_ngram=2))
+    contexts = [ids[:pos + 1] for ids, start in ((p + a[:-1], len(p)) for p, a in answers if len(a) >= 2)
+                for pos in range(start, len(ids))]
+    assert len(contexts) == len(targets)
+    hits = matched = lookup_hits = 0
+    for context, h, y in zip(contexts, hidden, targets.tolist(), strict=True):
+        hits += drafter.guess(context, h)[0] == y
+        found = drafter.lookup.guess(context, h)
+        if found:
+            matched += 1
+            lookup_hits += found[0] == y
+    return {"installed adapter, prompt lookup first (as --mini self guesses, pipelined)": hits / len(contexts),
+            f"prompt lookup alone, where it matches ({matched / len(contexts):.0%} of positions)":
+                lookup_hits / max(1, matched)}
 
 
 def train(upper, hidden_size, h, y, epochs):
@@ -108,6 +128,7 @@ def main() -> None:
     try:
         installed = load_adapter(adapter_path(default_adapters_dir(), source.model_id, k), source.model_id, k, width)
         rows["installed adapter"] = agreement(installed, upper, h_eval, y_eval)
+        rows.update(guessing_as_run(installed, upper, eval_answers, h_eval, y_eval))
     except DrafterError:
         pass
     data = [(f"shipped prompts, {tokens} tokens/prompt", calibration_prompts(), tokens) for tokens in args.tokens]
