@@ -17,8 +17,9 @@ a few thousand of SmolLM2's 49k): a guess outside it would almost never be right
 cost falls with its rows.
 
 The adapter is data-limited: on SmolLM2 at split 15, measured on the generated positions of 8
-prompts outside the calibration set, 2.2k positions gave 31.5% agreement, 6.7k 36.7% and 60k
-41.5%. Teacher-forcing it on other text instead (40k positions of Python's documentation) gave
+prompts outside the calibration set, 2.2k positions gave 31.5% agreement, 6.7k 36.7% and 52k
+(the default: 456 prompts) 40.5%; prompt lookup first, as the pipelined self-drafter guesses,
+45.0% (``bench/bench_drafter_ceiling.py``). Teacher-forcing it on other text instead (40k positions of Python's documentation) gave
 17.8%: it must see the model's own answers.
 """
 
