@@ -12,7 +12,8 @@ positions of the 8 evaluation prompts of ``bench_drafter_ceiling.py``:
   (started from the model's last layer) -> norm``, trained on feature regression plus
   cross-entropy, with a second unrolled pass on its own predictions; at depth d > 1 it feeds
   itself its own predicted features, as it would when drafting a chain;
-* ``adapter + previous feature``: the self-drafter's residual map, given also ``f(t-1)``.
+* ``adapter + previous feature``: the self-drafter's residual map, given also ``f(t-1)``, next
+  to the same map trained on the same positions without it.
 
     .venv/bin/python bench/bench_feature_drafter.py [--split 15] [--drawn 400] [--epochs 6]
 
@@ -171,7 +172,8 @@ def chain_agreement(head, full, vocab, evals, depth=4):
     return [h / max(1, n) for h, n in zip(hits, tries, strict=True)]
 
 
-def adapter_with_previous(full, lower, upper, data, evals, vocab, remap, epochs):
+def adapter_with_previous(full, lower, upper, data, evals, vocab, remap, epochs) -> tuple[float, float]:
+    """Agreement of the adapter-shaped map without and with the previous last-layer feature."""
     def rows(seqs, first_of):
         hs, ps, ys = [], [], []
         for ids, start in ((ids, first_of(ids, rest)) for ids, rest in seqs):
@@ -185,14 +187,24 @@ def adapter_with_previous(full, lower, upper, data, evals, vocab, remap, epochs)
 
     h, p, y = rows([(ids.tolist(), None) for ids, _ in data], lambda ids, _: 1)
     he, pe, ye = rows([(pr + ans, len(pr)) for pr, ans in evals], lambda ids, start: start + 1)
+    results = {}
+    for use_prev in (False, True):  # the same map without and with the previous feature
+        torch.manual_seed(0)
+        results[use_prev] = _fit_map(upper, h, p if use_prev else torch.zeros_like(p), y, he,
+                                     pe if use_prev else torch.zeros_like(pe), ye,
+                                     full.lm_head.weight[vocab], vocab, remap, epochs)
+    return results[False], results[True]
+
+
+def _fit_map(upper, h, p, y, he, pe, ye, w, vocab, remap, epochs) -> float:
+    """Train ``h + W [norm(h), norm(p)]`` through the frozen norm and head; agreement on (he, pe)."""
     size = h.shape[1]
     net = nn.Linear(2 * size, size)
     nn.init.zeros_(net.weight)
     nn.init.zeros_(net.bias)
     norms = nn.LayerNorm(size), nn.LayerNorm(size)
-    params = [*net.parameters(), *norms[0].parameters(), *norms[1].parameters()]
-    opt = torch.optim.Adam(params, lr=1e-3)
-    w, labels = full.lm_head.weight[vocab], remap[y]
+    opt = torch.optim.Adam([*net.parameters(), *norms[0].parameters(), *norms[1].parameters()], lr=1e-3)
+    labels = remap[y]
 
     def guess(h, p):
         return upper.norm(h + net(torch.cat((norms[0](h), norms[1](p)), -1))) @ w.T
@@ -239,17 +251,18 @@ def main() -> None:
     depths = chain_agreement(head, full, vocab, evals)
     lower = ModelSegment.load(source, 0, args.split, head=False)
     upper = ModelSegment.load(source, args.split, source.n_layers, embed=False, head=True)
-    with_prev = adapter_with_previous(full, lower, upper, data, evals, vocab, remap, 8)
+    alone, with_prev = adapter_with_previous(full, lower, upper, data, evals, vocab, remap, 8)
     result = {"model": args.model, "split": args.split, "training_positions": sum(len(i) for i, _ in data),
               "feature_block_agreement_by_depth": [round(d, 4) for d in depths],
-              "adapter_with_previous_feature": round(with_prev, 4), "seconds": round(time.perf_counter() - t0)}
+              "adapter_alone": round(alone, 4), "adapter_with_previous_feature": round(with_prev, 4),
+              "seconds": round(time.perf_counter() - t0)}
     if args.json:
         print(json.dumps(result))
         return
     print(f"{args.model}: top-1 agreement on the generated positions of {len(EVAL_PROMPTS)} evaluation prompts "
           f"({result['seconds']} s, {result['training_positions']} training positions)")
     print("  feature block, by depth: " + ", ".join(f"{d:.1%}" for d in depths))
-    print(f"  adapter at split {args.split} + previous feature: {with_prev:.1%}")
+    print(f"  adapter at split {args.split}, same data: {alone:.1%}; with the previous feature: {with_prev:.1%}")
 
 
 if __name__ == "__main__":
