@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from edge_worker.drafting import DrafterAdapter, adapter_path, save_adapter
+from edge_worker.drafting import DrafterAdapter, SelfDrafter, adapter_path, save_adapter
 from partition.models import ModelSource
 from partition.segment import ModelSegment
 from partition.tokens import encode_prompt, eos_token_ids
@@ -119,41 +119,28 @@ def positions(lower: ModelSegment, upper: ModelSegment, answers: Answers) -> tup
     return torch.cat(hiddens), torch.cat(targets)
 
 
-def _head_logits(head: ModelSegment, h: torch.Tensor, vocab: torch.Tensor | None) -> torch.Tensor:
-    weight = head.lm_head.weight if vocab is None else head.lm_head.weight[vocab]
-    return head.norm(h) @ weight.T
-
-
 def agreement(adapter: DrafterAdapter | None, head: ModelSegment, hidden: torch.Tensor,
               targets: torch.Tensor) -> float:
     """Fraction of positions where the drafter's top-1 guess (through its vocabulary, when the
     adapter has one) equals the main model's token."""
-    vocab = getattr(adapter, "vocab", None)
-    with torch.inference_mode():
-        hits = 0
-        for lo in range(0, hidden.shape[0], 512):
-            h = hidden[lo:lo + 512]
-            if adapter is not None:
-                h = adapter(h)
-            guess = _head_logits(head, h, vocab).argmax(-1)
-            if vocab is not None:
-                guess = vocab[guess]
-            hits += int((guess == targets[lo:lo + 512]).sum())
+    drafter = SelfDrafter(head.norm, head.lm_head, adapter)
+    hits = 0
+    for lo in range(0, hidden.shape[0], 512):
+        hits += int((drafter.guesses(hidden[lo:lo + 512]) == targets[lo:lo + 512]).sum())
     return hits / max(1, hidden.shape[0])
 
 
 def fit_adapter(head: ModelSegment, hidden_size: int, hidden: torch.Tensor, targets: torch.Tensor, epochs: int,
-                progress: Callable[[str], None] = lambda _: None, restrict: bool = True) -> DrafterAdapter:
+                progress: Callable[[str], None] = lambda _: None) -> DrafterAdapter:
     """Train an adapter so that ``head``'s norm and LM head (frozen) map ``hidden`` (layer k) to
-    ``targets`` (the main model's tokens); returned in eval mode. ``restrict``: the adapter's
-    vocabulary is the set of targets. Seed torch first to repeat it."""
+    ``targets`` (the main model's tokens); its vocabulary is the set of targets. Returned in eval
+    mode. Seed torch first to repeat it."""
     adapter = DrafterAdapter(hidden_size)
-    vocab = torch.unique(targets) if restrict else None
-    labels = targets
-    if vocab is not None:
-        index = torch.full((int(vocab.max()) + 1,), -1, dtype=torch.long)
-        index[vocab] = torch.arange(len(vocab))
-        labels = index[targets]
+    vocab = torch.unique(targets)
+    rows = head.lm_head.weight[vocab]  # (V', H): the head's rows for the vocabulary, taken once
+    index = torch.full((int(vocab.max()) + 1,), -1, dtype=torch.long)
+    index[vocab] = torch.arange(len(vocab))
+    labels = index[targets]
     opt = torch.optim.Adam(adapter.parameters(), lr=1e-3, weight_decay=1e-4)
     batch = 512
     for epoch in range(epochs):
@@ -161,7 +148,7 @@ def fit_adapter(head: ModelSegment, hidden_size: int, hidden: torch.Tensor, targ
         total = 0.0
         for lo in range(0, len(order), batch):
             idx = order[lo:lo + batch]
-            loss = torch.nn.functional.cross_entropy(_head_logits(head, adapter(hidden[idx]), vocab), labels[idx])
+            loss = torch.nn.functional.cross_entropy(head.norm(adapter(hidden[idx])) @ rows.T, labels[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -131,17 +131,25 @@ class SelfDrafter:
     def reset(self, prompt: list[int]) -> None:
         pass
 
-    @torch.inference_mode()
-    def next_from_hidden(self, hidden: torch.Tensor) -> tuple[int, float]:
-        """hidden: (H,) the boundary activation of the newest position."""
+    def _scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (..., V') over the drafter's candidates (its vocabulary, else the whole head)."""
         h = hidden.float()
         if self.adapter is not None:
             h = self.adapter(h)
         h = self.norm(h.to(self.lm_head.weight.dtype))
-        if self.vocab is None:
-            return _top1(self.lm_head(h))
-        index, conf = _top1(h @ self.head_rows.T)
-        return int(self.vocab[index]), conf
+        return self.lm_head(h) if self.vocab is None else h @ self.head_rows.T
+
+    @torch.inference_mode()
+    def next_from_hidden(self, hidden: torch.Tensor) -> tuple[int, float]:
+        """hidden: (H,) the boundary activation of the newest position."""
+        index, conf = _top1(self._scores(hidden))
+        return (index if self.vocab is None else int(self.vocab[index])), conf
+
+    @torch.inference_mode()
+    def guesses(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Top-1 guesses (P,) for the boundary activations of P positions (P, H)."""
+        index = self._scores(hidden).argmax(-1)
+        return index if self.vocab is None else self.vocab[index]
 
     def guess(self, context: list[int], hidden: torch.Tensor) -> tuple[int, float] | None:
         """The next token after ``context``, whose newest position has the boundary activation
