@@ -110,8 +110,11 @@ class FeatureHead(nn.Module):
 
 
 @torch.inference_mode()
-def features(full: ModelSegment, ids: list[int]) -> torch.Tensor:
-    return full.norm(full(torch.tensor([ids]), full.new_cache(), logits="none").hidden[0]).clone()
+def featurize(full: ModelSegment, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids (T,), the main model's post-norm last-layer features (T, H), its greedy next token at
+    each position (T,)), computed once per sequence."""
+    f = full.norm(full(torch.tensor([ids]), full.new_cache(), logits="none").hidden[0]).clone()
+    return torch.tensor(ids), f, (f @ full.lm_head.weight.T).argmax(-1)
 
 
 def train_feature_head(c, full, data, vocab, remap, epochs, log):
@@ -130,10 +133,10 @@ def train_feature_head(c, full, data, vocab, remap, epochs, log):
             fin, ein, ftg = (torch.zeros(len(idx), t, c.hidden_size) for _ in range(3))
             y = torch.full((len(idx), t), -100, dtype=torch.long)
             for j, i in enumerate(idx):
-                ids, f = data[i]
+                ids, f, nxt = data[i]
                 n = len(ids) - 1
                 fin[j, :n], ein[j, :n], ftg[j, :n] = f[:-1], emb[ids[1:]].detach(), f[1:]
-                y[j, :n] = remap[(f[1:] @ full.lm_head.weight.T).argmax(-1)]
+                y[j, :n] = remap[nxt[1:]]
             valid = y != -100
             loss, feat_in = 0.0, fin
             for unroll in range(2):  # the second pass feeds the head its own predictions
@@ -152,13 +155,13 @@ def train_feature_head(c, full, data, vocab, remap, epochs, log):
 
 @torch.no_grad()
 def chain_agreement(head, full, vocab, evals, depth=4):
-    """Per depth: of the chains that got that far, the share whose next guess was right."""
+    """Per depth: of the chains that got that far, the share whose next guess was right.
+    ``evals``: (featurized prompt and answer, prompt length) per evaluation prompt."""
     emb, w = full.embeddings[0].weight, full.lm_head.weight[vocab]
     hits, tries = [0] * depth, [0] * depth
-    for prompt, answer in evals:
-        seq = prompt + answer
-        f = features(full, seq)
-        for t in range(len(prompt) - 1, len(seq) - 2):  # f(t) gave seq[t+1]; guess seq[t+2] on
+    for (ids, f, _), prompt_len in evals:
+        seq = ids.tolist()
+        for t in range(prompt_len - 1, len(seq) - 2):  # f(t) gave seq[t+1]; guess seq[t+2] on
             _, past = head(f[:t].unsqueeze(0), emb[seq[1:t + 1]].unsqueeze(0)) if t else (None, None)
             feat, token = f[t:t + 1].unsqueeze(0), seq[t + 1]
             for d in range(min(depth, len(seq) - t - 2)):
@@ -174,19 +177,18 @@ def chain_agreement(head, full, vocab, evals, depth=4):
 
 def adapter_with_previous(full, lower, upper, data, evals, vocab, remap, epochs) -> tuple[float, float]:
     """Agreement of the adapter-shaped map without and with the previous last-layer feature."""
-    def rows(seqs, first_of):
+    def rows(seqs):  # (featurized sequence, first position kept)
         hs, ps, ys = [], [], []
-        for ids, start in ((ids, first_of(ids, rest)) for ids, rest in seqs):
+        for (ids, f, nxt), start in seqs:
             with torch.inference_mode():
-                h = lower(torch.tensor([ids]), lower.new_cache(), logits="none").hidden[0]
-                f = features(full, ids)
+                h = lower(ids.unsqueeze(0), lower.new_cache(), logits="none").hidden[0]
             hs.append(h[start:].clone())
             ps.append(f[start - 1:-1])
-            ys.append((f[start:] @ full.lm_head.weight.T).argmax(-1))
+            ys.append(nxt[start:])
         return torch.cat(hs), torch.cat(ps), torch.cat(ys)
 
-    h, p, y = rows([(ids.tolist(), None) for ids, _ in data], lambda ids, _: 1)
-    he, pe, ye = rows([(pr + ans, len(pr)) for pr, ans in evals], lambda ids, start: start + 1)
+    h, p, y = rows([(seq, 1) for seq in data])
+    he, pe, ye = rows([(seq, prompt_len + 1) for seq, prompt_len in evals])  # after the first generated token
     results = {}
     for use_prev in (False, True):  # the same map without and with the previous feature
         torch.manual_seed(0)
@@ -241,18 +243,19 @@ def main() -> None:
         print(f"[{time.perf_counter() - t0:5.0f} s] {msg}", file=sys.stderr, flush=True)
 
     answers = generate_answers(source, tokenizer, calibration_prompts(args.drawn), 128)
-    data = [(torch.tensor(pr + ans), features(full, pr + ans)) for pr, ans in answers]
-    evals = generate_answers(source, tokenizer, EVAL_PROMPTS, EVAL_TOKENS, batch=1)
-    vocab = torch.unique(torch.cat([ids for ids, _ in data]))
+    data = [featurize(full, pr + ans) for pr, ans in answers]
+    evals = [(featurize(full, pr + ans), len(pr))
+             for pr, ans in generate_answers(source, tokenizer, EVAL_PROMPTS, EVAL_TOKENS, batch=1)]
+    vocab = torch.unique(torch.cat([ids for ids, _, _ in data]))
     remap = torch.full((source.vocab_size,), -100, dtype=torch.long)
     remap[vocab] = torch.arange(len(vocab))
-    log(f"{sum(len(ids) for ids, _ in data)} training positions, vocabulary {len(vocab)}")
+    log(f"{sum(len(ids) for ids, _, _ in data)} training positions, vocabulary {len(vocab)}")
     head = train_feature_head(source.config, full, data, vocab, remap, args.epochs, log)
     depths = chain_agreement(head, full, vocab, evals)
     lower = ModelSegment.load(source, 0, args.split, head=False)
     upper = ModelSegment.load(source, args.split, source.n_layers, embed=False, head=True)
     alone, with_prev = adapter_with_previous(full, lower, upper, data, evals, vocab, remap, 8)
-    result = {"model": args.model, "split": args.split, "training_positions": sum(len(i) for i, _ in data),
+    result = {"model": args.model, "split": args.split, "training_positions": sum(len(i) for i, _, _ in data),
               "feature_block_agreement_by_depth": [round(d, 4) for d in depths],
               "adapter_alone": round(alone, 4), "adapter_with_previous_feature": round(with_prev, 4),
               "seconds": round(time.perf_counter() - t0)}
