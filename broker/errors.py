@@ -20,6 +20,7 @@ __all__ = [
     "RequestTimeout",
     "Busy",
     "NoWorkerAvailable",
+    "WeightsMismatch",
     "WorkerLost",
     "PoisonRequest",
     "RemoteError",
@@ -119,6 +120,12 @@ class NoWorkerAvailable(EdgeCloudError):
 
     code = "no_worker"
     retryable = True
+
+
+class WeightsMismatch(NoWorkerAvailable):
+    """Workers serve a model of this architecture, but with other weights (another content
+    fingerprint in the model id): the edge's model was changed, fine-tuned or is another
+    checkpoint. Raised on the edge, which says how to start a worker with its weights."""
 
 
 class WorkerLost(EdgeCloudError):

@@ -105,13 +105,13 @@ def edge(
     import os
 
     from edge_worker.config import EdgeConfig, default_broker, default_keys_dir
-    from edge_worker.runner import run_edge
+    from edge_worker.engine import EdgeEngine
 
     setup_logging(verbose, quiet=not verbose)
     progress = Progress(enabled=not json_out)
     with typed_errors():
         config = EdgeConfig(
-            model=model, prompt=prompt, max_new_tokens=tokens, split=split, min_split=min_split, max_leakage=max_leakage,
+            model=model, max_new_tokens=tokens, split=split, min_split=min_split, max_leakage=max_leakage,
             force_local=force_local,
             force_cloud=force_cloud, raw_prompt=raw_prompt, temperature=temperature, top_p=top_p, seed=seed,
             broker=broker or default_broker(), keys_dir=keys or default_keys_dir(),
@@ -135,7 +135,8 @@ def edge(
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-        result = run_edge(config, on_text=None if json_out else on_text, progress=progress)
+        with EdgeEngine(settings=config, progress=progress) as engine:
+            result = engine.generate(prompt, on_text=None if json_out else on_text)
         progress.done()
     if json_out:
         sys.stdout.write(result.to_json() + "\n")

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -120,9 +122,9 @@ class CloudClient:
         # off, every lost message costs the whole request_timeout_s.
         self.adaptive_timeout = adaptive_timeout
         self.step_timer = StepTimer(min_timeout_s=min_attempt_timeout_s)
-        self._proxy: LinkProxy | None = None
-        self._ctx: zmq.Context | None = None
-        self._client: BrokerClient | None = None
+        self._local = threading.local()  # this thread's _Connection
+        self._connections: list[_Connection] = []  # every thread's, for close()
+        self._lock = threading.Lock()
         self._trusted: frozenset[bytes] | None = None
 
     def _api_key_from_dir(self) -> str:
@@ -146,21 +148,35 @@ class CloudClient:
 
     @property
     def connection(self) -> BrokerClient:
-        if self._client is None:
-            curve = client_keys(self.keys_dir, "client", self.key_name) if self.curve else None
-            if self.link is None:
-                self._client = BrokerClient(self.broker, self.api_key, curve=curve)
-                return self._client
-            # The real frames are delayed in transit, so anything timing them (the trace,
-            # DeviceMonitor) measures the emulated link, not a counter added afterwards. The proxy
-            # is in this process (inproc: no port another local user could reach) and speaks
-            # CURVE upstream with our key.
-            self._ctx = zmq.Context()
-            self._proxy = LinkProxy(f"inproc://edgecloud-link-{uuid.uuid4().hex}", self.broker, self.link,
-                                    context=self._ctx, upstream_curve=curve)  # fmt: skip
-            self._proxy.start()
-            self._client = BrokerClient(self._proxy.endpoint, self.api_key, context=self._ctx)
-        return self._client
+        """This thread's connection to the broker. A ZeroMQ socket must not be shared between
+        threads, so each thread that uses the client (several generations of one engine at once)
+        gets its own socket, and with an emulated link its own proxy."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+            with self._lock:
+                self._connections.append(conn)
+        return conn.client
+
+    @property
+    def _proxy(self) -> LinkProxy | None:
+        """This thread's emulated link (tests change its delay during a generation)."""
+        conn = getattr(self._local, "conn", None)
+        return conn.proxy if conn is not None else None
+
+    def _connect(self) -> _Connection:
+        curve = client_keys(self.keys_dir, "client", self.key_name) if self.curve else None
+        if self.link is None:
+            return _Connection(BrokerClient(self.broker, self.api_key, curve=curve))
+        # The real frames are delayed in transit, so anything timing them (the trace,
+        # DeviceMonitor) measures the emulated link, not a counter added afterwards. The proxy
+        # is in this process (inproc: no port another local user could reach) and speaks
+        # CURVE upstream with our key.
+        ctx = zmq.Context()
+        proxy = LinkProxy(f"inproc://edgecloud-link-{uuid.uuid4().hex}", self.broker, self.link,
+                          context=ctx, upstream_curve=curve)  # fmt: skip
+        proxy.start()
+        return _Connection(BrokerClient(proxy.endpoint, self.api_key, context=ctx), proxy, ctx)
 
     def ping(self, timeout_s: float = 5.0) -> float:
         return self.connection.ping(timeout_s)
@@ -172,15 +188,28 @@ class CloudClient:
         return CloudSession(self, model_id, split, hidden_size, reduction)
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-        if self._proxy is not None:
-            self._proxy.stop()
-            self._proxy = None
-        if self._ctx is not None:
-            self._ctx.term()
-            self._ctx = None
+        """Close every thread's connection (call it once no generation uses the client)."""
+        with self._lock:
+            connections, self._connections = self._connections, []
+            self._local = threading.local()
+        for conn in connections:
+            conn.close()
+
+
+@dataclass
+class _Connection:
+    """One thread's socket to the broker, behind an in-process link proxy when one is emulated."""
+
+    client: BrokerClient
+    proxy: LinkProxy | None = None
+    ctx: zmq.Context | None = None
+
+    def close(self) -> None:
+        self.client.close()
+        if self.proxy is not None:
+            self.proxy.stop()
+        if self.ctx is not None:
+            self.ctx.term()
 
 
 class CloudSession:

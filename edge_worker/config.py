@@ -22,8 +22,11 @@ def default_keys_dir() -> Path:
 
 @dataclass(frozen=True)
 class EdgeConfig:
+    """The edge's settings: the model to load when none is handed over, how the split is chosen,
+    privacy and the wire, the drafter, deadlines and fallback, and the defaults of each request
+    (``max_new_tokens``, sampling, ``raw_prompt``), which a request may override."""
+
     model: str = "smollm2-135m"
-    prompt: str = "What is edge computing?"
     max_new_tokens: int = DEFAULT_TOKENS
     split: int | None = None  # layers kept on the edge; None lets the planner choose
     # Privacy floor: never fewer layers on the edge (a fixed --split below it is refused, the

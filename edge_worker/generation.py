@@ -252,11 +252,11 @@ class TextStream:
         self.sink = sink
         self.emitted = ""
 
-    def update(self, token_ids: list[int]) -> None:
+    def update(self, token_ids: list[int], final: bool = False) -> None:
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+        if text.endswith("\ufffd") and not final:  # an incomplete UTF-8 sequence: wait for the next token
             return
-        if text.startswith(self.emitted):
+        if text.startswith(self.emitted) and len(text) > len(self.emitted):
             self.sink(text[len(self.emitted):])
             self.emitted = text
 
@@ -421,6 +421,8 @@ class EdgeGenerator:
         finally:
             if self.backend is not None:
                 self.backend.close()
+        if stream:  # what was held back for a next token that never came (the final text has it too)
+            stream.update(generated, final=True)
         t_end = time.perf_counter()
         result.total_ms = (t_end - t_start) * 1e3
         if len(generated) > 1:

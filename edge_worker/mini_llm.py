@@ -69,6 +69,10 @@ class MiniLLMHandler:
         self.use_adapter = use_adapter
         self.adaptive = adaptive  # False: always draft max_draft tokens instead of what pays
         self.pipeline = pipeline  # verify mode: guesses go out while earlier frames are in flight
+        # What settings() loads once and every later generation reuses: adapters by file, the
+        # separate drafter model's segment. The drafters themselves hold per-generation state
+        # (a cache, the context), so each generation gets new ones around these.
+        self._loaded: dict[Any, Any] = {}
         if main_tokenizer is not None:
             self.check_tokenizer(main_tokenizer)
 
@@ -106,8 +110,11 @@ class MiniLLMHandler:
             adapter = None
             path = self.adapter or adapter_path(default_adapters_dir(), source.model_id, edge.spec.hi)
             if self.use_adapter and path.exists():
-                adapter = load_adapter(path, source.model_id, edge.spec.hi, source.hidden_size)
-                log.info("self-drafter uses the adapter %s", path)
+                key = ("adapter", path, source.model_id, edge.spec.hi)
+                if key not in self._loaded:
+                    self._loaded[key] = load_adapter(path, source.model_id, edge.spec.hi, source.hidden_size)
+                    log.info("self-drafter uses the adapter %s", path)
+                adapter = self._loaded[key]
             elif self.adapter is not None:
                 raise DrafterError(f"no drafter adapter at {path}: run `edgecloud calibrate --drafter`")
             elif self.use_adapter:
@@ -120,15 +127,21 @@ class MiniLLMHandler:
         elif kind == "lookup":
             drafter = LookupDrafter()
         else:
-            small = source_of(self.model)
-            if small.model_id == source.model_id:
-                log.warning("the drafter is the main model itself: every draft is accepted, nothing is saved")
-            small_tokenizer = self.tokenizer or small.load_tokenizer()
-            saved, self.tokenizer = self.tokenizer, small_tokenizer
-            try:
-                self.check_tokenizer(main_tokenizer)
-            finally:
-                self.tokenizer = saved
-            segment = ModelSegment.load(small, 0, small.n_layers)
+            if "model" not in self._loaded:
+                self._loaded["model"] = self._load_model(source, main_tokenizer)
+            small, segment = self._loaded["model"]
             drafter = ModelDrafter(segment, label=small.name)
         return MiniSettings(drafter, self.mode, self.threshold, self.max_draft, self.adaptive, self.pipeline)
+
+    def _load_model(self, source: ModelSource, main_tokenizer: Any) -> tuple[ModelSource, ModelSegment]:
+        """The separate drafter model, checked against the main model's tokenizer."""
+        small = source_of(self.model)
+        if small.model_id == source.model_id:
+            log.warning("the drafter is the main model itself: every draft is accepted, nothing is saved")
+        small_tokenizer = self.tokenizer or small.load_tokenizer()
+        saved, self.tokenizer = self.tokenizer, small_tokenizer
+        try:
+            self.check_tokenizer(main_tokenizer)
+        finally:
+            self.tokenizer = saved
+        return small, ModelSegment.load(small, 0, small.n_layers)

@@ -18,13 +18,15 @@ so an interrupted conversion never leaves a half-written model behind.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 
 from partition.arch import Family, family_of, hidden_size_of, n_layers_of
 from partition.errors import ModelNotFoundError
-from partition.weights import WeightStore
+from partition.weights import ModuleStore, WeightStore, content_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -54,23 +56,39 @@ def cache_root() -> Path:
     return Path(os.environ.get("EDGECLOUD_CACHE", Path.home() / ".cache" / "edgecloud" / "models"))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ModelSource:
-    """Everything needed to build any segment of one model, without loading its weights."""
+    """Everything needed to build any segment of one model, without loading its weights: a
+    directory of config, tokenizer and safetensors, or a model object already in memory
+    (``module``), whose own tensors the segments then use."""
 
     name: str  # what the user passed
-    directory: Path  # config.json, tokenizer files, safetensors
+    directory: Path | None  # config.json, tokenizer files, safetensors; for a module, where it came from
+    module: Any = field(default=None, repr=False)  # a loaded transformers model, the weights' owner
 
     @cached_property
     def model_id(self) -> str:
-        """Identifies these exact weights across processes and machines, whatever name each
-        side used for them (an edge's ``smollm2-135m`` and a worker's path to the same file)."""
+        """Identifies these exact weights across processes and machines, whatever name, path or
+        format each side used for them: a digest of the tensors' values (``content_fingerprint``),
+        so an edge's model changed in memory never matches a worker's copy of the original."""
         c = self.config
-        return f"{c.model_type}-{c.num_hidden_layers}x{c.hidden_size}@{_weights_digest(self.directory)}"
+        return f"{c.model_type}-{self.n_layers}x{self.hidden_size}@{self.fingerprint}"
+
+    @cached_property
+    def fingerprint(self) -> str:
+        skip = [self.family.head_weight] if getattr(self.config, "tie_word_embeddings", False) else []
+        if self.module is not None:
+            return content_fingerprint(self.weights, skip)
+        return _cached_fingerprint(self.directory, lambda: content_fingerprint(self.weights, skip))
 
     @cached_property
     def config(self) -> PretrainedConfig:
-        config = AutoConfig.from_pretrained(self.directory)
+        if self.module is not None:
+            config = copy.deepcopy(self.module.config)  # the user's own config object stays as it is
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+        else:
+            config = AutoConfig.from_pretrained(self.directory)
         config._attn_implementation = "sdpa"
         return config
 
@@ -79,8 +97,17 @@ class ModelSource:
         return family_of(self.config)
 
     @cached_property
-    def weights(self) -> WeightStore:
-        return WeightStore(self.directory)
+    def weights(self) -> WeightStore | ModuleStore:
+        return ModuleStore(self.module) if self.module is not None else WeightStore(self.directory)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype segments compute in by default: the model object's own, else float32."""
+        if self.module is not None:
+            for p in self.module.parameters():
+                if p.is_floating_point():
+                    return p.dtype
+        return torch.float32
 
     @property
     def n_layers(self) -> int:
@@ -95,24 +122,36 @@ class ModelSource:
         return int(self.config.vocab_size)
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
-        return AutoTokenizer.from_pretrained(self.directory)
+        if self.directory is None:
+            raise ModelNotFoundError(f"no tokenizer is known for {self.name}: pass tokenizer= with the model")
+        try:
+            return AutoTokenizer.from_pretrained(self.directory)
+        except (OSError, ValueError, TypeError):
+            ggufs = sorted(self.directory.glob("*.gguf")) if self.directory.is_dir() else []
+            if self.module is None or len(ggufs) != 1:
+                raise
+            # A model loaded with from_pretrained(dir, gguf_file=F): its tokenizer is in F.
+            return AutoTokenizer.from_pretrained(self.directory, gguf_file=ggufs[0].name)
 
 
 def source_of(model: Any) -> ModelSource:
-    """A ModelSource for a model name, a ModelSource, or a loaded transformers model."""
+    """A ModelSource for a model name or path (as for ``--model``), a ModelSource, or a loaded
+    transformers model, whose own tensors are then the weights (never a reload from disk)."""
     if isinstance(model, ModelSource):
         return model
     if isinstance(model, str):
         return resolve_model(model)
-    path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
-    if path:
-        source = resolve_model(str(path))
-        cfg = model.config
-        if (source.n_layers, source.hidden_size) == (cfg.num_hidden_layers, cfg.hidden_size):
-            return source
+    if isinstance(model, torch.nn.Module) and hasattr(model, "config"):
+        path = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None) or ""
+        directory = Path(path).expanduser() if path and Path(path).expanduser().exists() else None
+        if directory is not None and directory.is_file():
+            directory = directory.parent
+        source = ModelSource(name=str(path) or type(model).__name__, directory=directory, module=model)
+        family_of(source.config)  # an unsupported architecture is refused here, not at the first segment
+        return source
     raise ValueError(
-        "cannot tell where this model's weights live; pass a model name or path "
-        "(as for --model), or a model loaded with from_pretrained(path)"
+        f"cannot use a {type(model).__name__} as the model: pass a model name or path (as for --model), "
+        "or a transformers model object (AutoModelForCausalLM.from_pretrained(...))"
     )
 
 
@@ -156,34 +195,55 @@ def _smollm2_gguf_path() -> Path:
     return path
 
 
-_DIGEST_SAMPLE_BYTES = 1 << 20
+def _file_key(path: Path) -> str:
+    """A cheap identity for a file as it is now: path, size and modification time."""
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{_CACHE_FORMAT}"
 
 
-def _weights_digest(directory: Path) -> str:
-    """A content digest of the safetensors files: each header (names, shapes, offsets), size,
-    and a sample of data from the middle. Reading all 500 MB would cost seconds per start."""
-    h = hashlib.sha256()
-    for f in sorted(directory.glob("*.safetensors")):
-        size = f.stat().st_size
-        with open(f, "rb") as fh:
-            head_len = int.from_bytes(fh.read(8), "little")
-            h.update(fh.read(min(head_len, 100 << 20)))
-            fh.seek(max(0, size // 2 - _DIGEST_SAMPLE_BYTES // 2))
-            h.update(fh.read(_DIGEST_SAMPLE_BYTES))
-        h.update(str(size).encode())
-    return h.hexdigest()[:12]
+def _cached_digest(key: str, compute) -> str:
+    """``compute()`` once per ``key`` (a file's identity as it is now), kept under the cache."""
+    store = cache_root() / "digests"
+    entry = store / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
+    try:
+        blob = json.loads(entry.read_text())
+        if blob.get("key") == key:
+            return str(blob["digest"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    digest = compute()
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"key": key, "digest": digest}))
+        os.replace(tmp, entry)
+    except OSError as exc:  # a read-only cache costs a recomputation next time, nothing more
+        log.debug("cannot cache a digest in %s: %s", store, exc)
+    return digest
+
+
+def _cached_fingerprint(directory: Path, compute) -> str:
+    """The content fingerprint of a checkpoint directory, computed once per state of its files."""
+    files = sorted(directory.glob("*.safetensors"))
+    return _cached_digest("fingerprint|" + "|".join(_file_key(f) for f in files), compute)
 
 
 def _file_digest(path: Path) -> str:
-    """A cheap identity for a large file: path, size and mtime, not its contents."""
-    st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}|{_CACHE_FORMAT}"
-    return hashlib.sha256(key.encode()).hexdigest()[:12]
+    """A digest of a file's bytes (cached per path, size and mtime): two copies of one GGUF or
+    ``.bin`` checkpoint share one conversion."""
+    def compute() -> str:
+        h = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as fh:
+            while chunk := fh.read(8 << 20):
+                h.update(chunk)
+        return h.hexdigest()[:12]
+
+    return _cached_digest("file|" + _file_key(path), compute)
 
 
 def _from_gguf(path: Path, name: str) -> ModelSource:
     digest = _file_digest(path)
-    target = cache_root() / f"{path.stem}-{digest}"
+    target = cache_root() / f"gguf-{digest}"  # by content: two copies of one file, one conversion
 
     def convert(tmp: Path) -> None:
         from transformers import AutoModelForCausalLM
@@ -192,28 +252,37 @@ def _from_gguf(path: Path, name: str) -> ModelSource:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         # The de-quantized weights are plain fp32, but transformers refuses save_pretrained() on
-        # a GGUF-loaded model, so write the tensors ourselves and drop the GGUF marker from the
-        # config so the directory loads as an ordinary checkpoint.
-        _save_plain_checkpoint(model, tmp)
-        tokenizer.save_pretrained(tmp)
+        # a GGUF-loaded model, so write the tensors ourselves.
+        save_checkpoint(model, tmp, tokenizer)
 
     _ensure_converted(target, convert)
     return ModelSource(name=name, directory=target)
 
 
-def _save_plain_checkpoint(model, directory: Path) -> None:
+def save_checkpoint(model, directory: str | Path, tokenizer=None) -> Path:
+    """Write a loaded model (``tokenizer`` too, when given) as a plain safetensors checkpoint
+    that ``--model DIRECTORY`` loads, on a worker for instance. Unlike ``save_pretrained`` it
+    also takes a model loaded from a GGUF file, which transformers refuses to save; the weights
+    are written as they are in memory, so the directory is the same model (the same
+    ``model_id``) as the object."""
     from safetensors.torch import save_file
 
-    config = model.config
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     state = model.state_dict()
     if getattr(config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # tied to the embedding; segments re-tie it on load
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(directory / "model.safetensors"),
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(directory / "model.safetensors"),
               metadata={"format": "pt"})
     config.save_pretrained(directory)
-    model.generation_config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory
 
 
 def _ensure_converted(target: Path, convert) -> None:
@@ -245,7 +314,7 @@ def _from_directory(path: Path, name: str) -> ModelSource:
     if not bins:
         raise ModelNotFoundError(f"{str(path)!r} has neither safetensors nor pytorch_model.bin weights")
     digest = _file_digest(bins[0])
-    target = cache_root() / f"{path.name}-{digest}"
+    target = cache_root() / f"bin-{digest}"
 
     def convert(tmp: Path) -> None:
         from transformers import AutoModelForCausalLM

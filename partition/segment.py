@@ -84,10 +84,12 @@ class ModelSegment(nn.Module):
         *,
         embed: bool | None = None,
         head: bool | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         device: str | torch.device = "cpu",
     ) -> ModelSegment:
-        """Segment ``[lo, hi)``; by default it embeds iff ``lo == 0`` and has the head iff ``hi == N``."""
+        """Segment ``[lo, hi)``; by default it embeds iff ``lo == 0`` and has the head iff ``hi == N``,
+        and computes in the source's dtype (a model object's own, else float32)."""
+        dtype = source.dtype if dtype is None else dtype
         embed = (lo == 0) if embed is None else embed
         head = (hi == source.n_layers) if head is None else head
         return cls(source, SegmentSpec(lo, hi, embed, head), dtype, torch.device(device))

@@ -23,11 +23,14 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, raw: bool = F
 def eos_token_ids(source: ModelSource, tokenizer: PreTrainedTokenizerBase) -> set[int]:
     """Every id that ends generation: the generation config's, the model config's, the tokenizer's."""
     ids: set[int] = set()
-    try:
-        gen = GenerationConfig.from_pretrained(source.directory)
+    gen = getattr(source.module, "generation_config", None)
+    if gen is None and source.directory is not None:
+        try:
+            gen = GenerationConfig.from_pretrained(source.directory)
+        except OSError:
+            pass
+    if gen is not None:
         ids |= _as_set(gen.eos_token_id)
-    except OSError:
-        pass
     ids |= _as_set(getattr(source.config, "eos_token_id", None))
     ids |= _as_set(tokenizer.eos_token_id)
     return ids

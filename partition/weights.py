@@ -6,6 +6,7 @@ holds the whole model in memory (``bench/bench_memory.py`` measures this).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -60,3 +61,50 @@ class WeightStore:
                 for name in file_names:
                     out[name] = f.get_tensor(name).to(dtype)
         return out
+
+
+class ModuleStore:
+    """Names -> tensors of a model already in memory: the user's own tensors, not copies (a
+    segment built from it shares their storage, in their dtype unless asked for another)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self._tensors = module.state_dict()  # detached, sharing the parameters' storage
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def with_prefix(self, prefix: str) -> list[str]:
+        return [n for n in self._tensors if n.startswith(prefix)]
+
+    def load(self, names: Iterable[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name in names:
+            if name not in self._tensors:
+                raise WeightsMissingError(f"tensor {name!r} is missing from the model object")
+            t = self._tensors[name]
+            out[name] = t if t.dtype == dtype else t.to(dtype)
+        return out
+
+
+# Tensors hashed per read: bounds the memory a fingerprint of a large checkpoint needs.
+_FINGERPRINT_BATCH = 32
+
+
+def content_fingerprint(store: WeightStore | ModuleStore, skip: Iterable[str] = ()) -> str:
+    """A digest of every tensor's name, shape and values (as float32, so a float32 copy of
+    bfloat16 weights is the same model): the same weights give the same digest whichever file,
+    format or object holds them, and any changed value gives another. ``skip``: names that only
+    repeat another tensor (a tied LM head, which some checkpoints store and others do not)."""
+    h = hashlib.blake2b(digest_size=16)
+    names = sorted(set(store.names()) - set(skip))
+    for i in range(0, len(names), _FINGERPRINT_BATCH):
+        batch = names[i:i + _FINGERPRINT_BATCH]
+        tensors = store.load(batch, torch.float32)
+        for name in batch:
+            t = tensors[name].detach().cpu().contiguous()
+            h.update(f"{name}:{tuple(t.shape)};".encode())
+            h.update(t.numpy().data)
+    return h.hexdigest()[:12]

@@ -268,7 +268,7 @@ def test_pings_through_a_real_broker_on_a_client_of_its_own():
             own = monitor._pinger._client
             assert own is not None and own is not given
             assert (own.broker, own.encryption, own.request_timeout_s) == (broker.endpoint, False, 7.0)
-            assert given._client is None  # the caller's socket was never touched
+            assert given._connections == []  # the caller's socket was never touched
             wait_until(lambda: monitor.snapshot().rtt_last_ms != s.rtt_last_ms, what="a second ping")
         finally:
             assert stop_promptly(monitor) < PROMPT_STOP_S

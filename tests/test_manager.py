@@ -175,14 +175,16 @@ def test_the_split_moves_when_the_link_slows_mid_generation(smollm2, tmp_path, m
         manager = EdgeCloudManager(model="smollm2-135m", device_monitor=DeviceMonitor(background_monitoring=False),
                                    cloud_client=client, replan_every=4, latency_weight=0.2,
                                    memory_weight=0.8, energy_weight=0.0)
-        plan_at = manager.replan
+        from edge_worker.planning import ReplanWatch
 
-        def slow_link_then_replan(step, result):
+        plan_at = ReplanWatch.replan
+
+        def slow_link_then_replan(self, step, trace, current):
             if step >= 6:
                 client._proxy.set_rtt(1500.0)
-            return plan_at(step, result)
+            return plan_at(self, step, trace, current)
 
-        manager.replan = slow_link_then_replan
+        monkeypatch.setattr(ReplanWatch, "replan", slow_link_then_replan)
         try:
             manager.process_hybrid([ids], max_new_tokens=24)
         finally:

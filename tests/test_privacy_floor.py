@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from edge_worker.config import EdgeConfig
-from edge_worker.runner import resolve_split
+from edge_worker.engine import resolve_split
 from partition.errors import InvalidSplitError
 from partition.planner import Conditions, Weights, min_split_for_leakage, plan
 from partition.profile import LayerProfile
@@ -104,7 +104,7 @@ def test_measured_leakage_reads_the_table_of_this_model_and_protection(tmp_path)
 def test_a_leakage_budget_raises_the_floor_and_never_lowers_it(tmp_path):
     from types import SimpleNamespace
 
-    from edge_worker.runner import apply_leakage_budget
+    from edge_worker.engine import apply_leakage_budget
 
     _write_table(tmp_path)
     source = SimpleNamespace(model_id="llama-test@abc", n_layers=N)

@@ -1,0 +1,495 @@
+"""``EdgeEngine``: the one place on the device that assembles and runs a generation.
+
+Built once from a model (a ``--model`` name or path, a ``ModelSource``, or a transformers model
+the user loaded) and one ``EdgeConfig``, it owns everything a generation needs: the tokenizer,
+the model's segments (each loaded once and shared by every generation), the cloud client, the
+split planner and the re-planning during a generation, the drafter and the local fallback.
+``edgecloud edge``, ``edgecloud demo`` (through ``edge``), ``EdgeCloudManager`` and the benches
+call it; nothing else wires segments, sessions, drafters or fallback together::
+
+    with EdgeEngine("smollm2-135m", EdgeConfig(split=15)) as engine:
+        result = engine.generate("What is edge computing?", GenerationParams(max_new_tokens=32))
+        for piece in engine.stream("And fog computing?"):
+            print(piece, end="", flush=True)
+
+Several generations may run at once from different threads: each has its own caches, cloud
+session and drafter state; the segments, the cloud client (one broker socket per thread) and the
+planner are shared.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from broker.errors import EdgeCloudError, NoWorkerAvailable, WeightsMismatch
+from edge_worker.config import EdgeConfig
+from edge_worker.generation import EdgeGenerator, GenerationResult, LocalBackend, mode_for
+from edge_worker.planning import Decision, ReplanWatch, SplitPlanner
+from partition.errors import InvalidSplitError, PartitionError
+from partition.models import ModelSource, source_of
+from partition.planner import WIFI, Conditions, PowerModel, Weights
+from partition.sampling import SamplingParams
+from partition.segment import ModelSegment
+from partition.tokens import encode_prompt, eos_token_ids
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+# Segments an engine keeps loaded: the edge's for the current split and one it moved from, and
+# the remaining layers for a local fallback of each. A generation holds its own references, so
+# one dropped here stays alive until that generation ends.
+MAX_CACHED_SEGMENTS = 4
+_FROM_SETTINGS = object()  # "build it from the settings", where None means "none"
+
+
+class ContextLengthError(PartitionError):
+    """The prompt plus the tokens asked for do not fit in the model's context."""
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """What one request may choose; the engine's settings give the defaults."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    raw_prompt: bool = False  # skip the chat template of instruct models
+
+    @classmethod
+    def from_settings(cls, settings: EdgeConfig) -> GenerationParams:
+        return cls(settings.max_new_tokens, settings.temperature, settings.top_p, settings.seed,
+                   settings.raw_prompt)
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_p, self.seed)
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+# --- settings -> objects: the one place each option becomes a component ----------------------------
+
+def resolve_split(config: EdgeConfig, n_layers: int) -> int | None:
+    """The split the user fixed, or None when the planner should choose. A fixed split below
+    ``min_split`` is refused rather than raised: the user asked for both, and only they can say
+    which one they meant."""
+    if config.min_split > n_layers:
+        raise InvalidSplitError(f"--min-split {config.min_split} is above this model's {n_layers} layers")
+    if config.force_local:
+        return n_layers
+    if config.force_cloud:
+        k = 0
+    elif config.split is None:
+        return None
+    else:
+        k = config.split
+    if not 0 <= k <= n_layers:
+        raise InvalidSplitError(f"split {k} is outside [0, {n_layers}] for this model")
+    if k < config.min_split:
+        raise InvalidSplitError(
+            f"split {k} is below --min-split {config.min_split}: fewer layers on the edge than the privacy "
+            "floor allows; raise the split, lower --min-split, or leave --split out to let the planner choose"
+        )
+    return k
+
+
+def apply_leakage_budget(config: EdgeConfig, source: ModelSource, tables_dir: Path | None = None) -> EdgeConfig:
+    """``config`` with ``min_split`` raised to what ``max_leakage`` needs under the measured table
+    for this model and protection (unchanged without a budget). Tables: ``partition/data``."""
+    if config.max_leakage is None:
+        return config
+    from partition.leakage import DATA_DIR, measured_leakage, protection_name
+    from partition.planner import min_split_for_leakage
+
+    name = protection_name(config.wire_dtype, config.reduce_dims)
+    table = measured_leakage(source.model_id, name, tables_dir or DATA_DIR)
+    floor = min_split_for_leakage(table, config.max_leakage, source.n_layers)
+    log.info("leakage budget %.2f with %s: no split below %d", config.max_leakage, name, floor)
+    return replace(config, min_split=max(config.min_split, floor))
+
+
+def mini_handler(config: EdgeConfig):
+    """The MiniLLMHandler the options ask for, or None for ``--mini none``."""
+    from edge_worker.mini_llm import MiniLLMHandler
+
+    if config.mini == "none":
+        return None
+    return MiniLLMHandler(model=config.mini, threshold=config.mini_threshold, mode=config.mini_mode,
+                          max_draft=config.mini_max_draft, adaptive=config.mini_adaptive,
+                          pipeline=config.mini_pipeline, adapter=config.mini_adapter)
+
+
+def make_client(config: EdgeConfig):
+    from broker.linkproxy import LinkConfig  # imports zmq only when needed
+    from edge_worker.cloud_client import CloudClient
+
+    link = None
+    if config.cloud_latency_s or config.bandwidth_mbps:
+        link = LinkConfig(rtt_ms=config.cloud_latency_s * 1e3, uplink_mbps=config.bandwidth_mbps,
+                          downlink_mbps=config.bandwidth_mbps)
+    return CloudClient(
+        api_key=config.api_key, broker=config.broker, keys_dir=config.keys_dir, encryption=config.encryption,
+        wire_dtype=config.wire_dtype, request_timeout_s=config.request_timeout_s,
+        step_deadline_s=config.step_deadline_s, link=link, curve=config.curve,
+        adaptive_timeout=config.adaptive_timeout,
+    )
+
+
+def privacy_of(config: EdgeConfig):
+    """The PrivacyProtection the edge options describe."""
+    from edge_worker.privacy import PrivacyProtection
+
+    return PrivacyProtection(config.encryption, config.wire_dtype, config.reduce_dims, config.reductions_dir)
+
+
+def context_length_of(source: ModelSource) -> int | None:
+    """Positions the model was built for (Llama's ``max_position_embeddings``, GPT-2's ``n_positions``)."""
+    config = source.config
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+# --- the engine ----------------------------------------------------------------------------------
+
+class EdgeEngine:
+    """Creates and runs generations for one model with one set of settings."""
+
+    def __init__(
+        self,
+        model: Any = None,
+        settings: EdgeConfig | None = None,
+        *,
+        tokenizer: Any = None,
+        cloud_client: Any = None,
+        device_monitor: Any = _FROM_SETTINGS,
+        mini_llm: Any = _FROM_SETTINGS,
+        privacy: Any = None,
+        power: PowerModel = WIFI,
+        base_conditions: Conditions | None = None,
+        replan_every: int = 8,
+        replan_margin: float = 0.1,
+        progress: Progress | None = None,
+    ) -> None:
+        """``model``: a name or path as for ``--model`` (default: ``settings.model``), a
+        ``ModelSource`` or a loaded transformers model. ``cloud_client``, ``device_monitor`` (None:
+        plan on ``base_conditions`` and pings alone), ``mini_llm`` (a ``MiniLLMHandler`` or None)
+        and ``privacy`` (a ``PrivacyProtection``) replace what the settings would build; the
+        client's encryption and wire format then follow ``privacy``."""
+        settings = settings or EdgeConfig()
+        self.progress = progress or _quiet
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        self.progress(f"preparing model {model if isinstance(model, str) else settings.model}")
+        self.source = source_of(settings.model if model is None else model)
+        self.settings = apply_leakage_budget(settings, self.source)
+        n = self.source.n_layers
+        self.fixed_split = resolve_split(self.settings, n)
+        self.tokenizer = tokenizer or self.source.load_tokenizer()
+        self.eos = eos_token_ids(self.source, self.tokenizer)
+        self.context_length = context_length_of(self.source)
+        self.privacy = privacy or privacy_of(self.settings)
+        self.mini_llm = mini_handler(self.settings) if mini_llm is _FROM_SETTINGS else mini_llm
+        if self.mini_llm is not None:
+            self.mini_llm.check_tokenizer(self.tokenizer)
+        if cloud_client is not None:  # the privacy settings decide how activations leave the device
+            cloud_client.encryption = self.privacy.encryption_enabled
+            cloud_client.wire_dtype = self.privacy.wire_dtype
+        elif self.fixed_split != n:
+            cloud_client = make_client(replace(self.settings, encryption=self.privacy.encryption_enabled,
+                                               wire_dtype=self.privacy.wire_dtype))
+        self.client = cloud_client
+        self._own_monitor = False
+        self.planner: SplitPlanner | None = None
+        if self.fixed_split is None:
+            if device_monitor is _FROM_SETTINGS:
+                from edge_worker.device_monitor import DeviceMonitor
+
+                device_monitor, self._own_monitor = DeviceMonitor(), True
+            s = self.settings
+            self.planner = SplitPlanner(
+                self.source, self.client, Weights(s.energy_weight, s.latency_weight, s.memory_weight),
+                monitor=device_monitor, wire_dtype=self.privacy.wire_dtype, reduce_dims=self.privacy.reduce_dims,
+                min_split=s.min_split, power=power, base_conditions=base_conditions)
+        self.device_monitor = None if device_monitor is _FROM_SETTINGS else device_monitor
+        self.replan_every = replan_every
+        self.replan_margin = replan_margin
+        self.defaults = GenerationParams.from_settings(self.settings)
+        self.decisions: list[Decision] = []  # every generation's, in order
+        self._segments: OrderedDict[tuple[int, int, bool, bool], ModelSegment] = OrderedDict()
+        self._lock = threading.RLock()
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self._own_monitor and hasattr(self.device_monitor, "stop"):
+            self.device_monitor.stop()
+
+    def __enter__(self) -> EdgeEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- requests ----------------------------------------------------------------------------------
+    def params(self, **overrides: Any) -> GenerationParams:
+        """The engine's defaults with some fields changed."""
+        return replace(self.defaults, **overrides)
+
+    def encode(self, prompt: str | list[int] | torch.Tensor, raw: bool = False) -> list[int]:
+        """Token ids of a text prompt (the chat template unless ``raw``), or ids given as a list
+        or a (T,) / (1, T) tensor."""
+        if isinstance(prompt, str):
+            return encode_prompt(self.tokenizer, prompt, raw=raw)
+        ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
+        if ids and isinstance(ids[0], list):
+            if len(ids) != 1:
+                raise ValueError(f"one sequence at a time (batch size 1), got {len(ids)}")
+            ids = ids[0]
+        return [int(i) for i in ids]
+
+    def check_fits(self, prompt_tokens: int, new_tokens: int) -> None:
+        limit = self.context_length
+        if limit is not None and prompt_tokens + new_tokens > limit:
+            raise ContextLengthError(
+                f"the prompt is {prompt_tokens} tokens and {new_tokens} more were asked for, "
+                f"{prompt_tokens + new_tokens} positions; {self.source.name} holds {limit}: "
+                "shorten the prompt or ask for fewer tokens")
+
+    def generate(self, prompt: str | list[int] | torch.Tensor, params: GenerationParams | None = None,
+                 on_text: Callable[[str], None] | None = None) -> GenerationResult:
+        """Run one generation; ``on_text`` receives the text as it is produced."""
+        params = params or self.defaults
+        ids = self.encode(prompt, params.raw_prompt)
+        if not ids:
+            raise ValueError("the prompt encodes to no tokens")
+        if params.max_new_tokens < 1:
+            raise ValueError(f"tokens must be at least 1, got {params.max_new_tokens}")
+        self.check_fits(len(ids), params.max_new_tokens)
+        decision, watch = self._decide(len(ids), params.max_new_tokens)
+        run = _Run(self, watch)
+        k = decision.k
+        edge = run.edge_segment(k)
+        backend = run.backend_for(k)
+        generator = EdgeGenerator(edge, backend, self.tokenizer, self.eos, mode=mode_for(k, self.source.n_layers),
+                                  mini=run.mini_for(k, edge), mover=run if watch is not None else None)
+        self.progress(f"generating up to {params.max_new_tokens} tokens from a {len(ids)}-token prompt")
+        try:
+            result = generator.generate(ids, params.max_new_tokens, params.sampling, on_text=on_text)
+        except NoWorkerAvailable as exc:
+            if isinstance(exc, WeightsMismatch) or self.planner is None and self.client is None:
+                raise
+            raise self.serving_error(exc) from None
+        if decision.reason != "forced":
+            result.decision = decision.to_dict()
+            result.decisions = [decision.to_dict(), *(d.to_dict() for d in run.decisions)]
+        if self.planner is not None:
+            if watch is not None:
+                watch.feed(result.trace)
+            else:
+                self.planner.feed(result.trace)
+            self.planner.feed_upload(result.trace)
+        return result
+
+    def stream(self, prompt: str | list[int] | torch.Tensor, params: GenerationParams | None = None,
+               on_result: Callable[[GenerationResult], None] | None = None) -> GenerationStream:
+        """The generation's text as it is produced: iterate over it; ``.result`` once it ends
+        (also handed to ``on_result``)."""
+        return GenerationStream(self, prompt, params, on_result)
+
+    def serving_error(self, exc: Exception) -> NoWorkerAvailable:
+        """``exc`` (no worker took this model's session) with what the registered workers serve
+        instead, and what to do when it is this model with other weights."""
+        try:
+            workers = self.client.status(2.0).get("workers", [])
+        except EdgeCloudError:
+            return NoWorkerAvailable(str(exc))
+        mine = self.source.model_id
+        arch = mine.split("@")[0]
+        others = sorted({str(w.get("model_id")) for w in workers if w.get("model_id") != mine})
+        if not any(o.split("@")[0] == arch for o in others):
+            return NoWorkerAvailable(f"{exc}; the registered workers serve: {', '.join(others) or 'nothing'}")
+        return WeightsMismatch(
+            f"no worker holds these weights ({mine}); the workers hold {', '.join(others)}, the same "
+            "architecture with other weights (the model was changed in memory, fine-tuned, or is another "
+            "checkpoint). Start a worker with them: partition.models.save_checkpoint(model, DIR, tokenizer), "
+            "then `edgecloud cloud-worker --model DIR`")
+
+    # --- deciding ----------------------------------------------------------------------------------
+    def choose_split(self, prompt_tokens: int, new_tokens: int) -> Decision:
+        """The split a generation of this size would start at (and why)."""
+        return self._decide(prompt_tokens, new_tokens, record=False)[0]
+
+    def _decide(self, prompt_tokens: int, new_tokens: int, record: bool = True
+                ) -> tuple[Decision, ReplanWatch | None]:
+        watch = None
+        if self.planner is None:
+            decision = Decision(self.fixed_split, "forced", None, None, None, time.time())  # type: ignore[arg-type]
+        else:
+            self.progress("measuring the link and pricing every split")
+            decision, snapshot = self.planner.choose(prompt_tokens, new_tokens)
+            log.info("planner: %s", decision.summary())
+            if self.settings.dynamic and snapshot is not None:
+                watch = ReplanWatch(self.planner, snapshot, prompt_tokens, new_tokens,
+                                    every=self.replan_every, margin=self.replan_margin)
+        if record:
+            with self._lock:
+                self.decisions.append(decision)
+        return decision, watch
+
+    # --- parts, loaded once ------------------------------------------------------------------------
+    def segment(self, lo: int, hi: int, *, head: bool) -> ModelSegment:
+        """Layers ``[lo, hi)`` (with the embedding iff ``lo == 0``), loaded once per engine. A
+        segment loaded with the head also serves requests without it."""
+        embed = lo == 0
+        with self._lock:
+            for key in ((lo, hi, embed, head), (lo, hi, embed, True)):
+                if key in self._segments:
+                    self._segments.move_to_end(key)
+                    return self._segments[key]
+            what = f"layers [{lo}, {hi}) of {self.source.n_layers}" + (" and the head" if head else "")
+            self.progress(f"loading {what}")
+            t0 = time.perf_counter()
+            seg = ModelSegment.load(self.source, lo, hi, embed=embed, head=head)
+            log.info("segment ready: %s (%.1f s)", seg.describe(), time.perf_counter() - t0)
+            self._segments[(lo, hi, embed, head)] = seg
+            while len(self._segments) > MAX_CACHED_SEGMENTS:
+                self._segments.popitem(last=False)
+            return seg
+
+    def edge_segment(self, k: int) -> ModelSegment:
+        """The edge's layers ``[0, k)``, with the head when it runs every layer or the drafter
+        applies the head to its own activations."""
+        n = self.source.n_layers
+        return self.segment(0, k, head=k == n or bool(self.mini_llm and k < n and self.mini_llm.needs_edge_head))
+
+    def backend_for(self, k: int, edge: ModelSegment | None):
+        """A cloud session for layers ``[k, N)`` (None at ``k = N``), with the projection the
+        privacy settings ask for and, unless turned off, the local fallback."""
+        n = self.source.n_layers
+        if k == n:
+            return None
+        if self.privacy.reduce_dims is not None:
+            self.progress(f"finding or calibrating the {self.privacy.reduce_dims}-dim projection for split {k}")
+        reduction = self.privacy.reduction_for(self.source, k, edge)  # None unless reduce_dims
+        session = self.client.session(self.source.model_id, k, self.source.hidden_size, reduction)
+        if self.settings.fallback_local:
+            session.fallback = lambda: LocalBackend(self.segment(k, n, head=True))
+        return session
+
+    def mini_for(self, k: int, edge: ModelSegment):
+        if self.mini_llm is None or k == self.source.n_layers:
+            return None
+        with self._lock:  # loads the adapter or the drafter model once
+            return self.mini_llm.settings(self.source, edge, self.tokenizer)
+
+
+class _Run:
+    """One generation's SplitMover: re-plans through its ``ReplanWatch`` and builds the parts for
+    a new split from the engine."""
+
+    def __init__(self, engine: EdgeEngine, watch: ReplanWatch | None) -> None:
+        self.engine = engine
+        self.watch = watch
+        self.decisions: list[Decision] = []  # re-plans that moved the split
+
+    def replan(self, step: int, result: GenerationResult) -> int | None:
+        if self.watch is None:
+            return None
+        decision = self.watch.replan(step, result.trace, result.splits_used[-1])
+        if decision is None:
+            return None
+        self.decisions.append(decision)
+        with self.engine._lock:
+            self.engine.decisions.append(decision)
+        return decision.k
+
+    def edge_segment(self, k: int) -> ModelSegment:
+        return self.engine.edge_segment(k)
+
+    def backend_for(self, k: int):
+        edge = self.edge_segment(k) if k < self.engine.source.n_layers else None  # loaded already: a cache hit
+        return self.engine.backend_for(k, edge)
+
+    def mini_for(self, k: int, edge: ModelSegment):
+        return self.engine.mini_for(k, edge)
+
+
+class GenerationCancelled(Exception):
+    """The consumer of a stream stopped reading; the generation ended early."""
+
+
+_END = object()
+
+
+class GenerationStream:
+    """A generation running on its own thread, read as an iterator of text pieces.
+
+    ``result`` holds the ``GenerationResult`` once the iterator is exhausted; an error in the
+    generation is raised from the iteration. ``close()`` (or leaving a ``with`` block) stops a
+    generation the reader no longer wants, at its next token."""
+
+    def __init__(self, engine: EdgeEngine, prompt: Any, params: GenerationParams | None,
+                 on_result: Callable[[GenerationResult], None] | None = None) -> None:
+        self.result: GenerationResult | None = None
+        self._on_result = on_result
+        self._error: BaseException | None = None
+        self._pieces: queue.Queue = queue.Queue()
+        self._cancel = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(engine, prompt, params), daemon=True,
+                                        name="edgecloud-generation")
+        self._thread.start()
+
+    def _run(self, engine: EdgeEngine, prompt: Any, params: GenerationParams | None) -> None:
+        try:
+            self.result = engine.generate(prompt, params, on_text=self._piece)
+            if self._on_result is not None:
+                self._on_result(self.result)
+        except BaseException as exc:  # noqa: BLE001 - handed to the reader, raised there
+            self._error = exc
+        finally:
+            self._pieces.put(_END)
+
+    def _piece(self, text: str) -> None:
+        if self._cancel.is_set():
+            raise GenerationCancelled("the reader closed the stream")
+        self._pieces.put(text)
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        item = self._pieces.get()
+        if item is _END:
+            self._pieces.put(_END)  # later calls end too
+            self._thread.join()
+            if self._error is not None and not isinstance(self._error, GenerationCancelled):
+                raise self._error
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        self._cancel.set()
+        self._thread.join()
+
+    def __enter__(self) -> GenerationStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,212 @@
+"""EdgeEngine: one place that runs a generation, on the user's own model objects, with fallback.
+
+Unit tests: no broker or worker processes (a client pointed at a closed port stands for a cloud
+that is gone). The split paths against real processes are in test_manager.py and test_faults.py.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.fixture
+def llama_object(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_llama.directory).eval()
+
+
+def local_engine(model, **settings):
+    from edge_worker.config import EdgeConfig
+    from edge_worker.engine import EdgeEngine
+
+    return EdgeEngine(model, EdgeConfig(force_local=True, **settings))
+
+
+def test_a_local_generation_equals_transformers_greedy_generate(tiny_llama, llama_object):
+    ids = tiny_llama.load_tokenizer()("the engine runs it")["input_ids"]
+    with local_engine("tiny-llama") as engine:
+        result = engine.generate(ids, engine.params(max_new_tokens=12))
+    assert result.token_ids == hf_greedy(llama_object, ids, 12)
+    assert result.mode == "local" and result.split == tiny_llama.n_layers
+
+
+def test_the_users_model_object_is_the_one_that_runs_not_a_reload(tiny_llama, llama_object):
+    """The segments share the object's tensors; a change made in memory changes the output (and
+    the model id), where a reload from disk would have given the original text."""
+    from partition.models import source_of
+
+    ids = tiny_llama.load_tokenizer()("changed in memory")["input_ids"]
+    with torch.no_grad():
+        llama_object.model.layers[1].mlp.down_proj.weight.mul_(3.0)
+    source = source_of(llama_object)
+    assert source.model_id != tiny_llama.model_id
+    with local_engine(llama_object) as engine:
+        edge = engine.edge_segment(tiny_llama.n_layers)
+        shared = edge.layers[1].mlp.down_proj.weight
+        assert shared.data_ptr() == llama_object.model.layers[1].mlp.down_proj.weight.data_ptr()
+        result = engine.generate(ids, engine.params(max_new_tokens=10))
+    assert result.token_ids == hf_greedy(llama_object, ids, 10)
+    with local_engine("tiny-llama") as original:
+        assert original.generate(ids, original.params(max_new_tokens=10)).token_ids != result.token_ids
+
+
+def test_an_unchanged_object_is_the_same_model_as_its_directory(tiny_llama, llama_object, tiny_gpt2):
+    from transformers import AutoModelForCausalLM
+
+    from partition.models import source_of
+
+    assert source_of(llama_object).model_id == tiny_llama.model_id
+    gpt2 = AutoModelForCausalLM.from_pretrained(tiny_gpt2.directory).eval()
+    assert source_of(gpt2).model_id == tiny_gpt2.model_id
+
+
+def test_a_gpt2_object_generates_its_own_greedy_text(tiny_gpt2):
+    from transformers import AutoModelForCausalLM
+
+    gpt2 = AutoModelForCausalLM.from_pretrained(tiny_gpt2.directory).eval()
+    ids = tiny_gpt2.load_tokenizer()("gpt-2 as an object")["input_ids"]
+    with local_engine(gpt2) as engine:
+        assert engine.generate(ids, engine.params(max_new_tokens=10)).token_ids == hf_greedy(gpt2, ids, 10)
+
+
+def test_a_bfloat16_object_runs_in_bfloat16(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama.directory, dtype=torch.bfloat16).eval()
+    ids = tiny_llama.load_tokenizer()("half precision")["input_ids"]
+    with local_engine(model) as engine:
+        edge = engine.edge_segment(tiny_llama.n_layers)
+        assert edge.dtype == torch.bfloat16
+        assert edge.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+        result = engine.generate(ids, engine.params(max_new_tokens=8))
+    assert result.token_ids == hf_greedy(model, ids, 8)
+
+
+def test_a_saved_checkpoint_of_an_object_is_the_same_model(tiny_llama, llama_object, tmp_path):
+    from partition.models import resolve_model, save_checkpoint, source_of
+
+    with torch.no_grad():
+        llama_object.model.norm.weight.add_(0.5)
+    save_checkpoint(llama_object, tmp_path / "m", tiny_llama.load_tokenizer())
+    assert resolve_model(str(tmp_path / "m")).model_id == source_of(llama_object).model_id
+
+
+def test_the_fingerprint_follows_the_values_not_the_path(tiny_llama, tmp_path):
+    import shutil
+
+    from partition.models import resolve_model
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_llama.directory, copy)
+    assert resolve_model(str(copy)).model_id == tiny_llama.model_id
+
+
+def test_the_stream_yields_the_text_as_it_comes(tiny_llama):
+    ids = tiny_llama.load_tokenizer()("streamed")["input_ids"]
+    with local_engine("tiny-llama") as engine:
+        stream = engine.stream(ids, engine.params(max_new_tokens=16))
+        pieces = list(stream)
+        whole = engine.generate(ids, engine.params(max_new_tokens=16))
+    assert len(pieces) > 1
+    assert "".join(pieces) == stream.result.text == whole.text
+
+
+def test_a_stream_closed_early_stops_its_generation(tiny_llama):
+    ids = tiny_llama.load_tokenizer()("stop me")["input_ids"]
+    with local_engine("tiny-llama") as engine:
+        stream = engine.stream(ids, engine.params(max_new_tokens=200))
+        next(stream)
+        stream.close()
+        assert stream.result is None  # it did not run to the end
+        assert list(stream) == []
+
+
+def test_generations_from_several_threads_each_equal_their_own_run(tiny_llama):
+    tok = tiny_llama.load_tokenizer()
+    prompts = [tok(p)["input_ids"] for p in ("first prompt", "a second one", "and the third")]
+    with local_engine("tiny-llama") as engine:
+        alone = [engine.generate(ids, engine.params(max_new_tokens=20)).token_ids for ids in prompts]
+        together: dict[int, list[int]] = {}
+
+        def run(i: int) -> None:
+            together[i] = engine.generate(prompts[i], engine.params(max_new_tokens=20)).token_ids
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    assert [together[i] for i in range(3)] == alone
+
+
+def test_a_prompt_past_the_context_is_refused_with_a_clear_error(tiny_llama):
+    from edge_worker.engine import ContextLengthError
+
+    with local_engine("tiny-llama") as engine:
+        with pytest.raises(ContextLengthError, match="holds 1024"):
+            engine.generate([65] * 1000, engine.params(max_new_tokens=30))
+        with pytest.raises(ContextLengthError):
+            engine.generate([65] * 1025, engine.params(max_new_tokens=1))
+
+
+def test_a_split_generation_with_no_cloud_falls_back_and_says_at_which_step(tiny_llama, llama_object):
+    from edge_worker.config import EdgeConfig
+    from edge_worker.engine import EdgeEngine
+
+    ids = tiny_llama.load_tokenizer()("nobody is listening")["input_ids"]
+    settings = EdgeConfig(split=2, broker="tcp://127.0.0.1:9", encryption=False, request_timeout_s=0.5,
+                          step_deadline_s=5.0)
+    with EdgeEngine(llama_object, settings) as engine:
+        result = engine.generate(ids, engine.params(max_new_tokens=8))
+    assert result.token_ids == hf_greedy(llama_object, ids, 8)
+    assert result.fallback_at_step == 0 and result.mode == "hybrid"
+
+
+def test_without_fallback_a_split_generation_with_no_cloud_raises(tiny_llama):
+    from broker.errors import EdgeCloudError
+    from edge_worker.config import EdgeConfig
+    from edge_worker.engine import EdgeEngine
+
+    settings = EdgeConfig(model="tiny-llama", split=2, broker="tcp://127.0.0.1:9", encryption=False,
+                          request_timeout_s=0.3, step_deadline_s=1.0, fallback_local=False)
+    with EdgeEngine(settings=settings) as engine, pytest.raises(EdgeCloudError):
+        engine.generate([65, 66, 67], engine.params(max_new_tokens=3))
+
+
+def test_servable_splits_come_from_the_workers_of_this_model_only():
+    from edge_worker.planning import servable_splits
+
+    workers = [{"model_id": "m@1", "layer_ranges": [[0, 4]]}, {"model_id": "m@2", "layer_ranges": [[0, 4]]},
+               {"model_id": "m@1", "layer_ranges": [[6, 8]]}]
+    assert servable_splits(workers, "m@1", 8) == {0, 1, 2, 3, 6, 7}
+    assert servable_splits(workers, "m@3", 8) == set()
+    assert servable_splits([], "m@1", 8) == set()
+
+
+def test_a_model_of_an_unsupported_kind_is_refused():
+    from partition.models import source_of
+
+    with pytest.raises(ValueError, match="cannot use a dict"):
+        source_of({"not": "a model"})
+
+
+@pytest.mark.real_model
+def test_the_gguf_object_is_the_same_model_as_the_default(smollm2):
+    from transformers import AutoModelForCausalLM
+
+    from partition.models import _smollm2_gguf_path, source_of
+
+    gguf = _smollm2_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    source = source_of(model)
+    assert source.model_id == smollm2.model_id
+    assert len(source.load_tokenizer()) == len(smollm2.load_tokenizer())
