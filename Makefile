@@ -29,8 +29,9 @@ $(STAMP):
 test: setup
 	$(BIN)/python -m pytest -q
 
+# Unit tests only: no real processes, no SmolLM2 (a few minutes); what to run between commits.
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not real_model"
+	$(BIN)/python -m pytest -q -m "not real_model and not integration"
 
 demo: setup
 	$(BIN)/edgecloud demo --workers 2 --split 15 --tokens 48

@@ -34,17 +34,16 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from edge_worker.generation import EdgeGenerator
+    from edge_worker.config import EdgeConfig
+    from edge_worker.engine import EdgeEngine
     from partition.models import resolve_model
-    from partition.segment import ModelSegment
     from partition.tokens import encode_prompt
 
     hf_logging.set_verbosity_error()
     source = resolve_model(args.model)
     tokenizer = source.load_tokenizer()
     hf = AutoModelForCausalLM.from_pretrained(source.directory, dtype=torch.float32).eval()
-    seg = ModelSegment.load(source, 0, source.n_layers)
-    ours = EdgeGenerator(seg, None, tokenizer, eos_token_ids=set(), mode="local")
+    ours = EdgeEngine(source, EdgeConfig(force_local=True), tokenizer=tokenizer)
     prompts = [encode_prompt(tokenizer, p) for p in PROMPTS]
 
     def run_hf(ids: list[int], n: int) -> tuple[float, list[int]]:
@@ -54,7 +53,7 @@ def main() -> None:
 
     def run_ours(ids: list[int], n: int) -> tuple[float, list[int]]:
         t0 = time.perf_counter()
-        res = ours.generate(ids, n)
+        res = ours.generate(ids, ours.params(max_new_tokens=n, ignore_eos=True))
         return time.perf_counter() - t0, res.token_ids
 
     for ids in prompts:  # warm-up, and the exactness check

@@ -86,19 +86,6 @@ class MsgType(IntEnum):
 
 
 CLIENT_TO_BROKER = frozenset({MsgType.REQUEST, MsgType.STATUS, MsgType.PING})
-BROKER_TO_CLIENT = frozenset({MsgType.REPLY, MsgType.ERROR, MsgType.STATUS_REPLY, MsgType.PONG})
-WORKER_TO_BROKER = frozenset(
-    {MsgType.REGISTER, MsgType.HEARTBEAT, MsgType.WORKER_REPLY, MsgType.WORKER_ERROR, MsgType.DISCONNECT}
-)
-BROKER_TO_WORKER = frozenset(
-    {
-        MsgType.DISPATCH,
-        MsgType.BROKER_HEARTBEAT,
-        MsgType.DROP_SESSION,
-        MsgType.REREGISTER,
-        MsgType.BROKER_DISCONNECT,
-    }
-)
 
 
 # ---------------------------------------------------------------- field checks

@@ -52,7 +52,6 @@ from partition.speculative import MAX_DRAFT_TOKENS
 KIND_OPEN = "open"
 KIND_STEP = "step"
 KIND_CLOSE = "close"
-KINDS = frozenset({KIND_OPEN, KIND_STEP, KIND_CLOSE})
 OPEN_PROOF = b"open-ok"
 # Step metadata is a tiny map; anything bigger is hostile.
 _MAX_META_BYTES = 4096

@@ -20,6 +20,7 @@ from cli.common import (
     MiniPipelineOpt,
     MiniThresholdOpt,
 )
+from edge_worker.config import DEFAULT_ENERGY_WEIGHT, DEFAULT_LATENCY_WEIGHT, DEFAULT_MEMORY_WEIGHT
 
 
 def demo(
@@ -29,9 +30,9 @@ def demo(
     min_split: Annotated[int, typer.Option("--min-split", help="Privacy floor: never fewer layers on the edge.")] = 0,
     max_leakage: Annotated[float | None, typer.Option("--max-leakage", help="Privacy budget: no split whose "
                                                       "measured token recovery exceeds this fraction.")] = None,
-    energy_weight: Annotated[float, typer.Option(help="Cost-model weight of device energy.")] = 0.3,
-    latency_weight: Annotated[float, typer.Option(help="Cost-model weight of latency.")] = 0.4,
-    memory_weight: Annotated[float, typer.Option(help="Cost-model weight of device memory.")] = 0.3,
+    energy_weight: Annotated[float, typer.Option(help="Cost-model weight of device energy.")] = DEFAULT_ENERGY_WEIGHT,
+    latency_weight: Annotated[float, typer.Option(help="Cost-model weight of latency.")] = DEFAULT_LATENCY_WEIGHT,
+    memory_weight: Annotated[float, typer.Option(help="Cost-model weight of device memory.")] = DEFAULT_MEMORY_WEIGHT,
     model: Annotated[str, typer.Option("--model", "-m", help="Model (see `edge --help`).")] = "smollm2-135m",
     prompt: Annotated[str, typer.Option("--prompt", "-p")] = "Explain in two sentences why a phone might "
     "send part of a neural network to the cloud.",

@@ -20,6 +20,7 @@ from cli.common import (
     setup_logging,
     typed_errors,
 )
+from edge_worker.config import DEFAULT_ENERGY_WEIGHT, DEFAULT_LATENCY_WEIGHT, DEFAULT_MEMORY_WEIGHT
 
 app = typer.Typer(
     name="edgecloud",
@@ -56,9 +57,9 @@ def edge(
                                            "(see the leakage table in BENCHMARKS.md).")] = 0,
     max_leakage: Annotated[float | None, typer.Option("--max-leakage", help="Privacy budget: no split whose "
                                                       "measured token recovery exceeds this fraction.")] = None,
-    energy_weight: Annotated[float, typer.Option(help="Cost-model weight of device energy.")] = 0.3,
-    latency_weight: Annotated[float, typer.Option(help="Cost-model weight of latency.")] = 0.4,
-    memory_weight: Annotated[float, typer.Option(help="Cost-model weight of device memory.")] = 0.3,
+    energy_weight: Annotated[float, typer.Option(help="Cost-model weight of device energy.")] = DEFAULT_ENERGY_WEIGHT,
+    latency_weight: Annotated[float, typer.Option(help="Cost-model weight of latency.")] = DEFAULT_LATENCY_WEIGHT,
+    memory_weight: Annotated[float, typer.Option(help="Cost-model weight of device memory.")] = DEFAULT_MEMORY_WEIGHT,
     force_local: Annotated[bool, typer.Option("--force-local", help="Run every layer here; no broker.")] = False,
     force_cloud: Annotated[bool, typer.Option("--force-cloud", help="Only the embedding here (split 0).")] = False,
     broker: Annotated[str | None, typer.Option(help="Broker address [env EDGECLOUD_BROKER].")] = None,
@@ -146,6 +147,8 @@ def edge(
             f"[{result.mode}, split {result.split}/{result.n_layers}: {len(result.token_ids)} tokens, "
             f"first after {result.ttft_ms:.0f} ms, then {result.ms_per_token:.1f} ms/token, "
             f"{result.cloud_round_trips} cloud round trips"
+            + (f", every layer here from step {result.fallback_at_step} (the cloud was unavailable)"
+               if result.fallback_at_step is not None else "")
             + (f", {result.tokens_from_mini} tokens from the mini-LLM ({result.mini}, "
                f"{result.acceptance_rate or 0:.0%} of drafts kept)" if result.mini else "") + "]",
             err=True,

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from cli.common import EXIT_USAGE, Progress, setup_logging, typed_errors
+from edge_worker.config import DEFAULT_ENERGY_WEIGHT, DEFAULT_LATENCY_WEIGHT, DEFAULT_MEMORY_WEIGHT
 
 MIB = 2**20
 
@@ -27,9 +28,12 @@ def plan(
         typer.Option("--mem-available-mib", help="Edge memory budget, MiB (default: what is free now)."),
     ] = None,
     battery: Annotated[float | None, typer.Option("--battery", help="Battery level 0..1.")] = None,
-    energy_weight: Annotated[float, typer.Option("--energy-weight")] = 1.0,
-    latency_weight: Annotated[float, typer.Option("--latency-weight")] = 1.0,
-    memory_weight: Annotated[float, typer.Option("--memory-weight")] = 1.0,
+    energy_weight: Annotated[float, typer.Option("--energy-weight", help="Cost-model weight of device energy.")
+                             ] = DEFAULT_ENERGY_WEIGHT,
+    latency_weight: Annotated[float, typer.Option("--latency-weight", help="Cost-model weight of latency.")
+                              ] = DEFAULT_LATENCY_WEIGHT,
+    memory_weight: Annotated[float, typer.Option("--memory-weight", help="Cost-model weight of device memory.")
+                             ] = DEFAULT_MEMORY_WEIGHT,
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="Prompt length to price.")] = 64,
     tokens: Annotated[int, typer.Option("--tokens", "-n", help="Tokens generated per request.")] = 64,
     wire_dtype: Annotated[str, typer.Option(help="Activation precision on the wire: fp32, fp16, bf16, "

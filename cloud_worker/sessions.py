@@ -19,7 +19,6 @@ class Session:
     layer_lo: int  # the edge's split: this session starts at layer layer_lo
     cipher: Cipher
     sampling: SamplingParams
-    wire_dtype: str
     cache: SegmentKVCache
     last_used: float = field(default_factory=time.monotonic)
     reduction: Reduction | None = None  # steps arrive (1, T, D) and are reconstructed to (1, T, H)

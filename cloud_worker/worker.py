@@ -239,7 +239,7 @@ class CloudWorker:
         reduction = self._reduction(params.reduction, job.layer_lo) if params.reduction else None
         session = Session(
             session_id=job.session_id, layer_lo=job.layer_lo, cipher=cipher,
-            sampling=SamplingParams.from_wire(params.sampling), wire_dtype=params.wire_dtype,
+            sampling=SamplingParams.from_wire(params.sampling),
             cache=self.segment.new_cache(self.config.max_session_tokens), reduction=reduction,
         )
         self.sessions.add(session)
@@ -309,9 +309,3 @@ class CloudWorker:
         return {}, seal_step_reply(session.cipher, job.session_id, job.step, 0, session.cache.length, 0.0,
                                    worker_ms, skipped=True)
 
-
-def run_worker(config: CloudWorkerConfig, stop_event: threading.Event | None = None) -> None:
-    worker = CloudWorker(config)
-    if stop_event is not None:
-        worker.stop_event = stop_event
-    worker.serve()

@@ -65,6 +65,7 @@ class GenerationParams:
     top_p: float = 1.0
     seed: int = 0
     raw_prompt: bool = False  # skip the chat template of instruct models
+    ignore_eos: bool = False  # always generate max_new_tokens (benchmarks)
 
     @classmethod
     def from_settings(cls, settings: EdgeConfig) -> GenerationParams:
@@ -287,7 +288,8 @@ class EdgeEngine:
         k = decision.k
         edge = run.edge_segment(k)
         backend = run.backend_for(k)
-        generator = EdgeGenerator(edge, backend, self.tokenizer, self.eos, mode=mode_for(k, self.source.n_layers),
+        eos = set() if params.ignore_eos else self.eos
+        generator = EdgeGenerator(edge, backend, self.tokenizer, eos, mode=mode_for(k, self.source.n_layers),
                                   mini=run.mini_for(k, edge), mover=run if watch is not None else None)
         self.progress(f"generating up to {params.max_new_tokens} tokens from a {len(ids)}-token prompt")
         try:

@@ -28,7 +28,13 @@ from typing import Any
 import torch
 
 from edge_worker.cloud_client import CloudClient
-from edge_worker.config import DEFAULT_TOKENS, EdgeConfig
+from edge_worker.config import (
+    DEFAULT_ENERGY_WEIGHT,
+    DEFAULT_LATENCY_WEIGHT,
+    DEFAULT_MEMORY_WEIGHT,
+    DEFAULT_TOKENS,
+    EdgeConfig,
+)
 from edge_worker.engine import EdgeEngine, GenerationStream
 from edge_worker.generation import GenerationResult
 from edge_worker.mini_llm import MiniLLMHandler
@@ -51,9 +57,9 @@ class EdgeCloudManager:
         cloud_client: CloudClient | None = None,
         mini_llm: MiniLLMHandler | None = None,
         privacy_protection: PrivacyProtection | None = None,
-        energy_weight: float = 0.3,
-        latency_weight: float = 0.4,
-        memory_weight: float = 0.3,
+        energy_weight: float = DEFAULT_ENERGY_WEIGHT,
+        latency_weight: float = DEFAULT_LATENCY_WEIGHT,
+        memory_weight: float = DEFAULT_MEMORY_WEIGHT,
         force_mode: str | None = None,
         split: int | None = None,
         max_new_tokens: int | None = None,

@@ -20,7 +20,22 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
-class WeightStore:
+class _Named:
+    """The name look-ups every store answers from its ``_index`` (a dict keyed by tensor name)."""
+
+    _index: dict[str, object]
+
+    def names(self) -> list[str]:
+        return list(self._index)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._index
+
+    def with_prefix(self, prefix: str) -> list[str]:
+        return [n for n in self._index if n.startswith(prefix)]
+
+
+class WeightStore(_Named):
     """Names -> tensors over one or several (sharded) safetensors files in a directory."""
 
     def __init__(self, directory: Path) -> None:
@@ -33,20 +48,11 @@ class WeightStore:
                 weight_map = {name: SINGLE_FILE for name in f.keys()}
         else:
             raise WeightsMissingError(f"no {SINGLE_FILE} or {INDEX_FILE} in {self.directory}")
-        self._file_of = weight_map
+        self._file_of = self._index = weight_map
 
     @staticmethod
     def exists_in(directory: Path) -> bool:
         return (directory / INDEX_FILE).exists() or (directory / SINGLE_FILE).exists()
-
-    def names(self) -> list[str]:
-        return list(self._file_of)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._file_of
-
-    def with_prefix(self, prefix: str) -> list[str]:
-        return [n for n in self._file_of if n.startswith(prefix)]
 
     def load(self, names: Iterable[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Read the named tensors, grouped by file so each shard is opened once."""
@@ -63,21 +69,12 @@ class WeightStore:
         return out
 
 
-class ModuleStore:
+class ModuleStore(_Named):
     """Names -> tensors of a model already in memory: the user's own tensors, not copies (a
     segment built from it shares their storage, in their dtype unless asked for another)."""
 
     def __init__(self, module: torch.nn.Module) -> None:
-        self._tensors = module.state_dict()  # detached, sharing the parameters' storage
-
-    def names(self) -> list[str]:
-        return list(self._tensors)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._tensors
-
-    def with_prefix(self, prefix: str) -> list[str]:
-        return [n for n in self._tensors if n.startswith(prefix)]
+        self._tensors = self._index = module.state_dict()  # detached, sharing the parameters' storage
 
     def load(self, names: Iterable[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}

@@ -76,6 +76,7 @@ def test_get_times_out_and_close_wakes_it() -> None:
         assert conn.get(0.01) is None  # after close: no hang, no error
 
 
+@pytest.mark.integration
 def test_broker_side_modules_do_not_import_torch() -> None:
     code = (
         "import sys, broker.broker, broker.worker_api, broker.client_api, broker.crypto, broker.protocol;"

@@ -31,7 +31,7 @@ MAX_WORKERS = 5
 PROMPTS = ("Describe a lighthouse at night.", "List three rivers and a sea.")
 SIGNALS = {"term": signal.SIGTERM, "kill": signal.SIGKILL, "stop": signal.SIGSTOP, "cont": signal.SIGCONT}
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.integration]  # real processes
 
 
 @cache

@@ -10,6 +10,9 @@ import torch
 
 from cli.cluster import child_env, cli_command
 
+pytestmark = pytest.mark.integration  # every test here starts real processes
+
+
 REQUIRED = {"text", "token_ids", "mode", "split", "n_layers", "cloud_round_trips", "bytes_sent",
             "bytes_received", "tokens_from_mini", "retries", "ttft_ms", "ms_per_token", "timings"}
 

@@ -10,6 +10,9 @@ import pytest
 
 from cli.cluster import LocalCluster
 
+pytestmark = pytest.mark.integration  # every test here starts real processes
+
+
 PROMPT = "Describe a lighthouse at night."
 TOKENS = "900"  # long enough (several seconds) to inject a fault mid-decode
 

@@ -19,6 +19,7 @@ REQUESTS = 10_000  # 160 MiB offered; the broker may hold 64 queued + its per-pe
 RSS_BOUND_MIB = 48
 
 
+@pytest.mark.integration
 def test_a_flood_against_a_frozen_worker_gets_busy_answers_and_leaves_broker_memory_flat():
     with LocalCluster(model="tiny-llama", curve=False) as cluster:  # raw plaintext sockets flood it
         cluster.start_broker("--no-auth", "--heartbeat", "0.2", "--max-queue", str(MAX_QUEUE))

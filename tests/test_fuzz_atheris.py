@@ -11,6 +11,9 @@ import pytest
 pytest.importorskip("atheris", reason="atheris has no wheel here; `make fuzz` says so and runs Hypothesis only")
 
 
+pytestmark = pytest.mark.integration  # every test here starts real processes
+
+
 def test_fuzz_atheris_finds_no_crash_in_the_network_decoders():
     script = Path(__file__).with_name("fuzz_atheris.py")
     out = subprocess.run([sys.executable, str(script), "-atheris_runs=3000", "-seed=1", "-max_len=4096"],

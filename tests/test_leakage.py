@@ -174,6 +174,7 @@ def test_bad_inputs_are_refused_clearly(tiny_llama, tmp_path):
                      torch.zeros(3, 4))
 
 
+@pytest.mark.integration
 def test_the_bench_prints_one_json_table(tmp_path):
     from cli.cluster import ROOT, child_env
 

@@ -333,6 +333,7 @@ def netem_process(broker: Broker) -> Iterator[tuple[subprocess.Popen, str]]:
         proc.communicate(timeout=CLI_EXIT_S)
 
 
+@pytest.mark.integration
 def test_cli_proxies_until_sigterm_and_logs_stats(netem_process: tuple[subprocess.Popen, str]) -> None:
     proc, listen = netem_process
     with client(listen) as c:
@@ -344,6 +345,7 @@ def test_cli_proxies_until_sigterm_and_logs_stats(netem_process: tuple[subproces
     assert "seed 5" in err and "uplink: 2 messages" in err and "downlink: 2 messages" in err
 
 
+@pytest.mark.integration
 def test_cli_rejects_bad_rates() -> None:
     out = subprocess.run(cli_command("netem", "--drop", "1.5"), cwd=ROOT, env=child_env(), capture_output=True,
                          text=True, timeout=CLI_START_S)  # fmt: skip

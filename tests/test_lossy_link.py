@@ -13,6 +13,9 @@ from edge_worker.generation import EdgeGenerator
 from partition.segment import ModelSegment
 from partition.tokens import encode_prompt, eos_token_ids
 
+pytestmark = pytest.mark.integration  # every test here starts real processes
+
+
 pytestmark = pytest.mark.timeout(180)
 TOKENS = 60
 REQUEST_TIMEOUT_S = 2.0

@@ -21,6 +21,7 @@ def reference(source, ids: list[int], n: int) -> list[int]:
     return out[0].tolist()
 
 
+@pytest.mark.integration
 def test_the_original_usage_example_runs_as_written(env, tiny_llama):
     from transformers import AutoModelForCausalLM
 
@@ -57,6 +58,7 @@ def test_the_original_usage_example_runs_as_written(env, tiny_llama):
     assert decision.plan is not None and len(decision.plan.table) == tiny_llama.n_layers + 1
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("force_mode, split", [("local-only", 4), ("cloud-only", 0), (None, 2)])
 def test_forced_modes_and_splits_give_the_same_ids(env, tiny_llama, force_mode, split):
     from edge_worker import EdgeCloudManager
@@ -73,6 +75,7 @@ def test_forced_modes_and_splits_give_the_same_ids(env, tiny_llama, force_mode, 
     assert manager.last_result.cloud_round_trips == (0 if split == 4 else 11)  # an open, then 10 steps
 
 
+@pytest.mark.integration
 def test_latency_weight_and_a_slow_link_keep_everything_local(env, tiny_llama):
     from broker.linkproxy import LinkConfig
     from edge_worker import CloudClient, EdgeCloudManager
@@ -89,6 +92,7 @@ def test_latency_weight_and_a_slow_link_keep_everything_local(env, tiny_llama):
     assert decision.k == tiny_llama.n_layers
 
 
+@pytest.mark.integration
 def test_the_planner_prices_the_cloud_with_the_workers_reported_timing(env, tiny_llama, tiny_cluster):
     """Not an assumed speed-up: the per-layer time the workers measured (and keep measuring on the
     steps they serve) reaches the planner through the broker's status."""
@@ -145,6 +149,7 @@ def test_a_drafter_with_another_tokenizer_is_refused(tiny_llama):
         MiniLLMHandler(model=None, tokenizer=Shifted(), main_tokenizer=tiny_llama.load_tokenizer())
 
 
+@pytest.mark.integration
 @pytest.mark.real_model
 def test_the_split_moves_when_the_link_slows_mid_generation(smollm2, tmp_path, monkeypatch):
     """The round trip jumps from loopback to 1.5 s during a planned generation: the manager sees
@@ -197,3 +202,38 @@ def test_the_split_moves_when_the_link_slows_mid_generation(smollm2, tmp_path, m
     assert result.moves[0]["step"] >= 8
     assert result.token_ids == expected.token_ids[:len(result.token_ids)]
     assert result.token_ids == expected.token_ids or result.stop_reason == "eos"
+
+
+@pytest.mark.integration
+def test_the_only_worker_killed_mid_generation_the_manager_finishes_locally(tiny_llama, monkeypatch):
+    """The seed's API on a model object: the worker dies after the first piece of text, and the
+    rest of the model runs here from the step it died at, with the object's own greedy output."""
+    from transformers import AutoModelForCausalLM
+
+    from broker.linkproxy import LinkConfig
+    from cli.cluster import LocalCluster
+    from edge_worker import CloudClient, EdgeCloudManager
+
+    main_model = AutoModelForCausalLM.from_pretrained(tiny_llama.directory).eval()
+    ids = tiny_llama.load_tokenizer()("the worker goes away")["input_ids"]
+    with LocalCluster(model="tiny-llama", worker_threads=1, heartbeat_s=0.5) as cluster:
+        cluster.start_broker()
+        cluster.add_worker()
+        cluster.wait_for_workers(1, timeout_s=60)
+        monkeypatch.setenv("EDGECLOUD_BROKER", cluster.endpoint)
+        monkeypatch.setenv("EDGECLOUD_KEYS", str(cluster.keys_dir))
+        # 20 ms per round trip: 150 steps take seconds, so the kill lands mid-generation.
+        client = CloudClient(link=LinkConfig(rtt_ms=20), request_timeout_s=1.0, step_deadline_s=6.0)
+        manager = EdgeCloudManager(model=main_model, cloud_client=client, split=2)
+        try:
+            stream = manager.stream(ids, max_new_tokens=150)
+            first = next(stream)
+            cluster.kill(cluster.workers[0])
+            text = first + "".join(stream)
+        finally:
+            manager.close()
+    result = manager.last_result
+    assert result is not None and text == result.text
+    assert result.fallback_at_step is not None and result.fallback_at_step > 0
+    expected = reference(tiny_llama, ids, len(result.token_ids))[len(ids):]
+    assert result.token_ids == expected

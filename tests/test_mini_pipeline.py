@@ -52,6 +52,7 @@ def api_key(cluster: LocalCluster) -> str:
 # --- in process -----------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", ["self", "lookup", "tiny-gpt2", "tiny-llama"])
 @pytest.mark.parametrize("k", [1, 3])
 def test_pipelined_greedy_output_equals_plain_output(tiny_llama, kind, k):
@@ -73,6 +74,7 @@ def test_pipelined_greedy_output_equals_plain_output(tiny_llama, kind, k):
         assert piped.tokens_from_mini < piped.tokens_drafted  # rejections mid-pipeline happened
 
 
+@pytest.mark.integration
 def test_pipelined_sampling_is_reproducible_and_equals_plain_sampling(tiny_llama):
     """Pipelined frames carry one position each: every token is the main model's draw for its
     step, so the same seed gives the same text with or without guesses."""
@@ -130,6 +132,7 @@ def test_controller_pipelines_when_round_trips_are_slow_and_not_when_drafts_are_
 # --- through a real broker and worker -------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("k", "mini"), [("1", "self"), ("3", "self"), ("2", "tiny-llama")])
 def test_pipelined_drafts_through_a_real_worker_leave_the_output_unchanged(tiny_cluster, k, mini):
     local = edge_json(tiny_cluster, "--force-local", "--tokens", "30", *RAW)
@@ -147,6 +150,7 @@ def test_pipelined_drafts_through_a_real_worker_leave_the_output_unchanged(tiny_
         assert got["tokens_from_mini"] < got["tokens_drafted"]  # wrong guesses cut pipelines mid-way
 
 
+@pytest.mark.integration
 def test_conditional_frames_run_only_after_the_guessed_token(tiny_cluster, tiny_llama):
     """The worker runs a pipelined frame only if it follows what the main model chose; a skipped
     frame leaves the cache alone, and a resend (new epoch) may rewind what later frames did."""
@@ -199,6 +203,7 @@ def test_conditional_frames_run_only_after_the_guessed_token(tiny_cluster, tiny_
         client.close()
 
 
+@pytest.mark.integration
 def test_pipelining_over_a_lossy_duplicating_link_keeps_the_output(tiny_cluster, tiny_llama):
     """Lost frames and answers end the pipeline and resend through the step path's copies."""
     source = tiny_llama
@@ -222,6 +227,7 @@ def test_pipelining_over_a_lossy_duplicating_link_keeps_the_output(tiny_cluster,
     assert dropped and result.retries >= 1, (dropped, result.retries)
 
 
+@pytest.mark.integration
 def test_a_worker_killed_with_frames_in_flight_changes_nothing():
     with LocalCluster(model="tiny-llama", worker_threads=1, heartbeat_s=0.3) as cluster:
         cluster.start_broker()
@@ -245,6 +251,7 @@ def test_a_worker_killed_with_frames_in_flight_changes_nothing():
         assert result["tokens_from_mini"] > 300
 
 
+@pytest.mark.integration
 @pytest.mark.real_model
 def test_smollm2_pipelined_drafting_equals_local():
     with LocalCluster(model="smollm2-135m") as cluster:

@@ -10,6 +10,9 @@ import pytest
 
 from cli.cluster import LocalCluster, cli_command
 
+pytestmark = pytest.mark.integration  # every test here starts real processes
+
+
 PROMPT = "Describe a lighthouse at night."
 
 

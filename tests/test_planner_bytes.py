@@ -198,6 +198,7 @@ def _envelope_bytes(session_id: str, model_id: str, split: int, step: int) -> in
     return sum(protocol.frame_nbytes(f) for f in protocol.encode(request))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("wire_dtype, dims", [("fp16", None), ("int8", None), ("fp16", 16), ("int8", 16)])
 def test_predicted_decode_step_bytes_match_a_real_session(cluster_env, tiny_llama, wire_dtype, dims):
     from edge_worker import CloudClient, EdgeCloudManager, PrivacyProtection
@@ -218,6 +219,7 @@ def test_predicted_decode_step_bytes_match_a_real_session(cluster_env, tiny_llam
         assert abs(row.uplink_bytes_per_token - real) / real < 0.05, (row.uplink_bytes_per_token, real)
 
 
+@pytest.mark.integration
 def test_the_managers_plan_prices_its_privacy_settings(cluster_env):
     from edge_worker import CloudClient, EdgeCloudManager, PrivacyProtection
 

@@ -51,6 +51,7 @@ def test_timeouts_on_one_slow_worker_never_make_a_task_poison():
         assert "poison_requests" not in counters(c)
 
 
+@pytest.mark.integration
 def test_a_step_that_crashes_every_worker_ends_the_generation_with_a_clear_error_and_spares_the_pool():
     """Real processes: every worker SIGKILLs itself on step 5 (as a kernel bug at some shape
     would); the broker lets it take down 2 of 3 workers, then the edge stops with PoisonRequest,
@@ -70,6 +71,7 @@ def test_a_step_that_crashes_every_worker_ends_the_generation_with_a_clear_error
                         "the survivor registered and one poison request counted")
 
 
+@pytest.mark.integration
 def test_a_request_that_raises_in_the_worker_is_a_typed_error_and_the_worker_carries_on():
     with LocalCluster(model="tiny-llama", worker_threads=1, heartbeat_s=0.3) as cluster:
         cluster.start_broker()
@@ -84,6 +86,7 @@ def test_a_request_that_raises_in_the_worker_is_a_typed_error_and_the_worker_car
                         "the worker registered after one error")
 
 
+@pytest.mark.integration
 def test_a_step_that_hangs_every_worker_is_moved_twice_then_refused_within_the_deadline():
     """The workers keep beating (only their compute hangs), so only timeouts reveal the hang: the
     edge moves the session after two, and the broker refuses the step after two workers."""

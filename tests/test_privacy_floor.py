@@ -69,6 +69,7 @@ def test_a_fixed_split_below_the_floor_is_refused_not_raised():
         EdgeConfig(min_split=-1)
 
 
+@pytest.mark.integration
 def test_the_edge_cli_refuses_a_split_below_the_floor_clearly():
     import subprocess
 
@@ -133,6 +134,7 @@ def test_the_shipped_smollm2_measurements_give_a_floor_for_every_protection_they
         assert 0 <= min_split_for_leakage(leakage, 0.5, N) <= N
 
 
+@pytest.mark.integration
 def test_a_leakage_budget_without_measurements_for_the_model_is_refused_clearly():
     import subprocess
 

@@ -154,6 +154,7 @@ def reduced_cluster(tmp_path_factory):
 PROMPT = ["--prompt", "hello edge", "--tokens", "12", "--raw-prompt", "--json"]
 
 
+@pytest.mark.integration
 def test_a_worker_serves_reduced_sessions_exactly_like_the_in_process_reference(reduced_cluster, tiny_llama):
     cluster, worker_dir = reduced_cluster
     out = cluster.edge("--split", str(SPLIT), "--reduce-dims", str(DIMS), "--wire-dtype", "int8", *PROMPT)
@@ -173,6 +174,7 @@ def test_a_worker_serves_reduced_sessions_exactly_like_the_in_process_reference(
     assert got["token_ids"] == expected.token_ids
 
 
+@pytest.mark.integration
 def test_a_worker_refuses_a_reduction_it_does_not_hold_and_keeps_serving(reduced_cluster, tmp_path):
     cluster, _ = reduced_cluster
     out = cluster.edge("--split", str(SPLIT), "--reduce-dims", "8", "--reductions", str(tmp_path), *PROMPT)

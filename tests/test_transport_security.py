@@ -96,6 +96,7 @@ def test_a_worker_may_announce_only_its_own_key_for_sessions():
     assert register_key_mismatch(KEY_A, _register(public_key=bytes.fromhex(KEY_B))) is not None
 
 
+@pytest.mark.integration
 def test_keys_generate_lists_every_client_and_worker_and_revoke_and_allow_edit_the_lists(tmp_path, tiny_llama):
     keys = tmp_path / "keys"
     out = subprocess.run(cli_command("keys", "generate", str(keys), "--workers", "2", "--clients", "2"),
@@ -165,6 +166,7 @@ def _status(c: LocalCluster) -> dict:
         return bc.status()
 
 
+@pytest.mark.integration
 def test_an_unknown_key_a_plain_client_a_wrong_server_key_and_tcp_garbage_are_refused(cluster):
     # An unknown client key: refused at the handshake, and the client says so at once.
     with broker_client(cluster, keypair=generate_keypair()) as bc, pytest.raises(AuthError, match="refused"):
@@ -213,6 +215,7 @@ def test_an_unknown_key_a_plain_client_a_wrong_server_key_and_tcp_garbage_are_re
     assert st["transport"]["allowed_clients"] == 1 and st["transport"]["allowed_workers"] == 4
 
 
+@pytest.mark.integration
 def test_a_revoked_client_key_stops_being_served_on_its_live_connection(cluster):
     with broker_client(cluster) as live:
         assert live.status()["transport"]["curve"]
@@ -266,6 +269,7 @@ def _worker_ids(c: LocalCluster) -> set[str]:
     return {w["worker_id"] for w in _status(c)["workers"]}
 
 
+@pytest.mark.integration
 def test_workers_register_only_within_their_key_and_a_revoked_worker_is_dropped_live(cluster):
     keys = cluster.keys_dir
     allow_key(keys, load_keys(keys, "worker", "2").public_key, ROLE_WORKER, ["some-other-model"])
@@ -295,6 +299,7 @@ def test_workers_register_only_within_their_key_and_a_revoked_worker_is_dropped_
         wait_until(lambda: _worker_ids(cluster) == {"in-scope"}, what="the scoped worker to register")
 
 
+@pytest.mark.integration
 def test_an_edge_with_an_unknown_key_fails_clearly_instead_of_falling_back(cluster, tmp_path):
     # (Edges with the right key generate through CURVE in every tiny_cluster test of test_pipeline.)
     stranger = tmp_path / "stranger"
@@ -312,6 +317,7 @@ def test_an_edge_with_an_unknown_key_fails_clearly_instead_of_falling_back(clust
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.integration
 def test_netem_stands_in_for_the_broker_with_curve_on_both_sides(cluster):
     listen = f"tcp://127.0.0.1:{free_port()}"
     proc = subprocess.Popen(cli_command("netem", "--listen", listen, "--upstream", cluster.endpoint, "--rtt-ms", "10"),
@@ -332,6 +338,7 @@ def test_netem_stands_in_for_the_broker_with_curve_on_both_sides(cluster):
     assert "CURVE" in err and "no CURVE" not in err
 
 
+@pytest.mark.integration
 def test_without_curve_every_process_runs_in_the_clear_as_before(tmp_path):
     with LocalCluster(model=MODEL, heartbeat_s=HEARTBEAT_S, workdir=tmp_path, curve=False, worker_threads=1) as c:
         c.start_broker()
@@ -346,6 +353,7 @@ def test_without_curve_every_process_runs_in_the_clear_as_before(tmp_path):
             bc.ping(1.5)
 
 
+@pytest.mark.integration
 def test_a_broker_with_its_key_but_no_client_list_refuses_to_start_and_says_what_to_do(tmp_path):
     keys = tmp_path / "keys"
     subprocess.run(cli_command("keys", "generate", str(keys)), check=True, capture_output=True, cwd=ROOT)
@@ -365,6 +373,7 @@ def test_status_shows_whether_curve_is_on_and_the_refused_handshakes():
     assert "no CURVE" in render_status({"transport": {"curve": False}})
 
 
+@pytest.mark.integration
 def test_revoking_the_worker_of_a_live_session_moves_the_session_to_another_worker(tmp_path):
     # (That a moved session's output is unchanged is test_faults' subject: revocation expires the
     # worker through the same path as a missed heartbeat.)

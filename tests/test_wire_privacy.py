@@ -24,6 +24,9 @@ from broker.crypto import SEALED_OVERHEAD_BYTES
 from broker.linkproxy import UPLINK, LinkProxy
 from cli.cluster import LocalCluster, cli_command
 
+pytestmark = pytest.mark.integration  # every test here starts real processes
+
+
 PROMPT = "The lighthouse keeper wrote down the wind."
 SPLIT = 2
 TOKENS = 12
