@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from broker.broker import BrokerConfig, run_broker  # noqa: E402
 from broker.client_api import BrokerClient  # noqa: E402
-from broker.crypto import save_keys  # noqa: E402
 from broker.protocol import WorkerId  # noqa: E402
 from broker.transport import ROLE_CLIENT, ROLE_WORKER, allow_key, client_keys  # noqa: E402
+from broker.wire.crypto import save_keys  # noqa: E402
 from broker.worker_api import WorkerConnection, WorkerInfo  # noqa: E402
 
 logger = logging.getLogger(__name__)

@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from broker import protocol as p  # noqa: E402
 from broker.client_api import BrokerClient  # noqa: E402
-from broker.crypto import load_api_keys  # noqa: E402
-from broker.session_protocol import OpenParams  # noqa: E402
+from broker.wire.crypto import load_api_keys  # noqa: E402
+from broker.wire.session_protocol import OpenParams  # noqa: E402
 from cli.cluster import LocalCluster  # noqa: E402
 
 MIB = 1 << 20

@@ -53,8 +53,8 @@ elif what == "hf-full":
     m = AutoModelForCausalLM.from_pretrained(source.directory, dtype=torch.float32)
 elif what == "hf-gguf":
     from transformers import AutoModelForCausalLM
-    from partition.models import _smollm2_gguf_path
-    p = _smollm2_gguf_path()
+    from partition.models import smollm2_gguf_path
+    p = smollm2_gguf_path()
     m = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32)
 elapsed = time.perf_counter() - t0
 after = mem()

@@ -65,7 +65,7 @@ def main() -> None:
 
     import torch
 
-    from broker.crypto import SessionCipher, generate_keypair
+    from broker.wire.crypto import SessionCipher, generate_keypair
     from partition.models import resolve_model
     from partition.reduction import calibrate_many, default_reductions_dir
     from partition.segment import ModelSegment
@@ -175,13 +175,13 @@ class Wire:
         return worker_input(h, self.codec, self.reduction)  # (1, T, H)
 
     def bytes(self, h) -> int:
-        from broker.session_protocol import seal_step
+        from broker.wire.session_protocol import seal_step
 
         wire = self.reduction.project(h) if self.reduction else h
         return sum(len(memoryview(f)) for f in seal_step(self.cipher, "q" * 32, 1, 0, wire, self.codec))
 
     def tensor_bytes(self, h) -> int:
-        from broker.codec import encode_tensor
+        from broker.wire.codec import encode_tensor
 
         return encode_tensor(self.reduction.project(h) if self.reduction else h, self.codec)[1].nbytes
 

@@ -45,7 +45,6 @@ from typing import Any
 import zmq
 
 from broker import protocol as p
-from broker.crypto import load_keys
 from broker.errors import (
     AuthError,
     BrokerUnavailable,
@@ -71,6 +70,7 @@ from broker.transport import (
     register_key_mismatch,
     setup_curve_server,
 )
+from broker.wire.crypto import load_keys
 
 logger = logging.getLogger(__name__)
 

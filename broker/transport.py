@@ -47,8 +47,8 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from broker import protocol as p
-from broker.crypto import KEY_BYTES, KeyPair, _key_paths, _read_hex_key, load_keys
 from broker.errors import ConfigError
+from broker.wire.crypto import KEY_BYTES, KeyPair, _key_paths, _read_hex_key, load_keys
 
 logger = logging.getLogger(__name__)
 

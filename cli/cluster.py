@@ -163,9 +163,9 @@ class LocalCluster:
         """Wait until the broker has served ``served`` requests and a worker holds a session (the
         edge is decoding, past its opener); return that worker's id. For injecting faults."""
         from broker.client_api import BrokerClient
-        from broker.crypto import load_api_keys
         from broker.errors import EdgeCloudError
         from broker.transport import client_keys
+        from broker.wire.crypto import load_api_keys
 
         keys = sorted(load_api_keys(Path(self.keys_dir) / "api_keys.txt"))
         curve = client_keys(self.keys_dir, "client") if self.curve else None

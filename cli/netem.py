@@ -111,7 +111,6 @@ def netem(
 
 def _curve_sides(ctx: zmq.Context, keys_dir: Path):
     """(upstream client keys, front socket setup, allowlist files, ZAP handler), or None without broker keys."""
-    from broker.crypto import load_keys
     from broker.transport import (
         BROKER_KEY_NAME,
         AllowlistFiles,
@@ -120,6 +119,7 @@ def _curve_sides(ctx: zmq.Context, keys_dir: Path):
         client_keys,
         setup_curve_server,
     )
+    from broker.wire.crypto import load_keys
 
     if not broker_has_keys(keys_dir):
         return None

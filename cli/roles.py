@@ -29,8 +29,8 @@ def broker(
 ) -> None:
     """Run the job broker: routes edge requests to cloud workers (never reads payloads)."""
     from broker.broker import Broker, BrokerConfig
-    from broker.crypto import load_api_keys
     from broker.transport import TRUSTED_CLIENTS_FILE, broker_has_keys
+    from broker.wire.crypto import load_api_keys
     from edge_worker.config import default_broker, default_keys_dir
 
     setup_logging(verbose)
@@ -184,7 +184,6 @@ def keys_generate(
     force: Annotated[bool, typer.Option(help="Overwrite existing keys.")] = False,
 ) -> None:
     """Write keys for the broker, workers and clients, the trusted worker and client lists and an API key."""
-    from broker.crypto import add_api_key, save_keys
     from broker.transport import (
         ROLE_CLIENT,
         ROLE_WORKER,
@@ -192,6 +191,7 @@ def keys_generate(
         TRUSTED_WORKERS_FILE,
         allow_key,
     )
+    from broker.wire.crypto import add_api_key, save_keys
 
     if (directory / "worker-default.key").exists() and not force:
         typer.echo(f"error: {directory} already holds keys; pass --force to replace them", err=True)

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 
 from broker.errors import ConfigError
-from broker.session_protocol import KIND_STEP
+from broker.wire.session_protocol import KIND_STEP
 from broker.worker_api import Job
 
 log = logging.getLogger(__name__)

@@ -6,8 +6,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from broker.crypto import Cipher
 from broker.errors import Busy
+from broker.wire.crypto import Cipher
 from partition.kv_cache import SegmentKVCache
 from partition.reduction import Reduction
 from partition.sampling import SamplingParams

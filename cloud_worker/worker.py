@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from broker.crypto import NullCipher, SessionCipher, load_keys
 from broker.errors import CryptoError, EdgeCloudError, ProtocolError, UnknownReduction, WorkerLost
 from broker.protocol import WorkerId
-from broker.session_protocol import (
+from broker.transport import client_keys
+from broker.wire.crypto import NullCipher, SessionCipher, load_keys
+from broker.wire.session_protocol import (
     KIND_CLOSE,
     KIND_OPEN,
     KIND_STEP,
@@ -30,7 +31,6 @@ from broker.session_protocol import (
     seal_open_proof,
     seal_step_reply,
 )
-from broker.transport import client_keys
 from broker.worker_api import Job, WorkerConnection, WorkerInfo
 from cloud_worker.faults import FaultInjector
 from cloud_worker.sessions import Session, SessionTable

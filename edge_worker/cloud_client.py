@@ -25,13 +25,6 @@ import torch
 import zmq
 
 from broker.client_api import BrokerClient, Reply
-from broker.crypto import (
-    NullCipher,
-    SessionCipher,
-    generate_keypair,
-    load_api_keys,
-    load_trusted_workers,
-)
 from broker.errors import (
     BrokerUnavailable,
     Busy,
@@ -44,7 +37,15 @@ from broker.errors import (
 )
 from broker.linkproxy import LinkConfig, LinkProxy
 from broker.protocol import TASK_KEY, RequestId
-from broker.session_protocol import (
+from broker.transport import client_keys
+from broker.wire.crypto import (
+    NullCipher,
+    SessionCipher,
+    generate_keypair,
+    load_api_keys,
+    load_trusted_workers,
+)
+from broker.wire.session_protocol import (
     KIND_CLOSE,
     KIND_OPEN,
     KIND_STEP,
@@ -54,9 +55,8 @@ from broker.session_protocol import (
     open_step_reply,
     seal_step,
 )
-from broker.transport import client_keys
+from edge_worker.backends import Backend, FrameLost, PipelinedFrame, StepStats
 from edge_worker.config import default_broker, default_keys_dir
-from edge_worker.generation import Backend, FrameLost, PipelinedFrame, StepStats
 from edge_worker.timeouts import ADAPTIVE_MAX_POSITIONS, DEFAULT_MIN_TIMEOUT_S, StepTimer
 from partition.reduction import Reduction
 from partition.sampling import SamplingParams

@@ -98,7 +98,7 @@ class EdgeConfig:
             raise ValueError(f"--mini-adapter is for --mini self, not --mini {self.mini}")
         if self.reduce_dims is not None and self.reduce_dims < 1:
             raise ValueError(f"--reduce-dims must be at least 1, got {self.reduce_dims}")
-        from broker.codec import WIRE_DTYPES
+        from broker.wire.codec import WIRE_DTYPES
 
         if self.wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire dtype must be one of {', '.join(WIRE_DTYPES)}, got {self.wire_dtype!r}")

@@ -32,8 +32,9 @@ from typing import Any
 import torch
 
 from broker.errors import EdgeCloudError, NoWorkerAvailable, WeightsMismatch
+from edge_worker.backends import LocalBackend
 from edge_worker.config import EdgeConfig
-from edge_worker.generation import EdgeGenerator, GenerationResult, LocalBackend, mode_for
+from edge_worker.generation import EdgeGenerator, GenerationResult, mode_for
 from edge_worker.planning import Decision, ReplanWatch, SplitPlanner
 from partition.errors import InvalidSplitError, PartitionError
 from partition.models import ModelSource, source_of

@@ -1,7 +1,7 @@
 """``PrivacyProtection``: the original design's settings object for how activations leave the device.
 
 ``PrivacyProtection`` decides how activations leave the device: end-to-end encryption (on by
-default), the wire precision (``broker.codec.WIRE_DTYPES``), and optionally a reduction to
+default), the wire precision (``broker.wire.codec.WIRE_DTYPES``), and optionally a reduction to
 ``reduce_dims`` dimensions by a projection calibrated per model and split
 (``partition/reduction.py``; found in ``reductions_dir`` or calibrated there on first use).
 Encryption hides the activations from the broker and the network, not from the worker that
@@ -31,7 +31,7 @@ class PrivacyProtection:
     reductions_dir: Path | None = None  # None: $EDGECLOUD_REDUCTIONS or ~/.cache/edgecloud/reductions
 
     def __post_init__(self) -> None:
-        from broker.codec import WIRE_DTYPES
+        from broker.wire.codec import WIRE_DTYPES
 
         if self.wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire dtype must be one of {', '.join(WIRE_DTYPES)}, got {self.wire_dtype!r}")
@@ -83,8 +83,8 @@ class CloudView:
 def through_wire(hidden: torch.Tensor, wire_dtype: str, reduction: Reduction | None = None) -> torch.Tensor:
     """(1, T, H) edge activations -> the (1, T, D or H) tensor the worker decodes from the step
     body: the projection, the codec and the decoder's checks, as in the edge and the worker."""
-    from broker.crypto import NullCipher
-    from broker.session_protocol import open_step, seal_step
+    from broker.wire.crypto import NullCipher
+    from broker.wire.session_protocol import open_step, seal_step
 
     wire = reduction.project(hidden) if reduction else hidden
     sid = uuid.uuid4().hex

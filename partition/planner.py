@@ -40,9 +40,9 @@ OPEN_REQUEST_BYTES = STEP_OVERHEAD_BYTES
 
 # --- bytes on the wire ------------------------------------------------------------------------------
 
-# Bytes per element of the fixed-width wire dtypes (broker/codec.py: WIRE_DTYPES).
+# Bytes per element of the fixed-width wire dtypes (broker/wire/codec.py: WIRE_DTYPES).
 WIRE_ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
-# broker/codec.py's int8 layout: channels per fp16 scale, and the most fp16 outlier channels a
+# broker/wire/codec.py's int8 layout: channels per fp16 scale, and the most fp16 outlier channels a
 # frame carries (tests/test_planner_bytes.py checks both against the codec).
 INT8_GROUP = 64
 INT8_MAX_OUTLIERS = 32
@@ -61,7 +61,7 @@ def expected_int8_outliers(width: int) -> int:
 
 
 def tensor_wire_bytes(rows: int, width: int, wire_dtype: str = "fp16", outliers: int | None = None) -> int:
-    """Bytes of the tensor frame broker/codec.py encodes for ``rows`` positions ``width`` wide.
+    """Bytes of the tensor frame broker/wire/codec.py encodes for ``rows`` positions ``width`` wide.
 
     int8 (the codec's layout): ``n`` uint16 outlier indices, ``rows x n`` fp16 outlier values,
     ``rows x ceil((width - n) / INT8_GROUP)`` fp16 scales and ``rows x (width - n)`` int8 values;

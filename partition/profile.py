@@ -42,10 +42,10 @@ _WARMUP_PASSES = 1
 _DECODE_SAMPLES_PER_REPEAT = 3
 
 # Bytes a step request carries besides the activations. Measured with broker.protocol.encode on
-# a sealed step (broker.session_protocol.seal_step, uuid ids, a 43-character API key, the SmolLM2
+# a sealed step (broker.wire.session_protocol.seal_step, uuid ids, a 43-character API key, the SmolLM2
 # model id, the task id CloudSession puts in extra): 423 bytes = broker envelope header (~233,
 # ~41 of it the task id) + sealed msgpack step head (~93) + AEAD overhead on the tensor frame
-# (56 = 16 prefix + 24 nonce + 16 tag, broker/crypto.py). Rounded up to cover longer ids;
+# (56 = 16 prefix + 24 nonce + 16 tag, broker/wire/crypto.py). Rounded up to cover longer ids;
 # tests/test_profile.py re-measures it so this constant cannot drift unseen.
 STEP_OVERHEAD_BYTES = 440
 # A step reply carries only the sampled token id, position and timings: 246 bytes measured the

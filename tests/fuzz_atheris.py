@@ -17,10 +17,11 @@ import msgpack
 import torch  # noqa: F401 - imported (uninstrumented) first: instrumenting torch takes minutes
 
 with atheris.instrument_imports(include=["broker"]):
-    from broker import protocol, session_protocol
-    from broker.codec import decode_tensor
-    from broker.crypto import NullCipher, SessionCipher, generate_keypair
+    from broker import protocol
     from broker.errors import CryptoError, ProtocolError
+    from broker.wire import session_protocol
+    from broker.wire.codec import decode_tensor
+    from broker.wire.crypto import NullCipher, SessionCipher, generate_keypair
 
 SID = "fuzz-session"
 HIDDEN = 8

@@ -9,8 +9,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.codec import decode_tensor, encode_tensor
 from broker.errors import ProtocolError
+from broker.wire.codec import decode_tensor, encode_tensor
 
 
 @pytest.fixture

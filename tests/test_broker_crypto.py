@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from broker import crypto
-from broker.crypto import NullCipher, SessionCipher, generate_keypair, make_aad
 from broker.errors import ConfigError, CryptoError
+from broker.wire.crypto import NullCipher, SessionCipher, generate_keypair, make_aad
 
 SID = "session-1"
 

@@ -79,7 +79,7 @@ def test_get_times_out_and_close_wakes_it() -> None:
 @pytest.mark.integration
 def test_broker_side_modules_do_not_import_torch() -> None:
     code = (
-        "import sys, broker.broker, broker.worker_api, broker.client_api, broker.crypto, broker.protocol;"
+        "import sys, broker.broker, broker.worker_api, broker.client_api, broker.wire.crypto, broker.protocol;"
         "sys.exit('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

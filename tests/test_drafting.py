@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from edge_worker.backends import LocalBackend
 from edge_worker.drafting import DraftController, LookupDrafter, MiniSettings
-from edge_worker.generation import EdgeGenerator, LocalBackend
+from edge_worker.generation import EdgeGenerator
 from edge_worker.mini_llm import MiniLLMHandler
 from partition.sampling import SamplingParams
 from partition.segment import ModelSegment

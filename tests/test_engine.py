@@ -203,9 +203,9 @@ def test_a_model_of_an_unsupported_kind_is_refused():
 def test_the_gguf_object_is_the_same_model_as_the_default(smollm2):
     from transformers import AutoModelForCausalLM
 
-    from partition.models import _smollm2_gguf_path, source_of
+    from partition.models import smollm2_gguf_path, source_of
 
-    gguf = _smollm2_gguf_path()
+    gguf = smollm2_gguf_path()
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     source = source_of(model)
     assert source.model_id == smollm2.model_id

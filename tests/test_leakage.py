@@ -18,7 +18,7 @@ STEPS = 150
 
 
 def fp16_view(hidden: torch.Tensor, k: int) -> torch.Tensor:
-    from broker.codec import decode_tensor, encode_tensor
+    from broker.wire.codec import decode_tensor, encode_tensor
 
     meta, data = encode_tensor(hidden, "fp16")
     return decode_tensor(meta, bytes(data))

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from broker.crypto import load_api_keys
 from broker.linkproxy import LinkConfig
+from broker.wire.crypto import load_api_keys
 from edge_worker.cloud_client import CloudClient
 from edge_worker.generation import EdgeGenerator
 from partition.segment import ModelSegment
@@ -75,7 +75,7 @@ def test_a_late_copy_of_an_earlier_step_is_refused_and_leaves_the_cache_alone(ti
     import torch
 
     from broker.errors import ProtocolError
-    from broker.session_protocol import seal_step
+    from broker.wire.session_protocol import seal_step
     from partition.sampling import SamplingParams
 
     source = tiny_llama

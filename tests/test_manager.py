@@ -237,3 +237,79 @@ def test_the_only_worker_killed_mid_generation_the_manager_finishes_locally(tiny
     assert result.fallback_at_step is not None and result.fallback_at_step > 0
     expected = reference(tiny_llama, ids, len(result.token_ids))[len(ids):]
     assert result.token_ids == expected
+
+
+@pytest.mark.real_model
+@pytest.mark.integration
+def test_the_seed_example_on_a_gguf_object_and_a_changed_copy_against_a_smollm2_worker(smollm2, monkeypatch):
+    """The model object loaded from the GGUF the package ships is the worker's model (same
+    fingerprint): split at 15 it gives its own greedy text through the cloud. A copy with one
+    layer changed in memory matches no worker: it is refused with WeightsMismatch, or (with the
+    fallback) gives its own greedy text, never the original weights' text."""
+    from transformers import AutoModelForCausalLM
+
+    from broker.errors import WeightsMismatch
+    from cli.cluster import LocalCluster
+    from edge_worker import CloudClient, DeviceMonitor, EdgeCloudManager, MiniLLMHandler, PrivacyProtection
+    from partition.models import smollm2_gguf_path
+    from partition.tokens import encode_prompt
+
+    gguf = smollm2_gguf_path()
+    main_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).eval()
+    tokenizer = smollm2.load_tokenizer()
+    ids = encode_prompt(tokenizer, "Name a large city.")
+    own = hf_greedy(main_model, ids, 12)
+    with LocalCluster(model="smollm2-135m", worker_threads=1) as cluster:
+        cluster.start_broker()
+        cluster.add_worker()
+        cluster.wait_for_workers(1, timeout_s=180)
+        monkeypatch.setenv("EDGECLOUD_BROKER", cluster.endpoint)
+        monkeypatch.setenv("EDGECLOUD_KEYS", str(cluster.keys_dir))
+        monkeypatch.setenv("EDGECLOUD_MAX_NEW_TOKENS", "12")
+        # The seed's example, verbatim.
+        device_monitor = DeviceMonitor(background_monitoring=True)
+        cloud_client = CloudClient(api_key=None)
+        mini_llm = MiniLLMHandler(model=None, tokenizer=tokenizer)
+        privacy = PrivacyProtection(encryption_enabled=True)
+        edge_cloud_manager = EdgeCloudManager(
+            model=main_model, device_monitor=device_monitor, cloud_client=cloud_client, mini_llm=mini_llm,
+            privacy_protection=privacy, energy_weight=0.3, latency_weight=0.4, memory_weight=0.3,
+        )
+        try:
+            outputs = edge_cloud_manager.process_hybrid(torch.tensor([ids]))
+        finally:
+            edge_cloud_manager.close()
+        assert outputs[0, len(ids):].tolist() == own[:outputs.shape[1] - len(ids)]
+        # Split at 15: the cloud serves the object's weights.
+        manager = EdgeCloudManager(model=main_model, split=15)
+        try:
+            split = manager.process_hybrid([ids], max_new_tokens=12)
+            served = manager.last_result
+        finally:
+            manager.close()
+        assert split[0, len(ids):].tolist() == own[:split.shape[1] - len(ids)]
+        assert served.workers_used and served.fallback_at_step is None
+        # A copy changed in memory.
+        with torch.no_grad():
+            main_model.model.layers[29].mlp.down_proj.weight.mul_(4.0)
+        changed = hf_greedy(main_model, ids, 12)
+        assert changed != own
+        refusing = EdgeCloudManager(model=main_model, split=15, fallback_local=False,
+                                    cloud_client=CloudClient(step_deadline_s=8.0))
+        try:
+            with pytest.raises(WeightsMismatch, match="save_checkpoint"):
+                refusing.process_hybrid([ids], max_new_tokens=12)
+        finally:
+            refusing.close()
+        falling_back = EdgeCloudManager(model=main_model, split=15)
+        try:
+            out = falling_back.process_hybrid([ids], max_new_tokens=12)
+        finally:
+            falling_back.close()
+        assert out[0, len(ids):].tolist() == changed[:out.shape[1] - len(ids)]
+        assert falling_back.last_result.fallback_at_step == 0
+
+
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()

@@ -12,12 +12,13 @@ import json
 import pytest
 import torch
 
-from broker.crypto import load_api_keys
 from broker.linkproxy import LinkConfig
+from broker.wire.crypto import load_api_keys
 from cli.cluster import LocalCluster
+from edge_worker.backends import LocalBackend
 from edge_worker.cloud_client import CloudClient
 from edge_worker.drafting import DraftController
-from edge_worker.generation import EdgeGenerator, LocalBackend
+from edge_worker.generation import EdgeGenerator
 from edge_worker.mini_llm import MiniLLMHandler
 from partition.sampling import SamplingParams
 from partition.segment import ModelSegment

@@ -76,9 +76,9 @@ def test_garbage_to_the_broker_and_bad_requests_to_a_worker_leave_both_serving(t
     import zmq
 
     from broker.client_api import BrokerClient
-    from broker.crypto import load_api_keys
     from broker.errors import CryptoError, EdgeCloudError, ProtocolError
     from broker.transport import client_keys, setup_curve_client
+    from broker.wire.crypto import load_api_keys
     from edge_worker.cloud_client import CloudClient
     from partition.models import resolve_model
 
@@ -111,7 +111,7 @@ def test_garbage_to_the_broker_and_bad_requests_to_a_worker_leave_both_serving(t
         session.start(SamplingParams())
         hidden = torch.randn(1, 3, source.hidden_size)
         _tokens, _ = session.step(hidden, 0)
-        from broker.session_protocol import seal_step
+        from broker.wire.session_protocol import seal_step
 
         frames = seal_step(session.cipher, session.session_id, 1, session.pos, hidden[:, :1], "fp16")
         tampered = [bytearray(f) for f in frames]

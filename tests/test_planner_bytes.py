@@ -49,7 +49,7 @@ def test_int8_constants_are_the_codecs():
 @pytest.mark.parametrize("rows, width", [(1, 576), (7, 576), (1, 32), (64, 128), (3, 65), (1, 1)])
 @pytest.mark.parametrize("wire_dtype", ["fp32", "fp16", "bf16", "int8"])
 def test_tensor_bytes_are_what_the_codec_encodes(rows, width, wire_dtype):
-    from broker.codec import encode_tensor
+    from broker.wire.codec import encode_tensor
 
     g = torch.Generator().manual_seed(rows * 1000 + width)
     x = torch.randn(1, rows, width, generator=g)
@@ -242,8 +242,8 @@ def test_int8_decode_steps_of_smollm2_are_priced_within_a_few_percent(smollm2, s
     step (2-32 channels), so the mean is held to 3% and single steps to 6%."""
     import os
 
-    from broker.crypto import SessionCipher
-    from broker.session_protocol import seal_step
+    from broker.wire.crypto import SessionCipher
+    from broker.wire.session_protocol import seal_step
     from partition.segment import ModelSegment
 
     seg = ModelSegment.load(smollm2, 0, split)

@@ -113,8 +113,8 @@ def test_default_cache_lives_under_edgecloud_cache(tiny_llama, tiny_profile, tmp
 def test_overhead_constants_cover_the_real_wire_format():
     """STEP_OVERHEAD_BYTES / STEP_REPLY_BYTES against what broker.protocol really sends."""
     from broker import protocol
-    from broker.crypto import SessionCipher
-    from broker.session_protocol import seal_step, seal_step_reply
+    from broker.wire.crypto import SessionCipher
+    from broker.wire.session_protocol import seal_step, seal_step_reply
 
     cipher = SessionCipher(os.urandom(32), os.urandom(32), b"edge", b"worker")
     sid, hidden = uuid.uuid4().hex, torch.zeros(1, 1, 576)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from broker.errors import UnknownReduction
-from edge_worker.generation import EdgeGenerator, LocalBackend
+from edge_worker.backends import LocalBackend
+from edge_worker.generation import EdgeGenerator
 from edge_worker.privacy import CloudView, PrivacyProtection, worker_input
 from partition.reduction import (
     Reduction,

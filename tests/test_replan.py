@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from edge_worker.generation import EdgeGenerator, LocalBackend
+from edge_worker.backends import LocalBackend
+from edge_worker.generation import EdgeGenerator
 from edge_worker.mini_llm import MiniLLMHandler
 from partition.segment import ModelSegment
 from partition.tokens import eos_token_ids

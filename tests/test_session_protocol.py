@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from broker import session_protocol as sp
-from broker.crypto import NullCipher, SessionCipher, generate_keypair
 from broker.errors import CryptoError, ProtocolError
+from broker.wire.crypto import NullCipher, SessionCipher, generate_keypair
 
 FUZZ = settings(max_examples=int(os.environ.get("EDGECLOUD_FUZZ_EXAMPLES", "300")), deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])

@@ -17,7 +17,6 @@ import zmq
 
 from broker import protocol as p
 from broker.client_api import BrokerClient, ClientConfig
-from broker.crypto import KeyPair, generate_keypair, load_keys, load_trusted_workers
 from broker.errors import AuthError, BrokerUnavailable
 from broker.transport import (
     ROLE_CLIENT,
@@ -34,6 +33,7 @@ from broker.transport import (
     revoke_key,
     setup_curve_client,
 )
+from broker.wire.crypto import KeyPair, generate_keypair, load_keys, load_trusted_workers
 from broker.worker_api import WorkerConfig, WorkerConnection, WorkerInfo
 from cli.cluster import ROOT, LocalCluster, cli_command, free_port
 from tests.brokerutil import wait_for_status, wait_until

@@ -20,8 +20,8 @@ import msgpack
 import pytest
 
 from broker import protocol
-from broker.crypto import SEALED_OVERHEAD_BYTES
 from broker.linkproxy import UPLINK, LinkProxy
+from broker.wire.crypto import SEALED_OVERHEAD_BYTES
 from cli.cluster import LocalCluster, cli_command
 
 pytestmark = pytest.mark.integration  # every test here starts real processes
@@ -68,7 +68,7 @@ def sent_activations(source, result: dict) -> list[bytes]:
     (1, 1, H) per generated token that was fed back, each as fp16 wire bytes."""
     import torch
 
-    from broker.codec import encode_tensor
+    from broker.wire.codec import encode_tensor
     from partition.segment import ModelSegment
     from partition.tokens import encode_prompt
 

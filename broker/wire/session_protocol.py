@@ -4,7 +4,7 @@
 request *kinds* a session uses and their bodies, which the broker forwards untouched:
 
 ``open``   extra: ``edge_pk`` (32-byte ephemeral X25519 key, or empty without encryption),
-           ``sampling`` (temperature, top_p, seed), ``wire_dtype`` (``broker.codec.WIRE_DTYPES``),
+           ``sampling`` (temperature, top_p, seed), ``wire_dtype`` (``broker.wire.codec.WIRE_DTYPES``),
            and, when the edge reduces its activations, ``reduction``: the sha256 (64 hex digits) of
            the projection file (``partition/reduction.py``) both sides hold; the worker refuses a
            hash it does not have. No body: no key exists yet.
@@ -44,9 +44,9 @@ from typing import Any
 
 import msgpack
 
-from broker.codec import WIRE_DTYPES, decode_tensor, encode_tensor
-from broker.crypto import Cipher, make_aad
 from broker.errors import CryptoError, ProtocolError
+from broker.wire.codec import WIRE_DTYPES, decode_tensor, encode_tensor
+from broker.wire.crypto import Cipher, make_aad
 from partition.speculative import MAX_DRAFT_TOKENS
 
 KIND_OPEN = "open"
