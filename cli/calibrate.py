@@ -24,11 +24,11 @@ def calibrate(
     out: Annotated[Path | None, typer.Option("--out", help="File to write; default: the reductions "
                                              "directory, where edge and cloud-worker look.")] = None,
     reductions: Annotated[Path | None, typer.Option("--reductions", help="Reductions directory "
-                                                    "[env EDGECLOUD_REDUCTIONS, default "
-                                                    "~/.cache/edgecloud/reductions].")] = None,
+                                                    "(env EDGECLOUD_REDUCTIONS, default "
+                                                    "~/.cache/edgecloud/reductions).")] = None,
     text: Annotated[Path | None, typer.Option("--text", help="Calibration text (paragraphs separated by "
                                               "blank lines); default: the one shipped in the package.")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging on stderr.")] = False,
 ) -> None:
     """Fit a centred PCA of the hidden states at --split on calibration text and save it.
 

@@ -62,9 +62,9 @@ def edge(
     memory_weight: Annotated[float, typer.Option(help="Cost-model weight of device memory.")] = DEFAULT_MEMORY_WEIGHT,
     force_local: Annotated[bool, typer.Option("--force-local", help="Run every layer here; no broker.")] = False,
     force_cloud: Annotated[bool, typer.Option("--force-cloud", help="Only the embedding here (split 0).")] = False,
-    broker: Annotated[str | None, typer.Option(help="Broker address [env EDGECLOUD_BROKER].")] = None,
-    keys: Annotated[Path | None, typer.Option("--keys", help="Keys directory [env EDGECLOUD_KEYS].")] = None,
-    api_key: Annotated[str | None, typer.Option(help="API key for the broker [env EDGECLOUD_API_KEY].")] = None,
+    broker: Annotated[str | None, typer.Option(help="Broker address (env EDGECLOUD_BROKER).")] = None,
+    keys: Annotated[Path | None, typer.Option("--keys", help="Keys directory (env EDGECLOUD_KEYS).")] = None,
+    api_key: Annotated[str | None, typer.Option(help="API key for the broker (env EDGECLOUD_API_KEY).")] = None,
     no_encryption: Annotated[bool, typer.Option("--no-encryption", help="Send activations in the clear.")] = False,
     no_curve: Annotated[bool, typer.Option("--no-curve", help="Connect to the broker without CURVE (on when "
                                            "the keys directory holds client-default.key).")] = False,
@@ -74,8 +74,8 @@ def edge(
                                                     "before they leave (calibrated per model and split, "
                                                     "see `edgecloud calibrate`).")] = None,
     reductions: Annotated[Path | None, typer.Option("--reductions", help="Projection files for --reduce-dims "
-                                                    "[env EDGECLOUD_REDUCTIONS, default "
-                                                    "~/.cache/edgecloud/reductions].")] = None,
+                                                    "(env EDGECLOUD_REDUCTIONS, default "
+                                                    "~/.cache/edgecloud/reductions).")] = None,
     temperature: Annotated[float, typer.Option(help="0 is greedy; above 0 samples.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed for sampling: the same seed gives the same text.")] = 0,
@@ -100,7 +100,7 @@ def edge(
     mini_fixed: MiniFixedOpt = False,
     mini_pipeline: MiniPipelineOpt = True,
     mini_adapter: MiniAdapterOpt = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging on stderr.")] = False,
 ) -> None:
     """Generate text on this device, alone (--force-local) or with cloud workers."""
     import os

@@ -45,10 +45,10 @@ def netem(
         str, typer.Option(help="Directions drop/duplicate/reorder apply to: both, up, down.")
     ] = "both",
     seed: Annotated[int | None, typer.Option(help="RNG seed, to replay the same faults.")] = None,
-    keys: Annotated[Path | None, typer.Option("--keys", help="Keys directory [env EDGECLOUD_KEYS]: with the "
+    keys: Annotated[Path | None, typer.Option("--keys", help="Keys directory (env EDGECLOUD_KEYS): with the "
                                               "broker's keys there, both sides speak CURVE.")] = None,
     no_curve: Annotated[bool, typer.Option("--no-curve", help="Plain connections on both sides.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging on stderr.")] = False,
 ) -> None:
     """Emulate a WAN link (delay, bandwidth, loss, duplication, reordering) between edges and a broker.
 

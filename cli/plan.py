@@ -45,7 +45,7 @@ def plan(
     remeasure: Annotated[bool, typer.Option("--remeasure", help="Measure the profile again.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout, nothing else.")] = False,
     plot: Annotated[Path | None, typer.Option("--plot", help="Draw the components against k to a PNG.")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging on stderr.")] = False,
 ) -> None:
     """Price every split k = 0..N (latency, device energy, device memory) and mark the best one."""
     import psutil

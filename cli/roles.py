@@ -10,11 +10,11 @@ import typer
 
 from cli.common import EXIT_FAILED, EXIT_USAGE, setup_logging, stop_on_signals, typed_errors
 
-keys_app = typer.Typer(help="Create and inspect key material.", no_args_is_help=True)
+keys_app = typer.Typer(help="Create key material, and allow or revoke client and worker keys.", no_args_is_help=True)
 
 
 def broker(
-    endpoint: Annotated[str | None, typer.Option(help="Address to bind [env EDGECLOUD_BROKER].")] = None,
+    endpoint: Annotated[str | None, typer.Option(help="Address to bind (env EDGECLOUD_BROKER).")] = None,
     keys: Annotated[Path | None, typer.Option("--keys", help="Keys directory: api_keys.txt there is accepted.")] = None,
     api_key: Annotated[list[str] | None, typer.Option("--api-key", help="An accepted API key (repeatable).")] = None,
     no_auth: Annotated[bool, typer.Option("--no-auth", help="Accept clients without an API key.")] = False,
@@ -25,7 +25,7 @@ def broker(
                                               "before it is refused as poison.")] = 3,
     max_queue: Annotated[int, typer.Option(help="Requests waiting for a worker; beyond it senders get "
                                            "'busy'.")] = 1024,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging on stderr.")] = False,
 ) -> None:
     """Run the job broker: routes edge requests to cloud workers (never reads payloads)."""
     from broker.broker import Broker, BrokerConfig
@@ -71,9 +71,9 @@ def broker(
 
 
 def cloud_worker(
-    broker: Annotated[str | None, typer.Option(help="Broker address [env EDGECLOUD_BROKER].")] = None,
+    broker: Annotated[str | None, typer.Option(help="Broker address (env EDGECLOUD_BROKER).")] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="Model to serve (see `edge --help`).")] = "smollm2-135m",
-    keys: Annotated[Path | None, typer.Option("--keys", help="Keys directory [env EDGECLOUD_KEYS].")] = None,
+    keys: Annotated[Path | None, typer.Option("--keys", help="Keys directory (env EDGECLOUD_KEYS).")] = None,
     key_name: Annotated[str, typer.Option(help="Which worker key in the directory: worker-NAME.key.")] = "default",
     no_encryption: Annotated[bool, typer.Option("--no-encryption", help="Serve only unencrypted sessions.")] = False,
     allow_plaintext: Annotated[bool, typer.Option("--allow-plaintext", help="With keys, also serve edges "
@@ -85,11 +85,11 @@ def cloud_worker(
     threads: Annotated[int | None, typer.Option(help="torch threads (default: one per core).")] = None,
     worker_id: Annotated[str | None, typer.Option(help="Name shown by `edgecloud status`.")] = None,
     reductions: Annotated[Path | None, typer.Option("--reductions", help="Projection files of --reduce-dims edges "
-                                                    "[env EDGECLOUD_REDUCTIONS, default "
-                                                    "~/.cache/edgecloud/reductions].")] = None,
+                                                    "(env EDGECLOUD_REDUCTIONS, default "
+                                                    "~/.cache/edgecloud/reductions).")] = None,
     no_curve: Annotated[bool, typer.Option("--no-curve", help="Connect to the broker in the clear "
                                            "(CURVE is on when the worker key and broker-default.pub exist).")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging on stderr.")] = False,
 ) -> None:
     """Run a cloud worker: serves layers [k, N) of a model for any split k, one KV cache per session."""
     from cloud_worker.worker import CloudWorker, CloudWorkerConfig
@@ -117,9 +117,9 @@ def cloud_worker(
 
 
 def status(
-    broker: Annotated[str | None, typer.Option(help="Broker address [env EDGECLOUD_BROKER].")] = None,
-    keys: Annotated[Path | None, typer.Option("--keys", help="Keys directory [env EDGECLOUD_KEYS].")] = None,
-    api_key: Annotated[str | None, typer.Option(help="API key [env EDGECLOUD_API_KEY].")] = None,
+    broker: Annotated[str | None, typer.Option(help="Broker address (env EDGECLOUD_BROKER).")] = None,
+    keys: Annotated[Path | None, typer.Option("--keys", help="Keys directory (env EDGECLOUD_KEYS).")] = None,
+    api_key: Annotated[str | None, typer.Option(help="API key (env EDGECLOUD_API_KEY).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the raw status map as JSON.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the broker.")] = 5.0,
     no_curve: Annotated[bool, typer.Option("--no-curve", help="Connect in the clear.")] = False,
