@@ -25,13 +25,19 @@ def setup_logging(verbose: bool, quiet: bool = False) -> None:
     logging.basicConfig(
         level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
-    # Library chatter (transformers' warnings and progress bars) only when asked for.
+    # Library chatter (transformers' warnings and progress bars) only when asked for. Set through
+    # the environment, which transformers reads when it is imported: importing it here would cost
+    # every command, `status` and a usage error included, the seconds torch takes to load.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
     if not verbose:
-        hf_logging.disable_progress_bar()
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # already loaded (a test, a library user): tell it directly
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        if not verbose:
+            hf_logging.disable_progress_bar()
 
 
 class Progress:

@@ -125,15 +125,20 @@ def status(
     no_curve: Annotated[bool, typer.Option("--no-curve", help="Connect in the clear.")] = False,
 ) -> None:
     """Show the broker's workers, sessions, in-flight requests and error counters."""
-    from edge_worker.cloud_client import CloudClient
+    # zmq and the key files only: no torch, so the answer comes in well under a second.
+    from broker.client_api import BrokerClient
+    from broker.transport import client_keys
+    from edge_worker.config import default_broker, default_keys_dir, resolve_api_key
 
     setup_logging(False, quiet=True)
-    client = CloudClient(api_key=api_key, broker=broker, keys_dir=keys, curve=not no_curve)
-    try:
-        with typed_errors():
+    with typed_errors():
+        keys_dir = keys or default_keys_dir()
+        curve = None if no_curve else client_keys(keys_dir, "client")
+        client = BrokerClient(broker or default_broker(), resolve_api_key(api_key, keys_dir), curve=curve)
+        try:
             st = client.status(timeout_s=timeout)
-    finally:
-        client.close()
+        finally:
+            client.close()
     if json_out:
         typer.echo(json.dumps(st, default=_jsonable))
         return
@@ -151,14 +156,19 @@ def render_status(st: dict) -> str:
     workers = st.get("workers", [])
     lines.append(f"{len(workers)} workers, {st.get('sessions', 0)} sessions, "
                  f"{st.get('in_flight', 0)} in flight, {st.get('queue_depth', 0)} queued")
+    rows = [("worker", "pid", "model", "layers", "sessions", "in flight", "ms/layer", "seen")]
     for w in workers:
         ranges = ",".join(f"[{lo},{hi})" for lo, hi in w.get("layer_ranges", []))
-        lines.append(
-            f"  {w.get('worker_id')}  pid {w.get('pid')}  {w.get('model_id')}  layers {ranges}  "
-            f"sessions {w.get('sessions')}  in flight {w.get('in_flight')}  "
-            f"seen {w.get('last_seen_s_ago', 0):.1f}s ago"
-            + (f"  avoided for {w['avoided_for_s']:.0f}s after a failure" if w.get("avoided_for_s") else "")
-        )
+        rows.append((
+            str(w.get("worker_id")), str(w.get("pid")), str(w.get("model_id")), ranges,
+            f"{w.get('sessions', 0)}/{w.get('max_sessions', '?')}", str(w.get("in_flight", 0)),
+            f"{float(w.get('per_layer_ms') or 0):.2f}",
+            f"{w.get('last_seen_s_ago', 0):.1f}s ago"
+            + (f", avoided {w['avoided_for_s']:.0f}s" if w.get("avoided_for_s") else ""),
+        ))
+    if workers:
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines += ["  " + "  ".join(c.ljust(n) for c, n in zip(r, widths, strict=True)).rstrip() for r in rows]
     transport = st.get("transport", {})
     if transport.get("curve"):
         hs = transport.get("handshakes", {})

@@ -13,7 +13,6 @@ step, so generation continues with the same output.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import uuid
@@ -42,7 +41,6 @@ from broker.wire.crypto import (
     NullCipher,
     SessionCipher,
     generate_keypair,
-    load_api_keys,
     load_trusted_workers,
 )
 from broker.wire.session_protocol import (
@@ -56,7 +54,7 @@ from broker.wire.session_protocol import (
     seal_step,
 )
 from edge_worker.backends import Backend, FrameLost, PipelinedFrame, StepStats
-from edge_worker.config import default_broker, default_keys_dir
+from edge_worker.config import default_broker, default_keys_dir, resolve_api_key
 from edge_worker.timeouts import ADAPTIVE_MAX_POSITIONS, DEFAULT_MIN_TIMEOUT_S, StepTimer
 from partition.reduction import Reduction
 from partition.sampling import SamplingParams
@@ -69,7 +67,6 @@ FAILED_OPENS_BEFORE_FALLBACK = 2
 # heartbeats, is hung in its compute: move the session elsewhere, as if it had died. Twice, so a
 # single slow step (a loaded host) does not cost a replay.
 TIMEOUTS_BEFORE_FAILOVER = 2
-API_KEYS_FILE = "api_keys.txt"
 # Beyond its budget the client's own reply grace applies (the broker answers every request by its
 # deadline, or the connection is reset); this only keeps the final wait from being unbounded.
 IDLE_WAIT_S = 60.0
@@ -107,7 +104,7 @@ class CloudClient:
         # broker's public key); curve=False (--no-curve) connects in the clear.
         self.curve = curve
         self.key_name = key_name
-        self.api_key = api_key or os.environ.get("EDGECLOUD_API_KEY") or self._api_key_from_dir()
+        self.api_key = resolve_api_key(api_key, self.keys_dir)
         self.encryption = encryption
         self.wire_dtype = wire_dtype
         self.request_timeout_s = request_timeout_s  # one request, queueing included
@@ -126,14 +123,6 @@ class CloudClient:
         self._connections: list[_Connection] = []  # every thread's, for close()
         self._lock = threading.Lock()
         self._trusted: frozenset[bytes] | None = None
-
-    def _api_key_from_dir(self) -> str:
-        path = self.keys_dir / API_KEYS_FILE
-        if path.exists():
-            keys = sorted(load_api_keys(path))
-            if keys:
-                return keys[0]
-        return ""
 
     def trusted_workers(self) -> frozenset[bytes]:
         if self._trusted is None:

@@ -25,6 +25,26 @@ def default_keys_dir() -> Path:
     return Path(os.environ.get("EDGECLOUD_KEYS", Path.home() / ".config" / "edgecloud" / "keys"))
 
 
+API_KEYS_FILE = "api_keys.txt"
+
+
+def resolve_api_key(api_key: str | None, keys_dir: Path) -> str:
+    """The key to present to the broker: the one given, else ``$EDGECLOUD_API_KEY``, else the
+    first of ``api_keys.txt`` in the keys directory, else none."""
+    if api_key:
+        return api_key
+    if os.environ.get("EDGECLOUD_API_KEY"):
+        return os.environ["EDGECLOUD_API_KEY"]
+    path = keys_dir / API_KEYS_FILE
+    if path.exists():
+        from broker.wire.crypto import load_api_keys
+
+        keys = sorted(load_api_keys(path))
+        if keys:
+            return keys[0]
+    return ""
+
+
 @dataclass(frozen=True)
 class EdgeConfig:
     """The edge's settings: the model to load when none is handed over, how the split is chosen,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -111,3 +112,16 @@ def test_a_worker_asked_for_cuda_without_a_gpu_says_so():
               "--broker", "tcp://127.0.0.1:9", timeout=60)
     assert out.returncode == 2
     assert "no CUDA device" in out.stderr
+
+
+def test_status_loads_no_torch_and_answers_a_dead_broker_in_one_line():
+    """`edgecloud status` needs zmq and the key files only: it never waits for torch to import."""
+    code = ("import sys\nfrom cli.main import app\n"
+            "try:\n    app(['status', '--broker', 'tcp://127.0.0.1:9', '--timeout', '0.5'])\n"
+            "except SystemExit as e:\n    code = e.code\n"
+            "print('torch' in sys.modules, 'transformers' in sys.modules, code)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env(), timeout=60)
+    assert out.stdout.split() == ["False", "False", "1"], out.stdout + out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no answer from the broker at tcp://127.0.0.1:9" in errors[0]
+

@@ -406,3 +406,14 @@ def test_revoking_the_worker_of_a_live_session_moves_the_session_to_another_work
         assert st["counters"]["workers_revoked"] == 1
         assert [w["worker_id"] for w in st["workers"]] == [survivor]
         assert c.worker_named(victim).alive()  # still running, just no longer served
+
+
+def test_status_renders_a_table_of_workers():
+    from cli.roles import render_status
+
+    text = render_status({"sessions": 2, "workers": [
+        {"worker_id": "w1", "pid": 7, "model_id": "llama-30x576@ab", "layer_ranges": [[0, 30]], "sessions": 2,
+         "max_sessions": 128, "in_flight": 1, "per_layer_ms": 0.8312, "last_seen_s_ago": 0.4}]})
+    header, row = text.splitlines()[1:3]
+    assert header.split()[:4] == ["worker", "pid", "model", "layers"] and "ms/layer" in header
+    assert row.split()[:7] == ["w1", "7", "llama-30x576@ab", "[0,30)", "2/128", "1", "0.83"]
