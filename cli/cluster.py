@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -71,12 +72,16 @@ class LocalCluster:
     curve: bool = True  # False: every process runs with --no-curve
     worker_threads: int | None = None
     heartbeat_s: float = 1.0
-    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="edgecloud-")))
+    # Keys and logs; None: a temporary directory of its own, removed (private keys and all) by stop().
+    workdir: Path | None = None
     port: int = field(default_factory=free_port)
     broker: Proc | None = None
     workers: list[Proc] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self._owns_workdir = self.workdir is None
+        if self.workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix="edgecloud-"))
         if self.keys_dir is None:
             self.keys_dir = self.workdir / "keys"
             subprocess.run(cli_command("keys", "generate", str(self.keys_dir), "--workers", "4"),
@@ -205,6 +210,8 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 p.popen.kill()
                 p.popen.wait()
+        if self._owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> LocalCluster:
         return self

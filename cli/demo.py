@@ -3,60 +3,30 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
 
 from cli.cluster import ClusterError, LocalCluster
-from cli.common import (
-    EXIT_FAILED,
-    MiniAdapterOpt,
-    MiniDraftOpt,
-    MiniFixedOpt,
-    MiniModeOpt,
-    MiniOpt,
-    MiniPipelineOpt,
-    MiniThresholdOpt,
-)
-from edge_worker.config import DEFAULT_ENERGY_WEIGHT, DEFAULT_LATENCY_WEIGHT, DEFAULT_MEMORY_WEIGHT
+from cli.common import EXIT_FAILED, typed_errors
+from cli.edge_options import edge_args, with_edge_options
+from edge_worker.config import EdgeConfig
 
 
+@with_edge_options(leave_out=frozenset({"broker", "keys", "api_key"}), defaults={"tokens": 48})
 def demo(
     workers: Annotated[int, typer.Option(help="Cloud worker processes to start.")] = 1,
-    split: Annotated[int | None, typer.Option("--split", "-k", help="Layers on the edge; "
-                                              "without it the cost model chooses.")] = None,
-    min_split: Annotated[int, typer.Option("--min-split", help="Privacy floor: never fewer layers on the edge.")] = 0,
-    max_leakage: Annotated[float | None, typer.Option("--max-leakage", help="Privacy budget: no split whose "
-                                                      "measured token recovery exceeds this fraction.")] = None,
-    energy_weight: Annotated[float, typer.Option(help="Cost-model weight of device energy.")] = DEFAULT_ENERGY_WEIGHT,
-    latency_weight: Annotated[float, typer.Option(help="Cost-model weight of latency.")] = DEFAULT_LATENCY_WEIGHT,
-    memory_weight: Annotated[float, typer.Option(help="Cost-model weight of device memory.")] = DEFAULT_MEMORY_WEIGHT,
-    model: Annotated[str, typer.Option("--model", "-m", help="Model (see `edge --help`).")] = "smollm2-135m",
-    prompt: Annotated[str, typer.Option("--prompt", "-p")] = "Explain in two sentences why a phone might "
-    "send part of a neural network to the cloud.",
-    tokens: Annotated[int, typer.Option("--tokens", "-n")] = 48,
-    force_local: Annotated[bool, typer.Option("--force-local")] = False,
-    force_cloud: Annotated[bool, typer.Option("--force-cloud")] = False,
-    no_encryption: Annotated[bool, typer.Option("--no-encryption")] = False,
-    no_curve: Annotated[bool, typer.Option("--no-curve", help="Plain broker connections (no CURVE).")] = False,
-    wire_dtype: Annotated[str, typer.Option(help="fp32, fp16, bf16 or int8.")] = "fp16",
-    reduce_dims: Annotated[int | None, typer.Option(help="Project the activations to this many dims "
-                                                    "(see `edge --help`).")] = None,
-    temperature: Annotated[float, typer.Option()] = 0.0,
-    seed: Annotated[int, typer.Option()] = 0,
-    cloud_latency: Annotated[float, typer.Option(help="Emulated extra round trip to the cloud, seconds.")] = 0.0,
-    bandwidth_mbps: Annotated[float | None, typer.Option(help="Emulated link bandwidth, Mbit/s.")] = None,
-    mini: MiniOpt = "none",
-    mini_threshold: MiniThresholdOpt = 0.5,
-    mini_mode: MiniModeOpt = "verify",
-    mini_max_draft: MiniDraftOpt = 8,
-    mini_fixed: MiniFixedOpt = False,
-    mini_pipeline: MiniPipelineOpt = True,
-    mini_adapter: MiniAdapterOpt = None,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt.")] = "Explain in two sentences why a "
+    "phone might send part of a neural network to the cloud.",
     json_out: Annotated[bool, typer.Option("--json", help="Print the edge's JSON object only.")] = False,
     trace_rows: Annotated[int, typer.Option("--trace-rows", help="Per-token trace rows to print.")] = 8,
+    *,
+    settings: Callable[[], EdgeConfig],
+    edge_values: dict,
 ) -> None:
     """Start a broker, N workers and the edge as real processes, generate once, stop them all."""
 
@@ -64,44 +34,26 @@ def demo(
         if not json_out:
             typer.echo(msg, err=True)
 
-    cluster = LocalCluster(model=model, encryption=not no_encryption, curve=not no_curve)
+    with typed_errors():
+        config = settings()  # bad options get their one-line error before any process starts
+    signal.signal(signal.SIGTERM, _interrupt)  # leave through the cleanup below, like Ctrl-C
+    model, force_local = config.model, config.force_local
+    cluster = LocalCluster(model=model, encryption=config.encryption, curve=config.curve)
     try:
         t0 = time.perf_counter()
-        say(f"starting broker on {cluster.endpoint} and {workers} worker(s) of {model} (logs in {cluster.workdir})")
-        cluster.start_broker()
-        for _ in range(workers):
-            cluster.add_worker()
-        if not force_local:
+        if force_local:  # every layer on the edge: nothing else to start
+            say(f"running every layer of {model} on the edge (--force-local): no broker, no workers")
+        else:
+            say(f"starting broker on {cluster.endpoint} and {workers} worker(s) of {model} "
+                f"(keys and logs in {cluster.workdir}, removed on exit)")
+            cluster.start_broker()
+            for _ in range(workers):
+                cluster.add_worker()
             st = cluster.wait_for_workers(workers)
             say(f"{len(st['workers'])} worker(s) registered after {time.perf_counter() - t0:.1f} s; running the edge")
-        args = ["--prompt", prompt, "--tokens", str(tokens), "--json", "--wire-dtype", wire_dtype,
-                "--temperature", str(temperature), "--seed", str(seed)]
-        if force_local:
-            args.append("--force-local")
-        elif force_cloud:
-            args.append("--force-cloud")
-        elif split is not None:
-            args += ["--split", str(split)]
-        if min_split:
-            args += ["--min-split", str(min_split)]
-        if max_leakage is not None:
-            args += ["--max-leakage", str(max_leakage)]
-        args += ["--energy-weight", str(energy_weight), "--latency-weight", str(latency_weight),
-                 "--memory-weight", str(memory_weight)]
-        if no_encryption:
-            args.append("--no-encryption")
-        if reduce_dims is not None:
-            args += ["--reduce-dims", str(reduce_dims)]
-        if cloud_latency:
-            args += ["--cloud-latency", str(cloud_latency)]
-        if bandwidth_mbps:
-            args += ["--bandwidth-mbps", str(bandwidth_mbps)]
-        if mini != "none":
-            args += ["--mini", mini, "--mini-threshold", str(mini_threshold), "--mini-mode", mini_mode,
-                     "--mini-max-draft", str(mini_max_draft)] + (["--mini-fixed"] if mini_fixed else [])
-            args.append("--mini-pipeline" if mini_pipeline else "--no-mini-pipeline")
-            if mini_adapter is not None:
-                args += ["--mini-adapter", str(mini_adapter)]
+        # Every edge option given to the demo reaches its edge process (the cluster adds --model
+        # and the CURVE options).
+        args = ["--prompt", prompt, "--json", *edge_args(edge_values, skip=frozenset({"model", "no_curve"}))]
         out = cluster.edge(*args)
         if out.returncode != 0:
             raise ClusterError(f"the edge failed (exit {out.returncode}):\n{out.stderr[-2000:]}")
@@ -123,7 +75,11 @@ def demo(
         typer.echo("interrupted: stopping every process", err=True)
         raise typer.Exit(130) from None
     finally:
-        cluster.stop()
+        cluster.stop()  # removes its directory: the demo's keys (private ones included) and logs
+
+
+def _interrupt(signum, frame) -> None:  # noqa: ARG001
+    raise KeyboardInterrupt
 
 
 def print_result(r: dict, trace_rows: int) -> None:

@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
 
-from cli.common import (
-    MiniAdapterOpt,
-    MiniDraftOpt,
-    MiniFixedOpt,
-    MiniModeOpt,
-    MiniOpt,
-    MiniPipelineOpt,
-    MiniThresholdOpt,
-    Progress,
-    setup_logging,
-    typed_errors,
-)
-from edge_worker.config import DEFAULT_ENERGY_WEIGHT, DEFAULT_LATENCY_WEIGHT, DEFAULT_MEMORY_WEIGHT
+from cli.common import Progress, setup_logging, typed_errors
+from cli.edge_options import with_edge_options
+from edge_worker.config import EdgeConfig
 
 app = typer.Typer(
     name="edgecloud",
@@ -37,95 +27,23 @@ def _root() -> None:
     """Edge-cloud collaborative inference for LLMs."""
 
 
-ModelOpt = Annotated[
-    str,
-    typer.Option(
-        "--model", "-m",
-        help="smollm2-135m (default), tiny-llama, tiny-gpt2, a .gguf file, a model directory or a hub id.",
-    ),
-]
-
-
 @app.command()
+@with_edge_options()
 def edge(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt.")] = "What is edge computing?",
-    tokens: Annotated[int, typer.Option("--tokens", "-n", help="Maximum number of tokens to generate.")] = 64,
-    model: ModelOpt = "smollm2-135m",
-    split: Annotated[int | None, typer.Option("--split", "-k", help="Layers to run on the edge (0..N); "
-                                              "without it the cost model chooses.")] = None,
-    min_split: Annotated[int, typer.Option("--min-split", help="Privacy floor: never fewer layers on the edge "
-                                           "(see the leakage table in BENCHMARKS.md).")] = 0,
-    max_leakage: Annotated[float | None, typer.Option("--max-leakage", help="Privacy budget: no split whose "
-                                                      "measured token recovery exceeds this fraction.")] = None,
-    energy_weight: Annotated[float, typer.Option(help="Cost-model weight of device energy.")] = DEFAULT_ENERGY_WEIGHT,
-    latency_weight: Annotated[float, typer.Option(help="Cost-model weight of latency.")] = DEFAULT_LATENCY_WEIGHT,
-    memory_weight: Annotated[float, typer.Option(help="Cost-model weight of device memory.")] = DEFAULT_MEMORY_WEIGHT,
-    force_local: Annotated[bool, typer.Option("--force-local", help="Run every layer here; no broker.")] = False,
-    force_cloud: Annotated[bool, typer.Option("--force-cloud", help="Only the embedding here (split 0).")] = False,
-    broker: Annotated[str | None, typer.Option(help="Broker address (env EDGECLOUD_BROKER).")] = None,
-    keys: Annotated[Path | None, typer.Option("--keys", help="Keys directory (env EDGECLOUD_KEYS).")] = None,
-    api_key: Annotated[str | None, typer.Option(help="API key for the broker (env EDGECLOUD_API_KEY).")] = None,
-    no_encryption: Annotated[bool, typer.Option("--no-encryption", help="Send activations in the clear.")] = False,
-    no_curve: Annotated[bool, typer.Option("--no-curve", help="Connect to the broker without CURVE (on when "
-                                           "the keys directory holds client-default.key).")] = False,
-    wire_dtype: Annotated[str, typer.Option(help="Activation precision on the wire: fp32, fp16, bf16, "
-                                            "int8 (with fp16 outlier channels).")] = "fp16",
-    reduce_dims: Annotated[int | None, typer.Option(help="Project the activations to this many dims "
-                                                    "before they leave (calibrated per model and split, "
-                                                    "see `edgecloud calibrate`).")] = None,
-    reductions: Annotated[Path | None, typer.Option("--reductions", help="Projection files for --reduce-dims "
-                                                    "(env EDGECLOUD_REDUCTIONS, default "
-                                                    "~/.cache/edgecloud/reductions).")] = None,
-    temperature: Annotated[float, typer.Option(help="0 is greedy; above 0 samples.")] = 0.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Seed for sampling: the same seed gives the same text.")] = 0,
-    raw_prompt: Annotated[bool, typer.Option("--raw-prompt", help="Do not apply the chat template.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout, nothing else.")] = False,
-    timeout: Annotated[float, typer.Option(help="Seconds one cloud request may take before a retry.")] = 30.0,
-    deadline: Annotated[float, typer.Option(help="Seconds one step may take, retries and failovers "
-                                            "included, before giving up.")] = 60.0,
-    no_replan: Annotated[bool, typer.Option("--no-replan", help="Keep the planned split for the whole "
-                                            "generation, even when the link or the device changes.")] = False,
-    adaptive_timeout: Annotated[bool, typer.Option("--adaptive-timeout/--fixed-timeout", help="Resend an "
-                                                   "unanswered decode step after about one measured round trip "
-                                                   "(default), or only after --timeout.")] = True,
-    no_fallback: Annotated[bool, typer.Option("--no-fallback", help="Fail instead of running the rest "
-                                              "of the model here when the cloud is gone.")] = False,
-    cloud_latency: Annotated[float, typer.Option(help="Emulated extra round trip to the cloud, seconds.")] = 0.0,
-    bandwidth_mbps: Annotated[float | None, typer.Option(help="Emulated link bandwidth, Mbit/s.")] = None,
-    mini: MiniOpt = "none",
-    mini_threshold: MiniThresholdOpt = 0.5,
-    mini_mode: MiniModeOpt = "verify",
-    mini_max_draft: MiniDraftOpt = 8,
-    mini_fixed: MiniFixedOpt = False,
-    mini_pipeline: MiniPipelineOpt = True,
-    mini_adapter: MiniAdapterOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging on stderr.")] = False,
+    *,
+    settings: Callable[[], EdgeConfig],
+    edge_values: dict,
 ) -> None:
     """Generate text on this device, alone (--force-local) or with cloud workers."""
-    import os
-
-    from edge_worker.config import EdgeConfig, default_broker, default_keys_dir
     from edge_worker.engine import EdgeEngine
 
     setup_logging(verbose, quiet=not verbose)
     progress = Progress(enabled=not json_out)
     with typed_errors():
-        config = EdgeConfig(
-            model=model, max_new_tokens=tokens, split=split, min_split=min_split, max_leakage=max_leakage,
-            force_local=force_local,
-            force_cloud=force_cloud, raw_prompt=raw_prompt, temperature=temperature, top_p=top_p, seed=seed,
-            broker=broker or default_broker(), keys_dir=keys or default_keys_dir(),
-            api_key=api_key or os.environ.get("EDGECLOUD_API_KEY"), encryption=not no_encryption,
-            wire_dtype=wire_dtype, reduce_dims=reduce_dims, reductions_dir=reductions, request_timeout_s=timeout, step_deadline_s=deadline,
-            adaptive_timeout=adaptive_timeout,
-            fallback_local=not no_fallback, cloud_latency_s=cloud_latency,
-            bandwidth_mbps=bandwidth_mbps, energy_weight=energy_weight, latency_weight=latency_weight,
-            memory_weight=memory_weight, mini=mini, mini_threshold=mini_threshold, mini_mode=mini_mode,
-            mini_max_draft=mini_max_draft, mini_adaptive=not mini_fixed, mini_pipeline=mini_pipeline,
-            mini_adapter=mini_adapter, dynamic=not no_replan,
-            curve=not no_curve,
-        )
+        config = settings()
         started = False
 
         def on_text(piece: str) -> None:

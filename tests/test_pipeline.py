@@ -187,6 +187,24 @@ def test_demo_runs_every_process_and_stops_them():
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+    # Its directory, with every key the demo made, is gone.
+    assert not os.path.exists(result["cluster"]["workdir"])
+
+
+def test_a_force_local_demo_starts_no_process_and_forwards_the_edge_options():
+    out = subprocess.run(cli_command("demo", "--model", "tiny-llama", "--force-local", "--tokens", "5",
+                                     "--raw-prompt", "--seed", "3", "--temperature", "0.8", "--json"),
+                         capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    assert result["mode"] == "local" and result["cluster"]["pids"] == []
+    assert len(result["token_ids"]) == 5
+    alone = subprocess.run(cli_command("edge", "--model", "tiny-llama", "--force-local", "--tokens", "5",
+                                       "--raw-prompt", "--seed", "3", "--temperature", "0.8", "--json",
+                                       "--prompt", "Explain in two sentences why a phone might send part of a "
+                                       "neural network to the cloud."),
+                           capture_output=True, text=True, timeout=240)
+    assert json.loads(alone.stdout)["token_ids"] == result["token_ids"]
 
 
 def test_generation_survives_kill_9_of_its_worker_with_identical_output():
