@@ -169,6 +169,16 @@ def test_the_same_check_finds_the_activations_of_a_generation_without_encryption
     findings = plaintext_findings(rec.messages, tensors)
     # Every tensor the edge computed is on the wire, so the recomputation above is the right one.
     assert len(findings) >= len(tensors), findings
-    assert all(any(t in f for frames in rec.messages for f in frames) for t in tensors)
+    # Each one, run by run: the edge process may compute with another thread count than this
+    # one, whose other summation order can flip the last bit of an fp16 value here and there, so
+    # a tensor's bytes need not match whole (one value of 64 differed in CI); all its runs but
+    # those around a value or two still do.
+    on_wire = {f[i:i + RUN_BYTES] for frames in rec.messages for f in frames
+               for i in range(0, len(f) - RUN_BYTES + 1, 2)}
+    values_per_run = RUN_BYTES // 2  # one value that differs is in at most this many runs
+    for i, t in enumerate(tensors):
+        runs = fp16_runs([t])
+        missing = len(runs - on_wire)
+        assert missing <= 2 * values_per_run, f"tensor {i}: {missing} of {len(runs)} runs not on the wire"
     steps, problems = unsealed_step_bodies(rec.messages)
     assert steps >= TOKENS and len(problems) >= steps
