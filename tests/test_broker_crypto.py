@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from broker import crypto
 from broker.errors import ConfigError, CryptoError
+from broker.wire import crypto
 from broker.wire.crypto import NullCipher, SessionCipher, generate_keypair, make_aad
 
 SID = "session-1"

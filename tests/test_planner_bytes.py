@@ -41,7 +41,7 @@ SMOLLM = profile_like(30, 576)
 
 
 def test_int8_constants_are_the_codecs():
-    from broker import codec
+    from broker.wire import codec
 
     assert INT8_GROUP == codec.INT8_GROUP and INT8_MAX_OUTLIERS == codec.MAX_OUTLIERS
 

@@ -12,8 +12,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker import session_protocol as sp
 from broker.errors import CryptoError, ProtocolError
+from broker.wire import session_protocol as sp
 from broker.wire.crypto import NullCipher, SessionCipher, generate_keypair
 
 FUZZ = settings(max_examples=int(os.environ.get("EDGECLOUD_FUZZ_EXAMPLES", "300")), deadline=None,
