@@ -755,6 +755,17 @@ class Broker:
             nxt = min(nxt, self._timers[0][0])
         return nxt
 
+    def _unserved(self, req: PendingRequest) -> bool:
+        """``req`` waits in the queue for a session that no worker was found for."""
+        session = self._sessions.get(req.session_id)
+        return req.queued and session is not None and session.worker_id is None
+
+    def _fail_unserved(self, req: PendingRequest, now: float) -> None:
+        self.counters["no_worker"] += 1
+        r = req.request
+        self._fail(req, NoWorkerAvailable(f"no worker serves model {r.model_id} from layer {r.layer_lo} "
+                                          f"(waited {now - req.received_at:.1f}s)"))
+
     def _run_timers(self, now: float) -> None:
         while self._timers and self._timers[0][0] <= now:
             _, _, kind, rid = heapq.heappop(self._timers)
@@ -766,18 +777,17 @@ class Broker:
                     self.counters["poison_requests"] += 1
                     self._fail(req, self._poison_error(req.request, self._task_failures[p.task_of(req.request)]))
                     continue
+                if self._unserved(req):
+                    # Its deadline came before the grace: the reason is still that no worker
+                    # serves it, which the edge must see (a timeout reads as a slow worker).
+                    self._fail_unserved(req, now)
+                    continue
                 self.counters["timeouts"] += 1
                 where = f"dispatched to worker {req.worker_id}" if req.worker_id else "queued"
                 self._fail(req, RequestTimeout(f"request {rid} ({req.request.kind}) missed its "
                                                f"{req.deadline - req.received_at:.3f}s deadline ({where})"))  # fmt: skip
-            elif kind == "grace" and req.queued:
-                session = self._sessions.get(req.session_id)
-                if session is not None and session.worker_id is None:
-                    self.counters["no_worker"] += 1
-                    r = req.request
-                    self._fail(req, NoWorkerAvailable(
-                        f"no worker serves model {r.model_id} from layer {r.layer_lo} "
-                        f"(waited {self.config.no_worker_grace_s:.1f}s)"))  # fmt: skip
+            elif kind == "grace" and self._unserved(req):
+                self._fail_unserved(req, now)
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.config.heartbeat_interval_s
             for w in list(self._workers.values()):

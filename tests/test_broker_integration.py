@@ -124,6 +124,18 @@ def test_no_worker_then_worker_arrives_within_grace() -> None:
             w.close()
 
 
+def test_an_opener_whose_deadline_ends_before_the_grace_hears_that_no_worker_serves_it() -> None:
+    """Its own deadline, not the grace, ends the wait; the answer still names the reason (the edge
+    turns it into 'these weights are not served', where a timeout would read as a slow worker)."""
+    with running_broker(no_worker_grace_s=3.0) as b, client(b.endpoint) as c:
+        t0 = time.monotonic()
+        with pytest.raises(NoWorkerAvailable, match="no worker serves model"):
+            c.request("s1", "open", MODEL, 0, 0, timeout_s=0.5)
+        assert time.monotonic() - t0 < 2.5, "answered at the request's deadline, not the grace's end"
+        seen = counters(c)
+        assert seen["no_worker"] == 1 and seen.get("timeouts", 0) == 0, seen
+
+
 def test_remote_error_is_typed(broker: Broker) -> None:
     with echo_workers(broker.endpoint, "w1") as (w,), client(broker.endpoint) as c:
         c.request("s1", "open", MODEL, 2, 0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -11,6 +13,21 @@ def env(tiny_cluster, monkeypatch):
     monkeypatch.setenv("EDGECLOUD_BROKER", tiny_cluster.endpoint)
     monkeypatch.setenv("EDGECLOUD_KEYS", str(tiny_cluster.keys_dir))
     monkeypatch.setenv("EDGECLOUD_MAX_NEW_TOKENS", "12")
+
+
+@contextlib.contextmanager
+def one_worker_cluster(model: str, monkeypatch, timeout_s: float, **kwargs):
+    """A broker and one one-thread worker of ``model`` as real processes, and the environment
+    that points an edge at them."""
+    from cli.cluster import LocalCluster
+
+    with LocalCluster(model=model, worker_threads=1, **kwargs) as cluster:
+        cluster.start_broker()
+        cluster.add_worker()
+        cluster.wait_for_workers(1, timeout_s=timeout_s)
+        monkeypatch.setenv("EDGECLOUD_BROKER", cluster.endpoint)
+        monkeypatch.setenv("EDGECLOUD_KEYS", str(cluster.keys_dir))
+        yield cluster
 
 
 def reference(source, ids: list[int], n: int) -> list[int]:
@@ -160,7 +177,6 @@ def test_the_split_moves_when_the_link_slows_mid_generation(smollm2, tmp_path, m
     one-thread worker measured slower than the edge (the planner prices the cloud by the worker's
     own timing), and at 1.5 s the edge wins on latency even when the load slows it tenfold."""
     from broker.linkproxy import LinkConfig
-    from cli.cluster import LocalCluster
     from edge_worker import CloudClient, DeviceMonitor, EdgeCloudManager
     from edge_worker.generation import EdgeGenerator
     from partition.segment import ModelSegment
@@ -170,12 +186,7 @@ def test_the_split_moves_when_the_link_slows_mid_generation(smollm2, tmp_path, m
     ids = encode_prompt(tokenizer, "Name two rivers in Europe.")
     whole = ModelSegment.load(smollm2, 0, smollm2.n_layers)
     expected = EdgeGenerator(whole, None, tokenizer, eos_token_ids(smollm2, tokenizer), "local").generate(ids, 24)
-    with LocalCluster(model="smollm2-135m", worker_threads=1) as cluster:
-        cluster.start_broker()
-        cluster.add_worker()
-        cluster.wait_for_workers(1, timeout_s=120)
-        monkeypatch.setenv("EDGECLOUD_BROKER", cluster.endpoint)
-        monkeypatch.setenv("EDGECLOUD_KEYS", str(cluster.keys_dir))
+    with one_worker_cluster("smollm2-135m", monkeypatch, timeout_s=120):
         client = CloudClient(link=LinkConfig())
         manager = EdgeCloudManager(model="smollm2-135m", device_monitor=DeviceMonitor(background_monitoring=False),
                                    cloud_client=client, replan_every=4, latency_weight=0.2,
@@ -211,17 +222,11 @@ def test_the_only_worker_killed_mid_generation_the_manager_finishes_locally(tiny
     from transformers import AutoModelForCausalLM
 
     from broker.linkproxy import LinkConfig
-    from cli.cluster import LocalCluster
     from edge_worker import CloudClient, EdgeCloudManager
 
     main_model = AutoModelForCausalLM.from_pretrained(tiny_llama.directory).eval()
     ids = tiny_llama.load_tokenizer()("the worker goes away")["input_ids"]
-    with LocalCluster(model="tiny-llama", worker_threads=1, heartbeat_s=0.5) as cluster:
-        cluster.start_broker()
-        cluster.add_worker()
-        cluster.wait_for_workers(1, timeout_s=60)
-        monkeypatch.setenv("EDGECLOUD_BROKER", cluster.endpoint)
-        monkeypatch.setenv("EDGECLOUD_KEYS", str(cluster.keys_dir))
+    with one_worker_cluster("tiny-llama", monkeypatch, timeout_s=60, heartbeat_s=0.5) as cluster:
         # 20 ms per round trip: 150 steps take seconds, so the kill lands mid-generation.
         client = CloudClient(link=LinkConfig(rtt_ms=20), request_timeout_s=1.0, step_deadline_s=6.0)
         manager = EdgeCloudManager(model=main_model, cloud_client=client, split=2)
@@ -249,7 +254,6 @@ def test_the_seed_example_on_a_gguf_object_and_a_changed_copy_against_a_smollm2_
     from transformers import AutoModelForCausalLM
 
     from broker.errors import WeightsMismatch
-    from cli.cluster import LocalCluster
     from edge_worker import CloudClient, DeviceMonitor, EdgeCloudManager, MiniLLMHandler, PrivacyProtection
     from partition.models import smollm2_gguf_path
     from partition.tokens import encode_prompt
@@ -259,12 +263,7 @@ def test_the_seed_example_on_a_gguf_object_and_a_changed_copy_against_a_smollm2_
     tokenizer = smollm2.load_tokenizer()
     ids = encode_prompt(tokenizer, "Name a large city.")
     own = hf_greedy(main_model, ids, 12)
-    with LocalCluster(model="smollm2-135m", worker_threads=1) as cluster:
-        cluster.start_broker()
-        cluster.add_worker()
-        cluster.wait_for_workers(1, timeout_s=180)
-        monkeypatch.setenv("EDGECLOUD_BROKER", cluster.endpoint)
-        monkeypatch.setenv("EDGECLOUD_KEYS", str(cluster.keys_dir))
+    with one_worker_cluster("smollm2-135m", monkeypatch, timeout_s=180):
         monkeypatch.setenv("EDGECLOUD_MAX_NEW_TOKENS", "12")
         # The seed's example, verbatim.
         device_monitor = DeviceMonitor(background_monitoring=True)
