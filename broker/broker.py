@@ -32,19 +32,16 @@ The broker is single-threaded: all state is touched only by
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 import threading
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import zmq
 
 from broker import protocol as p
+from broker.config import BrokerConfig
 from broker.errors import (
     AuthError,
     BrokerUnavailable,
@@ -58,7 +55,14 @@ from broker.errors import (
 )
 from broker.protocol import RequestId, SessionId, WorkerId
 from broker.sockets import CLOSE_LINGER_MS, Waker, make_socket, poll_timeout_ms, recv_message, send_or_false
-from broker.state import PendingRequest, RateLimitedWarnings, SessionState, WorkerState
+from broker.state import (
+    PendingRequest,
+    PoisonLedger,
+    RateLimitedWarnings,
+    RequestTimers,
+    SessionState,
+    WorkerState,
+)
 from broker.transport import (
     BROKER_KEY_NAME,
     ROLE_CLIENT,
@@ -85,56 +89,6 @@ RECV_HWM = 1000
 MAX_POLL_S = 1.0
 # With an external stop_event the loop must notice it without a wake-up.
 STOP_EVENT_POLL_S = 0.1
-# The timer heap is rebuilt from live requests when it holds this many times more
-# entries than there are pending requests (plus slack, so small heaps are left alone).
-TIMER_COMPACT_FACTOR = 4
-TIMER_COMPACT_SLACK = 4096
-
-
-@dataclass(frozen=True)
-class BrokerConfig:
-    """Broker settings; every duration is in seconds."""
-
-    endpoint: str = "tcp://127.0.0.1:5555"  # "tcp://127.0.0.1:*" binds a free port (see Broker.endpoint)
-    heartbeat_interval_s: float = 1.0  # broker<->worker heartbeat period
-    worker_liveness: int = 3  # missed heartbeat periods before a worker is declared dead
-    max_queue: int = 1024  # requests waiting for a worker slot; beyond it -> Busy
-    # Body bytes of all requests held (queued or in flight); beyond it -> Busy. max_queue alone
-    # would let 1024 maximal messages (256 MiB each) through; 512 MiB holds 8 of those, or
-    # thousands of decode steps.
-    max_pending_bytes: int = 512 << 20
-    worker_max_in_flight: int = 8  # attempts outstanding per worker; more would hide load from placement
-    default_deadline_s: float = 30.0  # budget of a request that names none (deadline_ms == 0)
-    max_deadline_s: float = 600.0  # cap on a client's budget: a long CPU prefill fits, a leak does not
-    no_worker_grace_s: float = 2.0  # how long an opener waits for some worker of its model to register
-    # Workers one task may fail on (die, hang or miss the deadline while holding it) before it is
-    # answered PoisonRequest and refused; also bounds the re-dispatches of a restartable opener.
-    # 3: one worker killed by an operator mid-step, or one hang, must not mark a request poison.
-    max_attempts: int = 3
-    api_keys: frozenset[str] = frozenset()  # empty -> authentication off
-    session_idle_s: float = 3600.0  # an untouched session is dropped and its worker told to free it
-    abandoned_grace_s: float = 30.0  # a timed-out attempt counts toward its worker's load this long
-    open_kinds: frozenset[str] = frozenset({"open"})  # kinds that may create (pin) a session
-    close_kinds: frozenset[str] = frozenset({"close"})  # kinds whose success unpins the session
-    restartable_kinds: frozenset[str] = frozenset({"open"})  # safe to re-run on another worker
-    warn_interval_s: float = 5.0  # at most one malformed-input warning per reason per interval
-    lost_sessions_remembered: int = 10_000  # recently lost sessions kept to explain WorkerLost
-    # Answered request ids kept so that a copy arriving later (a link that duplicates, a client
-    # retry of the same id) is dropped instead of being run a second time.
-    done_requests_remembered: int = 10_000
-    # A worker that failed (missed heartbeats, became unroutable) and registers again is given new
-    # sessions only when no other worker has room, for this long: a flapping worker (a hang that
-    # resumes, an overloaded host) should not keep attracting sessions it may lose again.
-    failed_worker_avoid_s: float = 60.0
-    # CURVE on every connection: the broker's keypair and the client/worker allowlists come from this
-    # directory (see broker/transport.py); the lists are re-read when they change. None: plaintext.
-    curve_keys_dir: str | None = None
-    tasks_remembered: int = 10_000  # tasks with failures kept for poison detection (oldest forgotten)
-
-    @property
-    def worker_expiry_s(self) -> float:
-        """Silence after which a worker is considered dead."""
-        return self.heartbeat_interval_s * self.worker_liveness
 
 
 class Broker:
@@ -184,12 +138,11 @@ class Broker:
         self._lost: OrderedDict[SessionId, str] = OrderedDict()
         self._done_ids: OrderedDict[RequestId, None] = OrderedDict()
         self._avoid_until: dict[WorkerId, float] = {}  # failed workers, deprioritised until then
-        self._task_failures: OrderedDict[str, list[WorkerId]] = OrderedDict()  # task -> workers it failed on
+        self._poison = PoisonLedger(config.max_attempts, config.tasks_remembered)
         self._requests: dict[RequestId, PendingRequest] = {}
         self._pending_bytes = 0  # body bytes of self._requests
         self._queue: deque[PendingRequest] = deque()
-        self._timers: list[tuple[float, int, str, RequestId]] = []
-        self._timer_seq = itertools.count()
+        self._timers = RequestTimers(self._requests.__contains__, self._requests.__len__)
         self._to_expire: dict[WorkerId, str] = {}
         self._sweep_needed = False
         self.counters: Counter[str] = Counter()
@@ -347,10 +300,9 @@ class Broker:
             # taken as the result; running it again would apply a step twice.
             self.counters["duplicate_requests_dropped"] += 1
             return
-        failed_on = self._task_failures.get(p.task_of(msg), ())
-        if len(failed_on) >= cfg.max_attempts:
+        if self._poison.is_poison(msg):
             self.counters["poison_refused"] += 1
-            self._reply_error(identity, msg.request_id, self._poison_error(msg, failed_on))
+            self._reply_error(identity, msg.request_id, self._poison_error(msg))
             return
         budget_s = msg.deadline_ms / 1000 if msg.deadline_ms else cfg.default_deadline_s
         nbytes = sum(p.frame_nbytes(f) for f in msg.frames)
@@ -379,7 +331,7 @@ class Broker:
         self._sessions[msg.session_id] = session
         session.outstanding += 1
         session.last_used = now
-        self._push_timer(req.deadline, "deadline", msg.request_id)
+        self._timers.push(req.deadline, "deadline", msg.request_id)
         self._route(req, session, now)
 
     def _on_status(self, identity: bytes, msg: p.Status) -> None:
@@ -510,7 +462,7 @@ class Broker:
         else:
             self._queue.append(req)
         if session.worker_id is None:
-            self._push_timer(min(now + self.config.no_worker_grace_s, req.deadline), "grace", req.request_id)
+            self._timers.push(min(now + self.config.no_worker_grace_s, req.deadline), "grace", req.request_id)
 
     def _pin(self, req: PendingRequest, session: SessionState, now: float) -> bool:
         """Choose a worker for a new session; False if ``req`` was answered instead of pinned.
@@ -677,7 +629,7 @@ class Broker:
             if req is None:
                 continue
             req.worker_id = None
-            poisoned = self._task_failed(req, w.worker_id)
+            poisoned = self._poison.record(req.request, w.worker_id)
             ok = (
                 req.request.kind in cfg.restartable_kinds
                 and req.attempt < cfg.max_attempts
@@ -699,10 +651,9 @@ class Broker:
             self._lost.popitem(last=False)
         for req in lost:
             r = req.request
-            failed_on = self._task_failures.get(p.task_of(r), ())
-            if len(failed_on) >= cfg.max_attempts:
+            if self._poison.is_poison(r):
                 self.counters["poison_requests"] += 1
-                self._fail(req, self._poison_error(r, failed_on))
+                self._fail(req, self._poison_error(r))
                 continue
             self.counters["worker_lost"] += 1
             self._fail(req, WorkerLost(f"{why} while computing {r.kind} step {r.step} of session "
@@ -716,24 +667,8 @@ class Broker:
         self._pump(now, sweep=True)
 
     # ---------------------------------------------------------------- poison
-    def _task_failed(self, req: PendingRequest, worker_id: WorkerId) -> bool:
-        """Record that ``req``'s task failed on ``worker_id``; True once it failed on max_attempts workers.
-
-        Distinct workers only: an edge retrying a slow step on the same worker, or the broker's
-        own timeouts there, say nothing about the request (the worker may simply be loaded).
-        """
-        task = p.task_of(req.request)
-        failed_on = self._task_failures.get(task)
-        if failed_on is None:
-            failed_on = self._task_failures[task] = []
-            while len(self._task_failures) > self.config.tasks_remembered:
-                self._task_failures.popitem(last=False)
-        self._task_failures.move_to_end(task)
-        if worker_id not in failed_on:
-            failed_on.append(worker_id)
-        return len(failed_on) >= self.config.max_attempts
-
-    def _poison_error(self, r: p.Request, failed_on: Sequence[WorkerId]) -> PoisonRequest:
+    def _poison_error(self, r: p.Request) -> PoisonRequest:
+        failed_on = self._poison.failed_on(r)
         return PoisonRequest(
             f"{r.kind} step {r.step} of session {r.session_id} (task {p.task_of(r)}) was refused: that work "
             f"already failed on {len(failed_on)} workers ({', '.join(failed_on)}), each dying, hanging or "
@@ -741,18 +676,11 @@ class Broker:
             "it is likely what makes them fail, so it is not run again")
 
     # ---------------------------------------------------------------- timers
-    def _push_timer(self, when: float, kind: str, request_id: RequestId) -> None:
-        heapq.heappush(self._timers, (when, next(self._timer_seq), kind, request_id))
-        # Answered requests leave their timers behind until they fire; at thousands of
-        # requests per second and long deadlines that would grow without bound.
-        if len(self._timers) > TIMER_COMPACT_FACTOR * (len(self._requests) + TIMER_COMPACT_SLACK):
-            self._timers = [t for t in self._timers if t[3] in self._requests]
-            heapq.heapify(self._timers)
-
     def _next_wakeup(self) -> float:
         nxt = min(self._next_heartbeat, self._next_maintenance)
-        if self._timers:
-            nxt = min(nxt, self._timers[0][0])
+        due = self._timers.next_due()
+        if due is not None:
+            nxt = min(nxt, due)
         return nxt
 
     def _unserved(self, req: PendingRequest) -> bool:
@@ -767,15 +695,14 @@ class Broker:
                                           f"(waited {now - req.received_at:.1f}s)"))
 
     def _run_timers(self, now: float) -> None:
-        while self._timers and self._timers[0][0] <= now:
-            _, _, kind, rid = heapq.heappop(self._timers)
+        for kind, rid in self._timers.due(now):
             req = self._requests.get(rid)
             if req is None:
                 continue
             if kind == "deadline" and req.deadline <= now:
-                if req.worker_id is not None and self._task_failed(req, req.worker_id):
+                if req.worker_id is not None and self._poison.record(req.request, req.worker_id):
                     self.counters["poison_requests"] += 1
-                    self._fail(req, self._poison_error(req.request, self._task_failures[p.task_of(req.request)]))
+                    self._fail(req, self._poison_error(req.request))
                     continue
                 if self._unserved(req):
                     # Its deadline came before the grace: the reason is still that no worker

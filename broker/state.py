@@ -6,8 +6,12 @@ these plain records can be inspected in tests and STATUS without a socket.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from broker import protocol
@@ -144,3 +148,75 @@ class RateLimitedWarnings:
         skipped = self._suppressed.pop(reason, 0)
         suffix = f" ({skipped} similar suppressed)" if skipped else ""
         self._log.warning(fmt + suffix, *args)
+
+
+class PoisonLedger:
+    """Which workers each *task* (``protocol.task_of``) failed on: died, hung or missed its
+    deadline while holding it. A task that failed on ``max_attempts`` distinct workers is poison.
+
+    Distinct workers only: an edge retrying a slow step on the same worker, or the broker's own
+    timeouts there, say nothing about the request (the worker may simply be loaded). The oldest
+    tasks are forgotten beyond ``remembered``.
+    """
+
+    def __init__(self, max_attempts: int, remembered: int) -> None:
+        self.max_attempts = max_attempts
+        self.remembered = remembered
+        self._failed_on: OrderedDict[str, list[WorkerId]] = OrderedDict()
+
+    def failed_on(self, r: protocol.Request) -> tuple[WorkerId, ...]:
+        """The workers ``r``'s task failed on so far."""
+        return tuple(self._failed_on.get(protocol.task_of(r), ()))
+
+    def is_poison(self, r: protocol.Request) -> bool:
+        return len(self.failed_on(r)) >= self.max_attempts
+
+    def record(self, r: protocol.Request, worker_id: WorkerId) -> bool:
+        """Note that ``r``'s task failed on ``worker_id``; True once it is poison."""
+        task = protocol.task_of(r)
+        workers = self._failed_on.get(task)
+        if workers is None:
+            workers = self._failed_on[task] = []
+            while len(self._failed_on) > self.remembered:
+                self._failed_on.popitem(last=False)
+        self._failed_on.move_to_end(task)
+        if worker_id not in workers:
+            workers.append(worker_id)
+        return len(workers) >= self.max_attempts
+
+
+# Answered requests leave their timers behind until they fire; at thousands of requests per
+# second and long deadlines that would grow without bound. The heap is rebuilt from live
+# requests when it holds this many times more entries than there are (plus slack, so small
+# heaps are left alone).
+TIMER_COMPACT_FACTOR = 4
+TIMER_COMPACT_SLACK = 4096
+
+
+class RequestTimers:
+    """Per-request timers ("deadline", "grace") in one heap, fired in time order."""
+
+    def __init__(self, live: Callable[[RequestId], bool], live_count: Callable[[], int]) -> None:
+        self._live = live
+        self._live_count = live_count
+        self._heap: list[tuple[float, int, str, RequestId]] = []
+        self._seq = itertools.count()  # ties fire in the order they were set
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def push(self, when: float, kind: str, request_id: RequestId) -> None:
+        heapq.heappush(self._heap, (when, next(self._seq), kind, request_id))
+        if len(self._heap) > TIMER_COMPACT_FACTOR * (self._live_count() + TIMER_COMPACT_SLACK):
+            self._heap = [t for t in self._heap if self._live(t[3])]
+            heapq.heapify(self._heap)
+
+    def next_due(self) -> float | None:
+        return self._heap[0][0] if self._heap else None
+
+    def due(self, now: float) -> Iterator[tuple[str, RequestId]]:
+        """Pop and yield (kind, request id) of every timer due by ``now``, earliest first; timers
+        set while iterating are seen if they are due too."""
+        while self._heap and self._heap[0][0] <= now:
+            _, _, kind, rid = heapq.heappop(self._heap)
+            yield kind, rid
