@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from broker.errors import EdgeCloudError
-from edge_worker.device_monitor import changed_beyond, to_conditions
+from edge_worker.conditions import changed_beyond, to_conditions
 from partition.models import ModelSource
 from partition.planner import WIFI, Conditions, Plan, PowerModel, Weights, plan
 from partition.profile import compute_probe_ms, load_or_measure_profile

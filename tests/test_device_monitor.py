@@ -13,13 +13,8 @@ import pytest
 from brokerutil import running_broker, wait_until
 
 from edge_worker.cloud_client import CloudClient
-from edge_worker.device_monitor import (
-    MIN_TRANSFER_BYTES,
-    DeviceMonitor,
-    DeviceSnapshot,
-    changed_beyond,
-    to_conditions,
-)
+from edge_worker.conditions import DeviceSnapshot, changed_beyond, to_conditions
+from edge_worker.device_monitor import MIN_TRANSFER_BYTES, DeviceMonitor
 from partition.planner import Conditions
 
 FAST_S = 0.02  # sampling and ping period for tests: many rounds within the polling deadlines
