@@ -67,6 +67,8 @@ class Opt:
             return []
         if isinstance(self.default, bool):
             return [self.flags[0] if value else self.flags[1]] if len(self.flags) == 2 else [self.flags[0]]
+        if isinstance(value, list | tuple):  # a repeatable option
+            return [word for v in value for word in (self.flags[0], str(v))]
         return [self.flags[0], str(value)]
 
 
@@ -112,6 +114,9 @@ EDGE_OPTIONS: tuple[Opt, ...] = (
     _opt("temperature", float, 0.0, "temperature", "0 is greedy; above 0 samples."),
     _opt("top_p", float, 1.0, "top_p", "Nucleus sampling mass."),
     _opt("seed", int, 0, "seed", "Seed for sampling: the same seed gives the same text."),
+    _opt("top_k", int, 0, "top_k", "Sample among the k most likely tokens only (0: every token)."),
+    _opt("stop", list[str] | None, None, "stop", "End the text before this string (repeat for several).",
+         convert=lambda v: tuple(v or ())),
     _opt("raw_prompt", bool, False, "raw_prompt", "Do not apply the chat template."),
     _opt("timeout", float, 30.0, "request_timeout_s", "Seconds one cloud request may take before a retry."),
     _opt("deadline", float, 60.0, "step_deadline_s", "Seconds one step may take, retries and failovers "

@@ -66,6 +66,8 @@ class EdgeConfig:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    top_k: int = 0  # sample among the k most likely tokens; 0: every token
+    stop: tuple[str, ...] = ()  # end the text before the first of these strings
     broker: str = DEFAULT_BROKER
     keys_dir: Path | None = None
     api_key: str | None = None

@@ -34,7 +34,7 @@ import torch
 from broker.errors import EdgeCloudError, NoWorkerAvailable, WeightsMismatch
 from edge_worker.backends import LocalBackend
 from edge_worker.config import EdgeConfig
-from edge_worker.generation import EdgeGenerator, GenerationResult, mode_for
+from edge_worker.generation import EdgeGenerator, GenerationCancelled, GenerationResult, mode_for
 from edge_worker.planning import Decision, ReplanWatch, SplitPlanner
 from partition.errors import InvalidSplitError, PartitionError
 from partition.models import ModelSource, source_of
@@ -67,15 +67,17 @@ class GenerationParams:
     seed: int = 0
     raw_prompt: bool = False  # skip the chat template of instruct models
     ignore_eos: bool = False  # always generate max_new_tokens (benchmarks)
+    top_k: int = 0  # sample among the k most likely tokens only; 0 keeps every token
+    stop: tuple[str, ...] = ()  # end the text before the first of these strings
 
     @classmethod
     def from_settings(cls, settings: EdgeConfig) -> GenerationParams:
         return cls(settings.max_new_tokens, settings.temperature, settings.top_p, settings.seed,
-                   settings.raw_prompt)
+                   settings.raw_prompt, top_k=settings.top_k, stop=settings.stop)
 
     @property
     def sampling(self) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_p, self.seed)
+        return SamplingParams(self.temperature, self.top_p, self.seed, self.top_k)
 
 
 def _quiet(_: str) -> None:
@@ -275,8 +277,11 @@ class EdgeEngine:
                 "shorten the prompt or ask for fewer tokens")
 
     def generate(self, prompt: str | list[int] | torch.Tensor, params: GenerationParams | None = None,
-                 on_text: Callable[[str], None] | None = None) -> GenerationResult:
-        """Run one generation; ``on_text`` receives the text as it is produced."""
+                 on_text: Callable[[str], None] | None = None,
+                 cancel: threading.Event | None = None) -> GenerationResult:
+        """Run one generation; ``on_text`` receives the text as it is produced. Setting ``cancel``
+        (from any thread) ends it at its next step with ``GenerationCancelled``, its cloud
+        session closed."""
         params = params or self.defaults
         ids = self.encode(prompt, params.raw_prompt)
         if not ids:
@@ -294,7 +299,8 @@ class EdgeEngine:
                                   mini=run.mini_for(k, edge), mover=run if watch is not None else None)
         self.progress(f"generating up to {params.max_new_tokens} tokens from a {len(ids)}-token prompt")
         try:
-            result = generator.generate(ids, params.max_new_tokens, params.sampling, on_text=on_text)
+            result = generator.generate(ids, params.max_new_tokens, params.sampling, on_text=on_text,
+                                        stop=params.stop, cancel=cancel)
         except NoWorkerAvailable as exc:
             if isinstance(exc, WeightsMismatch) or self.planner is None and self.client is None:
                 raise
@@ -333,6 +339,18 @@ class EdgeEngine:
             "architecture with other weights (the model was changed in memory, fine-tuned, or is another "
             "checkpoint). Start a worker with them: partition.models.save_checkpoint(model, DIR, tokenizer), "
             "then `edgecloud cloud-worker --model DIR`")
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation (``[{"role": ..., "content": ...}, ...]``) through the
+        tokenizer's chat template, ready for the assistant's answer. A tokenizer without a template
+        (the tiny test models) gets the contents joined by newlines: one user message then encodes
+        as ``edgecloud edge --prompt`` would."""
+        if getattr(self.tokenizer, "chat_template", None):
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if hasattr(ids, "keys"):  # transformers 5 returns a mapping here
+                ids = ids["input_ids"]
+            return [int(i) for i in ids]
+        return encode_prompt(self.tokenizer, "\n".join(m["content"] for m in messages), raw=True)
 
     # --- deciding ----------------------------------------------------------------------------------
     def choose_split(self, prompt_tokens: int, new_tokens: int) -> Decision:
@@ -434,10 +452,6 @@ class _Run:
         return self.engine.mini_for(k, edge)
 
 
-class GenerationCancelled(Exception):
-    """The consumer of a stream stopped reading; the generation ended early."""
-
-
 _END = object()
 
 
@@ -461,7 +475,7 @@ class GenerationStream:
 
     def _run(self, engine: EdgeEngine, prompt: Any, params: GenerationParams | None) -> None:
         try:
-            self.result = engine.generate(prompt, params, on_text=self._piece)
+            self.result = engine.generate(prompt, params, on_text=self._piece, cancel=self._cancel)
             if self._on_result is not None:
                 self._on_result(self.result)
         except BaseException as exc:  # noqa: BLE001 - handed to the reader, raised there

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -70,7 +71,7 @@ class GenerationResult:
     ttft_ms: float = 0.0
     ms_per_token: float = 0.0  # mean time per generated token after the first
     total_ms: float = 0.0
-    stop_reason: str = "length"  # "eos" or "length"
+    stop_reason: str = "length"  # "eos", "stop" (a stop string; the text ends before it) or "length"
     timings: Timings = field(default_factory=Timings)
     splits_used: list[int] = field(default_factory=list)
     workers_used: list[str] = field(default_factory=list)  # in the order they first served
@@ -94,21 +95,54 @@ class GenerationResult:
         return json.dumps(self.to_dict())
 
 
-class TextStream:
-    """Turns a growing list of token ids into text increments, holding back split characters."""
+class GenerationCancelled(Exception):
+    """The caller stopped wanting the generation (a closed stream, a client that went away); it
+    ended early and its cloud session was closed."""
 
-    def __init__(self, tokenizer, sink: Callable[[str], None]) -> None:
+
+class TextStream:
+    """Turns a growing list of token ids into text increments, holding back split characters.
+
+    With ``stop`` strings it also holds back a tail that could still become one, and once one
+    appears it emits only the text before it and reports the stop (``update`` returns True);
+    ``stopped_at`` is then where the final text ends.
+    """
+
+    def __init__(self, tokenizer, sink: Callable[[str], None] | None = None, stop: tuple[str, ...] = ()) -> None:
         self.tokenizer = tokenizer
         self.sink = sink
+        self.stop = tuple(s for s in stop if s)
         self.emitted = ""
+        self.stopped_at: int | None = None
 
-    def update(self, token_ids: list[int], final: bool = False) -> None:
+    def update(self, token_ids: list[int], final: bool = False) -> bool:
+        if self.stopped_at is not None:
+            return True
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
         if text.endswith("\ufffd") and not final:  # an incomplete UTF-8 sequence: wait for the next token
-            return
-        if text.startswith(self.emitted) and len(text) > len(self.emitted):
-            self.sink(text[len(self.emitted):])
-            self.emitted = text
+            return False
+        end = len(text)
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped_at = end = min(hits)
+        elif not final:
+            end -= _held_for_stop(text, self.stop)
+        if text.startswith(self.emitted) and end > len(self.emitted):
+            if self.sink is not None:
+                self.sink(text[len(self.emitted):end])
+            self.emitted = text[:end]
+        return self.stopped_at is not None
+
+
+def _held_for_stop(text: str, stop: tuple[str, ...]) -> int:
+    """Length of the longest tail of ``text`` that begins some stop string (it may yet become one)."""
+    held = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), held, -1):
+            if s.startswith(text[-n:]):
+                held = n
+                break
+    return held
 
 
 class EdgeGenerator:
@@ -147,13 +181,20 @@ class EdgeGenerator:
         max_new_tokens: int,
         sampling: SamplingParams | None = None,
         on_text: Callable[[str], None] | None = None,
+        stop: tuple[str, ...] = (),
+        cancel: threading.Event | None = None,
     ) -> GenerationResult:
+        """Up to ``max_new_tokens`` tokens after ``input_ids``. ``on_text`` receives the text as it
+        is produced; the generation ends at an end-of-sequence token or at the first of the ``stop``
+        strings (the text ends before it); setting ``cancel`` ends it at the next step with
+        ``GenerationCancelled``."""
         if not input_ids:
             raise ValueError("the prompt encodes to no tokens")
         if max_new_tokens < 1:
             raise ValueError(f"tokens must be at least 1, got {max_new_tokens}")
         sampling = sampling or SamplingParams()
-        stream = TextStream(self.tokenizer, on_text) if on_text else None
+        stream = TextStream(self.tokenizer, on_text, stop) if on_text or stop else None
+        stopped = False  # a stop string appeared
         result = GenerationResult(
             text="", token_ids=[], mode=self.mode, split=self.edge.spec.hi, n_layers=self.edge.n_layers,
             model=self.edge.source.name, prompt_tokens=len(input_ids),
@@ -176,17 +217,19 @@ class EdgeGenerator:
 
         def commit(token: int) -> None:
             """A pipelined frame's answer: one more token of the output."""
-            nonlocal t_first
+            nonlocal t_first, stopped
             generated.append(token)
             committed.append(token)
             if len(generated) == 1:
                 t_first = time.perf_counter()
                 result.ttft_ms = (t_first - t_start) * 1e3
             if stream and token not in self.eos_token_ids:
-                stream.update(generated)
+                stopped = stream.update(generated) or stopped
         x = torch.tensor([input_ids], dtype=torch.long)  # (1, T): positions the edge has not run
         try:
-            while len(generated) < max_new_tokens:
+            while len(generated) < max_new_tokens and not stopped:
+                if cancel is not None and cancel.is_set():
+                    raise GenerationCancelled(f"cancelled after {len(generated)} tokens")
                 step = len(generated)
                 if self.mover is not None and step:
                     new_k = self.mover.replan(step, result)
@@ -266,7 +309,7 @@ class EdgeGenerator:
                     result.stop_reason = "eos"
                     break
                 if stream:
-                    stream.update(generated)
+                    stopped = stream.update(generated)
                 x = torch.tensor([[kept[-1]]], dtype=torch.long)
         finally:
             if self.backend is not None:
@@ -280,6 +323,9 @@ class EdgeGenerator:
         if result.tokens_drafted:
             result.acceptance_rate = round(result.tokens_from_mini / result.tokens_drafted, 4)
         result.text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        if stream is not None and stream.stopped_at is not None:
+            result.text = result.text[:stream.stopped_at]
+            result.stop_reason = "stop"
         return result
 
     def _move_split(self, k: int, committed: list[int], sampling: SamplingParams,

@@ -210,3 +210,80 @@ def test_the_gguf_object_is_the_same_model_as_the_default(smollm2):
     source = source_of(model)
     assert source.model_id == smollm2.model_id
     assert len(source.load_tokenizer()) == len(smollm2.load_tokenizer())
+
+
+def test_a_stop_string_ends_the_text_before_it_streamed_or_not(tiny_llama):
+    """The stop is taken from the text a plain run produces, so it must occur; the streamed pieces
+    never show any of it, even when it spans tokens."""
+    ids = tiny_llama.load_tokenizer()("where to stop")["input_ids"]
+    with local_engine("tiny-llama") as engine:
+        plain = engine.generate(ids, engine.params(max_new_tokens=40))
+        stop = plain.text[12:15]
+        assert len(stop) == 3 and stop not in plain.text[:12], "pick a stop that first occurs at 12"
+        params = engine.params(max_new_tokens=40, stop=("never there", stop))
+        stopped = engine.generate(ids, params)
+        stream = engine.stream(ids, params)
+        pieces = list(stream)
+    assert stopped.text == plain.text[:12] and stopped.stop_reason == "stop"
+    assert stopped.token_ids == plain.token_ids[:len(stopped.token_ids)] and len(stopped.token_ids) < 40
+    assert "".join(pieces) == stream.result.text == stopped.text
+
+
+def test_the_text_stream_holds_back_what_could_still_become_a_stop_string():
+    from edge_worker.generation import TextStream
+
+    class Chars:  # token i is chr(i)
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(map(chr, ids))
+
+    out: list[str] = []
+    stream = TextStream(Chars(), out.append, stop=("END",))
+    text = [ord(c) for c in "abEN"]
+    assert not stream.update(text[:3]) and out == ["ab"]  # "E" may begin "END"
+    assert not stream.update(text) and out == ["ab"]
+    assert not stream.update(text + [ord("x")]) and out == ["ab", "ENx"]  # it did not
+    assert stream.update(text + [ord(c) for c in "xyEND!"]) and out[-1] == "y" and stream.stopped_at == 6
+    assert stream.update(text + [ord("z")]), "stopped stays stopped"
+
+
+def test_top_k_one_samples_the_greedy_text_and_a_larger_k_is_seeded(tiny_llama):
+    ids = tiny_llama.load_tokenizer()("sampled")["input_ids"]
+    with local_engine("tiny-llama") as engine:
+        greedy = engine.generate(ids, engine.params(max_new_tokens=16)).token_ids
+        k1 = engine.generate(ids, engine.params(max_new_tokens=16, temperature=1.5, top_k=1, seed=3)).token_ids
+        k8 = [engine.generate(ids, engine.params(max_new_tokens=16, temperature=1.5, top_k=8, seed=3)).token_ids
+              for _ in range(2)]
+    assert k1 == greedy
+    assert k8[0] == k8[1] and k8[0] != greedy
+
+
+def test_top_k_keeps_only_the_k_most_likely_tokens():
+    from partition.sampling import SamplingParams, probabilities
+
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.0, -1.0])
+    probs = probabilities(logits, SamplingParams(temperature=1.0, top_k=2))
+    assert probs.nonzero().flatten().tolist() == [1, 3]
+    assert SamplingParams.from_wire(SamplingParams(0.5, 0.9, 7, 2).to_wire()) == SamplingParams(0.5, 0.9, 7, 2)
+    assert "top_k" not in SamplingParams(0.5).to_wire(), "an edge without top_k sends what older workers read"
+
+
+def test_a_cancelled_generation_raises_and_ends_at_its_next_step(tiny_llama):
+    from edge_worker.generation import GenerationCancelled
+
+    ids = tiny_llama.load_tokenizer()("cancel me")["input_ids"]
+    cancel = threading.Event()
+    seen: list[str] = []
+
+    def on_text(piece: str) -> None:
+        seen.append(piece)
+        if len(seen) == 3:
+            cancel.set()
+
+    with local_engine("tiny-llama") as engine, pytest.raises(GenerationCancelled):
+        engine.generate(ids, engine.params(max_new_tokens=200), on_text=on_text, cancel=cancel)
+    assert len(seen) <= 4
+
+
+def test_a_conversation_without_a_chat_template_encodes_as_the_cli_prompt(tiny_llama):
+    with local_engine("tiny-llama") as engine:
+        assert engine.encode_chat([{"role": "user", "content": "hello"}]) == engine.encode("hello")

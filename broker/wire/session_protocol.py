@@ -4,7 +4,7 @@
 request *kinds* a session uses and their bodies, which the broker forwards untouched:
 
 ``open``   extra: ``edge_pk`` (32-byte ephemeral X25519 key, or empty without encryption),
-           ``sampling`` (temperature, top_p, seed), ``wire_dtype`` (``broker.wire.codec.WIRE_DTYPES``),
+           ``sampling`` (temperature, top_p, seed; top_k when not 0), ``wire_dtype`` (``broker.wire.codec.WIRE_DTYPES``),
            and, when the edge reduces its activations, ``reduction``: the sha256 (64 hex digits) of
            the projection file (``partition/reduction.py``) both sides hold; the worker refuses a
            hash it does not have. No body: no key exists yet.
@@ -55,6 +55,7 @@ KIND_CLOSE = "close"
 OPEN_PROOF = b"open-ok"
 # Step metadata is a tiny map; anything bigger is hostile.
 _MAX_META_BYTES = 4096
+SAMPLING_KEYS = frozenset({"temperature", "top_p", "seed"})  # required; "top_k" may be added
 
 
 def _unpack_small(data: Any, what: str) -> dict:
@@ -117,8 +118,8 @@ class OpenParams:
         wire_dtype = extra.get("wire_dtype", "fp16")
         if not isinstance(edge_pk, bytes) or len(edge_pk) not in (0, 32):
             raise ProtocolError("bad_open", "edge_pk must be 32 bytes, or empty without encryption")
-        if not isinstance(sampling, dict) or set(sampling) != {"temperature", "top_p", "seed"}:
-            raise ProtocolError("bad_open", "sampling must be a map of temperature, top_p and seed")
+        if not isinstance(sampling, dict) or not SAMPLING_KEYS <= set(sampling) <= SAMPLING_KEYS | {"top_k"}:
+            raise ProtocolError("bad_open", "sampling must be a map of temperature, top_p, seed and optionally top_k")
         if not all(isinstance(v, int | float) for v in sampling.values()):
             raise ProtocolError("bad_open", "sampling values must be numbers")
         if type(wire_dtype) is not str or wire_dtype not in WIRE_DTYPES:
