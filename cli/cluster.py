@@ -77,6 +77,7 @@ class LocalCluster:
     port: int = field(default_factory=free_port)
     broker: Proc | None = None
     workers: list[Proc] = field(default_factory=list)
+    servers: list[Proc] = field(default_factory=list)  # `edgecloud serve` processes
 
     def __post_init__(self) -> None:
         self._owns_workdir = self.workdir is None
@@ -127,6 +128,25 @@ class LocalCluster:
         proc = self._spawn(name, args, env)
         self.workers.append(proc)
         return proc
+
+    def start_server(self, port: int, *args: str, timeout_s: float = 120.0) -> Proc:
+        """Start ``edgecloud serve ARGS`` on ``port`` against this cluster; returns once its
+        /health answers (or fails, with its log)."""
+        import urllib.request
+
+        proc = self._spawn(f"serve{len(self.servers) + 1}", ["serve", "--model", self.model, "--port", str(port),
+                                                             *self._curve_args(), *args])
+        self.servers.append(proc)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not proc.alive():
+                raise ClusterError(f"{proc.name} exited with code {proc.popen.returncode}:\n{proc.log_tail()}")
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1.0) as r:
+                    if r.status == 200:
+                        return proc
+            time.sleep(0.2)
+        raise ClusterError(f"{proc.name} did not answer /health within {timeout_s:.0f} s:\n{proc.log_tail()}")
 
     def status(self, timeout_s: float = 2.0) -> dict:
         out = subprocess.run(cli_command("status", "--json", "--timeout", str(timeout_s), *self._curve_args()),
@@ -197,7 +217,7 @@ class LocalCluster:
             proc.popen.send_signal(sig)
 
     def stop(self) -> None:
-        procs = [p for p in [*self.workers, self.broker] if p is not None]
+        procs = [p for p in [*self.servers, *self.workers, self.broker] if p is not None]
         for p in procs:
             if p.alive():
                 with contextlib.suppress(ProcessLookupError):

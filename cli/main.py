@@ -78,11 +78,13 @@ from cli import demo as demo_cmd  # noqa: E402
 from cli import netem as netem_cmd  # noqa: E402
 from cli import plan as plan_cmd  # noqa: E402
 from cli import roles  # noqa: E402
+from cli import serve as serve_cmd  # noqa: E402
 
 app.command("broker")(roles.broker)
 app.command("cloud-worker")(roles.cloud_worker)
 app.command("status")(roles.status)
 app.command("demo")(demo_cmd.demo)
+app.command("serve")(serve_cmd.serve)
 app.command("netem")(netem_cmd.netem)
 app.command("plan")(plan_cmd.plan)
 app.command("calibrate")(calibrate_cmd.calibrate)

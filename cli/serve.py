@@ -1,0 +1,70 @@
+"""``edgecloud serve``: the OpenAI-compatible HTTP API (edge_worker/openai_api.py) on uvicorn."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Callable
+from typing import Annotated
+
+import typer
+
+from cli.common import Progress, setup_logging, typed_errors
+from cli.edge_options import with_edge_options
+from edge_worker.config import EdgeConfig
+
+HTTP_KEY_ENV = "EDGECLOUD_HTTP_KEY"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@with_edge_options()
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
+    http_key: Annotated[str | None, typer.Option(
+        "--http-key", help=f"Key clients must send as 'Authorization: Bearer KEY' (env {HTTP_KEY_ENV}).")] = None,
+    allow_no_key: Annotated[bool, typer.Option(
+        "--allow-no-key", help="Listen beyond loopback without a key (anyone who reaches the port may "
+        "generate).")] = False,
+    served_model_name: Annotated[str | None, typer.Option(
+        "--served-model-name", help="The model id clients send (default: the --model name).")] = None,
+    max_concurrent: Annotated[int, typer.Option(
+        "--max-concurrent", help="Generations at once; more get 429 with Retry-After.")] = 4,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging on stderr.")] = False,
+    *,
+    settings: Callable[[], EdgeConfig],
+    edge_values: dict,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)."""
+    setup_logging(verbose, quiet=False)
+    key = http_key or os.environ.get(HTTP_KEY_ENV) or None
+    if key is None and not is_loopback(host) and not allow_no_key:
+        typer.echo(f"error: --host {host} without --http-key (or {HTTP_KEY_ENV}) would let anyone who reaches "
+                   "the port generate; give a key, or --allow-no-key if that is what you want", err=True)
+        raise typer.Exit(2)
+    if max_concurrent < 1:
+        typer.echo(f"error: --max-concurrent must be at least 1, got {max_concurrent}", err=True)
+        raise typer.Exit(2)
+    progress = Progress(enabled=True)
+    with typed_errors():
+        import uvicorn
+
+        from edge_worker.engine import EdgeEngine
+        from edge_worker.openai_api import ServerConfig, create_app
+
+        with EdgeEngine(settings=settings(), progress=progress) as engine:
+            progress.done()
+            app = create_app(engine, ServerConfig(model_name=served_model_name, http_key=key,
+                                                  max_concurrent=max_concurrent))
+            name = app.state.server.model
+            typer.echo(f"serving {name} at http://{host}:{port}/v1 "
+                       f"({'key required' if key else 'no key'}; Ctrl-C stops)", err=True)
+            uvicorn.run(app, host=host, port=port, log_level="debug" if verbose else "warning")
