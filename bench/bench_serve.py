@@ -1,0 +1,172 @@
+"""The HTTP server's overhead and its throughput with concurrent clients.
+
+1. Overhead: the same prompts, greedy, exactly ``--tokens`` new tokens (``ignore_eos``), run by an
+   ``EdgeEngine`` in this process (what ``edgecloud edge`` runs) and streamed from an ``edgecloud
+   serve`` process with the same settings, alternating, ``--reps`` times. Time to first token and
+   ms per token after it: the engine's own figures in process; over HTTP what the client sees
+   (first content chunk, then the last chunk's arrival over the tokens after the first).
+2. Throughput: 1, 4 and 8 clients at once, each sending ``--requests`` completions of
+   ``--tokens`` tokens; aggregate generated tokens per second of wall time.
+
+Both run on the same machine; while one side computes the other waits, so the comparison is
+side by side. Local mode by default (no broker); ``--split K --broker ADDR --keys DIR`` measures
+a split server against a running cluster instead.
+
+    .venv/bin/python bench/bench_serve.py [--model smollm2-135m] [--tokens 48] [--reps 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common import PROMPTS  # noqa: E402
+
+
+def start_server(model: str, port: int, edge_args: list[str], max_concurrent: int) -> subprocess.Popen:
+    from cli.cluster import ROOT, child_env, cli_command
+
+    proc = subprocess.Popen(cli_command("serve", "--model", model, "--port", str(port), "--max-concurrent",
+                                        str(max_concurrent), *edge_args),
+                            env=child_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited: {proc.stderr.read()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise SystemExit("the server did not come up within 300 s")
+
+
+def stream_once(http, url: str, model: str, prompt: str, tokens: int) -> tuple[float, float, int]:
+    """(ttft_ms, ms_per_token, tokens) as the client sees them."""
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first = last = None
+    n = 0
+    with http.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                n = chunk["usage"]["completion_tokens"]
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                last = time.perf_counter()
+                first = first or last
+    assert first is not None and n == tokens, (first, n)
+    return (first - t0) * 1e3, (last - first) * 1e3 / (n - 1), n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=2, help="requests per client in the throughput runs")
+    parser.add_argument("--concurrency", default="1,4,8")
+    parser.add_argument("--split", type=int, default=None)
+    parser.add_argument("--broker", default=None)
+    parser.add_argument("--keys", default=None)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    import httpx
+
+    from cli.cluster import free_port
+    from edge_worker.config import EdgeConfig
+    from edge_worker.engine import EdgeEngine
+
+    if args.split is None:
+        edge_args, settings = ["--force-local"], EdgeConfig(force_local=True)
+    else:
+        edge_args = ["--split", str(args.split), *(["--broker", args.broker] if args.broker else []),
+                     *(["--keys", args.keys] if args.keys else [])]
+        settings = EdgeConfig(split=args.split, broker=args.broker or EdgeConfig().broker,
+                              keys_dir=Path(args.keys) if args.keys else None)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    port = free_port()
+    server = start_server(args.model, port, edge_args, max(levels))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        engine = EdgeEngine(args.model, settings)
+        name = engine.source.name
+        direct: dict[str, list[float]] = {"ttft_ms": [], "ms_per_token": []}
+        served: dict[str, list[float]] = {"ttft_ms": [], "ms_per_token": []}
+        with httpx.Client(timeout=600) as http:
+            for prompt in PROMPTS[:2]:  # warm-up: both sides load and run once
+                engine.generate(prompt, engine.params(max_new_tokens=4, ignore_eos=True))
+                stream_once(http, url, name, prompt, 4)
+            for _ in range(args.reps):
+                for prompt in PROMPTS:
+                    r = engine.generate(prompt, engine.params(max_new_tokens=args.tokens, ignore_eos=True))
+                    direct["ttft_ms"].append(r.ttft_ms)
+                    direct["ms_per_token"].append(r.ms_per_token)
+                    ttft, tpot, _ = stream_once(http, url, name, prompt, args.tokens)
+                    served["ttft_ms"].append(ttft)
+                    served["ms_per_token"].append(tpot)
+        engine.close()
+        throughput = {}
+        for c in levels:
+            totals: list[int] = []
+
+            def client(i: int, totals: list[int] = totals) -> None:
+                with httpx.Client(timeout=600) as http:
+                    for j in range(args.requests):
+                        body = {"model": name, "prompt": PROMPTS[(i + j) % len(PROMPTS)], "max_tokens": args.tokens,
+                                "ignore_eos": True}
+                        r = http.post(url + "/v1/completions", json=body)
+                        r.raise_for_status()
+                        totals.append(r.json()["usage"]["completion_tokens"])
+
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(c)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - t0
+            throughput[c] = {"tokens": sum(totals), "wall_s": round(wall, 2), "tokens_per_s": round(sum(totals) / wall, 1)}
+    finally:
+        server.terminate()
+        server.wait(10)
+
+    med = {side: {k: statistics.median(v) for k, v in d.items()} for side, d in (("direct", direct), ("server", served))}
+    report = {
+        "model": args.model, "mode": "local" if args.split is None else f"split {args.split}", "tokens": args.tokens,
+        "samples": len(direct["ttft_ms"]), "median": med,
+        "ratio_server_over_direct": {k: round(med["server"][k] / med["direct"][k], 3) for k in med["direct"]},
+        "throughput": throughput,
+        "throughput_vs_one_client": {c: round(v["tokens_per_s"] / throughput[levels[0]]["tokens_per_s"], 2)
+                                     for c, v in throughput.items()},
+    }
+    if args.json:
+        print(json.dumps(report))
+        return
+    print(f"{report['mode']}, {args.model}, {args.tokens} tokens, {report['samples']} pairs (medians)")
+    for k in ("ttft_ms", "ms_per_token"):
+        print(f"  {k:13s} direct {med['direct'][k]:8.1f}  server {med['server'][k]:8.1f}  "
+              f"ratio {report['ratio_server_over_direct'][k]:.3f}")
+    for c, v in throughput.items():
+        print(f"  {c} client(s): {v['tokens_per_s']:7.1f} tokens/s ({v['tokens']} tokens in {v['wall_s']} s), "
+              f"{report['throughput_vs_one_client'][c]}x one client")
+
+
+if __name__ == "__main__":
+    main()
