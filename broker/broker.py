@@ -656,7 +656,7 @@ class Broker:
                 self._fail(req, self._poison_error(r))
                 continue
             self.counters["worker_lost"] += 1
-            self._fail(req, WorkerLost(f"{why} while computing {r.kind} step {r.step} of session "
+            self._fail(req, WorkerLost(f"{why} while computing {r.kind} {r.step} of session "
                                        f"{r.session_id}; its cache is gone, reopen the session"))  # fmt: skip
         for req in reversed(restart):  # appendleft in reverse keeps their order at the queue head
             session = self._sessions.get(req.session_id)

@@ -90,7 +90,8 @@ def print_result(r: dict, trace_rows: int) -> None:
         rtt = "unknown" if d.get("rtt_ms") is None else f"{d['rtt_ms']:.1f} ms"
         typer.echo(f"\n[split {d['k']} chosen by the cost model ({d['reason']}; measured round trip {rtt})]", err=True)
     typer.echo(
-        f"\n[{r['mode']}, split {r['split']}/{r['n_layers']}] {len(r['token_ids'])} tokens; first after "
+        f"\n[{r['mode']}, split {r['split']}/{r['n_layers']}] {len(r['token_ids'])} tokens"
+        f"{' (ended by the model)' if r.get('stop_reason') == 'eos' else ''}; first after "
         f"{r['ttft_ms']:.0f} ms, then {r['ms_per_token']:.1f} ms/token; {r['cloud_round_trips']} frames sent, "
         f"{r.get('cloud_waits', 0)} waits for the cloud, "
         f"{r['bytes_sent']} B sent, {r['bytes_received']} B received, {r['retries']} retries",
@@ -107,10 +108,10 @@ def print_result(r: dict, trace_rows: int) -> None:
     )
     rows = r.get("trace", [])[:trace_rows]
     if rows:
-        typer.echo(f"{'step':>4} {'pos':>4} {'token':>6} {'edge ms':>8} {'cloud ms':>9} {'wire ms':>8} "
+        typer.echo(f"{'step':>4} {'positions':>9} {'token':>6} {'edge ms':>8} {'cloud ms':>9} {'wire ms':>8} "
                    f"{'sent B':>7} {'recv B':>7}", err=True)
         for i, s in enumerate(rows):
-            typer.echo(f"{i:4} {s['positions']:4} {s['token']:6} {s['edge_ms']:8.2f} {s['cloud_ms']:9.2f} "
+            typer.echo(f"{i:4} {s['positions']:9} {s['token']:6} {s['edge_ms']:8.2f} {s['cloud_ms']:9.2f} "
                        f"{s['transport_ms']:8.2f} {s['bytes_sent']:7} {s['bytes_received']:7}", err=True)
         if len(r["trace"]) > trace_rows:
             typer.echo(f"... {len(r['trace']) - trace_rows} more steps (--json for all)", err=True)

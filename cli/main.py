@@ -62,7 +62,8 @@ def edge(
     else:
         sys.stdout.write("\n")
         typer.echo(
-            f"[{result.mode}, split {result.split}/{result.n_layers}: {len(result.token_ids)} tokens, "
+            f"[{result.mode}, split {result.split}/{result.n_layers}: {len(result.token_ids)} tokens"
+            f"{' (ended by the model)' if result.stop_reason == 'eos' else ''}, "
             f"first after {result.ttft_ms:.0f} ms, then {result.ms_per_token:.1f} ms/token, "
             f"{result.cloud_round_trips} cloud round trips"
             + (f", every layer here from step {result.fallback_at_step} (the cloud was unavailable)"

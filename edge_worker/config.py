@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,18 @@ DEFAULT_TOKENS = 64
 DEFAULT_ENERGY_WEIGHT = 0.3
 DEFAULT_LATENCY_WEIGHT = 0.4
 DEFAULT_MEMORY_WEIGHT = 0.3
+
+
+# tcp://HOST:PORT (a name, IPv4 or [IPv6] and a port), or ipc:// / inproc:// with a path or name.
+_ENDPOINT = re.compile(r"^(tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.*-]+):(\d{1,5}|\*)|(ipc|inproc)://.+)$")
+
+
+def check_endpoint(address: str) -> None:
+    """Refuse a broker address ZeroMQ cannot use, before any model loads (ZeroMQ's own message
+    is 'Invalid argument (addr=...)', which does not say which address or what it should be)."""
+    if not _ENDPOINT.match(address):
+        raise ValueError(f"broker address {address!r} is not a ZeroMQ endpoint: use tcp://HOST:PORT "
+                         "(for example tcp://127.0.0.1:5555)")
 
 
 def default_broker() -> str:
@@ -124,3 +137,5 @@ class EdgeConfig:
 
         if self.wire_dtype not in WIRE_DTYPES:
             raise ValueError(f"wire dtype must be one of {', '.join(WIRE_DTYPES)}, got {self.wire_dtype!r}")
+        if not self.force_local:
+            check_endpoint(self.broker)

@@ -89,7 +89,9 @@ class EdgeCloudManager:
             dynamic=dynamic, fallback_local=fallback_local,
         )
         self.engine = EdgeEngine(
-            model, settings, tokenizer=tokenizer, cloud_client=cloud_client or CloudClient(),
+            # A tokenizer handed to the mini-LLM is the user's tokenizer too (the seed passes it there).
+            model, settings, tokenizer=tokenizer or getattr(mini_llm, "tokenizer", None),
+            cloud_client=cloud_client or CloudClient(),
             device_monitor=device_monitor, mini_llm=mini_llm, privacy=privacy, power=power,
             base_conditions=base_conditions, replan_every=replan_every, replan_margin=replan_margin,
         )

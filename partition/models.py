@@ -174,6 +174,8 @@ def resolve_model(spec: str | None = None) -> ModelSource:
         raise ModelNotFoundError(
             f"{spec!r} is a file but not a .gguf file; pass a model directory, a .gguf file or a hub id"
         )
+    if spec.startswith(("/", "./", "../", "~")) or spec.endswith(".gguf"):  # a path, never a hub id
+        raise ModelNotFoundError(f"no such model directory or file: {spec!r}")
     return _from_hub(spec)
 
 

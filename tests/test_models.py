@@ -44,6 +44,8 @@ def test_missing_default_model_package_says_what_to_install(monkeypatch):
 @pytest.mark.parametrize("spec, message", [
     ("/nonexistent/model.gguf", "does not exist"),
     ("surely-not-a-model-name-xyz", "not a built-in name"),
+    ("/nonexistent/model", "no such model directory or file"),
+    ("./not/here", "no such model directory or file"),
 ])
 def test_unknown_models_get_one_clear_error(spec, message, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -74,3 +76,20 @@ def test_top_p_keeps_the_smallest_prefix_reaching_the_mass():
         SamplingParams(top_p=0)
     with pytest.raises(ValueError):
         SamplingParams(temperature=-1)
+
+
+@pytest.mark.parametrize("address", ["foo", "tcp://127.0.0.1", "127.0.0.1:5555", "tcp://:5555", "udp://h:1"])
+def test_a_broker_address_zeromq_cannot_use_is_refused_before_anything_loads(address):
+    from edge_worker.config import EdgeConfig
+
+    with pytest.raises(ValueError, match="tcp://HOST:PORT"):
+        EdgeConfig(broker=address)
+    EdgeConfig(broker=address, force_local=True)  # no broker needed: not checked
+
+
+@pytest.mark.parametrize("address", ["tcp://127.0.0.1:5555", "tcp://broker.example:80", "tcp://[::1]:5555",
+                                     "ipc:///tmp/edgecloud.sock"])
+def test_usual_broker_addresses_are_accepted(address):
+    from edge_worker.config import EdgeConfig
+
+    assert EdgeConfig(broker=address).broker == address
