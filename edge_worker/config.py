@@ -131,6 +131,11 @@ class EdgeConfig:
         check_mini_options(self.mini_mode, self.mini_threshold, self.mini_max_draft)
         if self.mini_adapter is not None and self.mini != "self":
             raise ValueError(f"--mini-adapter is for --mini self, not --mini {self.mini}")
+        if self.mini_adapter is not None and not Path(self.mini_adapter).is_file():
+            # Checked here, not when the drafter first loads: a generation that runs locally
+            # never loads it, and the mistake would pass unnoticed until one is split.
+            raise ValueError(f"no drafter adapter at {self.mini_adapter}: run `edgecloud calibrate --drafter "
+                             "--out FILE` to make one")
         if self.reduce_dims is not None and self.reduce_dims < 1:
             raise ValueError(f"--reduce-dims must be at least 1, got {self.reduce_dims}")
         from broker.wire.codec import WIRE_DTYPES

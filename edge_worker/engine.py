@@ -35,7 +35,7 @@ from broker.errors import EdgeCloudError, NoWorkerAvailable, WeightsMismatch
 from edge_worker.backends import LocalBackend
 from edge_worker.config import EdgeConfig
 from edge_worker.generation import EdgeGenerator, GenerationCancelled, GenerationResult, mode_for
-from edge_worker.planning import Decision, ReplanWatch, SplitPlanner
+from edge_worker.planning import Decision, ReplanWatch, SplitPlanner, servable_splits
 from partition.errors import InvalidSplitError, PartitionError
 from partition.models import ModelSource, source_of
 from partition.planner import WIFI, Conditions, PowerModel, Weights
@@ -50,7 +50,12 @@ Progress = Callable[[str], None]
 # the remaining layers for a local fallback of each. A generation holds its own references, so
 # one dropped here stays alive until that generation ends.
 MAX_CACHED_SEGMENTS = 4
+# A fixed split asks the broker, before the generation starts, whether a worker serves it. A broker
+# that cannot answer a status request within this cannot carry a generation either; the check
+# costs one round trip (about a millisecond on a LAN) when it can.
+PREFLIGHT_TIMEOUT_S = 2.0
 _FROM_SETTINGS = object()  # "build it from the settings", where None means "none"
+RAN_HERE = "forced split ran here"  # a decision's reason when a fixed split ran every layer here
 
 
 class ContextLengthError(PartitionError):
@@ -305,6 +310,8 @@ class EdgeEngine:
             if isinstance(exc, WeightsMismatch) or self.planner is None and self.client is None:
                 raise
             raise self.serving_error(exc) from None
+        if decision.reason.startswith(RAN_HERE):
+            result.fallback_at_step = 0
         if decision.reason != "forced":
             result.decision = decision.to_dict()
             result.decisions = [decision.to_dict(), *(d.to_dict() for d in run.decisions)]
@@ -322,13 +329,14 @@ class EdgeEngine:
         (also handed to ``on_result``)."""
         return GenerationStream(self, prompt, params, on_result)
 
-    def serving_error(self, exc: Exception) -> NoWorkerAvailable:
+    def serving_error(self, exc: Exception, workers: list[dict] | None = None) -> NoWorkerAvailable:
         """``exc`` (no worker took this model's session) with what the registered workers serve
         instead, and what to do when it is this model with other weights."""
-        try:
-            workers = self.client.status(2.0).get("workers", [])
-        except EdgeCloudError:
-            return NoWorkerAvailable(str(exc))
+        if workers is None:
+            try:
+                workers = self.client.status(PREFLIGHT_TIMEOUT_S).get("workers", [])
+            except EdgeCloudError:
+                return NoWorkerAvailable(str(exc))
         mine = self.source.model_id
         arch = mine.split("@")[0]
         others = sorted({str(w.get("model_id")) for w in workers if w.get("model_id") != mine})
@@ -361,7 +369,7 @@ class EdgeEngine:
                 ) -> tuple[Decision, ReplanWatch | None]:
         watch = None
         if self.planner is None:
-            decision = Decision(self.fixed_split, "forced", None, None, None, time.time())  # type: ignore[arg-type]
+            decision = self._check_forced(self.fixed_split)  # type: ignore[arg-type]
         else:
             self.progress("measuring the link and pricing every split")
             decision, snapshot = self.planner.choose(prompt_tokens, new_tokens)
@@ -373,6 +381,35 @@ class EdgeEngine:
             with self._lock:
                 self.decisions.append(decision)
         return decision, watch
+
+    def _check_forced(self, k: int) -> Decision:
+        """A fixed split, checked with the broker before the generation starts, so that a broker
+        that does not answer, or workers that hold other weights, cost a status request and not
+        the step deadline. Not served: refused at once without the fallback (saying what the
+        workers hold), else every layer runs here from the start. No broker answer: with the
+        fallback, every layer here; without it the generation tries, and retries until its
+        deadline, since the broker may come back. No worker registered yet: it tries (workers
+        may be starting)."""
+        n = self.source.n_layers
+        now = time.time()
+        if k == n or self.client is None:
+            return Decision(k, "forced", None, None, None, now)
+        fallback = self.settings.fallback_local
+        try:
+            workers = self.client.status(PREFLIGHT_TIMEOUT_S).get("workers", [])
+        except EdgeCloudError as exc:
+            if not fallback:
+                return Decision(k, "forced", None, None, None, now)
+            log.warning("cloud unavailable (%s): running every layer here", exc)
+            return Decision(n, f"{RAN_HERE}: the broker did not answer", None, None, None, now)
+        if not workers or k in servable_splits(workers, self.source.model_id, n):
+            return Decision(k, "forced", None, None, None, now)
+        error = self.serving_error(NoWorkerAvailable(
+            f"no registered worker serves {self.source.model_id} from layer {k}"), workers)
+        if not fallback:
+            raise error
+        log.warning("%s; running every layer here", error)
+        return Decision(n, f"{RAN_HERE}: no worker serves split {k} of this model", None, None, None, now)
 
     # --- parts, loaded once ------------------------------------------------------------------------
     def segment(self, lo: int, hi: int, *, head: bool) -> ModelSegment:
