@@ -1,10 +1,12 @@
 """The HTTP server's overhead and its throughput with concurrent clients.
 
-1. Overhead: the same prompts, greedy, exactly ``--tokens`` new tokens (``ignore_eos``), run by an
-   ``EdgeEngine`` in this process (what ``edgecloud edge`` runs) and streamed from an ``edgecloud
-   serve`` process with the same settings, alternating, ``--reps`` times. Time to first token and
-   ms per token after it: the engine's own figures in process; over HTTP what the client sees
-   (first content chunk, then the last chunk's arrival over the tokens after the first).
+1. Overhead: the same prompts, greedy (so the same tokens), at most ``--tokens`` new tokens, run by
+   ``edgecloud edge --json`` and streamed from an ``edgecloud serve`` process with the same
+   settings, alternating, ``--reps`` times. Time to first token and ms per token after it: the
+   edge's own figures from its JSON; over HTTP what the client sees (first content chunk, then
+   the last chunk's arrival over the tokens after the first). This process never loads torch: a
+   client that computes, or whose threads are bound to the server's cores (the CLI sets
+   ``OMP_PROC_BIND``), slowed the server's decoding by 1.7x in a first version of this script.
 2. Throughput: 1, 4 and 8 clients at once, each sending ``--requests`` completions of
    ``--tokens`` tokens; aggregate generated tokens per second of wall time.
 
@@ -56,7 +58,7 @@ def start_server(model: str, port: int, edge_args: list[str], max_concurrent: in
 def stream_once(http, url: str, model: str, prompt: str, tokens: int) -> tuple[float, float, int]:
     """(ttft_ms, ms_per_token, tokens) as the client sees them."""
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first = last = None
     n = 0
@@ -70,7 +72,7 @@ def stream_once(http, url: str, model: str, prompt: str, tokens: int) -> tuple[f
             if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                 last = time.perf_counter()
                 first = first or last
-    assert first is not None and n == tokens, (first, n)
+    assert first is not None and n > 1, (first, n)
     return (first - t0) * 1e3, (last - first) * 1e3 / (n - 1), n
 
 
@@ -89,39 +91,41 @@ def main() -> None:
 
     import httpx
 
-    from cli.cluster import free_port
-    from edge_worker.config import EdgeConfig
-    from edge_worker.engine import EdgeEngine
+    from cli.cluster import ROOT, child_env, cli_command, free_port
 
     if args.split is None:
-        edge_args, settings = ["--force-local"], EdgeConfig(force_local=True)
+        edge_args = ["--force-local"]
     else:
         edge_args = ["--split", str(args.split), *(["--broker", args.broker] if args.broker else []),
                      *(["--keys", args.keys] if args.keys else [])]
-        settings = EdgeConfig(split=args.split, broker=args.broker or EdgeConfig().broker,
-                              keys_dir=Path(args.keys) if args.keys else None)
+
+    def edge_once(prompt: str) -> dict:
+        out = subprocess.run(cli_command("edge", "--model", args.model, "--json", "--prompt", prompt, "--tokens",
+                                         str(args.tokens), *edge_args),
+                             env=child_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            raise SystemExit(f"edgecloud edge failed: {out.stderr[-2000:]}")
+        return json.loads(out.stdout)
+
     levels = [int(c) for c in args.concurrency.split(",")]
     port = free_port()
     server = start_server(args.model, port, edge_args, max(levels))
     url = f"http://127.0.0.1:{port}"
     try:
-        engine = EdgeEngine(args.model, settings)
-        name = engine.source.name
+        name = json.loads(urllib.request.urlopen(f"{url}/v1/models").read())["data"][0]["id"]
         direct: dict[str, list[float]] = {"ttft_ms": [], "ms_per_token": []}
         served: dict[str, list[float]] = {"ttft_ms": [], "ms_per_token": []}
         with httpx.Client(timeout=600) as http:
-            for prompt in PROMPTS[:2]:  # warm-up: both sides load and run once
-                engine.generate(prompt, engine.params(max_new_tokens=4, ignore_eos=True))
-                stream_once(http, url, name, prompt, 4)
+            stream_once(http, url, name, PROMPTS[0], 4)  # warm-up (each edge run is a fresh process)
             for _ in range(args.reps):
                 for prompt in PROMPTS:
-                    r = engine.generate(prompt, engine.params(max_new_tokens=args.tokens, ignore_eos=True))
-                    direct["ttft_ms"].append(r.ttft_ms)
-                    direct["ms_per_token"].append(r.ms_per_token)
-                    ttft, tpot, _ = stream_once(http, url, name, prompt, args.tokens)
+                    r = edge_once(prompt)
+                    direct["ttft_ms"].append(r["ttft_ms"])
+                    direct["ms_per_token"].append(r["ms_per_token"])
+                    ttft, tpot, n = stream_once(http, url, name, prompt, args.tokens)
+                    assert n == len(r["token_ids"]), f"greedy runs differ in length: {n} vs {len(r['token_ids'])}"
                     served["ttft_ms"].append(ttft)
                     served["ms_per_token"].append(tpot)
-        engine.close()
         throughput = {}
         for c in levels:
             totals: list[int] = []
