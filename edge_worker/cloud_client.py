@@ -270,13 +270,13 @@ class CloudSession:
                 break
             except EdgeCloudError as exc:
                 attempt += 1
-                failed_opens += self.cipher is None and _availability_error(exc)
+                failed_opens += self.cipher is None and is_unavailable(exc)
                 # With a local fallback at hand, a couple of openers that found no worker are
                 # enough: waiting out the whole deadline only delays what the edge can compute.
                 give_up_on_cloud = self.fallback is not None and failed_opens >= FAILED_OPENS_BEFORE_FALLBACK
                 if (not _recoverable(exc) or give_up_on_cloud or attempt > self.client.max_retries
                         or time.monotonic() >= deadline):
-                    if self.fallback is not None and _availability_error(exc):
+                    if self.fallback is not None and is_unavailable(exc):
                         log.warning("cloud unavailable (%s): running layers [%d, N) on the edge from now on",
                                     exc, self.split)
                         self.local = self.fallback()
@@ -377,7 +377,7 @@ class CloudSession:
         try:
             return self._collect(frame)
         except EdgeCloudError as exc:
-            if _recoverable(exc) or _availability_error(exc):
+            if _recoverable(exc) or is_unavailable(exc):
                 raise FrameLost(f"{type(exc).__name__}: {exc}") from exc
             raise
 
@@ -523,7 +523,7 @@ def _recoverable(exc: EdgeCloudError) -> bool:
     return isinstance(exc, WorkerLost) or bool(getattr(exc, "retryable", False))
 
 
-def _availability_error(exc: EdgeCloudError) -> bool:
+def is_unavailable(exc: EdgeCloudError) -> bool:
     """Errors that mean "no cloud right now", where running locally is the right answer. Security
     and protocol errors are never papered over by a fallback."""
     return isinstance(exc, WorkerLost | BrokerUnavailable | NoWorkerAvailable | RequestTimeout | Busy)

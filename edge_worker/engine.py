@@ -398,6 +398,10 @@ class EdgeEngine:
         try:
             workers = self.client.status(PREFLIGHT_TIMEOUT_S).get("workers", [])
         except EdgeCloudError as exc:
+            from edge_worker.cloud_client import is_unavailable
+
+            if not is_unavailable(exc):
+                raise  # a refused key or a protocol error is never papered over by a local run
             if not fallback:
                 return Decision(k, "forced", None, None, None, now)
             log.warning("cloud unavailable (%s): running every layer here", exc)
