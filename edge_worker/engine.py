@@ -41,7 +41,7 @@ from partition.models import ModelSource, source_of
 from partition.planner import WIFI, Conditions, PowerModel, Weights
 from partition.sampling import SamplingParams
 from partition.segment import ModelSegment
-from partition.tokens import encode_prompt, eos_token_ids
+from partition.tokens import encode_messages, encode_prompt, eos_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -350,15 +350,8 @@ class EdgeEngine:
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a conversation (``[{"role": ..., "content": ...}, ...]``) through the
-        tokenizer's chat template, ready for the assistant's answer. A tokenizer without a template
-        (the tiny test models) gets the contents joined by newlines: one user message then encodes
-        as ``edgecloud edge --prompt`` would."""
-        if getattr(self.tokenizer, "chat_template", None):
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            if hasattr(ids, "keys"):  # transformers 5 returns a mapping here
-                ids = ids["input_ids"]
-            return [int(i) for i in ids]
-        return encode_prompt(self.tokenizer, "\n".join(m["content"] for m in messages), raw=True)
+        tokenizer's chat template (``partition.tokens.encode_messages``)."""
+        return encode_messages(self.tokenizer, messages)
 
     # --- deciding ----------------------------------------------------------------------------------
     def choose_split(self, prompt_tokens: int, new_tokens: int) -> Decision:
@@ -525,7 +518,7 @@ class GenerationStream:
             self._pieces.put(_END)
 
     def _piece(self, text: str) -> None:
-        if self._cancel.is_set():
+        if self._cancel.is_set():  # nothing more reaches a closed stream, even before the next step
             raise GenerationCancelled("the reader closed the stream")
         self._pieces.put(text)
 

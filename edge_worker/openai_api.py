@@ -59,7 +59,7 @@ class _Slots:
     def __init__(self, limit: int, metrics: ServerMetrics) -> None:
         self.limit = limit
         self.used = 0
-        self.metrics = metrics
+        metrics.active.set_function(lambda: self.used)  # the gauge reads the count, never kept twice
 
     def take(self, retry_after_s: int) -> Callable[[], None]:
         if self.used >= self.limit:
@@ -67,7 +67,6 @@ class _Slots:
                            type="rate_limit_error", code="too_many_requests",
                            headers={"Retry-After": str(retry_after_s)})
         self.used += 1
-        self.metrics.active.inc()
         released = False
 
         def release() -> None:
@@ -75,7 +74,6 @@ class _Slots:
             if not released:
                 released = True
                 self.used -= 1
-                self.metrics.active.dec()
 
         return release
 
@@ -216,7 +214,7 @@ class _Server:
             raise APIError(400, "the prompt encodes to no tokens", param="prompt")
         return ids
 
-    async def complete(self, request: Request, body: CompletionBase, ids: list[int], params: GenerationParams,
+    async def complete(self, body: CompletionBase, ids: list[int], params: GenerationParams,
                        chat: bool) -> Response:
         release = self.slots.take(self.config.retry_after_s)
         generation = _Generation(self.engine, ids, params)
@@ -337,7 +335,7 @@ def create_app(engine: EdgeEngine, config: ServerConfig | None = None) -> FastAP
         server.check_model(body)
         ids = engine.encode_chat(body.conversation())
         params = server.prepare(body, ids, raw_prompt=False)
-        return await server.complete(request, body, ids, params, chat=True)
+        return await server.complete(body, ids, params, chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -345,7 +343,7 @@ def create_app(engine: EdgeEngine, config: ServerConfig | None = None) -> FastAP
         server.check_model(body)
         ids = server.prompt_ids(body)
         params = server.prepare(body, ids, raw_prompt=True)
-        return await server.complete(request, body, ids, params, chat=False)
+        return await server.complete(body, ids, params, chat=False)
 
     return app
 

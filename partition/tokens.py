@@ -9,15 +9,20 @@ from partition.models import ModelSource
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, raw: bool = False) -> list[int]:
     """Token ids for ``prompt``; instruct models get their chat template unless ``raw``."""
+    return encode_messages(tokenizer, [{"role": "user", "content": prompt}], raw=raw)
+
+
+def encode_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], raw: bool = False) -> list[int]:
+    """Token ids of a conversation through the chat template, ready for the assistant's answer.
+    With ``raw``, or a tokenizer without a template (the tiny test models), the contents joined by
+    newlines are encoded as they are: one user message then gives ``encode_prompt(..., raw=True)``."""
     if not raw and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-        )
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         # transformers 5 returns a BatchEncoding-like mapping here; 4.x returned a list.
         if hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return [int(i) for i in ids]
-    return [int(i) for i in tokenizer(prompt)["input_ids"]]
+    return [int(i) for i in tokenizer("\n".join(m["content"] for m in messages))["input_ids"]]
 
 
 def eos_token_ids(source: ModelSource, tokenizer: PreTrainedTokenizerBase) -> set[int]:
