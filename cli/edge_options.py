@@ -115,6 +115,10 @@ EDGE_OPTIONS: tuple[Opt, ...] = (
     _opt("top_p", float, 1.0, "top_p", "Nucleus sampling mass."),
     _opt("seed", int, 0, "seed", "Seed for sampling: the same seed gives the same text."),
     _opt("top_k", int, 0, "top_k", "Sample among the k most likely tokens only (0: every token)."),
+    _opt("min_p", float, 0.0, "min_p", "Drop tokens less likely than this fraction of the top token "
+         "(0: keep every token)."),
+    _opt("repetition_penalty", float, 1.0, "repetition_penalty", "Above 1, generated tokens become less likely "
+         "to come again (the prompt's are not penalised: their ids never leave the device); 1 is off."),
     _opt("stop", list[str] | None, None, "stop", "End the text before this string (repeat for several).",
          convert=lambda v: tuple(v or ())),
     _opt("raw_prompt", bool, False, "raw_prompt", "Do not apply the chat template."),

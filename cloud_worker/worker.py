@@ -237,9 +237,12 @@ class CloudWorker:
         else:
             cipher = NullCipher()
         reduction = self._reduction(params.reduction, job.layer_lo) if params.reduction else None
+        try:
+            sampling = SamplingParams.from_wire(params.sampling)
+        except ValueError as exc:
+            raise ProtocolError("bad_open", f"sampling: {exc}") from None
         session = Session(
-            session_id=job.session_id, layer_lo=job.layer_lo, cipher=cipher,
-            sampling=SamplingParams.from_wire(params.sampling),
+            session_id=job.session_id, layer_lo=job.layer_lo, cipher=cipher, sampling=sampling,
             cache=self.segment.new_cache(self.config.max_session_tokens), reduction=reduction,
         )
         self.sessions.add(session)
@@ -266,6 +269,9 @@ class CloudWorker:
         req = open_step(session.cipher, job.session_id, job.step, job.frames, width,
                         vocab_size=self.source.vocab_size)
         hidden = req.hidden
+        if session.sampling.uses_history and req.seen is None:
+            raise ProtocolError("bad_body", "this session samples with a repetition penalty: each step must carry "
+                                "the generated token ids")
         if session.reduction is not None:
             hidden = session.reduction.reconstruct(hidden)  # (1, T, D) -> (1, T, H)
         pos, cache = req.pos, session.cache
@@ -293,7 +299,7 @@ class CloudWorker:
         try:
             # hidden: (1, T, H); the last len(draft) positions are drafted tokens to verify.
             accepted, token = run_and_verify(self.segment, hidden, cache, session.sampling, job.step,
-                                             req.draft, start_layer=session.layer_lo)
+                                             req.draft, start_layer=session.layer_lo, seen=req.seen or ())
         except CacheFullError as exc:
             cache.crop(pos)
             raise ProtocolError("too_long", str(exc)) from None

@@ -8,6 +8,7 @@ A remote backend over the broker is ``edge_worker.cloud_client.CloudSession``.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -49,6 +50,7 @@ class PipelinedFrame:
     step: int
     pos: int
     first: int | None
+    seen: tuple[int, ...] = ()  # the generated tokens up to the frame's last position (a repetition penalty's)
     handle: object = None  # the backend's request handle
     sent_at: float = 0.0
     bytes_sent: int = 0
@@ -64,10 +66,12 @@ class Backend(Protocol):
 
     def start(self, sampling: SamplingParams) -> None: ...
 
-    def step(self, hidden: torch.Tensor, step: int, draft: list[int] | tuple[int, ...] = ()
-             ) -> tuple[list[int], StepStats]:
+    def step(self, hidden: torch.Tensor, step: int, draft: list[int] | tuple[int, ...] = (),
+             seen: Sequence[int] = ()) -> tuple[list[int], StepStats]:
         """hidden: (1, T, H) boundary activations for T new positions, the last ``len(draft)`` of
-        which hold drafted tokens; ``step`` is the generation index of the first token returned.
+        which hold drafted tokens; ``step`` is the generation index of the first token returned;
+        ``seen``: the tokens generated up to the last position before the drafts (what a
+        repetition penalty reads).
 
         Returns the drafts the main model kept followed by the token after them (without drafts:
         one token); positions of rejected drafts are dropped from the cache.
@@ -89,7 +93,8 @@ class PipelinedBackend(Backend, Protocol):
 
     def can_pipeline(self) -> bool: ...
 
-    def submit(self, hidden: torch.Tensor, step: int, pos: int, first: int | None) -> PipelinedFrame: ...
+    def submit(self, hidden: torch.Tensor, step: int, pos: int, first: int | None,
+               seen: Sequence[int] = ()) -> PipelinedFrame: ...
 
     def ready(self, frame: PipelinedFrame) -> bool: ...
 
@@ -127,10 +132,10 @@ class LocalBackend:
         self.cache = self.segment.new_cache()
         self.sampling = sampling
 
-    def step(self, hidden: torch.Tensor, step: int, draft: list[int] | tuple[int, ...] = ()
-             ) -> tuple[list[int], StepStats]:
+    def step(self, hidden: torch.Tensor, step: int, draft: list[int] | tuple[int, ...] = (),
+             seen: Sequence[int] = ()) -> tuple[list[int], StepStats]:
         t0 = time.perf_counter()
-        accepted, token = run_and_verify(self.segment, hidden, self.cache, self.sampling, step, draft)
+        accepted, token = run_and_verify(self.segment, hidden, self.cache, self.sampling, step, draft, seen=seen)
         return [*draft[:accepted], token], StepStats(cloud_compute_ms=(time.perf_counter() - t0) * 1e3)
 
     def prime(self, hidden: torch.Tensor) -> None:
@@ -149,10 +154,11 @@ class LocalBackend:
     def can_pipeline(self) -> bool:
         return self.pipelined
 
-    def submit(self, hidden: torch.Tensor, step: int, pos: int, first: int | None) -> PipelinedFrame:
+    def submit(self, hidden: torch.Tensor, step: int, pos: int, first: int | None,
+               seen: Sequence[int] = ()) -> PipelinedFrame:
         if pos != self.cache.length and first is None:
             raise ValueError(f"frame at {pos}, cache holds {self.cache.length}")
-        return PipelinedFrame(hidden=hidden, step=step, pos=pos, first=first)
+        return PipelinedFrame(hidden=hidden, step=step, pos=pos, first=first, seen=tuple(seen))
 
     def ready(self, frame: PipelinedFrame) -> bool:
         return False
@@ -160,7 +166,7 @@ class LocalBackend:
     def collect(self, frame: PipelinedFrame) -> tuple[int | None, StepStats]:
         if frame.pos != self.cache.length:
             return None, StepStats()
-        tokens, stats = self.step(frame.hidden, frame.step)
+        tokens, stats = self.step(frame.hidden, frame.step, seen=frame.seen)
         stats.round_trips, stats.waited = 1, True
         return tokens[0], stats
 
@@ -169,4 +175,4 @@ class LocalBackend:
 
     def resend(self, frame: PipelinedFrame) -> tuple[list[int], StepStats]:
         self.cache.crop(frame.pos)
-        return self.step(frame.hidden, frame.step)
+        return self.step(frame.hidden, frame.step, seen=frame.seen)

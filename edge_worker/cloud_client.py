@@ -237,8 +237,8 @@ class CloudSession:
         self.local = None
         self.epoch = 0
 
-    def step(self, hidden: torch.Tensor, step: int, draft: list[int] | tuple[int, ...] = ()
-             ) -> tuple[list[int], StepStats]:
+    def step(self, hidden: torch.Tensor, step: int, draft: list[int] | tuple[int, ...] = (),
+             seen: Sequence[int] = ()) -> tuple[list[int], StepStats]:
         """hidden: (1, T, H) activations for the positions after ``self.pos``; the last
         ``len(draft)`` of them hold drafted tokens for the worker to verify.
 
@@ -248,7 +248,7 @@ class CloudSession:
         otherwise the last error is raised.
         """
         if self.local is not None:
-            return self._local_step(hidden, step, StepStats(), draft=draft)
+            return self._local_step(hidden, step, StepStats(), draft=draft, seen=seen)
         stats = StepStats()
         pending = hidden  # what must reach the worker; grows to the whole log after a failover
         attempt = 0
@@ -266,7 +266,7 @@ class CloudSession:
                     self._open(step, stats, timeout_s)
                     if self.pos == 0 and self.replay:
                         pending = torch.cat([*self.replay, hidden], dim=1)
-                accepted, token = self._send_step(pending, step, stats, timeout_s, draft)
+                accepted, token = self._send_step(pending, step, stats, timeout_s, draft, seen)
                 break
             except EdgeCloudError as exc:
                 attempt += 1
@@ -282,7 +282,7 @@ class CloudSession:
                         self.local = self.fallback()
                         self.local.start(self.sampling)
                         stats.retries += 1
-                        return self._local_step(hidden, step, stats, replay=True, draft=draft)
+                        return self._local_step(hidden, step, stats, replay=True, draft=draft, seen=seen)
                     raise
                 stats.retries += 1
                 timeouts = timeouts + 1 if isinstance(exc, RequestTimeout) and self.cipher is not None else 0
@@ -319,11 +319,12 @@ class CloudSession:
         self.replay.append(kept.detach().to(torch.float32).cpu())
 
     def _local_step(self, hidden: torch.Tensor, step: int, stats: StepStats, replay: bool = False,
-                    draft: list[int] | tuple[int, ...] = ()) -> tuple[list[int], StepStats]:
+                    draft: list[int] | tuple[int, ...] = (), seen: Sequence[int] = ()
+                    ) -> tuple[list[int], StepStats]:
         """The fallback: the remaining layers in this process, rebuilt from the replay log once."""
         assert self.local is not None, "only called once a local fallback exists"
         x = torch.cat([*self.replay, hidden], dim=1) if replay and self.replay else hidden
-        tokens, local_stats = self.local.step(x, step, draft)
+        tokens, local_stats = self.local.step(x, step, draft, seen)
         stats.cloud_compute_ms += local_stats.cloud_compute_ms
         stats.fell_back = True
         self._log(hidden, len(draft) - (len(tokens) - 1))
@@ -347,18 +348,19 @@ class CloudSession:
         lost worker and the local fallback all go through ``step``)."""
         return self.cipher is not None and self.local is None
 
-    def submit(self, hidden: torch.Tensor, step: int, pos: int, first: int | None) -> PipelinedFrame:
+    def submit(self, hidden: torch.Tensor, step: int, pos: int, first: int | None,
+               seen: Sequence[int] = ()) -> PipelinedFrame:
         """Send one frame without waiting and without copies: positions ``pos ..`` of ``hidden``
         (1, T, H); ``first`` makes it conditional on the main model choosing that token at ``pos``
         (session_protocol.py). A transport error is raised at once."""
         wire = self.reduction.project(hidden) if self.reduction else hidden
         frames = seal_step(self.cipher, self.session_id, step, pos, wire, self.client.wire_dtype,
-                           first=first, epoch=self.epoch)
+                           first=first, epoch=self.epoch, seen=self._seen(seen))
         nbytes = sum(len(memoryview(f)) for f in frames)
         rid = self.client.connection.submit(
             self.session_id, KIND_STEP, self.model_id, self.split, step, frames,
             timeout_s=self.client.request_timeout_s, extra={TASK_KEY: f"{self.task_base}-{step}"})
-        return PipelinedFrame(hidden=hidden, step=step, pos=pos, first=first, handle=rid,
+        return PipelinedFrame(hidden=hidden, step=step, pos=pos, first=first, seen=tuple(seen), handle=rid,
                               sent_at=time.perf_counter(), bytes_sent=nbytes)
 
     def ready(self, frame: PipelinedFrame) -> bool:
@@ -425,7 +427,7 @@ class CloudSession:
         worker may rewind to this frame's position even if it ran later frames) and send it
         again through ``step``, with its copies, failover, replay and local fallback."""
         self.epoch += 1
-        return self.step(frame.hidden, frame.step)
+        return self.step(frame.hidden, frame.step, seen=frame.seen)
 
     # --- wire -----------------------------------------------------------------------------------
     def _open(self, step: int, stats: StepStats, timeout_s: float) -> None:
@@ -456,8 +458,12 @@ class CloudSession:
         check_open_proof(cipher, self.session_id, step, reply.frames)
         self.cipher = cipher
 
+    def _seen(self, seen: Sequence[int]) -> Sequence[int] | None:
+        """What a step carries for the session's repetition penalty (None: it has none)."""
+        return seen if self.sampling.uses_history else None
+
     def _send_step(self, hidden: torch.Tensor, step: int, stats: StepStats, timeout_s: float,
-                   draft: list[int] | tuple[int, ...] = ()) -> tuple[int, int]:
+                   draft: list[int] | tuple[int, ...] = (), seen: Sequence[int] = ()) -> tuple[int, int]:
         """Returns (drafts accepted, the token after them).
 
         While unanswered after the adaptive wait (timeouts.py), copies are sent; the first answer wins.
@@ -470,10 +476,11 @@ class CloudSession:
         sent: dict[RequestId, float] = {}
         winner: RequestId | None = None
         wire = self.reduction.project(hidden) if self.reduction else hidden  # (1, T, D or H)
+        carried = self._seen(seen)
         try:
             while winner is None:
                 frames = seal_step(self.cipher, self.session_id, step, self.pos, wire, self.client.wire_dtype,
-                                   draft, epoch=self.epoch)
+                                   draft, epoch=self.epoch, seen=carried)
                 stats.bytes_sent += sum(len(memoryview(f)) for f in frames)
                 now = time.perf_counter()
                 rid = conn.submit(self.session_id, KIND_STEP, self.model_id, self.split, step, frames,

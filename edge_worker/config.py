@@ -80,6 +80,8 @@ class EdgeConfig:
     top_p: float = 1.0
     seed: int = 0
     top_k: int = 0  # sample among the k most likely tokens; 0: every token
+    min_p: float = 0.0  # drop tokens below min_p times the top token's probability; 0: every token
+    repetition_penalty: float = 1.0  # >1 discourages repeating generated tokens (not the prompt's); 1: off
     stop: tuple[str, ...] = ()  # end the text before the first of these strings
     broker: str = DEFAULT_BROKER
     keys_dir: Path | None = None
@@ -136,6 +138,10 @@ class EdgeConfig:
             # never loads it, and the mistake would pass unnoticed until one is split.
             raise ValueError(f"no drafter adapter at {self.mini_adapter}: run `edgecloud calibrate --drafter "
                              "--out FILE` to make one")
+        from partition.sampling_params import SamplingParams
+
+        SamplingParams(self.temperature, self.top_p, self.seed, self.top_k, self.min_p,
+                       self.repetition_penalty)  # raises ValueError on a value it cannot draw with
         if self.reduce_dims is not None and self.reduce_dims < 1:
             raise ValueError(f"--reduce-dims must be at least 1, got {self.reduce_dims}")
         from broker.wire.codec import WIRE_DTYPES

@@ -74,15 +74,19 @@ class GenerationParams:
     ignore_eos: bool = False  # always generate max_new_tokens (benchmarks)
     top_k: int = 0  # sample among the k most likely tokens only; 0 keeps every token
     stop: tuple[str, ...] = ()  # end the text before the first of these strings
+    min_p: float = 0.0  # drop tokens below min_p times the top token's probability; 0 keeps every token
+    repetition_penalty: float = 1.0  # >1 discourages repeating generated tokens; 1 is off
 
     @classmethod
     def from_settings(cls, settings: EdgeConfig) -> GenerationParams:
         return cls(settings.max_new_tokens, settings.temperature, settings.top_p, settings.seed,
-                   settings.raw_prompt, top_k=settings.top_k, stop=settings.stop)
+                   settings.raw_prompt, top_k=settings.top_k, stop=settings.stop, min_p=settings.min_p,
+                   repetition_penalty=settings.repetition_penalty)
 
     @property
     def sampling(self) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_p, self.seed, self.top_k)
+        return SamplingParams(self.temperature, self.top_p, self.seed, self.top_k, self.min_p,
+                              self.repetition_penalty)
 
 
 def _quiet(_: str) -> None:

@@ -268,15 +268,15 @@ class EdgeGenerator:
                 timings.edge_compute_ms += edge_ms
                 accepted = 0
                 if self.backend is None:
-                    tokens = [choose_token(out.logits[0, -1], sampling, step)]
+                    tokens = [choose_token(out.logits[0, -1], sampling, step, generated)]
                     stats = StepStats()
                 else:
                     hidden = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (1, T, H)
                     if mini is not None and mini.mode == "trust":
-                        tail, stats = self.backend.step(hidden, step + len(drafts))
+                        tail, stats = self.backend.step(hidden, step + len(drafts), seen=[*generated, *drafts])
                         tokens, accepted = [*drafts, *tail], len(drafts)
                     else:
-                        tokens, stats = self.backend.step(hidden, step, drafts)
+                        tokens, stats = self.backend.step(hidden, step, drafts, seen=generated)
                         accepted = len(tokens) - 1
                         if accepted < len(drafts):
                             cache.crop(cache.length - (len(drafts) - accepted))
@@ -387,7 +387,9 @@ class EdgeGenerator:
         if x.shape[1] == 1:
             controller.record_edge(base_ms=base_ms)
         step = len(result.token_ids)
-        inflight: deque[PipelinedFrame] = deque([backend.submit(out.hidden, step, cache.length - x.shape[1], None)])
+        generated = result.token_ids
+        inflight: deque[PipelinedFrame] = deque([backend.submit(out.hidden, step, cache.length - x.shape[1], None,
+                                                                seen=generated)])
         result.cloud_round_trips += 1
         h = out.hidden[0, -1]
         next_step = step + 1
@@ -406,7 +408,9 @@ class EdgeGenerator:
                     token = guess[0]
                     out = self.edge(torch.tensor([[token]], dtype=torch.long), cache, logits="none")
                     h = out.hidden[0, -1]
-                    inflight.append(backend.submit(out.hidden, next_step, cache.length - 1, token))
+                    guessed = [f.first for f in list(inflight)[1:]]
+                    inflight.append(backend.submit(out.hidden, next_step, cache.length - 1, token,
+                                                   seen=[*generated, *guessed, token]))
                     draft_ms = (time.perf_counter() - t1) * 1e3
                     timings.edge_compute_ms += draft_ms
                     controller.record_edge(draft_ms=draft_ms)

@@ -78,6 +78,9 @@ class CompletionBase(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0)  # an extension (llama.cpp and vLLM take it too)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)  # an extension, as in vLLM and llama.cpp
+    # An extension, as in vLLM, over the generated tokens only (the prompt's ids stay on the device).
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     ignore_eos: bool = False  # an extension (vLLM's): always generate max_tokens, for benchmarks
     seed: int | None = None
     stop: str | list[str] | None = None
@@ -122,6 +125,9 @@ class CompletionBase(BaseModel):
             temperature=defaults.temperature if self.temperature is None else self.temperature,
             top_p=defaults.top_p if self.top_p is None else self.top_p,
             top_k=defaults.top_k if self.top_k is None else self.top_k,
+            min_p=defaults.min_p if self.min_p is None else self.min_p,
+            repetition_penalty=(defaults.repetition_penalty if self.repetition_penalty is None
+                                else self.repetition_penalty),
             seed=seed, raw_prompt=raw_prompt, stop=tuple(self.stop or defaults.stop), ignore_eos=self.ignore_eos,
         )
 

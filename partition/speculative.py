@@ -20,9 +20,11 @@ reproducible and a retried verification draws the same verdict.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from partition.sampling import SamplingParams, choose_token, probabilities
+from partition.sampling import SamplingParams, choose_token, probabilities, processed_logits
 
 # Upper bound on drafts per verification: the wire format and the worker both enforce it.
 MAX_DRAFT_TOKENS = 32
@@ -32,8 +34,29 @@ def _generator(params: SamplingParams, step: int, salt: int) -> torch.Generator:
     return torch.Generator().manual_seed((params.seed * 1_000_003 + step * 7 + salt) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
-def verify_drafts(logits: torch.Tensor, drafts: list[int], params: SamplingParams, step: int) -> tuple[int, int]:
-    """logits: (n + 1, V) for ``[pending, d1 .. dn]``; ``step`` is the generation index of ``d1``.
+def _check_draft(row: torch.Tensor, draft: int, params: SamplingParams, step: int,
+                 seen: Sequence[int]) -> int | None:
+    """None when the main model keeps ``draft`` at generation index ``step``, else its token there."""
+    if params.greedy:
+        best = int(torch.argmax(processed_logits(row, params, seen)))
+        return None if best == draft else best
+    p = probabilities(row, params, seen)
+    u = float(torch.rand((), generator=_generator(params, step, 1)))
+    if u < float(p[draft]):
+        return None
+    residual = p.clone()
+    residual[draft] = 0.0
+    total = float(residual.sum())
+    if total <= 0.0:  # p(d) rounds to 1: keeping d is the only draw p allows
+        return None
+    return int(torch.multinomial(residual / total, 1, generator=_generator(params, step, 2)))
+
+
+def verify_drafts(logits: torch.Tensor, drafts: list[int], params: SamplingParams, step: int,
+                  seen: Sequence[int] = ()) -> tuple[int, int]:
+    """logits: (n + 1, V) for ``[pending, d1 .. dn]``; ``step`` is the generation index of ``d1``;
+    ``seen``: the tokens generated up to the pending one (a repetition penalty reads them; row
+    ``i`` also sees ``d1 .. di``).
 
     Returns ``(accepted, token)``: the first ``accepted`` drafts are kept and ``token`` follows
     them (generation index ``step + accepted``).
@@ -41,29 +64,19 @@ def verify_drafts(logits: torch.Tensor, drafts: list[int], params: SamplingParam
     n = len(drafts)
     if logits.dim() != 2 or logits.shape[0] != n + 1:
         raise ValueError(f"verifying {n} drafts needs logits of shape ({n + 1}, V), got {tuple(logits.shape)}")
+    history = list(seen) if params.uses_history else []
     for i, draft in enumerate(drafts):
-        row = logits[i]
-        if params.greedy:
-            best = int(torch.argmax(row))
-            if best != draft:
-                return i, best
-            continue
-        p = probabilities(row, params)
-        u = float(torch.rand((), generator=_generator(params, step + i, 1)))
-        if u < float(p[draft]):
-            continue
-        residual = p.clone()
-        residual[draft] = 0.0
-        total = float(residual.sum())
-        if total <= 0.0:  # p(d) rounds to 1: keeping d is the only draw p allows
-            continue
-        token = int(torch.multinomial(residual / total, 1, generator=_generator(params, step + i, 2)))
-        return i, token
-    return n, choose_token(logits[n], params, step + n)
+        correction = _check_draft(logits[i], draft, params, step + i, history)
+        if correction is not None:
+            return i, correction
+        if params.uses_history:
+            history.append(draft)
+    return n, choose_token(logits[n], params, step + n, history)
 
 
 def run_and_verify(segment, hidden: torch.Tensor, cache, params: SamplingParams, step: int,
-                   draft: list[int] | tuple[int, ...] = (), start_layer: int | None = None) -> tuple[int, int]:
+                   draft: list[int] | tuple[int, ...] = (), start_layer: int | None = None,
+                   seen: Sequence[int] = ()) -> tuple[int, int]:
     """Run ``segment`` (which holds the head) on ``hidden`` (1, T, H), verify the drafts held by
     the last ``len(draft)`` positions, and crop ``cache`` to the positions that were kept.
 
@@ -71,6 +84,6 @@ def run_and_verify(segment, hidden: torch.Tensor, cache, params: SamplingParams,
     """
     n = len(draft)
     out = segment(hidden, cache, start_layer=start_layer, logits=n + 1)
-    accepted, token = verify_drafts(out.logits[0], list(draft), params, step)
+    accepted, token = verify_drafts(out.logits[0], list(draft), params, step, seen)
     cache.crop(cache.length - (n - accepted))
     return accepted, token

@@ -31,9 +31,9 @@ class TimedBackend:
     def start(self, sampling) -> None:
         self.inner.start(sampling)
 
-    def step(self, hidden, step, draft=()):
+    def step(self, hidden, step, draft=(), seen=()):
         t0 = time.perf_counter()
-        out = self.inner.step(hidden, step, draft)
+        out = self.inner.step(hidden, step, draft, seen)
         self.step_s.append(time.perf_counter() - t0)
         return out
 

@@ -122,7 +122,20 @@ def test_a_seeded_sample_repeats_and_top_k_one_is_greedy(api):
     assert top1["choices"][0]["text"] == greedy["choices"][0]["text"]
 
 
+def test_repetition_penalty_and_min_p_are_the_engines(api, engine):
+    ids = engine.encode("abcabcabc abcabcabc abc", raw=True)
+    request = {"model": MODEL, "prompt": "abcabcabc abcabcabc abc", "max_tokens": 16}
+    plain = api.post("/v1/completions", headers=AUTH, json=request).json()["choices"][0]["text"]
+    for extra in ({"repetition_penalty": 1.8}, {"repetition_penalty": 1.3, "min_p": 0.1, "temperature": 1.0,
+                                                "seed": 2}):
+        body = api.post("/v1/completions", headers=AUTH, json={**request, **extra}).json()
+        expected = engine.generate(ids, engine.params(max_new_tokens=16, **extra))
+        assert body["choices"][0]["text"] == expected.text != plain, extra
+
+
 @pytest.mark.parametrize(("body", "status", "param"), [
+    ({"model": MODEL, "prompt": "a", "min_p": 1.5}, 400, "min_p"),
+    ({"model": MODEL, "prompt": "a", "repetition_penalty": 0}, 400, "repetition_penalty"),
     ({"model": "gpt-4", "prompt": "a"}, 404, "model"),
     ({"model": MODEL, "prompt": "a", "n": 2}, 400, "n"),
     ({"model": MODEL, "prompt": "a", "logprobs": 3}, 400, "logprobs"),

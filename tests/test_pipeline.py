@@ -45,6 +45,21 @@ def test_sampling_with_a_seed_is_reproducible_and_matches_local(tiny_cluster):
     assert other["token_ids"] != hybrid["token_ids"]
 
 
+def test_penalty_and_min_p_reach_the_worker_and_match_local(tiny_cluster):
+    """The worker holds the head at split 2: the penalty's generated tokens travel with each
+    step, and the text is the one the edge samples alone."""
+    plain = edge_json(tiny_cluster, "--force-local", "--tokens", "24")
+    for args in (("--repetition-penalty", "1.8"),
+                 ("--repetition-penalty", "1.3", "--temperature", "0.9", "--min-p", "0.05", "--top-k", "50",
+                  "--seed", "4")):
+        local = edge_json(tiny_cluster, "--force-local", "--tokens", "24", *args)
+        hybrid = edge_json(tiny_cluster, "--split", "2", "--tokens", "24", *args)
+        assert hybrid["token_ids"] == local["token_ids"], args
+        assert local["token_ids"] != plain["token_ids"], args
+    bad = tiny_cluster.edge("--split", "2", "--tokens", "4", "--min-p", "2", "--prompt", PROMPT)
+    assert bad.returncode != 0 and "min_p must be in [0, 1]" in bad.stderr, bad.stderr[-2000:]
+
+
 def test_wrong_api_key_is_refused_clearly(tiny_cluster):
     out = tiny_cluster.edge("--split", "2", "--tokens", "4", "--api-key", "not-a-key")
     assert out.returncode == 1

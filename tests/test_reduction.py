@@ -130,8 +130,8 @@ class _ReducedLocalBackend(LocalBackend):
         super().__init__(segment)
         self.wire_dtype, self.reduction = wire_dtype, reduction
 
-    def step(self, hidden, step, draft=()):
-        return super().step(worker_input(hidden, self.wire_dtype, self.reduction), step, draft)
+    def step(self, hidden, step, draft=(), seen=()):
+        return super().step(worker_input(hidden, self.wire_dtype, self.reduction), step, draft, seen)
 
 
 @pytest.fixture(scope="module")

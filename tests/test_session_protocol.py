@@ -48,6 +48,20 @@ def test_drafts_travel_with_the_step_and_the_verdict_with_the_reply():
     assert sp.open_step_reply(edge, SID, 4, reply).accepted == 1
 
 
+def test_generated_tokens_for_a_penalty_travel_in_their_own_frame():
+    edge, worker = ciphers()
+    plain = sp.seal_step(edge, SID, 4, 10, torch.randn(1, 1, HIDDEN), "fp16")
+    assert sp.open_step(worker, SID, 4, plain, HIDDEN).seen is None, "no penalty: no frame"
+    frames = sp.seal_step(edge, SID, 5, 10, torch.randn(1, 1, HIDDEN), "fp16", seen=[9, 3, 9, 0])
+    assert sp.open_step(worker, SID, 5, frames, HIDDEN, vocab_size=10).seen == [0, 3, 9]
+    empty = sp.seal_step(edge, SID, 6, 10, torch.randn(1, 1, HIDDEN), "fp16", seen=[])
+    assert sp.open_step(worker, SID, 6, empty, HIDDEN).seen == []
+    for bad in (b"\x01\x00\x00", (10).to_bytes(4, "little"), (-1).to_bytes(4, "little", signed=True)):
+        body = [msgpack.packb({"pos": 0, "tensor": {"dtype": "fp32", "shape": [1, 1, 2]}}), bytes(8), bad]
+        with pytest.raises(ProtocolError):
+            sp.open_step(NullCipher(), SID, 0, NullCipher().seal(b"", body), 2, vocab_size=10)
+
+
 @pytest.mark.parametrize("draft, positions, vocab", [
     ([5, 9], 2, 100),  # two drafts need three positions
     ([5, 100], 3, 100),  # outside the vocabulary
@@ -101,6 +115,7 @@ def test_wrong_hidden_size_is_a_protocol_error():
     {"edge_pk": b"", "sampling": {"temperature": 0, "top_p": 1, "seed": 0}, "reduction": "ab" * 31},
     {"edge_pk": b"", "sampling": {"temperature": 0, "top_p": 1, "seed": 0}, "reduction": "AB" * 32},
     {"edge_pk": b"", "sampling": {"temperature": 0, "top_p": 1, "seed": 0}, "reduction": b"\x00" * 32},
+    {"edge_pk": b"", "sampling": {"temperature": 0, "top_p": 1, "seed": 0, "typical_p": 0.5}},
 ])
 def test_bad_openers_are_protocol_errors(extra):
     with pytest.raises(ProtocolError):

@@ -4,7 +4,7 @@
 request *kinds* a session uses and their bodies, which the broker forwards untouched:
 
 ``open``   extra: ``edge_pk`` (32-byte ephemeral X25519 key, or empty without encryption),
-           ``sampling`` (temperature, top_p, seed; top_k when not 0), ``wire_dtype`` (``broker.wire.codec.WIRE_DTYPES``),
+           ``sampling`` (temperature, top_p, seed; top_k, min_p, repetition_penalty when not off), ``wire_dtype`` (``broker.wire.codec.WIRE_DTYPES``),
            and, when the edge reduces its activations, ``reduction``: the sha256 (64 hex digits) of
            the projection file (``partition/reduction.py``) both sides hold; the worker refuses a
            hash it does not have. No body: no key exists yet.
@@ -25,6 +25,9 @@ request *kinds* a session uses and their bodies, which the broker forwards untou
            ``pos``, and the worker runs the step only if its cache holds exactly ``pos``
            positions, the epoch is the session's, and ``first`` is the token the main model
            chose after the previous step; otherwise it answers ``skipped`` and changes nothing.
+           A third body frame, present when the session's sampling has a repetition penalty,
+           holds the distinct token ids generated up to the last position before the drafts
+           (little-endian int32): what the penalty reads.
            Reply body, sealed: [msgpack ``{"token": int, "accepted": int, "pos": int,
            "compute_ms": float, "worker_ms": float}``] (a skipped conditional step:
            ``{"skipped": true, "pos": int, ...}`` with ``token`` 0): ``accepted`` drafts were kept and
@@ -39,10 +42,12 @@ session, step or kind fails authentication.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+import numpy as np
 
 from broker.errors import CryptoError, ProtocolError
 from broker.wire.codec import WIRE_DTYPES, decode_tensor, encode_tensor
@@ -55,7 +60,10 @@ KIND_CLOSE = "close"
 OPEN_PROOF = b"open-ok"
 # Step metadata is a tiny map; anything bigger is hostile.
 _MAX_META_BYTES = 4096
-SAMPLING_KEYS = frozenset({"temperature", "top_p", "seed"})  # required; "top_k" may be added
+SAMPLING_KEYS = frozenset({"temperature", "top_p", "seed"})  # required
+SAMPLING_OPTIONAL_KEYS = frozenset({"top_k", "min_p", "repetition_penalty"})  # absent: off
+# The generated token ids a step carries for a repetition penalty: at most this many (int32 each).
+MAX_SEEN_TOKENS = 1 << 20
 
 
 def _unpack_small(data: Any, what: str) -> dict:
@@ -118,8 +126,9 @@ class OpenParams:
         wire_dtype = extra.get("wire_dtype", "fp16")
         if not isinstance(edge_pk, bytes) or len(edge_pk) not in (0, 32):
             raise ProtocolError("bad_open", "edge_pk must be 32 bytes, or empty without encryption")
-        if not isinstance(sampling, dict) or not SAMPLING_KEYS <= set(sampling) <= SAMPLING_KEYS | {"top_k"}:
-            raise ProtocolError("bad_open", "sampling must be a map of temperature, top_p, seed and optionally top_k")
+        if not isinstance(sampling, dict) or not SAMPLING_KEYS <= set(sampling) <= SAMPLING_KEYS | SAMPLING_OPTIONAL_KEYS:
+            raise ProtocolError("bad_open", "sampling must be a map of temperature, top_p, seed and optionally "
+                                + ", ".join(sorted(SAMPLING_OPTIONAL_KEYS)))
         if not all(isinstance(v, int | float) for v in sampling.values()):
             raise ProtocolError("bad_open", "sampling values must be numbers")
         if type(wire_dtype) is not str or wire_dtype not in WIRE_DTYPES:
@@ -148,10 +157,12 @@ def check_open_proof(cipher: Cipher, session_id: str, step: int, frames: list[An
 
 
 def seal_step(cipher: Cipher, session_id: str, step: int, pos: int, hidden, wire_dtype: str,
-              draft: list[int] | tuple[int, ...] = (), first: int | None = None, epoch: int = 0) -> list[Any]:
+              draft: list[int] | tuple[int, ...] = (), first: int | None = None, epoch: int = 0,
+              seen: Sequence[int] | None = None) -> list[Any]:
     """hidden: (1, T, H) boundary activations for positions pos .. pos+T; ``draft``: tokens the
     last ``len(draft)`` of those positions hold, to be verified; ``first``: the guessed token at
-    ``pos`` of a conditional step; ``epoch``: see the module docstring."""
+    ``pos`` of a conditional step; ``epoch``: see the module docstring; ``seen``: the generated
+    tokens a repetition penalty reads (None: the session has none)."""
     meta, data = encode_tensor(hidden, wire_dtype)
     fields: dict[str, Any] = {"pos": pos, "tensor": meta}
     if draft:
@@ -160,7 +171,10 @@ def seal_step(cipher: Cipher, session_id: str, step: int, pos: int, hidden, wire
         fields["first"] = int(first)
     if epoch:
         fields["epoch"] = int(epoch)
-    return cipher.seal(make_aad(session_id, step, KIND_STEP), [msgpack.packb(fields), data])
+    body = [msgpack.packb(fields), data]
+    if seen is not None:
+        body.append(np.array(sorted(set(seen)), dtype="<i4").tobytes())
+    return cipher.seal(make_aad(session_id, step, KIND_STEP), body)
 
 
 @dataclass(frozen=True)
@@ -170,6 +184,7 @@ class StepRequest:
     draft: list[int]
     first: int | None = None  # a conditional step: the guessed token at ``pos``
     epoch: int = 0
+    seen: list[int] | None = None  # generated token ids for a repetition penalty
 
 
 def open_step(cipher: Cipher, session_id: str, step: int, frames: list[Any], hidden_size: int,
@@ -178,8 +193,9 @@ def open_step(cipher: Cipher, session_id: str, step: int, frames: list[Any], hid
 
     ``hidden_size`` is the width the session sends: the model's H, or D under a reduction."""
     body = cipher.open(make_aad(session_id, step, KIND_STEP), frames)
-    if len(body) != 2:
-        raise ProtocolError("bad_body", f"a step body has 2 frames, got {len(body)}")
+    if len(body) not in (2, 3):
+        raise ProtocolError("bad_body", f"a step body has 2 or 3 frames, got {len(body)}")
+    seen = _seen_tokens(body[2], vocab_size) if len(body) == 3 else None
     head = _unpack_small(body[0], "step")
     pos = _int_field(head, "pos", "step")
     draft = head.get("draft", [])
@@ -200,7 +216,17 @@ def open_step(cipher: Cipher, session_id: str, step: int, frames: list[Any], hid
     if len(draft) >= hidden.shape[1]:
         raise ProtocolError("bad_draft", f"{len(draft)} drafts need at least {len(draft) + 1} positions, "
                             f"the step has {hidden.shape[1]}")
-    return StepRequest(pos, hidden, draft, first, epoch)
+    return StepRequest(pos, hidden, draft, first, epoch, seen)
+
+
+def _seen_tokens(data: Any, vocab_size: int | None) -> list[int]:
+    raw = bytes(data)
+    if len(raw) % 4 or len(raw) > 4 * MAX_SEEN_TOKENS:
+        raise ProtocolError("bad_body", f"a step's generated-token frame must be int32 ids, got {len(raw)} bytes")
+    ids = np.frombuffer(raw, dtype="<i4")
+    if ids.size and (int(ids.min()) < 0 or (vocab_size is not None and int(ids.max()) >= vocab_size)):
+        raise ProtocolError("bad_body", "a step's generated-token frame holds an id outside the vocabulary")
+    return ids.tolist()
 
 
 def seal_step_reply(
