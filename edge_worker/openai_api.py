@@ -12,11 +12,13 @@ run at a time; one more is answered 429 with ``Retry-After``. Every error is in 
     POST /v1/completions         a raw prompt (text or token ids)
     GET  /health                 liveness, no key needed
     GET  /metrics                Prometheus text
+    GET  /                       a chat page on the same API (edge_worker/data/chat.html)
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.resources
 import json
 import logging
 import secrets
@@ -29,7 +31,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from broker.errors import EdgeCloudError
@@ -306,6 +308,13 @@ def create_app(engine: EdgeEngine, config: ServerConfig | None = None) -> FastAP
         route = request.scope.get("route")
         server.metrics.requests.labels(getattr(route, "path", "other"), str(response.status_code)).inc()
         return response
+
+    page = importlib.resources.files("edge_worker").joinpath("data/chat.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page() -> HTMLResponse:
+        # The page holds no secret: it asks for the key, and every call it makes is checked.
+        return HTMLResponse(page)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

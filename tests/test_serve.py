@@ -4,6 +4,7 @@ broker and worker, driven by the real ``openai`` client, httpx and curl."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import threading
@@ -180,3 +181,64 @@ def test_serve_refuses_to_listen_beyond_loopback_without_a_key():
     out = subprocess.run(cli_command("serve", "--model", MODEL, "--host", "0.0.0.0", "--force-local"),
                          env=child_env(), capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 2 and "--http-key" in out.stderr and "Traceback" not in out.stderr
+
+
+# --- the chat page, in a real headless browser (kept last: it cancels a generation too) -----------
+
+
+@pytest.fixture
+def page(served):
+    import browser
+
+    if not browser.available():
+        if os.environ.get("EDGECLOUD_REQUIRE_BROWSER"):
+            pytest.fail(f"EDGECLOUD_REQUIRE_BROWSER is set but {browser.CHROMIUM} / {browser.CHROMEDRIVER} are missing")
+        pytest.skip(f"no {browser.CHROMIUM} / {browser.CHROMEDRIVER}: install Debian's chromium and "
+                    "chromium-driver (.ci/run does)")
+    with browser.chromium() as driver:
+        driver.get(served[1] + "/")
+        yield driver
+
+
+def test_the_chat_page_asks_for_the_key_streams_the_split_answer_and_stops(served, page, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    cluster, url = served
+    wait = WebDriverWait(page, 60)
+    wait.until(ec.visibility_of_element_located((By.ID, "key")))  # the server has a key: the page asks
+    assert "needs its key" in page.find_element(By.ID, "model").text
+    page.find_element(By.ID, "key").send_keys(KEY)
+    page.find_element(By.ID, "save-key").click()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "model"), MODEL))
+
+    expected = local_text(cluster, "split me", 12)
+    tokens = page.find_element(By.ID, "max-tokens")
+    tokens.clear()
+    tokens.send_keys("12")
+    page.find_element(By.ID, "prompt").send_keys("split me")
+    page.find_element(By.ID, "send").click()
+    answer = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".msg.assistant[data-done='true']"))
+    assert answer.find_element(By.CSS_SELECTOR, ".text").text == expected.strip()
+    figures = answer.find_element(By.CSS_SELECTOR, ".figures").text
+    assert "hybrid" in figures and "split 2/" in figures and "12 tokens" in figures, figures
+    assert int(figures.split(" round trips")[0].split()[-1]) > 0, figures
+
+    # A long answer, stopped mid-stream: the page marks it, the server ends the generation and
+    # the worker frees its session.
+    tokens.clear()
+    tokens.send_keys("900")
+    page.find_element(By.ID, "prompt").send_keys("now a long answer")
+    page.find_element(By.ID, "send").click()
+    second = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant")[1])
+    wait.until(lambda d: len(second.find_element(By.CSS_SELECTOR, ".text").text) > 10)
+    page.find_element(By.ID, "stop").click()
+    wait.until(lambda d: second.get_attribute("data-done") == "true")
+    assert "stopped" in second.get_attribute("class")
+    deadline = time.monotonic() + 10
+    while worker_sessions(cluster) != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert worker_sessions(cluster) == (0, 0)
+    assert page.find_element(By.ID, "send").is_enabled() and not page.find_element(By.ID, "stop").is_enabled()
+    page.save_screenshot(str(tmp_path / "chat.png"))
