@@ -12,14 +12,17 @@
 
 Both run on the same machine; while one side computes the other waits, so the comparison is
 side by side. Local mode by default (no broker); ``--split K --broker ADDR --keys DIR`` measures
-a split server against a running cluster instead.
+a split server against a running cluster instead, and ``--split K --workers N`` starts one (a
+broker and N workers on loopback, cli.cluster.LocalCluster).
 
     .venv/bin/python bench/bench_serve.py [--model smollm2-135m] [--tokens 48] [--reps 3] [--json]
+    .venv/bin/python bench/bench_serve.py --split 15 --workers 1
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -55,13 +58,15 @@ def start_server(model: str, port: int, edge_args: list[str], max_concurrent: in
     raise SystemExit("the server did not come up within 300 s")
 
 
-def stream_once(http, url: str, model: str, prompt: str, tokens: int) -> tuple[float, float, int]:
-    """(ttft_ms, ms_per_token, tokens) as the client sees them."""
+def stream_once(http, url: str, model: str, prompt: str, tokens: int) -> tuple[float, float, int, float]:
+    """(ttft_ms, ms_per_token, tokens) as the client sees them, and the engine's own time to
+    first token inside the server for the same request (its final chunk's "edgecloud" figures)."""
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens,
             "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first = last = None
     n = 0
+    engine_ttft = float("nan")
     with http.stream("POST", url + "/v1/chat/completions", json=body) as r:
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -69,11 +74,13 @@ def stream_once(http, url: str, model: str, prompt: str, tokens: int) -> tuple[f
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 n = chunk["usage"]["completion_tokens"]
+            if chunk.get("edgecloud"):
+                engine_ttft = chunk["edgecloud"]["ttft_ms"]
             if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                 last = time.perf_counter()
                 first = first or last
     assert first is not None and n > 1, (first, n)
-    return (first - t0) * 1e3, (last - first) * 1e3 / (n - 1), n
+    return (first - t0) * 1e3, (last - first) * 1e3 / (n - 1), n, engine_ttft
 
 
 def main() -> None:
@@ -86,6 +93,7 @@ def main() -> None:
     parser.add_argument("--split", type=int, default=None)
     parser.add_argument("--broker", default=None)
     parser.add_argument("--keys", default=None)
+    parser.add_argument("--workers", type=int, default=0, help="with --split: start a broker and this many workers")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -93,6 +101,16 @@ def main() -> None:
 
     from cli.cluster import ROOT, child_env, cli_command, free_port
 
+    stack = contextlib.ExitStack()
+    if args.split is not None and args.workers:
+        from cli.cluster import LocalCluster
+
+        cluster = stack.enter_context(LocalCluster(model=args.model))
+        cluster.start_broker()
+        for _ in range(args.workers):
+            cluster.add_worker()
+        cluster.wait_for_workers(args.workers, timeout_s=600)
+        args.broker, args.keys = cluster.endpoint, str(cluster.keys_dir)
     if args.split is None:
         edge_args = ["--force-local"]
     else:
@@ -115,6 +133,7 @@ def main() -> None:
         name = json.loads(urllib.request.urlopen(f"{url}/v1/models").read())["data"][0]["id"]
         direct: dict[str, list[float]] = {"ttft_ms": [], "ms_per_token": []}
         served: dict[str, list[float]] = {"ttft_ms": [], "ms_per_token": []}
+        http_ms: list[float] = []  # client's time to first token minus the engine's, same request
         with httpx.Client(timeout=600) as http:
             stream_once(http, url, name, PROMPTS[0], 4)  # warm-up (each edge run is a fresh process)
             for _ in range(args.reps):
@@ -122,7 +141,8 @@ def main() -> None:
                     r = edge_once(prompt)
                     direct["ttft_ms"].append(r["ttft_ms"])
                     direct["ms_per_token"].append(r["ms_per_token"])
-                    ttft, tpot, n = stream_once(http, url, name, prompt, args.tokens)
+                    ttft, tpot, n, engine_ttft = stream_once(http, url, name, prompt, args.tokens)
+                    http_ms.append(ttft - engine_ttft)
                     assert n == len(r["token_ids"]), f"greedy runs differ in length: {n} vs {len(r['token_ids'])}"
                     served["ttft_ms"].append(ttft)
                     served["ms_per_token"].append(tpot)
@@ -150,12 +170,18 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(10)
+        stack.close()
 
     med = {side: {k: statistics.median(v) for k, v in d.items()} for side, d in (("direct", direct), ("server", served))}
     report = {
-        "model": args.model, "mode": "local" if args.split is None else f"split {args.split}", "tokens": args.tokens,
+        "model": args.model, "tokens": args.tokens,
+        "mode": "local" if args.split is None else f"split {args.split}, {args.workers or 'external'} worker(s)",
         "samples": len(direct["ttft_ms"]), "median": med,
         "ratio_server_over_direct": {k: round(med["server"][k] / med["direct"][k], 3) for k in med["direct"]},
+        # What the HTTP layer adds to one request's first token (parsing, template, the thread
+        # hand-off, the chunk's way back), measured inside each request: no run-to-run noise.
+        "http_overhead_ms": round(statistics.median(http_ms), 2),
+        "http_overhead_ms_range": [round(min(http_ms), 2), round(max(http_ms), 2)],
         "throughput": throughput,
         "throughput_vs_one_client": {c: round(v["tokens_per_s"] / throughput[levels[0]]["tokens_per_s"], 2)
                                      for c, v in throughput.items()},
@@ -167,6 +193,8 @@ def main() -> None:
     for k in ("ttft_ms", "ms_per_token"):
         print(f"  {k:13s} direct {med['direct'][k]:8.1f}  server {med['server'][k]:8.1f}  "
               f"ratio {report['ratio_server_over_direct'][k]:.3f}")
+    print(f"  HTTP layer's share of the first token: {report['http_overhead_ms']:.2f} ms median "
+          f"(range {report['http_overhead_ms_range']})")
     for c, v in throughput.items():
         print(f"  {c} client(s): {v['tokens_per_s']:7.1f} tokens/s ({v['tokens']} tokens in {v['wall_s']} s), "
               f"{report['throughput_vs_one_client'][c]}x one client")

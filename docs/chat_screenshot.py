@@ -26,10 +26,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "chat-page.png")
     args = ap.parse_args()
 
+    import browser
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    import browser
     from cli.cluster import LocalCluster, free_port
 
     with LocalCluster(model=args.model) as cluster:

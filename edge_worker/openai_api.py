@@ -26,6 +26,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -81,14 +82,19 @@ class _Slots:
 
 
 class _Generation:
-    """One generation on a thread of its own, read from the event loop as (kind, item) events:
-    ("text", piece)..., then ("done", result) or ("error", exception). ``cancel`` ends it early."""
+    """One generation on a thread of the server's pool, read from the event loop as (kind, item)
+    events: ("text", piece)..., then ("done", result) or ("error", exception). ``cancel`` ends it
+    early."""
 
-    def __init__(self, engine: EdgeEngine, ids: list[int], params: GenerationParams) -> None:
+    def __init__(self, engine: EdgeEngine, ids: list[int], params: GenerationParams,
+                 pool: ThreadPoolExecutor) -> None:
         self.engine, self.ids, self.params = engine, ids, params
         self.cancel = threading.Event()
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        # Started at once, not when the response begins: the first token is computed while the
+        # response's headers (and a chat stream's role chunk) go out.
+        pool.submit(self._run)
 
     def _put(self, kind: str, item: Any) -> None:
         try:
@@ -105,7 +111,6 @@ class _Generation:
             self._put("error", exc)
 
     async def events(self) -> AsyncIterator[tuple[str, Any]]:
-        threading.Thread(target=self._run, daemon=True, name="edgecloud-http-generation").start()
         try:
             while True:
                 kind, item = await self._queue.get()
@@ -173,6 +178,10 @@ class _Server:
         self.created = int(time.time())
         self.metrics = ServerMetrics()
         self.slots = _Slots(config.max_concurrent, self.metrics)
+        # Threads that outlive their requests: a thread's first torch call builds its OpenMP team,
+        # which a new thread per request paid every time. Twice the bound: a cancelled generation
+        # may still finish its step after its slot is given back.
+        self.pool = ThreadPoolExecutor(max_workers=2 * config.max_concurrent, thread_name_prefix="edgecloud-gen")
 
     # --- requests -> engine ------------------------------------------------------------------------
     def check_key(self, request: Request) -> None:
@@ -219,10 +228,14 @@ class _Server:
     async def complete(self, body: CompletionBase, ids: list[int], params: GenerationParams,
                        chat: bool) -> Response:
         release = self.slots.take(self.config.retry_after_s)
-        generation = _Generation(self.engine, ids, params)
+        generation = _Generation(self.engine, ids, params, self.pool)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         if body.stream:
-            return _ClosingStream(self.stream(generation, body, rid, chat), on_close=release)
+            def close() -> None:
+                generation.cancel.set()  # a no-op when it ended; else the stream never ran to its end
+                release()
+
+            return _ClosingStream(self.stream(generation, body, rid, chat), on_close=close)
         try:
             result = await self.finish(generation)
         finally:
