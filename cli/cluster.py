@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,9 +157,13 @@ class LocalCluster:
             raise ClusterError(f"status failed: {out.stderr.strip()}")
         return json.loads(out.stdout)
 
-    def wait_for_workers(self, n: int, timeout_s: float = 180.0) -> dict:
-        """Wait until ``n`` workers are registered; fail early, with the log, if a process died."""
-        deadline = time.monotonic() + timeout_s
+    def wait_for_workers(self, n: int, timeout_s: float = 180.0,
+                         progress: Callable[[int, float], None] | None = None, every_s: float = 10.0) -> dict:
+        """Wait until ``n`` workers are registered; fail early, with the log, if a process died.
+        ``progress(registered, seconds)`` is called every ``every_s`` while it waits."""
+        t0 = time.monotonic()
+        deadline = t0 + timeout_s
+        next_report = t0 + every_s
         st: dict = {}
         while time.monotonic() < deadline:
             self.check_alive()
@@ -166,6 +171,9 @@ class LocalCluster:
                 st = self.status()
                 if len(st.get("workers", [])) >= n:
                     return st
+            if progress is not None and time.monotonic() >= next_report:
+                progress(len(st.get("workers", [])), time.monotonic() - t0)
+                next_report += every_s
             time.sleep(0.2)
         raise ClusterError(f"{n} workers did not register within {timeout_s:.0f} s; last status: {st}")
 

@@ -44,12 +44,16 @@ def demo(
         if force_local:  # every layer on the edge: nothing else to start
             say(f"running every layer of {model} on the edge (--force-local): no broker, no workers")
         else:
+            with typed_errors():  # a model that is not there: one line, before any process starts
+                prepare_model(model, say)
             say(f"starting broker on {cluster.endpoint} and {workers} worker(s) of {model} "
                 f"(keys and logs in {cluster.workdir}, removed on exit)")
             cluster.start_broker()
             for _ in range(workers):
                 cluster.add_worker()
-            st = cluster.wait_for_workers(workers)
+            st = cluster.wait_for_workers(workers, progress=lambda up, s: say(
+                f"  {up} of {workers} worker(s) registered after {s:.0f} s (each loads {model} and measures "
+                "its speed before it registers; logs in the directory above)"))
             say(f"{len(st['workers'])} worker(s) registered after {time.perf_counter() - t0:.1f} s; running the edge")
         # Every edge option given to the demo reaches its edge process (the cluster adds --model
         # and the CURVE options).
@@ -76,6 +80,18 @@ def demo(
         raise typer.Exit(130) from None
     finally:
         cluster.stop()  # removes its directory: the demo's keys (private ones included) and logs
+
+
+def prepare_model(model: str, say: Callable[[str], None]) -> None:
+    """Resolve (and on first use convert) the model here, where the user watches, before the
+    workers start: transformers shows the GGUF conversion's progress in this console, and the
+    workers find the converted weights cached instead of converting them each."""
+    t0 = time.perf_counter()
+    say(f"preparing {model} (a GGUF file is converted to safetensors once, then cached)")
+    from partition.models import resolve_model
+
+    source = resolve_model(model)
+    say(f"  {model} ready in {time.perf_counter() - t0:.1f} s ({source.directory})")
 
 
 def _interrupt(signum, frame) -> None:  # noqa: ARG001

@@ -11,7 +11,7 @@ from typing import Any
 
 from partition.planner import Conditions
 
-__all__ = ["DeviceSnapshot", "changed_beyond", "clamp01", "to_conditions"]
+__all__ = ["DeviceSnapshot", "changed_beyond", "clamp01", "to_conditions", "unmeasured"]
 
 
 # --- the record ------------------------------------------------------------------------------------
@@ -55,6 +55,20 @@ def clamp01(x: float) -> float:
 
 
 # --- planner glue ----------------------------------------------------------------------------------
+
+
+def unmeasured(snapshot: DeviceSnapshot | None) -> tuple[str, ...]:
+    """The link and device fields of ``Conditions`` that ``to_conditions(snapshot, ...)`` leaves at
+    their defaults: what a plan made from it assumes rather than knows."""
+    if snapshot is None:
+        return ("edge_cpu_load", "bandwidth_mbps", "downlink_mbps", "battery_fraction")
+    missing = []
+    for field, value in (("bandwidth_mbps", snapshot.uplink_mbps), ("downlink_mbps", snapshot.downlink_mbps)):
+        if value is None or not math.isfinite(value) or value <= 0:
+            missing.append(field)
+    if snapshot.on_battery is True and snapshot.battery_percent is None:
+        missing.append("battery_fraction")
+    return tuple(missing)
 
 
 def to_conditions(snapshot: DeviceSnapshot, defaults: Conditions) -> Conditions:

@@ -109,8 +109,14 @@ class _Sampler:
 
     def _cpu_loads(self) -> tuple[float, float]:
         now = time.monotonic()
-        if self._cpu is not None and now - self._cpu_window_start < MIN_CPU_WINDOW_S:
-            return self._cpu
+        if now - self._cpu_window_start < MIN_CPU_WINDOW_S:
+            if self._cpu is not None:
+                return self._cpu
+            # The first reading right after the window opened: psutil would answer 0.0 for a
+            # window of microseconds, and the first split would be planned on an idle machine
+            # that may not be idle. Let the window reach its minimum (at most 0.1 s, once).
+            time.sleep(MIN_CPU_WINDOW_S - (now - self._cpu_window_start))
+            now = time.monotonic()
         system = clamp01(psutil.cpu_percent(interval=None) / 100.0)
         # Process percent counts one core as 100, so a process using all cores shows n x 100.
         process = clamp01(self._process.cpu_percent(interval=None) / 100.0 / self._n_cpus)

@@ -315,12 +315,7 @@ def create_app(engine: EdgeEngine, config: ServerConfig | None = None) -> FastAP
                        code="not_found" if exc.status_code == 404 else None)
         return JSONResponse(err.body(), status_code=exc.status_code)
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next):  # type: ignore[no-untyped-def]
-        response = await call_next(request)
-        route = request.scope.get("route")
-        server.metrics.requests.labels(getattr(route, "path", "other"), str(response.status_code)).inc()
-        return response
+    app.add_middleware(_CountRequests, metrics=server.metrics)
 
     page = importlib.resources.files("edge_worker").joinpath("data/chat.html").read_text(encoding="utf-8")
 
@@ -368,6 +363,33 @@ def create_app(engine: EdgeEngine, config: ServerConfig | None = None) -> FastAP
         return await server.complete(body, ids, params, chat=False)
 
     return app
+
+
+class _CountRequests:
+    """Counts requests by route and status as plain ASGI: Starlette's ``BaseHTTPMiddleware``
+    relays every chunk of a stream through a task and a memory stream of its own, on the path of
+    each token."""
+
+    def __init__(self, app: Any, metrics: ServerMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500  # what a request that raised before its response began is counted as
+
+        async def send_counting(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counting)
+        finally:
+            route = scope.get("route")  # set by the router on this same scope
+            self.metrics.requests.labels(getattr(route, "path", "other"), str(status)).inc()
 
 
 def _model_card(server: _Server) -> dict[str, Any]:

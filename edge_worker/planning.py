@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from broker.errors import EdgeCloudError
-from edge_worker.conditions import changed_beyond, to_conditions
+from edge_worker.conditions import changed_beyond, to_conditions, unmeasured
 from partition.models import ModelSource
 from partition.planner import WIFI, Conditions, Plan, PowerModel, Weights, plan
 from partition.profile import compute_probe_ms, load_or_measure_profile
@@ -42,11 +42,16 @@ class Decision:
     plan: Plan | None
     at: float  # time.time()
     at_step: int = 0  # the generation step it took effect at (0: before the first token)
+    # Conditions fields the plan took from defaults, not measurements ("bandwidth_mbps" until a
+    # transfer was timed, "cloud_layer_ms" when no worker reported its speed).
+    assumed: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """For the ``--json`` object: the choice, the measurements behind it, and what the planner
         predicted for it (so a run can be checked against its own forecast)."""
         d: dict[str, Any] = {"k": self.k, "reason": self.reason, "rtt_ms": self.rtt_ms, "at_step": self.at_step}
+        if self.conditions is not None:
+            d["assumed"] = list(self.assumed)
         c = self.conditions
         if c is not None:
             cloud = (round(sum(c.cloud_layer_ms) / len(c.cloud_layer_ms), 4) if c.cloud_layer_ms
@@ -64,8 +69,16 @@ class Decision:
 
     def summary(self) -> str:
         c = self.conditions
-        cond = (f"rtt {c.rtt_ms:.1f} ms, uplink {c.bandwidth_mbps:.1f} Mbit/s, cpu load {c.edge_cpu_load:.2f}"
-                if c else "no measurements")
+        if c is None:
+            return f"split {self.k} ({self.reason}; no measurements)"
+
+        def mark(field: str) -> str:
+            return " (assumed)" if field in self.assumed else ""
+
+        cond = (f"rtt {c.rtt_ms:.1f} ms, uplink {c.bandwidth_mbps:.1f} Mbit/s{mark('bandwidth_mbps')}, "
+                f"cpu load {c.edge_cpu_load:.2f}{mark('edge_cpu_load')}")
+        if "cloud_layer_ms" in self.assumed:
+            cond += f", cloud {c.cloud_speedup:g}x this device (assumed)"
         return f"split {self.k} ({self.reason}; {cond})"
 
 
@@ -137,44 +150,55 @@ class SplitPlanner:
             conditions = replace(conditions, cloud_layer_ms=(layer_ms,) * self.source.n_layers)
         return replace(conditions, edge_slowdown_measured=self._edge_slowdown())
 
+    @staticmethod
+    def assumed(snapshot: Any, conditions: Conditions) -> tuple[str, ...]:
+        """What a plan on ``conditions`` (made from ``snapshot``, None without a monitor) assumes."""
+        return unmeasured(snapshot) + (() if conditions.cloud_layer_ms else ("cloud_layer_ms",))
+
     def measure_conditions(self) -> tuple[Conditions, float | None]:
         """Conditions for the planner from the device monitor and a ping through the broker."""
-        conditions, rtt_ms, _workers = self._measure()
+        conditions, rtt_ms, _workers, _snapshot = self._measure()
         return conditions, rtt_ms
 
-    def _measure(self) -> tuple[Conditions, float | None, list[dict] | None]:
+    def _measure(self) -> tuple[Conditions, float | None, list[dict] | None, Any]:
+        """(conditions, rtt_ms or None when the broker did not answer, the workers' status rows,
+        the monitor's snapshot or None)."""
         conditions = self.base_conditions
+        snapshot = None
         if self.monitor is not None and hasattr(self.monitor, "snapshot"):
-            conditions = to_conditions(self.monitor.snapshot(), conditions)
+            snapshot = self.monitor.snapshot()
+            conditions = to_conditions(snapshot, conditions)
         # Ping on this thread even when the monitor pings too: it is the freshest reading of the
         # link this generation will use, and it proves the broker answers before we commit to it.
         try:
             rtt_ms = self.client.ping(PING_TIMEOUT_S) * 1e3
         except EdgeCloudError as exc:
             log.warning("cloud unreachable (%s)", exc)
-            return conditions, None, None
+            return conditions, None, None, snapshot
         workers = self._workers()
-        return self.with_measured_compute(replace(conditions, rtt_ms=rtt_ms), workers), rtt_ms, workers
+        return self.with_measured_compute(replace(conditions, rtt_ms=rtt_ms), workers), rtt_ms, workers, snapshot
 
     def choose(self, prompt_tokens: int, new_tokens: int) -> tuple[Decision, Any]:
         """A planned decision and the monitor snapshot it came from (the re-plan reference)."""
         n = self.source.n_layers
-        conditions, rtt_ms, workers = self._measure()
+        conditions, rtt_ms, workers, measured_from = self._measure()
+        assumed = self.assumed(measured_from, conditions)
         if rtt_ms is None:
-            return Decision(n, "cloud unreachable", None, conditions, None, time.time()), None
+            return Decision(n, "cloud unreachable", None, conditions, None, time.time(), assumed=assumed), None
         allowed = servable_splits(workers or [], self.source.model_id, n)
         if not allowed:
             others = sorted({str(w.get("model_id")) for w in workers or []})
             log.warning("no registered worker serves %s (workers serve: %s); running every layer here",
                         self.source.model_id, ", ".join(others) or "nothing")
-            return Decision(n, "no worker serves this model", rtt_ms, conditions, None, time.time()), None
+            return Decision(n, "no worker serves this model", rtt_ms, conditions, None, time.time(),
+                            assumed=assumed), None
         snapshot = None
         if self.monitor is not None and hasattr(self.monitor, "record_rtt"):
             with self._lock:
                 self.monitor.record_rtt(rtt_ms / 1e3)
                 snapshot = self.monitor.snapshot()
         chosen = self._plan(conditions, prompt_tokens, new_tokens, allowed)
-        return Decision(chosen.k, "planned", rtt_ms, conditions, chosen, time.time()), snapshot
+        return Decision(chosen.k, "planned", rtt_ms, conditions, chosen, time.time(), assumed=assumed), snapshot
 
     def _plan(self, conditions: Conditions, prompt_tokens: int, new_tokens: int, allowed: set[int]) -> Plan:
         return plan(self.profile, conditions, self.weights, power=self.power, prompt_tokens=prompt_tokens,
@@ -245,6 +269,6 @@ class ReplanWatch:
                      stay.score or 0.0, best.k, best.score or 0.0)
             return None
         decision = Decision(best.k, "replanned: " + ", ".join(changed), conditions.rtt_ms, conditions, new,
-                            time.time(), at_step=step)
+                            time.time(), at_step=step, assumed=planner.assumed(snap, conditions))
         log.info("step %d: %s", step, decision.summary())
         return decision

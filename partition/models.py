@@ -19,6 +19,7 @@ so an interrupted conversion never leaves a half-written model behind.
 from __future__ import annotations
 
 import copy
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -26,6 +27,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -288,21 +290,34 @@ def save_checkpoint(model, directory: str | Path, tokenizer=None) -> Path:
 
 
 def _ensure_converted(target: Path, convert) -> None:
+    """Run ``convert(tmp)`` once per ``target`` across processes: a file lock beside the target
+    makes a second process (the demo's other worker, say) wait for the first and use its result
+    instead of converting the same weights again."""
     if (target / _COMPLETE_MARKER).exists():
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
-        convert(tmp)
-        (tmp / _COMPLETE_MARKER).write_text(_CACHE_FORMAT)
-        if target.exists():  # a half-written leftover, or a concurrent conversion that won
-            if (target / _COMPLETE_MARKER).exists():
-                return
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with open(target.parent / f"{target.name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is converting these weights to %s; waiting for it", target)
+            t0 = time.monotonic()
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            log.info("the other process finished after %.0f s", time.monotonic() - t0)
+        if (target / _COMPLETE_MARKER).exists():
+            return
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+        try:
+            t0 = time.monotonic()
+            convert(tmp)
+            (tmp / _COMPLETE_MARKER).write_text(_CACHE_FORMAT)
+            if target.exists():  # a half-written leftover of a process that died
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+            log.info("converted once in %.0f s; cached in %s", time.monotonic() - t0, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- local directories and the hub ---------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 from brokerutil import running_broker, wait_until
 
 from edge_worker.cloud_client import CloudClient
-from edge_worker.conditions import DeviceSnapshot, changed_beyond, to_conditions
+from edge_worker.conditions import DeviceSnapshot, changed_beyond, to_conditions, unmeasured
 from edge_worker.device_monitor import MIN_TRANSFER_BYTES, DeviceMonitor
 from partition.planner import Conditions
 
@@ -73,6 +73,26 @@ def test_cpu_load_is_measured_over_a_window():
     assert s.process_cpu_load > 0.0
     assert s.cpu_load >= s.process_cpu_load - 0.05  # the system total includes this process
     assert 0.0 <= s.other_cpu_load <= 1.0
+
+
+def test_the_first_reading_right_after_start_is_a_measurement_not_zero():
+    """A reading taken at once used a window of microseconds, which psutil answers with 0.0: the
+    first split was planned on an idle machine while this process was busy."""
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            sum(range(1000))
+
+    busy = threading.Thread(target=spin, daemon=True)
+    busy.start()
+    try:
+        time.sleep(0.05)
+        s = DeviceMonitor().snapshot()
+    finally:
+        stop.set()
+        busy.join()
+    assert s.process_cpu_load > 0.1, s
 
 
 # --- lifecycle -------------------------------------------------------------------------------------
@@ -215,6 +235,12 @@ def test_to_conditions_keeps_defaults_for_unmeasured_figures():
     assert to_conditions(snap(battery_percent=30.0, on_battery=False), defaults).battery_fraction == 1.0
     # own load above the system reading (windows a tick apart) clamps to 0 instead of failing
     assert to_conditions(snap(cpu_load=0.1, process_cpu_load=0.3), defaults).edge_cpu_load == 0.0
+
+
+def test_the_figures_a_plan_assumes_are_named():
+    assert unmeasured(snap(uplink_mbps=None, downlink_mbps=None)) == ("bandwidth_mbps", "downlink_mbps")
+    assert unmeasured(snap(uplink_mbps=12.0, downlink_mbps=40.0)) == ()
+    assert "edge_cpu_load" in unmeasured(None), "without a monitor nothing about the device is known"
 
 
 def test_to_conditions_from_a_live_snapshot_is_valid():

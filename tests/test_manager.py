@@ -131,6 +131,10 @@ def test_the_planner_prices_the_cloud_with_the_workers_reported_timing(env, tiny
     assert d["measured"]["edge_slowdown"] >= 1.0  # from the compute probe, not the load formula
     assert conditions.edge_slowdown_measured is not None
     assert d["predicted"]["latency_ms"] > 0 and d["k"] == manager.decisions[-1].k
+    # No transfer was timed before the first plan: its uplink is the default, and it says so.
+    first = manager.decisions[0]
+    assert "bandwidth_mbps" in first.assumed and "cloud_layer_ms" not in first.assumed
+    assert "Mbit/s (assumed)" in first.summary() and first.to_dict()["assumed"] == list(first.assumed)
 
 
 def test_an_unreachable_cloud_falls_back_to_local(tiny_llama, monkeypatch):

@@ -58,6 +58,30 @@ def test_a_directory_without_a_model_is_refused(tmp_path):
         resolve_model(str(tmp_path))
 
 
+def test_two_processes_converting_the_same_weights_convert_once(tmp_path):
+    """The demo starts its workers together: the second waits on the first's lock and takes its
+    result (threads stand in for processes: flock conflicts between two opens of the file)."""
+    import threading
+    import time
+
+    calls: list[int] = []
+
+    def convert(tmp):
+        calls.append(1)
+        time.sleep(0.3)
+        (tmp / "weights").write_text("converted")
+
+    target = tmp_path / "gguf-abc"
+    threads = [threading.Thread(target=models._ensure_converted, args=(target, convert)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(calls) == 1
+    assert (target / "weights").read_text() == "converted"
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == ["gguf-abc"], "no temporary directory left"
+
+
 def test_greedy_is_argmax_and_sampling_is_seeded():
     logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
     assert choose_token(logits, SamplingParams(), 0) == 1
