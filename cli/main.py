@@ -38,12 +38,12 @@ def edge(
     edge_values: dict,
 ) -> None:
     """Generate text on this device, alone (--force-local) or with cloud workers."""
-    from edge_worker.engine import EdgeEngine
-
     setup_logging(verbose, quiet=not verbose)
     progress = Progress(enabled=not json_out)
     with typed_errors():
-        config = settings()
+        config = settings()  # a bad option is refused here, before torch is imported
+        from edge_worker.engine import EdgeEngine
+
         started = False
 
         def on_text(piece: str) -> None:

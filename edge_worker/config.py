@@ -7,6 +7,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from broker.wire import WIRE_DTYPE_NAMES
+from partition.sampling_params import MAX_DRAFT_TOKENS
+
 DEFAULT_BROKER = "tcp://127.0.0.1:5555"
 DEFAULT_TOKENS = 64
 # The cost model's weights when none are given: the original design's (energy 0.3, latency 0.4,
@@ -14,6 +17,17 @@ DEFAULT_TOKENS = 64
 DEFAULT_ENERGY_WEIGHT = 0.3
 DEFAULT_LATENCY_WEIGHT = 0.4
 DEFAULT_MEMORY_WEIGHT = 0.3
+MINI_MODES = ("verify", "trust")
+
+
+def check_mini_options(mode: str, threshold: float, max_draft: int) -> None:
+    """The mini-LLM settings every entry point accepts (CLI config, handler, generation loop)."""
+    if mode not in MINI_MODES:
+        raise ValueError(f"mini mode must be one of {', '.join(MINI_MODES)}, got {mode!r}")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"mini threshold must be in [0, 1], got {threshold}")
+    if not 1 <= max_draft <= MAX_DRAFT_TOKENS:
+        raise ValueError(f"draft length must be in 1..{MAX_DRAFT_TOKENS}, got {max_draft}")
 
 
 # tcp://HOST:PORT (a name, IPv4 or [IPv6] and a port), or ipc:// / inproc:// with a path or name.
@@ -114,6 +128,10 @@ class EdgeConfig:
     curve: bool = True  # CURVE to the broker when the keys directory has the client key (--no-curve: off)
 
     def __post_init__(self) -> None:
+        if isinstance(self.model, str):  # a name or path: refused here when it cannot be one, before any import
+            from partition.model_spec import parse_model_spec
+
+            parse_model_spec(self.model)
         if self.force_local and self.force_cloud:
             raise ValueError("--force-local and --force-cloud exclude each other")
         if self.max_new_tokens < 1:
@@ -128,8 +146,6 @@ class EdgeConfig:
             raise ValueError(f"cloud latency must be >= 0 seconds, got {self.cloud_latency_s}")
         if self.bandwidth_mbps is not None and self.bandwidth_mbps <= 0:
             raise ValueError(f"bandwidth must be > 0 Mbit/s, got {self.bandwidth_mbps}")
-        from edge_worker.drafting import check_mini_options
-
         check_mini_options(self.mini_mode, self.mini_threshold, self.mini_max_draft)
         if self.mini_adapter is not None and self.mini != "self":
             raise ValueError(f"--mini-adapter is for --mini self, not --mini {self.mini}")
@@ -144,9 +160,7 @@ class EdgeConfig:
                        self.repetition_penalty)  # raises ValueError on a value it cannot draw with
         if self.reduce_dims is not None and self.reduce_dims < 1:
             raise ValueError(f"--reduce-dims must be at least 1, got {self.reduce_dims}")
-        from broker.wire.codec import WIRE_DTYPES
-
-        if self.wire_dtype not in WIRE_DTYPES:
-            raise ValueError(f"wire dtype must be one of {', '.join(WIRE_DTYPES)}, got {self.wire_dtype!r}")
+        if self.wire_dtype not in WIRE_DTYPE_NAMES:
+            raise ValueError(f"wire dtype must be one of {', '.join(WIRE_DTYPE_NAMES)}, got {self.wire_dtype!r}")
         if not self.force_local:
             check_endpoint(self.broker)

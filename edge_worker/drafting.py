@@ -27,12 +27,12 @@ from typing import Any
 
 import torch
 
+from edge_worker.config import MINI_MODES, check_mini_options  # noqa: F401 - re-exported
 from partition.errors import PartitionError
-from partition.speculative import MAX_DRAFT_TOKENS
+from partition.sampling_params import MAX_DRAFT_TOKENS
 
 log = logging.getLogger(__name__)
 
-MINI_MODES = ("verify", "trust")
 # Pipelined cycles (counted modulo DraftController.probe_every) that try the choice the
 # measurements do not favour, so that both keep being measured.
 _EXPLORE_CYCLES = (3, 4, 5)
@@ -409,16 +409,6 @@ class DraftController:
         self.base_ms = self._ewma(self.base_ms, edge_base_ms)
         self.round_trip_ms = self._ewma(self.round_trip_ms, round_trip_ms)
 
-
-
-def check_mini_options(mode: str, threshold: float, max_draft: int) -> None:
-    """The mini-LLM settings every entry point accepts (CLI config, handler, generation loop)."""
-    if mode not in MINI_MODES:
-        raise ValueError(f"mini mode must be one of {', '.join(MINI_MODES)}, got {mode!r}")
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"mini threshold must be in [0, 1], got {threshold}")
-    if not 1 <= max_draft <= MAX_DRAFT_TOKENS:
-        raise ValueError(f"draft length must be in 1..{MAX_DRAFT_TOKENS}, got {max_draft}")
 
 
 @dataclass

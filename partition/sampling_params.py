@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Upper bound on drafts per verification (partition/speculative.py): the wire format and the
+# worker both enforce it, and the edge's options are checked against it.
+MAX_DRAFT_TOKENS = 32
+
 
 @dataclass(frozen=True)
 class SamplingParams:

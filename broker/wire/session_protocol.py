@@ -52,7 +52,7 @@ import numpy as np
 from broker.errors import CryptoError, ProtocolError
 from broker.wire.codec import WIRE_DTYPES, decode_tensor, encode_tensor
 from broker.wire.crypto import Cipher, make_aad
-from partition.speculative import MAX_DRAFT_TOKENS
+from partition.sampling_params import MAX_DRAFT_TOKENS
 
 KIND_OPEN = "open"
 KIND_STEP = "step"
