@@ -99,6 +99,19 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
+def interrupt_on_signals() -> None:
+    """SIGTERM and SIGINT raise KeyboardInterrupt in the main thread, so a one-shot command (edge,
+    demo) leaves through its cleanup: the cloud session closed, the demo's processes stopped.
+    SIGINT is set explicitly because a process started with ``&`` from a script inherits it
+    ignored, and could then not be interrupted at all."""
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
 # The mini-LLM options, shared by `edge` and `demo`.
 MiniOpt = Annotated[str, typer.Option(
     "--mini", help="Drafter for easy tokens: none, self (early exit from the edge's layers), lookup "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -12,7 +11,7 @@ from typing import Annotated
 import typer
 
 from cli.cluster import ClusterError, LocalCluster
-from cli.common import EXIT_FAILED, typed_errors
+from cli.common import EXIT_FAILED, interrupt_on_signals, typed_errors
 from cli.edge_options import edge_args, with_edge_options
 from edge_worker.config import EdgeConfig
 
@@ -36,7 +35,7 @@ def demo(
 
     with typed_errors():
         config = settings()  # bad options get their one-line error before any process starts
-    signal.signal(signal.SIGTERM, _interrupt)  # leave through the cleanup below, like Ctrl-C
+    interrupt_on_signals()  # leave through the cleanup below
     model, force_local = config.model, config.force_local
     cluster = LocalCluster(model=model, encryption=config.encryption, curve=config.curve)
     try:
@@ -92,10 +91,6 @@ def prepare_model(model: str, say: Callable[[str], None]) -> None:
 
     source = resolve_model(model)
     say(f"  {model} ready in {time.perf_counter() - t0:.1f} s ({source.directory})")
-
-
-def _interrupt(signum, frame) -> None:  # noqa: ARG001
-    raise KeyboardInterrupt
 
 
 def print_result(r: dict, trace_rows: int) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import Progress, setup_logging, typed_errors
+from cli.common import Progress, interrupt_on_signals, setup_logging, typed_errors
 from cli.edge_options import with_edge_options
 from edge_worker.config import EdgeConfig
 
@@ -38,6 +38,7 @@ def edge(
     edge_values: dict,
 ) -> None:
     """Generate text on this device, alone (--force-local) or with cloud workers."""
+    interrupt_on_signals()
     setup_logging(verbose, quiet=not verbose)
     progress = Progress(enabled=not json_out)
     with typed_errors():

@@ -225,6 +225,7 @@ class CloudSession:
         # Raised when the edge gives up on pipelined frames in flight and resends from its oldest
         # unanswered position: the worker lets a step of a newer epoch rewind its cache.
         self.epoch = 0
+        self.opening = False  # an opener is in flight (close() closes its session too)
 
     # --- Backend --------------------------------------------------------------------------------
     def start(self, sampling: SamplingParams) -> None:
@@ -236,6 +237,7 @@ class CloudSession:
         self.replay = []
         self.local = None
         self.epoch = 0
+        self.opening = False
 
     def step(self, hidden: torch.Tensor, step: int, draft: list[int] | tuple[int, ...] = (),
              seen: Sequence[int] = ()) -> tuple[list[int], StepStats]:
@@ -331,8 +333,11 @@ class CloudSession:
         return tokens, stats
 
     def close(self) -> None:
-        if self.cipher is None:
+        # An opener that was sent but never answered (interrupted, or timed out) may still have
+        # made the session on a worker: close that too, or it waits there for the idle timeout.
+        if self.cipher is None and not self.opening:
             return
+        self.opening = False
         try:
             self.client.connection.request(self.session_id, KIND_CLOSE, self.model_id, self.split, 0,
                                            timeout_s=min(2.0, self.client.request_timeout_s))
@@ -440,10 +445,19 @@ class CloudSession:
             reduction=self.reduction.sha256 if self.reduction else "",
         )
         t0 = time.perf_counter()
-        reply = self.client.connection.request(
-            self.session_id, KIND_OPEN, self.model_id, self.split, step, timeout_s=timeout_s,
-            extra={**params.to_extra(), TASK_KEY: f"{self.task_base}-{step}-open"},
-        )
+        # Set while the opener is in flight; an interruption (Ctrl-C, SIGTERM) leaves it set, so
+        # close() frees what the worker may have made. An error from the cloud clears it: the
+        # retry or the fallback takes over, and a close to a dead broker would only cost time.
+        self.opening = True
+        try:
+            reply = self.client.connection.request(
+                self.session_id, KIND_OPEN, self.model_id, self.split, step, timeout_s=timeout_s,
+                extra={**params.to_extra(), TASK_KEY: f"{self.task_base}-{step}-open"},
+            )
+        except EdgeCloudError:
+            self.opening = False
+            raise
+        self.opening = False
         stats.round_trips += 1
         stats.transport_ms += (time.perf_counter() - t0) * 1e3
         if keypair is None:

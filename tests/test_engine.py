@@ -289,3 +289,37 @@ def test_a_cancelled_generation_raises_and_ends_at_its_next_step(tiny_llama):
 def test_a_conversation_without_a_chat_template_encodes_as_the_cli_prompt(tiny_llama):
     with local_engine("tiny-llama") as engine:
         assert engine.encode_chat([{"role": "user", "content": "hello"}]) == engine.encode("hello")
+
+
+class _Connection:
+    """Records the kinds of requests a CloudSession sends; its opener raises ``on_open``."""
+
+    def __init__(self, on_open: BaseException) -> None:
+        self.on_open, self.kinds = on_open, []
+
+    def request(self, session_id, kind, *args, **kwargs):
+        self.kinds.append(kind)
+        if kind == "open":
+            raise self.on_open
+
+
+@pytest.mark.parametrize("interruption, closed", [(KeyboardInterrupt(), True), (None, False)])
+def test_an_opener_interrupted_in_flight_is_closed_but_one_the_cloud_refused_is_not(interruption, closed):
+    """Ctrl-C while the opener is in flight: the worker may have made the session, so close()
+    frees it. An opener that failed in the cloud (a timeout here) needs no close, and one to a
+    broker that is not answering would only cost its timeout."""
+    from types import SimpleNamespace
+
+    from broker.errors import RequestTimeout
+    from edge_worker.cloud_client import CloudSession
+    from partition.sampling import SamplingParams
+
+    conn = _Connection(interruption or RequestTimeout("no answer"))
+    client = SimpleNamespace(connection=conn, encryption=False, wire_dtype="fp16", request_timeout_s=1.0,
+                             step_deadline_s=1.0, max_retries=0, backoff_initial_s=0.01, backoff_max_s=0.01)
+    session = CloudSession(client, "model", 2, 8)
+    session.start(SamplingParams())
+    with pytest.raises((KeyboardInterrupt, RequestTimeout)):
+        session.step(torch.zeros(1, 1, 8), 0)
+    session.close()
+    assert conn.kinds == (["open", "close"] if closed else ["open"])

@@ -280,3 +280,35 @@ def test_a_drafter_that_is_always_right_cuts_round_trips(tiny_cluster):
     assert verified["token_ids"] == trusted["token_ids"] == local["token_ids"]
     assert verified["acceptance_rate"] == 1.0 and verified["tokens_from_mini"] >= 20
     assert verified["cloud_round_trips"] <= 30 // 5 + 2
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_edge_ends_at_once_and_closes_its_cloud_session(tiny_cluster, sig):
+    """Started as ``edgecloud edge ... &`` from a script (SIGINT inherited ignored), the edge still
+    ends on SIGINT, and on SIGTERM: within 2 s (plus slack for a loaded machine), through its
+    cleanup, so the worker frees the session at once instead of after its idle timeout."""
+    import signal
+    import time
+
+    from cli.cluster import ROOT
+
+    served = tiny_cluster.status()["counters"].get("requests_served", 0)
+    edge = subprocess.Popen(
+        cli_command("edge", "--model", "tiny-llama", "--split", "2", "--tokens", "900", "--cloud-latency", "0.02",
+                    "--prompt", PROMPT),
+        env=tiny_cluster.env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        tiny_cluster.wait_for_decoding(edge, served=served + 5)
+        t0 = time.monotonic()
+        edge.send_signal(getattr(signal, sig))
+        _, err = edge.communicate(timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        edge.kill()
+    assert edge.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-2000:]
+    assert took < 2 + 3, f"{sig} took {took:.1f} s"
+    deadline = time.monotonic() + 5
+    while tiny_cluster.status()["workers"][0]["reported_sessions"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert tiny_cluster.status()["workers"][0]["reported_sessions"] == 0, (err[-3000:], tiny_cluster.workers[0].log_tail(3000))
