@@ -292,7 +292,9 @@ def test_an_interrupted_edge_ends_at_once_and_closes_its_cloud_session(tiny_clus
 
     from cli.cluster import ROOT
 
-    served = tiny_cluster.status()["counters"].get("requests_served", 0)
+    before = tiny_cluster.status()
+    served = before["counters"].get("requests_served", 0)
+    held = before["workers"][0]["reported_sessions"]  # sessions other tests of this module left behind
     edge = subprocess.Popen(
         cli_command("edge", "--model", "tiny-llama", "--split", "2", "--tokens", "900", "--cloud-latency", "0.02",
                     "--prompt", PROMPT),
@@ -309,6 +311,6 @@ def test_an_interrupted_edge_ends_at_once_and_closes_its_cloud_session(tiny_clus
     assert edge.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-2000:]
     assert took < 2 + 3, f"{sig} took {took:.1f} s"
     deadline = time.monotonic() + 5
-    while tiny_cluster.status()["workers"][0]["reported_sessions"] and time.monotonic() < deadline:
+    while tiny_cluster.status()["workers"][0]["reported_sessions"] > held and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert tiny_cluster.status()["workers"][0]["reported_sessions"] == 0, (err[-3000:], tiny_cluster.workers[0].log_tail(3000))
+    assert tiny_cluster.status()["workers"][0]["reported_sessions"] <= held, tiny_cluster.workers[0].log_tail(3000)
