@@ -92,19 +92,27 @@ def cloud_worker(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging on stderr.")] = False,
 ) -> None:
     """Run a cloud worker: serves layers [k, N) of a model for any split k, one KV cache per session."""
-    from cloud_worker.worker import CloudWorker, CloudWorkerConfig
-    from edge_worker.config import default_broker, default_keys_dir
+    from edge_worker.config import check_endpoint, default_broker, default_keys_dir
+    from partition.model_spec import parse_model_spec
 
     setup_logging(verbose)
     stop = stop_on_signals()
     with typed_errors():
+        # What can be checked without torch is checked first: a typo costs a second, not the imports.
+        broker = broker or default_broker()
+        check_endpoint(broker)
+        parse_model_spec(model)
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
+        from cloud_worker.worker import CloudWorker, CloudWorkerConfig
+
         keys_dir = keys or default_keys_dir()
         has_key = (keys_dir / f"worker-{key_name}.key").exists()
         if not no_encryption and not has_key:
             typer.echo(f"warning: no worker key {keys_dir}/worker-{key_name}.key: serving unencrypted sessions "
                        f"only (create one with `edgecloud keys generate {keys_dir}`)", err=True)
         config = CloudWorkerConfig(
-            broker=broker or default_broker(), model=model, keys_dir=keys_dir if has_key else None,
+            broker=broker, model=model, keys_dir=keys_dir if has_key else None,
             key_name=key_name, encryption=not no_encryption, allow_plaintext=allow_plaintext, device=device,
             max_sessions=max_sessions,
             session_idle_ttl_s=session_ttl, max_session_tokens=max_tokens, torch_threads=threads,
@@ -128,13 +136,15 @@ def status(
     # zmq and the key files only: no torch, so the answer comes in well under a second.
     from broker.client_api import BrokerClient
     from broker.transport import client_keys
-    from edge_worker.config import default_broker, default_keys_dir, resolve_api_key
+    from edge_worker.config import check_endpoint, default_broker, default_keys_dir, resolve_api_key
 
     setup_logging(False, quiet=True)
     with typed_errors():
+        broker = broker or default_broker()
+        check_endpoint(broker)
         keys_dir = keys or default_keys_dir()
         curve = None if no_curve else client_keys(keys_dir, "client")
-        client = BrokerClient(broker or default_broker(), resolve_api_key(api_key, keys_dir), curve=curve)
+        client = BrokerClient(broker, resolve_api_key(api_key, keys_dir), curve=curve)
         try:
             st = client.status(timeout_s=timeout)
         finally:

@@ -128,18 +128,22 @@ def test_status_loads_no_torch_and_answers_a_dead_broker_in_one_line():
 
 
 @pytest.mark.parametrize("args, message", [
-    (("--model", "/no/such/dir"), "no such model directory or file"),
-    (("--model", "not a model!"), "nor a Hugging Face hub id"),
-    (("--broker", "foo"), "is not a ZeroMQ endpoint"),
-    (("--wire-dtype", "fp8"), "wire dtype must be one of"),
-    (("--min-p", "3"), "min_p must be in [0, 1]"),
-    (("--mini-mode", "guess"), "mini mode must be one of"),
-    (("--force-local", "--force-cloud"), "exclude each other"),
+    (("edge", "--model", "/no/such/dir"), "no such model directory or file"),
+    (("edge", "--model", "not a model!"), "nor a Hugging Face hub id"),
+    (("edge", "--broker", "foo"), "is not a ZeroMQ endpoint"),
+    (("edge", "--wire-dtype", "fp8"), "wire dtype must be one of"),
+    (("edge", "--min-p", "3"), "min_p must be in [0, 1]"),
+    (("edge", "--mini-mode", "guess"), "mini mode must be one of"),
+    (("edge", "--force-local", "--force-cloud"), "exclude each other"),
+    (("cloud-worker", "--broker", "foo"), "is not a ZeroMQ endpoint"),
+    (("cloud-worker", "--model", "./not/here"), "no such model directory or file"),
+    (("cloud-worker", "--model", "tiny-llama", "--device", "tpu"), "--device must be auto, cpu or cuda"),
+    (("status", "--broker", "foo"), "is not a ZeroMQ endpoint"),
 ])
 def test_bad_options_are_refused_before_torch_is_imported(args, message):
     """A mistake in the options is one line, without waiting for torch (seconds on a small device)."""
     code = ("import sys\nfrom cli.main import app\n"
-            f"try:\n    app(['edge', *{list(args)!r}])\n"
+            f"try:\n    app({list(args)!r})\n"
             "except SystemExit as e:\n    code = e.code\n"
             "print('torch' in sys.modules, 'transformers' in sys.modules, code)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env(), timeout=60)
