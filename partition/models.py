@@ -44,6 +44,7 @@ from partition.model_spec import (  # noqa: F401 - re-exported: the names users 
     SMOLLM2_GGUF,
     SMOLLM2_INSTALL,
     SMOLLM2_PACKAGE,
+    TINY_LAYERS,
     TINY_MODELS,
     parse_model_spec,
     smollm2_gguf_path,
@@ -343,7 +344,6 @@ def _from_hub(repo_id: str) -> ModelSource:
 # --- tiny random models ---------------------------------------------------------------------------
 
 TINY_SEED = 0
-TINY_LAYERS = 4
 
 
 def _tiny(kind: str) -> ModelSource:

@@ -135,6 +135,8 @@ def test_status_loads_no_torch_and_answers_a_dead_broker_in_one_line():
     (("edge", "--min-p", "3"), "min_p must be in [0, 1]"),
     (("edge", "--mini-mode", "guess"), "mini mode must be one of"),
     (("edge", "--force-local", "--force-cloud"), "exclude each other"),
+    (("edge", "--split", "99"), "split 99 is outside [0, 30]"),
+    (("edge", "--model", "tiny-llama", "--split", "5"), "split 5 is outside [0, 4]"),
     (("cloud-worker", "--broker", "foo"), "is not a ZeroMQ endpoint"),
     (("cloud-worker", "--model", "./not/here"), "no such model directory or file"),
     (("cloud-worker", "--model", "tiny-llama", "--device", "tpu"), "--device must be auto, cpu or cuda"),

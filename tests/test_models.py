@@ -55,6 +55,15 @@ def test_unknown_models_get_one_clear_error(spec, message, monkeypatch):
         resolve_model(spec)
 
 
+def test_the_layer_count_is_known_without_loading_where_it_can_be(tiny_llama, tiny_gpt2):
+    from partition.model_spec import layer_count, parse_model_spec
+
+    for source in (tiny_llama, tiny_gpt2):
+        assert layer_count(parse_model_spec(str(source.directory))) == source.n_layers  # config.json
+    assert layer_count(parse_model_spec("tiny-gpt2")) == tiny_gpt2.n_layers
+    assert layer_count(parse_model_spec("someone/some-model")) is None, "a hub id is only known once loaded"
+
+
 def test_a_directory_without_a_model_is_refused(tmp_path):
     with pytest.raises(ModelNotFoundError, match="config.json"):
         resolve_model(str(tmp_path))
