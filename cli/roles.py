@@ -8,7 +8,14 @@ from typing import Annotated
 
 import typer
 
-from cli.common import EXIT_FAILED, EXIT_USAGE, setup_logging, stop_on_signals, typed_errors
+from cli.common import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    interrupt_on_signals,
+    setup_logging,
+    stop_on_signals,
+    typed_errors,
+)
 
 keys_app = typer.Typer(help="Create key material, and allow or revoke client and worker keys.", no_args_is_help=True)
 
@@ -96,7 +103,7 @@ def cloud_worker(
     from partition.model_spec import parse_model_spec
 
     setup_logging(verbose)
-    stop = stop_on_signals()
+    interrupt_on_signals()  # while the model loads (a first conversion takes a minute): end at once
     with typed_errors():
         # What can be checked without torch is checked first: a typo costs a second, not the imports.
         broker = broker or default_broker()
@@ -119,7 +126,7 @@ def cloud_worker(
             worker_id=worker_id, reductions_dir=reductions, curve=not no_curve,
         )
         worker = CloudWorker(config)
-        worker.stop_event = stop
+        worker.stop_event = stop_on_signals()  # serving: leave cleanly, saying DISCONNECT to the broker
         typer.echo(f"worker {worker.worker_id} ready: {worker.source.model_id} on {worker.device}", err=True)
         worker.serve()
 

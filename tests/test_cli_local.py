@@ -152,3 +152,26 @@ def test_bad_options_are_refused_before_torch_is_imported(args, message):
     assert out.stdout.split() == ["False", "False", "2"], out.stdout + out.stderr
     errors = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and message in errors[0], out.stderr
+
+
+@pytest.mark.real_model
+def test_a_worker_interrupted_while_it_loads_ends_at_once(smollm2):
+    """A worker stops on SIGTERM while it still loads and measures its model (seconds for
+    SmolLM2, a minute for a first conversion) instead of finishing that first."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(cli_command("cloud-worker", "--model", "smollm2-135m", "--no-encryption", "--broker",
+                                        "tcp://127.0.0.1:9"), env=child_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(2.5)  # past the CLI's start, inside the load
+        assert proc.poll() is None, proc.stderr.read()
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "interrupted" in err and "ready" not in err, err[-2000:]
+    assert took < 2 + 3, f"took {took:.1f} s"
