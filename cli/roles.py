@@ -99,32 +99,27 @@ def cloud_worker(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging on stderr.")] = False,
 ) -> None:
     """Run a cloud worker: serves layers [k, N) of a model for any split k, one KV cache per session."""
-    from edge_worker.config import check_endpoint, default_broker, default_keys_dir
-    from partition.model_spec import parse_model_spec
+    from cloud_worker.config import CloudWorkerConfig
+    from edge_worker.config import default_broker, default_keys_dir
 
     setup_logging(verbose)
     interrupt_on_signals()  # while the model loads (a first conversion takes a minute): end at once
     with typed_errors():
-        # What can be checked without torch is checked first: a typo costs a second, not the imports.
-        broker = broker or default_broker()
-        check_endpoint(broker)
-        parse_model_spec(model)
-        if device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
-        from cloud_worker.worker import CloudWorker, CloudWorkerConfig
-
         keys_dir = keys or default_keys_dir()
         has_key = (keys_dir / f"worker-{key_name}.key").exists()
-        if not no_encryption and not has_key:
-            typer.echo(f"warning: no worker key {keys_dir}/worker-{key_name}.key: serving unencrypted sessions "
-                       f"only (create one with `edgecloud keys generate {keys_dir}`)", err=True)
+        # Checks the broker address, the model and the device before torch is imported.
         config = CloudWorkerConfig(
-            broker=broker, model=model, keys_dir=keys_dir if has_key else None,
+            broker=broker or default_broker(), model=model, keys_dir=keys_dir if has_key else None,
             key_name=key_name, encryption=not no_encryption, allow_plaintext=allow_plaintext, device=device,
             max_sessions=max_sessions,
             session_idle_ttl_s=session_ttl, max_session_tokens=max_tokens, torch_threads=threads,
             worker_id=worker_id, reductions_dir=reductions, curve=not no_curve,
         )
+        if not no_encryption and not has_key:
+            typer.echo(f"warning: no worker key {keys_dir}/worker-{key_name}.key: serving unencrypted sessions "
+                       f"only (create one with `edgecloud keys generate {keys_dir}`)", err=True)
+        from cloud_worker.worker import CloudWorker
+
         worker = CloudWorker(config)
         worker.stop_event = stop_on_signals()  # serving: leave cleanly, saying DISCONNECT to the broker
         typer.echo(f"worker {worker.worker_id} ready: {worker.source.model_id} on {worker.device}", err=True)

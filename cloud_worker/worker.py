@@ -13,8 +13,6 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -32,6 +30,7 @@ from broker.wire.session_protocol import (
     seal_step_reply,
 )
 from broker.worker_api import Job, WorkerConnection, WorkerInfo
+from cloud_worker.config import CloudWorkerConfig, check_device
 from cloud_worker.faults import FaultInjector
 from cloud_worker.sessions import Session, SessionTable
 from partition.kv_cache import CacheFullError
@@ -48,37 +47,12 @@ log = logging.getLogger(__name__)
 _IDLE_POLL_S = 0.2
 
 
-@dataclass(frozen=True)
-class CloudWorkerConfig:
-    broker: str = "tcp://127.0.0.1:5555"
-    model: str = "smollm2-135m"
-    keys_dir: Path | None = None  # holds worker-<name>.key; None or missing keys: no encryption
-    key_name: str = "default"
-    encryption: bool = True
-    # A worker with keys refuses sessions in the clear unless this is set: an edge that forgot
-    # --keys (or an attacker with an API key) must not downgrade a deployment that encrypts.
-    allow_plaintext: bool = False
-    device: str = "auto"  # auto | cpu | cuda
-    worker_id: str | None = None
-    max_sessions: int = 64
-    session_idle_ttl_s: float = 600.0  # a session untouched this long is freed
-    max_session_tokens: int = 8192  # KV cache length limit per session
-    torch_threads: int | None = None
-    # Where the projection files of reduced sessions are (partition/reduction.py); None: the default,
-    # $EDGECLOUD_REDUCTIONS or ~/.cache/edgecloud/reductions.
-    reductions_dir: Path | None = None
-    # CURVE to the broker with worker-<key_name>.key and the broker's public key from keys_dir
-    # (when they are there); False (--no-curve) connects in the clear.
-    curve: bool = True
-
-
 def pick_device(name: str) -> torch.device:
+    check_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
     return torch.device(name)
 
 
@@ -140,6 +114,7 @@ class CloudWorker:
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self.device = pick_device(config.device)
+        log.info("loading %s on %s, then measuring its speed", config.model, self.device)
         self.source = resolve_model(config.model)
         dtype = torch.float32 if self.device.type == "cpu" else torch.float16
         self.segment = ModelSegment.load(

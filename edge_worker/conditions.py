@@ -62,11 +62,9 @@ def unmeasured(snapshot: DeviceSnapshot | None) -> tuple[str, ...]:
     their defaults: what a plan made from it assumes rather than knows."""
     if snapshot is None:
         return ("edge_cpu_load", "bandwidth_mbps", "downlink_mbps", "battery_fraction")
-    missing = []
-    for field, value in (("bandwidth_mbps", snapshot.uplink_mbps), ("downlink_mbps", snapshot.downlink_mbps)):
-        if value is None or not math.isfinite(value) or value <= 0:
-            missing.append(field)
-    if snapshot.on_battery is True and snapshot.battery_percent is None:
+    measured = _measured(snapshot)
+    missing = [field for field in ("bandwidth_mbps", "downlink_mbps") if field not in measured]
+    if snapshot.on_battery is True and "battery_fraction" not in measured:  # without a battery it is moot
         missing.append("battery_fraction")
     return tuple(missing)
 
@@ -86,6 +84,11 @@ def to_conditions(snapshot: DeviceSnapshot, defaults: Conditions) -> Conditions:
     Whether the cloud is reachable at all is not a ``Conditions`` field: check
     ``snapshot.cloud_reachable`` before planning a split that needs it.
     """
+    return replace(defaults, **_measured(snapshot))
+
+
+def _measured(snapshot: DeviceSnapshot) -> dict[str, Any]:
+    """The ``Conditions`` fields ``snapshot`` measured, with their values."""
     updates: dict[str, Any] = {
         "edge_cpu_load": snapshot.other_cpu_load,
         "edge_mem_available_bytes": max(0, int(snapshot.mem_available_bytes)),
@@ -99,7 +102,7 @@ def to_conditions(snapshot: DeviceSnapshot, defaults: Conditions) -> Conditions:
         updates["battery_fraction"] = 1.0
     elif snapshot.on_battery is True and snapshot.battery_percent is not None:
         updates["battery_fraction"] = clamp01(snapshot.battery_percent / 100.0)
-    return replace(defaults, **updates)
+    return updates
 
 
 def _moved_rel(old: float | None, new: float | None, rel: float) -> bool:

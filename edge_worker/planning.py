@@ -50,10 +50,9 @@ class Decision:
         """For the ``--json`` object: the choice, the measurements behind it, and what the planner
         predicted for it (so a run can be checked against its own forecast)."""
         d: dict[str, Any] = {"k": self.k, "reason": self.reason, "rtt_ms": self.rtt_ms, "at_step": self.at_step}
-        if self.conditions is not None:
-            d["assumed"] = list(self.assumed)
         c = self.conditions
         if c is not None:
+            d["assumed"] = list(self.assumed)
             cloud = (round(sum(c.cloud_layer_ms) / len(c.cloud_layer_ms), 4) if c.cloud_layer_ms
                      else None)
             d["measured"] = {"rtt_ms": round(c.rtt_ms, 3), "bandwidth_mbps": round(c.bandwidth_mbps, 3),

@@ -165,13 +165,17 @@ def test_a_worker_interrupted_while_it_loads_ends_at_once(smollm2):
                                         "tcp://127.0.0.1:9"), env=child_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(2.5)  # past the CLI's start, inside the load
-        assert proc.poll() is None, proc.stderr.read()
+        seen = []
+        for line in proc.stderr:  # until the worker says it is loading (or it exits)
+            seen.append(line)
+            if "loading smollm2-135m" in line:
+                break
+        assert proc.poll() is None and "loading" in seen[-1], "".join(seen)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
         took = time.monotonic() - t0
     finally:
         proc.kill()
-    assert proc.returncode == 130 and "interrupted" in err and "ready" not in err, err[-2000:]
+    assert proc.returncode == 130 and "interrupted" in err and "ready" not in "".join(seen) + err, err[-2000:]
     assert took < 2 + 3, f"took {took:.1f} s"

@@ -78,16 +78,17 @@ def test_cpu_load_is_measured_over_a_window():
 def test_the_first_reading_right_after_start_is_a_measurement_not_zero():
     """A reading taken at once used a window of microseconds, which psutil answers with 0.0: the
     first split was planned on an idle machine while this process was busy."""
-    stop = threading.Event()
+    stop, spinning = threading.Event(), threading.Event()
 
     def spin() -> None:
+        spinning.set()
         while not stop.is_set():
             sum(range(1000))
 
     busy = threading.Thread(target=spin, daemon=True)
     busy.start()
     try:
-        time.sleep(0.05)
+        assert spinning.wait(10)
         s = DeviceMonitor().snapshot()
     finally:
         stop.set()

@@ -1,0 +1,48 @@
+"""A cloud worker's settings, without torch: the CLI builds and checks them before the worker
+(``cloud_worker.worker``) and its imports load."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def check_device(name: str) -> None:
+    if name not in DEVICES:
+        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
+
+
+@dataclass(frozen=True)
+class CloudWorkerConfig:
+    broker: str = "tcp://127.0.0.1:5555"
+    model: str = "smollm2-135m"
+    keys_dir: Path | None = None  # holds worker-<name>.key; None or missing keys: no encryption
+    key_name: str = "default"
+    encryption: bool = True
+    # A worker with keys refuses sessions in the clear unless this is set: an edge that forgot
+    # --keys (or an attacker with an API key) must not downgrade a deployment that encrypts.
+    allow_plaintext: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    worker_id: str | None = None
+    max_sessions: int = 64
+    session_idle_ttl_s: float = 600.0  # a session untouched this long is freed
+    max_session_tokens: int = 8192  # KV cache length limit per session
+    torch_threads: int | None = None
+    # Where the projection files of reduced sessions are (partition/reduction.py); None: the default,
+    # $EDGECLOUD_REDUCTIONS or ~/.cache/edgecloud/reductions.
+    reductions_dir: Path | None = None
+    # CURVE to the broker with worker-<key_name>.key and the broker's public key from keys_dir
+    # (when they are there); False (--no-curve) connects in the clear.
+    curve: bool = True
+
+    def __post_init__(self) -> None:
+        # What can be checked without torch is checked here, before the worker loads anything: a
+        # typo costs a fraction of a second, not the imports.
+        from edge_worker.config import check_endpoint
+        from partition.model_spec import parse_model_spec
+
+        check_endpoint(self.broker)
+        parse_model_spec(self.model)
+        check_device(self.device)
