@@ -122,6 +122,8 @@ EDGE_OPTIONS: tuple[Opt, ...] = (
     _opt("stop", list[str] | None, None, "stop", "End the text before this string (repeat for several).",
          convert=lambda v: tuple(v or ())),
     _opt("raw_prompt", bool, False, "raw_prompt", "Do not apply the chat template."),
+    _opt("truncate_prompt", bool, False, "truncate_prompt", "A prompt too long for the model's context with "
+         "--tokens after it loses its oldest tokens instead of being refused."),
     _opt("timeout", float, 30.0, "request_timeout_s", "Seconds one cloud request may take before a retry."),
     _opt("deadline", float, 60.0, "step_deadline_s", "Seconds one step may take, retries and failovers "
          "included, before giving up (or falling back)."),

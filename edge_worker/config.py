@@ -90,6 +90,7 @@ class EdgeConfig:
     force_local: bool = False  # every layer on the edge, no broker needed
     force_cloud: bool = False  # only the embedding on the edge (split 0)
     raw_prompt: bool = False  # skip the chat template of instruct models
+    truncate_prompt: bool = False  # a prompt too long for the context loses its oldest tokens instead of an error
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0

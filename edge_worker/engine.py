@@ -76,12 +76,15 @@ class GenerationParams:
     stop: tuple[str, ...] = ()  # end the text before the first of these strings
     min_p: float = 0.0  # drop tokens below min_p times the top token's probability; 0 keeps every token
     repetition_penalty: float = 1.0  # >1 discourages repeating generated tokens; 1 is off
+    # A prompt that does not fit the context with max_new_tokens after it loses its oldest tokens
+    # instead of being refused.
+    truncate_prompt: bool = False
 
     @classmethod
     def from_settings(cls, settings: EdgeConfig) -> GenerationParams:
         return cls(settings.max_new_tokens, settings.temperature, settings.top_p, settings.seed,
                    settings.raw_prompt, top_k=settings.top_k, stop=settings.stop, min_p=settings.min_p,
-                   repetition_penalty=settings.repetition_penalty)
+                   repetition_penalty=settings.repetition_penalty, truncate_prompt=settings.truncate_prompt)
 
     @property
     def sampling(self) -> SamplingParams:
@@ -275,7 +278,12 @@ class EdgeEngine:
             if len(ids) != 1:
                 raise ValueError(f"one sequence at a time (batch size 1), got {len(ids)}")
             ids = ids[0]
-        return [int(i) for i in ids]
+        ids = [int(i) for i in ids]
+        vocab = int(self.source.config.vocab_size)
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise ValueError(f"token ids must be in [0, {vocab}) for {self.source.name}; got {bad[:5]}")
+        return ids
 
     def check_fits(self, prompt_tokens: int, new_tokens: int) -> None:
         limit = self.context_length
@@ -283,7 +291,23 @@ class EdgeEngine:
             raise ContextLengthError(
                 f"the prompt is {prompt_tokens} tokens and {new_tokens} more were asked for, "
                 f"{prompt_tokens + new_tokens} positions; {self.source.name} holds {limit}: "
-                "shorten the prompt or ask for fewer tokens")
+                "shorten the prompt, ask for fewer tokens, or let the prompt lose its oldest tokens "
+                "(--truncate-prompt)")
+
+    def fit_prompt(self, ids: list[int], new_tokens: int, truncate: bool) -> list[int]:
+        """``ids`` when they and ``new_tokens`` fit the context; with ``truncate``, their newest
+        tokens that do; otherwise ``ContextLengthError``. Asking for more tokens than the whole
+        context holds is refused either way."""
+        limit = self.context_length
+        if limit is None or len(ids) + new_tokens <= limit:
+            return ids
+        if not truncate:
+            self.check_fits(len(ids), new_tokens)
+        if new_tokens >= limit:
+            raise ContextLengthError(
+                f"{new_tokens} tokens were asked for and {self.source.name} holds {limit} positions: "
+                "no prompt fits before them; ask for fewer tokens")
+        return ids[len(ids) + new_tokens - limit:]
 
     def generate(self, prompt: str | list[int] | torch.Tensor, params: GenerationParams | None = None,
                  on_text: Callable[[str], None] | None = None,
@@ -297,7 +321,11 @@ class EdgeEngine:
             raise ValueError("the prompt encodes to no tokens")
         if params.max_new_tokens < 1:
             raise ValueError(f"tokens must be at least 1, got {params.max_new_tokens}")
-        self.check_fits(len(ids), params.max_new_tokens)
+        given = len(ids)
+        ids = self.fit_prompt(ids, params.max_new_tokens, params.truncate_prompt)
+        if len(ids) < given:
+            self.progress(f"the prompt lost its {given - len(ids)} oldest tokens to fit {self.context_length} "
+                          "positions")
         decision, watch = self._decide(len(ids), params.max_new_tokens)
         run = _Run(self, watch)
         k = decision.k
@@ -314,6 +342,7 @@ class EdgeEngine:
             if isinstance(exc, WeightsMismatch) or self.planner is None and self.client is None:
                 raise
             raise self.serving_error(exc) from None
+        result.prompt_tokens_dropped = given - len(ids)
         if decision.reason.startswith(RAN_HERE):
             result.fallback_at_step = 0
         if decision.reason != "forced":

@@ -57,7 +57,7 @@ class GenerationResult:
     split: int
     n_layers: int
     model: str
-    prompt_tokens: int
+    prompt_tokens: int  # what the model read (after --truncate-prompt dropped any)
     cloud_round_trips: int = 0  # frames sent to the cloud (pipelined frames included)
     cloud_waits: int = 0  # times the edge had to wait for a cloud answer that was not in yet
     bytes_sent: int = 0
@@ -77,6 +77,7 @@ class GenerationResult:
     workers_used: list[str] = field(default_factory=list)  # in the order they first served
     decision: dict | None = None  # how the split was chosen, when the planner chose it
     decisions: list[dict] = field(default_factory=list)  # that and every re-plan that moved it
+    prompt_tokens_dropped: int = 0  # the prompt's oldest tokens cut so the generation fits the context
     fallback_at_step: int | None = None  # the step from which the edge ran every layer itself
     # Split moves during the generation: {"step", "from", "to", "rebuild_ms", "reason"}.
     moves: list[dict] = field(default_factory=list)

@@ -199,18 +199,26 @@ class _Server:
             raise APIError(404, f"model '{body.model}' is not served here; this server runs '{self.model}' "
                            "(GET /v1/models)", param="model", code="model_not_found")
 
-    def prepare(self, body: CompletionBase, ids: list[int], raw_prompt: bool) -> GenerationParams:
+    def prepare(self, body: CompletionBase, ids: list[int], raw_prompt: bool
+                ) -> tuple[list[int], GenerationParams]:
+        """The prompt as the model will read it (its last ``truncate_prompt_tokens``, or fitted to
+        the context when the server runs with ``--truncate-prompt``) and the request's params."""
         limit = self.engine.context_length
         requested = body.limit()
+        if body.truncate_prompt_tokens is not None:
+            ids = ids[-body.truncate_prompt_tokens:]
         params = body.params(self.engine.defaults, raw_prompt,
                              seed=body.seed if body.seed is not None else secrets.randbelow(2**31))
         if requested is None and limit is not None:  # no max_tokens: the default, within the context
             params = replace(params, max_new_tokens=max(1, min(params.max_new_tokens, limit - len(ids))))
         try:
-            self.engine.check_fits(len(ids), params.max_new_tokens)
+            ids = self.engine.fit_prompt(ids, params.max_new_tokens, params.truncate_prompt)
         except ContextLengthError as exc:
-            raise engine_error(exc) from None
-        return params
+            message = str(exc).replace("(--truncate-prompt)", "(truncate_prompt_tokens)")
+            raise APIError(400, message, param="prompt" if raw_prompt else "messages",
+                           code="context_length_exceeded") from None
+        # The engine gets the prompt already fitted: usage counts what the model read.
+        return ids, replace(params, truncate_prompt=False)
 
     def prompt_ids(self, body: CompletionRequest) -> list[int]:
         if isinstance(body.prompt, str):
@@ -351,7 +359,7 @@ def create_app(engine: EdgeEngine, config: ServerConfig | None = None) -> FastAP
         server.check_key(request)
         server.check_model(body)
         ids = engine.encode_chat(body.conversation())
-        params = server.prepare(body, ids, raw_prompt=False)
+        ids, params = server.prepare(body, ids, raw_prompt=False)
         return await server.complete(body, ids, params, chat=True)
 
     @app.post("/v1/completions")
@@ -359,7 +367,7 @@ def create_app(engine: EdgeEngine, config: ServerConfig | None = None) -> FastAP
         server.check_key(request)
         server.check_model(body)
         ids = server.prompt_ids(body)
-        params = server.prepare(body, ids, raw_prompt=True)
+        ids, params = server.prepare(body, ids, raw_prompt=True)
         return await server.complete(body, ids, params, chat=False)
 
     return app

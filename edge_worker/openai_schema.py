@@ -82,6 +82,8 @@ class CompletionBase(BaseModel):
     # An extension, as in vLLM, over the generated tokens only (the prompt's ids stay on the device).
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     ignore_eos: bool = False  # an extension (vLLM's): always generate max_tokens, for benchmarks
+    # An extension, as in vLLM: keep only the prompt's last k tokens.
+    truncate_prompt_tokens: int | None = Field(None, ge=1)
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
@@ -129,6 +131,7 @@ class CompletionBase(BaseModel):
             repetition_penalty=(defaults.repetition_penalty if self.repetition_penalty is None
                                 else self.repetition_penalty),
             seed=seed, raw_prompt=raw_prompt, stop=tuple(self.stop or defaults.stop), ignore_eos=self.ignore_eos,
+            truncate_prompt=defaults.truncate_prompt,
         )
 
     @property

@@ -64,6 +64,8 @@ class Decision:
             d["predicted"] = {"latency_ms": round(row.latency_ms, 1), "decode_ms_per_token":
                               round(row.decode_ms_per_token, 3), "energy_j": round(row.energy_j, 4),
                               "memory_bytes": row.memory_bytes}
+            w = self.plan.weights  # as given, normalised to sum 1 (the battery may shift what priced the split)
+            d["weights"] = {"energy": round(w.energy, 4), "latency": round(w.latency, 4), "memory": round(w.memory, 4)}
         return d
 
     def summary(self) -> str:

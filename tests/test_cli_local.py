@@ -59,6 +59,18 @@ def test_smollm2_local_cli_matches_generate_with_the_chat_template(smollm2, smol
     assert raw["prompt_tokens"] == len(tokenizer(prompt)["input_ids"]) < len(ids)
 
 
+def test_a_prompt_past_the_context_is_refused_in_one_line_or_cut_on_request():
+    prompt = " ".join(["word"] * 1100)  # past tiny-llama's 1024 positions
+    out = run("edge", "--force-local", "--model", "tiny-llama", "--raw-prompt", "--prompt", prompt, "--tokens", "4")
+    assert out.returncode == 2 and "holds 1024" in out.stderr and "--truncate-prompt" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = run("edge", "--force-local", "--model", "tiny-llama", "--raw-prompt", "--prompt", prompt, "--tokens", "4",
+              "--truncate-prompt", "--json")
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert r["prompt_tokens"] == 1020 and r["prompt_tokens_dropped"] > 0 and len(r["token_ids"]) == 4
+
+
 def test_text_mode_streams_the_text_to_stdout_and_the_summary_to_stderr():
     out = run("edge", "--force-local", "--model", "tiny-llama", "--prompt", "abc", "--tokens", "5")
     assert out.returncode == 0, out.stderr

@@ -158,6 +158,21 @@ def test_a_prompt_past_the_context_is_refused_with_a_clear_error(tiny_llama):
             engine.generate([65] * 1025, engine.params(max_new_tokens=1))
 
 
+def test_on_request_a_long_prompt_loses_its_oldest_tokens_and_runs_as_its_tail_would(tiny_llama):
+    from edge_worker.engine import ContextLengthError
+
+    ids = [(7 * i) % 250 + 3 for i in range(1030)]
+    with local_engine("tiny-llama") as engine:
+        cut = engine.generate(ids, engine.params(max_new_tokens=6, truncate_prompt=True))
+        tail = engine.generate(ids[-1018:], engine.params(max_new_tokens=6))
+        assert cut.token_ids == tail.token_ids
+        assert cut.prompt_tokens == 1018 and cut.prompt_tokens_dropped == 12 and tail.prompt_tokens_dropped == 0
+        # A prompt that fits is left whole; more tokens than the context holds are refused either way.
+        assert engine.fit_prompt(ids[:10], 6, truncate=True) == ids[:10]
+        with pytest.raises(ContextLengthError, match="no prompt fits"):
+            engine.generate(ids, engine.params(max_new_tokens=1024, truncate_prompt=True))
+
+
 def test_a_split_generation_with_no_cloud_falls_back_and_says_at_which_step(tiny_llama, llama_object):
     from edge_worker.config import EdgeConfig
     from edge_worker.engine import EdgeEngine

@@ -203,6 +203,32 @@ def test_a_prompt_past_the_context_is_a_400_that_says_so(api):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 4
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_tail_and_usage_counts_what_was_read(api, engine):
+    ids = [(7 * i) % 250 + 3 for i in range(1030)]
+    expected = engine.generate(ids[-20:], engine.params(max_new_tokens=5)).token_ids
+    r = api.post("/v1/completions", headers=AUTH, json={"model": MODEL, "prompt": ids, "max_tokens": 5,
+                                                         "truncate_prompt_tokens": 20})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == 20
+    assert r.json()["choices"][0]["text"] == engine.tokenizer.decode(expected, skip_special_tokens=True)
+    r = api.post("/v1/completions", headers=AUTH, json={"model": MODEL, "prompt": ids, "max_tokens": 5,
+                                                         "truncate_prompt_tokens": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens"
+
+
+def test_a_server_started_with_truncate_prompt_fits_long_prompts_to_the_context(tiny_llama):
+    from edge_worker.config import EdgeConfig
+    from edge_worker.engine import EdgeEngine
+
+    ids = [(7 * i) % 250 + 3 for i in range(1030)]
+    with EdgeEngine(MODEL, EdgeConfig(force_local=True, truncate_prompt=True)) as cutting, client(cutting) as c:
+        r = c.post("/v1/completions", headers=AUTH, json={"model": MODEL, "prompt": ids, "max_tokens": 4})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == 1020
+        expected = cutting.generate(ids[-1020:], cutting.params(max_new_tokens=4)).token_ids
+        assert r.json()["choices"][0]["text"] == cutting.tokenizer.decode(expected, skip_special_tokens=True)
+
+
 def test_a_split_generation_with_no_cloud_and_no_fallback_is_503(tiny_llama):
     from fastapi.testclient import TestClient
 

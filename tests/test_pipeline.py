@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -220,6 +221,19 @@ def test_a_force_local_demo_starts_no_process_and_forwards_the_edge_options():
                                        "neural network to the cloud."),
                            capture_output=True, text=True, timeout=240)
     assert json.loads(alone.stdout)["token_ids"] == result["token_ids"]
+
+
+def test_the_seeds_script_path_and_options_run_the_demo():
+    """The design's own line, at the design's path (./src/run_edge_cloud.sh), on the tiny model."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([str(root / "src" / "run_edge_cloud.sh"), "--tokens", "20", "--cloud-latency", "0.5",
+                          "--energy-weight", "0.4", "--model", "tiny-llama", "--json"],
+                         capture_output=True, text=True, timeout=240, cwd="/")
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    assert len(result["token_ids"]) == 20
+    assert result["decision"]["weights"]["energy"] == pytest.approx(0.4 / 1.1, abs=1e-3)  # 0.4, 0.4, 0.3 normalised
+    assert not os.path.exists(result["cluster"]["workdir"])
 
 
 def test_generation_survives_kill_9_of_its_worker_with_identical_output():
