@@ -14,6 +14,14 @@ import torch
 from torch import nn
 
 from partition.arch import LayerRunner, attention_mask, meta_skeleton, sliding_window_of
+from partition.batching import (
+    PACK_MAX_ROWS,
+    Part,
+    attention_function,
+    packable,
+    packed_linear,
+    run_packed_layer,
+)
 from partition.errors import InvalidSplitError
 from partition.kv_cache import SegmentKVCache
 from partition.models import ModelSource
@@ -27,6 +35,16 @@ class SegmentSpec:
     hi: int
     embed: bool  # holds the token (and, for GPT-2, position) embedding
     head: bool  # holds the final norm and the LM head
+
+
+@dataclass
+class StepInput:
+    """One session's frame for ``ModelSegment.forward_many``."""
+
+    x: torch.Tensor  # token ids (1, T) for a segment with the embedding, else hidden states (1, T, H)
+    cache: SegmentKVCache
+    start_layer: int | None = None
+    logits: str | int = "last"
 
 
 @dataclass
@@ -70,6 +88,8 @@ class ModelSegment(nn.Module):
         self.embeddings = nn.ModuleList(wanted[p] for p in family.embed_prefixes) if spec.embed else None
         self._load(wanted)
         self.windows = [sliding_window_of(layer) for layer in self.layers]
+        self._packable = packable(source.config)
+        self._attention = attention_function(source.config) if self._packable else None
         if self.runner.rotary is not None:
             self.runner.rotary.to(self.device)
         self.eval()
@@ -120,6 +140,11 @@ class ModelSegment(nn.Module):
     def new_cache(self, max_length_tokens: int | None = None) -> SegmentKVCache:
         return SegmentKVCache(max_length_tokens=max_length_tokens)
 
+    @property
+    def packable(self) -> bool:
+        """Whether short frames of several sessions run packed (``partition.batching``)."""
+        return self._packable
+
     @torch.inference_mode()
     def forward(  # type: ignore[override]
         self,
@@ -136,27 +161,72 @@ class ModelSegment(nn.Module):
         holds ``[lo, N)`` serves a session split at any ``k >= lo``. ``logits`` is ``"last"``
         (next-token only), ``"all"``, ``"none"``, or a count ``n``: the last ``n`` positions
         (speculative verification needs the pending token's and the drafts' logits).
+
+        A frame of at most ``PACK_MAX_ROWS`` positions runs as a batch of one through
+        ``forward_many``: its numbers are then the same as when it runs beside other sessions.
         """
-        past = cache.length
+        return self.forward_many([StepInput(x, cache, start_layer, logits)])[0]
+
+    @torch.inference_mode()
+    def forward_many(self, steps: list[StepInput]) -> list[SegmentOutput]:
+        """``forward`` for several sessions at once (each its own cache): frames of at most
+        ``PACK_MAX_ROWS`` positions share the layers' matrix products, longer ones (prefills)
+        run by themselves, and so do batched caches (several rows of one prefix,
+        ``SegmentKVCache.repeated``). Each output is bit-identical to that step run alone."""
+        if len({id(s.cache) for s in steps}) != len(steps):
+            raise ValueError("one step per cache in a batch: a session's steps run one after another")
+        outputs: list[SegmentOutput | None] = [None] * len(steps)
+        packed = []
+        for i, step in enumerate(steps):
+            if self._packable and step.x.shape[0] == 1 and step.x.shape[1] <= PACK_MAX_ROWS:
+                packed.append(i)
+            else:
+                outputs[i] = self._forward_alone(step)
+        if packed:
+            for i, out in zip(packed, self._forward_packed([steps[i] for i in packed]), strict=True):
+                outputs[i] = out
+        return outputs  # type: ignore[return-value]
+
+    def _inputs(self, x: torch.Tensor, past: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden (1, T, H), positions (1, T)) for new input ``x`` after ``past`` positions."""
         if self.embeddings is not None:
             if x.dtype != torch.long or x.dim() != 2:
                 raise ValueError(f"a segment with the embedding takes token ids (1, T), got {tuple(x.shape)}")
-            t_new = x.shape[1]
-            positions = torch.arange(past, past + t_new, device=self.device).unsqueeze(0)  # (1, T)
+            positions = torch.arange(past, past + x.shape[1], device=self.device).unsqueeze(0)  # (1, T)
             hidden = self.embeddings[0](x.to(self.device))  # (1, T, H)
             if self.source.family.learned_positions:
                 hidden = hidden + self.embeddings[1](positions)
-        else:
-            if x.dim() != 3:
-                raise ValueError(f"a segment without the embedding takes hidden states (1, T, H), got {tuple(x.shape)}")
-            t_new = x.shape[1]
-            positions = torch.arange(past, past + t_new, device=self.device).unsqueeze(0)
-            hidden = x.to(self.device, self.dtype)
+            return hidden, positions
+        if x.dim() != 3:
+            raise ValueError(f"a segment without the embedding takes hidden states (1, T, H), got {tuple(x.shape)}")
+        positions = torch.arange(past, past + x.shape[1], device=self.device).unsqueeze(0)
+        return x.to(self.device, self.dtype), positions
+
+    def _first_layer(self, start_layer: int | None) -> int:
         first = 0 if start_layer is None else start_layer - self.spec.lo
         if not 0 <= first <= len(self.layers):
             raise InvalidSplitError(
                 f"start layer {start_layer} is outside this segment's range [{self.spec.lo}, {self.spec.hi}]"
             )
+        return first
+
+    def _logit_rows(self, logits: str | int, t_new: int) -> int:
+        """How many of the last positions get logits (0: none)."""
+        if self.lm_head is None or logits == "none":
+            return 0
+        count = {"all": t_new, "last": 1}.get(logits, logits) if isinstance(logits, str) else logits
+        if not isinstance(count, int) or not 1 <= count <= t_new:
+            raise ValueError(f"logits must be 'last', 'all', 'none' or 1..{t_new}, got {logits!r}")
+        return count
+
+    def _forward_alone(self, step: StepInput) -> SegmentOutput:
+        """One frame through transformers' own decoder layers."""
+        cache = step.cache
+        past = cache.length
+        hidden, positions = self._inputs(step.x, past)
+        t_new = hidden.shape[1]
+        first = self._first_layer(step.start_layer)
+        count = self._logit_rows(step.logits, t_new)
         if self.layers[first:]:
             shared = self.runner.position_inputs(hidden, positions)
             masks: dict[int | None, torch.Tensor | None] = {}
@@ -166,13 +236,46 @@ class ModelSegment(nn.Module):
                 hidden = self.runner.call(layer, hidden, masks[window], cache, shared)
         cache.advance(t_new)
         out_logits = None
-        if self.lm_head is not None and logits != "none":
-            count = {"all": t_new, "last": 1}.get(logits, logits) if isinstance(logits, str) else logits
-            if not isinstance(count, int) or not 1 <= count <= t_new:
-                raise ValueError(f"logits must be 'last', 'all', 'none' or 1..{t_new}, got {logits!r}")
+        if count:
             normed = self.norm(hidden[:, t_new - count:, :])
-            out_logits = self.lm_head(normed).float()  # (1, T or 1, V)
+            out_logits = self.lm_head(normed).float()  # (1, count, V)
         return SegmentOutput(hidden=hidden, logits=out_logits)
+
+    def _forward_packed(self, steps: list[StepInput]) -> list[SegmentOutput]:
+        hiddens: list[torch.Tensor] = []  # (T_i, H) each
+        parts: list[Part] = []
+        counts = []
+        for step in steps:
+            past = step.cache.length
+            hidden, positions = self._inputs(step.x, past)
+            t_new = hidden.shape[1]
+            counts.append(self._logit_rows(step.logits, t_new))
+            masks = {w: attention_mask(t_new, past, hidden.dtype, self.device, w) for w in set(self.windows)}
+            shared = self.runner.position_inputs(hidden, positions) if self.layers else {}
+            parts.append(Part(step.cache, t_new, self._first_layer(step.start_layer), shared, masks))
+            hiddens.append(hidden[0])
+        for index, (layer, window) in enumerate(zip(self.layers, self.windows, strict=True)):
+            active = [j for j, part in enumerate(parts) if part.first_layer <= index]
+            if not active:
+                continue
+            rows = torch.cat([hiddens[j] for j in active]) if len(active) > 1 else hiddens[active[0]]
+            rows = run_packed_layer(layer, rows, [parts[j] for j in active], window, self._attention)
+            start = 0
+            for j in active:
+                hiddens[j] = rows[start:start + parts[j].rows]
+                start += parts[j].rows
+        for part in parts:
+            part.cache.advance(part.rows)
+        logits: list[torch.Tensor | None] = [None] * len(steps)
+        wanted = [j for j, count in enumerate(counts) if count]
+        if wanted:
+            last = torch.cat([hiddens[j][parts[j].rows - counts[j]:] for j in wanted])
+            head = packed_linear(self.norm(last), self.lm_head).float()
+            start = 0
+            for j in wanted:
+                logits[j] = head[start:start + counts[j]].unsqueeze(0)
+                start += counts[j]
+        return [SegmentOutput(hidden=h.unsqueeze(0), logits=lg) for h, lg in zip(hiddens, logits, strict=True)]
 
     def describe(self) -> str:
         parts = [f"layers [{self.spec.lo}, {self.spec.hi}) of {self.n_layers}"]

@@ -1,0 +1,150 @@
+"""Running several sessions' new positions through the same layers at once, with each row's
+result independent of what else is in the batch.
+
+Continuous batching (Orca) pays off because a decoder step is dominated by streaming weights:
+eight sessions' rows multiplied by a matrix at once cost far less than eight multiplications of
+one row. But a matrix product's result for one row can depend on how many rows are in the call.
+BLAS libraries pick a kernel by shape, and kernels sum in different orders. Measured with this
+project's torch (MKL, CPU): one row takes a matrix-vector kernel, 2..15 rows a small-matrix
+kernel, 16 and more a blocked one, and the boundaries move with the thread count (two threads
+put 576x576 products with 4 rows already on the blocked kernel). Three kernels, three answers
+for the same row, differing in the last bits: enough to change a greedy token now and then.
+
+So rows are never multiplied in a call whose size would change their kernel. For each weight (its
+shape, dtype, device, and the thread count) ``row_limit`` finds, once, the largest row count
+``m`` such that every call of 2..m rows gives each row bit-identical results: the range of the
+kernel that two rows get. Packed products then run in tiles of 2..m rows (a lone row is padded
+to two, which costs nothing measurable next to one), so a row's result is the same whether its
+session runs alone or beside fifteen others, on any split. Frames longer than ``PACK_MAX_ROWS``
+(prefills) do not mix with others: they run by themselves, their products shaped by their own
+length only. The edge runs its local layers through the same code, so a split run and a local
+run compute the same numbers.
+
+Attention needs no care: each session attends over its own cache in a call of its own shape.
+Row-wise operations (RMSNorm, rotary positions, SiLU, residual adds) do not mix rows.
+
+Supported: the Llama architecture (``model_type`` llama). Other families run each session's
+frame by itself through transformers' own layer (correct, without the batching gain).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Frames with more rows than this run by themselves (a prefill), the rest are packed.
+PACK_MAX_ROWS = 16
+# The largest tile the probe tries: the small-matrix kernel's range (2..15 rows on MKL) fits.
+_PROBE_MAX_ROWS = 16
+
+_limits: dict[tuple, int] = {}
+_limits_lock = threading.Lock()
+
+
+def row_limit(weight: torch.Tensor, bias: torch.Tensor | None = None) -> int:
+    """The most rows a product with ``weight`` may take while every row keeps the result it has
+    in a two-row product (at least 2)."""
+    key = (tuple(weight.shape), weight.dtype, weight.device, bias is not None, torch.get_num_threads())
+    with _limits_lock:
+        limit = _limits.get(key)
+        if limit is None:
+            limit = _limits[key] = _probe(weight, bias)
+    return limit
+
+
+@torch.inference_mode()
+def _probe(weight: torch.Tensor, bias: torch.Tensor | None) -> int:
+    # The kernel is chosen by shape, never by values: random rows show which sizes share one.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(_PROBE_MAX_ROWS, weight.shape[1], generator=gen).to(weight.device, weight.dtype)
+    pair = F.linear(x[:2], weight, bias)
+    limit = 2
+    for m in range(3, _PROBE_MAX_ROWS + 1):
+        y = F.linear(x[:m], weight, bias)
+        # The first rows as in a pair of their own, and the last row as in a pair with the one before.
+        last_pair = F.linear(x[m - 2:m], weight, bias)
+        if not (torch.equal(y[:2], pair) and torch.equal(y[m - 1], last_pair[1])):
+            break
+        limit = m
+    return limit
+
+
+def packed_linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """``layer(x)`` for ``x`` (R, K), computed in tiles of 2..``row_limit`` rows so that each
+    row's result does not depend on R."""
+    rows = x.shape[0]
+    limit = row_limit(layer.weight, layer.bias)
+    if 2 <= rows <= limit:
+        return F.linear(x, layer.weight, layer.bias)
+    if rows == 1:
+        return F.linear(torch.cat([x, x]), layer.weight, layer.bias)[:1]
+    tiles = -(-rows // limit)
+    size = -(-rows // tiles)  # near-equal tiles: none smaller than 2 unless rows == 1
+    out = [packed_linear(x[i:i + size], layer) for i in range(0, rows, size)]
+    return torch.cat(out)
+
+
+@dataclass
+class Part:
+    """One session's new positions in a packed forward."""
+
+    cache: Any  # SegmentKVCache
+    rows: int  # new positions
+    first_layer: int  # index into the segment's layers where this session starts
+    shared: dict[str, Any]  # rotary cos/sin for its positions
+    masks: dict[int | None, torch.Tensor | None]  # its attention mask per sliding window
+
+
+def packable(config: Any) -> bool:
+    """Whether ``run_packed_layer`` implements this architecture exactly."""
+    return (getattr(config, "model_type", None) == "llama" and not getattr(config, "mlp_bias", False)
+            and getattr(config, "hidden_act", None) == "silu")
+
+
+def run_packed_layer(layer: nn.Module, hidden: torch.Tensor, parts: list[Part], window: int | None,
+                     attention: Any) -> torch.Tensor:
+    """One Llama decoder layer over the rows of several sessions: ``hidden`` (R, H) holds each
+    part's rows in turn. The same operations as transformers' ``LlamaDecoderLayer`` (its norms,
+    activation, rotary function and attention function), with the products packed."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    attn = layer.self_attn
+    head_dim = attn.head_dim
+    residual = hidden
+    x = layer.input_layernorm(hidden)
+    q = packed_linear(x, attn.q_proj)
+    k = packed_linear(x, attn.k_proj)
+    v = packed_linear(x, attn.v_proj)
+    outs = []
+    start = 0
+    for part in parts:
+        end = start + part.rows
+        shape = (1, part.rows, -1, head_dim)
+        qp = q[start:end].view(shape).transpose(1, 2)
+        kp = k[start:end].view(shape).transpose(1, 2)
+        vp = v[start:end].view(shape).transpose(1, 2)
+        cos, sin = part.shared["position_embeddings"]
+        qp, kp = apply_rotary_pos_emb(qp, kp, cos, sin)
+        kp, vp = part.cache.update(kp, vp, attn.layer_idx)
+        out, _ = attention(attn, qp, kp, vp, part.masks[window], dropout=0.0, scaling=attn.scaling)
+        outs.append(out.reshape(part.rows, -1))
+        start = end
+    hidden = residual + packed_linear(torch.cat(outs) if len(outs) > 1 else outs[0].contiguous(), attn.o_proj)
+    residual = hidden
+    x = layer.post_attention_layernorm(hidden)
+    mlp = layer.mlp
+    x = packed_linear(mlp.act_fn(packed_linear(x, mlp.gate_proj)) * packed_linear(x, mlp.up_proj), mlp.down_proj)
+    return residual + x
+
+
+def attention_function(config: Any) -> Any:
+    """transformers' attention implementation for ``config`` (sdpa, eager, ...)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)

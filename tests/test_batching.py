@@ -1,0 +1,109 @@
+"""Packed forward passes: a session's numbers do not depend on what else is in the batch."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from partition.batching import PACK_MAX_ROWS, packed_linear, row_limit
+from partition.segment import ModelSegment, StepInput
+
+
+def test_packed_products_give_each_row_what_it_gets_alone():
+    torch.manual_seed(0)
+    for n, k in ((576, 576), (1536, 576), (64, 1536)):
+        layer = torch.nn.Linear(k, n)
+        assert row_limit(layer.weight, layer.bias) >= 2
+        x = torch.randn(40, k)
+        alone = torch.cat([packed_linear(x[i:i + 1], layer) for i in range(40)])
+        for rows in (1, 2, 3, 5, 8, 15, 16, 17, 31, 40):
+            assert torch.equal(packed_linear(x[:rows], layer), alone[:rows]), (n, k, rows)
+        # Close to the plain product (the kernels differ in the last bits only).
+        torch.testing.assert_close(packed_linear(x, layer), layer(x), rtol=1e-4, atol=1e-5)
+
+
+def _steps(source, seg, specs, seed=0):
+    """Frames for ``seg`` (no embedding) after a random prefix: (start_layer, past, rows, logits)."""
+    gen = torch.Generator().manual_seed(seed)
+    steps = []
+    for start, past, rows, logits in specs:
+        cache = seg.new_cache()
+        if past:
+            seg(torch.randn(1, past, source.hidden_size, generator=gen), cache, start_layer=start, logits="none")
+        steps.append(StepInput(torch.randn(1, rows, source.hidden_size, generator=gen), cache, start, logits))
+    return steps
+
+
+def test_a_packed_batch_of_sessions_equals_each_session_alone(tiny_llama):
+    seg = ModelSegment.load(tiny_llama, 0, tiny_llama.n_layers, embed=False, head=True)
+    assert seg.packable
+    # Different splits, cache lengths, decode rows, verification frames and a prefill, at once.
+    specs = [(0, 5, 1, "last"), (1, 9, 1, "last"), (2, 0, 4, "all"), (4, 3, 1, "last"), (3, 12, 3, 3),
+             (0, 30, 1, "last"), (2, 2, PACK_MAX_ROWS + 4, "last"), (1, 0, 7, "none")]
+    together = _steps(tiny_llama, seg, specs)
+    alone = [StepInput(s.x, copy.deepcopy(s.cache), s.start_layer, s.logits) for s in together]
+    outs = seg.forward_many(together)
+    for step, out, ref_step in zip(together, outs, alone, strict=True):
+        ref = seg(ref_step.x, ref_step.cache, start_layer=ref_step.start_layer, logits=ref_step.logits)
+        assert torch.equal(out.hidden, ref.hidden)
+        assert (out.logits is None) == (ref.logits is None)
+        if ref.logits is not None:
+            assert torch.equal(out.logits, ref.logits)
+        assert step.cache.length == ref_step.cache.length
+    # Every subset and order gives the same numbers too.
+    again = _steps(tiny_llama, seg, specs)
+    outs_again = seg.forward_many([again[5], again[0], again[3]])
+    assert torch.equal(outs_again[0].logits, outs[5].logits) and torch.equal(outs_again[1].logits, outs[0].logits)
+
+
+def test_one_session_may_not_appear_twice_in_a_batch(tiny_llama):
+    seg = ModelSegment.load(tiny_llama, 0, tiny_llama.n_layers, embed=False, head=True)
+    cache = seg.new_cache()
+    x = torch.randn(1, 1, tiny_llama.hidden_size)
+    with pytest.raises(ValueError, match="one step per cache"):
+        seg.forward_many([StepInput(x, cache), StepInput(x, cache)])
+
+
+def greedy_batched(edge, cloud, prompts: list[list[int]], n: int, concurrency: int) -> list[list[float]]:
+    """Greedy generation of ``n`` tokens for each prompt, ``concurrency`` sessions in the cloud
+    segment's batch at a time (each session's prefill alone, its decode steps packed): per
+    prompt, each token and its logit (equal floats mean equal numbers, not just equal argmaxes)."""
+    results: list[list[float]] = []
+    for lo in range(0, len(prompts), concurrency):
+        group = prompts[lo:lo + concurrency]
+        edge_caches = [edge.new_cache() for _ in group]
+        cloud_caches = [cloud.new_cache() for _ in group]
+        inputs = [torch.tensor([ids]) for ids in group]
+        tokens: list[list[int]] = [[] for _ in group]
+        top: list[list[float]] = [[] for _ in group]
+        for _ in range(n):
+            hidden = edge.forward_many([StepInput(x, c, logits="none") for x, c in zip(inputs, edge_caches, strict=True)])
+            outs = cloud.forward_many([StepInput(h.hidden, c) for h, c in zip(hidden, cloud_caches, strict=True)])
+            for i, out in enumerate(outs):
+                tokens[i].append(int(out.logits[0, -1].argmax()))
+                top[i] += [tokens[i][-1], float(out.logits[0, -1].max())]
+            inputs = [torch.tensor([[t[-1]]]) for t in tokens]
+        results.extend(top)
+    return results
+
+
+@pytest.mark.real_model
+def test_smollm2_greedy_text_of_100_prompts_is_the_same_at_every_concurrency(smollm2):
+    from partition.tokens import encode_prompt
+
+    tokenizer = smollm2.load_tokenizer()
+    subjects = ["the sea", "a violin", "bread", "rain", "a library", "winter", "bees", "a bridge", "chess",
+                "the moon"]
+    asks = ["Describe {} in one sentence.", "Write a haiku about {}.", "Why do people like {}?",
+            "Give two facts about {}.", "What rhymes with {}?", "Tell a joke about {}.",
+            "Explain {} to a child.", "List three words linked to {}.", "Is {} noisy?", "Draw {} in words."]
+    prompts = [encode_prompt(tokenizer, ask.format(s)) for ask in asks for s in subjects]
+    assert len(prompts) == 100
+    edge = ModelSegment.load(smollm2, 0, 15)
+    cloud = ModelSegment.load(smollm2, 15, smollm2.n_layers, embed=False)
+    alone = greedy_batched(edge, cloud, prompts, 6, 1)
+    assert len({tuple(t) for t in alone}) > 50, "the prompts should give different texts"
+    for concurrency in (4, 16):
+        assert greedy_batched(edge, cloud, prompts, 6, concurrency) == alone, concurrency
