@@ -360,10 +360,11 @@ class Broker:
         if prev is not None and prev.worker_id == msg.worker_id:
             w = prev  # a repeated REGISTER on the same connection: refresh what it serves
             w.model_id, w.layer_ranges, w.public_key = msg.model_id, msg.layer_ranges, msg.public_key
-            w.per_layer_ms, w.pid, w.max_sessions, w.last_seen = (
+            w.per_layer_ms, w.pid, w.max_sessions, w.max_batch, w.last_seen = (
                 msg.per_layer_ms,
                 msg.pid,
                 msg.max_sessions,
+                msg.max_batch,
                 now,
             )
         else:
@@ -392,6 +393,7 @@ class Broker:
         if w is not None:
             w.reported_sessions, w.reported_queue_depth = msg.active_sessions, msg.queue_depth
             w.per_layer_ms = msg.per_layer_ms
+            w.mean_batch, w.tokens_per_s, w.cache_bytes = msg.mean_batch, msg.tokens_per_s, msg.cache_bytes
 
     def _on_disconnect(self, identity: bytes, msg: p.Disconnect) -> None:
         w = self._by_identity.get(identity)
@@ -448,7 +450,7 @@ class Broker:
             if not self._pin(req, session, now):
                 return
         w = self._workers.get(session.worker_id) if session.worker_id else None
-        if w is not None and w.busy_slots() < self.config.worker_max_in_flight and session.queued == 0:
+        if w is not None and w.busy_slots() < self._slots(w) and session.queued == 0:
             self._dispatch(req, w, now)
             return
         if len(self._queue) >= self.config.max_queue:
@@ -463,6 +465,10 @@ class Broker:
             self._queue.append(req)
         if session.worker_id is None:
             self._timers.push(min(now + self.config.no_worker_grace_s, req.deadline), "grace", req.request_id)
+
+    def _slots(self, w: WorkerState) -> int:
+        """Attempts ``w`` may hold at once: enough to fill the batch it computes together."""
+        return max(self.config.worker_max_in_flight, w.max_batch)
 
     def _pin(self, req: PendingRequest, session: SessionState, now: float) -> bool:
         """Choose a worker for a new session; False if ``req`` was answered instead of pinned.
@@ -523,8 +529,7 @@ class Broker:
         """
         if not self._queue:
             return
-        cap = self.config.worker_max_in_flight
-        free = sum(max(0, cap - w.busy_slots()) for w in self._workers.values())
+        free = sum(max(0, self._slots(w) - w.busy_slots()) for w in self._workers.values())
         if free == 0 and not sweep:
             return
         blocked: set[SessionId] = set()
@@ -547,7 +552,7 @@ class Broker:
                 if not self._pin(req, session, now):
                     continue
             w = self._workers.get(session.worker_id) if session.worker_id else None
-            if sid in blocked or w is None or w.busy_slots() >= cap:
+            if sid in blocked or w is None or w.busy_slots() >= self._slots(w):
                 blocked.add(sid)
                 keep.append(req)
                 continue

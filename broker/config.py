@@ -17,7 +17,8 @@ class BrokerConfig:
     # would let 1024 maximal messages (256 MiB each) through; 512 MiB holds 8 of those, or
     # thousands of decode steps.
     max_pending_bytes: int = 512 << 20
-    worker_max_in_flight: int = 8  # attempts outstanding per worker; more would hide load from placement
+    # Attempts outstanding per worker (at least its max_batch); more would hide load from placement.
+    worker_max_in_flight: int = 8
     default_deadline_s: float = 30.0  # budget of a request that names none (deadline_ms == 0)
     max_deadline_s: float = 600.0  # cap on a client's budget: a long CPU prefill fits, a leak does not
     no_worker_grace_s: float = 2.0  # how long an opener waits for some worker of its model to register

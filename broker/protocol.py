@@ -284,10 +284,11 @@ class Register(Message):
     per_layer_ms: float
     pid: int
     max_sessions: int
+    max_batch: int = 1  # most sessions' steps it computes in one forward pass
     TYPE = MsgType.REGISTER
     FIELDS = (
         ("worker_id", _id), ("model_id", _id), ("layer_ranges", _ranges), ("public_key", _pubkey),
-        ("per_layer_ms", _nonneg_float), ("pid", _uint), ("max_sessions", _pos_int),
+        ("per_layer_ms", _nonneg_float), ("pid", _uint), ("max_sessions", _pos_int), ("max_batch", _pos_int),
     )  # fmt: skip
 
 
@@ -299,9 +300,15 @@ class Heartbeat(Message):
     active_sessions: int
     queue_depth: int
     per_layer_ms: float  # the worker's current decode cost per layer (register's, updated by real steps)
+    # Since the previous heartbeat: steps per forward pass (0: none ran) and tokens produced per
+    # second; and the bytes its sessions' KV caches hold now.
+    mean_batch: float = 0.0
+    tokens_per_s: float = 0.0
+    cache_bytes: int = 0
     TYPE = MsgType.HEARTBEAT
     FIELDS = (("worker_id", _id), ("active_sessions", _uint), ("queue_depth", _uint),
-              ("per_layer_ms", _nonneg_float))
+              ("per_layer_ms", _nonneg_float), ("mean_batch", _nonneg_float), ("tokens_per_s", _nonneg_float),
+              ("cache_bytes", _uint))
 
 
 @dataclass(slots=True)

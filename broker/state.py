@@ -41,6 +41,10 @@ class WorkerState:
     abandoned: dict[RequestId, float] = field(default_factory=dict)
     reported_sessions: int = 0
     reported_queue_depth: int = 0
+    max_batch: int = 1
+    mean_batch: float = 0.0  # steps per forward pass over the last heartbeat interval
+    tokens_per_s: float = 0.0
+    cache_bytes: int = 0
 
     @classmethod
     def from_register(cls, msg: protocol.Register, identity: bytes, now: float) -> WorkerState:
@@ -54,6 +58,7 @@ class WorkerState:
             per_layer_ms=msg.per_layer_ms,
             pid=msg.pid,
             max_sessions=msg.max_sessions,
+            max_batch=msg.max_batch,
             registered_at=now,
             last_seen=now,
         )
@@ -85,6 +90,10 @@ class WorkerState:
             "abandoned": len(self.abandoned),
             "reported_sessions": self.reported_sessions,
             "reported_queue_depth": self.reported_queue_depth,
+            "max_batch": self.max_batch,
+            "mean_batch": round(self.mean_batch, 2),
+            "tokens_per_s": round(self.tokens_per_s, 1),
+            "cache_bytes": self.cache_bytes,
             "last_seen_s_ago": round(now - self.last_seen, 3),
         }
 

@@ -75,6 +75,7 @@ class WorkerInfo:
     public_key: bytes = b""  # static X25519 key; empty when running without encryption
     per_layer_ms: float = 0.0  # measured compute cost, for placement and status
     max_sessions: int = 64  # KV caches this worker is willing to hold
+    max_batch: int = 1  # sessions' steps it computes together (the broker keeps that many in flight)
     pid: int = field(default_factory=os.getpid)
 
 
@@ -102,6 +103,29 @@ class Job:
     def expired(self, now: float | None = None) -> bool:
         """True once computing this job is pointless (its reply would be discarded)."""
         return (time.monotonic() if now is None else now) >= self.deadline
+
+
+class LoadCounter:
+    """Forward passes, steps and tokens since the last heartbeat: the batch occupancy and the
+    throughput the heartbeat reports. Written by the compute thread, read by whichever thread
+    sends the heartbeat (plain ints: a read that races a write is off by one batch at most)."""
+
+    def __init__(self) -> None:
+        self.passes = self.steps = self.tokens = 0
+        self.cache_bytes = 0
+        self._since = time.monotonic()
+
+    def record(self, steps: int, tokens: int) -> None:
+        self.passes += 1
+        self.steps += steps
+        self.tokens += tokens
+
+    def since_last(self, now: float) -> tuple[float, float]:
+        """(steps per forward pass, tokens per second) since the previous call; resets."""
+        passes, steps, tokens = self.passes, self.steps, self.tokens
+        self.passes = self.steps = self.tokens = 0
+        elapsed, self._since = max(1e-6, now - self._since), now
+        return (steps / passes if passes else 0.0), tokens / elapsed
 
 
 class WorkerConnection:
@@ -135,6 +159,7 @@ class WorkerConnection:
         self._dropped: deque[SessionId] = deque()
         self._active_sessions = 0
         self._per_layer_ms = info.per_layer_ms
+        self._load = LoadCounter()
         self._closing = threading.Event()
         self._closed = False
         now = time.monotonic()
@@ -176,6 +201,22 @@ class WorkerConnection:
                 return None
         return None
 
+    def take_ready(self, limit: int) -> list[Job]:
+        """Up to ``limit`` jobs that have already arrived, without waiting: what the compute
+        thread batches with the job ``get`` returned."""
+        out: list[Job] = []
+        if limit <= 0 or self._closing.is_set():
+            return out
+        self._lock.acquire()
+        try:
+            if self._reconnect_at is None or time.monotonic() >= self._reconnect_at:
+                self._service(0.0)  # read what reached the socket while the last batch computed
+            while self._jobs and len(out) < limit:
+                out.append(self._jobs.popleft())
+        finally:
+            self._release()
+        return out
+
     def reply(self, job: Job, header_extra: dict[str, Any] | None = None, frames: Sequence[Any] = ()) -> None:
         """Send the result of ``job``; ``frames`` are sent zero-copy (keep them unmodified)."""
         msg = p.WorkerReply(request_id=job.request_id, session_id=job.session_id, step=job.step, attempt=job.attempt,
@@ -199,6 +240,14 @@ class WorkerConnection:
     def set_active_sessions(self, count: int) -> None:
         """Tell heartbeats how many KV caches we hold (for the broker's status)."""
         self._active_sessions = max(0, int(count))
+
+    def record_batch(self, steps: int, tokens: int) -> None:
+        """One forward pass over ``steps`` sessions' steps that produced ``tokens`` tokens."""
+        self._load.record(steps, tokens)
+
+    def set_cache_bytes(self, nbytes: int) -> None:
+        """What the sessions' KV caches hold now (heartbeats report it)."""
+        self._load.cache_bytes = max(0, int(nbytes))
 
     def set_per_layer_ms(self, ms: float) -> None:
         """Tell heartbeats the current per-layer decode cost (the planner prices the cloud with it)."""
@@ -294,7 +343,8 @@ class WorkerConnection:
         send_or_false(self._sock, p.encode(p.Register(worker_id=i.worker_id, model_id=i.model_id,
                                                       layer_ranges=i.layer_ranges, public_key=i.public_key,
                                                       per_layer_ms=i.per_layer_ms, pid=i.pid,
-                                                      max_sessions=i.max_sessions)))  # fmt: skip
+                                                      max_sessions=i.max_sessions,
+                                                      max_batch=i.max_batch)))  # fmt: skip
         self.registrations += 1
 
     def _service(self, until: float) -> None:
@@ -314,8 +364,10 @@ class WorkerConnection:
         now = time.monotonic()
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.config.heartbeat_interval_s
+            mean_batch, tokens_per_s = self._load.since_last(now)
             hb = p.Heartbeat(worker_id=self.info.worker_id, active_sessions=self._active_sessions,
-                             queue_depth=len(self._jobs), per_layer_ms=self._per_layer_ms)  # fmt: skip
+                             queue_depth=len(self._jobs), per_layer_ms=self._per_layer_ms, mean_batch=mean_batch,
+                             tokens_per_s=tokens_per_s, cache_bytes=self._load.cache_bytes)  # fmt: skip
             send_or_false(self._sock, p.encode(hb))
         if now > self._silent_deadline():
             self._disconnect(now)

@@ -89,6 +89,8 @@ def cloud_worker(
     max_sessions: Annotated[int, typer.Option(help="KV caches held at once.")] = 64,
     session_ttl: Annotated[float, typer.Option(help="Seconds an idle session is kept.")] = 600.0,
     max_tokens: Annotated[int, typer.Option(help="Longest session, in tokens.")] = 8192,
+    max_batch: Annotated[int, typer.Option(help="Most sessions' steps computed together in one forward pass "
+                                           "(continuous batching; 1 serves one step at a time).")] = 16,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: one per core).")] = None,
     worker_id: Annotated[str | None, typer.Option(help="Name shown by `edgecloud status`.")] = None,
     reductions: Annotated[Path | None, typer.Option("--reductions", help="Projection files of --reduce-dims edges "
@@ -111,7 +113,7 @@ def cloud_worker(
         config = CloudWorkerConfig(
             broker=broker or default_broker(), model=model, keys_dir=keys_dir if has_key else None,
             key_name=key_name, encryption=not no_encryption, allow_plaintext=allow_plaintext, device=device,
-            max_sessions=max_sessions,
+            max_sessions=max_sessions, max_batch=max_batch,
             session_idle_ttl_s=session_ttl, max_session_tokens=max_tokens, torch_threads=threads,
             worker_id=worker_id, reductions_dir=reductions, curve=not no_curve,
         )
@@ -163,17 +165,24 @@ def _jsonable(o):
     return str(o)
 
 
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
 def render_status(st: dict) -> str:
     lines = []
     workers = st.get("workers", [])
     lines.append(f"{len(workers)} workers, {st.get('sessions', 0)} sessions, "
                  f"{st.get('in_flight', 0)} in flight, {st.get('queue_depth', 0)} queued")
-    rows = [("worker", "pid", "model", "layers", "sessions", "in flight", "ms/layer", "seen")]
+    rows = [("worker", "pid", "model", "layers", "sessions", "in flight", "batch", "tok/s", "cache", "ms/layer",
+             "seen")]
     for w in workers:
         ranges = ",".join(f"[{lo},{hi})" for lo, hi in w.get("layer_ranges", []))
         rows.append((
             str(w.get("worker_id")), str(w.get("pid")), str(w.get("model_id")), ranges,
             f"{w.get('sessions', 0)}/{w.get('max_sessions', '?')}", str(w.get("in_flight", 0)),
+            f"{float(w.get('mean_batch') or 0):.1f}/{w.get('max_batch', '?')}",
+            f"{float(w.get('tokens_per_s') or 0):.1f}", _mib(w.get("cache_bytes") or 0),
             f"{float(w.get('per_layer_ms') or 0):.2f}",
             f"{w.get('last_seen_s_ago', 0):.1f}s ago"
             + (f", avoided {w['avoided_for_s']:.0f}s" if w.get("avoided_for_s") else ""),

@@ -29,6 +29,7 @@ class CloudWorkerConfig:
     max_sessions: int = 64
     session_idle_ttl_s: float = 600.0  # a session untouched this long is freed
     max_session_tokens: int = 8192  # KV cache length limit per session
+    max_batch: int = 16  # steps of different sessions computed in one forward pass
     torch_threads: int | None = None
     # Where the projection files of reduced sessions are (partition/reduction.py); None: the default,
     # $EDGECLOUD_REDUCTIONS or ~/.cache/edgecloud/reductions.
@@ -46,3 +47,5 @@ class CloudWorkerConfig:
         check_endpoint(self.broker)
         parse_model_spec(self.model)
         check_device(self.device)
+        if self.max_batch < 1:
+            raise ValueError(f"--max-batch must be at least 1, got {self.max_batch}")

@@ -69,5 +69,9 @@ class SessionTable:
             del self._sessions[sid]
         return gone
 
+    def cache_bytes(self) -> int:
+        """Memory the sessions' KV caches hold (allocated, not just filled)."""
+        return sum(s.cache.nbytes() for s in self._sessions.values())
+
     def ids(self) -> list[str]:
         return list(self._sessions)

@@ -1,7 +1,11 @@
 """The cloud worker: holds layers ``[0, N)`` and the head, serves any split ``k`` a session asks for.
 
 One compute thread takes jobs from ``WorkerConnection`` (whose own I/O thread keeps heartbeats
-going while a long prefill runs). A bad request gets a typed error reply and the loop goes on.
+going while a long prefill runs). Continuous batching: each iteration takes every job that has
+arrived (up to ``max_batch``), and the steps among them, whatever their sessions' splits, run as
+one forward pass whose results are bit-identical to each step run alone
+(``partition/batching.py``); sessions join and leave between iterations. A bad request gets a
+typed error reply and the loop goes on.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -33,13 +39,12 @@ from broker.worker_api import Job, WorkerConnection, WorkerInfo
 from cloud_worker.config import CloudWorkerConfig, check_device
 from cloud_worker.faults import FaultInjector
 from cloud_worker.sessions import Session, SessionTable
-from partition.kv_cache import CacheFullError
 from partition.models import resolve_model
 from partition.profile import measure_decode_ms
 from partition.reduction import Reduction, ReductionError, ReductionStore
 from partition.sampling import SamplingParams
-from partition.segment import ModelSegment
-from partition.speculative import run_and_verify
+from partition.segment import ModelSegment, StepInput
+from partition.speculative import verify_drafts
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +112,19 @@ class LayerCost:
         return self.observed > 0 and idle_s >= self.IDLE_REMEASURE_S
 
 
+@dataclass
+class _Pending:
+    """A checked step waiting for its batch's forward pass."""
+
+    job: Job
+    session: Session
+    hidden: torch.Tensor  # (1, T, H)
+    pos: int  # where the step starts in the session's cache
+    draft: list[int]  # drafted tokens held by the last len(draft) positions
+    seen: Sequence[int]  # generated tokens so far (a repetition penalty reads them)
+    epoch: int
+
+
 class CloudWorker:
     def __init__(self, config: CloudWorkerConfig) -> None:
         self.config = config
@@ -131,12 +149,14 @@ class CloudWorker:
             worker_id=self.worker_id, model_id=self.source.model_id,
             layer_ranges=((0, self.source.n_layers),),
             public_key=self.keypair.public_key if self.keypair else b"",
-            per_layer_ms=self.cost.per_layer_ms, max_sessions=config.max_sessions,
+            per_layer_ms=self.cost.per_layer_ms, max_sessions=config.max_sessions, max_batch=config.max_batch,
         )
         self.faults = FaultInjector.from_env()  # off unless EDGECLOUD_FAULT_INJECTION is set (tests)
         self.stop_event = threading.Event()
         self.served = 0
         self.failed = 0
+        self.batches = 0  # forward passes over steps
+        self.batched_steps = 0  # steps they computed (batched_steps / batches: the mean batch)
         self.conn: WorkerConnection | None = None
 
     def serve(self) -> None:
@@ -154,10 +174,12 @@ class CloudWorker:
                 if expired:
                     log.info("expired %d idle sessions", len(expired))
                 self.conn.set_active_sessions(len(self.sessions))
+                self.conn.set_cache_bytes(self.sessions.cache_bytes())
                 self.conn.set_per_layer_ms(self.cost.per_layer_ms)
                 job = self.conn.get(_IDLE_POLL_S)
                 if job is not None:
-                    self.handle(job)
+                    # Everything else that has arrived joins it: one iteration of the batch.
+                    self.handle_many([job, *self.conn.take_ready(self.config.max_batch - 1)])
                     last_job = time.monotonic()
                 elif self.cost.stale(time.monotonic() - last_job):
                     before = self.cost.per_layer_ms
@@ -168,31 +190,56 @@ class CloudWorker:
             self.conn.close(graceful=True)
 
     def handle(self, job: Job) -> None:
+        """Serve one job (``handle_many`` of one)."""
+        self.handle_many([job])
+
+    def handle_many(self, jobs: list[Job]) -> None:
+        """Serve jobs in arrival order; the steps among them run as one packed forward pass
+        (``ModelSegment.forward_many``). An open or close, or a second step, for a session
+        whose step is already in the batch first runs the batch, so each session sees its
+        requests in order. A request that fails is answered with its error; the others go on."""
         assert self.conn is not None, "serve() sets the connection before jobs arrive"
-        if job.expired():
-            log.debug("skipping %s: its deadline passed while queued", job.request_id)
-            return
-        try:
-            self.faults.before(job)
-            if job.kind == KIND_OPEN:
-                extra, frames = self._open(job)
-            elif job.kind == KIND_STEP:
-                extra, frames = self._step(job)
-            elif job.kind == KIND_CLOSE:
-                self.sessions.remove(job.session_id)
-                extra, frames = {}, []
-            else:
-                raise ProtocolError("bad_kind", f"unknown request kind {job.kind!r}")
-        except EdgeCloudError as exc:
-            self.failed += 1
+        batch: dict[str, _Pending] = {}
+        for job in jobs:
+            if job.expired():
+                log.debug("skipping %s: its deadline passed while queued", job.request_id)
+                continue
+            if job.session_id in batch:
+                self._run_batch(list(batch.values()))
+                batch.clear()
+            try:
+                self.faults.before(job)
+                if job.kind == KIND_STEP:
+                    pending = self._prepare_step(job)
+                    if isinstance(pending, _Pending):
+                        batch[job.session_id] = pending
+                        continue
+                    extra, frames = pending
+                elif job.kind == KIND_OPEN:
+                    extra, frames = self._open(job)
+                elif job.kind == KIND_CLOSE:
+                    self.sessions.remove(job.session_id)
+                    extra, frames = {}, []
+                else:
+                    raise ProtocolError("bad_kind", f"unknown request kind {job.kind!r}")
+            except Exception as exc:  # noqa: BLE001 - a bad request must never stop the worker
+                self._failed(job, exc)
+                continue
+            self._answer(job, extra, frames)
+        if batch:
+            self._run_batch(list(batch.values()))
+
+    def _failed(self, job: Job, exc: BaseException) -> None:
+        assert self.conn is not None
+        self.failed += 1
+        if isinstance(exc, EdgeCloudError):
             log.warning("request %s (%s) failed: %s", job.request_id, job.kind, exc)
-            self.conn.fail(job, exc)
-            return
-        except Exception as exc:  # noqa: BLE001 - a bad request must never stop the worker
-            self.failed += 1
-            log.exception("request %s (%s) raised", job.request_id, job.kind)
-            self.conn.fail(job, exc)
-            return
+        else:
+            log.error("request %s (%s) raised", job.request_id, job.kind, exc_info=exc)
+        self.conn.fail(job, exc)
+
+    def _answer(self, job: Job, extra: dict, frames: list) -> None:
+        assert self.conn is not None
         self.served += 1
         self.conn.reply(job, extra, frames)
         self.faults.after(job)
@@ -235,7 +282,9 @@ class CloudWorker:
             raise UnknownReduction(str(exc)) from None
         return reduction
 
-    def _step(self, job: Job) -> tuple[dict, list]:
+    def _prepare_step(self, job: Job) -> _Pending | tuple[dict, list]:
+        """Open and check a step: what the batch computes, or the answer when there is nothing to
+        compute (a skipped conditional frame)."""
         session = self.sessions.get(job.session_id)
         if session is None:
             raise WorkerLost(f"session {job.session_id} is not held by worker {self.worker_id} "
@@ -263,27 +312,53 @@ class CloudWorker:
             # A pipelined frame that follows a guess the main model did not make (or a frame that
             # was itself skipped): the edge discards it, so it must leave the cache alone.
             return self._skipped(job, session)
+        if pos > cache.length:
+            raise WorkerLost(f"session {job.session_id} holds {cache.length} positions but the step starts "
+                             f"at {pos}: a step is missing; reopen and replay")
+        limit = cache.max_length_tokens
+        if limit is not None and pos + hidden.shape[1] > limit:
+            raise ProtocolError("too_long", f"session would hold {pos + hidden.shape[1]} tokens, over this "
+                                f"worker's limit of {limit} per session")
         if pos < cache.length:
             # A retry of a step this cache already ran (the reply was lost or late): undo it and
             # run it again, so the step affects the cache exactly once.
             cache.crop(pos)
-        elif pos > cache.length:
-            raise WorkerLost(f"session {job.session_id} holds {cache.length} positions but the step starts "
-                             f"at {pos}: a step is missing; reopen and replay")
+        return _Pending(job, session, hidden, pos, list(req.draft), req.seen or (), req.epoch)
+
+    def _run_batch(self, batch: list[_Pending]) -> None:
+        """One forward pass over the batch's steps, then each step's verdict and reply."""
         t0 = time.perf_counter()
         try:
             # hidden: (1, T, H); the last len(draft) positions are drafted tokens to verify.
-            accepted, token = run_and_verify(self.segment, hidden, cache, session.sampling, job.step,
-                                             req.draft, start_layer=session.layer_lo, seen=req.seen or ())
-        except CacheFullError as exc:
-            cache.crop(pos)
-            raise ProtocolError("too_long", str(exc)) from None
-        session.last_step, session.epoch, session.expected = job.step, req.epoch, token
+            outs = self.segment.forward_many([
+                StepInput(p.hidden, p.session.cache, p.session.layer_lo, len(p.draft) + 1) for p in batch])
+        except Exception as exc:  # noqa: BLE001 - every step of the batch is answered, the worker goes on
+            for p in batch:
+                p.session.cache.crop(p.pos)
+                self._failed(p.job, exc)
+            return
         compute_ms = (time.perf_counter() - t0) * 1e3
-        self.cost.observe(compute_ms, self.source.n_layers - session.layer_lo, hidden.shape[1])
-        worker_ms = (time.monotonic() - job.received_at) * 1e3
-        return {}, seal_step_reply(session.cipher, job.session_id, job.step, token, cache.length, compute_ms,
-                                   worker_ms, accepted=accepted)
+        self.batches += 1
+        self.batched_steps += len(batch)
+        tokens = 0
+        for p, out in zip(batch, outs, strict=True):
+            session, cache = p.session, p.session.cache
+            try:
+                accepted, token = verify_drafts(out.logits[0], p.draft, session.sampling, p.job.step, p.seen)
+            except Exception as exc:  # noqa: BLE001
+                cache.crop(p.pos)
+                self._failed(p.job, exc)
+                continue
+            cache.crop(cache.length - (len(p.draft) - accepted))
+            tokens += accepted + 1
+            session.last_step, session.epoch, session.expected = p.job.step, p.epoch, token
+            if len(batch) == 1:  # the per-layer figure the planner reads is a lone step's
+                self.cost.observe(compute_ms, self.source.n_layers - session.layer_lo, p.hidden.shape[1])
+            worker_ms = (time.monotonic() - p.job.received_at) * 1e3
+            self._answer(p.job, {}, seal_step_reply(session.cipher, p.job.session_id, p.job.step, token,
+                                                     cache.length, compute_ms, worker_ms, accepted=accepted))
+        if self.conn is not None:
+            self.conn.record_batch(len(batch), tokens)
 
     def _skipped(self, job: Job, session: Session) -> tuple[dict, list]:
         worker_ms = (time.monotonic() - job.received_at) * 1e3

@@ -107,3 +107,54 @@ def test_smollm2_greedy_text_of_100_prompts_is_the_same_at_every_concurrency(smo
     assert len({tuple(t) for t in alone}) > 50, "the prompts should give different texts"
     for concurrency in (4, 16):
         assert greedy_batched(edge, cloud, prompts, 6, concurrency) == alone, concurrency
+
+
+@pytest.mark.integration
+def test_a_worker_batches_concurrent_sessions_and_each_gets_the_text_it_gets_alone(tiny_llama):
+    import threading
+    import time
+
+    from broker.wire.crypto import load_api_keys
+    from cli.cluster import LocalCluster
+    from edge_worker.config import EdgeConfig
+    from edge_worker.engine import EdgeEngine
+
+    prompts = [[(13 * i + 7 * j) % 250 + 3 for j in range(5 + i)] for i in range(8)]
+    with LocalCluster(model="tiny-llama", worker_threads=1, heartbeat_s=0.3) as cluster:
+        cluster.start_broker()
+        cluster.add_worker()
+        cluster.wait_for_workers(1, timeout_s=60)
+        key = sorted(load_api_keys(cluster.keys_dir / "api_keys.txt"))[0]
+        settings = EdgeConfig(model="tiny-llama", force_cloud=True, broker=cluster.endpoint,
+                              keys_dir=cluster.keys_dir, api_key=key, max_new_tokens=120)
+        with EdgeEngine("tiny-llama", settings) as engine:
+            params = engine.params(ignore_eos=True)
+            alone = [engine.generate(p, params).token_ids for p in prompts]
+            together: dict[int, list[int]] = {}
+            batches: list[float] = []
+            done = threading.Event()
+
+            def watch() -> None:
+                while not done.is_set():
+                    workers = cluster.status()["workers"]
+                    batches.extend(float(w["mean_batch"]) for w in workers)
+                    time.sleep(0.1)
+
+            def run(i: int) -> None:
+                together[i] = engine.generate(prompts[i], params).token_ids
+
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=300)
+            time.sleep(0.7)  # one more heartbeat
+            done.set()
+            watcher.join()
+        status = cluster.status()["workers"][0]
+    assert [together[i] for i in range(len(prompts))] == alone
+    assert len({tuple(t) for t in alone}) == len(prompts)
+    assert max(batches) > 1.0, batches  # some forward passes served several sessions at once
+    assert status["max_batch"] == 16 and status["cache_bytes"] >= 0

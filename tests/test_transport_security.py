@@ -413,7 +413,9 @@ def test_status_renders_a_table_of_workers():
 
     text = render_status({"sessions": 2, "workers": [
         {"worker_id": "w1", "pid": 7, "model_id": "llama-30x576@ab", "layer_ranges": [[0, 30]], "sessions": 2,
-         "max_sessions": 128, "in_flight": 1, "per_layer_ms": 0.8312, "last_seen_s_ago": 0.4}]})
+         "max_sessions": 128, "in_flight": 1, "per_layer_ms": 0.8312, "last_seen_s_ago": 0.4, "max_batch": 16,
+         "mean_batch": 3.5, "tokens_per_s": 41.25, "cache_bytes": 3 << 20}]})
     header, row = text.splitlines()[1:3]
     assert header.split()[:4] == ["worker", "pid", "model", "layers"] and "ms/layer" in header
-    assert row.split()[:7] == ["w1", "7", "llama-30x576@ab", "[0,30)", "2/128", "1", "0.83"]
+    assert row.split()[:11] == ["w1", "7", "llama-30x576@ab", "[0,30)", "2/128", "1", "3.5/16", "41.2", "3.0",
+                                "MiB", "0.83"]
