@@ -11,3 +11,18 @@ import os
 OPENMP_DEFAULTS = {"GOMP_SPINCOUNT": "30000", "OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}
 for _name, _value in OPENMP_DEFAULTS.items():
     os.environ.setdefault(_name, _value)
+
+# Binding pins the thread that runs torch's first parallel region to the first core, and every
+# process started from that thread inherits the pin: a demo, test or bench that had run torch
+# before starting its workers gave each worker one core of two (measured: 47-55 ms per SmolLM2
+# decode step instead of 27-30, one core busy). So the first edgecloud process records the CPUs
+# it was given, before torch loads, and each process it starts takes them back.
+CPUS_VARIABLE = "EDGECLOUD_CPUS"
+if hasattr(os, "sched_setaffinity"):
+    if os.environ.get(CPUS_VARIABLE):
+        try:
+            os.sched_setaffinity(0, {int(c) for c in os.environ[CPUS_VARIABLE].split(",")})
+        except (ValueError, OSError):
+            pass  # a malformed value, or CPUs this process may not use: keep what it was given
+    else:
+        os.environ[CPUS_VARIABLE] = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))

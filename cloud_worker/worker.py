@@ -162,9 +162,9 @@ class CloudWorker:
     def serve(self) -> None:
         """Serve until ``stop_event`` is set; then leave the broker gracefully."""
         self.conn = WorkerConnection(self.config.broker, self.info, curve=self.curve_keys)
-        log.info("worker %s serving %s (%d layers on %s, %.2f ms/layer) via %s",
-                 self.worker_id, self.source.model_id, self.source.n_layers, self.device,
-                 self.cost.per_layer_ms, self.config.broker)
+        log.info("worker %s serving %s (%d layers on %s with %d torch threads, %.2f ms/layer, batches of up "
+                 "to %d) via %s", self.worker_id, self.source.model_id, self.source.n_layers, self.device,
+                 torch.get_num_threads(), self.cost.per_layer_ms, self.config.max_batch, self.config.broker)
         last_job = time.monotonic()
         try:
             while not self.stop_event.is_set():

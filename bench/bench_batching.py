@@ -1,0 +1,180 @@
+"""Continuous batching in one cloud worker: aggregate tokens/s, per-session ms/token and the
+worker's CPU seconds per token at 1, 2, 4, 8 and 16 concurrent sessions, side by side with the
+same worker run one step at a time (``--max-batch 1``).
+
+One broker and one worker (real processes on loopback, ``cli.cluster.LocalCluster``); the edges
+are generations of one ``EdgeEngine`` in this process, one thread each (the engine's own
+concurrency), with one torch thread so that they take as little of the machine as they can.
+Every phase generates ``--tokens`` tokens per session, greedy and ignoring EOS, from different
+prompts; each session's tokens are checked against the same prompt run alone (concurrency 1),
+so the figures are also a batch-invariance check. Cloud-only (split 0) and split 15.
+
+The worker's CPU time (user + system, from /proc through psutil) over the phase, divided by the
+tokens it produced, is steadier than wall-clock throughput on a shared machine: it is what a
+batch saves, whatever else runs. KV bytes per session: the largest cache the worker reported in
+a heartbeat during the phase over the sessions it held then.
+
+    .venv/bin/python bench/bench_batching.py [--model smollm2-135m] [--tokens 32] [--json] [--plot PNG]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402,F401  (puts the repository root on sys.path)
+
+SUBJECTS = ["the sea", "a violin", "bread", "rain", "a library", "winter", "bees", "a bridge", "chess",
+            "the moon", "a kettle", "maps", "snow", "a garden", "trains", "a lighthouse"]
+CONCURRENCY = (1, 2, 4, 8, 16)
+
+
+def prompts() -> list[str]:
+    return [f"Write two sentences about {s}." for s in SUBJECTS]
+
+
+def phase(cluster, engine, texts: list[str], params, concurrency: int) -> dict:
+    """Generate every prompt, ``concurrency`` at a time; tokens, wall time, worker CPU."""
+    import psutil
+
+    worker = psutil.Process(cluster.workers[0].popen.pid)
+    results: dict[int, list[int]] = {}
+    peak = {"cache_bytes": 0, "sessions": 0}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            try:
+                w = cluster.status()["workers"][0]
+            except Exception:  # noqa: BLE001 - a missed reading is no reason to stop measuring
+                continue
+            if w["cache_bytes"] > peak["cache_bytes"]:
+                peak.update(cache_bytes=w["cache_bytes"], sessions=w["reported_sessions"])
+            done.wait(0.25)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    cpu0 = sum(worker.cpu_times()[:2])
+    t0 = time.perf_counter()
+    per_token_ms = []
+    for lo in range(0, len(texts), concurrency):
+        group = list(range(lo, min(lo + concurrency, len(texts))))
+
+        def run(i: int) -> None:
+            r = engine.generate(texts[i], params)
+            results[i] = r.token_ids
+            per_token_ms.append(r.ms_per_token)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in group]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    wall = time.perf_counter() - t0
+    cpu = sum(worker.cpu_times()[:2]) - cpu0
+    done.set()
+    watcher.join()
+    tokens = sum(len(t) for t in results.values())
+    return {"concurrency": concurrency, "tokens": tokens, "wall_s": round(wall, 3),
+            "tokens_per_s": round(tokens / wall, 2), "worker_cpu_ms_per_token": round(cpu / tokens * 1e3, 3),
+            "ms_per_token": round(sorted(per_token_ms)[len(per_token_ms) // 2], 2),
+            "kv_bytes_per_session": peak["cache_bytes"] // max(1, peak["sessions"]),
+            "token_ids": [results[i] for i in range(len(texts))]}
+
+
+def run_worker(model: str, max_batch: int, split: int, tokens: int, texts: list[str]) -> list[dict]:
+    from broker.wire.crypto import load_api_keys
+    from cli.cluster import LocalCluster
+    from edge_worker.config import EdgeConfig
+    from edge_worker.engine import EdgeEngine
+
+    with LocalCluster(model=model, heartbeat_s=0.5) as cluster:
+        cluster.start_broker()
+        cluster.add_worker(extra_args=("--max-batch", str(max_batch)))
+        cluster.wait_for_workers(1, timeout_s=600)
+        key = sorted(load_api_keys(cluster.keys_dir / "api_keys.txt"))[0]
+        settings = EdgeConfig(model=model, split=split, broker=cluster.endpoint, keys_dir=cluster.keys_dir,
+                              api_key=key, max_new_tokens=tokens, torch_threads=1, mini="none")
+        with EdgeEngine(model, settings) as engine:
+            params = engine.params(ignore_eos=True)
+            engine.generate(texts[0], params)  # warm both sides
+            rows = []
+            for c in CONCURRENCY:
+                row = phase(cluster, engine, texts, params, c)
+                row.update(max_batch=max_batch, split=split)
+                rows.append(row)
+                print(f"split {split:2d} max-batch {max_batch:2d} x{c:2d}: {row['tokens_per_s']:7.1f} tok/s, "
+                      f"{row['ms_per_token']:6.1f} ms/token per session, worker {row['worker_cpu_ms_per_token']:6.1f} "
+                      f"CPU ms/token, KV {row['kv_bytes_per_session'] / 2**20:.2f} MiB/session", file=sys.stderr)
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for split in sorted({r["split"] for r in rows}):
+        for max_batch in sorted({r["max_batch"] for r in rows}):
+            sel = [r for r in rows if r["split"] == split and r["max_batch"] == max_batch]
+            label = f"split {split}, " + ("one step at a time" if max_batch == 1 else f"batched (max {max_batch})")
+            xs = [r["concurrency"] for r in sel]
+            axes[0].plot(xs, [r["tokens_per_s"] for r in sel], marker="o", label=label)
+            axes[1].plot(xs, [r["worker_cpu_ms_per_token"] for r in sel], marker="o", label=label)
+    axes[0].set(xscale="log", xlabel="concurrent sessions", ylabel="aggregate tokens/s", xticks=list(CONCURRENCY))
+    axes[1].set(xscale="log", xlabel="concurrent sessions", ylabel="worker CPU ms per token",
+                xticks=list(CONCURRENCY))
+    for ax in axes:
+        ax.set_xticklabels([str(c) for c in CONCURRENCY])
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("One cloud worker, SmolLM2-135M, 2-core CPU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--splits", default="0,15", help="comma-separated splits (0: cloud-only)")
+    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--json", action="store_true", help="print every row as JSON")
+    ap.add_argument("--plot", type=Path, default=None, help="write the figure to this PNG")
+    args = ap.parse_args()
+    texts = prompts()
+    rows = []
+    for split in (int(s) for s in args.splits.split(",")):
+        for max_batch in (args.max_batch, 1):
+            rows += run_worker(args.model, max_batch, split, args.tokens, texts)
+    reference = {r["split"]: r["token_ids"] for r in rows if r["concurrency"] == 1 and r["max_batch"] == 1}
+    mismatches = [(r["split"], r["max_batch"], r["concurrency"]) for r in rows
+                  if r["token_ids"] != reference[r["split"]]]
+    for split in sorted(reference):
+        one = next(r for r in rows if r["split"] == split and r["max_batch"] == args.max_batch and r["concurrency"] == 1)
+        for r in rows:
+            if r["split"] == split and r["max_batch"] == args.max_batch and r["concurrency"] > 1:
+                print(f"split {split} x{r['concurrency']}: {r['tokens_per_s'] / one['tokens_per_s']:.2f}x the "
+                      f"tokens/s of one session, {one['worker_cpu_ms_per_token'] / r['worker_cpu_ms_per_token']:.2f}x "
+                      "less worker CPU per token", file=sys.stderr)
+    print(f"outputs identical to each prompt alone: {not mismatches}" + (f" (differ: {mismatches})" if mismatches else ""),
+          file=sys.stderr)
+    if args.plot:
+        plot(rows, args.plot)
+    if args.json:
+        for r in rows:
+            print(json.dumps({k: v for k, v in r.items() if k != "token_ids"}))
+    if mismatches:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
