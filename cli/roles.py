@@ -91,6 +91,8 @@ def cloud_worker(
     max_tokens: Annotated[int, typer.Option(help="Longest session, in tokens.")] = 8192,
     max_batch: Annotated[int, typer.Option(help="Most sessions' steps computed together in one forward pass "
                                            "(continuous batching; 1 serves one step at a time).")] = 16,
+    batch_wait_ms: Annotated[float, typer.Option(help="Longest wait for the next steps of the sessions in the "
+                                                 "last forward pass before computing without them.")] = 20.0,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: one per core).")] = None,
     worker_id: Annotated[str | None, typer.Option(help="Name shown by `edgecloud status`.")] = None,
     reductions: Annotated[Path | None, typer.Option("--reductions", help="Projection files of --reduce-dims edges "
@@ -113,7 +115,7 @@ def cloud_worker(
         config = CloudWorkerConfig(
             broker=broker or default_broker(), model=model, keys_dir=keys_dir if has_key else None,
             key_name=key_name, encryption=not no_encryption, allow_plaintext=allow_plaintext, device=device,
-            max_sessions=max_sessions, max_batch=max_batch,
+            max_sessions=max_sessions, max_batch=max_batch, batch_wait_s=batch_wait_ms / 1e3,
             session_idle_ttl_s=session_ttl, max_session_tokens=max_tokens, torch_threads=threads,
             worker_id=worker_id, reductions_dir=reductions, curve=not no_curve,
         )

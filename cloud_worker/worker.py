@@ -155,6 +155,8 @@ class CloudWorker:
         self.stop_event = threading.Event()
         self.served = 0
         self.failed = 0
+        self._last_pass_sessions: set[str] = set()  # whose next steps the next pass waits for a moment
+        self._last_pass_s = 0.0
         self.batches = 0  # forward passes over steps
         self.batched_steps = 0  # steps they computed (batched_steps / batches: the mean batch)
         self.conn: WorkerConnection | None = None
@@ -178,8 +180,7 @@ class CloudWorker:
                 self.conn.set_per_layer_ms(self.cost.per_layer_ms)
                 job = self.conn.get(_IDLE_POLL_S)
                 if job is not None:
-                    # Everything else that has arrived joins it: one iteration of the batch.
-                    self.handle_many([job, *self.conn.take_ready(self.config.max_batch - 1)])
+                    self.handle_many(self._gather(job))
                     last_job = time.monotonic()
                 elif self.cost.stale(time.monotonic() - last_job):
                     before = self.cost.per_layer_ms
@@ -188,6 +189,30 @@ class CloudWorker:
                              self.cost.per_layer_ms, before)
         finally:
             self.conn.close(graceful=True)
+
+    def _gather(self, job: Job) -> list[Job]:
+        """The jobs of the next iteration: ``job``, everything else that has arrived, and the
+        next steps of the sessions in the last forward pass, for at most ``batch_wait_s`` (and
+        half that pass's time). Those sessions' edges got their answers a moment ago and are
+        sending their next steps: computing without them would split one batch into two that
+        alternate, each half full. A session that has ended costs one wait, once."""
+        assert self.conn is not None
+        room = self.config.max_batch
+        jobs = [job, *self.conn.take_ready(room - 1)]
+        expected = self._last_pass_sessions - {j.session_id for j in jobs}
+        wait = min(self.config.batch_wait_s, self._last_pass_s / 2)
+        deadline = time.monotonic() + wait
+        while expected and len(jobs) < room:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            more = self.conn.get(left)
+            if more is None:
+                break
+            for j in (more, *self.conn.take_ready(room - len(jobs) - 1)):
+                jobs.append(j)
+                expected.discard(j.session_id)
+        return jobs
 
     def handle(self, job: Job) -> None:
         """Serve one job (``handle_many`` of one)."""
@@ -338,6 +363,8 @@ class CloudWorker:
                 self._failed(p.job, exc)
             return
         compute_ms = (time.perf_counter() - t0) * 1e3
+        self._last_pass_s = compute_ms / 1e3
+        self._last_pass_sessions = {p.job.session_id for p in batch}
         self.batches += 1
         self.batched_steps += len(batch)
         tokens = 0

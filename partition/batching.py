@@ -11,11 +11,11 @@ put 576x576 products with 4 rows already on the blocked kernel). Three kernels, 
 for the same row, differing in the last bits: enough to change a greedy token now and then.
 
 So rows are never multiplied in a call whose size would change their kernel. For each weight (its
-shape, dtype, device, and the thread count) ``row_limit`` finds, once, the largest row count
-``m`` such that every call of 2..m rows gives each row bit-identical results: the range of the
-kernel that two rows get. Packed products then run in tiles of 2..m rows (a lone row is padded
-to two, which costs nothing measurable next to one), so a row's result is the same whether its
-session runs alone or beside fifteen others, on any split. Frames longer than ``PACK_MAX_ROWS``
+shape, dtype, device, and the thread count) ``row_range`` finds, once, the range of row counts
+``lo..hi`` in which every call gives each row the bit-identical results of a two-row call: the
+range of the kernel two rows get. Packed products then run in tiles of ``lo..hi`` rows (a lone
+decode row is padded to two, which costs what one costs), so a row's result is the same whether
+its session runs alone or beside fifteen others, on any split. Frames longer than ``PACK_MAX_ROWS``
 (prefills) do not mix with others: they run by themselves, their products shaped by their own
 length only. The edge runs its local layers through the same code, so a split run and a local
 run compute the same numbers.
@@ -39,54 +39,68 @@ from torch import nn
 
 # Frames with more rows than this run by themselves (a prefill), the rest are packed.
 PACK_MAX_ROWS = 16
-# The largest tile the probe tries: the small-matrix kernel's range (2..15 rows on MKL) fits.
+# The kernel a product of this many rows gets is the one packed products use, for every row count
+# of its range. Two: a lone decode row padded to two costs what one costs, and the kernel of two
+# rows reaches 3 to 15 rows here. Eight (one call for a typical batch) put MKL's 576-wide products
+# on its blocked kernel, which starts at 4 rows with two threads: the same time at batch 8, 12%
+# slower alone (SmolLM2, 2-core CPU).
+_TARGET_ROWS = 2
+# The largest tile the probe tries.
 _PROBE_MAX_ROWS = 16
 
-_limits: dict[tuple, int] = {}
-_limits_lock = threading.Lock()
+_ranges: dict[tuple, tuple[int, int]] = {}
+_ranges_lock = threading.Lock()
 
 
-def row_limit(weight: torch.Tensor, bias: torch.Tensor | None = None) -> int:
-    """The most rows a product with ``weight`` may take while every row keeps the result it has
-    in a two-row product (at least 2)."""
+def row_range(weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[int, int]:
+    """``(lo, hi)``: products with ``weight`` of any ``lo..hi`` rows give every row the same
+    numbers as a product of ``_TARGET_ROWS`` rows does (the same kernel)."""
     key = (tuple(weight.shape), weight.dtype, weight.device, bias is not None, torch.get_num_threads())
-    with _limits_lock:
-        limit = _limits.get(key)
-        if limit is None:
-            limit = _limits[key] = _probe(weight, bias)
-    return limit
+    with _ranges_lock:
+        found = _ranges.get(key)
+        if found is None:
+            found = _ranges[key] = _probe(weight, bias)
+    return found
 
 
 @torch.inference_mode()
-def _probe(weight: torch.Tensor, bias: torch.Tensor | None) -> int:
+def _probe(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int]:
     # The kernel is chosen by shape, never by values: random rows show which sizes share one.
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(_PROBE_MAX_ROWS, weight.shape[1], generator=gen).to(weight.device, weight.dtype)
-    pair = F.linear(x[:2], weight, bias)
-    limit = 2
-    for m in range(3, _PROBE_MAX_ROWS + 1):
+    target = F.linear(x[:_TARGET_ROWS], weight, bias)
+
+    def same(m: int) -> bool:
+        # Its first rows as in the target product, and its last row as in the target product
+        # that ends with it (a row's position in the call must not matter either).
         y = F.linear(x[:m], weight, bias)
-        # The first rows as in a pair of their own, and the last row as in a pair with the one before.
-        last_pair = F.linear(x[m - 2:m], weight, bias)
-        if not (torch.equal(y[:2], pair) and torch.equal(y[m - 1], last_pair[1])):
-            break
-        limit = m
-    return limit
+        k = min(m, _TARGET_ROWS)
+        ending = F.linear(x[m - _TARGET_ROWS:m], weight, bias) if m >= _TARGET_ROWS else None
+        last_ok = ending is None or torch.equal(y[m - 1], ending[-1])
+        return torch.equal(y[:k], target[:k]) and last_ok
+
+    lo = _TARGET_ROWS
+    while lo > 1 and same(lo - 1):
+        lo -= 1
+    hi = _TARGET_ROWS
+    while hi < _PROBE_MAX_ROWS and same(hi + 1):
+        hi += 1
+    return lo, hi
 
 
 def packed_linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """``layer(x)`` for ``x`` (R, K), computed in tiles of 2..``row_limit`` rows so that each
-    row's result does not depend on R."""
+    """``layer(x)`` for ``x`` (R, K), computed in tiles of ``row_range`` rows (fewer rows are
+    padded with zeros) so that each row's result does not depend on R."""
     rows = x.shape[0]
-    limit = row_limit(layer.weight, layer.bias)
-    if 2 <= rows <= limit:
+    lo, hi = row_range(layer.weight, layer.bias)
+    if lo <= rows <= hi:
         return F.linear(x, layer.weight, layer.bias)
-    if rows == 1:
-        return F.linear(torch.cat([x, x]), layer.weight, layer.bias)[:1]
-    tiles = -(-rows // limit)
-    size = -(-rows // tiles)  # near-equal tiles: none smaller than 2 unless rows == 1
-    out = [packed_linear(x[i:i + size], layer) for i in range(0, rows, size)]
-    return torch.cat(out)
+    if rows < lo:
+        padded = torch.cat([x, x.new_zeros(lo - rows, x.shape[1])])
+        return F.linear(padded, layer.weight, layer.bias)[:rows]
+    tiles = -(-rows // hi)
+    size = -(-rows // tiles)  # near-equal tiles; a short last one is padded
+    return torch.cat([packed_linear(x[i:i + size], layer) for i in range(0, rows, size)])
 
 
 @dataclass
