@@ -18,6 +18,7 @@ from partition.batching import (
     PACK_MAX_ROWS,
     Part,
     attention_function,
+    fuse_layer,
     packable,
     packed_linear,
     run_packed_layer,
@@ -90,6 +91,9 @@ class ModelSegment(nn.Module):
         self.windows = [sliding_window_of(layer) for layer in self.layers]
         self._packable = packable(source.config)
         self._attention = attention_function(source.config) if self._packable else None
+        if self._packable:
+            for layer in self.layers:
+                fuse_layer(layer)
         if self.runner.rotary is not None:
             self.runner.rotary.to(self.device)
         self.eval()

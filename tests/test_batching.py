@@ -137,7 +137,7 @@ def test_a_worker_batches_concurrent_sessions_and_each_gets_the_text_it_gets_alo
 
             def watch() -> None:
                 while not done.is_set():
-                    workers = cluster.status()["workers"]
+                    workers = engine.client.status()["workers"]
                     batches.extend(float(w["mean_batch"]) for w in workers)
                     time.sleep(0.1)
 
