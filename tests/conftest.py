@@ -10,6 +10,8 @@ import pytest
 # (see MEASUREMENTS.md). Child processes inherit this.
 os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Before torch loads: the thread count the batching probe sees is the one every product uses.
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
 
 @pytest.fixture(scope="session")
