@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -194,17 +193,23 @@ def test_a_worker_interrupted_while_it_loads_ends_at_once(smollm2):
     assert took < 2 + 3, f"took {took:.1f} s"
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
 def test_a_process_started_after_torch_pinned_its_parent_gets_every_cpu_back():
     """OMP_PROC_BIND pins the thread that runs torch's first parallel region, and children
     inherit the pin: a worker started by a demo that had run torch got one core of two."""
     parent = (
         "import os, subprocess, sys\n"
+        # Every CPU this machine lets us have (this test's own process may already be pinned).
+        "try:\n"
+        "    os.sched_setaffinity(0, range(os.cpu_count()))\n"
+        "except OSError:\n"
+        "    pass\n"
+        "print(sorted(os.sched_getaffinity(0)))\n"
         "import cli\n"
         "from cli.cluster import child_env\n"
         "import torch\n"
         "torch.ones(300, 300) @ torch.ones(300, 300)\n"
-        "print(sorted(os.sched_getaffinity(0)))\n"
+        # What OMP_PROC_BIND does at torch's first parallel region, made certain on any machine.
+        "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
         "child = 'import os, cli; print(sorted(os.sched_getaffinity(0)))'\n"
         "print(subprocess.run([sys.executable, '-c', child], env=child_env(), capture_output=True, text=True,"
         " check=True).stdout.strip())\n"
@@ -213,6 +218,7 @@ def test_a_process_started_after_torch_pinned_its_parent_gets_every_cpu_back():
     env.pop("EDGECLOUD_CPUS", None)  # this test's parent is the first edgecloud process
     out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, env=env, timeout=120,
                          check=True)
-    pinned, child = (json.loads(line) for line in out.stdout.strip().splitlines())
-    assert len(pinned) == 1  # torch's binding pinned the parent
-    assert child == sorted(os.sched_getaffinity(0))
+    given, child = (json.loads(line) for line in out.stdout.strip().splitlines())
+    if len(given) < 2:
+        pytest.skip("this machine gives a process one CPU")
+    assert child == given
