@@ -157,8 +157,6 @@ class CloudWorker:
         self.failed = 0
         self._last_pass_sessions: set[str] = set()  # whose next steps the next pass waits for a moment
         self._last_pass_s = 0.0
-        self.batches = 0  # forward passes over steps
-        self.batched_steps = 0  # steps they computed (batched_steps / batches: the mean batch)
         self.conn: WorkerConnection | None = None
 
     def serve(self) -> None:
@@ -213,10 +211,6 @@ class CloudWorker:
                 jobs.append(j)
                 expected.discard(j.session_id)
         return jobs
-
-    def handle(self, job: Job) -> None:
-        """Serve one job (``handle_many`` of one)."""
-        self.handle_many([job])
 
     def handle_many(self, jobs: list[Job]) -> None:
         """Serve jobs in arrival order; the steps among them run as one packed forward pass
@@ -352,6 +346,7 @@ class CloudWorker:
 
     def _run_batch(self, batch: list[_Pending]) -> None:
         """One forward pass over the batch's steps, then each step's verdict and reply."""
+        assert self.conn is not None, "serve() sets the connection before jobs arrive"
         t0 = time.perf_counter()
         try:
             # hidden: (1, T, H); the last len(draft) positions are drafted tokens to verify.
@@ -365,8 +360,6 @@ class CloudWorker:
         compute_ms = (time.perf_counter() - t0) * 1e3
         self._last_pass_s = compute_ms / 1e3
         self._last_pass_sessions = {p.job.session_id for p in batch}
-        self.batches += 1
-        self.batched_steps += len(batch)
         tokens = 0
         for p, out in zip(batch, outs, strict=True):
             session, cache = p.session, p.session.cache
@@ -384,8 +377,7 @@ class CloudWorker:
             worker_ms = (time.monotonic() - p.job.received_at) * 1e3
             self._answer(p.job, {}, seal_step_reply(session.cipher, p.job.session_id, p.job.step, token,
                                                      cache.length, compute_ms, worker_ms, accepted=accepted))
-        if self.conn is not None:
-            self.conn.record_batch(len(batch), tokens)
+        self.conn.record_batch(len(batch), tokens)
 
     def _skipped(self, job: Job, session: Session) -> tuple[dict, list]:
         worker_ms = (time.monotonic() - job.received_at) * 1e3

@@ -285,15 +285,6 @@ class EdgeEngine:
             raise ValueError(f"token ids must be in [0, {vocab}) for {self.source.name}; got {bad[:5]}")
         return ids
 
-    def check_fits(self, prompt_tokens: int, new_tokens: int) -> None:
-        limit = self.context_length
-        if limit is not None and prompt_tokens + new_tokens > limit:
-            raise ContextLengthError(
-                f"the prompt is {prompt_tokens} tokens and {new_tokens} more were asked for, "
-                f"{prompt_tokens + new_tokens} positions; {self.source.name} holds {limit}: "
-                "shorten the prompt, ask for fewer tokens, or let the prompt lose its oldest tokens "
-                "(--truncate-prompt)")
-
     def fit_prompt(self, ids: list[int], new_tokens: int, truncate: bool) -> list[int]:
         """``ids`` when they and ``new_tokens`` fit the context; with ``truncate``, their newest
         tokens that do; otherwise ``ContextLengthError``. Asking for more tokens than the whole
@@ -302,7 +293,11 @@ class EdgeEngine:
         if limit is None or len(ids) + new_tokens <= limit:
             return ids
         if not truncate:
-            self.check_fits(len(ids), new_tokens)
+            raise ContextLengthError(
+                f"the prompt is {len(ids)} tokens and {new_tokens} more were asked for, "
+                f"{len(ids) + new_tokens} positions; {self.source.name} holds {limit}: "
+                "shorten the prompt, ask for fewer tokens, or let the prompt lose its oldest tokens "
+                "(--truncate-prompt)")
         if new_tokens >= limit:
             raise ContextLengthError(
                 f"{new_tokens} tokens were asked for and {self.source.name} holds {limit} positions: "

@@ -221,14 +221,10 @@ class _Server:
         return ids, replace(params, truncate_prompt=False)
 
     def prompt_ids(self, body: CompletionRequest) -> list[int]:
-        if isinstance(body.prompt, str):
-            ids = self.engine.encode(body.prompt, raw=True)
-        else:
-            vocab = int(self.engine.source.config.vocab_size)
-            bad = [t for t in body.prompt if not 0 <= t < vocab]
-            if bad:
-                raise APIError(400, f"token ids must be in [0, {vocab}); got {bad[:5]}", param="prompt")
-            ids = list(body.prompt)
+        try:
+            ids = self.engine.encode(body.prompt, raw=True)  # token ids: checked against the vocabulary
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="prompt") from None
         if not ids:
             raise APIError(400, "the prompt encodes to no tokens", param="prompt")
         return ids

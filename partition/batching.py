@@ -56,10 +56,12 @@ def row_range(weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[i
     """``(lo, hi)``: products with ``weight`` of any ``lo..hi`` rows give every row the same
     numbers as a product of ``_TARGET_ROWS`` rows does (the same kernel)."""
     key = (tuple(weight.shape), weight.dtype, weight.device, bias is not None, torch.get_num_threads())
-    with _ranges_lock:
-        found = _ranges.get(key)
-        if found is None:
-            found = _ranges[key] = _probe(weight, bias)
+    found = _ranges.get(key)  # every packed product asks: no lock once the shape is known
+    if found is None:
+        with _ranges_lock:
+            found = _ranges.get(key)
+            if found is None:
+                found = _ranges[key] = _probe(weight, bias)
     return found
 
 

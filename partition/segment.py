@@ -89,9 +89,10 @@ class ModelSegment(nn.Module):
         self.embeddings = nn.ModuleList(wanted[p] for p in family.embed_prefixes) if spec.embed else None
         self._load(wanted)
         self.windows = [sliding_window_of(layer) for layer in self.layers]
-        self._packable = packable(source.config)
-        self._attention = attention_function(source.config) if self._packable else None
-        if self._packable:
+        # Whether short frames of several sessions run packed (``partition.batching``).
+        self.packable = packable(source.config)
+        self._attention = attention_function(source.config) if self.packable else None
+        if self.packable:
             for layer in self.layers:
                 fuse_layer(layer)
         if self.runner.rotary is not None:
@@ -144,11 +145,6 @@ class ModelSegment(nn.Module):
     def new_cache(self, max_length_tokens: int | None = None) -> SegmentKVCache:
         return SegmentKVCache(max_length_tokens=max_length_tokens)
 
-    @property
-    def packable(self) -> bool:
-        """Whether short frames of several sessions run packed (``partition.batching``)."""
-        return self._packable
-
     @torch.inference_mode()
     def forward(  # type: ignore[override]
         self,
@@ -182,7 +178,7 @@ class ModelSegment(nn.Module):
         outputs: list[SegmentOutput | None] = [None] * len(steps)
         packed = []
         for i, step in enumerate(steps):
-            if self._packable and step.x.shape[0] == 1 and step.x.shape[1] <= PACK_MAX_ROWS:
+            if self.packable and step.x.shape[0] == 1 and step.x.shape[1] <= PACK_MAX_ROWS:
                 packed.append(i)
             else:
                 outputs[i] = self._forward_alone(step)

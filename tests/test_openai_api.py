@@ -254,3 +254,10 @@ def test_the_metrics_count_requests_tokens_and_latency(engine):
     assert "edgecloud_completion_tokens_total 4.0" in text
     assert "edgecloud_time_to_first_token_seconds_count 1.0" in text
     assert "edgecloud_active_generations 0.0" in text
+
+
+def test_token_ids_outside_the_vocabulary_are_a_400_on_the_prompt(api, engine):
+    vocab = int(engine.source.config.vocab_size)
+    r = api.post("/v1/completions", headers=AUTH, json={"model": MODEL, "prompt": [1, vocab, 2], "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    assert f"[0, {vocab})" in r.json()["error"]["message"]
