@@ -49,14 +49,13 @@ def phase(cluster, engine, texts: list[str], params, concurrency: int) -> dict:
     done = threading.Event()
 
     def watch() -> None:
-        while not done.is_set():
+        while not done.wait(0.5):
             try:
                 w = engine.client.status()["workers"][0]  # in process: `edgecloud status` is a whole process
             except Exception:  # noqa: BLE001 - a missed reading is no reason to stop measuring
                 continue
             if w["cache_bytes"] > peak["cache_bytes"]:
                 peak.update(cache_bytes=w["cache_bytes"], sessions=w["reported_sessions"])
-            done.wait(0.5)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()

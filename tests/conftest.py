@@ -6,12 +6,9 @@ import os
 
 import pytest
 
-# Two torch processes on two cores: idle OpenMP threads spin and steal the other's core
-# (see MEASUREMENTS.md). Child processes inherit this.
-os.environ.setdefault("GOMP_SPINCOUNT", "30000")
+import cli  # noqa: F401  the OpenMP and MKL defaults (cli/__init__.py), before anything loads torch
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Before torch loads: the thread count the batching probe sees is the one every product uses.
-os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
 
 @pytest.fixture(scope="session")
