@@ -25,6 +25,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -350,6 +351,48 @@ class EdgeEngine:
                 self.planner.feed(result.trace)
             self.planner.feed_upload(result.trace)
         return result
+
+    def generate_many(self, prompts: list[str | list[int] | torch.Tensor], params: GenerationParams | None = None,
+                      max_concurrent: int | None = None) -> list[GenerationResult]:
+        """Run several generations at once, one thread each (at most ``max_concurrent`` at a time;
+        default: all): each is its own cloud session, and a batching worker computes their steps
+        together. Results come in the prompts' order, each as the prompt would give alone (greedy:
+        the same tokens). Every prompt is checked before any starts; if one generation fails, the
+        others stop at their next step and its error is raised."""
+        params = params or self.defaults
+        if not prompts:
+            return []
+        if max_concurrent is not None and max_concurrent < 1:
+            raise ValueError(f"max_concurrent must be at least 1, got {max_concurrent}")
+        for i, prompt in enumerate(prompts):  # bad input fails before any work starts
+            try:
+                ids = self.encode(prompt, params.raw_prompt)
+                if not ids:
+                    raise ValueError("the prompt encodes to no tokens")
+                self.fit_prompt(ids, params.max_new_tokens, params.truncate_prompt)
+            except (ValueError, PartitionError) as exc:
+                raise type(exc)(f"prompt {i}: {exc}") from exc
+        cancel = threading.Event()
+        results: list[GenerationResult | None] = [None] * len(prompts)
+        errors: list[tuple[int, BaseException]] = []
+
+        def run(i: int) -> None:
+            if cancel.is_set():
+                return
+            try:
+                results[i] = self.generate(prompts[i], params, cancel=cancel)
+            except GenerationCancelled:
+                pass
+            except BaseException as exc:  # noqa: BLE001 - raised below, once the others have stopped
+                errors.append((i, exc))
+                cancel.set()
+
+        with ThreadPoolExecutor(max_workers=min(max_concurrent or len(prompts), len(prompts)),
+                                thread_name_prefix="edgecloud-batch") as pool:
+            list(pool.map(run, range(len(prompts))))
+        if errors:
+            raise errors[0][1]  # the first to fail: the others stopped because of it
+        return results  # type: ignore[return-value]  (every slot is filled when nothing failed)
 
     def stream(self, prompt: str | list[int] | torch.Tensor, params: GenerationParams | None = None,
                on_result: Callable[[GenerationResult], None] | None = None) -> GenerationStream:

@@ -7,6 +7,7 @@ It measures the device and the link, prices every split with the cost model
                                cloud_client=CloudClient(api_key="..."), energy_weight=0.3,
                                latency_weight=0.4, memory_weight=0.3)
     output_ids = manager.process_hybrid(input_ids)  # (1, T + new) like generate(): prompt, then new tokens
+    batch_ids = manager.process_hybrid([ids_a, ids_b, ids_c])  # three sessions at once, batched in the cloud
 
 Defaults: ``max_new_tokens`` from the keyword, else ``$EDGECLOUD_MAX_NEW_TOKENS``, else 64; the
 broker address and keys from the CloudClient (``$EDGECLOUD_BROKER``, ``$EDGECLOUD_KEYS``).
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,6 +49,30 @@ log = logging.getLogger(__name__)
 
 FORCE_MODES = ("local-only", "cloud-only")
 __all__ = ["EdgeCloudManager", "Decision", "FORCE_MODES"]
+
+
+@dataclass(frozen=True)
+class _Row:
+    given: list[int]  # the row as the caller gave it, padding included
+    ids: list[int]  # its real tokens: the prompt that runs
+
+
+def batch_rows(input_ids: Any, attention_mask: Any = None) -> list[_Row]:
+    """The prompts of ``input_ids`` (a (T,) or (B, T) tensor, a list of ids or a list of id lists),
+    less the positions ``attention_mask`` marks 0."""
+    rows = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else list(input_ids)
+    if not rows:
+        raise ValueError("input_ids is empty")
+    if not isinstance(rows[0], (list, tuple)) and not (isinstance(rows[0], torch.Tensor) and rows[0].dim() == 1):
+        rows = [rows]
+    rows = [r.tolist() if isinstance(r, torch.Tensor) else list(r) for r in rows]
+    if attention_mask is None:
+        return [_Row(r, r) for r in rows]
+    mask = attention_mask.tolist() if isinstance(attention_mask, torch.Tensor) else [list(m) for m in attention_mask]
+    if len(mask) != len(rows) or any(len(m) != len(r) for m, r in zip(mask, rows)):
+        raise ValueError(f"attention_mask must have the shape of input_ids: {len(rows)} rows of "
+                         f"{[len(r) for r in rows][:4]} tokens, got {len(mask)} rows")
+    return [_Row(r, [t for t, m in zip(r, ms) if m]) for r, ms in zip(rows, mask)]
 
 
 class EdgeCloudManager:
@@ -96,6 +122,7 @@ class EdgeCloudManager:
             base_conditions=base_conditions, replan_every=replan_every, replan_margin=replan_margin,
         )
         self.last_result: GenerationResult | None = None
+        self.last_results: list[GenerationResult] = []
 
     # The seed's attributes, read from the engine.
     @property
@@ -133,12 +160,36 @@ class EdgeCloudManager:
                                   temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed)
 
     def process_hybrid(self, input_ids: Any, max_new_tokens: int | None = None,
-                       sampling: SamplingParams | None = None) -> torch.Tensor:
-        """Generate from ``input_ids`` ((1, T) tensor or a list of ids); returns (1, T + new) ids."""
-        ids = self.engine.encode(input_ids)
-        result = self.engine.generate(ids, self._params(max_new_tokens, sampling))
-        self.last_result = result
-        return torch.tensor([ids + result.token_ids], dtype=torch.long)
+                       sampling: SamplingParams | None = None, attention_mask: Any = None) -> torch.Tensor:
+        """Generate from ``input_ids``, like ``generate()``: a (1, T) tensor or a list of ids gives
+        (1, T + new) ids, the prompt then its new tokens.
+
+        A batch, a (B, T) tensor or a list of B id lists (of any lengths), runs as B generations at
+        once, each its own cloud session, which a batching worker computes together; each row
+        equals that prompt run alone (greedy). Row i is prompt i (as given, padding included),
+        then its new tokens, then the pad id up to the longest row. ``attention_mask`` (B, T) marks
+        a padded tensor's real tokens (0 for padding, on either side) as a tokenizer returns it.
+        ``last_results`` holds every row's ``GenerationResult``, ``last_result`` the last row's."""
+        rows = batch_rows(input_ids, attention_mask)
+        params = self._params(max_new_tokens, sampling)
+        if len(rows) == 1:
+            results = [self.engine.generate(rows[0].ids, params)]
+        else:
+            results = self.engine.generate_many([r.ids for r in rows], params)
+        self.last_results = results
+        self.last_result = results[-1]
+        outputs = [r.given + res.token_ids for r, res in zip(rows, results)]
+        width = max(len(o) for o in outputs)
+        pad = self.pad_id
+        return torch.tensor([o + [pad] * (width - len(o)) for o in outputs], dtype=torch.long)
+
+    @property
+    def pad_id(self) -> int:
+        """What fills a batch's shorter rows: the tokenizer's pad id, else an end-of-sequence id."""
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        if pad is not None:
+            return int(pad)
+        return min(self.engine.eos) if self.engine.eos else 0
 
     def stream(self, input_ids: Any, max_new_tokens: int | None = None,
                sampling: SamplingParams | None = None) -> GenerationStream:

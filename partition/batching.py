@@ -10,7 +10,9 @@ kernel, 16 and more a blocked one, and the boundaries move with the thread count
 put 576x576 products with 4 rows already on the blocked kernel). Three kernels, three answers
 for the same row, differing in the last bits: enough to change a greedy token now and then.
 
-So rows are never multiplied in a call whose size would change their kernel. For each weight (its
+The first choice is a kernel of our own that sums every row in one fixed order whatever the
+call's size (``partition/rowkernel.py``: faster than MKL batched, as fast alone). Where it cannot
+run, rows are never multiplied in a call whose size would change their kernel. For each weight (its
 shape, dtype, device, and the thread count) ``row_range`` finds, once, the range of row counts
 ``lo..hi`` in which every call gives each row the bit-identical results of a two-row call: the
 range of the kernel two rows get. Packed products then run in tiles of ``lo..hi`` rows (a lone
@@ -36,6 +38,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from partition import rowkernel
 
 # Frames with more rows than this run by themselves (a prefill), the rest are packed.
 PACK_MAX_ROWS = 16
@@ -91,8 +95,11 @@ def _probe(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int]:
 
 
 def packed_linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """``layer(x)`` for ``x`` (R, K), computed in tiles of ``row_range`` rows (fewer rows are
-    padded with zeros) so that each row's result does not depend on R."""
+    """``layer(x)`` for ``x`` (R, K) such that each row's result does not depend on R: with the
+    row kernel (``partition/rowkernel.py``) where it runs, else in tiles of ``row_range`` rows
+    (fewer rows are padded with zeros)."""
+    if rowkernel.usable(x, layer.weight):
+        return rowkernel.linear(x, layer.weight, layer.bias)
     rows = x.shape[0]
     lo, hi = row_range(layer.weight, layer.bias)
     if lo <= rows <= hi:
@@ -149,30 +156,47 @@ def fuse_layer(layer: nn.Module) -> None:
     layer.packed_gate_up = Fused(mlp.gate_proj, mlp.up_proj)
 
 
-def run_packed_layer(layer: nn.Module, hidden: torch.Tensor, parts: list[Part], window: int | None,
-                     attention: Any) -> torch.Tensor:
-    """One Llama decoder layer over the rows of several sessions: ``hidden`` (R, H) holds each
-    part's rows in turn. The same operations as transformers' ``LlamaDecoderLayer`` (its norms,
-    activation, rotary function and attention function), with the products packed."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+def rotary_rows(parts: list[Part]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary cos and sin of every row of ``parts`` in turn, (R, 1, head_dim) each: applied to
+    all rows at once, as each row's own positions give them."""
+    cos = [part.shared["position_embeddings"][0][0] for part in parts]  # (T_i, head_dim) each
+    sin = [part.shared["position_embeddings"][1][0] for part in parts]
+    if len(parts) == 1:
+        return cos[0].unsqueeze(1), sin[0].unsqueeze(1)
+    return torch.cat(cos).unsqueeze(1), torch.cat(sin).unsqueeze(1)
 
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # transformers' Llama rotary, (x * cos) + (rotate_half(x) * sin), over (R, heads, head_dim).
+    half = x.shape[-1] // 2
+    return (x * cos) + (torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin)
+
+
+def run_packed_layer(layer: nn.Module, hidden: torch.Tensor, parts: list[Part], window: int | None,
+                     attention: Any, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """One Llama decoder layer over the rows of several sessions: ``hidden`` (R, H) holds each
+    part's rows in turn, ``rope`` their rotary cos and sin (``rotary_rows``). The same
+    operations as transformers' ``LlamaDecoderLayer`` (its norms, activation, rotary formula and
+    attention function), with the products packed and everything row-wise done once for all
+    rows; only attention, over each session's own cache, runs per session."""
     attn = layer.self_attn
     head_dim = attn.head_dim
+    rows = hidden.shape[0]
     residual = hidden
     x = layer.input_layernorm(hidden)
     q, k, v = layer.packed_qkv.split(packed_linear(x, layer.packed_qkv))
+    cos, sin = rope
+    q = _rotate(q.view(rows, -1, head_dim), cos, sin)  # (R, heads, head_dim)
+    k = _rotate(k.view(rows, -1, head_dim), cos, sin)
+    v = v.view(rows, -1, head_dim)
     outs = []
     start = 0
     for part in parts:
         end = start + part.rows
-        shape = (1, part.rows, -1, head_dim)
-        qp = q[start:end].reshape(shape).transpose(1, 2)
-        kp = k[start:end].reshape(shape).transpose(1, 2)
-        vp = v[start:end].reshape(shape).transpose(1, 2)
-        cos, sin = part.shared["position_embeddings"]
-        qp, kp = apply_rotary_pos_emb(qp, kp, cos, sin)
-        kp, vp = part.cache.update(kp, vp, attn.layer_idx)
-        out, _ = attention(attn, qp, kp, vp, part.masks[window], dropout=0.0, scaling=attn.scaling)
+        kp, vp = part.cache.update(k[start:end].transpose(0, 1).unsqueeze(0), v[start:end].transpose(0, 1).unsqueeze(0),
+                                   attn.layer_idx)
+        out, _ = attention(attn, q[start:end].transpose(0, 1).unsqueeze(0), kp, vp, part.masks[window],
+                           dropout=0.0, scaling=attn.scaling)
         outs.append(out.reshape(part.rows, -1))
         start = end
     hidden = residual + packed_linear(torch.cat(outs) if len(outs) > 1 else outs[0].contiguous(), attn.o_proj)

@@ -21,6 +21,7 @@ from partition.batching import (
     fuse_layer,
     packable,
     packed_linear,
+    rotary_rows,
     run_packed_layer,
 )
 from partition.errors import InvalidSplitError
@@ -254,12 +255,15 @@ class ModelSegment(nn.Module):
             shared = self.runner.position_inputs(hidden, positions) if self.layers else {}
             parts.append(Part(step.cache, t_new, self._first_layer(step.start_layer), shared, masks))
             hiddens.append(hidden[0])
+        ropes: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # per set of sessions
         for index, (layer, window) in enumerate(zip(self.layers, self.windows, strict=True)):
-            active = [j for j, part in enumerate(parts) if part.first_layer <= index]
+            active = tuple(j for j, part in enumerate(parts) if part.first_layer <= index)
             if not active:
                 continue
+            if active not in ropes:
+                ropes[active] = rotary_rows([parts[j] for j in active])
             rows = torch.cat([hiddens[j] for j in active]) if len(active) > 1 else hiddens[active[0]]
-            rows = run_packed_layer(layer, rows, [parts[j] for j in active], window, self._attention)
+            rows = run_packed_layer(layer, rows, [parts[j] for j in active], window, self._attention, ropes[active])
             start = 0
             for j in active:
                 hiddens[j] = rows[start:start + parts[j].rows]

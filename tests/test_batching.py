@@ -131,7 +131,6 @@ def test_a_worker_batches_concurrent_sessions_and_each_gets_the_text_it_gets_alo
         with EdgeEngine("tiny-llama", settings) as engine:
             params = engine.params(ignore_eos=True)
             alone = [engine.generate(p, params).token_ids for p in prompts]
-            together: dict[int, list[int]] = {}
             batches: list[float] = []  # steps per pass, as each heartbeat reported it
             caches: list[int] = []  # KV-cache bytes, likewise
             done = threading.Event()
@@ -143,16 +142,9 @@ def test_a_worker_batches_concurrent_sessions_and_each_gets_the_text_it_gets_alo
                         caches.append(int(w["cache_bytes"]))
                     done.wait(0.1)
 
-            def run(i: int) -> None:
-                together[i] = engine.generate(prompts[i], params).token_ids
-
             watcher = threading.Thread(target=watch)
             watcher.start()
-            threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(timeout=300)
+            together = [r.token_ids for r in engine.generate_many(prompts, params)]
             # The heartbeat that covers the run's last passes may still be on its way.
             deadline = time.monotonic() + 10
             while not (batches and max(batches) > 1.0) and time.monotonic() < deadline:
@@ -160,7 +152,42 @@ def test_a_worker_batches_concurrent_sessions_and_each_gets_the_text_it_gets_alo
             done.set()
             watcher.join()
         status = cluster.status()["workers"][0]
-    assert [together[i] for i in range(len(prompts))] == alone
+    assert together == alone
     assert len({tuple(t) for t in alone}) == len(prompts)
     assert max(batches) > 1.0, batches  # some forward passes served several sessions at once
     assert status["max_batch"] == 16 and max(caches) > 0
+
+
+def test_the_row_kernel_sums_each_row_alike_in_any_call_and_close_to_torch():
+    from partition import rowkernel
+
+    if rowkernel.kernel() is None:
+        pytest.skip(f"the row kernel does not run here: {rowkernel.reason()}")
+    gen = torch.Generator().manual_seed(1)
+    for n, k in ((576, 576), (3, 7), (49, 1536), (5, 33)):  # whole blocks, and tails of N and K
+        w = torch.randn(n, k, generator=gen)
+        b = torch.randn(n, generator=gen)
+        x = torch.randn(19, k, generator=gen)
+        alone = torch.cat([rowkernel.linear(x[i:i + 1], w, b) for i in range(19)])
+        for rows in (2, 3, 4, 5, 8, 16, 19):
+            assert torch.equal(rowkernel.linear(x[:rows], w, b), alone[:rows]), (n, k, rows)
+        torch.testing.assert_close(alone, torch.nn.functional.linear(x, w, b), rtol=1e-4, atol=1e-4)
+        # The thread count splits the weights' rows, never a sum.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            assert torch.equal(rowkernel.linear(x, w, b), alone)
+        finally:
+            torch.set_num_threads(threads)
+
+
+def test_packed_products_use_the_tiles_when_the_row_kernel_is_switched_off(monkeypatch):
+    from partition import rowkernel
+
+    monkeypatch.setattr(rowkernel, "_state", {})
+    monkeypatch.setenv(rowkernel.SWITCH, "off")
+    assert rowkernel.kernel() is None and rowkernel.SWITCH in rowkernel.reason()
+    layer = torch.nn.Linear(64, 48)
+    x = torch.randn(9, 64)
+    alone = torch.cat([packed_linear(x[i:i + 1], layer) for i in range(9)])
+    assert torch.equal(packed_linear(x, layer), alone)

@@ -93,6 +93,60 @@ def test_forced_modes_and_splits_give_the_same_ids(env, tiny_llama, force_mode, 
 
 
 @pytest.mark.integration
+def test_a_batch_of_prompts_runs_as_sessions_at_once_and_each_row_is_the_prompt_alone(env, tiny_llama):
+    from edge_worker import EdgeCloudManager
+
+    tok = tiny_llama.load_tokenizer()
+    texts = ["the first prompt", "a second, longer prompt than that", "third"]
+    prompts = [tok(t)["input_ids"] for t in texts]
+    manager = EdgeCloudManager(model="tiny-llama", force_mode="cloud-only")
+    try:
+        out = manager.process_hybrid(prompts, max_new_tokens=8)  # a list of id lists of three lengths
+        # A left-padded (B, T) tensor and its mask, as a tokenizer returns them: the same rows.
+        width = max(len(p) for p in prompts)
+        padded = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        out_padded = manager.process_hybrid(padded, max_new_tokens=8, attention_mask=mask)
+    finally:
+        manager.close()
+    assert out.shape == (3, width + 8)
+    for i, ids in enumerate(prompts):
+        expected = reference(tiny_llama, ids, 8)
+        assert out[i, :len(expected)].tolist() == expected
+        assert (out[i, len(expected):] == manager.pad_id).all()
+        assert out_padded[i].tolist() == [0] * (width - len(ids)) + expected
+    assert [r.mode for r in manager.last_results] == ["cloud"] * 3
+    assert len({r.cloud_round_trips for r in manager.last_results}) == 1  # each its own session
+
+
+def test_batch_rows_strip_what_the_mask_marks_and_refuse_a_mask_of_another_shape():
+    from edge_worker.manager import batch_rows
+
+    assert [r.ids for r in batch_rows([5, 6, 7])] == [[5, 6, 7]]
+    assert [r.ids for r in batch_rows(torch.tensor([[5, 6], [7, 8]]))] == [[5, 6], [7, 8]]
+    rows = batch_rows(torch.tensor([[0, 5, 6], [7, 8, 0]]), torch.tensor([[0, 1, 1], [1, 1, 0]]))
+    assert [(r.given, r.ids) for r in rows] == [([0, 5, 6], [5, 6]), ([7, 8, 0], [7, 8])]
+    with pytest.raises(ValueError, match="shape of input_ids"):
+        batch_rows([[1, 2], [3, 4]], [[1, 1]])
+    with pytest.raises(ValueError, match="empty"):
+        batch_rows([])
+
+
+def test_a_batch_with_one_bad_prompt_fails_before_any_generation_starts(tiny_llama):
+    from edge_worker import EdgeCloudManager
+
+    manager = EdgeCloudManager(model="tiny-llama", force_mode="local-only")
+    try:
+        with pytest.raises(ValueError, match="prompt 1: token ids must be in"):
+            manager.process_hybrid([[5, 6], [5, 10**9]], max_new_tokens=4)
+        assert manager.last_results == []
+        with pytest.raises(ValueError, match="max_concurrent"):
+            manager.engine.generate_many([[5]], max_concurrent=0)
+    finally:
+        manager.close()
+
+
+@pytest.mark.integration
 def test_latency_weight_and_a_slow_link_keep_everything_local(env, tiny_llama):
     from broker.linkproxy import LinkConfig
     from edge_worker import CloudClient, EdgeCloudManager
