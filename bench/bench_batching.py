@@ -15,6 +15,10 @@ batch saves, whatever else runs. KV bytes per session: the largest cache the wor
 a heartbeat during the phase over the sessions it held then.
 
     .venv/bin/python bench/bench_batching.py [--model smollm2-135m] [--tokens 32] [--json] [--plot PNG]
+
+``--seed-check`` runs only the check an issue asked for: the seed's ``EdgeCloudManager`` in
+cloud-only mode, eight prompts one after another and then as one batch, the worker's CPU per
+token in each, with the worker's row kernel on and off (``EDGECLOUD_ROW_KERNEL``).
 """
 
 from __future__ import annotations
@@ -114,6 +118,53 @@ def run_worker(model: str, max_batch: int, split: int, tokens: int, texts: list[
     return rows
 
 
+def seed_check(model: str, tokens: int, kernel: str) -> dict:
+    """The seed's ``EdgeCloudManager`` in cloud-only mode against one worker: eight prompts one
+    after another, then the eight as one batch (``process_hybrid`` of a list: eight sessions at
+    once); the worker's CPU per generated token and the wall time in each phase, and whether
+    every row equals its prompt alone. ``kernel`` is the worker's ``EDGECLOUD_ROW_KERNEL``."""
+    import os
+
+    import psutil
+
+    from cli.cluster import LocalCluster
+    from edge_worker import EdgeCloudManager
+    from partition.tokens import encode_prompt
+    from partition.rowkernel import SWITCH
+
+    with LocalCluster(model=model) as cluster:
+        cluster.start_broker()
+        worker = cluster.add_worker(env={SWITCH: kernel})
+        cluster.wait_for_workers(1, timeout_s=600)
+        os.environ.update(EDGECLOUD_BROKER=cluster.endpoint, EDGECLOUD_KEYS=str(cluster.keys_dir))
+        manager = EdgeCloudManager(model=model, force_mode="cloud-only")
+        try:
+            ids = [encode_prompt(manager.tokenizer, t) for t in prompts()[:8]]
+            process = psutil.Process(worker.popen.pid)
+            manager.process_hybrid(ids[0], max_new_tokens=4)  # warm both sides
+
+            def cpu() -> float:
+                return sum(process.cpu_times()[:2])
+
+            c0, t0 = cpu(), time.perf_counter()
+            alone = [manager.process_hybrid(p, max_new_tokens=tokens)[0, len(p):].tolist() for p in ids]
+            c1, t1 = cpu(), time.perf_counter()
+            out = manager.process_hybrid(ids, max_new_tokens=tokens)
+            c2, t2 = cpu(), time.perf_counter()
+            together = [out[i, len(p):len(p) + len(alone[i])].tolist() for i, p in enumerate(ids)]
+            status = manager.cloud_client.status()["workers"][0]
+        finally:
+            manager.close()
+    n = sum(len(a) for a in alone)
+    row = {"kernel": kernel, "tokens": n, "alone_cpu_ms_per_token": round((c1 - c0) / n * 1e3, 2),
+           "together_cpu_ms_per_token": round((c2 - c1) / n * 1e3, 2), "cpu_ratio": round((c1 - c0) / (c2 - c1), 2),
+           "tokens_per_s_ratio": round((t1 - t0) / (t2 - t1), 2), "alone_s": round(t1 - t0, 2),
+           "together_s": round(t2 - t1, 2), "identical": together == alone, "mean_batch": status["mean_batch"]}
+    print(f"seed check, worker kernel {kernel}: {row['cpu_ratio']:.2f}x less worker CPU per token at once, "
+          f"{row['tokens_per_s_ratio']:.2f}x the tokens/s, identical: {row['identical']}", file=sys.stderr)
+    return row
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -148,7 +199,18 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--json", action="store_true", help="print every row as JSON")
     ap.add_argument("--plot", type=Path, default=None, help="write the figure to this PNG")
+    ap.add_argument("--seed-check", action="store_true",
+                    help="only the seed manager's check: eight prompts one after another, then as one batch, "
+                         "with the row kernel and with MKL tiles in the worker")
     args = ap.parse_args()
+    if args.seed_check:
+        rows = [seed_check(args.model, args.tokens, kernel) for kernel in ("auto", "off")]
+        if args.json:
+            for r in rows:
+                print(json.dumps(r))
+        if not all(r["identical"] for r in rows):
+            raise SystemExit(1)
+        return
     texts = prompts()
     rows = []
     for split in (int(s) for s in args.splits.split(",")):

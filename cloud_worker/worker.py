@@ -213,40 +213,48 @@ class CloudWorker:
         return jobs
 
     def handle_many(self, jobs: list[Job]) -> None:
-        """Serve jobs in arrival order; the steps among them run as one packed forward pass
-        (``ModelSegment.forward_many``). An open or close, or a second step, for a session
-        whose step is already in the batch first runs the batch, so each session sees its
-        requests in order. A request that fails is answered with its error; the others go on."""
+        """Serve jobs in rounds: each session's first job in the first round, its second (a
+        pipelined step, or a close after a step) in the next, and so on, so each session sees
+        its requests in order while the others' steps still share a pass. A round's opens and
+        closes are served first, then its steps run as one packed forward pass
+        (``ModelSegment.forward_many``). A request that fails is answered with its error; the
+        others go on."""
         assert self.conn is not None, "serve() sets the connection before jobs arrive"
-        batch: dict[str, _Pending] = {}
+        rounds: list[list[Job]] = []
+        seen: dict[str, int] = {}
         for job in jobs:
-            if job.expired():
-                log.debug("skipping %s: its deadline passed while queued", job.request_id)
-                continue
-            if job.session_id in batch:
-                self._run_batch(list(batch.values()))
-                batch.clear()
-            try:
-                self.faults.before(job)
-                if job.kind == KIND_STEP:
-                    pending = self._prepare_step(job)
-                    if isinstance(pending, _Pending):
-                        batch[job.session_id] = pending
-                        continue
-                    extra, frames = pending
-                elif job.kind == KIND_OPEN:
-                    extra, frames = self._open(job)
-                elif job.kind == KIND_CLOSE:
-                    self.sessions.remove(job.session_id)
-                    extra, frames = {}, []
-                else:
-                    raise ProtocolError("bad_kind", f"unknown request kind {job.kind!r}")
-            except Exception as exc:  # noqa: BLE001 - a bad request must never stop the worker
-                self._failed(job, exc)
-                continue
-            self._answer(job, extra, frames)
-        if batch:
-            self._run_batch(list(batch.values()))
+            index = seen.get(job.session_id, 0)
+            seen[job.session_id] = index + 1
+            if index == len(rounds):
+                rounds.append([])
+            rounds[index].append(job)
+        for round_jobs in rounds:
+            batch: list[_Pending] = []
+            for job in round_jobs:
+                if job.expired():
+                    log.debug("skipping %s: its deadline passed while queued", job.request_id)
+                    continue
+                try:
+                    self.faults.before(job)
+                    if job.kind == KIND_STEP:
+                        pending = self._prepare_step(job)
+                        if isinstance(pending, _Pending):
+                            batch.append(pending)
+                            continue
+                        extra, frames = pending
+                    elif job.kind == KIND_OPEN:
+                        extra, frames = self._open(job)
+                    elif job.kind == KIND_CLOSE:
+                        self.sessions.remove(job.session_id)
+                        extra, frames = {}, []
+                    else:
+                        raise ProtocolError("bad_kind", f"unknown request kind {job.kind!r}")
+                except Exception as exc:  # noqa: BLE001 - a bad request must never stop the worker
+                    self._failed(job, exc)
+                    continue
+                self._answer(job, extra, frames)
+            if batch:
+                self._run_batch(batch)
 
     def _failed(self, job: Job, exc: BaseException) -> None:
         assert self.conn is not None
