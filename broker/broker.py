@@ -1,10 +1,12 @@
 """The job broker: one ROUTER socket between edge clients and cloud workers.
 
 Clients send REQUESTs for a session; the broker pins each session to one
-worker when its opener arrives (least load among workers serving the model
-and split point) and forwards every later request of that session to the
-same worker, because the worker holds the session's KV cache. Bodies are
-forwarded untouched; the broker reads headers only.
+worker when its opener arrives (the one with the most free capacity among the
+workers serving the model and split point: batch seats, session slots and
+KV-cache memory, as the workers report them; then the least load) and
+forwards every later request of that session to the same worker, because the
+worker holds the session's KV cache. Bodies are forwarded untouched; the
+broker reads headers only.
 
 Failure policy, in one place:
 
@@ -360,11 +362,12 @@ class Broker:
         if prev is not None and prev.worker_id == msg.worker_id:
             w = prev  # a repeated REGISTER on the same connection: refresh what it serves
             w.model_id, w.layer_ranges, w.public_key = msg.model_id, msg.layer_ranges, msg.public_key
-            w.per_layer_ms, w.pid, w.max_sessions, w.max_batch, w.last_seen = (
+            w.per_layer_ms, w.pid, w.max_sessions, w.max_batch, w.cache_limit_bytes, w.last_seen = (
                 msg.per_layer_ms,
                 msg.pid,
                 msg.max_sessions,
                 msg.max_batch,
+                msg.cache_limit_bytes,
                 now,
             )
         else:
@@ -486,7 +489,8 @@ class Broker:
             self._fail(req, Busy(f"all {len(eligible)} workers for {r.model_id} hold their maximum sessions"))
             return False
         now = time.monotonic()
-        w = min(roomy, key=lambda c: (self._avoid_until.get(c.worker_id, 0.0) > now, c.load()))
+        # The most free capacity (batch seats, session slots, cache memory), then the least load.
+        w = min(roomy, key=lambda c: (self._avoid_until.get(c.worker_id, 0.0) > now, -c.free_capacity(), c.load()))
         session.worker_id = w.worker_id
         w.sessions.add(session.session_id)
         self._lost.pop(session.session_id, None)

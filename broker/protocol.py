@@ -285,10 +285,12 @@ class Register(Message):
     pid: int
     max_sessions: int
     max_batch: int = 1  # most sessions' steps it computes in one forward pass
+    cache_limit_bytes: int = 0  # what its sessions' KV caches may hold together; 0: no limit
     TYPE = MsgType.REGISTER
     FIELDS = (
         ("worker_id", _id), ("model_id", _id), ("layer_ranges", _ranges), ("public_key", _pubkey),
         ("per_layer_ms", _nonneg_float), ("pid", _uint), ("max_sessions", _pos_int), ("max_batch", _pos_int),
+        ("cache_limit_bytes", _uint),
     )  # fmt: skip
 
 

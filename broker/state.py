@@ -45,6 +45,7 @@ class WorkerState:
     mean_batch: float = 0.0  # steps per forward pass over the last heartbeat interval
     tokens_per_s: float = 0.0
     cache_bytes: int = 0
+    cache_limit_bytes: int = 0  # 0: no limit
 
     @classmethod
     def from_register(cls, msg: protocol.Register, identity: bytes, now: float) -> WorkerState:
@@ -59,6 +60,7 @@ class WorkerState:
             pid=msg.pid,
             max_sessions=msg.max_sessions,
             max_batch=msg.max_batch,
+            cache_limit_bytes=msg.cache_limit_bytes,
             registered_at=now,
             last_seen=now,
         )
@@ -72,8 +74,22 @@ class WorkerState:
         return len(self.in_flight) + len(self.abandoned)
 
     def load(self) -> int:
-        """What least-load placement minimises: pinned sessions plus work in hand."""
+        """Pinned sessions plus work in hand: placement's tie-break."""
         return len(self.sessions) + self.busy_slots()
+
+    def free_capacity(self) -> float:
+        """How many more sessions this worker takes before it is full, by the least of: its
+        session slots; its batch (a session past ``max_batch`` waits for a seat in each pass, so
+        this goes negative there, and less negative is less crowded); and its KV-cache memory
+        (sessions of the size its held ones average that fit under its limit, less the sessions
+        placed since its last heartbeat)."""
+        held = len(self.sessions)
+        room: float = min(self.max_sessions - held, self.max_batch - held)
+        if self.cache_limit_bytes and self.reported_sessions and self.cache_bytes:
+            per_session = self.cache_bytes / self.reported_sessions
+            unreported = max(0, held - self.reported_sessions)
+            room = min(room, (self.cache_limit_bytes - self.cache_bytes) / per_session - unreported)
+        return room
 
     def status(self, now: float) -> dict[str, object]:
         """The STATUS view of this worker."""
@@ -94,6 +110,8 @@ class WorkerState:
             "mean_batch": round(self.mean_batch, 2),
             "tokens_per_s": round(self.tokens_per_s, 1),
             "cache_bytes": self.cache_bytes,
+            "cache_limit_bytes": self.cache_limit_bytes,
+            "free_capacity": round(self.free_capacity(), 1),
             "last_seen_s_ago": round(now - self.last_seen, 3),
         }
 

@@ -76,6 +76,7 @@ class WorkerInfo:
     per_layer_ms: float = 0.0  # measured compute cost, for placement and status
     max_sessions: int = 64  # KV caches this worker is willing to hold
     max_batch: int = 1  # sessions' steps it computes together (the broker keeps that many in flight)
+    cache_limit_bytes: int = 0  # what its sessions' KV caches may hold together; 0: no limit
     pid: int = field(default_factory=os.getpid)
 
 
@@ -344,7 +345,8 @@ class WorkerConnection:
                                                       layer_ranges=i.layer_ranges, public_key=i.public_key,
                                                       per_layer_ms=i.per_layer_ms, pid=i.pid,
                                                       max_sessions=i.max_sessions,
-                                                      max_batch=i.max_batch)))  # fmt: skip
+                                                      max_batch=i.max_batch,
+                                                      cache_limit_bytes=i.cache_limit_bytes)))  # fmt: skip
         self.registrations += 1
 
     def _service(self, until: float) -> None:

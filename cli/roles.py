@@ -93,6 +93,9 @@ def cloud_worker(
                                            "(continuous batching; 1 serves one step at a time).")] = 16,
     batch_wait_ms: Annotated[float, typer.Option(help="Longest wait for the next steps of the sessions in the "
                                                  "last forward pass before computing without them.")] = 20.0,
+    max_cache_mb: Annotated[float | None, typer.Option(help="Most MiB the sessions' KV caches hold together; past "
+                                                       "it new sessions and growing steps are answered busy "
+                                                       "(default: no limit but --max-sessions).")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: one per core).")] = None,
     worker_id: Annotated[str | None, typer.Option(help="Name shown by `edgecloud status`.")] = None,
     reductions: Annotated[Path | None, typer.Option("--reductions", help="Projection files of --reduce-dims edges "
@@ -115,7 +118,7 @@ def cloud_worker(
         config = CloudWorkerConfig(
             broker=broker or default_broker(), model=model, keys_dir=keys_dir if has_key else None,
             key_name=key_name, encryption=not no_encryption, allow_plaintext=allow_plaintext, device=device,
-            max_sessions=max_sessions, max_batch=max_batch, batch_wait_s=batch_wait_ms / 1e3,
+            max_sessions=max_sessions, max_batch=max_batch, batch_wait_s=batch_wait_ms / 1e3, max_cache_mb=max_cache_mb,
             session_idle_ttl_s=session_ttl, max_session_tokens=max_tokens, torch_threads=threads,
             worker_id=worker_id, reductions_dir=reductions, curve=not no_curve,
         )
@@ -171,6 +174,12 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+def _cache(w: dict) -> str:
+    """KV-cache memory held, and of how much where the worker has a limit."""
+    limit = w.get("cache_limit_bytes") or 0
+    return _mib(w.get("cache_bytes") or 0) + (f" of {limit / 2**20:.0f}" if limit else "")
+
+
 def render_status(st: dict) -> str:
     lines = []
     workers = st.get("workers", [])
@@ -184,7 +193,7 @@ def render_status(st: dict) -> str:
             str(w.get("worker_id")), str(w.get("pid")), str(w.get("model_id")), ranges,
             f"{w.get('sessions', 0)}/{w.get('max_sessions', '?')}", str(w.get("in_flight", 0)),
             f"{float(w.get('mean_batch') or 0):.1f}/{w.get('max_batch', '?')}",
-            f"{float(w.get('tokens_per_s') or 0):.1f}", _mib(w.get("cache_bytes") or 0),
+            f"{float(w.get('tokens_per_s') or 0):.1f}", _cache(w),
             f"{float(w.get('per_layer_ms') or 0):.2f}",
             f"{w.get('last_seen_s_ago', 0):.1f}s ago"
             + (f", avoided {w['avoided_for_s']:.0f}s" if w.get("avoided_for_s") else ""),

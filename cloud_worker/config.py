@@ -30,6 +30,9 @@ class CloudWorkerConfig:
     session_idle_ttl_s: float = 600.0  # a session untouched this long is freed
     max_session_tokens: int = 8192  # KV cache length limit per session
     max_batch: int = 16  # steps of different sessions computed in one forward pass
+    # What the sessions' KV caches may hold together, in MiB; past it a new session or a step that
+    # would grow a cache is answered Busy. None: no limit but max_sessions.
+    max_cache_mb: float | None = None
     # How long a pass may wait for the next steps of the sessions in the previous one (at most
     # half that pass's time): fuller batches instead of two half-full ones taking turns.
     batch_wait_s: float = 0.02
@@ -52,5 +55,7 @@ class CloudWorkerConfig:
         check_device(self.device)
         if not 0 <= self.batch_wait_s <= 10:
             raise ValueError(f"--batch-wait-ms must be in [0, 10000], got {self.batch_wait_s * 1e3:g}")
+        if self.max_cache_mb is not None and self.max_cache_mb <= 0:
+            raise ValueError(f"--max-cache-mb must be positive, got {self.max_cache_mb:g}")
         if self.max_batch < 1:
             raise ValueError(f"--max-batch must be at least 1, got {self.max_batch}")

@@ -30,11 +30,13 @@ class Session:
 
 
 class SessionTable:
-    """Sessions by id, least recently used first. Idle sessions expire; a full table says Busy."""
+    """Sessions by id, least recently used first. Idle sessions expire; a full table, or KV
+    caches that would outgrow ``max_cache_bytes`` together, say Busy."""
 
-    def __init__(self, max_sessions: int, idle_ttl_s: float) -> None:
+    def __init__(self, max_sessions: int, idle_ttl_s: float, max_cache_bytes: int | None = None) -> None:
         self.max_sessions = max_sessions
         self.idle_ttl_s = idle_ttl_s
+        self.max_cache_bytes = max_cache_bytes
         self._sessions: OrderedDict[str, Session] = OrderedDict()
 
     def __len__(self) -> int:
@@ -72,6 +74,16 @@ class SessionTable:
     def cache_bytes(self) -> int:
         """Memory the sessions' KV caches hold (allocated, not just filled)."""
         return sum(s.cache.nbytes() for s in self._sessions.values())
+
+    def reserve(self, nbytes: int, what: str) -> None:
+        """Busy unless the caches may take ``nbytes`` more (``what`` would take them)."""
+        if self.max_cache_bytes is None or nbytes <= 0:
+            return
+        held = self.cache_bytes()
+        if held + nbytes > self.max_cache_bytes:
+            raise Busy(f"{what} needs {nbytes / 2**20:.1f} MiB of KV cache and this worker's caches hold "
+                       f"{held / 2**20:.1f} of its {self.max_cache_bytes / 2**20:.0f} MiB (--max-cache-mb); "
+                       "retry later or use another worker")
 
     def ids(self) -> list[str]:
         return list(self._sessions)

@@ -40,7 +40,7 @@ from cloud_worker.config import CloudWorkerConfig, check_device
 from cloud_worker.faults import FaultInjector
 from cloud_worker.sessions import Session, SessionTable
 from partition.models import resolve_model
-from partition.profile import measure_decode_ms
+from partition.profile import kv_bytes_per_token_per_layer, measure_decode_ms
 from partition.reduction import Reduction, ReductionError, ReductionStore
 from partition.sampling import SamplingParams
 from partition.segment import ModelSegment, StepInput
@@ -141,7 +141,11 @@ class CloudWorker:
         self.keypair = None
         if config.encryption and config.keys_dir is not None:
             self.keypair = load_keys(config.keys_dir, "worker", config.key_name)
-        self.sessions = SessionTable(config.max_sessions, config.session_idle_ttl_s)
+        limit = None if config.max_cache_mb is None else int(config.max_cache_mb * 2**20)
+        self.sessions = SessionTable(config.max_sessions, config.session_idle_ttl_s, limit)
+        # Keys and values one position of one layer adds to a session's cache, in this worker's dtype.
+        self._kv_position_layer_bytes = kv_bytes_per_token_per_layer(
+            self.source.config, torch.tensor([], dtype=dtype).element_size())
         self.reductions = ReductionStore(config.reductions_dir)
         self.worker_id = WorkerId(config.worker_id or f"w-{os.getpid()}-{uuid.uuid4().hex[:6]}")
         self.cost = LayerCost(*measure_decode_ms(self.segment))
@@ -150,6 +154,7 @@ class CloudWorker:
             layer_ranges=((0, self.source.n_layers),),
             public_key=self.keypair.public_key if self.keypair else b"",
             per_layer_ms=self.cost.per_layer_ms, max_sessions=config.max_sessions, max_batch=config.max_batch,
+            cache_limit_bytes=limit or 0,
         )
         self.faults = FaultInjector.from_env()  # off unless EDGECLOUD_FAULT_INJECTION is set (tests)
         self.stop_event = threading.Event()
@@ -294,6 +299,7 @@ class CloudWorker:
             session_id=job.session_id, layer_lo=job.layer_lo, cipher=cipher, sampling=sampling,
             cache=self.segment.new_cache(self.config.max_session_tokens), reduction=reduction,
         )
+        self.sessions.reserve(self._cache_growth(session, 1), "a new session")
         self.sessions.add(session)
         pk = self.keypair.public_key if (self.keypair and params.edge_pk) else b""
         return {"worker_pk": pk}, seal_open_proof(cipher, job.session_id, job.step)
@@ -350,7 +356,14 @@ class CloudWorker:
             # A retry of a step this cache already ran (the reply was lost or late): undo it and
             # run it again, so the step affects the cache exactly once.
             cache.crop(pos)
+        self.sessions.reserve(self._cache_growth(session, pos + hidden.shape[1]), f"step {job.step}")
         return _Pending(job, session, hidden, pos, list(req.draft), req.seen or (), req.epoch)
+
+    def _cache_growth(self, session: Session, length: int) -> int:
+        """Bytes ``session``'s cache allocates to hold ``length`` positions (0 when it has room)."""
+        cache = session.cache
+        layers = self.source.n_layers - session.layer_lo
+        return (cache.capacity_for(length) - cache.capacity()) * layers * self._kv_position_layer_bytes
 
     def _run_batch(self, batch: list[_Pending]) -> None:
         """One forward pass over the batch's steps, then each step's verdict and reply."""

@@ -257,10 +257,13 @@ class CloudSession:
         failed_opens = 0  # openers that found no worker (no answer in time, or none registered)
         timeouts = 0  # of this step on the session's current worker
         deadline = time.monotonic() + self.client.step_deadline_s
+        last: EdgeCloudError | None = None
         while True:
             remaining = deadline - time.monotonic()
             try:
                 if remaining <= 0:
+                    if last is not None and not isinstance(last, RequestTimeout):
+                        raise last  # what kept failing says more than "no path" (a busy worker, say)
                     raise RequestTimeout(f"step {step} found no working path to the cloud within "
                                          f"{self.client.step_deadline_s:.0f} s")
                 timeout_s = min(self.client.request_timeout_s, remaining)
@@ -271,6 +274,7 @@ class CloudSession:
                 accepted, token = self._send_step(pending, step, stats, timeout_s, draft, seen)
                 break
             except EdgeCloudError as exc:
+                last = exc
                 attempt += 1
                 failed_opens += self.cipher is None and is_unavailable(exc)
                 # With a local fallback at hand, a couple of openers that found no worker are

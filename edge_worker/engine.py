@@ -480,10 +480,10 @@ class EdgeEngine:
         return Decision(n, f"{RAN_HERE}: no worker serves split {k} of this model", None, None, None, now)
 
     # --- parts, loaded once ------------------------------------------------------------------------
-    def segment(self, lo: int, hi: int, *, head: bool) -> ModelSegment:
-        """Layers ``[lo, hi)`` (with the embedding iff ``lo == 0``), loaded once per engine. A
-        segment loaded with the head also serves requests without it."""
-        embed = lo == 0
+    def segment(self, lo: int, hi: int, *, head: bool, embed: bool | None = None) -> ModelSegment:
+        """Layers ``[lo, hi)`` (with the embedding iff ``lo == 0``, unless ``embed`` says), loaded
+        once per engine. A segment loaded with the head also serves requests without it."""
+        embed = lo == 0 if embed is None else embed
         with self._lock:
             for key in ((lo, hi, embed, head), (lo, hi, embed, True)):
                 if key in self._segments:
@@ -516,7 +516,8 @@ class EdgeEngine:
         reduction = self.privacy.reduction_for(self.source, k, edge)  # None unless reduce_dims
         session = self.client.session(self.source.model_id, k, self.source.hidden_size, reduction)
         if self.settings.fallback_local:
-            session.fallback = lambda: LocalBackend(self.segment(k, n, head=True))
+            # It takes over from the cloud: the activations at k, even at k = 0 (no embedding).
+            session.fallback = lambda: LocalBackend(self.segment(k, n, head=True, embed=False))
         return session
 
     def mini_for(self, k: int, edge: ModelSegment):

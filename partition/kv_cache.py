@@ -112,6 +112,18 @@ class SegmentKVCache:
     def nbytes(self) -> int:
         return sum(s.keys.nelement() * s.keys.element_size() * 2 for s in self._layers.values())
 
+    def capacity(self) -> int:
+        """Positions its storage holds before it grows (0 before the first update)."""
+        return max((s.keys.shape[-2] for s in self._layers.values()), default=0)
+
+    def capacity_for(self, length: int) -> int:
+        """The capacity it will have once it holds ``length`` positions (what ``update`` allocates)."""
+        current = self.capacity()
+        if current == 0:
+            capacity = max(_INITIAL_CAPACITY_TOKENS, _next_pow2(length))
+            return min(capacity, max(self.max_length_tokens, length)) if self.max_length_tokens is not None else capacity
+        return current if length <= current else _next_pow2(length)
+
     def _allocate(self, keys: torch.Tensor, values: torch.Tensor, t_new: int) -> _LayerStore:
         capacity = max(_INITIAL_CAPACITY_TOKENS, _next_pow2(t_new))
         if self.max_length_tokens is not None:

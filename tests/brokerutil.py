@@ -100,6 +100,8 @@ class EchoWorker:
         max_sessions: int = 64,
         delay_s: float = 0.0,
         config: WorkerConfig = FAST_WORKER,
+        max_batch: int = 1,
+        cache_limit_bytes: int = 0,
     ) -> None:
         self.worker_id = worker_id
         self.delay_s = delay_s
@@ -109,7 +111,8 @@ class EchoWorker:
         self.jobs: list[Job] = []
         self.replied = 0
         self._stop = threading.Event()
-        info = WorkerInfo(p.WorkerId(worker_id), model_id, layer_ranges, max_sessions=max_sessions)
+        info = WorkerInfo(p.WorkerId(worker_id), model_id, layer_ranges, max_sessions=max_sessions,
+                          max_batch=max_batch, cache_limit_bytes=cache_limit_bytes)
         self.conn = WorkerConnection(endpoint, info, config=config)
         self._thread = threading.Thread(target=self._compute, name=f"echo-{worker_id}", daemon=True)
         self._thread.start()

@@ -191,3 +191,52 @@ def test_packed_products_use_the_tiles_when_the_row_kernel_is_switched_off(monke
     x = torch.randn(9, 64)
     alone = torch.cat([packed_linear(x[i:i + 1], layer) for i in range(9)])
     assert torch.equal(packed_linear(x, layer), alone)
+
+
+def test_the_session_table_refuses_what_would_outgrow_its_cache_memory():
+    from broker.errors import Busy
+    from cloud_worker.sessions import SessionTable
+
+    table = SessionTable(max_sessions=8, idle_ttl_s=60, max_cache_bytes=1 << 20)
+    table.reserve(1 << 20, "a step")  # exactly the limit fits
+    with pytest.raises(Busy, match="max-cache-mb"):
+        table.reserve((1 << 20) + 1, "a step")
+    SessionTable(8, 60).reserve(1 << 40, "anything")  # no limit
+
+
+@pytest.mark.integration
+def test_a_worker_at_its_cache_memory_limit_answers_busy_and_the_edge_finishes_locally(tiny_llama):
+    from dataclasses import replace
+
+    from broker.errors import Busy
+    from broker.wire.crypto import load_api_keys
+    from cli.cluster import LocalCluster
+    from edge_worker.config import EdgeConfig
+    from edge_worker.engine import EdgeEngine
+    from partition.profile import kv_bytes_per_token_per_layer
+
+    # Room for one session's first allocation (256 positions of every layer), not for its doubling.
+    one_session = 256 * tiny_llama.n_layers * kv_bytes_per_token_per_layer(tiny_llama.config)
+    limit_mb = 1.5 * one_session / 2**20
+    prompt = [5, 6, 7, 8]
+    # fp32 on the wire: the cloud then computes exactly what the edge does, and 300 tokens of a
+    # random model can be compared with a local run token for token.
+    with LocalCluster(model="tiny-llama", worker_threads=1, heartbeat_s=0.3) as cluster:
+        cluster.start_broker()
+        cluster.add_worker(extra_args=("--max-cache-mb", f"{limit_mb:.4f}"))
+        cluster.wait_for_workers(1, timeout_s=60)
+        key = sorted(load_api_keys(cluster.keys_dir / "api_keys.txt"))[0]
+        base = EdgeConfig(model="tiny-llama", force_cloud=True, broker=cluster.endpoint, keys_dir=cluster.keys_dir,
+                          api_key=key, max_new_tokens=300, step_deadline_s=4.0, wire_dtype="fp32")
+        with EdgeEngine("tiny-llama", base) as engine:
+            params = engine.params(ignore_eos=True)
+            result = engine.generate(prompt, params)  # past position 256 the worker says busy
+        with EdgeEngine("tiny-llama", replace(base, fallback_local=False)) as engine:
+            with pytest.raises(Busy, match="max-cache-mb"):
+                engine.generate(prompt, engine.params(ignore_eos=True))
+        status = cluster.status()["workers"][0]
+    with EdgeEngine("tiny-llama", EdgeConfig(model="tiny-llama", force_local=True)) as local:
+        expected = local.generate(prompt, local.params(max_new_tokens=300, ignore_eos=True)).token_ids
+    assert result.token_ids == expected
+    assert result.fallback_at_step is not None and 250 <= result.fallback_at_step <= 256
+    assert status["cache_limit_bytes"] == int(limit_mb * 2**20)

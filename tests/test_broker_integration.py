@@ -87,6 +87,35 @@ def test_session_affinity_and_least_load(broker: Broker) -> None:
         assert [c.request(f"n{i}", "open", MODEL, 2, 0).worker_id for i in range(2)] == ["w1", "w1"]
 
 
+def test_new_sessions_go_where_the_most_batch_seats_are_free(broker: Broker) -> None:
+    with echo_workers(broker.endpoint, "big", max_batch=4) as (big,), \
+            echo_workers(broker.endpoint, "small", max_batch=1), client(broker.endpoint) as c:
+        owners = [c.request(f"s{i}", "open", MODEL, 2, 0).worker_id for i in range(5)]
+        # Free seats big 4, small 1: big takes three; at one seat each the less loaded (small)
+        # comes next, then big again (one seat against none).
+        assert owners == ["big", "big", "big", "small", "big"]
+        (w,) = [w for w in c.status()["workers"] if w["worker_id"] == "big"]
+        assert w["max_batch"] == 4 and w["free_capacity"] == 0
+        assert big.sessions_seen() == {"s0", "s1", "s2", "s4"}
+
+
+def test_free_capacity_is_the_least_of_slots_batch_seats_and_cache_memory() -> None:
+    from broker.state import WorkerState
+
+    w = WorkerState.from_register(p.Register(p.WorkerId("w"), MODEL, ((0, 2),), b"", 1.0, 1, max_sessions=6,
+                                             max_batch=16, cache_limit_bytes=100 << 20), b"id", 0.0)
+    assert w.free_capacity() == 6  # session slots bind; nothing reported yet
+    w.sessions |= {"a", "b"}
+    w.reported_sessions, w.cache_bytes = 2, 40 << 20  # 20 MiB a session: three more fit in 100
+    assert w.free_capacity() == 3
+    w.sessions.add("c")  # placed since the heartbeat: counted against the memory too
+    assert w.free_capacity() == 2
+    w.cache_limit_bytes = 0
+    assert w.free_capacity() == 3  # no memory limit: the slots again (6 - 3)
+    w.max_batch, w.max_sessions = 2, 64
+    assert w.free_capacity() == -1  # past its batch: one session waits for a seat in each pass
+
+
 def test_closed_or_unknown_session_is_worker_lost(broker: Broker) -> None:
     with echo_workers(broker.endpoint, "w1"), client(broker.endpoint) as c:
         c.request("s1", "open", MODEL, 2, 0)
