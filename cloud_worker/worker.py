@@ -18,7 +18,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,7 +43,7 @@ from partition.models import resolve_model
 from partition.profile import kv_bytes_per_token_per_layer, measure_decode_ms
 from partition.reduction import Reduction, ReductionError, ReductionStore
 from partition.sampling import SamplingParams
-from partition.segment import ModelSegment, StepInput
+from partition.segment import ModelSegment, StepInput, chunk_bounds, chunk_logits
 from partition.speculative import verify_drafts
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,15 @@ class _Pending:
     draft: list[int]  # drafted tokens held by the last len(draft) positions
     seen: Sequence[int]  # generated tokens so far (a repetition penalty reads them)
     epoch: int
+    done: int = 0  # positions computed so far: a long frame runs one chunk per pass (chunk_bounds)
+    logits: list[torch.Tensor] = field(default_factory=list)  # its chunks' logits so far
+    compute_ms: float = 0.0  # over its passes
+
+    def next_chunk(self) -> tuple[int, int, int]:
+        """``(a, b, logit rows)`` of the chunk the next pass computes."""
+        rows = self.hidden.shape[1]
+        a, b = next((a, b) for a, b in chunk_bounds(rows) if a == self.done)
+        return a, b, chunk_logits(len(self.draft) + 1, rows, a, b)
 
 
 class CloudWorker:
@@ -162,6 +171,12 @@ class CloudWorker:
         self.failed = 0
         self._last_pass_sessions: set[str] = set()  # whose next steps the next pass waits for a moment
         self._last_pass_s = 0.0
+        # Long frames (prefills) part-way through: each pass computes their next chunk beside the
+        # other sessions' steps. A job of such a session waits in _held until its frame is done,
+        # then in _resumed for the next pass, so each session still sees its requests in order.
+        self._prefilling: list[_Pending] = []
+        self._held: dict[str, list[Job]] = {}
+        self._resumed: list[Job] = []
         self.conn: WorkerConnection | None = None
 
     def serve(self) -> None:
@@ -181,9 +196,11 @@ class CloudWorker:
                 self.conn.set_active_sessions(len(self.sessions))
                 self.conn.set_cache_bytes(self.sessions.cache_bytes())
                 self.conn.set_per_layer_ms(self.cost.per_layer_ms)
-                job = self.conn.get(_IDLE_POLL_S)
-                if job is not None:
-                    self.handle_many(self._gather(job))
+                more_to_do = bool(self._prefilling or self._resumed)
+                job = self.conn.get(0.0 if more_to_do else _IDLE_POLL_S)
+                if job is not None or more_to_do:
+                    carry, self._prefilling = self._prefilling, []
+                    self.handle_many(self._gather(job, len(carry)), carry)
                     last_job = time.monotonic()
                 elif self.cost.stale(time.monotonic() - last_job):
                     before = self.cost.per_layer_ms
@@ -193,15 +210,19 @@ class CloudWorker:
         finally:
             self.conn.close(graceful=True)
 
-    def _gather(self, job: Job) -> list[Job]:
-        """The jobs of the next iteration: ``job``, everything else that has arrived, and the
-        next steps of the sessions in the last forward pass, for at most ``batch_wait_s`` (and
-        half that pass's time). Those sessions' edges got their answers a moment ago and are
-        sending their next steps: computing without them would split one batch into two that
-        alternate, each half full. A session that has ended costs one wait, once."""
+    def _gather(self, job: Job | None, carried: int = 0) -> list[Job]:
+        """The jobs of the next iteration: those resumed after a prefill, ``job``, everything else
+        that has arrived, and the next steps of the sessions in the last forward pass, for at
+        most ``batch_wait_s`` (and half that pass's time). Those sessions' edges got their
+        answers a moment ago and are sending their next steps: computing without them would
+        split one batch into two that alternate, each half full. A session that has ended costs
+        one wait, once. ``carried``: prefills part-way through, which take seats too."""
         assert self.conn is not None
-        room = self.config.max_batch
-        jobs = [job, *self.conn.take_ready(room - 1)]
+        room = max(1, self.config.max_batch - carried)
+        jobs, self._resumed = self._resumed, []
+        if job is not None:
+            jobs.append(job)
+        jobs += self.conn.take_ready(max(0, room - len(jobs)))
         expected = self._last_pass_sessions - {j.session_id for j in jobs}
         wait = min(self.config.batch_wait_s, self._last_pass_s / 2)
         deadline = time.monotonic() + wait
@@ -217,13 +238,14 @@ class CloudWorker:
                 expected.discard(j.session_id)
         return jobs
 
-    def handle_many(self, jobs: list[Job]) -> None:
+    def handle_many(self, jobs: list[Job], carry: Sequence[_Pending] = ()) -> None:
         """Serve jobs in rounds: each session's first job in the first round, its second (a
         pipelined step, or a close after a step) in the next, and so on, so each session sees
         its requests in order while the others' steps still share a pass. A round's opens and
         closes are served first, then its steps run as one packed forward pass
-        (``ModelSegment.forward_many``). A request that fails is answered with its error; the
-        others go on."""
+        (``ModelSegment.forward_many``) with the next chunk of each prefill part-way through
+        (``carry`` in the first round). A job of a session whose prefill is not through waits
+        for it. A request that fails is answered with its error; the others go on."""
         assert self.conn is not None, "serve() sets the connection before jobs arrive"
         rounds: list[list[Job]] = []
         seen: dict[str, int] = {}
@@ -233,9 +255,20 @@ class CloudWorker:
             if index == len(rounds):
                 rounds.append([])
             rounds[index].append(job)
-        for round_jobs in rounds:
-            batch: list[_Pending] = []
+        for index, round_jobs in enumerate(rounds):
+            if index == 0:
+                batch: list[_Pending] = list(carry)
+            else:
+                batch, self._prefilling = self._prefilling, []
+            busy = {p.job.session_id for p in batch}
+            resumed = {j.session_id for j in self._resumed}
             for job in round_jobs:
+                if job.session_id in busy:
+                    self._held.setdefault(job.session_id, []).append(job)
+                    continue
+                if job.session_id in resumed:  # behind its jobs that waited for a prefill
+                    self._resumed.append(job)
+                    continue
                 if job.expired():
                     log.debug("skipping %s: its deadline passed while queued", job.request_id)
                     continue
@@ -260,6 +293,8 @@ class CloudWorker:
                 self._answer(job, extra, frames)
             if batch:
                 self._run_batch(batch)
+        if not rounds and carry:
+            self._run_batch(list(carry))
 
     def _failed(self, job: Job, exc: BaseException) -> None:
         assert self.conn is not None
@@ -366,26 +401,38 @@ class CloudWorker:
         return (cache.capacity_for(length) - cache.capacity()) * layers * self._kv_position_layer_bytes
 
     def _run_batch(self, batch: list[_Pending]) -> None:
-        """One forward pass over the batch's steps, then each step's verdict and reply."""
+        """One forward pass over the batch's steps (a long frame's next chunk), then the verdict
+        and reply of each step whose frame is through; the others wait in ``_prefilling``."""
         assert self.conn is not None, "serve() sets the connection before jobs arrive"
+        chunks = [p.next_chunk() for p in batch]
         t0 = time.perf_counter()
         try:
             # hidden: (1, T, H); the last len(draft) positions are drafted tokens to verify.
             outs = self.segment.forward_many([
-                StepInput(p.hidden, p.session.cache, p.session.layer_lo, len(p.draft) + 1) for p in batch])
+                StepInput(p.hidden[:, a:b], p.session.cache, p.session.layer_lo, count or "none")
+                for p, (a, b, count) in zip(batch, chunks, strict=True)])
         except Exception as exc:  # noqa: BLE001 - every step of the batch is answered, the worker goes on
             for p in batch:
                 p.session.cache.crop(p.pos)
                 self._failed(p.job, exc)
+                self._release(p.job.session_id)
             return
         compute_ms = (time.perf_counter() - t0) * 1e3
         self._last_pass_s = compute_ms / 1e3
         self._last_pass_sessions = {p.job.session_id for p in batch}
         tokens = 0
-        for p, out in zip(batch, outs, strict=True):
+        for p, out, (_, b, _) in zip(batch, outs, chunks, strict=True):
+            p.done, p.compute_ms = b, p.compute_ms + compute_ms
+            if out.logits is not None:
+                p.logits.append(out.logits)
+            if b < p.hidden.shape[1]:
+                self._prefilling.append(p)
+                continue
+            self._release(p.job.session_id)
             session, cache = p.session, p.session.cache
             try:
-                accepted, token = verify_drafts(out.logits[0], p.draft, session.sampling, p.job.step, p.seen)
+                logits = p.logits[0] if len(p.logits) == 1 else torch.cat(p.logits, dim=1)
+                accepted, token = verify_drafts(logits[0], p.draft, session.sampling, p.job.step, p.seen)
             except Exception as exc:  # noqa: BLE001
                 cache.crop(p.pos)
                 self._failed(p.job, exc)
@@ -393,12 +440,16 @@ class CloudWorker:
             cache.crop(cache.length - (len(p.draft) - accepted))
             tokens += accepted + 1
             session.last_step, session.epoch, session.expected = p.job.step, p.epoch, token
-            if len(batch) == 1:  # the per-layer figure the planner reads is a lone step's
+            if len(batch) == 1 and p.compute_ms == compute_ms:  # the planner reads a lone step's figure
                 self.cost.observe(compute_ms, self.source.n_layers - session.layer_lo, p.hidden.shape[1])
             worker_ms = (time.monotonic() - p.job.received_at) * 1e3
             self._answer(p.job, {}, seal_step_reply(session.cipher, p.job.session_id, p.job.step, token,
-                                                     cache.length, compute_ms, worker_ms, accepted=accepted))
+                                                     cache.length, p.compute_ms, worker_ms, accepted=accepted))
         self.conn.record_batch(len(batch), tokens)
+
+    def _release(self, session_id: str) -> None:
+        """The jobs that waited for this session's frame go in the next pass, in order."""
+        self._resumed.extend(self._held.pop(session_id, ()))
 
     def _skipped(self, job: Job, session: Session) -> tuple[dict, list]:
         worker_ms = (time.monotonic() - job.received_at) * 1e3

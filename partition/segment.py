@@ -55,6 +55,33 @@ class SegmentOutput:
     logits: torch.Tensor | None  # (1, T', V) where the segment has the head, else None
 
 
+# A frame longer than this (a prefill) runs as chunks of this many positions, from its start: a
+# worker computes one chunk per pass beside the other sessions' decode steps, so a long prompt
+# slows them for a pass at a time instead of stalling them for its whole prefill; the edge runs
+# its frames the same way, so both compute the same numbers. 64 positions of SmolLM2 cost about
+# two decode passes of eight sessions on the 2-core CPU.
+PREFILL_CHUNK = 64
+
+
+def chunk_bounds(rows: int) -> list[tuple[int, int]]:
+    """The chunks ``[a, b)`` a frame of ``rows`` positions runs as."""
+    return [(a, min(a + PREFILL_CHUNK, rows)) for a in range(0, rows, PREFILL_CHUNK)] or [(0, 0)]
+
+
+def chunk_logits(count: int, rows: int, a: int, b: int) -> int:
+    """How many of the frame's last ``count`` positions fall in chunk ``[a, b)`` (its last rows)."""
+    return max(0, b - max(a, rows - count))
+
+
+def join_chunks(pieces: list[SegmentOutput]) -> SegmentOutput:
+    """One frame's output from its chunks' outputs, in order."""
+    if len(pieces) == 1:
+        return pieces[0]
+    hidden = torch.cat([p.hidden for p in pieces], dim=1)
+    logits = [p.logits for p in pieces if p.logits is not None]
+    return SegmentOutput(hidden=hidden, logits=torch.cat(logits, dim=1) if logits else None)
+
+
 class ModelSegment(nn.Module):
     """Layers ``[lo, hi)`` of a causal LM; optionally the embedding in front and the head behind."""
 
@@ -173,9 +200,37 @@ class ModelSegment(nn.Module):
         """``forward`` for several sessions at once (each its own cache): frames of at most
         ``PACK_MAX_ROWS`` positions share the layers' matrix products, longer ones (prefills)
         run by themselves, and so do batched caches (several rows of one prefix,
-        ``SegmentKVCache.repeated``). Each output is bit-identical to that step run alone."""
+        ``SegmentKVCache.repeated``). A frame longer than ``PREFILL_CHUNK`` runs as its chunks
+        (``chunk_bounds``), one after another, the way a worker interleaves them with other
+        sessions' steps. Each output is bit-identical to that step run alone."""
         if len({id(s.cache) for s in steps}) != len(steps):
             raise ValueError("one step per cache in a batch: a session's steps run one after another")
+        long = [i for i, s in enumerate(steps) if s.x.shape[0] == 1 and s.x.shape[1] > PREFILL_CHUNK]
+        if not long:
+            return self._forward_pass(steps)
+        return self._forward_chunked(steps, set(long))
+
+    def _forward_chunked(self, steps: list[StepInput], long: set[int]) -> list[SegmentOutput]:
+        """Passes of every step's next chunk (a frame of at most ``PREFILL_CHUNK`` positions is
+        its own single chunk) until all are through; outputs joined back per step."""
+        plans = []
+        for i, step in enumerate(steps):
+            rows = step.x.shape[1]
+            bounds = chunk_bounds(rows) if i in long else [(0, rows)]
+            count = self._logit_rows(step.logits, rows)
+            plans.append([(a, b, chunk_logits(count, rows, a, b)) for a, b in bounds])
+        pieces: list[list[SegmentOutput]] = [[] for _ in steps]
+        for index in range(max(len(p) for p in plans)):
+            live = [i for i, plan in enumerate(plans) if index < len(plan)]
+            chunk_steps = []
+            for i in live:
+                a, b, count = plans[i][index]
+                chunk_steps.append(StepInput(steps[i].x[:, a:b], steps[i].cache, steps[i].start_layer, count or "none"))
+            for i, out in zip(live, self._forward_pass(chunk_steps), strict=True):
+                pieces[i].append(out)
+        return [join_chunks(p) for p in pieces]
+
+    def _forward_pass(self, steps: list[StepInput]) -> list[SegmentOutput]:
         outputs: list[SegmentOutput | None] = [None] * len(steps)
         packed = []
         for i, step in enumerate(steps):

@@ -240,3 +240,79 @@ def test_a_worker_at_its_cache_memory_limit_answers_busy_and_the_edge_finishes_l
     assert result.token_ids == expected
     assert result.fallback_at_step is not None and 250 <= result.fallback_at_step <= 256
     assert status["cache_limit_bytes"] == int(limit_mb * 2**20)
+
+
+def test_a_long_frame_runs_as_its_chunks_beside_other_steps_and_alone_alike(tiny_llama):
+    from partition.segment import PREFILL_CHUNK, chunk_bounds
+
+    seg = ModelSegment.load(tiny_llama, 0, tiny_llama.n_layers, embed=False, head=True)
+    rows = 2 * PREFILL_CHUNK + 22
+    assert chunk_bounds(rows) == [(0, 64), (64, 128), (128, rows)] and PREFILL_CHUNK == 64
+    # 70 logit rows: the last 48 of the second chunk and the 22 of the third.
+    specs = [(0, 3, rows, 70), (1, 5, 1, "last"), (0, 0, 3, "all")]
+    together = _steps(tiny_llama, seg, specs, seed=3)
+    by_hand = _steps(tiny_llama, seg, specs, seed=3)[0]
+    alone = [StepInput(s.x, copy.deepcopy(s.cache), s.start_layer, s.logits) for s in together]
+    outs = seg.forward_many(together)
+    hidden, logits = [], []
+    for a, b in chunk_bounds(rows):  # the chunks one by one, as a worker runs them
+        want = max(0, b - max(a, rows - 70))
+        out = seg(by_hand.x[:, a:b], by_hand.cache, start_layer=0, logits=want or "none")
+        hidden.append(out.hidden)
+        if out.logits is not None:
+            logits.append(out.logits)
+    assert torch.equal(outs[0].hidden, torch.cat(hidden, dim=1)) and torch.equal(outs[0].logits, torch.cat(logits, dim=1))
+    assert outs[0].logits.shape[1] == 70 and together[0].cache.length == 3 + rows
+    for step, out in zip(alone, outs, strict=True):
+        ref = seg(step.x, step.cache, start_layer=step.start_layer, logits=step.logits)
+        assert torch.equal(out.hidden, ref.hidden) and torch.equal(out.logits, ref.logits)
+
+
+@pytest.mark.integration
+def test_a_long_prompt_is_prefilled_in_chunks_between_other_sessions_decode_steps(tiny_llama):
+    import threading
+    import time
+
+    from broker.wire.crypto import load_api_keys
+    from cli.cluster import LocalCluster
+    from edge_worker.config import EdgeConfig
+    from edge_worker.engine import EdgeEngine
+    from partition.segment import chunk_bounds
+
+    long_prompt = [(7 * j) % 250 + 3 for j in range(1000)]  # 16 chunks
+    assert len(chunk_bounds(len(long_prompt))) == 16
+    short_prompt = [5, 6, 7]
+    with LocalCluster(model="tiny-llama", worker_threads=1) as cluster:
+        cluster.start_broker()
+        cluster.add_worker()
+        cluster.wait_for_workers(1, timeout_s=60)
+        key = sorted(load_api_keys(cluster.keys_dir / "api_keys.txt"))[0]
+        settings = EdgeConfig(model="tiny-llama", force_cloud=True, broker=cluster.endpoint, keys_dir=cluster.keys_dir,
+                              api_key=key, wire_dtype="fp32", mini="none")
+        with EdgeEngine("tiny-llama", settings) as engine:
+            params = engine.params(ignore_eos=True, max_new_tokens=400)
+            short_alone = engine.generate(short_prompt, params).token_ids
+            long_alone = engine.generate(long_prompt, engine.params(ignore_eos=True, max_new_tokens=8)).token_ids
+            stamps: list[float] = []
+            started = threading.Event()
+
+            def on_text(_: str) -> None:
+                stamps.append(time.monotonic())
+                if len(stamps) == 20:
+                    started.set()
+
+            out: dict[str, list[int]] = {}
+            decoder = threading.Thread(target=lambda: out.update(
+                short=engine.generate(short_prompt, params, on_text=on_text).token_ids))
+            decoder.start()
+            assert started.wait(60)
+            t0 = time.monotonic()
+            first: list[float] = []
+            long_result = engine.generate(long_prompt, engine.params(ignore_eos=True, max_new_tokens=8),
+                                          on_text=lambda _: first.append(time.monotonic()))
+            decoder.join(120)
+    assert out["short"] == short_alone and long_result.token_ids == long_alone
+    during = [t for t in stamps if t0 < t < first[0]]
+    # The long prompt's 16 chunks ran in 16 passes, each with the decoding session's next step
+    # (one pass for the whole prompt would have let through one step at most).
+    assert len(during) >= 4, (len(during), first[0] - t0)
