@@ -182,10 +182,13 @@ class LocalCluster:
             if proc is not None and not proc.alive():
                 raise ClusterError(f"{proc.name} exited with code {proc.popen.returncode}:\n{proc.log_tail()}")
 
-    def edge(self, *args: str, timeout_s: float = 300.0) -> subprocess.CompletedProcess:
-        """Run ``edgecloud edge ARGS`` against this cluster as its own process."""
+    def edge(self, *args: str, timeout_s: float = 300.0, env: dict[str, str] | None = None
+             ) -> subprocess.CompletedProcess:
+        """Run ``edgecloud edge ARGS`` against this cluster as its own process; ``env`` adds
+        environment variables (``EDGECLOUD_CPUS`` to place it on some cores, say)."""
         return subprocess.run(cli_command("edge", "--model", self.model, *self._curve_args(), *args),
-                              env=self.env(), capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
+                              env={**self.env(), **(env or {})}, capture_output=True, text=True, timeout=timeout_s,
+                              cwd=ROOT)
 
     def start_edge(self, *args: str) -> subprocess.Popen:
         """Start ``edgecloud edge ARGS`` without waiting (read its output with communicate())."""
