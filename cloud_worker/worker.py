@@ -274,6 +274,9 @@ class CloudWorker:
                     continue
                 try:
                     self.faults.before(job)
+                    if job.model_id != self.source.model_id:
+                        raise ProtocolError("wrong_model", f"this worker holds {self.source.model_id}, not "
+                                            f"{job.model_id}: the request was routed to the wrong worker")
                     if job.kind == KIND_STEP:
                         pending = self._prepare_step(job)
                         if isinstance(pending, _Pending):

@@ -341,6 +341,8 @@ class EdgeEngine:
         result.prompt_tokens_dropped = given - len(ids)
         if decision.reason.startswith(RAN_HERE):
             result.fallback_at_step = 0
+        if result.fallback_at_step == 0:
+            result.mode = "local"  # what ran: the cloud computed no step (split still says where it was meant to be)
         if decision.reason != "forced":
             result.decision = decision.to_dict()
             result.decisions = [decision.to_dict(), *(d.to_dict() for d in run.decisions)]

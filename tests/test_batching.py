@@ -231,6 +231,9 @@ def test_a_worker_at_its_cache_memory_limit_answers_busy_and_the_edge_finishes_l
         with EdgeEngine("tiny-llama", base) as engine:
             params = engine.params(ignore_eos=True)
             result = engine.generate(prompt, params)  # past position 256 the worker says busy
+            # A 400-token prompt needs 512 positions from its first step: refused, all of it runs here.
+            long_prompt = [j % 250 + 3 for j in range(400)]
+            refused = engine.generate(long_prompt, engine.params(ignore_eos=True, max_new_tokens=3))
         with EdgeEngine("tiny-llama", replace(base, fallback_local=False)) as engine:
             with pytest.raises(Busy, match="max-cache-mb"):
                 engine.generate(prompt, engine.params(ignore_eos=True))
@@ -240,6 +243,8 @@ def test_a_worker_at_its_cache_memory_limit_answers_busy_and_the_edge_finishes_l
     assert result.token_ids == expected
     assert result.fallback_at_step is not None and 250 <= result.fallback_at_step <= 256
     assert status["cache_limit_bytes"] == int(limit_mb * 2**20)
+    # The JSON says what ran: every layer here, though the split was the cloud's.
+    assert refused.fallback_at_step == 0 and refused.mode == "local" and refused.split == 0
 
 
 def test_a_long_frame_runs_as_its_chunks_beside_other_steps_and_alone_alike(tiny_llama):
@@ -316,3 +321,26 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_other_sessions_decode_step
     # The long prompt's 16 chunks ran in 16 passes, each with the decoding session's next step
     # (one pass for the whole prompt would have let through one step at most).
     assert len(during) >= 4, (len(during), first[0] - t0)
+
+
+def test_a_worker_refuses_a_dispatch_for_a_model_it_does_not_hold(tiny_llama, caplog):
+    import logging
+    import time
+
+    from brokerutil import running_broker
+
+    from broker.worker_api import Job, WorkerConnection
+    from cloud_worker.worker import CloudWorker, CloudWorkerConfig
+
+    with running_broker() as broker:
+        worker = CloudWorker(CloudWorkerConfig(model="tiny-llama", encryption=False, broker=broker.endpoint))
+        worker.conn = WorkerConnection(broker.endpoint, worker.info)
+        try:
+            job = Job(request_id="r1", session_id="s1", model_id="llama-30x576@another", step=0, attempt=1,
+                      kind="open", layer_lo=0, deadline_ms=5000, extra={}, frames=[], received_at=time.monotonic())
+            with caplog.at_level(logging.WARNING, logger="cloud_worker.worker"):
+                worker.handle_many([job])
+        finally:
+            worker.conn.close()
+    assert worker.failed == 1 and len(worker.sessions) == 0
+    assert "holds tiny-llama" in caplog.text or f"holds {tiny_llama.model_id}" in caplog.text, caplog.text

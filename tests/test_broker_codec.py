@@ -256,3 +256,33 @@ def test_the_torch_free_list_of_wire_dtypes_is_the_codecs():
     from broker.wire.codec import WIRE_DTYPES
 
     assert tuple(WIRE_DTYPES) == WIRE_DTYPE_NAMES
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16", "int8"])
+def test_non_finite_activations_are_refused_on_both_sides(dtype):
+    good = torch.randn(1, 3, 64)
+    meta, data = encode_tensor(good, dtype)
+    raw = bytearray(data)
+    if dtype == "int8":  # an outlier channel's fp16 value (the layout's first values after the indices)
+        meta, data = encode_tensor(torch.cat([good, torch.full((1, 3, 1), 500.0)], dim=-1), dtype)
+        raw = bytearray(data)
+        assert meta["outliers"] >= 1
+        at = 2 * meta["outliers"]
+        raw[at:at + 2] = b"\x00\x7c"  # fp16 +inf
+    else:
+        width = {"fp32": 4, "fp16": 2, "bf16": 2}[dtype]
+        raw[:width] = {"fp32": b"\x00\x00\xc0\x7f", "fp16": b"\x00\x7e", "bf16": b"\xc0\x7f"}[dtype]  # NaN
+    with pytest.raises(ProtocolError, match="NaN or infinite"):
+        decode_tensor(meta, bytes(raw))
+    bad = good.clone()
+    bad[0, 1, 5] = float("inf")
+    with pytest.raises(ProtocolError, match="not finite|non-finite"):
+        encode_tensor(bad, dtype)
+
+
+def test_values_past_fp16_say_to_widen_the_wire_dtype():
+    big = torch.full((1, 1, 8), 1e6)
+    with pytest.raises(ProtocolError, match="wider --wire-dtype"):
+        encode_tensor(big, "fp16")
+    meta, data = encode_tensor(big, "bf16")
+    assert torch.allclose(decode_tensor(meta, bytes(data)), big, rtol=1e-2)

@@ -84,6 +84,11 @@ def encode_tensor(t: torch.Tensor, wire_dtype: str = "fp16") -> tuple[dict[str, 
     if src.device.type != "cpu":
         src = src.to("cpu")
     src = src.to(torch_dtype).contiguous()
+    if not bool(torch.isfinite(src).all()):
+        # The far side refuses non-finite activations: say why here, where it can be fixed.
+        where = "" if bool(torch.isfinite(t).all()) else " (they are not finite before conversion either)"
+        raise ProtocolError("bad_tensor", f"activations are not finite in {wire_dtype}{where}: "
+                            "a wider --wire-dtype (bf16 or fp32) carries values past fp16's 65504")
     if wire_dtype == "bf16":
         src = src.view(torch.int16)
     arr = src.numpy()
@@ -114,7 +119,8 @@ def decode_tensor(meta: Any, data: Any, max_elements: int = MAX_TENSOR_ELEMENTS)
     """Rebuild a float32 tensor from ``meta`` and a buffer; validate everything.
 
     Raises ProtocolError if the dtype is unknown, the shape is malformed or
-    too large, or the byte length does not match the shape exactly.
+    too large, the byte length does not match the shape exactly, or a value is
+    NaN or infinite.
     """
     dtype, shape, count = _shape_from_meta(meta, max_elements)
     np_dtype = WIRE_DTYPES[dtype][1]
@@ -123,7 +129,7 @@ def decode_tensor(meta: Any, data: Any, max_elements: int = MAX_TENSOR_ELEMENTS)
     except TypeError as exc:
         raise ProtocolError("bad_tensor_data", "tensor data is not a contiguous buffer") from exc
     if dtype == "int8":
-        return _decode_int8(meta, view, shape, count)
+        return _finite(_decode_int8(meta, view, shape, count))
     expected = count * np_dtype.itemsize
     if view.nbytes != expected:
         raise ProtocolError(
@@ -136,7 +142,15 @@ def decode_tensor(meta: Any, data: Any, max_elements: int = MAX_TENSOR_ELEMENTS)
         out = raw.astype(np.float32)
     else:  # bf16: the upper half of an fp32 bit pattern
         out = (raw.astype(np.uint32) << 16).view(np.float32)
-    return torch.from_numpy(out).reshape(shape)
+    return _finite(torch.from_numpy(out).reshape(shape))
+
+
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    # NaN or inf from a peer would run through every layer and come back as a token chosen from
+    # garbage (argmax of NaN logits): refused like any other malformed frame.
+    if not bool(torch.isfinite(t).all()):
+        raise ProtocolError("bad_tensor", "activations with NaN or infinite values are refused")
+    return t
 
 
 # --- int8 with fp16 outlier channels ---------------------------------------------------------------
