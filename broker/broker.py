@@ -245,7 +245,7 @@ class Broker:
         key = peer_key(header)
         why = authorize(self._allow.current.get(key), msg)
         if why is None and isinstance(msg, p.Register):
-            why = register_key_mismatch(key or "", msg)
+            why = register_key_mismatch(key or "", msg) or self._claimed_by_another_key(identity, key or "", msg)
         if why is None:
             if isinstance(msg, p.Register):
                 self._worker_keys[identity] = key or ""
@@ -267,6 +267,18 @@ class Broker:
         if w is not None or isinstance(msg, p.Register):
             self._send(identity, p.BrokerDisconnect(reason=f"refused: {why}"))
         return False
+
+    def _claimed_by_another_key(self, identity: bytes, key: str, msg: p.Register) -> str | None:
+        """A registered worker's id belongs to the key it registered with while it is registered:
+        another key announcing that id would otherwise make the broker drop the real worker and
+        every session on it. The same key on a new connection is the worker reconnecting."""
+        w = self._workers.get(msg.worker_id)
+        if w is None or w.identity == identity:
+            return None
+        owner = self._worker_keys.get(w.identity)
+        if owner is None or owner == key:
+            return None
+        return f"worker id {msg.worker_id} is registered by another key"
 
     def _reload_allowlist(self) -> None:
         """Re-read the allowlist if its files changed; workers whose key lost its right go at once."""

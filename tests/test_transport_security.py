@@ -300,6 +300,28 @@ def test_workers_register_only_within_their_key_and_a_revoked_worker_is_dropped_
 
 
 @pytest.mark.integration
+def test_a_registered_worker_id_cannot_be_claimed_by_another_key(cluster):
+    keys = cluster.keys_dir
+    real = load_keys(keys, "worker", "default").public_key.hex()
+
+    def w1() -> dict | None:
+        return next((w for w in _status(cluster)["workers"] if w["worker_id"] == "w1"), None)
+
+    with worker(cluster, "default", "w1"):
+        wait_until(lambda: w1() is not None, what="the real worker to register")
+        before = _status(cluster)["counters"].get("auth_refused_messages", 0)
+        with worker(cluster, "3", "w1") as impostor:  # an allowed worker key, another worker's id
+            wait_until(lambda: _status(cluster)["counters"].get("auth_refused_messages", 0) >= before + 2,
+                       what="the impostor's registrations to be refused")
+            assert impostor.registrations >= 1
+        assert w1()["public_key"] == real
+        assert _status(cluster)["counters"].get("workers_expired", 0) == 0
+    # Once the real worker has gone, its key registers the id again from a new connection.
+    with worker(cluster, "default", "w1"):
+        wait_until(lambda: (w1() or {}).get("public_key") == real, what="the worker to come back")
+
+
+@pytest.mark.integration
 def test_an_edge_with_an_unknown_key_fails_clearly_instead_of_falling_back(cluster, tmp_path):
     # (Edges with the right key generate through CURVE in every tiny_cluster test of test_pipeline.)
     stranger = tmp_path / "stranger"
