@@ -110,6 +110,7 @@ class Broker:
         self._allow: AllowlistFiles | None = None
         self._zap: ZapHandler | None = None
         self._worker_keys: dict[bytes, str] = {}  # identity of a registered worker -> its public key (hex)
+        self._sender_key = ""  # the CURVE key of the message being handled
         try:
             if config.curve_keys_dir is not None:
                 secret = load_keys(config.curve_keys_dir, "broker", BROKER_KEY_NAME).secret_key
@@ -243,6 +244,7 @@ class Broker:
         """Check ``msg`` against the current allowlist and the key its connection authenticated."""
         assert self._allow is not None, "called with CURVE on only"
         key = peer_key(header)
+        self._sender_key = key or ""  # _owner reads it while this message is handled
         why = authorize(self._allow.current.get(key), msg)
         if why is None and isinstance(msg, p.Register):
             why = register_key_mismatch(key or "", msg) or self._claimed_by_another_key(identity, key or "", msg)
@@ -327,6 +329,7 @@ class Broker:
                 f"{cfg.max_pending_bytes / MIB:.1f} MiB); retry later"))  # fmt: skip
             return
         req = PendingRequest(msg, identity, now, now + min(budget_s, cfg.max_deadline_s), nbytes=nbytes)
+        owner = self._owner(msg)
         session = self._sessions.get(msg.session_id)
         if session is None:
             if msg.kind not in cfg.open_kinds:
@@ -335,7 +338,23 @@ class Broker:
                 self._reply_error(identity, msg.request_id, WorkerLost(
                     f"session {msg.session_id} is not held by any worker ({why}); reopen it"))  # fmt: skip
                 return
-            session = SessionState(msg.session_id, msg.model_id, None, now)
+            if owner is not None and cfg.max_sessions_per_client:
+                held = sum(1 for s in self._sessions.values() if s.owner == owner)
+                if held >= cfg.max_sessions_per_client:
+                    self.counters["busy"] += 1
+                    self.counters["client_quota_refused"] += 1
+                    self._reply_error(identity, msg.request_id, Busy(
+                        f"this client holds {held} sessions, its limit at this broker "
+                        f"(--max-sessions-per-client); close finished ones, or retry once idle ones expire "
+                        f"(after {cfg.session_idle_s:.0f} s)"))  # fmt: skip
+                    return
+            session = SessionState(msg.session_id, msg.model_id, None, now, owner=owner)
+        elif session.owner is not None and owner != session.owner:
+            # Only the client that opened a session may use it: its id alone proves nothing.
+            self.counters["auth_refused_sessions"] += 1
+            self._reply_error(identity, msg.request_id, AuthError(
+                f"session {msg.session_id} belongs to another client"))  # fmt: skip
+            return
         elif session.model_id != msg.model_id:
             self._reply_error(identity, msg.request_id, ProtocolError(
                 "session_model_mismatch", f"session {msg.session_id} belongs to model {session.model_id}"))  # fmt: skip
@@ -347,6 +366,15 @@ class Broker:
         session.last_used = now
         self._timers.push(req.deadline, "deadline", msg.request_id)
         self._route(req, session, now)
+
+    def _owner(self, msg: p.Request) -> str | None:
+        """Who sends ``msg``, as sessions are bound to it: the CURVE key its connection
+        authenticated, else its API key; None when the broker checks neither."""
+        if self._allow is not None:
+            return f"key:{self._sender_key}"
+        if self.config.api_keys:
+            return f"api:{msg.api_key}"
+        return None
 
     def _on_status(self, identity: bytes, msg: p.Status) -> None:
         if self.config.api_keys and msg.api_key not in self.config.api_keys:

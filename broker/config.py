@@ -27,7 +27,12 @@ class BrokerConfig:
     # 3: one worker killed by an operator mid-step, or one hang, must not mark a request poison.
     max_attempts: int = 3
     api_keys: frozenset[str] = frozenset()  # empty -> authentication off
-    session_idle_s: float = 3600.0  # an untouched session is dropped and its worker told to free it
+    # An untouched session is dropped and its worker told to free it. Workers keep theirs a little
+    # longer (cloud_worker's session_idle_ttl_s), so the broker's record is the one that ends first.
+    session_idle_s: float = 300.0
+    # Sessions one client may hold at once (0: no limit); past it an opener is answered Busy. A
+    # client is its CURVE key, else its API key; without either there is no identity to count by.
+    max_sessions_per_client: int = 32
     abandoned_grace_s: float = 30.0  # a timed-out attempt counts toward its worker's load this long
     open_kinds: frozenset[str] = frozenset({"open"})  # kinds that may create (pin) a session
     close_kinds: frozenset[str] = frozenset({"close"})  # kinds whose success unpins the session

@@ -126,6 +126,7 @@ class SessionState:
     last_used: float
     outstanding: int = 0  # requests of this session queued or in flight
     queued: int = 0  # of which still waiting in the broker queue
+    owner: str | None = None  # the client that opened it ("key:..." or "api:..."); None: no identity
 
 
 @dataclass(eq=False)

@@ -32,6 +32,11 @@ def broker(
                                               "before it is refused as poison.")] = 3,
     max_queue: Annotated[int, typer.Option(help="Requests waiting for a worker; beyond it senders get "
                                            "'busy'.")] = 1024,
+    max_sessions_per_client: Annotated[int, typer.Option(help="Sessions one client (its CURVE key, else its API "
+                                                         "key) may hold at once; beyond it openers get 'busy'. "
+                                                         "0: no limit.")] = 32,
+    session_idle: Annotated[float, typer.Option(help="Seconds an untouched session is kept before the broker drops "
+                                                "it and tells its worker.")] = 300.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging on stderr.")] = False,
 ) -> None:
     """Run the job broker: routes edge requests to cloud workers (never reads payloads)."""
@@ -65,10 +70,13 @@ def broker(
     with typed_errors():
         if max_attempts < 1 or max_queue < 1:
             raise ValueError("--max-attempts and --max-queue must be at least 1")
+        if max_sessions_per_client < 0 or session_idle <= 0:
+            raise ValueError("--max-sessions-per-client must be at least 0 and --session-idle positive")
         config = BrokerConfig(endpoint=endpoint or default_broker(), heartbeat_interval_s=heartbeat,
                               api_keys=frozenset() if no_auth else frozenset(accepted),
                               curve_keys_dir=str(keys_dir) if curve else None,
-                              max_attempts=max_attempts, max_queue=max_queue)  # fmt: skip
+                              max_attempts=max_attempts, max_queue=max_queue,
+                              max_sessions_per_client=max_sessions_per_client, session_idle_s=session_idle)  # fmt: skip
         b = Broker(config)
         transport = b.status()["transport"]
         how = (f"CURVE, {transport['allowed_clients']} client and {transport['allowed_workers']} worker keys allowed"
@@ -87,7 +95,8 @@ def cloud_worker(
                                                   "that run --no-encryption.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     max_sessions: Annotated[int, typer.Option(help="KV caches held at once.")] = 64,
-    session_ttl: Annotated[float, typer.Option(help="Seconds an idle session is kept.")] = 600.0,
+    session_ttl: Annotated[float, typer.Option(help="Seconds an idle session is kept (the broker drops its "
+                                               "record after its own --session-idle, 300 s by default).")] = 360.0,
     max_tokens: Annotated[int, typer.Option(help="Longest session, in tokens.")] = 8192,
     max_batch: Annotated[int, typer.Option(help="Most sessions' steps computed together in one forward pass "
                                            "(continuous batching; 1 serves one step at a time).")] = 16,

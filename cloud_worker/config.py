@@ -27,7 +27,9 @@ class CloudWorkerConfig:
     device: str = "auto"  # auto | cpu | cuda
     worker_id: str | None = None
     max_sessions: int = 64
-    session_idle_ttl_s: float = 600.0  # a session untouched this long is freed
+    # A session untouched this long is freed: the broker drops its record first (after 300 s) and
+    # tells the worker; this is the backstop for a broker that could not.
+    session_idle_ttl_s: float = 360.0
     max_session_tokens: int = 8192  # KV cache length limit per session
     max_batch: int = 16  # steps of different sessions computed in one forward pass
     # What the sessions' KV caches may hold together, in MiB; past it a new session or a step that

@@ -27,6 +27,7 @@ class Session:
     # The main model's token after the last position the cache holds (what the last step
     # returned): a conditional step runs only if its first token is this one. None: no step yet.
     expected: int | None = None
+    edge_pk: bytes = b""  # the edge key that opened it (empty in the clear): only it may reopen it
 
 
 class SessionTable:

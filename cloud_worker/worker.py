@@ -318,6 +318,10 @@ class CloudWorker:
         params = OpenParams.from_extra(job.extra)
         if not 0 <= job.layer_lo <= self.source.n_layers:
             raise ProtocolError("bad_split", f"split {job.layer_lo} is outside [0, {self.source.n_layers}]")
+        held = self.sessions.get(job.session_id)
+        if held is not None and held.edge_pk != bytes(params.edge_pk or b""):
+            # A session is the edge's whose key opened it: another key's open must not replace it.
+            raise CryptoError(f"session {job.session_id} is open for another edge key; not replaced")
         if params.edge_pk:
             if self.keypair is None:
                 raise ProtocolError("no_encryption", "this worker has no keys; run the edge with --no-encryption "
@@ -336,6 +340,7 @@ class CloudWorker:
         session = Session(
             session_id=job.session_id, layer_lo=job.layer_lo, cipher=cipher, sampling=sampling,
             cache=self.segment.new_cache(self.config.max_session_tokens), reduction=reduction,
+            edge_pk=bytes(params.edge_pk or b""),
         )
         self.sessions.reserve(self._cache_growth(session, 1), "a new session")
         self.sessions.add(session)

@@ -38,6 +38,7 @@ from broker.linkproxy import LinkConfig, LinkProxy
 from broker.protocol import TASK_KEY, RequestId
 from broker.transport import client_keys
 from broker.wire.crypto import (
+    KeyPair,
     NullCipher,
     SessionCipher,
     generate_keypair,
@@ -226,6 +227,7 @@ class CloudSession:
         # unanswered position: the worker lets a step of a newer epoch rewind its cache.
         self.epoch = 0
         self.opening = False  # an opener is in flight (close() closes its session too)
+        self._open_key: tuple[str, KeyPair] | None = None  # (session id, the ephemeral key its openers carry)
 
     # --- Backend --------------------------------------------------------------------------------
     def start(self, sampling: SamplingParams) -> None:
@@ -442,7 +444,14 @@ class CloudSession:
     def _open(self, step: int, stats: StepStats, timeout_s: float) -> None:
         if self.client.encryption:
             self.client.trusted_workers()  # fail before any traffic if there is no trust list
-        keypair = generate_keypair() if self.client.encryption else None
+        keypair = None
+        if self.client.encryption:
+            # One key per session id: a worker lets an open replace a session only for the key that
+            # opened it, so a retried opener (its reply lost) must carry the same one. A failover
+            # opens under a new id, and so with a new key.
+            if self._open_key is None or self._open_key[0] != self.session_id:
+                self._open_key = (self.session_id, generate_keypair())
+            keypair = self._open_key[1]
         params = OpenParams(
             edge_pk=keypair.public_key if keypair else b"",
             sampling=self.sampling.to_wire(), wire_dtype=self.client.wire_dtype,

@@ -344,3 +344,41 @@ def test_a_worker_refuses_a_dispatch_for_a_model_it_does_not_hold(tiny_llama, ca
             worker.conn.close()
     assert worker.failed == 1 and len(worker.sessions) == 0
     assert "holds tiny-llama" in caplog.text or f"holds {tiny_llama.model_id}" in caplog.text, caplog.text
+
+
+def test_a_worker_lets_only_the_opening_edge_key_reopen_a_session(tiny_llama, tmp_path, caplog):
+    import logging
+    import subprocess
+    import time
+
+    from brokerutil import running_broker
+
+    from broker.wire.crypto import generate_keypair
+    from broker.wire.session_protocol import OpenParams
+    from broker.worker_api import Job, WorkerConnection
+    from cli.cluster import ROOT, cli_command
+    from cloud_worker.worker import CloudWorker, CloudWorkerConfig
+    from partition.sampling import SamplingParams
+
+    subprocess.run(cli_command("keys", "generate", str(tmp_path)), check=True, capture_output=True, cwd=ROOT)
+    victim, intruder = generate_keypair().public_key, generate_keypair().public_key
+
+    def opener(request_id: str, edge_pk: bytes) -> Job:
+        extra = OpenParams(edge_pk, SamplingParams().to_wire(), "fp32").to_extra()
+        return Job(request_id=request_id, session_id="s1", model_id=tiny_llama.model_id, step=0, attempt=1,
+                   kind="open", layer_lo=1, deadline_ms=5000, extra=extra, frames=[], received_at=time.monotonic())
+
+    with running_broker() as broker:
+        worker = CloudWorker(CloudWorkerConfig(model="tiny-llama", keys_dir=tmp_path, broker=broker.endpoint))
+        worker.conn = WorkerConnection(broker.endpoint, worker.info)
+        try:
+            worker.handle_many([opener("r1", victim)])
+            session = worker.sessions.get("s1")
+            with caplog.at_level(logging.WARNING, logger="cloud_worker.worker"):
+                worker.handle_many([opener("r2", intruder)])
+            assert worker.sessions.get("s1") is session and worker.failed == 1
+            assert "open for another edge key" in caplog.text
+            worker.handle_many([opener("r3", victim)])  # its own opener again (a retry): replaces it
+            assert worker.sessions.get("s1") is not session and worker.failed == 1
+        finally:
+            worker.conn.close()

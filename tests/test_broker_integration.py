@@ -309,3 +309,24 @@ def test_a_duplicated_request_gets_exactly_one_answer(broker: Broker) -> None:
         assert wait_until(lambda: counters(c).get("duplicate_requests_dropped") == 2,
                           what="both copies counted")  # fmt: skip
         assert not raw.poll(200), "a copy must not be answered a second time"
+
+
+def test_a_session_answers_only_the_client_that_opened_it_and_each_client_has_a_quota() -> None:
+    with running_broker(api_keys=frozenset({"key-a", "key-b"}), max_sessions_per_client=2) as b, \
+            echo_workers(b.endpoint, "w1", api_key="key-a"), client(b.endpoint, "key-a") as a, \
+            client(b.endpoint, "key-b") as intruder:
+        a.request("s1", "open", MODEL, 2, 0)
+        # Another client naming the session's id: refused, and the owner's session goes on.
+        for kind, step in (("decode", 1), ("close", 1), ("open", 0)):
+            with pytest.raises(AuthError, match="belongs to another client"):
+                intruder.request("s1", kind, MODEL, 2, step)
+        assert a.request("s1", "decode", MODEL, 2, 1).worker_id == "w1"
+        # Two sessions each; a third opener is told the client is busy, with what to do.
+        a.request("s2", "open", MODEL, 2, 0)
+        with pytest.raises(Busy, match="this client holds 2 sessions.*close finished ones"):
+            a.request("s3", "open", MODEL, 2, 0)
+        assert intruder.request("t1", "open", MODEL, 2, 0).worker_id == "w1"  # its own quota
+        a.request("s2", "close", MODEL, 2, 1)
+        assert a.request("s3", "open", MODEL, 2, 0).worker_id == "w1"
+        st = a.status()
+        assert st["counters"]["client_quota_refused"] == 1 and st["counters"]["auth_refused_sessions"] == 3
