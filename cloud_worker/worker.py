@@ -322,6 +322,11 @@ class CloudWorker:
         if held is not None and held.edge_pk != bytes(params.edge_pk or b""):
             # A session is the edge's whose key opened it: another key's open must not replace it.
             raise CryptoError(f"session {job.session_id} is open for another edge key; not replaced")
+        if held is not None and (held.last_step >= 0 or held.cache.length):
+            # The edge repeats an opener only until its first step is answered (a failover opens a
+            # new id): a copy arriving later is a replay, which would reset the session's replay
+            # window and let its old steps run again.
+            raise CryptoError(f"session {job.session_id} has run steps: an opener for it again is refused")
         if params.edge_pk:
             if self.keypair is None:
                 raise ProtocolError("no_encryption", "this worker has no keys; run the edge with --no-encryption "

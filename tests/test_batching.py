@@ -374,11 +374,17 @@ def test_a_worker_lets_only_the_opening_edge_key_reopen_a_session(tiny_llama, tm
         try:
             worker.handle_many([opener("r1", victim)])
             session = worker.sessions.get("s1")
-            with caplog.at_level(logging.WARNING, logger="cloud_worker.worker"):
-                worker.handle_many([opener("r2", intruder)])
+            caplog.set_level(logging.WARNING, logger="cloud_worker.worker")
+            worker.handle_many([opener("r2", intruder)])
             assert worker.sessions.get("s1") is session and worker.failed == 1
             assert "open for another edge key" in caplog.text
             worker.handle_many([opener("r3", victim)])  # its own opener again (a retry): replaces it
-            assert worker.sessions.get("s1") is not session and worker.failed == 1
+            first, session = session, worker.sessions.get("s1")
+            assert session is not None and session is not first and worker.failed == 1
+            # Once a step has run, even its own opener is refused: only a replay would come then.
+            session.last_step = 0
+            worker.handle_many([opener("r4", victim)])
+            assert worker.sessions.get("s1") is session and worker.failed == 2
+            assert "has run steps" in caplog.text
         finally:
             worker.conn.close()
