@@ -43,7 +43,7 @@ from partition.models import resolve_model
 from partition.profile import kv_bytes_per_token_per_layer, measure_decode_ms
 from partition.reduction import Reduction, ReductionError, ReductionStore
 from partition.sampling import SamplingParams
-from partition.segment import ModelSegment, StepInput, chunk_bounds, chunk_logits
+from partition.segment import ModelSegment, StepInput, chunk_plan
 from partition.speculative import verify_drafts
 
 log = logging.getLogger(__name__)
@@ -123,15 +123,13 @@ class _Pending:
     draft: list[int]  # drafted tokens held by the last len(draft) positions
     seen: Sequence[int]  # generated tokens so far (a repetition penalty reads them)
     epoch: int
-    done: int = 0  # positions computed so far: a long frame runs one chunk per pass (chunk_bounds)
+    done: int = 0  # positions computed so far: a long frame runs one chunk per pass (chunk_plan)
     logits: list[torch.Tensor] = field(default_factory=list)  # its chunks' logits so far
     compute_ms: float = 0.0  # over its passes
 
     def next_chunk(self) -> tuple[int, int, int]:
         """``(a, b, logit rows)`` of the chunk the next pass computes."""
-        rows = self.hidden.shape[1]
-        a, b = next((a, b) for a, b in chunk_bounds(rows) if a == self.done)
-        return a, b, chunk_logits(len(self.draft) + 1, rows, a, b)
+        return next(c for c in chunk_plan(self.hidden.shape[1], len(self.draft) + 1) if c[0] == self.done)
 
 
 class CloudWorker:
@@ -153,8 +151,7 @@ class CloudWorker:
         limit = None if config.max_cache_mb is None else int(config.max_cache_mb * 2**20)
         self.sessions = SessionTable(config.max_sessions, config.session_idle_ttl_s, limit)
         # Keys and values one position of one layer adds to a session's cache, in this worker's dtype.
-        self._kv_position_layer_bytes = kv_bytes_per_token_per_layer(
-            self.source.config, torch.tensor([], dtype=dtype).element_size())
+        self._kv_position_layer_bytes = kv_bytes_per_token_per_layer(self.source.config, dtype.itemsize)
         self.reductions = ReductionStore(config.reductions_dir)
         self.worker_id = WorkerId(config.worker_id or f"w-{os.getpid()}-{uuid.uuid4().hex[:6]}")
         self.cost = LayerCost(*measure_decode_ms(self.segment))

@@ -366,6 +366,7 @@ class EdgeEngine:
             return []
         if max_concurrent is not None and max_concurrent < 1:
             raise ValueError(f"max_concurrent must be at least 1, got {max_concurrent}")
+        encoded = []  # token ids, handed to generate(): each prompt is tokenized once
         for i, prompt in enumerate(prompts):  # bad input fails before any work starts
             try:
                 ids = self.encode(prompt, params.raw_prompt)
@@ -374,6 +375,7 @@ class EdgeEngine:
                 self.fit_prompt(ids, params.max_new_tokens, params.truncate_prompt)
             except (ValueError, PartitionError) as exc:
                 raise type(exc)(f"prompt {i}: {exc}") from exc
+            encoded.append(ids)
         cancel = threading.Event()
         results: list[GenerationResult | None] = [None] * len(prompts)
         errors: list[tuple[int, BaseException]] = []
@@ -382,7 +384,7 @@ class EdgeEngine:
             if cancel.is_set():
                 return
             try:
-                results[i] = self.generate(prompts[i], params, cancel=cancel)
+                results[i] = self.generate(encoded[i], params, cancel=cancel)
             except GenerationCancelled:
                 pass
             except BaseException as exc:  # noqa: BLE001 - raised below, once the others have stopped

@@ -120,14 +120,17 @@ class SegmentKVCache:
         """The capacity it will have once it holds ``length`` positions (what ``update`` allocates)."""
         current = self.capacity()
         if current == 0:
-            capacity = max(_INITIAL_CAPACITY_TOKENS, _next_pow2(length))
-            return min(capacity, max(self.max_length_tokens, length)) if self.max_length_tokens is not None else capacity
+            return self._first_capacity(length)
         return current if length <= current else _next_pow2(length)
 
-    def _allocate(self, keys: torch.Tensor, values: torch.Tensor, t_new: int) -> _LayerStore:
+    def _first_capacity(self, t_new: int) -> int:
         capacity = max(_INITIAL_CAPACITY_TOKENS, _next_pow2(t_new))
         if self.max_length_tokens is not None:
             capacity = min(capacity, max(self.max_length_tokens, t_new))
+        return capacity
+
+    def _allocate(self, keys: torch.Tensor, values: torch.Tensor, t_new: int) -> _LayerStore:
+        capacity = self._first_capacity(t_new)
         shape_k = (*keys.shape[:-2], capacity, keys.shape[-1])
         shape_v = (*values.shape[:-2], capacity, values.shape[-1])
         return _LayerStore(

@@ -68,9 +68,10 @@ def chunk_bounds(rows: int) -> list[tuple[int, int]]:
     return [(a, min(a + PREFILL_CHUNK, rows)) for a in range(0, rows, PREFILL_CHUNK)] or [(0, 0)]
 
 
-def chunk_logits(count: int, rows: int, a: int, b: int) -> int:
-    """How many of the frame's last ``count`` positions fall in chunk ``[a, b)`` (its last rows)."""
-    return max(0, b - max(a, rows - count))
+def chunk_plan(rows: int, logit_rows: int) -> list[tuple[int, int, int]]:
+    """``(a, b, n)`` for each chunk ``[a, b)`` of a frame of ``rows`` positions whose last
+    ``logit_rows`` want logits: ``n`` of them fall in that chunk (its last rows)."""
+    return [(a, b, max(0, b - max(a, rows - logit_rows))) for a, b in chunk_bounds(rows)]
 
 
 def join_chunks(pieces: list[SegmentOutput]) -> SegmentOutput:
@@ -216,9 +217,8 @@ class ModelSegment(nn.Module):
         plans = []
         for i, step in enumerate(steps):
             rows = step.x.shape[1]
-            bounds = chunk_bounds(rows) if i in long else [(0, rows)]
             count = self._logit_rows(step.logits, rows)
-            plans.append([(a, b, chunk_logits(count, rows, a, b)) for a, b in bounds])
+            plans.append(chunk_plan(rows, count) if i in long else [(0, rows, count)])
         pieces: list[list[SegmentOutput]] = [[] for _ in steps]
         for index in range(max(len(p) for p in plans)):
             live = [i for i, plan in enumerate(plans) if index < len(plan)]
