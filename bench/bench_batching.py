@@ -129,8 +129,8 @@ def seed_check(model: str, tokens: int, kernel: str) -> dict:
 
     from cli.cluster import LocalCluster
     from edge_worker import EdgeCloudManager
-    from partition.tokens import encode_prompt
     from partition.rowkernel import SWITCH
+    from partition.tokens import encode_prompt
 
     with LocalCluster(model=model) as cluster:
         cluster.start_broker()

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from broker import protocol as p  # noqa: E402
 from broker.client_api import BrokerClient  # noqa: E402
 from broker.wire.crypto import load_api_keys  # noqa: E402
-from broker.wire.session_protocol import OpenParams  # noqa: E402
+from broker.wire.session_protocol import OpenParams, close_digest, new_close_key  # noqa: E402
 from cli.cluster import LocalCluster  # noqa: E402
 
 MIB = 1 << 20
@@ -114,7 +114,7 @@ def main() -> None:
         pid = cluster.broker.popen.pid
         with BrokerClient(cluster.endpoint, api_key) as c:
             params = OpenParams(edge_pk=b"", sampling={"temperature": 0.0, "top_p": 1.0, "seed": 0},
-                                wire_dtype="fp16")
+                                wire_dtype="fp16", close_digest=close_digest(new_close_key()))
             c.request("flood", "open", model_id, 2, 0, extra=params.to_extra(), timeout_s=30)
         time.sleep(0.5)
         result = {"broker_rss_mib_idle": round(rss_mib(pid), 1)}

@@ -28,7 +28,6 @@ from common import PROMPTS  # noqa: E402
 
 from cli.cluster import LocalCluster  # noqa: E402
 
-
 # Where the edge and the worker run when they share this host: "shared" lets both use every core
 # (each with one torch thread per core, taking turns); "disjoint" pins the edge to the first core
 # and the worker to the second (EDGECLOUD_CPUS), one thread each, as llama.cpp's RPC backend was

@@ -85,7 +85,7 @@ def main() -> None:
     dims_list = [int(d) for d in args.dims.split(",")]
     reductions_dir = args.reductions or default_reductions_dir()
     wk, ek = generate_keypair(), generate_keypair()
-    cipher = SessionCipher.for_edge(ek.secret_key, wk.public_key, "q" * 32)
+    cipher = SessionCipher.for_edge(ek.secret_key, wk.public_key, "q" * 32, bytes(16))
 
     rows = []
     replay_checks: dict[int, bool] = {}  # split -> the batched replay reproduced the reference

@@ -338,6 +338,14 @@ class Broker:
                 self._reply_error(identity, msg.request_id, WorkerLost(
                     f"session {msg.session_id} is not held by any worker ({why}); reopen it"))  # fmt: skip
                 return
+            if msg.session_id in self._lost:
+                # An id is opened once (edges open every attempt and every failover under a new
+                # one): an opener for an ended session is a replay, refused before any worker.
+                self.counters["reopen_refused"] += 1
+                self._reply_error(identity, msg.request_id, ProtocolError("session_reused", (
+                    f"session {msg.session_id} was opened before ({self._lost[msg.session_id]}); "
+                    "open a new session id")))  # fmt: skip
+                return
             if owner is not None and cfg.max_sessions_per_client:
                 held = sum(1 for s in self._sessions.values() if s.owner == owner)
                 if held >= cfg.max_sessions_per_client:
@@ -354,6 +362,13 @@ class Broker:
             self.counters["auth_refused_sessions"] += 1
             self._reply_error(identity, msg.request_id, AuthError(
                 f"session {msg.session_id} belongs to another client"))  # fmt: skip
+            return
+        elif msg.kind in cfg.open_kinds:
+            # Its own opener made the record; a second one is a replay (edges open every attempt
+            # under a new id). Refused here, so that its failure cannot take the session along.
+            self.counters["reopen_refused"] += 1
+            self._reply_error(identity, msg.request_id, ProtocolError("session_reused", (
+                f"session {msg.session_id} is already open (or opening); open a new session id")))  # fmt: skip
             return
         elif session.model_id != msg.model_id:
             self._reply_error(identity, msg.request_id, ProtocolError(
@@ -466,6 +481,8 @@ class Broker:
                                        worker_id=w.worker_id, attempt=req.attempt, extra=msg.extra,
                                        frames=msg.frames), validate=False)  # fmt: skip
         self.counters["requests_served"] += 1
+        if r.kind in self.config.close_kinds:
+            self._remember_ended(r.session_id, "closed by its client")
         self._finish(req, drop_session=r.kind in self.config.close_kinds)
         self._pump(time.monotonic())
 
@@ -621,6 +638,13 @@ class Broker:
         if drop_session or (session.worker_id is None and session.outstanding <= 0):
             self._drop_session(session, notify=False)
 
+    def _remember_ended(self, session_id: SessionId, why: str) -> None:
+        """Keep why a session ended: later requests for it hear it, and its id is not opened again."""
+        self._lost[session_id] = why
+        self._lost.move_to_end(session_id)
+        while len(self._lost) > self.config.lost_sessions_remembered:
+            self._lost.popitem(last=False)
+
     def _drop_session(self, session: SessionState, notify: bool, reason: str = "") -> None:
         self._sessions.pop(session.session_id, None)
         w = self._workers.get(session.worker_id) if session.worker_id else None
@@ -694,10 +718,7 @@ class Broker:
                 session.worker_id = None  # its opener runs again elsewhere; keep its counts
                 continue
             self._sessions.pop(sid, None)
-            self._lost[sid] = why
-            self._lost.move_to_end(sid)
-        while len(self._lost) > cfg.lost_sessions_remembered:
-            self._lost.popitem(last=False)
+            self._remember_ended(sid, why)
         for req in lost:
             r = req.request
             if self._poison.is_poison(r):
@@ -790,7 +811,7 @@ class Broker:
                 if s.outstanding <= 0 and now - s.last_used > self.config.session_idle_s]  # fmt: skip
         for s in idle:
             self.counters["sessions_expired"] += 1
-            self._lost[s.session_id] = "expired after being idle"
+            self._remember_ended(s.session_id, "expired after being idle")
             self._drop_session(s, notify=True, reason="idle session expired")
         if idle:
             self._pump(now)

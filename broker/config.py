@@ -38,7 +38,9 @@ class BrokerConfig:
     close_kinds: frozenset[str] = frozenset({"close"})  # kinds whose success unpins the session
     restartable_kinds: frozenset[str] = frozenset({"open"})  # safe to re-run on another worker
     warn_interval_s: float = 5.0  # at most one malformed-input warning per reason per interval
-    lost_sessions_remembered: int = 10_000  # recently lost sessions kept to explain WorkerLost
+    # Recently ended sessions (lost with a worker, closed, expired), kept to explain WorkerLost and
+    # to refuse an opener for the same id again.
+    lost_sessions_remembered: int = 10_000
     # Answered request ids kept so that a copy arriving later (a link that duplicates, a client
     # retry of the same id) is dropped instead of being run a second time.
     done_requests_remembered: int = 10_000

@@ -27,49 +27,69 @@ class Session:
     # The main model's token after the last position the cache holds (what the last step
     # returned): a conditional step runs only if its first token is this one. None: no step yet.
     expected: int | None = None
-    edge_pk: bytes = b""  # the edge key that opened it (empty in the clear): only it may reopen it
+    close_digest: bytes = b""  # of the key the edge's close must reveal (session_protocol.check_close_key)
+
+
+# Ids of ended sessions remembered per session slot, so that an opener replayed after its
+# session closed or expired is refused (past that, a replayed opener gets a session under keys
+# none of the captured steps authenticate in: see broker/wire/crypto.py).
+ENDED_PER_SLOT = 64
 
 
 class SessionTable:
     """Sessions by id, least recently used first. Idle sessions expire; a full table, or KV
-    caches that would outgrow ``max_cache_bytes`` together, say Busy."""
+    caches that would outgrow ``max_cache_bytes`` together, say Busy. The ids of ended sessions
+    are remembered (``ended``): an id is opened once."""
 
     def __init__(self, max_sessions: int, idle_ttl_s: float, max_cache_bytes: int | None = None) -> None:
         self.max_sessions = max_sessions
         self.idle_ttl_s = idle_ttl_s
         self.max_cache_bytes = max_cache_bytes
         self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._ended: OrderedDict[str, str] = OrderedDict()  # id -> how it ended
+        self._ended_limit = max(4096, ENDED_PER_SLOT * max_sessions)
 
     def __len__(self) -> int:
         return len(self._sessions)
 
     def get(self, session_id: str) -> Session | None:
-        s = self._sessions.get(session_id)
-        if s is not None:
-            s.last_used = time.monotonic()
-            self._sessions.move_to_end(session_id)
-        return s
+        """The session, without marking it used: only an authenticated request does (``touch``),
+        so traffic anyone can send (a replayed or forged step) never keeps a session alive."""
+        return self._sessions.get(session_id)
+
+    def touch(self, session: Session) -> None:
+        session.last_used = time.monotonic()
+        self._sessions.move_to_end(session.session_id)
+
+    def ended(self, session_id: str) -> str | None:
+        """How the session ``session_id`` ended ("closed", "expired", ...), if it did here."""
+        return self._ended.get(session_id)
 
     def add(self, session: Session, now: float | None = None) -> None:
         self.expire(now)
-        if session.session_id in self._sessions:
-            self._sessions.pop(session.session_id)  # a reopen replaces the old state
-        elif len(self._sessions) >= self.max_sessions:
+        if session.session_id in self._sessions or session.session_id in self._ended:
+            raise ValueError(f"session {session.session_id} was opened here before")
+        if len(self._sessions) >= self.max_sessions:
             raise Busy(
                 f"this worker holds its maximum of {self.max_sessions} sessions; "
                 "retry later or start more workers"
             )
         self._sessions[session.session_id] = session
 
-    def remove(self, session_id: str) -> bool:
-        return self._sessions.pop(session_id, None) is not None
+    def remove(self, session_id: str, why: str = "closed") -> bool:
+        if self._sessions.pop(session_id, None) is None:
+            return False
+        self._ended[session_id] = why
+        while len(self._ended) > self._ended_limit:
+            self._ended.popitem(last=False)
+        return True
 
     def expire(self, now: float | None = None) -> list[str]:
         """Drop sessions idle for longer than the TTL; returns their ids."""
         now = time.monotonic() if now is None else now
         gone = [sid for sid, s in self._sessions.items() if now - s.last_used > self.idle_ttl_s]
         for sid in gone:
-            del self._sessions[sid]
+            self.remove(sid, "expired")
         return gone
 
     def cache_bytes(self) -> int:

@@ -25,12 +25,13 @@ import torch
 from broker.errors import CryptoError, EdgeCloudError, ProtocolError, UnknownReduction, WorkerLost
 from broker.protocol import WorkerId
 from broker.transport import client_keys
-from broker.wire.crypto import NullCipher, SessionCipher, load_keys
+from broker.wire.crypto import NullCipher, SessionCipher, load_keys, new_session_nonce
 from broker.wire.session_protocol import (
     KIND_CLOSE,
     KIND_OPEN,
     KIND_STEP,
     OpenParams,
+    check_close_key,
     open_step,
     seal_open_proof,
     seal_step_reply,
@@ -186,7 +187,7 @@ class CloudWorker:
         try:
             while not self.stop_event.is_set():
                 for sid in self.conn.dropped_sessions():
-                    self.sessions.remove(sid)
+                    self.sessions.remove(sid, "dropped by the broker")
                 expired = self.sessions.expire()
                 if expired:
                     log.info("expired %d idle sessions", len(expired))
@@ -283,8 +284,7 @@ class CloudWorker:
                     elif job.kind == KIND_OPEN:
                         extra, frames = self._open(job)
                     elif job.kind == KIND_CLOSE:
-                        self.sessions.remove(job.session_id)
-                        extra, frames = {}, []
+                        extra, frames = self._close(job)
                     else:
                         raise ProtocolError("bad_kind", f"unknown request kind {job.kind!r}")
                 except Exception as exc:  # noqa: BLE001 - a bad request must never stop the worker
@@ -315,20 +315,20 @@ class CloudWorker:
         params = OpenParams.from_extra(job.extra)
         if not 0 <= job.layer_lo <= self.source.n_layers:
             raise ProtocolError("bad_split", f"split {job.layer_lo} is outside [0, {self.source.n_layers}]")
-        held = self.sessions.get(job.session_id)
-        if held is not None and held.edge_pk != bytes(params.edge_pk or b""):
-            # A session is the edge's whose key opened it: another key's open must not replace it.
-            raise CryptoError(f"session {job.session_id} is open for another edge key; not replaced")
-        if held is not None and (held.last_step >= 0 or held.cache.length):
-            # The edge repeats an opener only until its first step is answered (a failover opens a
-            # new id): a copy arriving later is a replay, which would reset the session's replay
-            # window and let its old steps run again.
-            raise CryptoError(f"session {job.session_id} has run steps: an opener for it again is refused")
+        # One opener per id, ever: the edge opens each attempt under a new id, so an opener for an
+        # id held (or held once) here is a replay, which must neither reset a live session (and
+        # its replay window) nor bring an ended one back for its captured steps.
+        if self.sessions.get(job.session_id) is not None:
+            raise CryptoError(f"session {job.session_id} is already open here: a second opener for it is refused")
+        ended = self.sessions.ended(job.session_id)
+        if ended is not None:
+            raise CryptoError(f"session {job.session_id} was {ended}: an opener for it again is refused")
+        nonce = new_session_nonce()
         if params.edge_pk:
             if self.keypair is None:
                 raise ProtocolError("no_encryption", "this worker has no keys; run the edge with --no-encryption "
                                     "or start the worker with --keys DIR")
-            cipher = SessionCipher.for_worker(self.keypair.secret_key, params.edge_pk, job.session_id)
+            cipher = SessionCipher.for_worker(self.keypair.secret_key, params.edge_pk, job.session_id, nonce)
         elif self.keypair is not None and not self.config.allow_plaintext:
             raise CryptoError("this worker only serves encrypted sessions: run the edge without "
                               "--no-encryption (or start the worker with --allow-plaintext)")
@@ -342,12 +342,27 @@ class CloudWorker:
         session = Session(
             session_id=job.session_id, layer_lo=job.layer_lo, cipher=cipher, sampling=sampling,
             cache=self.segment.new_cache(self.config.max_session_tokens), reduction=reduction,
-            edge_pk=bytes(params.edge_pk or b""),
+            close_digest=params.close_digest,
         )
         self.sessions.reserve(self._cache_growth(session, 1), "a new session")
         self.sessions.add(session)
-        pk = self.keypair.public_key if (self.keypair and params.edge_pk) else b""
-        return {"worker_pk": pk}, seal_open_proof(cipher, job.session_id, job.step)
+        if not params.edge_pk:
+            return {"worker_pk": b""}, seal_open_proof(cipher, job.session_id, job.step)
+        assert self.keypair is not None  # checked above
+        return ({"worker_pk": self.keypair.public_key, "nonce": nonce},
+                seal_open_proof(cipher, job.session_id, job.step))
+
+    def _close(self, job: Job) -> tuple[dict, list]:
+        """Free a session for the edge that opened it (it reveals the close key its opener
+        committed to); anyone else's close, or a replayed one, is refused and changes nothing."""
+        session = self.sessions.get(job.session_id)
+        if session is None:
+            ended = self.sessions.ended(job.session_id)
+            raise WorkerLost(f"session {job.session_id} is not open here"
+                             + (f" (it was {ended})" if ended else ""))
+        check_close_key(session.close_digest, job.extra)
+        self.sessions.remove(job.session_id)
+        return {}, []
 
     def _reduction(self, sha256: str, split: int) -> Reduction:
         reduction = self.reductions.get(sha256)
@@ -370,6 +385,7 @@ class CloudWorker:
         width = session.reduction.dims if session.reduction else self.source.hidden_size
         req = open_step(session.cipher, job.session_id, job.step, job.frames, width,
                         vocab_size=self.source.vocab_size)
+        self.sessions.touch(session)  # authenticated (when encrypted): the session is in use
         hidden = req.hidden
         if session.sampling.uses_history and req.seen is None:
             raise ProtocolError("bad_body", "this session samples with a repetition penalty: each step must carry "

@@ -38,7 +38,6 @@ from broker.linkproxy import LinkConfig, LinkProxy
 from broker.protocol import TASK_KEY, RequestId
 from broker.transport import client_keys
 from broker.wire.crypto import (
-    KeyPair,
     NullCipher,
     SessionCipher,
     generate_keypair,
@@ -51,6 +50,8 @@ from broker.wire.session_protocol import (
     OpenParams,
     StepReply,
     check_open_proof,
+    close_digest,
+    new_close_key,
     open_step_reply,
     seal_step,
 )
@@ -226,8 +227,11 @@ class CloudSession:
         # Raised when the edge gives up on pipelined frames in flight and resends from its oldest
         # unanswered position: the worker lets a step of a newer epoch rewind its cache.
         self.epoch = 0
-        self.opening = False  # an opener is in flight (close() closes its session too)
-        self._open_key: tuple[str, KeyPair] | None = None  # (session id, the ephemeral key its openers carry)
+        self._close_key = b""  # what frees the open session (its opener carried the digest)
+        # (session id, close key) of openers sent but not answered (in flight, or interrupted):
+        # each may have made a session on a worker, which close() frees too.
+        self._unanswered: list[tuple[str, bytes]] = []
+        self._opened = ""  # the id the last opener went out under: a new attempt takes a new id
 
     # --- Backend --------------------------------------------------------------------------------
     def start(self, sampling: SamplingParams) -> None:
@@ -239,7 +243,7 @@ class CloudSession:
         self.replay = []
         self.local = None
         self.epoch = 0
-        self.opening = False
+        self._close_key = b""
 
     def step(self, hidden: torch.Tensor, step: int, draft: list[int] | tuple[int, ...] = (),
              seen: Sequence[int] = ()) -> tuple[list[int], StepStats]:
@@ -339,17 +343,20 @@ class CloudSession:
         return tokens, stats
 
     def close(self) -> None:
-        # An opener that was sent but never answered (interrupted, or timed out) may still have
-        # made the session on a worker: close that too, or it waits there for the idle timeout.
-        if self.cipher is None and not self.opening:
-            return
-        self.opening = False
-        try:
-            self.client.connection.request(self.session_id, KIND_CLOSE, self.model_id, self.split, 0,
-                                           timeout_s=min(2.0, self.client.request_timeout_s))
-        except EdgeCloudError as exc:  # the worker frees it after its idle TTL anyway
-            log.debug("closing session %s: %s", self.session_id[:8], exc)
+        # An opener that was sent but never answered (interrupted) may still have made a session
+        # on a worker: close that too, or it waits there for the idle timeout.
+        targets, self._unanswered = self._unanswered, []
+        if self.cipher is not None and self._close_key:
+            targets.append((self.session_id, self._close_key))
+        for session_id, key in targets:
+            try:
+                self.client.connection.request(session_id, KIND_CLOSE, self.model_id, self.split, 0,
+                                               timeout_s=min(2.0, self.client.request_timeout_s),
+                                               extra={"close_key": key})
+            except EdgeCloudError as exc:  # the worker frees it after its idle TTL anyway
+                log.debug("closing session %s: %s", session_id[:8], exc)
         self.cipher = None
+        self._close_key = b""
 
     # --- pipelined frames (edge_worker/generation.py, EdgeGenerator._pipeline_cycle) --------------
     pipelines = True
@@ -444,46 +451,46 @@ class CloudSession:
     def _open(self, step: int, stats: StepStats, timeout_s: float) -> None:
         if self.client.encryption:
             self.client.trusted_workers()  # fail before any traffic if there is no trust list
-        keypair = None
-        if self.client.encryption:
-            # One key per session id: a worker lets an open replace a session only for the key that
-            # opened it, so a retried opener (its reply lost) must carry the same one. A failover
-            # opens under a new id, and so with a new key.
-            if self._open_key is None or self._open_key[0] != self.session_id:
-                self._open_key = (self.session_id, generate_keypair())
-            keypair = self._open_key[1]
+        if self._opened == self.session_id:
+            # An opener went out under this id already: a worker accepts one per id, ever (a
+            # second is what a replay looks like), so every attempt opens a new session.
+            self.session_id = uuid.uuid4().hex
+        self._opened = self.session_id
+        keypair = generate_keypair() if self.client.encryption else None
+        close_key = new_close_key()
         params = OpenParams(
             edge_pk=keypair.public_key if keypair else b"",
             sampling=self.sampling.to_wire(), wire_dtype=self.client.wire_dtype,
-            reduction=self.reduction.sha256 if self.reduction else "",
+            close_digest=close_digest(close_key), reduction=self.reduction.sha256 if self.reduction else "",
         )
         t0 = time.perf_counter()
-        # Set while the opener is in flight; an interruption (Ctrl-C, SIGTERM) leaves it set, so
-        # close() frees what the worker may have made. An error from the cloud clears it: the
-        # retry or the fallback takes over, and a close to a dead broker would only cost time.
-        self.opening = True
+        # Listed while the opener is in flight; an interruption (Ctrl-C, SIGTERM) leaves it there,
+        # so close() frees what the worker may have made. An error from the cloud takes it off:
+        # the retry or the fallback takes over, and a close to a dead broker would only cost time.
+        opener = (self.session_id, close_key)
+        self._unanswered.append(opener)
         try:
             reply = self.client.connection.request(
                 self.session_id, KIND_OPEN, self.model_id, self.split, step, timeout_s=timeout_s,
                 extra={**params.to_extra(), TASK_KEY: f"{self.task_base}-{step}-open"},
             )
         except EdgeCloudError:
-            self.opening = False
+            self._unanswered.remove(opener)
             raise
-        self.opening = False
         stats.round_trips += 1
         stats.transport_ms += (time.perf_counter() - t0) * 1e3
         if keypair is None:
             cipher = NullCipher()
         else:
-            worker_pk = reply.header.get("worker_pk", b"")
+            worker_pk, nonce = reply.header.get("worker_pk", b""), reply.header.get("nonce", b"")
             if not worker_pk:
                 raise CryptoError("the worker has no keys, so it cannot encrypt; start it with --keys DIR "
                                   "or run the edge with --no-encryption")
             cipher = SessionCipher.for_edge(keypair.secret_key, bytes(worker_pk), self.session_id,
-                                            trusted=self.client.trusted_workers())
+                                            bytes(nonce), trusted=self.client.trusted_workers())
         check_open_proof(cipher, self.session_id, step, reply.frames)
-        self.cipher = cipher
+        self._unanswered.remove(opener)
+        self.cipher, self._close_key = cipher, close_key
 
     def _seen(self, seen: Sequence[int]) -> Sequence[int] | None:
         """What a step carries for the session's repetition penalty (None: it has none)."""

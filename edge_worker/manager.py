@@ -69,10 +69,10 @@ def batch_rows(input_ids: Any, attention_mask: Any = None) -> list[_Row]:
     if attention_mask is None:
         return [_Row(r, r) for r in rows]
     mask = attention_mask.tolist() if isinstance(attention_mask, torch.Tensor) else [list(m) for m in attention_mask]
-    if len(mask) != len(rows) or any(len(m) != len(r) for m, r in zip(mask, rows)):
+    if len(mask) != len(rows) or any(len(m) != len(r) for m, r in zip(mask, rows, strict=True)):
         raise ValueError(f"attention_mask must have the shape of input_ids: {len(rows)} rows of "
                          f"{[len(r) for r in rows][:4]} tokens, got {len(mask)} rows")
-    return [_Row(r, [t for t, m in zip(r, ms) if m]) for r, ms in zip(rows, mask)]
+    return [_Row(r, [t for t, m in zip(r, ms, strict=True) if m]) for r, ms in zip(rows, mask, strict=True)]
 
 
 class EdgeCloudManager:
@@ -178,7 +178,7 @@ class EdgeCloudManager:
             results = self.engine.generate_many([r.ids for r in rows], params)
         self.last_results = results
         self.last_result = results[-1]
-        outputs = [r.given + res.token_ids for r, res in zip(rows, results)]
+        outputs = [r.given + res.token_ids for r, res in zip(rows, results, strict=True)]
         width = max(len(o) for o in outputs)
         pad = self.pad_id
         return torch.tensor([o + [pad] * (width - len(o)) for o in outputs], dtype=torch.long)

@@ -66,7 +66,7 @@ def _tensor(fdp: atheris.FuzzedDataProvider) -> None:
 
 
 def _sealed(fdp: atheris.FuzzedDataProvider) -> None:
-    cipher = SessionCipher.for_worker(_WORKER.secret_key, _EDGE.public_key, SID)
+    cipher = SessionCipher.for_worker(_WORKER.secret_key, _EDGE.public_key, SID, bytes(16))
     cipher.open(b"aad", _frames(fdp))
     raise AssertionError("random bytes passed authentication")
 

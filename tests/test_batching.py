@@ -346,7 +346,7 @@ def test_a_worker_refuses_a_dispatch_for_a_model_it_does_not_hold(tiny_llama, ca
     assert "holds tiny-llama" in caplog.text or f"holds {tiny_llama.model_id}" in caplog.text, caplog.text
 
 
-def test_a_worker_lets_only_the_opening_edge_key_reopen_a_session(tiny_llama, tmp_path, caplog):
+def test_a_worker_opens_each_session_id_once_and_closes_it_only_for_its_close_key(tiny_llama, tmp_path, caplog):
     import logging
     import subprocess
     import time
@@ -354,7 +354,7 @@ def test_a_worker_lets_only_the_opening_edge_key_reopen_a_session(tiny_llama, tm
     from brokerutil import running_broker
 
     from broker.wire.crypto import generate_keypair
-    from broker.wire.session_protocol import OpenParams
+    from broker.wire.session_protocol import OpenParams, close_digest, new_close_key
     from broker.worker_api import Job, WorkerConnection
     from cli.cluster import ROOT, cli_command
     from cloud_worker.worker import CloudWorker, CloudWorkerConfig
@@ -362,29 +362,37 @@ def test_a_worker_lets_only_the_opening_edge_key_reopen_a_session(tiny_llama, tm
 
     subprocess.run(cli_command("keys", "generate", str(tmp_path)), check=True, capture_output=True, cwd=ROOT)
     victim, intruder = generate_keypair().public_key, generate_keypair().public_key
+    close_key = new_close_key()
+
+    def job(request_id: str, kind: str, extra: dict) -> Job:
+        return Job(request_id=request_id, session_id="s1", model_id=tiny_llama.model_id, step=0, attempt=1,
+                   kind=kind, layer_lo=1, deadline_ms=5000, extra=extra, frames=[], received_at=time.monotonic())
 
     def opener(request_id: str, edge_pk: bytes) -> Job:
-        extra = OpenParams(edge_pk, SamplingParams().to_wire(), "fp32").to_extra()
-        return Job(request_id=request_id, session_id="s1", model_id=tiny_llama.model_id, step=0, attempt=1,
-                   kind="open", layer_lo=1, deadline_ms=5000, extra=extra, frames=[], received_at=time.monotonic())
+        return job(request_id, "open", OpenParams(edge_pk, SamplingParams().to_wire(), "fp32",
+                                                  close_digest(close_key)).to_extra())
 
     with running_broker() as broker:
         worker = CloudWorker(CloudWorkerConfig(model="tiny-llama", keys_dir=tmp_path, broker=broker.endpoint))
         worker.conn = WorkerConnection(broker.endpoint, worker.info)
+        caplog.set_level(logging.WARNING, logger="cloud_worker.worker")
         try:
             worker.handle_many([opener("r1", victim)])
             session = worker.sessions.get("s1")
-            caplog.set_level(logging.WARNING, logger="cloud_worker.worker")
-            worker.handle_many([opener("r2", intruder)])
-            assert worker.sessions.get("s1") is session and worker.failed == 1
-            assert "open for another edge key" in caplog.text
-            worker.handle_many([opener("r3", victim)])  # its own opener again (a retry): replaces it
-            first, session = session, worker.sessions.get("s1")
-            assert session is not None and session is not first and worker.failed == 1
-            # Once a step has run, even its own opener is refused: only a replay would come then.
-            session.last_step = 0
-            worker.handle_many([opener("r4", victim)])
+            assert session is not None and worker.failed == 0
+            # A second opener for a held id, from any key (the same one replayed, too), changes nothing.
+            worker.handle_many([opener("r2", intruder), opener("r3", victim)])
             assert worker.sessions.get("s1") is session and worker.failed == 2
-            assert "has run steps" in caplog.text
+            assert caplog.text.count("already open here") == 2
+            # A close without the key, or with another, is refused; the opener's key frees it.
+            worker.handle_many([job("r4", "close", {}), job("r5", "close", {"close_key": new_close_key()})])
+            assert worker.sessions.get("s1") is session and worker.failed == 4
+            assert "wrong close key" in caplog.text
+            worker.handle_many([job("r6", "close", {"close_key": close_key})])
+            assert worker.sessions.get("s1") is None and worker.failed == 4
+            # Replayed afterwards: the close finds nothing, the opener is refused (the id is spent).
+            worker.handle_many([job("r7", "close", {"close_key": close_key}), opener("r8", victim)])
+            assert len(worker.sessions) == 0 and worker.failed == 6
+            assert "was closed: an opener for it again is refused" in caplog.text
         finally:
             worker.conn.close()

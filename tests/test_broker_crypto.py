@@ -13,14 +13,15 @@ from broker.wire import crypto
 from broker.wire.crypto import NullCipher, SessionCipher, generate_keypair, make_aad
 
 SID = "session-1"
+NONCE = bytes(range(16))
 
 
 @pytest.fixture
 def pair() -> tuple[SessionCipher, SessionCipher]:
     worker = generate_keypair()
     eph = generate_keypair()
-    edge = SessionCipher.for_edge(eph.secret_key, worker.public_key, SID, trusted={worker.public_key})
-    cloud = SessionCipher.for_worker(worker.secret_key, eph.public_key, SID)
+    edge = SessionCipher.for_edge(eph.secret_key, worker.public_key, SID, NONCE, trusted={worker.public_key})
+    cloud = SessionCipher.for_worker(worker.secret_key, eph.public_key, SID, NONCE)
     return edge, cloud
 
 
@@ -91,22 +92,29 @@ def test_reflection_to_sender_fails(pair: tuple[SessionCipher, SessionCipher]) -
 
 def test_wrong_key_or_session_fails() -> None:
     worker, other, eph = generate_keypair(), generate_keypair(), generate_keypair()
-    edge = SessionCipher.for_edge(eph.secret_key, worker.public_key, SID)
+    edge = SessionCipher.for_edge(eph.secret_key, worker.public_key, SID, NONCE)
     sealed = edge.seal(b"h", [b"x"])
     with pytest.raises(CryptoError):
-        SessionCipher.for_worker(other.secret_key, eph.public_key, SID).open(b"h", sealed)
+        SessionCipher.for_worker(other.secret_key, eph.public_key, SID, NONCE).open(b"h", sealed)
     with pytest.raises(CryptoError):
-        SessionCipher.for_worker(worker.secret_key, eph.public_key, "session-2").open(b"h", sealed)
+        SessionCipher.for_worker(worker.secret_key, eph.public_key, "session-2", NONCE).open(b"h", sealed)
+    # Another opener of the same session (a replay of the edge's) gets another nonce from the
+    # worker: nothing sealed under the first one authenticates under it.
+    with pytest.raises(CryptoError, match="authentication"):
+        SessionCipher.for_worker(worker.secret_key, eph.public_key, SID, bytes(16)).open(b"h", sealed)
+    assert SessionCipher.for_worker(worker.secret_key, eph.public_key, SID, NONCE).open(b"h", sealed) == [b"x"]
+    with pytest.raises(CryptoError, match="nonce"):
+        SessionCipher.for_worker(worker.secret_key, eph.public_key, SID, b"short")
 
 
 def test_untrusted_or_invalid_worker_key() -> None:
     worker, eph = generate_keypair(), generate_keypair()
     with pytest.raises(CryptoError, match="trusted"):
-        SessionCipher.for_edge(eph.secret_key, worker.public_key, SID, trusted=set())
+        SessionCipher.for_edge(eph.secret_key, worker.public_key, SID, NONCE, trusted=set())
     with pytest.raises(CryptoError):
-        SessionCipher.for_edge(eph.secret_key, bytes(32), SID)  # low-order point
+        SessionCipher.for_edge(eph.secret_key, bytes(32), SID, NONCE)  # low-order point
     with pytest.raises(CryptoError):
-        SessionCipher.for_edge(eph.secret_key, b"short", SID)
+        SessionCipher.for_edge(eph.secret_key, b"short", SID, NONCE)
 
 
 def test_null_cipher_passes_through() -> None:

@@ -116,14 +116,19 @@ def test_free_capacity_is_the_least_of_slots_batch_seats_and_cache_memory() -> N
     assert w.free_capacity() == -1  # past its batch: one session waits for a seat in each pass
 
 
-def test_closed_or_unknown_session_is_worker_lost(broker: Broker) -> None:
+def test_closed_or_unknown_session_is_worker_lost_and_a_closed_id_is_never_opened_again(broker: Broker) -> None:
     with echo_workers(broker.endpoint, "w1"), client(broker.endpoint) as c:
         c.request("s1", "open", MODEL, 2, 0)
         c.request("s1", "close", MODEL, 2, 1)
-        with pytest.raises(WorkerLost, match="reopen"):
+        with pytest.raises(WorkerLost, match="closed by its client"):
             c.request("s1", "decode", MODEL, 2, 2)
         with pytest.raises(WorkerLost):
             c.request("never", "decode", MODEL, 2, 0)
+        # An opener replayed after the close (from anyone) is refused before it reaches a worker.
+        with client(broker.endpoint) as other:
+            with pytest.raises(ProtocolError, match="opened before .closed by its client.; open a new session id"):
+                other.request("s1", "open", MODEL, 2, 0)
+    assert counters(broker)["reopen_refused"] == 1
 
 
 def test_layer_range_and_model_select_workers(broker: Broker) -> None:

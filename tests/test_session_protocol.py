@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from broker.errors import CryptoError, ProtocolError
 from broker.wire import session_protocol as sp
-from broker.wire.crypto import NullCipher, SessionCipher, generate_keypair
+from broker.wire.crypto import NullCipher, SessionCipher, generate_keypair, new_session_nonce
 
 FUZZ = settings(max_examples=int(os.environ.get("EDGECLOUD_FUZZ_EXAMPLES", "300")), deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])
@@ -25,8 +25,9 @@ SID = "s" * 32
 def ciphers():
     worker = generate_keypair()
     edge = generate_keypair()
-    return (SessionCipher.for_edge(edge.secret_key, worker.public_key, SID),
-            SessionCipher.for_worker(worker.secret_key, edge.public_key, SID))
+    nonce = new_session_nonce()
+    return (SessionCipher.for_edge(edge.secret_key, worker.public_key, SID, nonce),
+            SessionCipher.for_worker(worker.secret_key, edge.public_key, SID, nonce))
 
 
 def test_step_and_reply_round_trip_encrypted():
@@ -83,9 +84,9 @@ def test_a_body_moved_to_another_step_or_session_is_refused():
 def test_openers_carry_every_wire_dtype_and_a_reduction_hash():
     sampling = {"temperature": 0.0, "top_p": 1.0, "seed": 0}
     for dtype in ("fp32", "fp16", "bf16", "int8"):
-        p = sp.OpenParams(b"", sampling, dtype, reduction="0f" * 32)
+        p = sp.OpenParams(b"", sampling, dtype, sp.close_digest(b"k" * 32), reduction="0f" * 32)
         assert sp.OpenParams.from_extra(p.to_extra()) == p
-    assert "reduction" not in sp.OpenParams(b"", sampling, "fp16").to_extra()
+    assert "reduction" not in sp.OpenParams(b"", sampling, "fp16", sp.close_digest(b"k" * 32)).to_extra()
 
 
 def test_int8_step_round_trips_encrypted_at_a_reduced_width():

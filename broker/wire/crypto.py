@@ -3,8 +3,11 @@
 Key agreement: workers own static X25519 keypairs; for each session the edge
 makes an ephemeral keypair, and both sides compute ``X25519(eph, worker)``.
 Two direction keys are derived with keyed BLAKE2b over the shared secret,
-both public keys, the session id and a direction label, so a key is unique to
-(session, edge ephemeral key, worker, direction).
+both public keys, the session id, a fresh nonce the worker draws for each
+opener it accepts, and a direction label, so a key is unique to (session,
+edge ephemeral key, worker, opener, direction). The worker's nonce is what
+makes a replayed opener useless: whoever replays it gets a session under new
+keys, in which none of the captured steps authenticate.
 
 Sealed layout, one ciphertext per body frame (so a 64 MiB activation is never
 concatenated into a second copy)::
@@ -60,6 +63,7 @@ _KDF_PERSON = b"edgecloud-kdf-v1"
 _AAD_TAG = b"edgecloud-aead-v1"
 EDGE_TO_WORKER = b"edge->worker"
 WORKER_TO_EDGE = b"worker->edge"
+SESSION_NONCE_BYTES = 16  # drawn by the worker for each opener it accepts
 SECRET_FILE_MODE = 0o600
 API_KEY_BYTES = 32  # 256 bits of entropy, urlsafe-encoded to 43 characters
 ROLES = ("worker", "broker", "client", "edge")
@@ -88,6 +92,11 @@ def public_from_secret(secret_key: bytes) -> bytes:
 def _check_key(key: Any, what: str) -> None:
     if type(key) is not bytes or len(key) != KEY_BYTES:
         raise CryptoError(f"{what} must be {KEY_BYTES} bytes")
+
+
+def _check_nonce(nonce: Any) -> None:
+    if type(nonce) is not bytes or len(nonce) != SESSION_NONCE_BYTES:
+        raise CryptoError(f"the worker's session nonce must be {SESSION_NONCE_BYTES} bytes")
 
 
 # ------------------------------------------------------------------ key files
@@ -217,9 +226,14 @@ class NullCipher:
         return list(frames)
 
 
-def _derive(shared: bytes, edge_pk: bytes, worker_pk: bytes, session_id: str, label: bytes) -> bytes:
+def new_session_nonce() -> bytes:
+    """What a worker draws for each opener it accepts (see the module docstring)."""
+    return secrets.token_bytes(SESSION_NONCE_BYTES)
+
+
+def _derive(shared: bytes, edge_pk: bytes, worker_pk: bytes, session_id: str, nonce: bytes, label: bytes) -> bytes:
     sid = session_id.encode()
-    material = edge_pk + worker_pk + struct.pack(">I", len(sid)) + sid + label
+    material = edge_pk + worker_pk + struct.pack(">I", len(sid)) + sid + nonce + label
     return nacl.hash.blake2b(
         material, digest_size=KEY_BYTES, key=shared, person=_KDF_PERSON, encoder=RawEncoder
     )
@@ -256,33 +270,38 @@ class SessionCipher:
         eph_sk: bytes,
         worker_pk: bytes,
         session_id: str,
+        nonce: bytes,
         trusted: Iterable[bytes] | None = None,
     ) -> SessionCipher:
-        """Edge side: ephemeral secret key, the worker's static public key.
+        """Edge side: ephemeral secret key, the worker's static public key, the nonce the
+        worker's answer to the opener carried.
 
         If ``trusted`` is given, ``worker_pk`` must be in it.
         """
         _check_key(eph_sk, "ephemeral secret key")
         _check_key(worker_pk, "worker public key")
+        _check_nonce(nonce)
         if trusted is not None and worker_pk not in frozenset(trusted):
             raise CryptoError(
                 f"worker public key {worker_pk.hex()[:16]}... is not in the trusted workers list"
             )
         edge_pk = sodium.crypto_scalarmult_base(eph_sk)
         shared = _shared_secret(eph_sk, worker_pk)
-        tx = _derive(shared, edge_pk, worker_pk, session_id, EDGE_TO_WORKER)
-        rx = _derive(shared, edge_pk, worker_pk, session_id, WORKER_TO_EDGE)
+        tx = _derive(shared, edge_pk, worker_pk, session_id, nonce, EDGE_TO_WORKER)
+        rx = _derive(shared, edge_pk, worker_pk, session_id, nonce, WORKER_TO_EDGE)
         return cls(tx, rx, EDGE_TO_WORKER, WORKER_TO_EDGE)
 
     @classmethod
-    def for_worker(cls, worker_sk: bytes, edge_eph_pk: bytes, session_id: str) -> SessionCipher:
-        """Worker side: its static secret key, the edge's ephemeral public key."""
+    def for_worker(cls, worker_sk: bytes, edge_eph_pk: bytes, session_id: str, nonce: bytes) -> SessionCipher:
+        """Worker side: its static secret key, the edge's ephemeral public key, the nonce it drew
+        for this opener (``new_session_nonce``)."""
         _check_key(worker_sk, "worker secret key")
         _check_key(edge_eph_pk, "edge ephemeral public key")
+        _check_nonce(nonce)
         worker_pk = sodium.crypto_scalarmult_base(worker_sk)
         shared = _shared_secret(worker_sk, edge_eph_pk)
-        tx = _derive(shared, edge_eph_pk, worker_pk, session_id, WORKER_TO_EDGE)
-        rx = _derive(shared, edge_eph_pk, worker_pk, session_id, EDGE_TO_WORKER)
+        tx = _derive(shared, edge_eph_pk, worker_pk, session_id, nonce, WORKER_TO_EDGE)
+        rx = _derive(shared, edge_eph_pk, worker_pk, session_id, nonce, EDGE_TO_WORKER)
         return cls(tx, rx, WORKER_TO_EDGE, EDGE_TO_WORKER)
 
     @staticmethod

@@ -5,10 +5,17 @@ request *kinds* a session uses and their bodies, which the broker forwards untou
 
 ``open``   extra: ``edge_pk`` (32-byte ephemeral X25519 key, or empty without encryption),
            ``sampling`` (temperature, top_p, seed; top_k, min_p, repetition_penalty when not off), ``wire_dtype`` (``broker.wire.codec.WIRE_DTYPES``),
-           and, when the edge reduces its activations, ``reduction``: the sha256 (64 hex digits) of
+           ``close_digest`` (32 bytes: the BLAKE2b digest of a random ``close_key`` only the edge
+           knows, which its ``close`` reveals), and, when the edge reduces its activations,
+           ``reduction``: the sha256 (64 hex digits) of
            the projection file (``partition/reduction.py``) both sides hold; the worker refuses a
-           hash it does not have. No body: no key exists yet.
-           Reply extra: ``worker_pk``; body: one sealed frame ``b"open-ok"`` that proves the worker
+           hash it does not have. No body: no key exists yet. A worker accepts one opener per
+           session id, ever: an opener for an id it holds, or held until it was closed or expired,
+           is refused (the edge opens every attempt under a new id), so a replayed opener can
+           neither reset a session nor bring an ended one back.
+           Reply extra: ``worker_pk`` and ``nonce`` (16 bytes the worker drew for this opener; both
+           ends derive the session keys from it, ``broker/wire/crypto.py``); body: one sealed frame
+           ``b"open-ok"`` that proves the worker
            holds the secret key of ``worker_pk`` (the edge checks that key against its trusted list).
 ``step``   body, sealed: [msgpack ``{"pos": int, "tensor": {"dtype", "shape"}, "draft": [int]}``,
            raw tensor bytes]; the tensor is (1, T, H), or (1, T, D) under a reduction to D dims. ``pos`` is the position of the first new token; the worker's cache
@@ -34,7 +41,10 @@ request *kinds* a session uses and their bodies, which the broker forwards untou
            ``token`` follows them; ``pos`` is the cache length after the step; ``compute_ms`` is
            the forward pass and sampling, ``worker_ms`` everything from the job's arrival at the
            worker to its reply (decryption included).
-``close``  no body; the worker frees the session.
+``close``  extra: ``close_key`` (32 bytes) whose digest the opener carried; no body. The worker
+           frees the session only for the right key, and compares in constant time. A key rather
+           than a sealed body, so that an edge whose opener got no answer (timed out, interrupted)
+           can still free what the opener may have made; a replayed close finds the session gone.
 
 Every sealed body is bound to ``make_aad(session_id, step, kind)``, so a body moved to another
 session, step or kind fails authentication.
@@ -42,12 +52,16 @@ session, step or kind fails authentication.
 
 from __future__ import annotations
 
+import hmac
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+import nacl.hash
 import numpy as np
+from nacl.encoding import RawEncoder
 
 from broker.errors import CryptoError, ProtocolError
 from broker.wire.codec import WIRE_DTYPES, decode_tensor, encode_tensor
@@ -106,15 +120,40 @@ def _int_field(d: dict, key: str, what: str) -> int:
 # --- open ----------------------------------------------------------------------------------------
 
 
+CLOSE_KEY_BYTES = 32
+
+
+def new_close_key() -> bytes:
+    """The secret an edge draws for each opener; its ``close`` reveals it."""
+    return secrets.token_bytes(CLOSE_KEY_BYTES)
+
+
+def close_digest(close_key: bytes) -> bytes:
+    """What the opener carries: the close key's digest (revealing nothing of the key)."""
+    return nacl.hash.blake2b(close_key, digest_size=CLOSE_KEY_BYTES, person=b"edgecloud-close",
+                             encoder=RawEncoder)
+
+
+def check_close_key(digest: bytes, extra: dict[str, Any]) -> None:
+    """CryptoError unless ``extra`` holds the close key whose digest is ``digest``."""
+    key = extra.get("close_key")
+    if type(key) is not bytes or len(key) != CLOSE_KEY_BYTES:
+        raise CryptoError(f"a close must carry the session's {CLOSE_KEY_BYTES}-byte close key")
+    if not hmac.compare_digest(close_digest(key), digest):
+        raise CryptoError("wrong close key: only the edge that opened a session may close it")
+
+
 @dataclass(frozen=True)
 class OpenParams:
     edge_pk: bytes
     sampling: dict[str, float | int]
     wire_dtype: str
+    close_digest: bytes  # close_digest(close key) (``new_close_key``)
     reduction: str = ""  # sha256 hex of the projection file; "" when activations are not reduced
 
     def to_extra(self) -> dict[str, Any]:
-        extra = {"edge_pk": self.edge_pk, "sampling": dict(self.sampling), "wire_dtype": self.wire_dtype}
+        extra = {"edge_pk": self.edge_pk, "sampling": dict(self.sampling), "wire_dtype": self.wire_dtype,
+                 "close_digest": self.close_digest}
         if self.reduction:
             extra["reduction"] = self.reduction
         return extra
@@ -136,7 +175,11 @@ class OpenParams:
         reduction = extra.get("reduction", "")
         if type(reduction) is not str or (reduction and not _is_sha256_hex(reduction)):
             raise ProtocolError("bad_open", "reduction must be the 64 hex digits of a sha256")
-        return cls(edge_pk, sampling, wire_dtype, reduction)
+        digest = extra.get("close_digest")
+        if type(digest) is not bytes or len(digest) != CLOSE_KEY_BYTES:
+            raise ProtocolError("bad_open", f"close_digest must be {CLOSE_KEY_BYTES} bytes (the digest of the "
+                                "key the edge's close will reveal)")
+        return cls(edge_pk, sampling, wire_dtype, digest, reduction)
 
 
 def _is_sha256_hex(s: str) -> bool:
