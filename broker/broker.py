@@ -328,8 +328,8 @@ class Broker:
                 f"the broker holds {self._pending_bytes / MIB:.1f} MiB of requests (limit "
                 f"{cfg.max_pending_bytes / MIB:.1f} MiB); retry later"))  # fmt: skip
             return
-        req = PendingRequest(msg, identity, now, now + min(budget_s, cfg.max_deadline_s), nbytes=nbytes)
         owner = self._owner(msg)
+        req = PendingRequest(msg, identity, now, now + min(budget_s, cfg.max_deadline_s), nbytes=nbytes, owner=owner)
         session = self._sessions.get(msg.session_id)
         if session is None:
             if msg.kind not in cfg.open_kinds:
@@ -732,7 +732,7 @@ class Broker:
             session = self._sessions.get(req.session_id)
             if session is None:
                 session = self._sessions[req.session_id] = SessionState(
-                    req.session_id, req.request.model_id, None, now, outstanding=1)  # fmt: skip
+                    req.session_id, req.request.model_id, None, now, outstanding=1, owner=req.owner)  # fmt: skip
             self._route(req, session, now, front=True)
         self._pump(now, sweep=True)
 

@@ -141,6 +141,7 @@ class PendingRequest:
     worker_id: WorkerId | None = None  # set while an attempt is in flight
     queued: bool = False
     nbytes: int = 0  # body bytes held until answered (counted against max_pending_bytes)
+    owner: str | None = None  # the sender's identity, as sessions are bound to it (Broker._owner)
 
     @property
     def request_id(self) -> RequestId:
