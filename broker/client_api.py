@@ -38,6 +38,9 @@ class ClientConfig:
 
     default_timeout_s: float = 30.0  # request budget when the caller names none
     reply_grace_s: float = 1.0  # wait beyond a request's deadline for the broker's own timeout answer
+    # A request sent while the broker is known gone waits this long for a reconnection (a broker
+    # restarting) before it fails with BrokerUnavailable(gone=True).
+    reconnect_wait_s: float = 0.3
 
 
 @dataclass(frozen=True)
@@ -111,15 +114,16 @@ class BrokerClient:
         close_socket(self._sock)
         self._sock = None
 
-    def _reset(self, reason: str) -> None:
-        """Drop the socket and everything in flight on it; reconnect."""
+    def _reset(self, reason: str, gone: bool = False) -> None:
+        """Drop the socket and everything in flight on it (messages libzmq still queues for a
+        reconnection included: their callers hear they failed); reconnect."""
         logger.warning("resetting connection to broker %s: %s", self.endpoint, reason)
-        if self._handshake is not None:
+        if self._handshake is not None and not gone:
             self._handshake.poll()
             if self._handshake.failure:
                 reason += f"; {self._handshake.failure}"
         for rid in self._waiting:
-            self._done[rid] = BrokerUnavailable(self.endpoint, reason)
+            self._done[rid] = BrokerUnavailable(self.endpoint, reason, gone=gone)
         self._waiting.clear()
         self._close_socket()
         self._connect()
@@ -236,17 +240,38 @@ class BrokerClient:
         self.close()
 
     # ----------------------------------------------------------- internals
+    @property
+    def broker_gone(self) -> str:
+        """Why the broker is known unreachable right now ("" when connected or not known)."""
+        if self._handshake is None:
+            return "client is closed"
+        self._handshake.poll()
+        return self._handshake.gone
+
     def _send(self, rid: RequestId, frames: list[Any], timeout_s: float, grace: bool = True) -> None:
         if self._sock is None:
-            raise BrokerUnavailable(self.endpoint, "client is closed")
+            raise BrokerUnavailable(self.endpoint, "client is closed", gone=True)
         give_up = time.monotonic() + timeout_s + (self.config.reply_grace_s if grace else 0.0)
+        gone = self._reconnected(min(give_up, time.monotonic() + self.config.reconnect_wait_s))
+        if self._handshake is not None and self._handshake.refused:
+            # Refused at the last handshake: try a fresh one (the key may be allowed again); if it
+            # is refused too, the monitor says so while this request waits.
+            self._close_socket()
+            self._connect()
+        elif gone:
+            raise BrokerUnavailable(self.endpoint, gone, gone=True)
         try:
             send_frames(self._sock, frames)
         except zmq.Again as exc:
-            # Nothing connected yet (DEALER has no peer) or the pipe is full.
-            if not self._sock.poll(poll_timeout_ms(give_up, cap_s=timeout_s), zmq.POLLOUT):
-                self._reset("could not send")
-                raise BrokerUnavailable(self.endpoint, "could not send the request") from exc
+            # Nothing connected yet (DEALER has no peer) or the pipe is full: wait for room, unless
+            # the socket's monitor says the broker refuses connections or closed ours.
+            while not self._sock.poll(0, zmq.POLLOUT):
+                gone = self.broker_gone
+                if gone or time.monotonic() >= give_up:
+                    self._reset("could not send")
+                    raise BrokerUnavailable(self.endpoint, gone or "could not send the request",
+                                            gone=bool(gone)) from exc
+                self._receive(poll_timeout_ms(give_up, cap_s=0.05))
             send_frames(self._sock, frames)
         self._waiting[rid] = give_up
 
@@ -268,18 +293,19 @@ class BrokerClient:
         events = dict(self._poller.poll(timeout_ms))
         if not events:
             return
-        if self._handshake is not None and self._handshake.monitor in events:
-            self._refused_by_broker()
-        while True:
+        while True:  # first what the broker said (its last words, when it shut down)
             frames = recv_message(self._sock, 1)
             if frames is None:
-                return
+                break
             try:
                 msg = p.decode(frames)
             except ProtocolError as exc:
                 logger.warning("malformed message from broker ignored: %s", exc)
                 continue
             self._file(msg)
+        if self._handshake is not None and self._handshake.monitor in events:
+            self._refused_by_broker()
+            self._broker_gone()
 
     def _refused_by_broker(self) -> None:
         """If the broker refused our key at the handshake, fail everything waiting with AuthError now
@@ -288,11 +314,33 @@ class BrokerClient:
         self._handshake.poll()
         if not self._handshake.refused:
             return
-        pub = self.curve.keypair.public_key.hex()[:16] if self.curve else "?"
-        err = f"{self._handshake.failure}: client key {pub}... is not in its allowlist (trusted_clients.txt)"
         for rid in self._waiting:
-            self._done[rid] = AuthError(err)
+            self._done[rid] = self._refusal()
         self._waiting.clear()
+
+    def _refusal(self) -> AuthError:
+        assert self._handshake is not None
+        pub = self.curve.keypair.public_key.hex()[:16] if self.curve else "?"
+        return AuthError(f"{self._handshake.failure}: client key {pub}... is not in its allowlist "
+                         "(trusted_clients.txt)")
+
+    def _reconnected(self, until: float) -> str:
+        """While the broker is known gone, wait until ``until`` for libzmq's reconnection (every
+        0.1 s) to get through; returns why it is still gone ("" once connected)."""
+        gone = self.broker_gone
+        while gone and time.monotonic() < until:
+            assert self._handshake is not None
+            self._handshake.monitor.poll(poll_timeout_ms(until, cap_s=0.05))
+            gone = self.broker_gone
+        return gone
+
+    def _broker_gone(self) -> None:
+        """If the broker closed our connection (it died, or restarted), fail everything waiting
+        with BrokerUnavailable now: the answers cannot come, and a restarted broker knows none
+        of those requests."""
+        gone = self.broker_gone
+        if gone and self._waiting:
+            self._reset(gone, gone=True)
 
     def _file(self, msg: p.Message) -> None:
         rid = getattr(msg, "request_id", "")

@@ -85,12 +85,13 @@ class UnknownReduction(EdgeCloudError):
 
 
 class BrokerUnavailable(EdgeCloudError):
-    """Nothing came back from the broker before the deadline."""
+    """Nothing came back from the broker before the deadline, or the broker is known gone
+    (``gone``: it closed the connection, refuses connections or is shutting down)."""
 
     code = "unavailable"
     retryable = True
 
-    def __init__(self, address: str, detail: str = "") -> None:
+    def __init__(self, address: str, detail: str = "", gone: bool = False) -> None:
         hint = (
             f"no answer from the broker at {address}"
             + (f" ({detail})" if detail else "")
@@ -99,6 +100,7 @@ class BrokerUnavailable(EdgeCloudError):
         )
         super().__init__(hint)
         self.address = address
+        self.gone = gone
 
 
 class RequestTimeout(EdgeCloudError):
@@ -204,5 +206,6 @@ def error_from_code(code: str, message: str) -> EdgeCloudError:
         err = BrokerUnavailable.__new__(BrokerUnavailable)
         EdgeCloudError.__init__(err, message)
         err.address = ""
+        err.gone = True  # the broker says so itself only when it shuts down
         return err
     return cls(message)

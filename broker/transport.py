@@ -33,6 +33,7 @@ Enforcement, in two places because ZAP runs once per connection:
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import tempfile
@@ -340,20 +341,31 @@ def broker_has_keys(keys_dir: Path | str | None) -> bool:
     return keys_dir is not None and _key_paths(keys_dir, "broker", BROKER_KEY_NAME)[0].exists()
 
 
-class HandshakeWatch:
-    """Reports a CURVE handshake the broker refused on a client socket (via a socket monitor).
+# errno values of a handshake that failed because the connection did (not because of keys).
+_CONNECTION_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNREFUSED, errno.ECONNABORTED,
+                                errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH})
 
-    Without it a refused client only sees silence; with it the client can say why.
+
+class HandshakeWatch:
+    """Reports, from a socket monitor, what a client socket's silence would hide: the broker
+    refused our CURVE key at the handshake, or the broker is gone (it closed the connection, or
+    nothing accepts connections at its address).
+
+    Without it a refused client, or one whose broker died, only sees silence until a deadline.
     """
 
     EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-              | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_SUCCEEDED)  # fmt: skip
+              | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_SUCCEEDED
+              | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)  # fmt: skip
 
     def __init__(self, sock: zmq.Socket, curve: bool) -> None:
         self.monitor = sock.get_monitor_socket(self.EVENTS)
         self.curve = curve  # whether this socket is a CURVE client (else plain)
         self.refused = False  # the broker answered our key with an authentication failure
         self.failure = ""  # the last handshake failure, for error messages
+        # Why the broker is known to be unreachable now ("" while connected, or not known yet):
+        # it closed the connection, or a connection attempt was refused. Cleared by a handshake.
+        self.gone = ""
 
     def poll(self) -> None:
         """Read pending events (never blocks)."""
@@ -362,11 +374,18 @@ class HandshakeWatch:
                 ev = recv_monitor_message(self.monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.refused, self.failure = False, ""
-            elif ev["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            event = ev["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.refused, self.failure, self.gone = False, "", ""
+            elif event == zmq.EVENT_DISCONNECTED:  # after a failed handshake, that failure says why
+                self.gone = self.failure or "the broker closed the connection"
+            elif event == zmq.EVENT_CONNECT_RETRIED:  # keeps the first reason while it lasts
+                self.gone = self.gone or "nothing accepts connections at that address"
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 self.refused = True
                 self.failure = f"the broker refused this key (status {ev['value']})"
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and ev["value"] in _CONNECTION_ERRNOS:
+                continue  # the connection broke mid-handshake (a broker dying): not a key problem
             elif self.curve:
                 self.failure = ("the CURVE handshake failed (the broker runs without CURVE, or its public key "
                                 "is not the one in the keys directory)")  # fmt: skip

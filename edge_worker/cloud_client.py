@@ -72,6 +72,10 @@ TIMEOUTS_BEFORE_FAILOVER = 2
 # Beyond its budget the client's own reply grace applies (the broker answers every request by its
 # deadline, or the connection is reset); this only keeps the final wait from being unbounded.
 IDLE_WAIT_S = 60.0
+# How long the end of a generation waits for its closes to be answered; the broker keeps them for
+# CLOSE_DEADLINE_S (a worker busy with others' prefills still gets to them).
+CLOSE_WAIT_S = 0.5
+CLOSE_DEADLINE_S = 5.0
 
 
 def backoff_s(attempt: int, initial_s: float, max_s: float) -> float:
@@ -272,7 +276,10 @@ class CloudSession:
                         raise last  # what kept failing says more than "no path" (a busy worker, say)
                     raise RequestTimeout(f"step {step} found no working path to the cloud within "
                                          f"{self.client.step_deadline_s:.0f} s")
-                timeout_s = min(self.client.request_timeout_s, remaining)
+                # The client waits a grace past a request's own deadline for the broker's answer:
+                # the request ends early enough that the wait, grace and all, ends by the deadline.
+                grace = self.client.connection.config.reply_grace_s
+                timeout_s = min(self.client.request_timeout_s, max(0.05, remaining - grace))
                 if self.cipher is None:
                     self._open(step, stats, timeout_s)
                     if self.pos == 0 and self.replay:
@@ -283,9 +290,12 @@ class CloudSession:
                 last = exc
                 attempt += 1
                 failed_opens += self.cipher is None and is_unavailable(exc)
-                # With a local fallback at hand, a couple of openers that found no worker are
-                # enough: waiting out the whole deadline only delays what the edge can compute.
-                give_up_on_cloud = self.fallback is not None and failed_opens >= FAILED_OPENS_BEFORE_FALLBACK
+                # With a local fallback at hand, the cloud known gone (the broker closed the
+                # connection or refuses connections, no worker serves the model) or a couple of
+                # openers that found no worker are enough: waiting out the whole deadline only
+                # delays what the edge can compute.
+                give_up_on_cloud = self.fallback is not None and (
+                    cloud_gone(exc) or failed_opens >= FAILED_OPENS_BEFORE_FALLBACK)
                 if (not _recoverable(exc) or give_up_on_cloud or attempt > self.client.max_retries
                         or time.monotonic() >= deadline):
                     if self.fallback is not None and is_unavailable(exc):
@@ -348,15 +358,31 @@ class CloudSession:
         targets, self._unanswered = self._unanswered, []
         if self.cipher is not None and self._close_key:
             targets.append((self.session_id, self._close_key))
-        for session_id, key in targets:
-            try:
-                self.client.connection.request(session_id, KIND_CLOSE, self.model_id, self.split, 0,
-                                               timeout_s=min(2.0, self.client.request_timeout_s),
-                                               extra={"close_key": key})
-            except EdgeCloudError as exc:  # the worker frees it after its idle TTL anyway
-                log.debug("closing session %s: %s", session_id[:8], exc)
         self.cipher = None
         self._close_key = b""
+        if not targets:
+            return
+        conn = self.client.connection
+        if conn.broker_gone:  # nobody to tell; the worker frees them after its idle TTL
+            return
+        # Sent at once and waited for briefly: a close must not hold up the end of a generation
+        # (a failed one least of all), and the worker frees the session after its TTL anyway.
+        sent = []
+        for session_id, key in targets:
+            try:
+                sent.append(conn.submit(session_id, KIND_CLOSE, self.model_id, self.split, 0,
+                                        timeout_s=CLOSE_DEADLINE_S, extra={"close_key": key}))
+            except EdgeCloudError as exc:
+                log.debug("closing session %s: %s", session_id[:8], exc)
+        end = time.monotonic() + CLOSE_WAIT_S
+        for rid in sent:
+            if conn.wait_any([rid], max(0.0, end - time.monotonic())) is None:
+                conn.forget(rid)
+                continue
+            try:
+                conn.result(rid)
+            except EdgeCloudError as exc:
+                log.debug("closing a session: %s", exc)
 
     # --- pipelined frames (edge_worker/generation.py, EdgeGenerator._pipeline_cycle) --------------
     pipelines = True
@@ -562,6 +588,11 @@ def _account(stats: StepStats, reply: Reply, result: StepReply, elapsed_ms: floa
 
 def _recoverable(exc: EdgeCloudError) -> bool:
     return isinstance(exc, WorkerLost) or bool(getattr(exc, "retryable", False))
+
+
+def cloud_gone(exc: EdgeCloudError) -> bool:
+    """Errors that say the cloud is gone, not slow: no need to wait before running locally."""
+    return (isinstance(exc, BrokerUnavailable) and getattr(exc, "gone", False)) or isinstance(exc, NoWorkerAvailable)
 
 
 def is_unavailable(exc: EdgeCloudError) -> bool:

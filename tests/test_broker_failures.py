@@ -225,6 +225,39 @@ def test_client_raises_broker_unavailable_then_recovers() -> None:
         c.close()
 
 
+def test_a_client_knows_at_once_when_nothing_listens_or_the_broker_drops_its_connection() -> None:
+    with running_broker() as b:
+        endpoint = b.endpoint  # nothing listens once this exits
+    c = BrokerClient(endpoint, config=ClientConfig(default_timeout_s=LONG_S))
+    try:
+        start = time.monotonic()
+        with pytest.raises(BrokerUnavailable, match="nothing accepts connections") as refused:
+            c.request("s1", "open", MODEL, 2, 0)
+        assert refused.value.gone and time.monotonic() - start < 2.0  # not the 10 s deadline
+        # A broker that dies with a request in flight (a bare ROUTER standing in, closed unanswered).
+        ctx = zmq.Context()
+        router = ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.bind(endpoint)
+        try:
+            wait_until(lambda: not c.broker_gone, what="the client to reconnect")
+            rid = c.submit("s1", "open", MODEL, 2, 0, timeout_s=LONG_S)
+            assert router.poll(5000)
+            router.recv_multipart()
+        finally:
+            router.close()
+            ctx.term()
+        start = time.monotonic()
+        with pytest.raises(BrokerUnavailable, match="closed the connection") as dropped:
+            c.result(rid)
+        assert dropped.value.gone and time.monotonic() - start < 2.0
+        with running_broker(endpoint=endpoint), echo_workers(endpoint, "w1"):  # and it comes back
+            wait_until(lambda: not c.broker_gone, what="the client to reconnect")
+            assert c.request("s2", "open", MODEL, 2, 0, timeout_s=2.0).worker_id == "w1"
+    finally:
+        c.close()
+
+
 def test_client_drops_stale_replies() -> None:
     """A fake broker answers an old request id first; the client must skip it."""
     ctx = zmq.Context()

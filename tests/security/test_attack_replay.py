@@ -132,7 +132,8 @@ def test_every_replayed_or_forged_request_is_refused_and_the_victim_runs_as_if_a
     if curve:  # the broker refuses every request of another key for a live session
         assert all("belongs to another client" in str(e) for k, e in during), reasons
     else:  # the workers refuse: a second opener, a replayed frame, a close without the key
-        assert all("replayed frame" in str(e) for k, e in during if k == "step"), reasons
+        # (a copy of the last step can reach the worker after the edge's close: the session is gone)
+        assert all("replayed frame" in str(e) or "not held" in str(e) for k, e in during if k == "step"), reasons
         assert all("already open" in str(e) for k, e in during if k in ("open", "forged open")), reasons
         assert all("close key" in str(e) for k, e in during if k == "forged close"), reasons
     # Once closed, the opener is refused by the broker (the id is spent) and the rest find nothing.
