@@ -84,6 +84,10 @@ logger = logging.getLogger(__name__)
 # and heartbeats on time under a flood without a syscall per message.
 RECV_BATCH = 512
 MIB = 1 << 20
+# The retry hint of a busy answer about load that comes and goes (a full queue, a client's bytes
+# in flight): about one long step's time.
+BUSY_RETRY_S = 0.5
+IO_THREADS = 2
 # Messages libzmq queues per peer before we read them (see Broker.__init__). 1000 still covers 64
 # requests in flight per client many times over.
 RECV_HWM = 1000
@@ -104,7 +108,9 @@ class Broker:
     def __init__(self, config: BrokerConfig, context: zmq.Context | None = None) -> None:
         self.config = config
         self._own_context = context is None
-        self._ctx = context or zmq.Context()
+        # Two I/O threads: libzmq spreads connections over them, so one connection busy with a
+        # large frame (CURVE moves ~230 MiB/s on a core here) does not hold up every other.
+        self._ctx = context or zmq.Context(io_threads=IO_THREADS)
         self._sock = make_socket(self._ctx, zmq.ROUTER)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable sends raise: dead peers are noticed
         self._allow: AllowlistFiles | None = None
@@ -144,6 +150,7 @@ class Broker:
         self._poison = PoisonLedger(config.max_attempts, config.tasks_remembered)
         self._requests: dict[RequestId, PendingRequest] = {}
         self._pending_bytes = 0  # body bytes of self._requests
+        self._client_bytes: Counter[str] = Counter()  # the same, per client (PendingRequest.client_key)
         self._queue: deque[PendingRequest] = deque()
         self._timers = RequestTimers(self._requests.__contains__, self._requests.__len__)
         self._to_expire: dict[WorkerId, str] = {}
@@ -322,14 +329,32 @@ class Broker:
             return
         budget_s = msg.deadline_ms / 1000 if msg.deadline_ms else cfg.default_deadline_s
         nbytes = sum(p.frame_nbytes(f) for f in msg.frames)
+        if nbytes > cfg.max_request_bytes:
+            self.counters["too_large_refused"] += 1
+            self._reply_error(identity, msg.request_id, ProtocolError("too_large", (
+                f"a request of {nbytes / MIB:.1f} MiB is over this broker's limit of "
+                f"{cfg.max_request_bytes / MIB:.1f} MiB (--max-request-mb); send long prompts in smaller "
+                "frames (edge --max-frame-mb)")))  # fmt: skip
+            return
+        owner = self._owner(msg)
+        client_key = owner if owner is not None else f"conn:{identity.hex()}"
         if self._pending_bytes + nbytes > cfg.max_pending_bytes:
             self.counters["busy"] += 1
             self._reply_error(identity, msg.request_id, Busy(
                 f"the broker holds {self._pending_bytes / MIB:.1f} MiB of requests (limit "
-                f"{cfg.max_pending_bytes / MIB:.1f} MiB); retry later"))  # fmt: skip
+                f"{cfg.max_pending_bytes / MIB:.1f} MiB); retry later", BUSY_RETRY_S))  # fmt: skip
             return
-        owner = self._owner(msg)
-        req = PendingRequest(msg, identity, now, now + min(budget_s, cfg.max_deadline_s), nbytes=nbytes, owner=owner)
+        held = self._client_bytes.get(client_key, 0)
+        if cfg.max_client_bytes and held + nbytes > cfg.max_client_bytes:
+            self.counters["busy"] += 1
+            self.counters["client_bytes_refused"] += 1
+            self._reply_error(identity, msg.request_id, Busy(
+                f"this client has {held / MIB:.1f} MiB of requests in flight, its limit at this broker is "
+                f"{cfg.max_client_bytes / MIB:.1f} MiB (--max-client-mb); retry when some are answered",
+                BUSY_RETRY_S))  # fmt: skip
+            return
+        req = PendingRequest(msg, identity, now, now + min(budget_s, cfg.max_deadline_s), nbytes=nbytes,
+                             owner=owner, client_key=client_key)
         session = self._sessions.get(msg.session_id)
         if session is None:
             if msg.kind not in cfg.open_kinds:
@@ -347,14 +372,17 @@ class Broker:
                     "open a new session id")))  # fmt: skip
                 return
             if owner is not None and cfg.max_sessions_per_client:
-                held = sum(1 for s in self._sessions.values() if s.owner == owner)
-                if held >= cfg.max_sessions_per_client:
+                mine = [s for s in self._sessions.values() if s.owner == owner]
+                if len(mine) >= cfg.max_sessions_per_client:
+                    # The hint: when its first idle session expires (or, all busy, a full idle period).
+                    idle = [s.last_used + cfg.session_idle_s - now for s in mine if s.outstanding <= 0]
+                    retry_s = max(BUSY_RETRY_S, min(idle, default=cfg.session_idle_s))
                     self.counters["busy"] += 1
                     self.counters["client_quota_refused"] += 1
                     self._reply_error(identity, msg.request_id, Busy(
-                        f"this client holds {held} sessions, its limit at this broker "
-                        f"(--max-sessions-per-client); close finished ones, or retry once idle ones expire "
-                        f"(after {cfg.session_idle_s:.0f} s)"))  # fmt: skip
+                        f"this client holds {len(mine)} sessions, its limit at this broker "
+                        f"(--max-sessions-per-client); close finished ones, or retry in {retry_s:.0f} s when "
+                        "an idle one expires", retry_s))  # fmt: skip
                     return
             session = SessionState(msg.session_id, msg.model_id, None, now, owner=owner)
         elif session.owner is not None and owner != session.owner:
@@ -376,6 +404,7 @@ class Broker:
             return
         self._requests[msg.request_id] = req
         self._pending_bytes += nbytes
+        self._client_bytes[client_key] += nbytes
         self._sessions[msg.session_id] = session
         session.outstanding += 1
         session.last_used = now
@@ -515,7 +544,7 @@ class Broker:
             return
         if len(self._queue) >= self.config.max_queue:
             self.counters["busy"] += 1
-            self._fail(req, Busy(f"broker queue full ({self.config.max_queue} requests); retry later"))
+            self._fail(req, Busy(f"broker queue full ({self.config.max_queue} requests); retry later", BUSY_RETRY_S))
             return
         req.queued = True
         session.queued += 1
@@ -543,7 +572,8 @@ class Broker:
         roomy = [w for w in eligible if len(w.sessions) < w.max_sessions]
         if not roomy:
             self.counters["busy"] += 1
-            self._fail(req, Busy(f"all {len(eligible)} workers for {r.model_id} hold their maximum sessions"))
+            self._fail(req, Busy(f"all {len(eligible)} workers for {r.model_id} hold their maximum sessions",
+                                 BUSY_RETRY_S))
             return False
         now = time.monotonic()
         # The most free capacity (batch seats, session slots, cache memory), then the least load.
@@ -627,6 +657,11 @@ class Broker:
         """Forget an answered request; ``drop_session`` also unpins its session (close, failed open)."""
         if self._requests.pop(req.request_id, None) is not None:
             self._pending_bytes -= req.nbytes
+            left = self._client_bytes[req.client_key] - req.nbytes
+            if left > 0:
+                self._client_bytes[req.client_key] = left
+            else:
+                del self._client_bytes[req.client_key]
         self._done_ids[req.request_id] = None
         if len(self._done_ids) > self.config.done_requests_remembered:
             self._done_ids.popitem(last=False)
@@ -824,7 +859,8 @@ class Broker:
         return ok
 
     def _reply_error(self, identity: bytes, request_id: str, err: EdgeCloudError) -> None:
-        self._send(identity, p.Error(request_id=request_id, code=err.code, message=str(err)))
+        retry_ms = int(getattr(err, "retry_after_s", 0.0) * 1000)
+        self._send(identity, p.Error(request_id=request_id, code=err.code, message=str(err), retry_after_ms=retry_ms))
 
     def status(self) -> dict[str, Any]:
         """The STATUS map (also handy for tests and logs)."""

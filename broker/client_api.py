@@ -357,7 +357,7 @@ class BrokerClient:
                             worker_id=msg.worker_id, attempt=msg.attempt, header=msg.extra,
                             frames=[f.buffer if isinstance(f, zmq.Frame) else memoryview(f) for f in msg.frames])  # fmt: skip
         elif isinstance(msg, p.Error):
-            outcome = error_from_code(msg.code, msg.message)
+            outcome = error_from_code(msg.code, msg.message, msg.retry_after_ms)
         elif isinstance(msg, p.StatusReply):
             outcome = msg.status
         elif isinstance(msg, p.Pong):

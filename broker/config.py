@@ -17,6 +17,13 @@ class BrokerConfig:
     # would let 1024 maximal messages (256 MiB each) through; 512 MiB holds 8 of those, or
     # thousands of decode steps.
     max_pending_bytes: int = 512 << 20
+    # Body bytes of one request; beyond it -> ProtocolError "too_large" (edges send long prompts in
+    # frames of --max-frame-mb, 8 MiB by default). A bound on what one message can hold up: libzmq
+    # encrypts, copies and forwards a message whole, and a worker's heartbeats wait behind it.
+    max_request_bytes: int = 32 << 20
+    # Body bytes one client may have held at once (0: no limit); beyond it -> Busy with a retry hint,
+    # so one client sending large frames fills its own share, not the broker's.
+    max_client_bytes: int = 128 << 20
     # Attempts outstanding per worker (at least its max_batch); more would hide load from placement.
     worker_max_in_flight: int = 8
     default_deadline_s: float = 30.0  # budget of a request that names none (deadline_ms == 0)

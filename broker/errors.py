@@ -111,10 +111,15 @@ class RequestTimeout(EdgeCloudError):
 
 
 class Busy(EdgeCloudError):
-    """The broker or worker is overloaded (queue full); back off and retry."""
+    """The broker or worker is overloaded (queue full, a quota reached); back off and retry,
+    after ``retry_after_s`` when the sender gave a hint (0: none)."""
 
     code = "busy"
     retryable = True
+
+    def __init__(self, message: str = "", retry_after_s: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class NoWorkerAvailable(EdgeCloudError):
@@ -186,7 +191,7 @@ _BY_CODE: dict[str, type[EdgeCloudError]] = {
 }
 
 
-def error_from_code(code: str, message: str) -> EdgeCloudError:
+def error_from_code(code: str, message: str, retry_after_ms: int = 0) -> EdgeCloudError:
     """Rebuild the typed error named by a wire ``code`` with its ``message``.
 
     Classes whose constructor takes structured arguments are rebuilt from the
@@ -208,4 +213,6 @@ def error_from_code(code: str, message: str) -> EdgeCloudError:
         err.address = ""
         err.gone = True  # the broker says so itself only when it shuts down
         return err
+    if cls is Busy:
+        return Busy(message, retry_after_ms / 1000)
     return cls(message)

@@ -245,13 +245,15 @@ class Reply(Message):
 
 @dataclass(slots=True)
 class Error(Message):
-    """A request failed; ``code`` names an errors.py class. request_id may be empty."""
+    """A request failed; ``code`` names an errors.py class. request_id may be empty.
+    ``retry_after_ms``: when to try again, for a busy answer that knows (0: no hint)."""
 
     request_id: str
     code: str
     message: str
+    retry_after_ms: int = 0
     TYPE = MsgType.ERROR
-    FIELDS = (("request_id", _text), ("code", _id), ("message", _text))
+    FIELDS = (("request_id", _text), ("code", _id), ("message", _text), ("retry_after_ms", _uint))
 
 
 @dataclass(slots=True)

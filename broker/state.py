@@ -142,6 +142,7 @@ class PendingRequest:
     queued: bool = False
     nbytes: int = 0  # body bytes held until answered (counted against max_pending_bytes)
     owner: str | None = None  # the sender's identity, as sessions are bound to it (Broker._owner)
+    client_key: str = ""  # whose share of max_client_bytes the body counts against
 
     @property
     def request_id(self) -> RequestId:

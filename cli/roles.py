@@ -37,6 +37,11 @@ def broker(
                                                          "0: no limit.")] = 32,
     session_idle: Annotated[float, typer.Option(help="Seconds an untouched session is kept before the broker drops "
                                                 "it and tells its worker.")] = 300.0,
+    max_request_mb: Annotated[float, typer.Option(help="Largest request body accepted, MiB; beyond it the sender "
+                                                  "gets 'too_large' (edges send long prompts in frames of "
+                                                  "--max-frame-mb).")] = 32.0,
+    max_client_mb: Annotated[float, typer.Option(help="Request bodies one client may have in flight, MiB; beyond "
+                                                 "it its requests get 'busy' with a retry hint. 0: no limit.")] = 128.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging on stderr.")] = False,
 ) -> None:
     """Run the job broker: routes edge requests to cloud workers (never reads payloads)."""
@@ -72,11 +77,15 @@ def broker(
             raise ValueError("--max-attempts and --max-queue must be at least 1")
         if max_sessions_per_client < 0 or session_idle <= 0:
             raise ValueError("--max-sessions-per-client must be at least 0 and --session-idle positive")
+        if max_request_mb <= 0 or max_client_mb < 0:
+            raise ValueError("--max-request-mb must be positive and --max-client-mb at least 0")
         config = BrokerConfig(endpoint=endpoint or default_broker(), heartbeat_interval_s=heartbeat,
                               api_keys=frozenset() if no_auth else frozenset(accepted),
                               curve_keys_dir=str(keys_dir) if curve else None,
                               max_attempts=max_attempts, max_queue=max_queue,
-                              max_sessions_per_client=max_sessions_per_client, session_idle_s=session_idle)  # fmt: skip
+                              max_sessions_per_client=max_sessions_per_client, session_idle_s=session_idle,
+                              max_request_bytes=int(max_request_mb * 2**20),
+                              max_client_bytes=int(max_client_mb * 2**20))  # fmt: skip
         b = Broker(config)
         transport = b.status()["transport"]
         how = (f"CURVE, {transport['allowed_clients']} client and {transport['allowed_workers']} worker keys allowed"

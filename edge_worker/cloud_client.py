@@ -37,6 +37,7 @@ from broker.errors import (
 from broker.linkproxy import LinkConfig, LinkProxy
 from broker.protocol import TASK_KEY, RequestId
 from broker.transport import client_keys
+from broker.wire.codec import row_bytes_bound
 from broker.wire.crypto import (
     NullCipher,
     SessionCipher,
@@ -60,6 +61,7 @@ from edge_worker.config import default_broker, default_keys_dir, resolve_api_key
 from edge_worker.timeouts import ADAPTIVE_MAX_POSITIONS, DEFAULT_MIN_TIMEOUT_S, StepTimer
 from partition.reduction import Reduction
 from partition.sampling import SamplingParams
+from partition.segment import PREFILL_CHUNK
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,8 @@ TIMEOUTS_BEFORE_FAILOVER = 2
 # Beyond its budget the client's own reply grace applies (the broker answers every request by its
 # deadline, or the connection is reset); this only keeps the final wait from being unbounded.
 IDLE_WAIT_S = 60.0
+# The largest frame a step sends (CloudClient.max_frame_bytes); the broker takes up to 32 MiB.
+DEFAULT_MAX_FRAME_BYTES = 8 << 20
 # How long the end of a generation waits for its closes to be answered; the broker keeps them for
 # CLOSE_DEADLINE_S (a worker busy with others' prefills still gets to them).
 CLOSE_WAIT_S = 0.5
@@ -103,6 +107,7 @@ class CloudClient:
         key_name: str = "default",
         adaptive_timeout: bool = True,
         min_attempt_timeout_s: float = DEFAULT_MIN_TIMEOUT_S,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     ) -> None:
         self.broker = broker or default_broker()
         self.keys_dir = Path(keys_dir) if keys_dir is not None else default_keys_dir()
@@ -125,6 +130,10 @@ class CloudClient:
         # off, every lost message costs the whole request_timeout_s.
         self.adaptive_timeout = adaptive_timeout
         self.step_timer = StepTimer(min_timeout_s=min_attempt_timeout_s)
+        # A step's activations go out in frames of at most this many bytes (a long prompt as several
+        # steps): a message is encrypted, copied and forwarded whole, so one huge frame would hold up
+        # everything else on the connections it crosses (a worker's heartbeats included).
+        self.max_frame_bytes = max_frame_bytes
         self._local = threading.local()  # this thread's _Connection
         self._connections: list[_Connection] = []  # every thread's, for close()
         self._lock = threading.Lock()
@@ -263,6 +272,7 @@ class CloudSession:
             return self._local_step(hidden, step, StepStats(), draft=draft, seen=seen)
         stats = StepStats()
         pending = hidden  # what must reach the worker; grows to the whole log after a failover
+        base = self.pos  # the position pending starts at (frames of it the worker has are not resent)
         attempt = 0
         failed_opens = 0  # openers that found no worker (no answer in time, or none registered)
         timeouts = 0  # of this step on the session's current worker
@@ -284,7 +294,9 @@ class CloudSession:
                     self._open(step, stats, timeout_s)
                     if self.pos == 0 and self.replay:
                         pending = torch.cat([*self.replay, hidden], dim=1)
-                accepted, token = self._send_step(pending, step, stats, timeout_s, draft, seen)
+                    base = self.pos
+                accepted, token = self._send_frames(pending, base, step, stats, timeout_s, deadline - grace,
+                                                    draft, seen)
                 break
             except EdgeCloudError as exc:
                 last = exc
@@ -321,7 +333,9 @@ class CloudSession:
                     self.session_id = uuid.uuid4().hex  # the old id stays pinned to the dead worker
                     pending = hidden
                     continue
-                pause = min(backoff_s(attempt, self.client.backoff_initial_s, self.client.backoff_max_s),
+                # A busy answer may say when to come back; never past the deadline.
+                pause = min(max(backoff_s(attempt, self.client.backoff_initial_s, self.client.backoff_max_s),
+                                getattr(exc, "retry_after_s", 0.0)),
                             max(0.0, deadline - time.monotonic()))
                 log.info("step %d: %s; retry %d in %.2f s", step, exc, attempt, pause)
                 time.sleep(pause)
@@ -521,6 +535,27 @@ class CloudSession:
     def _seen(self, seen: Sequence[int]) -> Sequence[int] | None:
         """What a step carries for the session's repetition penalty (None: it has none)."""
         return seen if self.sampling.uses_history else None
+
+    def _send_frames(self, pending: torch.Tensor, base: int, step: int, stats: StepStats, timeout_s: float,
+                     until: float, draft: list[int] | tuple[int, ...] = (), seen: Sequence[int] = ()
+                     ) -> tuple[int, int]:
+        """Send what of ``pending`` (positions ``base`` on) the worker does not hold yet: in one
+        frame, or, past ``max_frame_bytes``, in frames of whole 64-position chunks, each answered
+        before the next goes (the worker computes the same chunks either way: its prefill runs
+        64 positions at a time). The last frame carries the drafts; its answer is the step's.
+        After a failure the retry resumes at the first frame not answered. Each frame's wait
+        ends by ``until``."""
+        rest = pending[:, self.pos - base:]
+        width = rest.shape[2] if self.reduction is None else self.reduction.dims
+        per_frame = self.client.max_frame_bytes // row_bytes_bound(width, self.client.wire_dtype)
+        chunk = max(PREFILL_CHUNK, per_frame // PREFILL_CHUNK * PREFILL_CHUNK)
+        # The last frame holds at least the drafts and the position before them.
+        while rest.shape[1] - chunk >= len(draft) + 1:
+            wait = min(timeout_s, max(0.05, until - time.monotonic()))
+            self._send_step(rest[:, :chunk], step, stats, wait, seen=seen)
+            rest = rest[:, chunk:]
+        wait = min(timeout_s, max(0.05, until - time.monotonic()))
+        return self._send_step(rest, step, stats, wait, draft, seen)
 
     def _send_step(self, hidden: torch.Tensor, step: int, stats: StepStats, timeout_s: float,
                    draft: list[int] | tuple[int, ...] = (), seen: Sequence[int] = ()) -> tuple[int, int]:

@@ -107,6 +107,7 @@ class EdgeConfig:
     reductions_dir: Path | None = None  # projection files; None: partition.reduction default
     request_timeout_s: float = 30.0  # one cloud request, queueing included, before it is retried
     step_deadline_s: float = 60.0  # one step, retries and failovers included, before giving up
+    max_frame_mb: float = 8.0  # a longer prompt's activations go to the cloud in frames of at most this
     dynamic: bool = True  # with a planned split, move it when the link or the device changes
     adaptive_timeout: bool = True  # resend a decode step after ~one measured round trip, not request_timeout_s
     fallback_local: bool = True  # when the cloud is gone, load layers [k, N) here and carry on
@@ -150,6 +151,8 @@ class EdgeConfig:
             raise ValueError(f"cloud latency must be >= 0 seconds, got {self.cloud_latency_s}")
         if self.bandwidth_mbps is not None and self.bandwidth_mbps <= 0:
             raise ValueError(f"bandwidth must be > 0 Mbit/s, got {self.bandwidth_mbps}")
+        if not self.max_frame_mb > 0:
+            raise ValueError(f"--max-frame-mb must be > 0, got {self.max_frame_mb}")
         check_mini_options(self.mini_mode, self.mini_threshold, self.mini_max_draft)
         if self.mini_adapter is not None and self.mini != "self":
             raise ValueError(f"--mini-adapter is for --mini self, not --mini {self.mini}")

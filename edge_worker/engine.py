@@ -161,7 +161,7 @@ def make_client(config: EdgeConfig):
         api_key=config.api_key, broker=config.broker, keys_dir=config.keys_dir, encryption=config.encryption,
         wire_dtype=config.wire_dtype, request_timeout_s=config.request_timeout_s,
         step_deadline_s=config.step_deadline_s, link=link, curve=config.curve,
-        adaptive_timeout=config.adaptive_timeout,
+        adaptive_timeout=config.adaptive_timeout, max_frame_bytes=int(config.max_frame_mb * 2**20),
     )
 
 

@@ -328,10 +328,37 @@ def test_a_session_answers_only_the_client_that_opened_it_and_each_client_has_a_
         assert a.request("s1", "decode", MODEL, 2, 1).worker_id == "w1"
         # Two sessions each; a third opener is told the client is busy, with what to do.
         a.request("s2", "open", MODEL, 2, 0)
-        with pytest.raises(Busy, match="this client holds 2 sessions.*close finished ones"):
+        with pytest.raises(Busy, match="this client holds 2 sessions.*close finished ones") as busy:
             a.request("s3", "open", MODEL, 2, 0)
+        # The hint: when its first idle session expires (both are idle: about --session-idle).
+        idle_s = b.config.session_idle_s
+        assert idle_s - 5 < busy.value.retry_after_s <= idle_s
         assert intruder.request("t1", "open", MODEL, 2, 0).worker_id == "w1"  # its own quota
         a.request("s2", "close", MODEL, 2, 1)
         assert a.request("s3", "open", MODEL, 2, 0).worker_id == "w1"
         st = a.status()
         assert st["counters"]["client_quota_refused"] == 1 and st["counters"]["auth_refused_sessions"] == 3
+
+
+def test_a_request_over_the_size_limit_is_refused_and_a_client_past_its_bytes_in_flight_is_told_when_to_retry() -> None:
+    mib = 1 << 20
+    with running_broker(max_request_bytes=2 * mib, max_client_bytes=3 * mib) as b, \
+            echo_workers(b.endpoint, "w1") as (w,), client(b.endpoint) as big, client(b.endpoint) as other:
+        with pytest.raises(ProtocolError, match="too_large.*--max-request-mb.*--max-frame-mb"):
+            big.request("s1", "open", MODEL, 2, 0, [b"x" * (2 * mib + 1)])
+        big.request("s1", "open", MODEL, 2, 0)
+        other.request("o1", "open", MODEL, 2, 0)
+        w.gate.clear()  # the worker holds what it gets: the bytes stay in flight
+        held = [big.submit("s1", "decode", MODEL, 2, i, [b"x" * (1 * mib + 1)], timeout_s=10) for i in (1, 2)]
+        with pytest.raises(Busy, match="this client has 2.0 MiB of requests in flight.*--max-client-mb") as busy:
+            big.request("s1", "decode", MODEL, 2, 3, [b"x" * (1 * mib + 1)], timeout_s=10)
+        assert busy.value.retry_after_s > 0
+        # Another client's share is its own.
+        rid = other.submit("o1", "decode", MODEL, 2, 1, [b"y" * (2 * mib)], timeout_s=10)
+        w.gate.set()
+        assert [big.result(r).worker_id for r in held] == ["w1", "w1"]
+        assert other.result(rid).worker_id == "w1"
+        # Answered, the bytes are free again.
+        assert big.request("s1", "decode", MODEL, 2, 3, [b"x" * (2 * mib)]).worker_id == "w1"
+        st = big.status()
+    assert st["counters"]["too_large_refused"] == 1 and st["counters"]["client_bytes_refused"] == 1

@@ -309,13 +309,28 @@ def test_a_conversation_without_a_chat_template_encodes_as_the_cli_prompt(tiny_l
 class _Connection:
     """Records the kinds of requests a CloudSession sends; its opener raises ``on_open``."""
 
+    broker_gone = ""
+
     def __init__(self, on_open: BaseException) -> None:
+        from types import SimpleNamespace
+
         self.on_open, self.kinds = on_open, []
+        self.config = SimpleNamespace(reply_grace_s=0.1)
 
     def request(self, session_id, kind, *args, **kwargs):
         self.kinds.append(kind)
         if kind == "open":
             raise self.on_open
+
+    def submit(self, session_id, kind, *args, **kwargs):
+        self.kinds.append(kind)
+        return f"r{len(self.kinds)}"
+
+    def wait_any(self, rids, timeout_s):
+        return rids[0]
+
+    def result(self, rid):
+        return None
 
 
 @pytest.mark.parametrize("interruption, closed", [(KeyboardInterrupt(), True), (None, False)])

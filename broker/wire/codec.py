@@ -64,6 +64,13 @@ MAX_TENSOR_DIMS = 8
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
 
+def row_bytes_bound(width: int, wire_dtype: str) -> int:
+    """At most how many bytes one row of ``width`` values takes on the wire in ``wire_dtype``
+    (int8's outlier channels and scales stay below fp16's two bytes a value)."""
+    itemsize = 2 if wire_dtype == "int8" else WIRE_DTYPES[wire_dtype][1].itemsize
+    return width * itemsize
+
+
 def encode_tensor(t: torch.Tensor, wire_dtype: str = "fp16") -> tuple[dict[str, Any], memoryview]:
     """Return ``(meta, data)`` for ``t`` converted to ``wire_dtype``.
 
