@@ -539,7 +539,7 @@ class Broker:
             if not self._pin(req, session, now):
                 return
         w = self._workers.get(session.worker_id) if session.worker_id else None
-        if w is not None and w.busy_slots() < self._slots(w) and session.queued == 0:
+        if w is not None and self._has_room(w, req) and session.queued == 0:
             self._dispatch(req, w, now)
             return
         if len(self._queue) >= self.config.max_queue:
@@ -558,6 +558,14 @@ class Broker:
     def _slots(self, w: WorkerState) -> int:
         """Attempts ``w`` may hold at once: enough to fill the batch it computes together."""
         return max(self.config.worker_max_in_flight, w.max_batch)
+
+    def _has_room(self, w: WorkerState, req: PendingRequest) -> bool:
+        """Whether ``req`` may go to ``w`` now: a slot is free, and the bodies on their way to it
+        stay under ``worker_max_in_flight_bytes`` (one request always may go), so the broker's
+        heartbeats to ``w`` never queue behind more than that."""
+        if w.busy_slots() >= self._slots(w):
+            return False
+        return not w.in_flight or sum(w.in_flight.values()) + req.nbytes <= self.config.worker_max_in_flight_bytes
 
     def _pin(self, req: PendingRequest, session: SessionState, now: float) -> bool:
         """Choose a worker for a new session; False if ``req`` was answered instead of pinned.
@@ -601,7 +609,7 @@ class Broker:
         self._unqueue(req, remove=False)
         req.attempt += 1
         req.worker_id = w.worker_id
-        w.in_flight[req.request_id] = None
+        w.in_flight[req.request_id] = req.nbytes
         r = req.request
         msg = p.Dispatch(request_id=r.request_id, session_id=r.session_id, model_id=r.model_id, step=r.step,
                          attempt=req.attempt, kind=r.kind, deadline_ms=max(0, int((req.deadline - now) * 1000)),
@@ -643,7 +651,7 @@ class Broker:
                 if not self._pin(req, session, now):
                     continue
             w = self._workers.get(session.worker_id) if session.worker_id else None
-            if sid in blocked or w is None or w.busy_slots() >= self._slots(w):
+            if sid in blocked or w is None or not self._has_room(w, req):
                 blocked.add(sid)
                 keep.append(req)
                 continue

@@ -95,6 +95,7 @@ class BrokerClient:
         self._poller = zmq.Poller()
         self._waiting: dict[RequestId, float] = {}  # request id -> give-up time
         self._done: dict[RequestId, Outcome] = {}
+        self._patient: set[RequestId] = set()  # waiting pings and status queries (see _send)
         self.stale_replies = 0
         self._connect()
 
@@ -115,8 +116,8 @@ class BrokerClient:
         self._sock = None
 
     def _reset(self, reason: str, gone: bool = False) -> None:
-        """Drop the socket and everything in flight on it (messages libzmq still queues for a
-        reconnection included: their callers hear they failed); reconnect."""
+        """Drop the socket and everything in flight on it (and what libzmq still queues for a
+        reconnection: its callers hear it failed); reconnect."""
         logger.warning("resetting connection to broker %s: %s", self.endpoint, reason)
         if self._handshake is not None and not gone:
             self._handshake.poll()
@@ -125,6 +126,7 @@ class BrokerClient:
         for rid in self._waiting:
             self._done[rid] = BrokerUnavailable(self.endpoint, reason, gone=gone)
         self._waiting.clear()
+        self._patient.clear()
         self._close_socket()
         self._connect()
 
@@ -206,7 +208,7 @@ class BrokerClient:
         """Round-trip time to the broker in seconds; BrokerUnavailable if none within ``timeout_s``."""
         rid = new_request_id()
         start = time.perf_counter()
-        self._send(rid, p.encode(p.Ping(request_id=rid)), timeout_s, grace=False)
+        self._send(rid, p.encode(p.Ping(request_id=rid)), timeout_s, grace=False, patient=True)
         out = self._wait(rid)
         if isinstance(out, EdgeCloudError):
             raise out
@@ -215,7 +217,8 @@ class BrokerClient:
     def status(self, timeout_s: float = 5.0) -> dict[str, Any]:
         """The broker's status map (see Broker.status)."""
         rid = new_request_id()
-        self._send(rid, p.encode(p.Status(request_id=rid, api_key=self.api_key)), timeout_s, grace=False)
+        self._send(rid, p.encode(p.Status(request_id=rid, api_key=self.api_key)), timeout_s, grace=False,
+                   patient=True)
         out = self._wait(rid)
         if isinstance(out, EdgeCloudError):
             raise out
@@ -248,31 +251,39 @@ class BrokerClient:
         self._handshake.poll()
         return self._handshake.gone
 
-    def _send(self, rid: RequestId, frames: list[Any], timeout_s: float, grace: bool = True) -> None:
+    def _send(self, rid: RequestId, frames: list[Any], timeout_s: float, grace: bool = True,
+              patient: bool = False) -> None:
+        """Send a message. When the broker is known gone (it closed the connection, or nothing
+        accepts connections) a request waits ``reconnect_wait_s`` for a reconnection and then
+        fails with BrokerUnavailable(gone=True); a ``patient`` one (a ping, a status query) waits
+        its whole budget for the broker to come up."""
         if self._sock is None:
             raise BrokerUnavailable(self.endpoint, "client is closed", gone=True)
-        give_up = time.monotonic() + timeout_s + (self.config.reply_grace_s if grace else 0.0)
-        gone = self._reconnected(min(give_up, time.monotonic() + self.config.reconnect_wait_s))
+        now = time.monotonic()
+        give_up = now + timeout_s + (self.config.reply_grace_s if grace else 0.0)
         if self._handshake is not None and self._handshake.refused:
             # Refused at the last handshake: try a fresh one (the key may be allowed again); if it
             # is refused too, the monitor says so while this request waits.
             self._close_socket()
             self._connect()
-        elif gone:
-            raise BrokerUnavailable(self.endpoint, gone, gone=True)
+        elif not patient:
+            gone = self._reconnected(min(give_up, now + self.config.reconnect_wait_s))
+            if gone:
+                raise BrokerUnavailable(self.endpoint, gone, gone=True)
         try:
             send_frames(self._sock, frames)
         except zmq.Again as exc:
-            # Nothing connected yet (DEALER has no peer) or the pipe is full: wait for room, unless
-            # the socket's monitor says the broker refuses connections or closed ours.
+            # The pipe is full: wait for room, unless the socket's monitor says the broker is gone.
             while not self._sock.poll(0, zmq.POLLOUT):
                 gone = self.broker_gone
-                if gone or time.monotonic() >= give_up:
+                if (gone and not patient) or time.monotonic() >= give_up:
                     self._reset("could not send")
                     raise BrokerUnavailable(self.endpoint, gone or "could not send the request",
                                             gone=bool(gone)) from exc
                 self._receive(poll_timeout_ms(give_up, cap_s=0.05))
             send_frames(self._sock, frames)
+        if patient:
+            self._patient.add(rid)
         self._waiting[rid] = give_up
 
     def _wait(self, rid: RequestId) -> Outcome:
@@ -285,6 +296,7 @@ class BrokerClient:
                 self._reset(f"no answer to request {rid}")
                 break
             self._receive(poll_timeout_ms(give_up, now))
+        self._patient.discard(rid)
         return self._done.pop(rid)
 
     def _receive(self, timeout_ms: int) -> None:
@@ -339,7 +351,9 @@ class BrokerClient:
         with BrokerUnavailable now: the answers cannot come, and a restarted broker knows none
         of those requests."""
         gone = self.broker_gone
-        if gone and self._waiting:
+        if gone and any(rid not in self._patient for rid in self._waiting):
+            # A reset also drops what libzmq still queues for a reconnection: a request its caller
+            # heard fail must not reach a restarted broker behind its back.
             self._reset(gone, gone=True)
 
     def _file(self, msg: p.Message) -> None:

@@ -14,6 +14,7 @@ __all__ = [
     "ProtocolError",
     "AuthError",
     "CryptoError",
+    "ReplayedFrame",
     "ConfigError",
     "UnknownReduction",
     "BrokerUnavailable",
@@ -69,6 +70,16 @@ class CryptoError(EdgeCloudError):
     """Ciphertext failed authentication, was replayed, or a worker key is untrusted."""
 
     code = "crypto"
+
+
+class ReplayedFrame(CryptoError):
+    """A sealed message arrived a second time (its sequence number was seen): refused unopened.
+
+    Retryable for the edge that sealed it: when a copy of its own frame (a replay by someone who
+    saw it on the wire) got there first, a freshly sealed copy is run as a retry of that step."""
+
+    code = "replayed"
+    retryable = True
 
 
 class ConfigError(EdgeCloudError):
@@ -178,6 +189,7 @@ _BY_CODE: dict[str, type[EdgeCloudError]] = {
         ProtocolError,
         AuthError,
         CryptoError,
+        ReplayedFrame,
         ConfigError,
         UnknownReduction,
         BrokerUnavailable,

@@ -36,7 +36,7 @@ class WorkerState:
     last_seen: float
     sessions: set[SessionId] = field(default_factory=set)
     # request id -> None; a dict keeps dispatch order for fair failover
-    in_flight: dict[RequestId, None] = field(default_factory=dict)
+    in_flight: dict[RequestId, int] = field(default_factory=dict)  # request id -> its body bytes
     # timed-out attempts the worker may still be computing: request id -> forget-at time
     abandoned: dict[RequestId, float] = field(default_factory=dict)
     reported_sessions: int = 0

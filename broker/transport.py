@@ -366,6 +366,7 @@ class HandshakeWatch:
         # Why the broker is known to be unreachable now ("" while connected, or not known yet):
         # it closed the connection, or a connection attempt was refused. Cleared by a handshake.
         self.gone = ""
+        self.connected_once = False  # a handshake has succeeded on this socket
 
     def poll(self) -> None:
         """Read pending events (never blocks)."""
@@ -377,6 +378,7 @@ class HandshakeWatch:
             event = ev["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.refused, self.failure, self.gone = False, "", ""
+                self.connected_once = True
             elif event == zmq.EVENT_DISCONNECTED:  # after a failed handshake, that failure says why
                 self.gone = self.failure or "the broker closed the connection"
             elif event == zmq.EVENT_CONNECT_RETRIED:  # keeps the first reason while it lasts
@@ -384,8 +386,12 @@ class HandshakeWatch:
             elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 self.refused = True
                 self.failure = f"the broker refused this key (status {ev['value']})"
-            elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and ev["value"] in _CONNECTION_ERRNOS:
-                continue  # the connection broke mid-handshake (a broker dying): not a key problem
+            elif (event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and ev["value"] in _CONNECTION_ERRNOS
+                  and self.connected_once):
+                # The connection broke mid-handshake after this socket had been served: a broker
+                # dying or restarting, not a key problem. (Never served, the same reset is what
+                # a mechanism the broker refuses looks like.)
+                continue
             elif self.curve:
                 self.failure = ("the CURVE handshake failed (the broker runs without CURVE, or its public key "
                                 "is not the one in the keys directory)")  # fmt: skip

@@ -362,3 +362,21 @@ def test_a_request_over_the_size_limit_is_refused_and_a_client_past_its_bytes_in
         assert big.request("s1", "decode", MODEL, 2, 3, [b"x" * (2 * mib)]).worker_id == "w1"
         st = big.status()
     assert st["counters"]["too_large_refused"] == 1 and st["counters"]["client_bytes_refused"] == 1
+
+
+def test_the_bodies_on_their_way_to_a_worker_stay_under_its_byte_cap_and_the_rest_waits_at_the_broker() -> None:
+    mib = 1 << 20
+    with running_broker(worker_max_in_flight_bytes=2 * mib) as b, echo_workers(b.endpoint, "w1") as (w,), \
+            client(b.endpoint) as c:
+        for sid in ("a", "b", "c", "d"):
+            c.request(sid, "open", MODEL, 2, 0)
+        w.gate.clear()
+        held = [c.submit(sid, "decode", MODEL, 2, 1, [b"x" * mib], timeout_s=10) for sid in ("a", "b", "c")]
+        wait_until(lambda: c.status()["workers"][0]["in_flight"] == 2, what="two bodies in flight")
+        time.sleep(0.2)
+        st = c.status()
+        assert st["workers"][0]["in_flight"] == 2 and st["queue_depth"] == 1  # the third waits here
+        w.gate.set()
+        assert [c.result(r).worker_id for r in held] == ["w1"] * 3
+        # One body over the cap still goes, alone: nothing else is on its way.
+        assert c.request("d", "decode", MODEL, 2, 1, [b"y" * (3 * mib)]).worker_id == "w1"

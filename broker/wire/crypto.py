@@ -45,7 +45,7 @@ import nacl.exceptions
 import nacl.hash
 from nacl.encoding import RawEncoder
 
-from broker.errors import ConfigError, CryptoError
+from broker.errors import ConfigError, CryptoError, ReplayedFrame
 
 logger = logging.getLogger(__name__)
 
@@ -340,7 +340,7 @@ class SessionCipher:
         if seq == 0:
             raise CryptoError("sequence number 0 is never sent")
         if self._is_replay(seq):
-            raise CryptoError("replayed frame")
+            raise ReplayedFrame("replayed frame")
         out = []
         for i, (prefix, (fseq, idx, fcount), buf) in enumerate(parsed):
             if (fseq, idx, fcount) != (seq, i, count):
