@@ -21,6 +21,7 @@ import asyncio
 import importlib.resources
 import json
 import logging
+import math
 import secrets
 import threading
 import time
@@ -141,8 +142,10 @@ def engine_error(exc: BaseException) -> APIError:
     if isinstance(exc, ContextLengthError):
         return APIError(400, str(exc), param="messages", code="context_length_exceeded")
     if isinstance(exc, EdgeCloudError):  # the cloud could not serve it and the fallback is off
+        retry_after_s = getattr(exc, "retry_after_s", 0.0)  # a busy answer's hint, passed on
+        headers = {"Retry-After": str(math.ceil(retry_after_s))} if retry_after_s > 0 else None
         return APIError(503, f"the cloud could not serve this request: {exc}", type="service_unavailable",
-                        code=getattr(exc, "code", None))
+                        code=getattr(exc, "code", None), headers=headers)
     if isinstance(exc, ValueError):
         return APIError(400, str(exc))
     log.error("generation failed", exc_info=exc)

@@ -261,3 +261,13 @@ def test_token_ids_outside_the_vocabulary_are_a_400_on_the_prompt(api, engine):
     r = api.post("/v1/completions", headers=AUTH, json={"model": MODEL, "prompt": [1, vocab, 2], "max_tokens": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
     assert f"[0, {vocab})" in r.json()["error"]["message"]
+
+
+def test_a_busy_cloud_is_a_503_that_passes_on_its_retry_hint():
+    from broker.errors import Busy, WorkerLost
+    from edge_worker.openai_api import engine_error
+
+    busy = engine_error(Busy("this client holds 32 sessions", retry_after_s=2.2))
+    assert (busy.status, busy.headers) == (503, {"Retry-After": "3"})
+    assert "32 sessions" in busy.body()["error"]["message"] and busy.body()["error"]["code"] == "busy"
+    assert engine_error(WorkerLost("gone")).headers == {}
