@@ -7,7 +7,7 @@ A DEALER sends a frame of N MiB and, right behind it, a 20-byte message (a heart
 ROUTER on loopback, with the project's socket settings; both are timed from the send to their
 arrival. Figures are medians of --repeats runs, side by side in one process.
 
-    .venv/bin/python bench/bench_frames.py [--sizes 1,8,32,128] [--repeats 5]
+    .venv/bin/python bench/bench_frames.py [--sizes 1,8,32,100] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def measure(dealer: zmq.Socket, router: zmq.Socket, mib: int) -> tuple[float, fl
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", default="1,8,32,128", help="frame sizes in MiB")
+    ap.add_argument("--sizes", default="1,8,32,100", help="frame sizes in MiB")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]

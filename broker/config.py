@@ -27,7 +27,7 @@ class BrokerConfig:
     # Attempts outstanding per worker (at least its max_batch); more would hide load from placement.
     worker_max_in_flight: int = 8
     # Body bytes dispatched to one worker and not yet answered (one request always goes): what its
-    # heartbeats from the broker can queue behind, 0.3 s of CURVE at ~230 MiB/s. The rest waits here.
+    # heartbeats from the broker can queue behind, 0.2-0.3 s of CURVE (bench_frames.py). The rest waits here.
     worker_max_in_flight_bytes: int = 64 << 20
     default_deadline_s: float = 30.0  # budget of a request that names none (deadline_ms == 0)
     max_deadline_s: float = 600.0  # cap on a client's budget: a long CPU prefill fits, a leak does not
