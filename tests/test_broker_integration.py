@@ -372,10 +372,9 @@ def test_the_bodies_on_their_way_to_a_worker_stay_under_its_byte_cap_and_the_res
             c.request(sid, "open", MODEL, 2, 0)
         w.gate.clear()
         held = [c.submit(sid, "decode", MODEL, 2, 1, [b"x" * mib], timeout_s=10) for sid in ("a", "b", "c")]
-        wait_until(lambda: c.status()["workers"][0]["in_flight"] == 2, what="two bodies in flight")
-        time.sleep(0.2)
-        st = c.status()
-        assert st["workers"][0]["in_flight"] == 2 and st["queue_depth"] == 1  # the third waits here
+        # Dispatch happens as a request arrives: once all three are in, two went and the third waits.
+        wait_until(lambda: (lambda st: (st["workers"][0]["in_flight"], st["queue_depth"]))(c.status()) == (2, 1),
+                   what="two bodies in flight and the third queued at the broker")
         w.gate.set()
         assert [c.result(r).worker_id for r in held] == ["w1"] * 3
         # One body over the cap still goes, alone: nothing else is on its way.

@@ -9,7 +9,6 @@ client's bodies (beyond: busy, with a retry hint); edges send a long prompt in f
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -78,6 +77,7 @@ def test_a_client_sending_huge_frames_slows_only_itself():
             outcomes: dict[str, int] = {"too_large": 0, "busy": 0, "refused by the worker": 0}
             busy_hints: list[float] = []
             stop = threading.Event()
+            started = threading.Event()  # the first junk is on its way
 
             def flood() -> None:
                 # Bodies just under the broker's 32 MiB limit, as many at once as it lets through,
@@ -89,6 +89,7 @@ def test_a_client_sending_huge_frames_slows_only_itself():
                     for size in sizes:
                         try:
                             rids.append(flooder.submit(sid, "step", model_id, 1, step, [bytes(size)], timeout_s=30))
+                            started.set()
                         except EdgeCloudError:
                             pass
                         step += 1
@@ -105,7 +106,7 @@ def test_a_client_sending_huge_frames_slows_only_itself():
 
             flooding = threading.Thread(target=flood)
             flooding.start()
-            time.sleep(1.0)
+            assert started.wait(60), "the flood never started"
             try:
                 attacked = engine.generate([5, 6, 7, 8], params)
             finally:

@@ -90,18 +90,23 @@ def test_with_a_fallback_the_edge_goes_local_as_soon_as_the_broker_is_gone():
                               api_key=key, max_new_tokens=300, dynamic=False)
         stamps: list[float] = []
         killed: list[float] = []
+        decoding = threading.Event()
+
+        def on_text(_: str) -> None:
+            stamps.append(time.monotonic())
+            if len(stamps) >= 40:
+                decoding.set()
 
         def kill_when_decoding() -> None:
-            while len(stamps) < 40:
-                time.sleep(0.01)
-            killed.append(time.monotonic())
-            cluster.kill(cluster.broker)
+            if decoding.wait(120):
+                killed.append(time.monotonic())
+                cluster.kill(cluster.broker)
 
         with EdgeEngine("tiny-llama", settings) as engine:
             params = engine.params(ignore_eos=True)
             killer = threading.Thread(target=kill_when_decoding)
             killer.start()
-            result = engine.generate(PROMPT, params, on_text=lambda _: stamps.append(time.monotonic()))
+            result = engine.generate(PROMPT, params, on_text=on_text)
             killer.join()
         with EdgeEngine("tiny-llama", EdgeConfig(model="tiny-llama", force_local=True)) as local:
             alone = local.generate(PROMPT, local.params(max_new_tokens=300, ignore_eos=True))
@@ -115,9 +120,9 @@ def test_with_no_broker_listening_the_cli_fails_by_its_deadline_or_goes_local_at
         out = cluster.edge("--split", "1", "--tokens", "4", "--json", "--raw-prompt", "--prompt", "Hi",
                            "--no-fallback", "--deadline", str(DEADLINE_S))
         assert out.returncode == 1 and "nothing accepts connections" in out.stderr, out.stderr[-2000:]
-        t0 = time.monotonic()
         fell_back = cluster.edge("--split", "1", "--tokens", "4", "--json", "--raw-prompt", "--prompt", "Hi")
-        elapsed = time.monotonic() - t0
     assert fell_back.returncode == 0, fell_back.stderr[-2000:]
-    assert json.loads(fell_back.stdout)["fallback_at_step"] == 0
-    assert elapsed < 40, elapsed  # the process and its model load, not the 60 s step deadline
+    result = json.loads(fell_back.stdout)
+    assert result["fallback_at_step"] == 0
+    # From the generation's start, not the process's: far from the 60 s step deadline it used to wait.
+    assert result["total_ms"] < 30_000, result["total_ms"]
