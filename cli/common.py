@@ -114,10 +114,11 @@ def interrupt_on_signals() -> None:
 
 # The mini-LLM options, shared by `edge` and `demo`.
 MiniOpt = Annotated[str, typer.Option(
-    "--mini", help="Drafter for easy tokens: none, self (early exit from the edge's layers), lookup "
-    "(prompt lookup) or a small model sharing the tokenizer.")]
-MiniThresholdOpt = Annotated[float, typer.Option(
-    "--mini-threshold", help="Drafter confidence below which a token is hard and drafting stops.")]
+    "--mini", help="Drafter for easy tokens: none, int8 (an int8 copy of the cloud's layers on the edge), self "
+    "(early exit from the edge's layers), lookup (prompt lookup) or a small model sharing the tokenizer.")]
+MiniThresholdOpt = Annotated[float | None, typer.Option(
+    "--mini-threshold", help="Drafter confidence below which a token is hard and drafting stops (default 0.5; "
+    "0 for --mini int8 in verify mode).")]
 MiniModeOpt = Annotated[str, typer.Option(
     "--mini-mode", help="verify: the main model checks every draft (output unchanged); trust: confident "
     "drafts are emitted without waiting for the cloud.")]

@@ -20,11 +20,11 @@ DEFAULT_MEMORY_WEIGHT = 0.3
 MINI_MODES = ("verify", "trust")
 
 
-def check_mini_options(mode: str, threshold: float, max_draft: int) -> None:
+def check_mini_options(mode: str, threshold: float | None, max_draft: int) -> None:
     """The mini-LLM settings every entry point accepts (CLI config, handler, generation loop)."""
     if mode not in MINI_MODES:
         raise ValueError(f"mini mode must be one of {', '.join(MINI_MODES)}, got {mode!r}")
-    if not 0.0 <= threshold <= 1.0:
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ValueError(f"mini threshold must be in [0, 1], got {threshold}")
     if not 1 <= max_draft <= MAX_DRAFT_TOKENS:
         raise ValueError(f"draft length must be in 1..{MAX_DRAFT_TOKENS}, got {max_draft}")
@@ -117,7 +117,9 @@ class EdgeConfig:
     # The mini-LLM: "none", "self" (early exit from the edge's layers), "lookup" (prompt lookup)
     # or a model name/path sharing the main model's tokenizer.
     mini: str = "none"
-    mini_threshold: float = 0.5  # drafter confidence below which a token is hard: stop drafting
+    # Drafter confidence below which a token is hard: stop drafting. None: the drafter's own
+    # (0.5; 0 for the int8 copy in verify mode, which is right about as often when unsure).
+    mini_threshold: float | None = None
     mini_mode: str = "verify"  # verify: the main model checks every draft; trust: confident drafts go out
     mini_max_draft: int = 8  # most tokens drafted per round trip (the controller may use fewer)
     mini_adaptive: bool = True  # False: always draft mini_max_draft tokens (measurements)

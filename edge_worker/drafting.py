@@ -1,6 +1,6 @@
 """Drafters: cheap guesses of the next tokens, made on the device, checked by the main model.
 
-Three kinds, all proposing greedy drafts with a confidence (the drafter's probability of its own
+Four kinds, all proposing greedy drafts with a confidence (the drafter's probability of its own
 guess; prompt lookup has none and reports 1.0):
 
 * ``SelfDrafter``: the edge's own layers ``[0, k)`` followed by the final norm and the LM head
@@ -10,6 +10,8 @@ guess; prompt lookup has none and reports 1.0):
 * ``LookupDrafter``: prompt lookup, i.e. the tokens that followed the most recent earlier
   occurrence of the context's last n-gram. Nearly free; strong when the answer repeats the
   prompt or itself.
+* ``CopyDrafter``: an int8 copy of the cloud's layers and head, run on the edge's exact boundary
+  activations: the whole model, approximately, on the device.
 * ``ModelDrafter``: any small causal LM that shares the main model's tokenizer, with its own
   KV cache kept in step with the committed tokens.
 
@@ -158,6 +160,87 @@ class SelfDrafter:
             found = self.lookup.propose(context, 1, 0.0)
             if found:
                 return found[0]
+        return self.next_from_hidden(hidden)
+
+
+# --- an int8 copy of the cloud's layers ---------------------------------------------------------
+
+
+class CopyDrafter:
+    """The cloud's layers ``[k, N)`` and the head as an int8 copy on the edge
+    (``partition/quantize.py``), fed the exact boundary activations the edge's own layers compute
+    for every position: the whole model, approximately, on the device. Its greedy token is the
+    model's at 98.4% of positions on SmolLM2 at split 15; the cloud's verification makes the
+    output exact.
+
+    The generation loop hands it every boundary activation the edge computes (``observe``) and
+    asks for the next token after the newest one (``guess``). The copy runs the positions it has
+    not run yet in one pass, with a KV cache of its own that follows the edge's: a position the
+    edge computes again (after a rejected guess) replaces the old one from there on."""
+
+    name = "int8"
+    incremental = True
+
+    def __init__(self, segment: Any) -> None:
+        self.segment = segment  # a quantized ModelSegment [k, N) with the head, shared between generations
+        self.reset([])
+
+    def reset(self, prompt: list[int]) -> None:
+        self.cache = self.segment.new_cache()
+        self.rows: list[torch.Tensor] = []  # observed activations (T_i, H) the copy has not run yet
+        self.known = 0  # positions observed: those in the cache and those in rows
+        self.logits: torch.Tensor | None = None  # the newest position's, once run
+        self.lost = False  # it missed positions: no guesses until the next reset
+
+    def observe(self, hidden: torch.Tensor, start: int) -> None:
+        """The edge computed the boundary activations ``hidden`` (1, T, H) of positions ``start ..
+        start + T`` (those from ``start`` on replace any it had)."""
+        if start > self.known:
+            if not self.lost:
+                log.warning("the int8 drafter missed positions %d..%d: it stops guessing for this generation",
+                            self.known, start)
+            self.lost = True
+            return
+        if start < self.known:
+            self._crop(start)
+        self.rows.append(hidden[0].detach())
+        self.known += hidden.shape[1]
+        self.logits = None
+
+    def _crop(self, length: int) -> None:
+        if length >= self.cache.length:
+            keep, kept = length - self.cache.length, []
+            for row in self.rows:
+                if keep <= 0:
+                    break
+                kept.append(row[:keep])
+                keep -= row.shape[0]
+            self.rows = kept
+        else:
+            self.cache.crop(length)
+            self.rows = []
+        self.known = length
+        self.logits = None
+
+    def _newest_logits(self) -> torch.Tensor:
+        if self.rows:
+            rows = torch.cat(self.rows) if len(self.rows) > 1 else self.rows[0]
+            self.rows = []
+            self.logits = self.segment(rows.unsqueeze(0), self.cache, logits="last").logits[0, -1]
+        assert self.logits is not None
+        return self.logits
+
+    @torch.inference_mode()
+    def next_from_hidden(self, hidden: torch.Tensor) -> tuple[int, float]:
+        """The next token after the newest observed position (``hidden`` is its activation,
+        already observed)."""
+        if self.lost or not self.known:
+            return 0, 0.0  # no confidence: drafting stops
+        return _top1(self._newest_logits())
+
+    def guess(self, context: list[int], hidden: torch.Tensor) -> tuple[int, float] | None:
+        if self.lost or self.known != len(context):
+            return None
         return self.next_from_hidden(hidden)
 
 
@@ -415,7 +498,7 @@ class DraftController:
 class MiniSettings:
     """What the generation loop needs from a ``MiniLLMHandler``: the drafter and how to use it."""
 
-    drafter: SelfDrafter | LookupDrafter | ModelDrafter
+    drafter: SelfDrafter | LookupDrafter | ModelDrafter | CopyDrafter
     mode: str = "verify"
     threshold: float = 0.5
     max_draft: int = 8

@@ -238,7 +238,6 @@ class EdgeGenerator:
                         cache = self._move_split(new_k, committed, sampling, result)
                         mini = self.mini
                         if mini is not None:
-                            mini.drafter.reset(list(committed))
                             if controller is None:
                                 controller = DraftController(max_tokens=mini.max_draft)
                 pipelined = mini is not None and mini.pipelined and getattr(self.backend, "pipelines", False)
@@ -251,7 +250,7 @@ class EdgeGenerator:
                     x = torch.tensor([[last]], dtype=torch.long)
                     continue
                 t0 = time.perf_counter()
-                out = self.edge(x, cache, logits="last" if self.backend is None else "none")
+                out = self._run_edge(x, cache, logits="last" if self.backend is None else "none")
                 base_ms = (time.perf_counter() - t0) * 1e3
                 drafts: list[int] = []
                 parts = [out.hidden]
@@ -349,6 +348,9 @@ class EdgeGenerator:
             backend.prime(out.hidden)
         self.edge, self.backend = edge, backend
         self.mini = self.mover.mini_for(k, edge) if backend is not None else None
+        if self.mini is not None:
+            self.mini.drafter.reset(list(committed))
+            self._observed(out.hidden, 0)
         rebuild_ms = (time.perf_counter() - t0) * 1e3
         result.timings.edge_compute_ms += rebuild_ms
         result.splits_used.append(k)
@@ -382,7 +384,7 @@ class EdgeGenerator:
         depth = controller.pipeline_depth() if mini.adaptive else mini.max_draft
         t0 = time.perf_counter()
         had = len(result.token_ids)
-        out = self.edge(x, cache, logits="none")
+        out = self._run_edge(x, cache)
         base_ms = (time.perf_counter() - t0) * 1e3
         timings.edge_compute_ms += base_ms
         if x.shape[1] == 1:
@@ -407,7 +409,7 @@ class EdgeGenerator:
                         drafting = False
                         break
                     token = guess[0]
-                    out = self.edge(torch.tensor([[token]], dtype=torch.long), cache, logits="none")
+                    out = self._run_edge(torch.tensor([[token]], dtype=torch.long), cache)
                     h = out.hidden[0, -1]
                     guessed = [f.first for f in list(inflight)[1:]]
                     inflight.append(backend.submit(out.hidden, next_step, cache.length - 1, token,
@@ -471,6 +473,19 @@ class EdgeGenerator:
                 backend.discard(list(inflight))
             controller.record_cycle(drafted, (time.perf_counter() - t0) * 1e3, len(result.token_ids) - had)
 
+    def _run_edge(self, x: torch.Tensor, cache: SegmentKVCache, logits: str = "none"):
+        """The edge's layers on new positions; a drafter that follows every position (the int8
+        copy of the cloud's layers) is shown their boundary activations."""
+        start = cache.length
+        out = self.edge(x, cache, logits=logits)
+        self._observed(out.hidden, start)
+        return out
+
+    def _observed(self, hidden: torch.Tensor, start: int) -> None:
+        observe = getattr(self.mini.drafter, "observe", None) if self.mini is not None else None
+        if observe is not None:
+            observe(hidden, start)
+
     def _draft(self, mini: MiniSettings, committed: list[int], parts: list[torch.Tensor], cache,
                n_max: int) -> list[int]:
         """Guess up to ``n_max`` tokens after ``committed``; run the edge layers on them (appending
@@ -484,7 +499,7 @@ class EdgeGenerator:
                 if conf < mini.threshold:
                     break
                 drafts.append(token)
-                out = self.edge(torch.tensor([[token]], dtype=torch.long), cache, logits="none")
+                out = self._run_edge(torch.tensor([[token]], dtype=torch.long), cache)
                 parts.append(out.hidden)
                 h = out.hidden[0, -1]
                 if token in self.eos_token_ids:
@@ -495,7 +510,7 @@ class EdgeGenerator:
             if token in self.eos_token_ids:
                 break
         if drafts:
-            out = self.edge(torch.tensor([drafts], dtype=torch.long), cache, logits="none")
+            out = self._run_edge(torch.tensor([drafts], dtype=torch.long), cache)
             parts.append(out.hidden)
         return drafts
 

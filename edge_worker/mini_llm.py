@@ -6,10 +6,15 @@ model and split:
 * ``model=None`` or ``"self"``: early exit from the edge's own layers (the default; no second
   model), with the adapter ``edgecloud calibrate --drafter`` trained, when one exists;
 * ``"lookup"``: prompt lookup (n-gram matching against the context);
+* ``"int8"``: an int8 copy of the cloud's layers ``[k, N)`` and the head, made on the edge from
+  the model's own weights (``partition/quantize.py``; Llama-shaped models), run on the exact
+  activations of the edge's layers: nearly always right, at about a quarter of those layers'
+  float32 memory;
 * a model name or path (as for ``--model``), or a loaded transformers model: a separate small
   causal LM, which must share the main model's tokenizer.
 
-``threshold`` is the drafter's confidence below which a token counts as hard and drafting stops.
+``threshold`` is the drafter's confidence below which a token counts as hard and drafting stops
+(None: the drafter's own, ``default_threshold``).
 ``mode="verify"`` (default) has the main model check every draft, so the output is the main
 model's; ``mode="trust"`` emits confident drafts without waiting for the cloud.
 """
@@ -18,10 +23,12 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 from edge_worker.drafting import (
+    CopyDrafter,
     DrafterError,
     LookupDrafter,
     MiniSettings,
@@ -31,7 +38,10 @@ from edge_worker.drafting import (
     check_mini_options,
     load_adapter,
 )
+import torch
+
 from partition.models import ModelSource, source_of
+from partition.quantize import quantize_segment, segment_bytes
 from partition.segment import ModelSegment
 
 log = logging.getLogger(__name__)
@@ -48,6 +58,17 @@ class TokenizerMismatchError(DrafterError):
 _TOKENIZER_PROBES = ("Hello, world!", "  indented\n\ttext 12345", "café naïve", "边缘云", "🙂 ok")
 
 
+def quantized_copy(source: ModelSource, k: int) -> ModelSegment:
+    """Layers ``[k, N)`` and the head of ``source`` as int8 weights (about 0.3 s for SmolLM2's
+    layers 15-29 on the 2-core CPU, from its float32 weights)."""
+    t0 = time.perf_counter()
+    segment = quantize_segment(ModelSegment.load(source, k, source.n_layers, embed=False, head=True,
+                                                 dtype=torch.float32))
+    log.info("int8 drafter: layers [%d, %d) and the head quantized in %.2f s (%.0f MB)", k, source.n_layers,
+             time.perf_counter() - t0, segment_bytes(segment) / 1e6)
+    return segment
+
+
 def default_adapters_dir() -> Path:
     """``$EDGECLOUD_CACHE/drafters`` (default ``~/.cache/edgecloud/drafters``)."""
     root = os.environ.get("EDGECLOUD_CACHE")
@@ -55,14 +76,14 @@ def default_adapters_dir() -> Path:
 
 
 class MiniLLMHandler:
-    def __init__(self, model: Any = None, tokenizer: Any = None, threshold: float = DEFAULT_THRESHOLD,
+    def __init__(self, model: Any = None, tokenizer: Any = None, threshold: float | None = None,
                  main_tokenizer: Any = None, mode: str = "verify", max_draft: int = DEFAULT_MAX_DRAFT,
                  adapter: str | Path | None = None, use_adapter: bool = True, adaptive: bool = True,
                  pipeline: bool = True) -> None:
         check_mini_options(mode, threshold, max_draft)
         self.model = "self" if model is None else model
         self.tokenizer = tokenizer
-        self.threshold = threshold
+        self.threshold = threshold  # None: the drafter's own (default_threshold)
         self.mode = mode
         self.max_draft = max_draft
         self.adapter = Path(adapter) if adapter is not None else None
@@ -78,8 +99,17 @@ class MiniLLMHandler:
 
     @property
     def kind(self) -> str:
-        """``self``, ``lookup`` or ``model``."""
-        return self.model if self.model in ("self", "lookup") else "model"
+        """``self``, ``lookup``, ``int8`` or ``model``."""
+        return self.model if self.model in ("self", "lookup", "int8") else "model"
+
+    @property
+    def default_threshold(self) -> float:
+        """The confidence below which drafting stops: the one given, else the drafter's own. The
+        int8 copy's guesses are right nearly as often when it is unsure (93-96% below 0.5 on
+        SmolLM2 at split 15, against 97.4% overall), so in verify mode it always guesses."""
+        if self.threshold is not None:
+            return self.threshold
+        return 0.0 if self.kind == "int8" and self.mode == "verify" else DEFAULT_THRESHOLD
 
     @property
     def needs_edge_head(self) -> bool:
@@ -126,12 +156,17 @@ class MiniLLMHandler:
             drafter: Any = SelfDrafter(edge.norm, edge.lm_head, adapter, lookup=LookupDrafter(min_ngram=2))
         elif kind == "lookup":
             drafter = LookupDrafter()
+        elif kind == "int8":
+            key = ("int8", source.model_id, edge.spec.hi)
+            if key not in self._loaded:
+                self._loaded[key] = quantized_copy(source, edge.spec.hi)
+            drafter = CopyDrafter(self._loaded[key])
         else:
             if "model" not in self._loaded:
                 self._loaded["model"] = self._load_model(source, main_tokenizer)
             small, segment = self._loaded["model"]
             drafter = ModelDrafter(segment, label=small.name)
-        return MiniSettings(drafter, self.mode, self.threshold, self.max_draft, self.adaptive, self.pipeline)
+        return MiniSettings(drafter, self.mode, self.default_threshold, self.max_draft, self.adaptive, self.pipeline)
 
     def _load_model(self, source: ModelSource, main_tokenizer: Any) -> tuple[ModelSource, ModelSegment]:
         """The separate drafter model, checked against the main model's tokenizer."""

@@ -97,7 +97,9 @@ def _probe(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int]:
 def packed_linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     """``layer(x)`` for ``x`` (R, K) such that each row's result does not depend on R: with the
     row kernel (``partition/rowkernel.py``) where it runs, else in tiles of ``row_range`` rows
-    (fewer rows are padded with zeros)."""
+    (fewer rows are padded with zeros). An int8 copy (``partition/quantize.py``) computes its own."""
+    if getattr(layer, "qweight", None) is not None:
+        return layer(x)
     if rowkernel.usable(x, layer.weight):
         return rowkernel.linear(x, layer.weight, layer.bias)
     rows = x.shape[0]

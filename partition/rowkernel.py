@@ -1,4 +1,5 @@
-"""A float32 matrix product whose rows never depend on each other: the packed decode step's kernel.
+"""A float32 matrix product whose rows never depend on each other: the packed decode step's kernel
+(and its twin with int8 weights, for the edge's quantized copy of the cloud's layers).
 
 Batching decode steps pays off only if a row's numbers are the same whatever else is in the call
 (``partition/batching.py``). MKL gives that only within a range of row counts that share one of
@@ -96,6 +97,27 @@ def _self_test(fn) -> None:
                 raise RuntimeError(f"row {rows - 1} differs between a call of {rows} rows and one of 17")
 
 
+def _self_test_i8(fn) -> None:
+    """The int8 kernel against the product with its weights widened (close), and row by row."""
+    gen = torch.Generator().manual_seed(1)
+    for n, k in ((37, 29), (64, 576)):
+        q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+        scale = torch.rand(n, generator=gen) / 127
+        x = torch.randn(17, k, generator=gen)
+        out = _call_i8(fn, x, q, scale)
+        torch.testing.assert_close(out, torch.nn.functional.linear(x, q.float()) * scale, rtol=1e-4, atol=1e-4)
+        for rows in (1, 2, 5, 17):
+            if not torch.equal(_call_i8(fn, x[rows - 1:rows], q, scale)[0], out[rows - 1]):
+                raise RuntimeError(f"int8: row {rows - 1} differs between a call of {rows} rows and one of 17")
+
+
+def _call_i8(fn, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(x.shape[0], q.shape[0])
+    fn(x.data_ptr(), q.data_ptr(), scale.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], q.shape[0],
+       torch.get_num_threads())
+    return out
+
+
 def _call(fn, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x.shape[0], w.shape[0])
     fn(x.data_ptr(), w.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], w.shape[0], torch.get_num_threads())
@@ -124,7 +146,12 @@ def kernel():
                 fn = lib.rowdot
                 fn.restype = None
                 fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int]
+                fn8 = lib.rowdot_i8
+                fn8.restype = None
+                fn8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
                 _self_test(fn)
+                _self_test_i8(fn8)
+                _state["fn8"] = fn8
             except (OSError, RuntimeError, subprocess.SubprocessError, AssertionError) as exc:
                 fn, reason = None, f"it could not be built or failed its check: {exc}"
         if fn is None:
@@ -147,3 +174,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear(x, weight, bias)`` for ``x`` (R, K) with the row kernel (``usable`` first)."""
     out = _call(kernel(), x.contiguous(), weight)
     return out if bias is None else out.add_(bias)
+
+
+def usable_i8(x: torch.Tensor, qweight: torch.Tensor) -> bool:
+    return (x.dtype == torch.float32 and qweight.dtype == torch.int8 and x.device.type == "cpu"
+            and qweight.device.type == "cpu" and qweight.is_contiguous() and kernel() is not None)
+
+
+def linear_i8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x @ (qweight * scale[:, None]).T`` for ``x`` (R, K), int8 ``qweight`` (N, K) and float32
+    ``scale`` (N,), with the weights widened as they stream (``usable_i8`` first)."""
+    return _call_i8(_state["fn8"], x.contiguous(), qweight, scale.contiguous())

@@ -120,6 +120,7 @@ class ModelSegment(nn.Module):
         self.windows = [sliding_window_of(layer) for layer in self.layers]
         # Whether short frames of several sessions run packed (``partition.batching``).
         self.packable = packable(source.config)
+        self.quantized: str | None = None  # "int8": an approximate copy (partition/quantize.py)
         self._attention = attention_function(source.config) if self.packable else None
         if self.packable:
             for layer in self.layers:
@@ -234,7 +235,8 @@ class ModelSegment(nn.Module):
         outputs: list[SegmentOutput | None] = [None] * len(steps)
         packed = []
         for i, step in enumerate(steps):
-            if self.packable and step.x.shape[0] == 1 and step.x.shape[1] <= PACK_MAX_ROWS:
+            # A quantized copy has no float32 weights for transformers' layers: it always packs.
+            if self.packable and step.x.shape[0] == 1 and (step.x.shape[1] <= PACK_MAX_ROWS or self.quantized):
                 packed.append(i)
             else:
                 outputs[i] = self._forward_alone(step)

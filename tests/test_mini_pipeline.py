@@ -54,7 +54,7 @@ def api_key(cluster: LocalCluster) -> str:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("kind", ["self", "lookup", "tiny-gpt2", "tiny-llama"])
+@pytest.mark.parametrize("kind", ["self", "lookup", "tiny-gpt2", "tiny-llama", "int8"])
 @pytest.mark.parametrize("k", [1, 3])
 def test_pipelined_greedy_output_equals_plain_output(tiny_llama, kind, k):
     # Threshold 0 and 4 guesses in flight: most guesses of the random drafters are wrong, so
@@ -71,7 +71,7 @@ def test_pipelined_greedy_output_equals_plain_output(tiny_llama, kind, k):
         assert piped.cloud_round_trips == cycles + piped.tokens_drafted
     if kind == "tiny-llama":  # the main model as its own drafter: every guess is kept
         assert piped.acceptance_rate == 1.0
-    elif kind != "lookup":
+    elif kind in ("self", "tiny-gpt2"):
         assert piped.tokens_from_mini < piped.tokens_drafted  # rejections mid-pipeline happened
 
 
@@ -134,7 +134,7 @@ def test_controller_pipelines_when_round_trips_are_slow_and_not_when_drafts_are_
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize(("k", "mini"), [("1", "self"), ("3", "self"), ("2", "tiny-llama")])
+@pytest.mark.parametrize(("k", "mini"), [("1", "self"), ("3", "self"), ("2", "tiny-llama"), ("2", "int8")])
 def test_pipelined_drafts_through_a_real_worker_leave_the_output_unchanged(tiny_cluster, k, mini):
     local = edge_json(tiny_cluster, "--force-local", "--tokens", "30", *RAW)
     got = edge_json(tiny_cluster, "--split", k, "--tokens", "30", *RAW, "--mini", mini, "--mini-threshold", "0",
@@ -142,7 +142,9 @@ def test_pipelined_drafts_through_a_real_worker_leave_the_output_unchanged(tiny_
     assert got["token_ids"] == local["token_ids"], (k, mini)
     assert got["tokens_drafted"] > 0
     assert got["cloud_waits"] < got["cloud_round_trips"], got
-    if mini == "tiny-llama":
+    if mini == "int8":  # the model within int8 rounding: right nearly always
+        assert got["acceptance_rate"] >= 0.8, got
+    elif mini == "tiny-llama":
         # Drafting for itself it is always right: the pipeline stays full (4 guesses behind the
         # frame the edge waits for), so each wait is for a frame sent 4 frames earlier.
         assert got["acceptance_rate"] == 1.0, got
@@ -267,3 +269,8 @@ def test_smollm2_pipelined_drafting_equals_local():
                                 "--cloud-latency", "0.02")
                 assert got["token_ids"] == local["token_ids"], (prompt, k)
                 assert got["tokens_from_mini"] > 0 and got["cloud_waits"] < got["cloud_round_trips"]
+            # The int8 copy of layers [15, 30) with the defaults: right at 98% of positions measured.
+            got = edge_json(cluster, "--split", "15", "--tokens", "32", "--prompt", prompt, "--mini", "int8",
+                            "--cloud-latency", "0.05")
+            assert got["token_ids"] == local["token_ids"], prompt
+            assert got["mini"] == "int8" and got["acceptance_rate"] >= 0.9, got["acceptance_rate"]
