@@ -1,7 +1,8 @@
 """The mini-LLM next to plain hybrid, side by side in one run, at several emulated round trips.
 
 Starts a broker and one cloud worker as processes, then for each emulated round trip and each
-prompt runs the edge CLI (a fresh process each time) in plain hybrid mode and with each drafter,
+prompt runs the edge CLI (a fresh process each time) in plain hybrid mode (``--mini none``), with
+the defaults a fresh clone gets (``default``: ``--mini auto``) and with each drafter,
 pipelined (the default: guesses go out while earlier frames are in flight) and, with
 ``--no-pipeline-too``, also one frame of drafts per round trip, in turn, so every configuration
 sees the same machine state. Reports per configuration: decode ms/token (median over prompts),
@@ -13,7 +14,7 @@ Targets (issue 6): at 100 ms, at least 2x the tokens/s of plain hybrid with iden
 output; at 0 ms, no more than 5% slower than plain hybrid.
 
     .venv/bin/python bench/bench_mini.py [--model smollm2-135m] [--split 15] [--tokens 64]
-        [--rtt-ms 0 20 100] [--drafters self lookup self=ADAPTER.pt] [--no-pipeline-too] [--trust]
+        [--rtt-ms 0 20 100] [--drafters int8 self lookup self=ADAPTER.pt] [--no-pipeline-too] [--trust]
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def main() -> None:
     parser.add_argument("--split", type=int, default=15)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rtt-ms", type=float, nargs="+", default=[0.0, 20.0, 100.0])
-    parser.add_argument("--drafters", nargs="+", default=["self", "lookup"])
+    parser.add_argument("--drafters", nargs="*", default=["int8", "self", "lookup"])
     parser.add_argument("--threshold", type=float, default=None, help="--mini-threshold (default: the CLI's)")
     parser.add_argument("--trust", action="store_true", help="also run the self-drafter in trust mode")
     parser.add_argument("--no-pipeline-too", action="store_true",
@@ -48,7 +49,8 @@ def main() -> None:
     args = parser.parse_args()
     prompts = PROMPTS[:args.prompts]
 
-    configs: dict[str, list[str]] = {"plain": []}
+    # "plain": no drafter; "default": the edge's defaults, what a fresh clone runs (--mini auto).
+    configs: dict[str, list[str]] = {"plain": ["--mini", "none"], "default": []}
     for d in args.drafters:
         # "self=FILE": the self-drafter with that adapter (to compare calibrations in one run)
         name, _, adapter = d.partition("=")

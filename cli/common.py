@@ -114,8 +114,9 @@ def interrupt_on_signals() -> None:
 
 # The mini-LLM options, shared by `edge` and `demo`.
 MiniOpt = Annotated[str, typer.Option(
-    "--mini", help="Drafter for easy tokens: none, int8 (an int8 copy of the cloud's layers on the edge), self "
-    "(early exit from the edge's layers), lookup (prompt lookup) or a small model sharing the tokenizer.")]
+    "--mini", help="Drafter for easy tokens: auto (int8 at a hybrid split where the model allows it and it fits in a quarter of "
+    "the free memory), none, int8 (an int8 copy of the cloud's layers on the edge), self (early exit from the "
+    "edge's layers), lookup (prompt lookup) or a small model sharing the tokenizer.")]
 MiniThresholdOpt = Annotated[float | None, typer.Option(
     "--mini-threshold", help="Drafter confidence below which a token is hard and drafting stops (default 0.5; "
     "0 for --mini int8 in verify mode).")]

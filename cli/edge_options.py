@@ -137,7 +137,7 @@ EDGE_OPTIONS: tuple[Opt, ...] = (
          "when the cloud is gone.", convert=_negated),
     _opt("cloud_latency", float, 0.0, "cloud_latency_s", "Emulated extra round trip to the cloud, seconds."),
     _opt("bandwidth_mbps", float | None, None, "bandwidth_mbps", "Emulated link bandwidth, Mbit/s."),
-    Opt("mini", MiniOpt, "none", "mini", flags=("--mini",)),
+    Opt("mini", MiniOpt, "auto", "mini", flags=("--mini",)),
     Opt("mini_threshold", MiniThresholdOpt, None, "mini_threshold", flags=("--mini-threshold",)),
     Opt("mini_mode", MiniModeOpt, "verify", "mini_mode", flags=("--mini-mode",)),
     Opt("mini_max_draft", MiniDraftOpt, 8, "mini_max_draft", flags=("--mini-max-draft",)),

@@ -114,9 +114,10 @@ class EdgeConfig:
     cloud_latency_s: float = 0.0  # emulated extra round trip between edge and broker
     bandwidth_mbps: float | None = None  # emulated link bandwidth, each direction; None: unlimited
     torch_threads: int | None = None  # None keeps torch's default (one per core)
-    # The mini-LLM: "none", "self" (early exit from the edge's layers), "lookup" (prompt lookup)
-    # or a model name/path sharing the main model's tokenizer.
-    mini: str = "none"
+    # The mini-LLM: "auto" (the int8 copy where the model allows it and memory suffices, else
+    # none), "none", "int8" (an int8 copy of the cloud's layers), "self" (early exit from the
+    # edge's layers), "lookup" (prompt lookup) or a model name/path sharing the main model's tokenizer.
+    mini: str = "auto"
     # Drafter confidence below which a token is hard: stop drafting. None: the drafter's own
     # (0.5; 0 for the int8 copy in verify mode, which is right about as often when unsure).
     mini_threshold: float | None = None

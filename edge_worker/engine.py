@@ -19,6 +19,7 @@ planner are shared.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -242,7 +243,8 @@ class EdgeEngine:
             self.planner = SplitPlanner(
                 self.source, self.client, Weights(s.energy_weight, s.latency_weight, s.memory_weight),
                 monitor=device_monitor, wire_dtype=self.privacy.wire_dtype, reduce_dims=self.privacy.reduce_dims,
-                min_split=s.min_split, power=power, base_conditions=base_conditions)
+                min_split=s.min_split, power=power, base_conditions=base_conditions,
+                drafter_bytes=None if self.mini_llm is None else functools.partial(self.mini_llm.edge_bytes, self.source))
         self.device_monitor = None if device_monitor is _FROM_SETTINGS else device_monitor
         self.replan_every = replan_every
         self.replan_margin = replan_margin

@@ -16,6 +16,7 @@ import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -106,7 +107,8 @@ class SplitPlanner:
 
     def __init__(self, source: ModelSource, client, weights: Weights, *, monitor: Any = None,
                  wire_dtype: str = "fp16", reduce_dims: int | None = None, min_split: int = 0,
-                 power: PowerModel = WIFI, base_conditions: Conditions | None = None) -> None:
+                 power: PowerModel = WIFI, base_conditions: Conditions | None = None,
+                 drafter_bytes: Callable[[int], int] | None = None) -> None:
         self.source = source
         self.client = client
         self.weights = weights
@@ -116,6 +118,7 @@ class SplitPlanner:
         self.min_split = min_split
         self.power = power
         self.base_conditions = base_conditions or Conditions()
+        self.drafter_bytes = drafter_bytes  # the edge's drafting memory at a split (an int8 copy)
         self._lock = threading.Lock()  # the monitor's snapshot and the profile's first measurement
 
     @functools.cached_property
@@ -204,7 +207,8 @@ class SplitPlanner:
     def _plan(self, conditions: Conditions, prompt_tokens: int, new_tokens: int, allowed: set[int]) -> Plan:
         return plan(self.profile, conditions, self.weights, power=self.power, prompt_tokens=prompt_tokens,
                     new_tokens=new_tokens, wire_dtype=self.wire_dtype, min_split=self.min_split,
-                    allowed_splits=allowed | {self.source.n_layers}, reduce_dims=self.reduce_dims)
+                    allowed_splits=allowed | {self.source.n_layers}, reduce_dims=self.reduce_dims,
+                    drafter_bytes=self.drafter_bytes)
 
     def feed(self, trace: list[dict]) -> None:
         """Real steps are the best link measurements: decode steps carry ~1 KB, so their transport

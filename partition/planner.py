@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -301,8 +301,12 @@ def estimate(
     new_tokens: int = 64,
     wire_dtype: str = "fp16",
     reduce_dims: int | None = None,
+    drafter_bytes: int = 0,
 ) -> SplitEstimate:
     """Latency, device energy and device memory of one request at split ``k``.
+
+    ``drafter_bytes``: what the edge holds at this split for drafting besides its own layers (the
+    int8 copy of the cloud's layers, ``--mini int8``), priced as device memory where ``k < N``.
 
     Energy on the device = CPU active power x edge compute time + radio tx/rx power x transfer
     time + CPU idle power x time spent waiting for the cloud + radio tail energy. The tail is
@@ -344,6 +348,7 @@ def estimate(
         + sum(profile.layer_weight_bytes[:k])
         + (profile.head_weight_bytes if local else 0)
         + profile.kv_bytes_per_token_per_layer * k * kv_tokens
+        + (0 if local else drafter_bytes)
     )
 
     if local:
@@ -451,6 +456,7 @@ def plan(
     min_split: int = 0,
     allowed_splits: Iterable[int] | None = None,
     reduce_dims: int | None = None,
+    drafter_bytes: Callable[[int], int] | None = None,
 ) -> Plan:
     """Score every split 0..N and choose the cheapest feasible one.
 
@@ -479,7 +485,8 @@ def plan(
 
     rows = []
     for k in range(n + 1):
-        row = estimate(k, profile, conditions, power, prompt_tokens, new_tokens, wire_dtype, reduce_dims)
+        row = estimate(k, profile, conditions, power, prompt_tokens, new_tokens, wire_dtype, reduce_dims,
+                       drafter_bytes(k) if drafter_bytes is not None and k < n else 0)
         reasons = []
         if k < min_split:
             reasons.append(f"below min_split {min_split}")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from partition import rowkernel
-from partition.batching import Fused
+from partition.batching import Fused, packable
 from partition.errors import InvalidSplitError
 
 
@@ -70,13 +70,35 @@ class Int8Linear(nn.Module):
         return f"in={self.qweight.shape[1]}, out={self.qweight.shape[0]}, int8 per output row"
 
 
+def unsupported(config) -> str | None:
+    """Why a model with this config cannot have an int8 copy (None: it can)."""
+    if not packable(config):
+        return (f"int8 copies need a Llama-shaped model (model_type llama, SiLU, no biases); this one is "
+                f"{getattr(config, 'model_type', '?')}")
+    return None
+
+
+def copy_bytes(config, k: int) -> int:
+    """Bytes an int8 copy of layers ``[k, N)`` and the head of a Llama-shaped model holds: a byte
+    per matrix weight, four per row scale and per norm weight."""
+    h, inter = config.hidden_size, config.intermediate_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    rows_in = heads * head_dim + 2 * kv + 2 * inter  # q, k, v, gate, up: h wide each
+    layer = rows_in * h + h * heads * head_dim + h * inter  # + o_proj, down_proj
+    scales = rows_in + 2 * h
+    per_layer = layer + 4 * scales + 4 * 2 * h  # and the two norms
+    return (config.num_hidden_layers - k) * per_layer + config.vocab_size * (h + 4) + 4 * h
+
+
 def quantize_segment(segment: nn.Module) -> nn.Module:
     """Replace, in place, every matrix of a packable float32 ``ModelSegment`` by its int8 copy
     (the float32 weights are released) and return it. The segment must run its frames packed
     (``forward_packed``): transformers' own layers would look for the float32 weights."""
-    if not segment.packable:
-        raise InvalidSplitError(f"int8 copies need a Llama-shaped model; {segment.source.name} is "
-                                f"{getattr(segment.source.config, 'model_type', '?')}")
+    reason = unsupported(segment.source.config)
+    if reason is not None:
+        raise InvalidSplitError(f"{segment.source.name}: {reason}")
     if segment.dtype != torch.float32:
         raise InvalidSplitError(f"int8 copies are made from float32 segments, not {segment.dtype}")
     for layer in segment.layers:

@@ -261,9 +261,10 @@ def test_generation_survives_kill_9_of_its_worker_with_identical_output():
 
 
 def test_emulated_link_delays_real_frames_and_changes_nothing_else(tiny_cluster):
-    plain = edge_json(tiny_cluster, "--split", "2", "--tokens", "8")
+    # Plain hybrid: a drafter (the default --mini auto) would hide the round trip being measured.
+    plain = edge_json(tiny_cluster, "--split", "2", "--tokens", "8", "--mini", "none")
     slow = edge_json(tiny_cluster, "--split", "2", "--tokens", "8", "--cloud-latency", "0.05",
-                     "--bandwidth-mbps", "100")
+                     "--bandwidth-mbps", "100", "--mini", "none")
     assert slow["token_ids"] == plain["token_ids"]
     # Every decode step waits one emulated round trip; the trace sees it as transport time.
     decode = slow["trace"][1:]

@@ -193,6 +193,20 @@ def test_splits_over_the_memory_budget_are_never_chosen():
     assert all(row.feasible for row in p.table[:11])
 
 
+def test_a_drafters_memory_is_priced_at_every_split_that_drafts():
+    """An int8 copy of the cloud's layers costs the edge memory at k < N (none at N, where
+    nothing is drafted): with it a budget fits fewer splits, and the memory objective sees it."""
+    copy = lambda k: (N - k) * 1_000_000  # noqa: E731 - shrinks as the edge holds more layers itself
+    plain = plan(PROFILE, Conditions(), MEMORY_ONLY)
+    drafting = plan(PROFILE, Conditions(), MEMORY_ONLY, drafter_bytes=copy)
+    for a, b in zip(plain.table, drafting.table, strict=True):
+        assert b.memory_bytes == a.memory_bytes + (copy(a.k) if a.k < N else 0)
+    budget = estimate(10, PROFILE, Conditions()).memory_bytes
+    squeezed = plan(PROFILE, Conditions(edge_mem_available_bytes=budget), LATENCY_ONLY, drafter_bytes=copy)
+    assert not squeezed.table[10].feasible  # fits alone, not with its drafter
+    assert squeezed.table[N].feasible == (estimate(N, PROFILE, Conditions()).memory_bytes <= budget)
+
+
 def test_nothing_fits_raises():
     with pytest.raises(NoFeasibleSplitError, match="MiB"):
         plan(PROFILE, Conditions(edge_mem_available_bytes=MIB), Weights())

@@ -150,7 +150,7 @@ def test_int8_drafting_leaves_the_output_unchanged_in_process(tiny_llama, pipeli
     local = EdgeGenerator(ModelSegment.load(tiny_llama, 0, tiny_llama.n_layers), None, tokenizer, eos,
                           "local").generate(ids, 24)
     mini = MiniLLMHandler(model="int8", max_draft=4, adaptive=False, pipeline=pipeline)
-    assert mini.default_threshold == 0.0 and MiniLLMHandler(model="int8", mode="trust").default_threshold == 0.5
+    assert mini.threshold_for("int8") == 0.0 and MiniLLMHandler(model="int8", mode="trust").threshold_for("int8") == 0.5
     edge = ModelSegment.load(tiny_llama, 0, 2)
     backend = LocalBackend(ModelSegment.load(tiny_llama, 2, tiny_llama.n_layers, embed=False), pipelined=pipeline)
     got = EdgeGenerator(edge, backend, tokenizer, eos, "hybrid", mini=mini.settings(tiny_llama, edge, tokenizer)
@@ -159,3 +159,31 @@ def test_int8_drafting_leaves_the_output_unchanged_in_process(tiny_llama, pipeli
     assert got.mini == "int8" and got.tokens_drafted > 0
     # The copy is the model within int8 rounding: nearly every guess is kept, even on random weights.
     assert got.acceptance_rate >= 0.8, got.acceptance_rate
+
+
+def test_auto_drafts_with_the_int8_copy_where_the_model_allows_it_and_memory_suffices(tiny_llama, tiny_gpt2,
+                                                                                     monkeypatch):
+    from edge_worker import mini_llm
+
+    auto = MiniLLMHandler(model="auto")
+    assert auto.resolve(tiny_llama, 1) == "int8" and not auto.needs_edge_head
+    edge = ModelSegment.load(tiny_llama, 0, 1)
+    settings = auto.settings(tiny_llama, edge, tiny_llama.load_tokenizer())
+    assert isinstance(settings.drafter, CopyDrafter) and settings.threshold == 0.0
+    assert auto.edge_bytes(tiny_llama, 1) == segment_bytes(settings.drafter.segment)  # what the planner prices
+    assert auto.edge_bytes(tiny_llama, tiny_llama.n_layers) == 0
+    assert auto.resolve(tiny_llama, 0) is None and MiniLLMHandler(model="int8").resolve(tiny_llama, 0) == "int8"
+    assert MiniLLMHandler(model="auto").resolve(tiny_gpt2, 1) is None  # not Llama-shaped: no drafter
+    gpt2_edge = ModelSegment.load(tiny_gpt2, 0, 1)
+    assert MiniLLMHandler(model="auto").settings(tiny_gpt2, gpt2_edge, tiny_gpt2.load_tokenizer()) is None
+    monkeypatch.setattr(mini_llm, "AUTO_MEMORY_SHARE", 1e-9)  # a device with (almost) no memory to spare
+    assert MiniLLMHandler(model="auto").resolve(tiny_llama, 1) is None
+    assert MiniLLMHandler(model="int8").resolve(tiny_llama, 1) == "int8"  # asked for by name: it is built
+
+
+def test_int8_asked_for_by_name_on_another_architecture_is_a_drafter_error(tiny_gpt2):
+    from edge_worker.drafting import DrafterError
+
+    edge = ModelSegment.load(tiny_gpt2, 0, 1)
+    with pytest.raises(DrafterError, match="Llama-shaped"):
+        MiniLLMHandler(model="int8").settings(tiny_gpt2, edge, tiny_gpt2.load_tokenizer())
