@@ -12,9 +12,12 @@ at each depth sees the true tokens before it (teacher-forced), which is exactly 
 the path that verification accepts.
 
 Then the cost of one pass over n positions: the edge's layers, the worker's layers and head
-(verification), and the int8 copy (the drafter runs once per depth of a tree). With those, the
-predicted ms per token of a round-based draft (one frame per round trip: edge pass, drafting,
-round trip, verification) for each shape and round trip.
+(verification), and the int8 copy. With those, the predicted ms per token of a round-based draft
+(one frame per round trip) for each shape and round trip: the copy guesses a depth's nodes from
+their exact activations, so each depth costs an edge pass and a copy pass, then the round trip
+and one verification pass. (Pipelined chains, the default, hide the round trip instead; they are
+measured end to end by ``bench_mini.py``.) Sequences are at most ``--tokens`` long, which caps
+what a long chain can accept.
 
 Drafters: early exit (the edge's activations through the final norm and head), the installed
 ``--mini self`` adapter when there is one, the int8 copy of the cloud's layers (``--mini int8``),
@@ -224,8 +227,10 @@ def main() -> None:
         f = (rows_n - below) / (above - below)
         return costs[below][side] * (1 - f) + costs[above][side] * f
 
-    # Round-based prediction for the int8 copy: edge pass over the pending token and the shape's
-    # nodes, one copy pass per depth, the round trip, one verification pass.
+    # Round-based prediction for the int8 copy. The copy needs the exact activations of each node
+    # from the edge's layers before it can guess the node's children, so a shape is drafted depth
+    # by depth: an edge pass and a copy pass over each depth's nodes (the pending token first),
+    # an edge pass over the last depth, the round trip, and one verification pass over them all.
     int8_row = next(r for r in rows if r["drafter"] == "int8 copy")
     predictions = []
     for rtt in args.rtt_ms:
@@ -233,9 +238,9 @@ def main() -> None:
         for label in ("chain", "tree"):
             for size in SHAPE_SIZES:
                 entry = int8_row[f"{label}{size}"]
-                nodes = 1 + size
-                ms = (cost(nodes, "edge") + sum(cost(w, "int8") for w in [1, *entry["widths"][:-1]]) + rtt
-                      + cost(nodes, "worker"))
+                levels = [1, *entry["widths"]]
+                ms = (sum(cost(w, "edge") + cost(w, "int8") for w in levels[:-1]) + cost(levels[-1], "edge")
+                      + rtt + cost(1 + size, "worker"))
                 predictions.append({"rtt_ms": rtt, "shape": f"{label}{size}", "ms_per_token":
                                     round(ms / entry["tokens"], 2), "speedup": round(plain / (ms / entry["tokens"]), 2)})
     result = {"model": args.model, "split": k, "positions": positions, "prompts": len(answers), "drafters": rows,
