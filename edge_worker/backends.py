@@ -54,6 +54,7 @@ class PipelinedFrame:
     handle: object = None  # the backend's request handle
     sent_at: float = 0.0
     bytes_sent: int = 0
+    failed: Exception | None = None  # it could not be sent: collecting it raises FrameLost
 
 
 class FrameLost(Exception):
@@ -161,9 +162,11 @@ class LocalBackend:
         return PipelinedFrame(hidden=hidden, step=step, pos=pos, first=first, seen=tuple(seen))
 
     def ready(self, frame: PipelinedFrame) -> bool:
-        return False
+        return frame.failed is not None
 
     def collect(self, frame: PipelinedFrame) -> tuple[int | None, StepStats]:
+        if frame.failed is not None:
+            raise FrameLost(f"not sent: {frame.failed}")
         if frame.pos != self.cache.length:
             return None, StepStats()
         tokens, stats = self.step(frame.hidden, frame.step, seen=frame.seen)

@@ -259,14 +259,15 @@ class CloudSession:
         self._close_key = b""
 
     def step(self, hidden: torch.Tensor, step: int, draft: list[int] | tuple[int, ...] = (),
-             seen: Sequence[int] = ()) -> tuple[list[int], StepStats]:
+             seen: Sequence[int] = (), started: float | None = None) -> tuple[list[int], StepStats]:
         """hidden: (1, T, H) activations for the positions after ``self.pos``; the last
         ``len(draft)`` of them hold drafted tokens for the worker to verify.
 
         Transient errors are retried with backoff, and a lost worker is replaced by reopening
         the session elsewhere and replaying the log, until ``step_deadline_s`` has passed. Then,
         if a local fallback was given, the rest of the model runs here from the replay log;
-        otherwise the last error is raised.
+        otherwise the last error is raised. ``started`` (``time.monotonic()``): when the step
+        began, if before this call (a pipelined frame's resend counts from its first sending).
         """
         if self.local is not None:
             return self._local_step(hidden, step, StepStats(), draft=draft, seen=seen)
@@ -276,7 +277,7 @@ class CloudSession:
         attempt = 0
         failed_opens = 0  # openers that found no worker (no answer in time, or none registered)
         timeouts = 0  # of this step on the session's current worker
-        deadline = time.monotonic() + self.client.step_deadline_s
+        deadline = (time.monotonic() if started is None else started) + self.client.step_deadline_s
         last: EdgeCloudError | None = None
         while True:
             remaining = deadline - time.monotonic()
@@ -410,19 +411,29 @@ class CloudSession:
                seen: Sequence[int] = ()) -> PipelinedFrame:
         """Send one frame without waiting and without copies: positions ``pos ..`` of ``hidden``
         (1, T, H); ``first`` makes it conditional on the main model choosing that token at ``pos``
-        (session_protocol.py). A transport error is raised at once."""
+        (session_protocol.py). A frame that cannot be sent (the broker is gone, say) comes back
+        marked ``failed``: collecting it raises FrameLost, so its resend takes the ordinary step's
+        way (retries, failover, local fallback); any other error is raised at once."""
         wire = self.reduction.project(hidden) if self.reduction else hidden
         frames = seal_step(self.cipher, self.session_id, step, pos, wire, self.client.wire_dtype,
                            first=first, epoch=self.epoch, seen=self._seen(seen))
         nbytes = sum(len(memoryview(f)) for f in frames)
-        rid = self.client.connection.submit(
-            self.session_id, KIND_STEP, self.model_id, self.split, step, frames,
-            timeout_s=self.client.request_timeout_s, extra={TASK_KEY: f"{self.task_base}-{step}"})
-        return PipelinedFrame(hidden=hidden, step=step, pos=pos, first=first, seen=tuple(seen), handle=rid,
-                              sent_at=time.perf_counter(), bytes_sent=nbytes)
+        frame = PipelinedFrame(hidden=hidden, step=step, pos=pos, first=first, seen=tuple(seen),
+                               sent_at=time.perf_counter(), bytes_sent=nbytes)
+        try:
+            frame.handle = self.client.connection.submit(
+                self.session_id, KIND_STEP, self.model_id, self.split, step, frames,
+                timeout_s=self.client.request_timeout_s, extra={TASK_KEY: f"{self.task_base}-{step}"})
+        except EdgeCloudError as exc:
+            if not (_recoverable(exc) or is_unavailable(exc)):
+                raise
+            frame.failed = exc
+        return frame
 
     def ready(self, frame: PipelinedFrame) -> bool:
         """Whether the frame's answer (or error) has arrived; never blocks."""
+        if frame.failed is not None:
+            return True
         try:
             return self.client.connection.wait_any([frame.handle], 0.0) is not None
         except EdgeCloudError:
@@ -434,6 +445,8 @@ class CloudSession:
         adaptive copy wait) from when the frame was sent. A timeout or an error ``step`` would
         retry (or fall back on) raises FrameLost; any other error (security, protocol, poison)
         is raised as it is. Only frames that ran enter the replay log."""
+        if frame.failed is not None:
+            raise FrameLost(f"not sent: {type(frame.failed).__name__}: {frame.failed}") from frame.failed
         try:
             return self._collect(frame)
         except EdgeCloudError as exc:
@@ -478,14 +491,17 @@ class CloudSession:
         fails) and their answers are dropped as stale."""
         conn = self.client.connection
         for frame in frames:
-            conn.forget(frame.handle)
+            if frame.failed is None:
+                conn.forget(frame.handle)
 
     def resend(self, frame: PipelinedFrame) -> tuple[list[int], StepStats]:
         """The frame got no usable answer: give up on everything in flight (a new epoch, so the
         worker may rewind to this frame's position even if it ran later frames) and send it
         again through ``step``, with its copies, failover, replay and local fallback."""
         self.epoch += 1
-        return self.step(frame.hidden, frame.step, seen=frame.seen)
+        # The step's deadline counts from when the frame first went out, not from now.
+        started = time.monotonic() - (time.perf_counter() - frame.sent_at)
+        return self.step(frame.hidden, frame.step, seen=frame.seen, started=started)
 
     # --- wire -----------------------------------------------------------------------------------
     def _open(self, step: int, stats: StepStats, timeout_s: float) -> None:

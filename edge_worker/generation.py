@@ -414,6 +414,8 @@ class EdgeGenerator:
                     guessed = [f.first for f in list(inflight)[1:]]
                     inflight.append(backend.submit(out.hidden, next_step, cache.length - 1, token,
                                                    seen=[*generated, *guessed, token]))
+                    if inflight[-1].failed is not None:
+                        drafting = False  # the cloud is out of reach: resolve what is in flight first
                     draft_ms = (time.perf_counter() - t1) * 1e3
                     timings.edge_compute_ms += draft_ms
                     controller.record_edge(draft_ms=draft_ms)

@@ -80,6 +80,23 @@ class SegmentKVCache:
         for store in self._layers.values():
             store.length = min(store.length, length)
 
+    def keep(self, start: int, rows: list[int]) -> None:
+        """Keep positions ``[0, start)`` and, after them, the positions ``start + r`` for ``r`` in
+        ``rows`` (ascending), forgetting the rest: a token tree's accepted path, moved to where a
+        plain sequence would have put it (``partition/tree.py``)."""
+        if list(rows) != sorted(set(rows)) or any(not 0 <= r < self._length - start for r in rows):
+            raise ValueError(f"rows {rows} are not ascending positions after {start} of {self._length}")
+        if rows == list(range(len(rows))):
+            self.crop(start + len(rows))
+            return
+        with torch.inference_mode():  # the stores are inference tensors (written in forward passes)
+            for store in self._layers.values():
+                index = torch.tensor([start + r for r in rows], device=store.keys.device)
+                store.keys[..., start:start + len(rows), :] = store.keys.index_select(-2, index)
+                store.values[..., start:start + len(rows), :] = store.values.index_select(-2, index)
+                store.length = start + len(rows)
+        self._length = start + len(rows)
+
     def repeated(self, batch: int) -> SegmentKVCache:
         """A copy whose positions are this (batch-1) cache's, repeated ``batch`` times along the
         batch dimension: to run several continuations of one prefix in one forward pass

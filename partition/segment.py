@@ -27,6 +27,7 @@ from partition.batching import (
 from partition.errors import InvalidSplitError
 from partition.kv_cache import SegmentKVCache
 from partition.models import ModelSource
+from partition.tree import DraftTree
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class StepInput:
     cache: SegmentKVCache
     start_layer: int | None = None
     logits: str | int = "last"
+    tree: DraftTree | None = None  # x holds a token tree's rows (partition/tree.py)
 
 
 @dataclass
@@ -81,6 +83,14 @@ def join_chunks(pieces: list[SegmentOutput]) -> SegmentOutput:
     hidden = torch.cat([p.hidden for p in pieces], dim=1)
     logits = [p.logits for p in pieces if p.logits is not None]
     return SegmentOutput(hidden=hidden, logits=torch.cat(logits, dim=1) if logits else None)
+
+
+def _mask(tree: DraftTree | None, t_new: int, past: int, dtype: torch.dtype, device: torch.device,
+          window: int | None) -> torch.Tensor | None:
+    """The attention mask of a frame: causal, or a token tree's."""
+    if tree is not None:
+        return tree.mask(past, dtype, device, window)
+    return attention_mask(t_new, past, dtype, device, window)
 
 
 class ModelSegment(nn.Module):
@@ -183,6 +193,7 @@ class ModelSegment(nn.Module):
         *,
         start_layer: int | None = None,
         logits: str | int = "last",
+        tree: DraftTree | None = None,
     ) -> SegmentOutput:
         """Run the segment on new positions ``cache.length .. cache.length + T``.
 
@@ -190,12 +201,15 @@ class ModelSegment(nn.Module):
         ``start_layer`` (a global index in ``[lo, hi]``) skips the first layers: a worker that
         holds ``[lo, N)`` serves a session split at any ``k >= lo``. ``logits`` is ``"last"``
         (next-token only), ``"all"``, ``"none"``, or a count ``n``: the last ``n`` positions
-        (speculative verification needs the pending token's and the drafts' logits).
+        (speculative verification needs the pending token's and the drafts' logits). ``tree``:
+        ``x`` holds a token tree's rows (the pending token, then its nodes), each attending to
+        the cache and its own ancestors (``partition/tree.py``); the cache then holds every row
+        until ``SegmentKVCache.keep`` keeps the accepted path.
 
         A frame of at most ``PACK_MAX_ROWS`` positions runs as a batch of one through
         ``forward_many``: its numbers are then the same as when it runs beside other sessions.
         """
-        return self.forward_many([StepInput(x, cache, start_layer, logits)])[0]
+        return self.forward_many([StepInput(x, cache, start_layer, logits, tree)])[0]
 
     @torch.inference_mode()
     def forward_many(self, steps: list[StepInput]) -> list[SegmentOutput]:
@@ -207,6 +221,9 @@ class ModelSegment(nn.Module):
         sessions' steps. Each output is bit-identical to that step run alone."""
         if len({id(s.cache) for s in steps}) != len(steps):
             raise ValueError("one step per cache in a batch: a session's steps run one after another")
+        for s in steps:
+            if s.tree is not None and (s.x.shape[0] != 1 or s.x.shape[1] != s.tree.rows):
+                raise ValueError(f"a tree frame has one row per tree row ({s.tree.rows}), got {tuple(s.x.shape)}")
         long = [i for i, s in enumerate(steps) if s.x.shape[0] == 1 and s.x.shape[1] > PREFILL_CHUNK]
         if not long:
             return self._forward_pass(steps)
@@ -226,7 +243,8 @@ class ModelSegment(nn.Module):
             chunk_steps = []
             for i in live:
                 a, b, count = plans[i][index]
-                chunk_steps.append(StepInput(steps[i].x[:, a:b], steps[i].cache, steps[i].start_layer, count or "none"))
+                chunk_steps.append(StepInput(steps[i].x[:, a:b], steps[i].cache, steps[i].start_layer, count or "none",
+                                             None if i in long else steps[i].tree))
             for i, out in zip(live, self._forward_pass(chunk_steps), strict=True):
                 pieces[i].append(out)
         return [join_chunks(p) for p in pieces]
@@ -245,19 +263,22 @@ class ModelSegment(nn.Module):
                 outputs[i] = out
         return outputs  # type: ignore[return-value]
 
-    def _inputs(self, x: torch.Tensor, past: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden (1, T, H), positions (1, T)) for new input ``x`` after ``past`` positions."""
+    def _inputs(self, x: torch.Tensor, past: int, tree: DraftTree | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden (1, T, H), positions (1, T)) for new input ``x`` after ``past`` positions (a
+        tree's rows sit at ``past`` plus their depth)."""
+        if tree is not None:
+            positions = tree.positions(past, self.device)
+        else:
+            positions = torch.arange(past, past + x.shape[-2 if x.dim() == 3 else 1], device=self.device).unsqueeze(0)
         if self.embeddings is not None:
             if x.dtype != torch.long or x.dim() != 2:
                 raise ValueError(f"a segment with the embedding takes token ids (1, T), got {tuple(x.shape)}")
-            positions = torch.arange(past, past + x.shape[1], device=self.device).unsqueeze(0)  # (1, T)
             hidden = self.embeddings[0](x.to(self.device))  # (1, T, H)
             if self.source.family.learned_positions:
                 hidden = hidden + self.embeddings[1](positions)
             return hidden, positions
         if x.dim() != 3:
             raise ValueError(f"a segment without the embedding takes hidden states (1, T, H), got {tuple(x.shape)}")
-        positions = torch.arange(past, past + x.shape[1], device=self.device).unsqueeze(0)
         return x.to(self.device, self.dtype), positions
 
     def _first_layer(self, start_layer: int | None) -> int:
@@ -281,7 +302,7 @@ class ModelSegment(nn.Module):
         """One frame through transformers' own decoder layers."""
         cache = step.cache
         past = cache.length
-        hidden, positions = self._inputs(step.x, past)
+        hidden, positions = self._inputs(step.x, past, step.tree)
         t_new = hidden.shape[1]
         first = self._first_layer(step.start_layer)
         count = self._logit_rows(step.logits, t_new)
@@ -290,7 +311,7 @@ class ModelSegment(nn.Module):
             masks: dict[int | None, torch.Tensor | None] = {}
             for layer, window in zip(self.layers[first:], self.windows[first:], strict=True):
                 if window not in masks:
-                    masks[window] = attention_mask(t_new, past, hidden.dtype, self.device, window)
+                    masks[window] = _mask(step.tree, t_new, past, hidden.dtype, self.device, window)
                 hidden = self.runner.call(layer, hidden, masks[window], cache, shared)
         cache.advance(t_new)
         out_logits = None
@@ -305,10 +326,10 @@ class ModelSegment(nn.Module):
         counts = []
         for step in steps:
             past = step.cache.length
-            hidden, positions = self._inputs(step.x, past)
+            hidden, positions = self._inputs(step.x, past, step.tree)
             t_new = hidden.shape[1]
             counts.append(self._logit_rows(step.logits, t_new))
-            masks = {w: attention_mask(t_new, past, hidden.dtype, self.device, w) for w in set(self.windows)}
+            masks = {w: _mask(step.tree, t_new, past, hidden.dtype, self.device, w) for w in set(self.windows)}
             shared = self.runner.position_inputs(hidden, positions) if self.layers else {}
             parts.append(Part(step.cache, t_new, self._first_layer(step.start_layer), shared, masks))
             hiddens.append(hidden[0])

@@ -89,6 +89,35 @@ def test_pipelined_sampling_is_reproducible_and_equals_plain_sampling(tiny_llama
     assert first.tokens_from_mini > 0
 
 
+class _Unsendable(LocalBackend):
+    """Every third pipelined frame cannot be sent (the broker went away for a moment)."""
+
+    sent = 0
+
+    def submit(self, hidden, step, pos, first, seen=()):
+        frame = super().submit(hidden, step, pos, first, seen)
+        self.sent += 1
+        if self.sent % 3 == 0:
+            frame.failed = ConnectionError("the broker closed the connection")
+        return frame
+
+
+@pytest.mark.integration
+def test_a_pipelined_frame_that_cannot_be_sent_is_resent_through_the_ordinary_step(tiny_llama):
+    """A frame whose sending failed is collected as lost: the edge drops what is in flight and
+    resends it through the step path (retries, failover, fallback), and the output is unchanged."""
+    ids = ids_of(tiny_llama, PROMPTS[0])
+    plain = generator(tiny_llama, 2, pipelined=False).generate(ids, 24)
+    tokenizer = tiny_llama.load_tokenizer()
+    edge = ModelSegment.load(tiny_llama, 0, 2)
+    backend = _Unsendable(ModelSegment.load(tiny_llama, 2, tiny_llama.n_layers, embed=False), pipelined=True)
+    mini = MiniLLMHandler(model="tiny-llama", threshold=0.0, max_draft=4, adaptive=False)
+    got = EdgeGenerator(edge, backend, tokenizer, eos_token_ids(tiny_llama, tokenizer), "hybrid",
+                        mini=mini.settings(tiny_llama, edge, tokenizer)).generate(ids, 24)
+    assert got.token_ids == plain.token_ids
+    assert backend.sent >= 6 and got.retries >= 2  # frames were lost and resent
+
+
 def test_controller_pipelines_when_round_trips_are_slow_and_not_when_drafts_are_bad():
     c = DraftController(max_tokens=8)
     assert c.pipeline_depth() == 0  # the first cycles measure plain hybrid

@@ -1,0 +1,115 @@
+"""Token trees (partition/tree.py): one pass over a tree computes, at every node, what the plain
+sequence root..node computes; the accepted path kept in the cache continues like a plain run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from partition.segment import ModelSegment
+from partition.tree import MAX_TREE_NODES, DraftTree, TreeError
+
+# Root (the pending token) -> nodes 0 (5) and 1 (9); 0 -> 2 (7) and 3 (8); 2 -> 4 (11); 1 -> 5 (6).
+TREE = DraftTree(tokens=(5, 9, 7, 8, 11, 6), parents=(-1, -1, 0, 0, 2, 1))
+
+
+def test_a_tree_knows_its_rows_depths_ancestors_and_mask():
+    assert TREE.rows == 7 and TREE.depths() == [0, 1, 1, 2, 2, 3, 2]
+    anc = TREE.ancestors()
+    assert anc[5].nonzero().flatten().tolist() == [0, 1, 3, 5]  # node 4 (row 5): root, 0, 2, itself
+    assert anc[6].nonzero().flatten().tolist() == [0, 2, 6]
+    mask = TREE.mask(past=3, dtype=torch.float32)
+    assert mask.shape == (1, 1, 7, 10)
+    assert bool((mask[0, 0, :, :3] == 0).all())  # every row sees the cache
+    assert (mask[0, 0, 5, 3:] == 0).nonzero().flatten().tolist() == [0, 1, 3, 5]
+    assert TREE.positions(3).tolist() == [[3, 4, 4, 5, 5, 6, 5]]
+    windowed = TREE.mask(past=3, dtype=torch.float32, window=3)  # row 5 sits at position 6: keys 4..6 only
+    assert (windowed[0, 0, 5] == 0).nonzero().flatten().tolist() == [4, 6, 8]
+    assert DraftTree.chain([4, 5]).parents == (-1, 0)
+
+
+def test_accept_follows_the_main_models_choices_down_the_tree():
+    # choices[r]: the main model's token after row r.
+    assert TREE.accept([5, 7, 0, 11, 0, 42, 0]) == ([0, 1, 3, 5], 42)  # root -> 5 -> 7 -> 11, then 42
+    assert TREE.accept([9, 0, 6, 0, 0, 0, 13]) == ([0, 2, 6], 13)
+    assert TREE.accept([1, 0, 0, 0, 0, 0, 0]) == ([0], 1)  # no child is the model's token
+    assert TREE.path_tokens([0, 1, 3, 5]) == [5, 7, 11]
+    with pytest.raises(TreeError, match="a choice per frame row"):
+        TREE.accept([5])
+
+
+@pytest.mark.parametrize(("tokens", "parents", "match"), [
+    ((1, 2), (-1,), "a parent per node"),
+    ((1, 2), (-1, 1), "not the root"),
+    ((1, 1), (-1, -1), "twice under the same parent"),
+    (tuple(range(MAX_TREE_NODES + 1)), tuple(range(-1, MAX_TREE_NODES)), "at most"),
+])
+def test_bad_trees_are_refused(tokens, parents, match):
+    with pytest.raises(TreeError, match=match):
+        DraftTree(tokens, parents)
+
+
+def _plain_logits(segment: ModelSegment, ids: list[int]) -> torch.Tensor:
+    return segment(torch.tensor([ids]), segment.new_cache(), logits="last").logits[0, -1]
+
+
+def _paths(tree: DraftTree) -> dict[int, list[int]]:
+    """Frame row -> the tokens from the root's child down to that row."""
+    paths = {0: []}
+    for i, (t, p) in enumerate(zip(tree.tokens, tree.parents, strict=True)):
+        paths[i + 1] = paths[p + 1] + [t]
+    return paths
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+def test_one_tree_pass_computes_every_path_and_the_kept_path_continues_like_a_plain_run(fixture, request):
+    source = request.getfixturevalue(fixture)
+    full = ModelSegment.load(source, 0, source.n_layers)
+    prompt, pending = [3, 17, 29, 4], 12
+    cache = full.new_cache()
+    full(torch.tensor([prompt]), cache, logits="none")
+    x = torch.tensor([[pending, *TREE.tokens]])
+    logits = full(x, cache, logits="all", tree=TREE).logits[0]
+    for row, path in _paths(TREE).items():
+        torch.testing.assert_close(logits[row], _plain_logits(full, prompt + [pending] + path), rtol=1e-4, atol=1e-4)
+    rows, _ = TREE.accept([5, 7, 0, 11, 0, 42, 0])
+    cache.keep(len(prompt), rows)
+    assert cache.length == len(prompt) + 4
+    kept = prompt + [pending, *TREE.path_tokens(rows)]
+    after = full(torch.tensor([[42]]), cache, logits="last").logits[0, -1]
+    torch.testing.assert_close(after, _plain_logits(full, kept + [42]), rtol=1e-4, atol=1e-4)
+
+
+def test_a_tree_runs_split_across_edge_and_cloud_as_on_the_whole_model(tiny_llama):
+    n, k = tiny_llama.n_layers, 1
+    full = ModelSegment.load(tiny_llama, 0, n)
+    edge = ModelSegment.load(tiny_llama, 0, k)
+    cloud = ModelSegment.load(tiny_llama, k, n, embed=False)
+    prompt = [3, 17, 29, 4]
+    caches = [s.new_cache() for s in (full, edge, cloud)]
+    full(torch.tensor([prompt]), caches[0], logits="none")
+    cloud(edge(torch.tensor([prompt]), caches[1], logits="none").hidden, caches[2], logits="none")
+    x = torch.tensor([[12, *TREE.tokens]])
+    whole = full(x, caches[0], logits="all", tree=TREE).logits[0]
+    hidden = edge(x, caches[1], logits="none", tree=TREE).hidden
+    split = cloud(hidden, caches[2], logits="all", tree=TREE).logits[0]
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
+    rows, token = TREE.accept(whole.argmax(-1).tolist())
+    for cache in caches:
+        cache.keep(len(prompt), rows)
+    nxt = torch.tensor([[token]])
+    a = full(nxt, caches[0], logits="last").logits[0, -1]
+    b = cloud(edge(nxt, caches[1], logits="none").hidden, caches[2], logits="last").logits[0, -1]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_keep_refuses_rows_that_are_not_ascending_positions_it_holds(tiny_llama):
+    seg = ModelSegment.load(tiny_llama, 0, tiny_llama.n_layers)
+    cache = seg.new_cache()
+    seg(torch.tensor([[1, 2, 3, 4]]), cache, logits="none")
+    with pytest.raises(ValueError, match="ascending"):
+        cache.keep(2, [1, 0])
+    with pytest.raises(ValueError, match="ascending"):
+        cache.keep(2, [0, 2])
+    cache.keep(2, [0, 1])  # the plain continuation: a crop
+    assert cache.length == 4
