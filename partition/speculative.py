@@ -26,8 +26,9 @@ import torch
 
 from partition.sampling import SamplingParams, choose_token, probabilities, processed_logits
 from partition.sampling_params import MAX_DRAFT_TOKENS
+from partition.tree import DraftTree
 
-__all__ = ["MAX_DRAFT_TOKENS", "run_and_verify", "verify_drafts"]
+__all__ = ["MAX_DRAFT_TOKENS", "run_and_verify", "verify_drafts", "verify_tree"]
 
 
 
@@ -73,6 +74,55 @@ def verify_drafts(logits: torch.Tensor, drafts: list[int], params: SamplingParam
         if params.uses_history:
             history.append(draft)
     return n, choose_token(logits[n], params, step + n, history)
+
+
+def verify_tree(logits: torch.Tensor, tree: DraftTree, params: SamplingParams, step: int,
+                seen: Sequence[int] = ()) -> tuple[list[int], int]:
+    """logits: (rows, V) for a token tree's frame rows (``partition/tree.py``); ``step`` is the
+    generation index of the root's children. Returns (the frame rows of the accepted path, root
+    first; the token after its last row).
+
+    Greedy: the path follows the child that is the main model's argmax. Sampling: at each row the
+    children are tried in order, each with the speculative-sampling rule for a point-mass
+    proposal applied to what is left of ``p`` (SpecInfer's multi-candidate rule): keep child
+    ``c`` with probability ``p(c)``, else remove ``c`` from ``p``, renormalise and try the next;
+    when none is kept, draw from the remainder. Every emitted token is then distributed as ``p``.
+    A chain (one child per row) draws exactly what ``verify_drafts`` draws."""
+    if logits.dim() != 2 or logits.shape[0] != tree.rows:
+        raise ValueError(f"a tree of {tree.rows} rows needs logits of shape ({tree.rows}, V), got {tuple(logits.shape)}")
+    children: dict[int, list[int]] = {}
+    for i, parent in enumerate(tree.parents):
+        children.setdefault(parent + 1, []).append(i + 1)
+    history = list(seen) if params.uses_history else []
+    path = [0]
+    while True:
+        row, depth = path[-1], len(path) - 1
+        kids = children.get(row, [])
+        if params.greedy:
+            best = int(torch.argmax(processed_logits(logits[row], params, history)))
+            nxt = next((c for c in kids if tree.tokens[c - 1] == best), None)
+            if nxt is None:
+                return path, best
+        else:
+            p = probabilities(logits[row], params, history)
+            nxt = None
+            for j, c in enumerate(kids):
+                token = tree.tokens[c - 1]
+                u = float(torch.rand((), generator=_generator(params, step + depth, 1 if j == 0 else 10 + j)))
+                if u < float(p[token]) / max(float(p.sum()), 1e-30):
+                    nxt = c
+                    break
+                p = p.clone()
+                p[token] = 0.0
+            if nxt is None:
+                total = float(p.sum())
+                if total > 0.0:
+                    draw = torch.multinomial(p / total, 1, generator=_generator(params, step + depth, 2))
+                    return path, int(draw)
+                nxt = kids[-1]  # p allows only tokens of the children (rounding): keeping one is its draw
+        path.append(nxt)
+        if params.uses_history:
+            history.append(tree.tokens[nxt - 1])
 
 
 def run_and_verify(segment, hidden: torch.Tensor, cache, params: SamplingParams, step: int,

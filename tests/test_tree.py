@@ -113,3 +113,43 @@ def test_keep_refuses_rows_that_are_not_ascending_positions_it_holds(tiny_llama)
         cache.keep(2, [0, 2])
     cache.keep(2, [0, 1])  # the plain continuation: a crop
     assert cache.length == 4
+
+
+def test_tree_verification_greedy_follows_the_argmax_and_a_chain_draws_what_verify_drafts_draws():
+    from partition.sampling import SamplingParams
+    from partition.speculative import verify_drafts, verify_tree
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(TREE.rows, 16, generator=gen)
+    choices = logits.argmax(-1).tolist()
+    assert verify_tree(logits, TREE, SamplingParams(), step=3) == TREE.accept(choices)
+    chain = DraftTree.chain([4, 9, 2])
+    for seed in range(40):
+        params = SamplingParams(temperature=1.0, seed=seed)
+        rows = torch.randn(chain.rows, 16, generator=gen)
+        rows[0, 4] += 3.0  # make the first draft likely, so paths of several lengths occur
+        path, token = verify_tree(rows, chain, params, step=5)
+        accepted, expected = verify_drafts(rows, [4, 9, 2], params, step=5)
+        assert (len(path) - 1, token) == (accepted, expected)
+
+
+def test_tree_verification_with_sampling_emits_the_main_models_distribution():
+    """Three candidates under the root, drawn many times with different seeds: the first emitted
+    token (a kept child, or the draw from what is left) follows p, whatever the candidates."""
+    from partition.sampling import SamplingParams, probabilities
+    from partition.speculative import verify_tree
+
+    vocab = 6
+    row = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, 1.5])
+    logits = torch.stack([row] + [torch.zeros(vocab)] * 3)
+    tree = DraftTree(tokens=(1, 3, 5), parents=(-1, -1, -1))  # the model's 2nd, 4th and 3rd choices
+    p = probabilities(row, SamplingParams(temperature=1.0))
+    counts = torch.zeros(vocab)
+    draws = 6000
+    for seed in range(draws):
+        path, token = verify_tree(logits, tree, SamplingParams(temperature=1.0, seed=seed), step=0)
+        first = tree.tokens[path[1] - 1] if len(path) > 1 else token
+        counts[first] += 1
+    freq = counts / draws
+    # Binomial standard error at 6000 draws is at most 0.0065: allow four of them.
+    assert torch.allclose(freq, p, atol=0.026), (freq, p)
