@@ -298,8 +298,11 @@ def test_smollm2_pipelined_drafting_equals_local():
                                 "--cloud-latency", "0.02")
                 assert got["token_ids"] == local["token_ids"], (prompt, k)
                 assert got["tokens_from_mini"] > 0 and got["cloud_waits"] < got["cloud_round_trips"]
-            # The int8 copy of layers [15, 30) with the defaults: right at 98% of positions measured.
+            # The int8 copy of layers [15, 30), four guesses in flight: its guess is the model's at
+            # 97% of positions teacher-forced; in a pipeline, the guesses behind a wrong one count
+            # as drafted too (88-92% kept in bench_mini).
             got = edge_json(cluster, "--split", "15", "--tokens", "32", "--prompt", prompt, "--mini", "int8",
-                            "--cloud-latency", "0.05")
+                            "--mini-max-draft", "4", "--mini-fixed", "--cloud-latency", "0.02")
             assert got["token_ids"] == local["token_ids"], prompt
-            assert got["mini"] == "int8" and got["acceptance_rate"] >= 0.9, got["acceptance_rate"]
+            assert got["mini"] == "int8" and got["tokens_drafted"] >= 16, got
+            assert got["acceptance_rate"] >= 0.7, got["acceptance_rate"]  # 0.84 seen on a loaded machine
