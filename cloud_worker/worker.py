@@ -45,7 +45,8 @@ from partition.profile import kv_bytes_per_token_per_layer, measure_decode_ms
 from partition.reduction import Reduction, ReductionError, ReductionStore
 from partition.sampling import SamplingParams
 from partition.segment import ModelSegment, StepInput, chunk_plan
-from partition.speculative import verify_drafts
+from partition.speculative import verify_drafts, verify_tree
+from partition.tree import DraftTree
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ class _Pending:
     draft: list[int]  # drafted tokens held by the last len(draft) positions
     seen: Sequence[int]  # generated tokens so far (a repetition penalty reads them)
     epoch: int
+    tree: DraftTree | None = None  # the drafts are this tree's nodes, the frame its rows
     done: int = 0  # positions computed so far: a long frame runs one chunk per pass (chunk_plan)
     logits: list[torch.Tensor] = field(default_factory=list)  # its chunks' logits so far
     compute_ms: float = 0.0  # over its passes
@@ -418,7 +420,7 @@ class CloudWorker:
             # run it again, so the step affects the cache exactly once.
             cache.crop(pos)
         self.sessions.reserve(self._cache_growth(session, pos + hidden.shape[1]), f"step {job.step}")
-        return _Pending(job, session, hidden, pos, list(req.draft), req.seen or (), req.epoch)
+        return _Pending(job, session, hidden, pos, list(req.draft), req.seen or (), req.epoch, req.tree)
 
     def _cache_growth(self, session: Session, length: int) -> int:
         """Bytes ``session``'s cache allocates to hold ``length`` positions (0 when it has room)."""
@@ -435,7 +437,7 @@ class CloudWorker:
         try:
             # hidden: (1, T, H); the last len(draft) positions are drafted tokens to verify.
             outs = self.segment.forward_many([
-                StepInput(p.hidden[:, a:b], p.session.cache, p.session.layer_lo, count or "none")
+                StepInput(p.hidden[:, a:b], p.session.cache, p.session.layer_lo, count or "none", p.tree)
                 for p, (a, b, count) in zip(batch, chunks, strict=True)])
         except Exception as exc:  # noqa: BLE001 - every step of the batch is answered, the worker goes on
             for p in batch:
@@ -456,21 +458,28 @@ class CloudWorker:
                 continue
             self._release(p.job.session_id)
             session, cache = p.session, p.session.cache
+            path = None
             try:
                 logits = p.logits[0] if len(p.logits) == 1 else torch.cat(p.logits, dim=1)
-                accepted, token = verify_drafts(logits[0], p.draft, session.sampling, p.job.step, p.seen)
+                if p.tree is not None:
+                    rows, token = verify_tree(logits[0], p.tree, session.sampling, p.job.step, p.seen)
+                    cache.keep(p.pos, rows)
+                    path, accepted = rows[1:], len(rows) - 1
+                else:
+                    accepted, token = verify_drafts(logits[0], p.draft, session.sampling, p.job.step, p.seen)
+                    cache.crop(cache.length - (len(p.draft) - accepted))
             except Exception as exc:  # noqa: BLE001
                 cache.crop(p.pos)
                 self._failed(p.job, exc)
                 continue
-            cache.crop(cache.length - (len(p.draft) - accepted))
             tokens += accepted + 1
             session.last_step, session.epoch, session.expected = p.job.step, p.epoch, token
             if len(batch) == 1 and p.compute_ms == compute_ms:  # the planner reads a lone step's figure
                 self.cost.observe(compute_ms, self.source.n_layers - session.layer_lo, p.hidden.shape[1])
             worker_ms = (time.monotonic() - p.job.received_at) * 1e3
             self._answer(p.job, {}, seal_step_reply(session.cipher, p.job.session_id, p.job.step, token,
-                                                     cache.length, p.compute_ms, worker_ms, accepted=accepted))
+                                                     cache.length, p.compute_ms, worker_ms, accepted=accepted,
+                                                     path=path))
         self.conn.record_batch(len(batch), tokens)
 
     def _release(self, session_id: str) -> None:

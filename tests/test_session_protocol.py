@@ -165,3 +165,40 @@ def test_fuzz_sealed_bodies_fail_authentication(frames):
     _, worker = ciphers()
     with pytest.raises((CryptoError, ProtocolError)):
         sp.open_step(worker, SID, 0, frames, HIDDEN)
+
+
+def test_a_token_tree_travels_with_its_step_and_the_kept_path_with_the_reply():
+    hidden = torch.randn(1, 4, HIDDEN)
+    frames = sp.seal_step(NullCipher(), SID, 3, 10, hidden, "fp32", draft=[5, 9, 7], tree=[-1, -1, 0])
+    req = sp.open_step(NullCipher(), SID, 3, frames, HIDDEN, vocab_size=50)
+    assert req.tree is not None and req.tree.tokens == (5, 9, 7) and req.tree.parents == (-1, -1, 0)
+    assert req.draft == [5, 9, 7] and req.pos == 10
+    reply = sp.seal_step_reply(NullCipher(), SID, 3, 4, 13, 1.0, 2.0, accepted=2, path=[1, 3])
+    got = sp.open_step_reply(NullCipher(), SID, 3, reply)
+    assert got.path == (1, 3) and got.accepted == 2
+    assert sp.open_step_reply(NullCipher(), SID, 3, sp.seal_step_reply(NullCipher(), SID, 3, 4, 13, 1.0, 2.0)).path is None
+
+
+@pytest.mark.parametrize(("draft", "tree", "positions", "first", "match"), [
+    ([5, 9], [-1, 1], 3, None, "not the root"),  # a parent after its child
+    ([5, 5], [-1, -1], 3, None, "twice under the same parent"),
+    ([5, 9], [-1], 3, None, "a parent per node"),
+    ([5, 9], [-1, 0], 5, None, "its 3 rows only"),  # positions before the tree's root
+    ([5, 9], [-1, 0], 3, 4, "cannot be conditional"),
+])
+def test_bad_token_trees_are_protocol_errors(draft, tree, positions, first, match):
+    frames = sp.seal_step(NullCipher(), SID, 0, 0, torch.randn(1, positions, HIDDEN), "fp16", draft=draft,
+                          tree=tree, first=first)
+    with pytest.raises(ProtocolError, match=match):
+        sp.open_step(NullCipher(), SID, 0, frames, HIDDEN, vocab_size=50)
+
+
+def test_a_chain_longer_than_the_draft_limit_is_refused_but_a_tree_of_63_nodes_is_not():
+    chain = list(range(1, sp.MAX_DRAFT_TOKENS + 2))
+    frames = sp.seal_step(NullCipher(), SID, 0, 0, torch.randn(1, len(chain) + 1, HIDDEN), "fp16", draft=chain)
+    with pytest.raises(ProtocolError, match="at most"):
+        sp.open_step(NullCipher(), SID, 0, frames, HIDDEN)
+    nodes = list(range(1, 64))
+    frames = sp.seal_step(NullCipher(), SID, 0, 0, torch.randn(1, 64, HIDDEN), "fp16", draft=nodes,
+                          tree=[-1] * 63)
+    assert sp.open_step(NullCipher(), SID, 0, frames, HIDDEN).tree.rows == 64

@@ -153,3 +153,64 @@ def test_tree_verification_with_sampling_emits_the_main_models_distribution():
     freq = counts / draws
     # Binomial standard error at 6000 draws is at most 0.0065: allow four of them.
     assert torch.allclose(freq, p, atol=0.026), (freq, p)
+
+
+def test_a_worker_verifies_a_tree_step_keeps_the_path_and_continues_like_local(tiny_llama):
+    """A real worker (in-process, its connection to a real broker) gets a tree frame: it answers
+    with the path the main model takes through the tree, keeps only that path in its cache, and
+    the next plain step gives the token a local run gives."""
+    import time
+
+    from brokerutil import running_broker
+
+    from broker.wire.crypto import NullCipher
+    from broker.wire.session_protocol import OpenParams, close_digest, new_close_key, open_step_reply, seal_step
+    from broker.worker_api import Job, WorkerConnection
+    from cloud_worker.worker import CloudWorker, CloudWorkerConfig
+    from partition.sampling import SamplingParams
+
+    k, n = 1, tiny_llama.n_layers
+    full = ModelSegment.load(tiny_llama, 0, n)
+    edge = ModelSegment.load(tiny_llama, 0, k)
+    prompt = [3, 17, 29, 4]
+    greedy = []  # the local run's next three tokens
+    cache = full.new_cache()
+    x = torch.tensor([prompt])
+    for _ in range(4):
+        token = int(full(x, cache, logits="last").logits[0, -1].argmax())
+        greedy.append(token)
+        x = torch.tensor([[token]])
+    # Pending greedy[0]; its right child greedy[1] beside a wrong one; under it greedy[2] beside
+    # a wrong one, so the path is root -> node 1 -> node 3 and greedy[3] follows.
+    wrong = [t for t in range(5, 60) if t not in greedy][:2]
+    tree = DraftTree(tokens=(wrong[0], greedy[1], wrong[1], greedy[2]), parents=(-1, -1, 1, 1))
+    replies: list = []
+
+    def job(request_id: str, kind: str, step: int, extra: dict, frames: list) -> Job:
+        return Job(request_id=request_id, session_id="s1", model_id=tiny_llama.model_id, step=step, attempt=1,
+                   kind=kind, layer_lo=k, deadline_ms=5000, extra=extra, frames=frames, received_at=time.monotonic())
+
+    with running_broker() as broker:
+        worker = CloudWorker(CloudWorkerConfig(model="tiny-llama", broker=broker.endpoint, curve=False))
+        worker.conn = WorkerConnection(broker.endpoint, worker.info)
+        worker._answer = lambda job_, extra, frames: replies.append((job_.step, frames))
+        try:
+            worker.handle_many([job("o", "open", 0, OpenParams(b"", SamplingParams().to_wire(), "fp32",
+                                                              close_digest(new_close_key())).to_extra(), [])])
+            ec = edge.new_cache()
+            h = edge(torch.tensor([prompt]), ec, logits="none").hidden
+            worker.handle_many([job("s0", "step", 0, {}, seal_step(NullCipher(), "s1", 0, 0, h, "fp32"))])
+            assert open_step_reply(NullCipher(), "s1", 0, replies[-1][1]).token == greedy[0]
+            ht = edge(torch.tensor([[greedy[0], *tree.tokens]]), ec, logits="none", tree=tree).hidden
+            worker.handle_many([job("s1", "step", 1, {}, seal_step(NullCipher(), "s1", 1, len(prompt), ht, "fp32",
+                                                                   draft=list(tree.tokens), tree=list(tree.parents)))])
+            got = open_step_reply(NullCipher(), "s1", 1, replies[-1][1])
+            assert (got.path, got.accepted, got.token, got.pos) == ((2, 4), 2, greedy[3], len(prompt) + 3)
+            ec.keep(len(prompt), [0, *got.path])
+            h = edge(torch.tensor([[greedy[3]]]), ec, logits="none").hidden
+            worker.handle_many([job("s2", "step", 2, {}, seal_step(NullCipher(), "s1", 2, got.pos, h, "fp32"))])
+            after = open_step_reply(NullCipher(), "s1", 2, replies[-1][1])
+            local = int(full(torch.tensor([[greedy[3]]]), cache, logits="last").logits[0, -1].argmax())
+            assert after.token == local and worker.failed == 0
+        finally:
+            worker.conn.close()

@@ -24,7 +24,12 @@ request *kinds* a session uses and their bodies, which the broker forwards untou
            happens once). ``draft`` (optional, at most ``MAX_DRAFT_TOKENS``) holds tokens a
            drafter proposed; the tensor's last ``len(draft) + 1`` positions are the pending token
            and the drafts, and the worker verifies them (``partition/speculative.py``), keeps the
-           accepted ones in its cache and drops the rest. ``epoch`` (optional, default 0): the
+           accepted ones in its cache and drops the rest. ``tree`` (optional, at most
+           ``MAX_TREE_NODES`` parents): the drafts are a token tree's nodes (each node's parent:
+           -1 for the pending token, else an earlier node; ``partition/tree.py``) and the tensor
+           holds exactly the pending token and the nodes; the worker verifies the whole tree in
+           one pass, keeps the accepted path in its cache and names it in the reply's ``path``
+           (the kept frame rows after the pending token's). ``epoch`` (optional, default 0): the
            edge raises it when it gives up on frames in flight and resends from its oldest
            unanswered position; a step of a higher epoch may rewind the cache (crop back to
            ``pos``), one of a lower epoch is stale. ``first`` (optional) makes the step
@@ -67,6 +72,7 @@ from broker.errors import CryptoError, ProtocolError
 from broker.wire.codec import WIRE_DTYPES, decode_tensor, encode_tensor
 from broker.wire.crypto import Cipher, make_aad
 from partition.sampling_params import MAX_DRAFT_TOKENS
+from partition.tree import MAX_TREE_NODES, DraftTree, TreeError
 
 KIND_OPEN = "open"
 KIND_STEP = "step"
@@ -91,7 +97,7 @@ def _unpack_small(data: Any, what: str) -> dict:
             strict_map_key=True,
             max_bin_len=64,
             max_str_len=256,
-            max_array_len=MAX_DRAFT_TOKENS,
+            max_array_len=max(MAX_DRAFT_TOKENS, MAX_TREE_NODES),
             max_map_len=16,
             ext_hook=_no_ext,
         )
@@ -201,17 +207,20 @@ def check_open_proof(cipher: Cipher, session_id: str, step: int, frames: list[An
 
 def seal_step(cipher: Cipher, session_id: str, step: int, pos: int, hidden, wire_dtype: str,
               draft: list[int] | tuple[int, ...] = (), first: int | None = None, epoch: int = 0,
-              seen: Sequence[int] | None = None) -> list[Any]:
+              seen: Sequence[int] | None = None, tree: Sequence[int] | None = None) -> list[Any]:
     """hidden: (1, T, H) boundary activations for positions pos .. pos+T; ``draft``: tokens the
     last ``len(draft)`` of those positions hold, to be verified; ``first``: the guessed token at
     ``pos`` of a conditional step; ``epoch``: see the module docstring; ``seen``: the generated
-    tokens a repetition penalty reads (None: the session has none)."""
+    tokens a repetition penalty reads (None: the session has none); ``tree``: the drafts are a
+    token tree's nodes and these their parents (``partition/tree.py``), the frame its rows."""
     meta, data = encode_tensor(hidden, wire_dtype)
     fields: dict[str, Any] = {"pos": pos, "tensor": meta}
     if draft:
         fields["draft"] = [int(t) for t in draft]
     if first is not None:
         fields["first"] = int(first)
+    if tree is not None:
+        fields["tree"] = [int(p) for p in tree]
     if epoch:
         fields["epoch"] = int(epoch)
     body = [msgpack.packb(fields), data]
@@ -228,6 +237,7 @@ class StepRequest:
     first: int | None = None  # a conditional step: the guessed token at ``pos``
     epoch: int = 0
     seen: list[int] | None = None  # generated token ids for a repetition penalty
+    tree: DraftTree | None = None  # the drafts are this tree's nodes; the frame is its rows
 
 
 def open_step(cipher: Cipher, session_id: str, step: int, frames: list[Any], hidden_size: int,
@@ -251,6 +261,19 @@ def open_step(cipher: Cipher, session_id: str, step: int, frames: list[Any], hid
                               or (vocab_size is not None and first >= vocab_size)):
         raise ProtocolError("bad_draft", "step field 'first' must be a token id in the vocabulary")
     epoch = _int_field(head, "epoch", "step") if "epoch" in head else 0
+    tree = None
+    if "tree" in head:
+        parents = head["tree"]
+        if type(parents) is not list or not all(type(p) is int for p in parents):
+            raise ProtocolError("bad_draft", "step field 'tree' must be a list of parent indices")
+        if first is not None:
+            raise ProtocolError("bad_draft", "a tree step cannot be conditional")
+        try:
+            tree = DraftTree(tuple(draft), tuple(parents))
+        except TreeError as exc:
+            raise ProtocolError("bad_draft", f"step field 'tree': {exc}") from None
+    elif len(draft) > MAX_DRAFT_TOKENS:
+        raise ProtocolError("bad_draft", f"at most {MAX_DRAFT_TOKENS} drafts in a chain, got {len(draft)}")
     hidden = decode_tensor(head.get("tensor"), body[1])
     if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[2] != hidden_size or hidden.shape[1] < 1:
         raise ProtocolError(
@@ -259,7 +282,9 @@ def open_step(cipher: Cipher, session_id: str, step: int, frames: list[Any], hid
     if len(draft) >= hidden.shape[1]:
         raise ProtocolError("bad_draft", f"{len(draft)} drafts need at least {len(draft) + 1} positions, "
                             f"the step has {hidden.shape[1]}")
-    return StepRequest(pos, hidden, draft, first, epoch, seen)
+    if tree is not None and hidden.shape[1] != tree.rows:
+        raise ProtocolError("bad_draft", f"a tree step holds its {tree.rows} rows only, got {hidden.shape[1]} positions")
+    return StepRequest(pos, hidden, draft, first, epoch, seen, tree)
 
 
 def _seen_tokens(data: Any, vocab_size: int | None) -> list[int]:
@@ -274,12 +299,14 @@ def _seen_tokens(data: Any, vocab_size: int | None) -> list[int]:
 
 def seal_step_reply(
     cipher: Cipher, session_id: str, step: int, token: int, pos: int, compute_ms: float, worker_ms: float,
-    accepted: int = 0, skipped: bool = False,
+    accepted: int = 0, skipped: bool = False, path: Sequence[int] | None = None,
 ) -> list[Any]:
     fields: dict[str, Any] = {"token": token, "accepted": accepted, "pos": pos, "compute_ms": float(compute_ms),
                               "worker_ms": float(worker_ms)}
     if skipped:
         fields["skipped"] = True
+    if path is not None:
+        fields["path"] = [int(r) for r in path]
     head = msgpack.packb(fields)
     return cipher.seal(make_aad(session_id, step, KIND_STEP), [head])
 
@@ -292,6 +319,7 @@ class StepReply:
     worker_ms: float
     accepted: int = 0  # drafts the worker kept; ``token`` follows them
     skipped: bool = False  # a conditional step whose condition failed: nothing ran
+    path: tuple[int, ...] | None = None  # a tree step: the frame rows kept after the root
 
 
 def open_step_reply(cipher: Cipher, session_id: str, step: int, frames: list[Any]) -> StepReply:
@@ -309,4 +337,14 @@ def open_step_reply(cipher: Cipher, session_id: str, step: int, frames: list[Any
         float(times[1]),
         _int_field(head, "accepted", "step reply") if "accepted" in head else 0,
         head.get("skipped") is True,
+        _path_field(head),
     )
+
+
+def _path_field(head: dict) -> tuple[int, ...] | None:
+    path = head.get("path")
+    if path is None:
+        return None
+    if type(path) is not list or not all(type(r) is int and r > 0 for r in path) or path != sorted(set(path)):
+        raise ProtocolError("bad_body", "step reply 'path' must be ascending frame rows")
+    return tuple(path)
