@@ -17,7 +17,8 @@ import torch
 from edge_worker.drafting import MiniSettings
 from partition.sampling import SamplingParams
 from partition.segment import ModelSegment
-from partition.speculative import run_and_verify
+from partition.speculative import run_and_verify, run_and_verify_tree
+from partition.tree import DraftTree
 
 if TYPE_CHECKING:
     from edge_worker.generation import GenerationResult
@@ -68,11 +69,13 @@ class Backend(Protocol):
     def start(self, sampling: SamplingParams) -> None: ...
 
     def step(self, hidden: torch.Tensor, step: int, draft: list[int] | tuple[int, ...] = (),
-             seen: Sequence[int] = ()) -> tuple[list[int], StepStats]:
+             seen: Sequence[int] = (), tree: DraftTree | None = None) -> tuple[list[int], StepStats]:
         """hidden: (1, T, H) boundary activations for T new positions, the last ``len(draft)`` of
         which hold drafted tokens; ``step`` is the generation index of the first token returned;
         ``seen``: the tokens generated up to the last position before the drafts (what a
-        repetition penalty reads).
+        repetition penalty reads). With ``tree``, the last ``tree.rows`` positions are a token
+        tree's rows (the pending token and the nodes; ``draft`` is unused) and the cache keeps
+        the path the main model accepts.
 
         Returns the drafts the main model kept followed by the token after them (without drafts:
         one token); positions of rejected drafts are dropped from the cache.
@@ -134,8 +137,11 @@ class LocalBackend:
         self.sampling = sampling
 
     def step(self, hidden: torch.Tensor, step: int, draft: list[int] | tuple[int, ...] = (),
-             seen: Sequence[int] = ()) -> tuple[list[int], StepStats]:
+             seen: Sequence[int] = (), tree: DraftTree | None = None) -> tuple[list[int], StepStats]:
         t0 = time.perf_counter()
+        if tree is not None:
+            path, token = run_and_verify_tree(self.segment, hidden, self.cache, self.sampling, step, tree, seen=seen)
+            return [*tree.path_tokens(path), token], StepStats(cloud_compute_ms=(time.perf_counter() - t0) * 1e3)
         accepted, token = run_and_verify(self.segment, hidden, self.cache, self.sampling, step, draft, seen=seen)
         return [*draft[:accepted], token], StepStats(cloud_compute_ms=(time.perf_counter() - t0) * 1e3)
 

@@ -62,6 +62,7 @@ from edge_worker.timeouts import ADAPTIVE_MAX_POSITIONS, DEFAULT_MIN_TIMEOUT_S, 
 from partition.reduction import Reduction
 from partition.sampling import SamplingParams
 from partition.segment import PREFILL_CHUNK
+from partition.tree import DraftTree
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +241,7 @@ class CloudSession:
         # Raised when the edge gives up on pipelined frames in flight and resends from its oldest
         # unanswered position: the worker lets a step of a newer epoch rewind its cache.
         self.epoch = 0
+        self._path: list[int] = []  # a tree step's kept rows after the root, from the worker's reply
         self._close_key = b""  # what frees the open session (its opener carried the digest)
         # (session id, close key) of openers sent but not answered (in flight, or interrupted):
         # each may have made a session on a worker, which close() frees too.
@@ -259,7 +261,8 @@ class CloudSession:
         self._close_key = b""
 
     def step(self, hidden: torch.Tensor, step: int, draft: list[int] | tuple[int, ...] = (),
-             seen: Sequence[int] = (), started: float | None = None) -> tuple[list[int], StepStats]:
+             seen: Sequence[int] = (), started: float | None = None, tree: DraftTree | None = None
+             ) -> tuple[list[int], StepStats]:
         """hidden: (1, T, H) activations for the positions after ``self.pos``; the last
         ``len(draft)`` of them hold drafted tokens for the worker to verify.
 
@@ -268,9 +271,12 @@ class CloudSession:
         if a local fallback was given, the rest of the model runs here from the replay log;
         otherwise the last error is raised. ``started`` (``time.monotonic()``): when the step
         began, if before this call (a pipelined frame's resend counts from its first sending).
+        ``tree``: the last ``tree.rows`` positions are a token tree's rows (``Backend.step``).
         """
+        if tree is not None:
+            draft = tree.tokens
         if self.local is not None:
-            return self._local_step(hidden, step, StepStats(), draft=draft, seen=seen)
+            return self._local_step(hidden, step, StepStats(), draft=draft, seen=seen, tree=tree)
         stats = StepStats()
         pending = hidden  # what must reach the worker; grows to the whole log after a failover
         base = self.pos  # the position pending starts at (frames of it the worker has are not resent)
@@ -297,7 +303,7 @@ class CloudSession:
                         pending = torch.cat([*self.replay, hidden], dim=1)
                     base = self.pos
                 accepted, token = self._send_frames(pending, base, step, stats, timeout_s, deadline - grace,
-                                                    draft, seen)
+                                                    draft, seen, tree)
                 break
             except EdgeCloudError as exc:
                 last = exc
@@ -317,7 +323,8 @@ class CloudSession:
                         self.local = self.fallback()
                         self.local.start(self.sampling)
                         stats.retries += 1
-                        return self._local_step(hidden, step, stats, replay=True, draft=draft, seen=seen)
+                        return self._local_step(hidden, step, stats, replay=True, draft=draft, seen=seen,
+                                                tree=tree)
                     raise
                 stats.retries += 1
                 timeouts = timeouts + 1 if isinstance(exc, RequestTimeout) and self.cipher is not None else 0
@@ -341,6 +348,10 @@ class CloudSession:
                 log.info("step %d: %s; retry %d in %.2f s", step, exc, attempt, pause)
                 time.sleep(pause)
                 stats.waiting_ms += pause * 1e3
+        if tree is not None:
+            rows = [0, *self._path]
+            self._log(hidden, 0, tree, rows)
+            return [*tree.path_tokens(rows), token], stats
         self._log(hidden, len(draft) - accepted)
         return [*draft[:accepted], token], stats
 
@@ -350,21 +361,30 @@ class CloudSession:
         self.pos = 0
         self.cipher = None
 
-    def _log(self, hidden: torch.Tensor, rejected: int) -> None:
-        """Keep what the worker's cache now holds: the step's positions minus rejected drafts."""
-        kept = hidden[:, :hidden.shape[1] - rejected] if rejected else hidden
+    def _log(self, hidden: torch.Tensor, rejected: int, tree: DraftTree | None = None,
+             rows: Sequence[int] = ()) -> None:
+        """Keep what the worker's cache now holds: the step's positions minus rejected drafts
+        (of a tree: the positions before it and its kept ``rows``)."""
+        if tree is not None:
+            before = hidden.shape[1] - tree.rows
+            kept = torch.cat([hidden[:, :before], hidden[:, [before + r for r in rows]]], dim=1)
+        else:
+            kept = hidden[:, :hidden.shape[1] - rejected] if rejected else hidden
         self.replay.append(kept.detach().to(torch.float32).cpu())
 
     def _local_step(self, hidden: torch.Tensor, step: int, stats: StepStats, replay: bool = False,
-                    draft: list[int] | tuple[int, ...] = (), seen: Sequence[int] = ()
-                    ) -> tuple[list[int], StepStats]:
+                    draft: list[int] | tuple[int, ...] = (), seen: Sequence[int] = (),
+                    tree: DraftTree | None = None) -> tuple[list[int], StepStats]:
         """The fallback: the remaining layers in this process, rebuilt from the replay log once."""
         assert self.local is not None, "only called once a local fallback exists"
         x = torch.cat([*self.replay, hidden], dim=1) if replay and self.replay else hidden
-        tokens, local_stats = self.local.step(x, step, draft, seen)
+        tokens, local_stats = self.local.step(x, step, draft, seen, tree=tree)
         stats.cloud_compute_ms += local_stats.cloud_compute_ms
         stats.fell_back = True
-        self._log(hidden, len(draft) - (len(tokens) - 1))
+        if tree is not None:
+            self._log(hidden, 0, tree, _rows_of(tree, tokens[:-1]))
+        else:
+            self._log(hidden, len(draft) - (len(tokens) - 1))
         return tokens, stats
 
     def close(self) -> None:
@@ -553,8 +573,8 @@ class CloudSession:
         return seen if self.sampling.uses_history else None
 
     def _send_frames(self, pending: torch.Tensor, base: int, step: int, stats: StepStats, timeout_s: float,
-                     until: float, draft: list[int] | tuple[int, ...] = (), seen: Sequence[int] = ()
-                     ) -> tuple[int, int]:
+                     until: float, draft: list[int] | tuple[int, ...] = (), seen: Sequence[int] = (),
+                     tree: DraftTree | None = None) -> tuple[int, int]:
         """Send what of ``pending`` (positions ``base`` on) the worker does not hold yet: in one
         frame, or, past ``max_frame_bytes``, in frames of whole 64-position chunks, each answered
         before the next goes (the worker computes the same chunks either way: its prefill runs
@@ -565,16 +585,20 @@ class CloudSession:
         width = rest.shape[2] if self.reduction is None else self.reduction.dims
         per_frame = self.client.max_frame_bytes // row_bytes_bound(width, self.client.wire_dtype)
         chunk = max(PREFILL_CHUNK, per_frame // PREFILL_CHUNK * PREFILL_CHUNK)
-        # The last frame holds at least the drafts and the position before them.
-        while rest.shape[1] - chunk >= len(draft) + 1:
+        # The last frame holds at least the drafts and the position before them (a tree: exactly
+        # its rows, so what comes before them, a replay, goes first in frames of its own).
+        tail = len(draft) + 1
+        while rest.shape[1] - chunk >= tail or (tree is not None and rest.shape[1] > tail):
+            size = chunk if rest.shape[1] - chunk >= tail else rest.shape[1] - tail
             wait = min(timeout_s, max(0.05, until - time.monotonic()))
-            self._send_step(rest[:, :chunk], step, stats, wait, seen=seen)
-            rest = rest[:, chunk:]
+            self._send_step(rest[:, :size], step, stats, wait, seen=seen)
+            rest = rest[:, size:]
         wait = min(timeout_s, max(0.05, until - time.monotonic()))
-        return self._send_step(rest, step, stats, wait, draft, seen)
+        return self._send_step(rest, step, stats, wait, draft, seen, tree)
 
     def _send_step(self, hidden: torch.Tensor, step: int, stats: StepStats, timeout_s: float,
-                   draft: list[int] | tuple[int, ...] = (), seen: Sequence[int] = ()) -> tuple[int, int]:
+                   draft: list[int] | tuple[int, ...] = (), seen: Sequence[int] = (),
+                   tree: DraftTree | None = None) -> tuple[int, int]:
         """Returns (drafts accepted, the token after them).
 
         While unanswered after the adaptive wait (timeouts.py), copies are sent; the first answer wins.
@@ -591,7 +615,8 @@ class CloudSession:
         try:
             while winner is None:
                 frames = seal_step(self.cipher, self.session_id, step, self.pos, wire, self.client.wire_dtype,
-                                   draft, epoch=self.epoch, seen=carried)
+                                   draft, epoch=self.epoch, seen=carried,
+                                   tree=None if tree is None else tree.parents)
                 stats.bytes_sent += sum(len(memoryview(f)) for f in frames)
                 now = time.perf_counter()
                 rid = conn.submit(self.session_id, KIND_STEP, self.model_id, self.split, step, frames,
@@ -619,13 +644,39 @@ class CloudSession:
         elapsed_ms = (time.perf_counter() - t0) * 1e3
         if not 0 <= result.accepted <= len(draft):
             raise WorkerLost(f"the worker accepted {result.accepted} of {len(draft)} drafts")
-        expected = self.pos + hidden.shape[1] - (len(draft) - result.accepted)
+        if tree is not None:
+            path = result.path or ()
+            if len(path) != result.accepted:
+                raise WorkerLost(f"the worker kept {result.accepted} tree nodes but named {len(path)}")
+            _check_path(tree, path)
+            self._path = list(path)
+            expected = self.pos + 1 + result.accepted
+        else:
+            expected = self.pos + hidden.shape[1] - (len(draft) - result.accepted)
         if result.pos != expected:
             raise WorkerLost(f"worker cache holds {result.pos} positions, expected {expected}")
         self.pos = expected
         stats.round_trips += 1
         _account(stats, reply, result, elapsed_ms)
         return result.accepted, result.token
+
+
+def _rows_of(tree: DraftTree, tokens: Sequence[int]) -> list[int]:
+    """The frame rows (root first) of the path through ``tree`` whose tokens are ``tokens``."""
+    children = {(p + 1, t): i + 1 for i, (t, p) in enumerate(zip(tree.tokens, tree.parents, strict=True))}
+    rows = [0]
+    for t in tokens:
+        rows.append(children[(rows[-1], t)])
+    return rows
+
+
+def _check_path(tree: DraftTree, path: Sequence[int]) -> None:
+    """A worker's path must go down the tree from the root, one child at a time."""
+    parent = 0
+    for row in path:
+        if not 0 < row < tree.rows or tree.parents[row - 1] + 1 != parent:
+            raise WorkerLost(f"the worker's path {list(path)} does not go down the tree sent")
+        parent = row
 
 
 def _account(stats: StepStats, reply: Reply, result: StepReply, elapsed_ms: float) -> None:

@@ -28,7 +28,7 @@ from partition.sampling import SamplingParams, choose_token, probabilities, proc
 from partition.sampling_params import MAX_DRAFT_TOKENS
 from partition.tree import DraftTree
 
-__all__ = ["MAX_DRAFT_TOKENS", "run_and_verify", "verify_drafts", "verify_tree"]
+__all__ = ["MAX_DRAFT_TOKENS", "run_and_verify", "run_and_verify_tree", "verify_drafts", "verify_tree"]
 
 
 
@@ -123,6 +123,25 @@ def verify_tree(logits: torch.Tensor, tree: DraftTree, params: SamplingParams, s
         path.append(nxt)
         if params.uses_history:
             history.append(tree.tokens[nxt - 1])
+
+
+def run_and_verify_tree(segment, hidden: torch.Tensor, cache, params: SamplingParams, step: int,
+                        tree: DraftTree, start_layer: int | None = None,
+                        seen: Sequence[int] = ()) -> tuple[list[int], int]:
+    """Run ``segment`` (which holds the head) on ``hidden`` (1, T, H) whose last ``tree.rows``
+    positions are a token tree's rows (any before them run first, as an ordinary frame), verify
+    the tree and keep its accepted path in ``cache``. Returns (the kept rows after the root, the
+    token after them)."""
+    before = hidden.shape[1] - tree.rows
+    if before < 0:
+        raise ValueError(f"a tree of {tree.rows} rows needs as many positions, got {hidden.shape[1]}")
+    if before:
+        segment(hidden[:, :before], cache, start_layer=start_layer, logits="none")
+    root = cache.length
+    out = segment(hidden[:, before:], cache, start_layer=start_layer, logits="all", tree=tree)
+    rows, token = verify_tree(out.logits[0], tree, params, step, seen)
+    cache.keep(root, rows)
+    return rows[1:], token
 
 
 def run_and_verify(segment, hidden: torch.Tensor, cache, params: SamplingParams, step: int,

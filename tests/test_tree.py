@@ -155,6 +155,26 @@ def test_tree_verification_with_sampling_emits_the_main_models_distribution():
     assert torch.allclose(freq, p, atol=0.026), (freq, p)
 
 
+def _next_local(source, ids: list[int]) -> int:
+    full = ModelSegment.load(source, 0, source.n_layers)
+    return int(full(torch.tensor([ids]), full.new_cache(), logits="last").logits[0, -1].argmax())
+
+
+def _greedy_tree_case(source):
+    """(prompt, the local run's next four tokens, a tree whose accepted path is root -> node 1 ->
+    node 3 under greedy). The pending token is greedy[0]; under it the right greedy[1] beside a
+    wrong token, under that the right greedy[2] beside another: greedy[3] follows the path."""
+    full = ModelSegment.load(source, 0, source.n_layers)
+    prompt = [3, 17, 29, 4]
+    greedy, cache, x = [], full.new_cache(), torch.tensor([prompt])
+    for _ in range(4):
+        token = int(full(x, cache, logits="last").logits[0, -1].argmax())
+        greedy.append(token)
+        x = torch.tensor([[token]])
+    wrong = [t for t in range(5, 60) if t not in greedy][:2]
+    return prompt, greedy, DraftTree(tokens=(wrong[0], greedy[1], wrong[1], greedy[2]), parents=(-1, -1, 1, 1))
+
+
 def test_a_worker_verifies_a_tree_step_keeps_the_path_and_continues_like_local(tiny_llama):
     """A real worker (in-process, its connection to a real broker) gets a tree frame: it answers
     with the path the main model takes through the tree, keeps only that path in its cache, and
@@ -164,26 +184,20 @@ def test_a_worker_verifies_a_tree_step_keeps_the_path_and_continues_like_local(t
     from brokerutil import running_broker
 
     from broker.wire.crypto import NullCipher
-    from broker.wire.session_protocol import OpenParams, close_digest, new_close_key, open_step_reply, seal_step
+    from broker.wire.session_protocol import (
+        OpenParams,
+        close_digest,
+        new_close_key,
+        open_step_reply,
+        seal_step,
+    )
     from broker.worker_api import Job, WorkerConnection
     from cloud_worker.worker import CloudWorker, CloudWorkerConfig
     from partition.sampling import SamplingParams
 
-    k, n = 1, tiny_llama.n_layers
-    full = ModelSegment.load(tiny_llama, 0, n)
+    k = 1
+    prompt, greedy, tree = _greedy_tree_case(tiny_llama)
     edge = ModelSegment.load(tiny_llama, 0, k)
-    prompt = [3, 17, 29, 4]
-    greedy = []  # the local run's next three tokens
-    cache = full.new_cache()
-    x = torch.tensor([prompt])
-    for _ in range(4):
-        token = int(full(x, cache, logits="last").logits[0, -1].argmax())
-        greedy.append(token)
-        x = torch.tensor([[token]])
-    # Pending greedy[0]; its right child greedy[1] beside a wrong one; under it greedy[2] beside
-    # a wrong one, so the path is root -> node 1 -> node 3 and greedy[3] follows.
-    wrong = [t for t in range(5, 60) if t not in greedy][:2]
-    tree = DraftTree(tokens=(wrong[0], greedy[1], wrong[1], greedy[2]), parents=(-1, -1, 1, 1))
     replies: list = []
 
     def job(request_id: str, kind: str, step: int, extra: dict, frames: list) -> Job:
@@ -210,7 +224,49 @@ def test_a_worker_verifies_a_tree_step_keeps_the_path_and_continues_like_local(t
             h = edge(torch.tensor([[greedy[3]]]), ec, logits="none").hidden
             worker.handle_many([job("s2", "step", 2, {}, seal_step(NullCipher(), "s1", 2, got.pos, h, "fp32"))])
             after = open_step_reply(NullCipher(), "s1", 2, replies[-1][1])
-            local = int(full(torch.tensor([[greedy[3]]]), cache, logits="last").logits[0, -1].argmax())
-            assert after.token == local and worker.failed == 0
+            assert after.token == _next_local(tiny_llama, prompt + greedy) and worker.failed == 0
         finally:
             worker.conn.close()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("where", ["cloud", "local backend", "fallback"])
+def test_a_tree_step_through_each_backend_returns_the_path_and_continues_like_local(tiny_cluster, tiny_llama, where):
+    from broker.wire.crypto import load_api_keys
+    from edge_worker.backends import LocalBackend
+    from edge_worker.cloud_client import CloudClient
+    from partition.sampling import SamplingParams
+
+    k, n = 2, tiny_llama.n_layers
+    prompt, greedy, tree = _greedy_tree_case(tiny_llama)
+    edge = ModelSegment.load(tiny_llama, 0, k)
+    rest = lambda: LocalBackend(ModelSegment.load(tiny_llama, k, n, embed=False))  # noqa: E731
+    client = None
+    if where == "local backend":
+        backend = rest()
+    else:
+        client = CloudClient(api_key=sorted(load_api_keys(tiny_cluster.keys_dir / "api_keys.txt"))[0],
+                             broker=tiny_cluster.endpoint, keys_dir=tiny_cluster.keys_dir, request_timeout_s=10)
+        backend = client.session(tiny_llama.model_id, k, tiny_llama.hidden_size)
+        backend.fallback = rest
+    try:
+        backend.start(SamplingParams())
+        ec = edge.new_cache()
+        first, _ = backend.step(edge(torch.tensor([prompt]), ec, logits="none").hidden, 0)
+        assert first == [greedy[0]]
+        if where == "fallback":  # the cloud is gone from here on: the rest runs on the edge from the log
+            backend.local = rest()
+            backend.local.start(SamplingParams())
+            backend.local.step(torch.cat(backend.replay, dim=1), 0)
+        hidden = edge(torch.tensor([[greedy[0], *tree.tokens]]), ec, logits="none", tree=tree).hidden
+        tokens, _ = backend.step(hidden, 1, tree=tree)
+        assert tokens == greedy[1:4]
+        ec.keep(len(prompt), [0, 2, 4])
+        nxt, _ = backend.step(edge(torch.tensor([[greedy[3]]]), ec, logits="none").hidden, 4)
+        assert nxt == [_next_local(tiny_llama, prompt + greedy)]
+        if where != "local backend":
+            assert sum(h.shape[1] for h in backend.replay) == len(prompt) + 4  # the path was logged, not the tree
+    finally:
+        backend.close()
+        if client is not None:
+            client.close()
