@@ -125,6 +125,7 @@ class EdgeConfig:
     mini_max_draft: int = 8  # most tokens drafted per round trip (the controller may use fewer)
     mini_adaptive: bool = True  # False: always draft mini_max_draft tokens (measurements)
     mini_pipeline: bool = True  # verify mode: send guesses while earlier frames are in flight
+    mini_tree: int = 0  # verify mode: draft a token tree of this many nodes per round trip (0: chains)
     mini_adapter: Path | None = None  # --mini self: this adapter file instead of the calibrated default
     # Cost-model weights for choosing the split when none is given (the original design's defaults).
     energy_weight: float = DEFAULT_ENERGY_WEIGHT
@@ -157,6 +158,10 @@ class EdgeConfig:
         if not self.max_frame_mb > 0:
             raise ValueError(f"--max-frame-mb must be > 0, got {self.max_frame_mb}")
         check_mini_options(self.mini_mode, self.mini_threshold, self.mini_max_draft)
+        from partition.tree import MAX_TREE_NODES
+
+        if not 0 <= self.mini_tree <= MAX_TREE_NODES:
+            raise ValueError(f"--mini-tree must be in 0..{MAX_TREE_NODES}, got {self.mini_tree}")
         if self.mini_adapter is not None and self.mini != "self":
             raise ValueError(f"--mini-adapter is for --mini self, not --mini {self.mini}")
         if self.mini_adapter is not None and not Path(self.mini_adapter).is_file():

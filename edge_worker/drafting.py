@@ -32,6 +32,7 @@ import torch
 from edge_worker.config import MINI_MODES, check_mini_options  # noqa: F401 - re-exported
 from partition.errors import PartitionError
 from partition.sampling_params import MAX_DRAFT_TOKENS
+from partition.tree import MAX_TREE_NODES
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,14 @@ class SelfDrafter:
         return (index if self.vocab is None else int(self.vocab[index])), conf
 
     @torch.inference_mode()
+    def candidates(self, hidden: torch.Tensor, k: int) -> list[tuple[int, float]]:
+        """The drafter's ``k`` likeliest next tokens with their probabilities, best first."""
+        probs = torch.softmax(self._scores(hidden).float(), dim=-1)
+        conf, index = torch.topk(probs, min(k, probs.shape[-1]))
+        tokens = index if self.vocab is None else self.vocab[index]
+        return [(int(t), float(c)) for t, c in zip(tokens, conf, strict=True)]
+
+    @torch.inference_mode()
     def guesses(self, hidden: torch.Tensor) -> torch.Tensor:
         """Top-1 guesses (P,) for the boundary activations of P positions (P, H)."""
         index = self._scores(hidden).argmax(-1)
@@ -242,6 +251,15 @@ class CopyDrafter:
         if self.lost or self.known != len(context):
             return None
         return self.next_from_hidden(hidden)
+
+    @torch.inference_mode()
+    def candidates(self, hidden: torch.Tensor, k: int) -> list[tuple[int, float]]:
+        """The copy's ``k`` likeliest tokens after the newest observed position, best first."""
+        if self.lost or not self.known:
+            return []
+        probs = torch.softmax(self._newest_logits().float(), dim=-1)
+        conf, index = torch.topk(probs, k)
+        return [(int(t), float(c)) for t, c in zip(index, conf, strict=True)]
 
 
 # --- prompt lookup ------------------------------------------------------------------------------
@@ -506,13 +524,25 @@ class MiniSettings:
     # Verify mode: send guesses while earlier frames are in flight (EdgeGenerator._pipeline_cycle)
     # instead of one frame of drafts per round trip. max_draft then bounds the guesses in flight.
     pipeline: bool = True
+    # Verify mode, one frame per round trip: draft a token tree of at most this many nodes (the
+    # chain of best guesses, with the drafter's next likeliest tokens as leaves beside each of
+    # them; EdgeGenerator._draft_tree); 0: a chain.
+    tree_nodes: int = 0
 
     @property
     def pipelined(self) -> bool:
-        return self.pipeline and self.mode == "verify"
+        return self.pipeline and self.mode == "verify" and not self.tree_nodes
+
+    @property
+    def trees(self) -> bool:
+        return bool(self.tree_nodes) and self.mode == "verify" and hasattr(self.drafter, "candidates")
 
     def __post_init__(self) -> None:
         check_mini_options(self.mode, self.threshold, self.max_draft)
         if self.mode == "trust" and isinstance(self.drafter, LookupDrafter):
             raise ValueError("trust mode needs a drafter with a probability (self or a model): "
                              "prompt lookup has no confidence to trust")
+        if not 0 <= self.tree_nodes <= MAX_TREE_NODES:
+            raise ValueError(f"a draft tree has at most {MAX_TREE_NODES} nodes, got {self.tree_nodes}")
+        if self.tree_nodes and not hasattr(self.drafter, "candidates"):
+            raise ValueError(f"--mini-tree needs a drafter that ranks its guesses (int8 or self), not {self.drafter.name}")

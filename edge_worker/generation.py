@@ -30,6 +30,7 @@ from edge_worker.drafting import DraftController, MiniSettings
 from partition.kv_cache import SegmentKVCache
 from partition.sampling import SamplingParams, choose_token
 from partition.segment import ModelSegment
+from partition.tree import DraftTree
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +256,17 @@ class EdgeGenerator:
                 drafts: list[int] = []
                 parts = [out.hidden]
                 draft_ms = 0.0
+                if (mini is not None and controller is not None and mini.trees and step
+                        and max_new_tokens - step > 1 and x.shape[1] == 1):
+                    kept = self._tree_round(mini, controller, out, cache, committed, step, max_new_tokens,
+                                            sampling, result, base_ms)
+                    if kept[-1] in self.eos_token_ids:
+                        result.stop_reason = "eos"
+                        break
+                    if stream:
+                        stopped = stream.update(generated)
+                    x = torch.tensor([[kept[-1]]], dtype=torch.long)
+                    continue
                 # Pipelined, a round the backend cannot pipeline (the opener, the local fallback) is plain.
                 if mini is not None and controller is not None and not pipelined:
                     budget = max_new_tokens - step - 1
@@ -474,6 +486,95 @@ class EdgeGenerator:
             if inflight:
                 backend.discard(list(inflight))
             controller.record_cycle(drafted, (time.perf_counter() - t0) * 1e3, len(result.token_ids) - had)
+
+    def _tree_round(self, mini: MiniSettings, controller: DraftController, out, cache: SegmentKVCache,
+                    committed: list[int], step: int, max_new_tokens: int, sampling: SamplingParams,
+                    result: GenerationResult, base_ms: float) -> list[int]:
+        """One round trip with a token tree: the drafter's chain of best guesses (as long as the
+        controller's draft length), and beside each of them its next likeliest tokens as leaves
+        while it was unsure (until ``tree_nodes``). The edge drafts the chain one position at a
+        time (the int8 copy needs each position's exact activations), then runs its layers on the
+        pending token and the whole tree in one pass with the tree's mask; the backend verifies it
+        and both keep the accepted path. Returns the committed tokens (the path and the next)."""
+        drafter = mini.drafter
+        pending_pos = cache.length - 1  # the pending token's position; out holds its activation
+        budget = min(mini.tree_nodes, max_new_tokens - step - 1)
+        depth = max(1, min(controller.best_length() if mini.adaptive else mini.max_draft, budget))
+        t1 = time.perf_counter()
+        tokens: list[int] = []
+        parents: list[int] = []
+        chain_parent = -1
+        chain: set[int] = set()  # the nodes of the chain of best guesses (the rest are leaves)
+        h = out.hidden[0, -1]
+        for d in range(depth):
+            room = budget - len(tokens)
+            if room <= 0:
+                break
+            ranked = drafter.candidates(h, min(4, room))
+            if not ranked or ranked[0][1] < mini.threshold:
+                break
+            best, best_p = ranked[0]
+            tokens.append(best)
+            parents.append(chain_parent)
+            chain_parent = len(tokens) - 1
+            chain.add(chain_parent)
+            # Leaves beside the guess while the drafter was unsure, leaving room for the chain.
+            mass = best_p
+            for token, p in ranked[1:]:
+                if mass >= 0.9 or len(tokens) >= budget - (depth - d - 1):
+                    break
+                tokens.append(token)
+                parents.append(parents[chain_parent])
+                mass += p
+            if best in self.eos_token_ids or d == depth - 1:
+                break
+            h = self._run_edge(torch.tensor([[best]], dtype=torch.long), cache).hidden[0, -1]
+        draft_ms = (time.perf_counter() - t1) * 1e3
+        if not tokens:
+            hidden, tree = out.hidden, None
+        else:
+            # Sibling leaves must come after their chain sibling's children in no order: a node's
+            # parent only has to be earlier, which the construction keeps.
+            tree = DraftTree(tuple(tokens), tuple(parents))
+            cache.crop(pending_pos)
+            t2 = time.perf_counter()
+            hidden = self.edge(torch.tensor([[committed[-1], *tokens]], dtype=torch.long), cache, logits="none",
+                               tree=tree).hidden
+            draft_ms += (time.perf_counter() - t2) * 1e3
+        result.timings.edge_compute_ms += base_ms + draft_ms
+        got, stats = self.backend.step(hidden, step, seen=result.token_ids, tree=tree)  # type: ignore[union-attr]
+        _add_stats(result, stats)
+        if stats.fell_back and result.fallback_at_step is None:
+            result.fallback_at_step = step
+        accepted = len(got) - 1
+        leaf_kept = False
+        if tree is not None:
+            rows = [0]
+            children = {(p + 1, t): i + 1 for i, (t, p) in enumerate(zip(tree.tokens, tree.parents, strict=True))}
+            for token in got[:-1]:
+                rows.append(children[(rows[-1], token)])
+            leaf_kept = any(r - 1 not in chain for r in rows[1:])
+            cache.keep(pending_pos, rows)
+            self._observed(hidden[:, rows], pending_pos)  # the drafter follows the kept path
+        controller.record(len(tokens), accepted, base_ms, draft_ms,
+                          stats.transport_ms + stats.waiting_ms + stats.worker_overhead_ms, stats.cloud_compute_ms)
+        kept = []
+        for token in got:
+            kept.append(token)
+            if token in self.eos_token_ids or step + len(kept) >= max_new_tokens:
+                break
+        result.tokens_drafted += len(tokens)
+        result.tokens_from_mini += min(accepted, len(kept))
+        result.cloud_waits += stats.round_trips
+        result.trace.append({
+            "token": kept[-1], "tokens": kept, "drafted": len(tokens), "accepted": accepted,
+            "positions": 1 + len(tokens), "edge_ms": round(base_ms + draft_ms, 3), **_trace_figures(stats),
+            "round_trips": stats.round_trips, "tree": None if tree is None else list(tree.parents),
+            "leaf_kept": leaf_kept,
+        })
+        result.token_ids.extend(kept)
+        committed.extend(kept)
+        return kept
 
     def _run_edge(self, x: torch.Tensor, cache: SegmentKVCache, logits: str = "none"):
         """The edge's layers on new positions; a drafter that follows every position (the int8

@@ -85,7 +85,7 @@ class MiniLLMHandler:
     def __init__(self, model: Any = None, tokenizer: Any = None, threshold: float | None = None,
                  main_tokenizer: Any = None, mode: str = "verify", max_draft: int = DEFAULT_MAX_DRAFT,
                  adapter: str | Path | None = None, use_adapter: bool = True, adaptive: bool = True,
-                 pipeline: bool = True) -> None:
+                 pipeline: bool = True, tree_nodes: int = 0) -> None:
         check_mini_options(mode, threshold, max_draft)
         self.model = "self" if model is None else model
         self.tokenizer = tokenizer
@@ -96,6 +96,7 @@ class MiniLLMHandler:
         self.use_adapter = use_adapter
         self.adaptive = adaptive  # False: always draft max_draft tokens instead of what pays
         self.pipeline = pipeline  # verify mode: guesses go out while earlier frames are in flight
+        self.tree_nodes = tree_nodes  # verify mode: a token tree of this many nodes per round trip (0: chains)
         # What settings() loads once and every later generation reuses: adapters by file, the
         # separate drafter model's segment. The drafters themselves hold per-generation state
         # (a cache, the context), so each generation gets new ones around these.
@@ -214,7 +215,8 @@ class MiniLLMHandler:
                 self._loaded["model"] = self._load_model(source, main_tokenizer)
             small, segment = self._loaded["model"]
             drafter = ModelDrafter(segment, label=small.name)
-        return MiniSettings(drafter, self.mode, self.threshold_for(kind), self.max_draft, self.adaptive, self.pipeline)
+        return MiniSettings(drafter, self.mode, self.threshold_for(kind), self.max_draft, self.adaptive, self.pipeline,
+                            self.tree_nodes)
 
     def _load_model(self, source: ModelSource, main_tokenizer: Any) -> tuple[ModelSource, ModelSegment]:
         """The separate drafter model, checked against the main model's tokenizer."""

@@ -270,3 +270,54 @@ def test_a_tree_step_through_each_backend_returns_the_path_and_continues_like_lo
         backend.close()
         if client is not None:
             client.close()
+
+
+@pytest.mark.parametrize("kind", ["int8", "self"])
+@pytest.mark.parametrize("pipeline_backend", [False, True])
+def test_tree_drafting_leaves_the_output_unchanged_and_keeps_both_caches_on_the_path(tiny_llama, kind,
+                                                                                     pipeline_backend):
+    """Rounds of token trees (a chain of best guesses with leaves beside it), verified by the rest
+    of the model in process: the output is local output token for token, so every round kept the
+    accepted path in both caches; some rounds keep a leaf (a drafter's second choice)."""
+    from edge_worker.backends import LocalBackend
+    from edge_worker.generation import EdgeGenerator
+    from edge_worker.mini_llm import MiniLLMHandler
+    from partition.tokens import eos_token_ids
+
+    tokenizer = tiny_llama.load_tokenizer()
+    eos = eos_token_ids(tiny_llama, tokenizer)
+    n, k = tiny_llama.n_layers, 2
+    mini = MiniLLMHandler(model=kind, threshold=0.0, max_draft=4, adaptive=False, tree_nodes=10)
+    edge = ModelSegment.load(tiny_llama, 0, k, head=mini.needs_edge_head)
+    settings = mini.settings(tiny_llama, edge, tokenizer)
+    assert settings.trees and not settings.pipelined
+    leaves_kept = 0
+    for prompt in ("The quick brown fox jumps over the lazy dog.", "abcabcabc abc", "Edge and cloud"):
+        ids = tokenizer(prompt)["input_ids"]
+        local = EdgeGenerator(ModelSegment.load(tiny_llama, 0, n), None, tokenizer, eos, "local").generate(ids, 30)
+        backend = LocalBackend(ModelSegment.load(tiny_llama, k, n, embed=False), pipelined=pipeline_backend)
+        got = EdgeGenerator(edge, backend, tokenizer, eos, "hybrid", mini=settings).generate(ids, 30)
+        assert got.token_ids == local.token_ids, (kind, prompt)
+        rounds = [t for t in got.trace if t.get("tree")]
+        assert rounds and got.tokens_drafted > len(rounds)  # trees with more than one node went out
+        leaves_kept += sum(t["leaf_kept"] for t in rounds)
+    if kind == "self":  # plain early exit on random weights: its second choices are right now and then
+        assert leaves_kept > 0
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("mini", ["self", "int8"])
+def test_tree_drafts_through_a_real_worker_leave_the_output_unchanged(tiny_cluster, mini):
+    import json
+
+    args = ("--tokens", "30", "--raw-prompt", "--prompt", "abcabcabc abcabcabc abc")
+    local = tiny_cluster.edge("--force-local", *args, "--json")
+    got = tiny_cluster.edge("--split", "2", *args, "--json", "--mini", mini, "--mini-tree", "10",
+                            "--mini-threshold", "0", "--mini-max-draft", "4", "--mini-fixed")
+    assert local.returncode == 0 and got.returncode == 0, got.stderr[-3000:]
+    local, got = json.loads(local.stdout), json.loads(got.stdout)
+    assert got["token_ids"] == local["token_ids"]
+    rounds = [t for t in got["trace"] if t.get("tree")]
+    assert rounds and got["tokens_drafted"] > len(rounds) and got["mini"] == mini
+    # One frame per round: the opener, then one per tree.
+    assert got["cloud_round_trips"] == len(got["trace"]) + 1
