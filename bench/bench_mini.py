@@ -15,6 +15,7 @@ output; at 0 ms, no more than 5% slower than plain hybrid.
 
     .venv/bin/python bench/bench_mini.py [--model smollm2-135m] [--split 15] [--tokens 64]
         [--rtt-ms 0 20 100] [--drafters int8 self lookup self=ADAPTER.pt] [--no-pipeline-too] [--trust]
+        [--trees 16]
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def main() -> None:
     parser.add_argument("--no-pipeline-too", action="store_true",
                         help="also run each drafter with --no-mini-pipeline (one frame of drafts per round trip)")
     parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="use the first N fixed prompts")
+    parser.add_argument("--trees", type=int, default=0,
+                        help="also run each drafter drafting token trees of this many nodes (--mini-tree)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     prompts = PROMPTS[:args.prompts]
@@ -58,6 +61,8 @@ def main() -> None:
                       + (["--mini-threshold", str(args.threshold)] if args.threshold is not None else []))
         if args.no_pipeline_too:
             configs[f"{d}-nopipe"] = [*configs[d], "--no-mini-pipeline"]
+        if args.trees:
+            configs[f"{d}-tree{args.trees}"] = [*configs[d], "--mini-tree", str(args.trees)]
     if args.trust:
         configs["self-trust"] = ["--mini", "self", "--mini-mode", "trust", "--mini-threshold", "0.8"]
     rows = []

@@ -499,7 +499,8 @@ class EdgeGenerator:
         drafter = mini.drafter
         pending_pos = cache.length - 1  # the pending token's position; out holds its activation
         budget = min(mini.tree_nodes, max_new_tokens - step - 1)
-        depth = max(1, min(controller.best_length() if mini.adaptive else mini.max_draft, budget))
+        # The controller's draft length is the chain's (0 where drafting does not pay: a plain step).
+        depth = min(controller.best_length() if mini.adaptive else mini.max_draft, budget)
         t1 = time.perf_counter()
         tokens: list[int] = []
         parents: list[int] = []

@@ -304,5 +304,5 @@ def test_smollm2_pipelined_drafting_equals_local():
             got = edge_json(cluster, "--split", "15", "--tokens", "32", "--prompt", prompt, "--mini", "int8",
                             "--mini-max-draft", "4", "--mini-fixed", "--cloud-latency", "0.02")
             assert got["token_ids"] == local["token_ids"], prompt
-            assert got["mini"] == "int8" and got["tokens_drafted"] >= 16, got
+            assert got["mini"] == "int8" and got["tokens_drafted"] >= len(got["token_ids"]) // 2, got
             assert got["acceptance_rate"] >= 0.7, got["acceptance_rate"]  # 0.84 seen on a loaded machine
