@@ -80,8 +80,11 @@ def main() -> None:
         local = {p: run("--force-local", "--prompt", p)["token_ids"] for p in prompts}
         for rtt in args.rtt_ms:
             results: dict[str, list[dict]] = {c: [] for c in configs}
-            for prompt in prompts:
-                for name, extra in configs.items():
+            for i, prompt in enumerate(prompts):
+                # Each prompt starts the round of configurations at another one: whatever the
+                # machine does to the first run of a round (or the last) falls on each in turn.
+                order = list(configs.items())
+                for name, extra in order[i % len(order):] + order[:i % len(order)]:
                     results[name].append(run("--split", str(args.split), "--cloud-latency", str(rtt / 1e3),
                                              "--prompt", prompt, *extra))
             plain_ms = statistics.median(r["ms_per_token"] for r in results["plain"])

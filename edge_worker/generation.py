@@ -242,9 +242,15 @@ class EdgeGenerator:
                             if controller is None:
                                 controller = DraftController(max_tokens=mini.max_draft)
                 pipelined = mini is not None and mini.pipelined and getattr(self.backend, "pipelines", False)
+                plain_cycle = False  # a pipelined generation's cycle without guesses: an ordinary step
                 if pipelined and controller is not None and self.backend.can_pipeline():  # type: ignore[union-attr]
+                    depth = controller.pipeline_depth() if mini.adaptive else mini.max_draft
+                    # No guesses this cycle: the ordinary step (a pipelined frame's path costs ~3 ms
+                    # more per token at loopback), measured for the controller as a plain cycle.
+                    plain_cycle = depth == 0
+                if pipelined and controller is not None and not plain_cycle and self.backend.can_pipeline():  # type: ignore[union-attr]
                     last = self._pipeline_cycle(mini, controller, x, cache, committed, max_new_tokens, result,
-                                                commit)
+                                                commit, depth)
                     if last in self.eos_token_ids:
                         result.stop_reason = "eos"
                         break
@@ -314,6 +320,13 @@ class EdgeGenerator:
                 })
                 generated.extend(kept)
                 committed.extend(kept)
+                if plain_cycle and controller is not None:
+                    if x.shape[1] == 1:
+                        controller.record_edge(base_ms=base_ms)
+                    measured = stats.round_trips and not stats.retries
+                    controller.record_reply(stats.transport_ms + stats.waiting_ms + stats.worker_overhead_ms
+                                            if measured else None, stats.cloud_compute_ms)
+                    controller.record_cycle(0, (time.perf_counter() - t0) * 1e3, len(kept))
                 if step == 0:
                     t_first = time.perf_counter()
                     result.ttft_ms = (t_first - t_start) * 1e3
@@ -374,7 +387,7 @@ class EdgeGenerator:
 
     def _pipeline_cycle(self, mini: MiniSettings, controller: DraftController, x: torch.Tensor,
                         cache: SegmentKVCache, committed: list[int], max_new_tokens: int,
-                        result: GenerationResult, commit: Callable[[int], None]) -> int:
+                        result: GenerationResult, commit: Callable[[int], None], depth: int) -> int:
         """Pipelined drafting: the round trip is paid per rejected guess, not per token.
 
         The edge runs its layers on the pending tokens ``x`` and sends them; then, instead of
@@ -393,7 +406,6 @@ class EdgeGenerator:
         """
         backend: PipelinedBackend = self.backend  # type: ignore[assignment]
         timings = result.timings
-        depth = controller.pipeline_depth() if mini.adaptive else mini.max_draft
         t0 = time.perf_counter()
         had = len(result.token_ids)
         out = self._run_edge(x, cache)
