@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker.wire import WIRE_DTYPE_NAMES
-from partition.sampling_params import MAX_DRAFT_TOKENS
+from partition.sampling_params import MAX_DRAFT_TOKENS, MAX_TREE_NODES
 
 DEFAULT_BROKER = "tcp://127.0.0.1:5555"
 DEFAULT_TOKENS = 64
@@ -158,8 +158,6 @@ class EdgeConfig:
         if not self.max_frame_mb > 0:
             raise ValueError(f"--max-frame-mb must be > 0, got {self.max_frame_mb}")
         check_mini_options(self.mini_mode, self.mini_threshold, self.mini_max_draft)
-        from partition.tree import MAX_TREE_NODES
-
         if not 0 <= self.mini_tree <= MAX_TREE_NODES:
             raise ValueError(f"--mini-tree must be in 0..{MAX_TREE_NODES}, got {self.mini_tree}")
         if self.mini_adapter is not None and self.mini != "self":

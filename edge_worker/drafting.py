@@ -31,6 +31,7 @@ import torch
 
 from edge_worker.config import MINI_MODES, check_mini_options  # noqa: F401 - re-exported
 from partition.errors import PartitionError
+from partition.kv_cache import SegmentKVCache
 from partition.sampling_params import MAX_DRAFT_TOKENS
 from partition.tree import MAX_TREE_NODES
 
@@ -191,11 +192,22 @@ class CopyDrafter:
     incremental = True
 
     def __init__(self, segment: Any) -> None:
-        self.segment = segment  # a quantized ModelSegment [k, N) with the head, shared between generations
+        # A quantized ModelSegment [k, N) with the head, shared between generations, or a function
+        # that builds it: then it is built at the first guess, so an edge where drafting never
+        # pays (a loopback cloud) neither builds nor holds it.
+        built = isinstance(segment, torch.nn.Module)  # a module is callable too: tell them apart
+        self._segment = segment if built else None
+        self._build = None if built else segment
         self.reset([])
 
+    @property
+    def segment(self) -> Any:
+        if self._segment is None:
+            self._segment = self._build()
+        return self._segment
+
     def reset(self, prompt: list[int]) -> None:
-        self.cache = self.segment.new_cache()
+        self.cache = SegmentKVCache()
         self.rows: list[torch.Tensor] = []  # observed activations (T_i, H) the copy has not run yet
         self.known = 0  # positions observed: those in the cache and those in rows
         self.logits: torch.Tensor | None = None  # the newest position's, once run

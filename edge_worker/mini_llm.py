@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,7 @@ class MiniLLMHandler:
         # separate drafter model's segment. The drafters themselves hold per-generation state
         # (a cache, the context), so each generation gets new ones around these.
         self._loaded: dict[Any, Any] = {}
+        self._lock = threading.Lock()  # generations of several threads may build the int8 copy at once
         if main_tokenizer is not None:
             self.check_tokenizer(main_tokenizer)
 
@@ -207,9 +209,7 @@ class MiniLLMHandler:
             reason = unsupported(source.config)
             if reason is not None:
                 raise DrafterError(f"--mini int8: {reason}; --mini self, lookup or a small model draft for it")
-            if key not in self._loaded:
-                self._loaded[key] = quantized_copy(source, edge.spec.hi)
-            drafter = CopyDrafter(self._loaded[key])
+            drafter = CopyDrafter(lambda: self._copy(key, source, edge.spec.hi))
         else:
             if "model" not in self._loaded:
                 self._loaded["model"] = self._load_model(source, main_tokenizer)
@@ -217,6 +217,13 @@ class MiniLLMHandler:
             drafter = ModelDrafter(segment, label=small.name)
         return MiniSettings(drafter, self.mode, self.threshold_for(kind), self.max_draft, self.adaptive, self.pipeline,
                             self.tree_nodes)
+
+    def _copy(self, key: Any, source: ModelSource, k: int) -> ModelSegment:
+        """The int8 copy of layers [k, N), built once (by the first generation that drafts)."""
+        with self._lock:
+            if key not in self._loaded:
+                self._loaded[key] = quantized_copy(source, k)
+            return self._loaded[key]
 
     def _load_model(self, source: ModelSource, main_tokenizer: Any) -> tuple[ModelSource, ModelSegment]:
         """The separate drafter model, checked against the main model's tokenizer."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 # Upper bound on drafts per verification (partition/speculative.py): the wire format and the
 # worker both enforce it, and the edge's options are checked against it.
 MAX_DRAFT_TOKENS = 32
+MAX_TREE_NODES = 63  # with the root, a token tree's frame is one prefill chunk (PREFILL_CHUNK) at most
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from partition.errors import PartitionError
-
-MAX_TREE_NODES = 63  # with the root, a tree frame is one prefill chunk (PREFILL_CHUNK) at most
+from partition.sampling_params import MAX_TREE_NODES
 
 
 class TreeError(PartitionError):
