@@ -91,8 +91,10 @@ def test_every_replayed_or_forged_request_is_refused_and_the_victim_runs_as_if_a
         cluster.add_worker()
         cluster.add_worker()
         cluster.wait_for_workers(2, timeout_s=90)
+        # Plain hybrid (no drafter): the attacker replays one captured request per step it saw.
         settings = EdgeConfig(model="tiny-llama", split=1, broker=cluster.endpoint, keys_dir=keys, api_key=api_key,
-                              curve=curve, max_new_tokens=TOKENS, adaptive_timeout=False, dynamic=False)
+                              curve=curve, max_new_tokens=TOKENS, adaptive_timeout=False, dynamic=False,
+                              mini="none")
         with EdgeEngine("tiny-llama", settings) as engine:
             params = engine.params(ignore_eos=True)
             alone = engine.generate(PROMPT, params)
