@@ -382,7 +382,7 @@ class CloudSession:
         stats.cloud_compute_ms += local_stats.cloud_compute_ms
         stats.fell_back = True
         if tree is not None:
-            self._log(hidden, 0, tree, _rows_of(tree, tokens[:-1]))
+            self._log(hidden, 0, tree, tree.rows_of(list(tokens[:-1])))
         else:
             self._log(hidden, len(draft) - (len(tokens) - 1))
         return tokens, stats
@@ -659,15 +659,6 @@ class CloudSession:
         stats.round_trips += 1
         _account(stats, reply, result, elapsed_ms)
         return result.accepted, result.token
-
-
-def _rows_of(tree: DraftTree, tokens: Sequence[int]) -> list[int]:
-    """The frame rows (root first) of the path through ``tree`` whose tokens are ``tokens``."""
-    children = {(p + 1, t): i + 1 for i, (t, p) in enumerate(zip(tree.tokens, tree.parents, strict=True))}
-    rows = [0]
-    for t in tokens:
-        rows.append(children[(rows[-1], t)])
-    return rows
 
 
 def _check_path(tree: DraftTree, path: Sequence[int]) -> None:

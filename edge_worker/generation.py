@@ -562,10 +562,7 @@ class EdgeGenerator:
         accepted = len(got) - 1
         leaf_kept = False
         if tree is not None:
-            rows = [0]
-            children = {(p + 1, t): i + 1 for i, (t, p) in enumerate(zip(tree.tokens, tree.parents, strict=True))}
-            for token in got[:-1]:
-                rows.append(children[(rows[-1], token)])
+            rows = tree.rows_of(got[:-1])
             leaf_kept = any(r - 1 not in chain for r in rows[1:])
             cache.keep(pending_pos, rows)
             self._observed(hidden[:, rows], pending_pos)  # the drafter follows the kept path

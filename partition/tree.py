@@ -108,6 +108,14 @@ class DraftTree:
                 return path, choices[path[-1]]
             path.append(nxt)
 
+    def rows_of(self, tokens: list[int]) -> list[int]:
+        """The frame rows, root first, of the path whose draft tokens are ``tokens``."""
+        children = {(p + 1, t): i + 1 for i, (t, p) in enumerate(zip(self.tokens, self.parents, strict=True))}
+        rows = [0]
+        for t in tokens:
+            rows.append(children[(rows[-1], t)])
+        return rows
+
     def path_tokens(self, rows: list[int]) -> list[int]:
         """The draft tokens of a path's rows (the root's, the pending token, is not a draft)."""
         return [self.tokens[r - 1] for r in rows if r > 0]
