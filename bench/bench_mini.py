@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="use the first N fixed prompts")
     parser.add_argument("--trees", type=int, default=0,
                         help="also run each drafter drafting token trees of this many nodes (--mini-tree)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run every prompt this many times per configuration (medians over all runs)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     prompts = PROMPTS[:args.prompts]
@@ -80,8 +82,9 @@ def main() -> None:
         local = {p: run("--force-local", "--prompt", p)["token_ids"] for p in prompts}
         for rtt in args.rtt_ms:
             results: dict[str, list[dict]] = {c: [] for c in configs}
-            for i, prompt in enumerate(prompts):
-                # Each prompt starts the round of configurations at another one: whatever the
+            runs = [p for _ in range(args.repeat) for p in prompts]
+            for i, prompt in enumerate(runs):
+                # Each run starts the round of configurations at another one: whatever the
                 # machine does to the first run of a round (or the last) falls on each in turn.
                 order = list(configs.items())
                 for name, extra in order[i % len(order):] + order[:i % len(order)]:
@@ -99,14 +102,14 @@ def main() -> None:
                     "waits_per_token": round(sum(r.get("cloud_waits", 0) for r in rs) / tokens, 3),
                     "acceptance": round(sum(r["tokens_from_mini"] for r in rs) / drafted, 3) if drafted else None,
                     "drafted_per_token": round(drafted / tokens, 3),
-                    "identical": sum(r["token_ids"] == local[p] for r, p in zip(rs, prompts, strict=True)),
-                    "prompts": len(prompts),
+                    "identical": sum(r["token_ids"] == local[p] for r, p in zip(rs, runs, strict=True)),
+                    "prompts": len(runs),
                 })
     load = [round(x, 2) for x in os.getloadavg()]
     if args.json:
         print(json.dumps({"load_average": load, "model": args.model, "split": args.split, "tokens": args.tokens, "rows": rows}))
         return
-    print(f"model {args.model}, split {args.split}, {args.tokens} tokens x {len(prompts)} prompts; "
+    print(f"model {args.model}, split {args.split}, {args.tokens} tokens x {len(prompts)} prompts x {args.repeat}; "
           f"median decode ms/token; speedup = plain ms / config ms at the same round trip; load average {load}")
     print(f"{'rtt ms':>6} {'config':>13} {'ms/tok':>7} {'speedup':>7} {'frames/tok':>10} {'waits/tok':>9} "
           f"{'accept':>6} {'identical':>9}")

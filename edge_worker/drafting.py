@@ -37,10 +37,14 @@ from partition.tree import MAX_TREE_NODES
 
 log = logging.getLogger(__name__)
 
-# Pipelined cycles (counted modulo DraftController.probe_every) that try the choice the
-# measurements do not favour, so that both keep being measured.
-_EXPLORE_CYCLES = (3, 4, 5)
-_PLAIN_FIRST = 3  # plain cycles that start every pipelined generation (they measure plain hybrid)
+_PLAIN_FIRST = 3  # tokens every pipelined generation starts with in plain hybrid (they measure it)
+# The int8 copy's one-off costs, measured on this project's 2-core CPU (SmolLM2 at split 15: an
+# 82 MB copy built in 0.28-0.34 s; a pass over 16-64 positions 1.2-1.5 ms each): estimates the
+# controller weighs against what drafting would save in the tokens left.
+_BUILD_MS_PER_MB = 4.0
+_CATCH_UP_MS_PER_ROW = 1.5
+_CATCH_UP_ROWS = 4  # a backlog longer than this is caught up before drafting, untimed
+_EXPLORE_TOKENS = 3  # tokens of the choice the measurements do not favour, in each exploring window
 
 
 class DrafterError(PartitionError):
@@ -190,14 +194,18 @@ class CopyDrafter:
 
     name = "int8"
     incremental = True
+    # A guess runs the cloud's layers (int8, on the edge): before any is measured, the controller
+    # prices it as one cloud pass of a position on top of the edge's own layers.
+    guess_in_cloud_passes = 1.0
 
-    def __init__(self, segment: Any) -> None:
+    def __init__(self, segment: Any, nbytes: int = 0) -> None:
         # A quantized ModelSegment [k, N) with the head, shared between generations, or a function
-        # that builds it: then it is built at the first guess, so an edge where drafting never
-        # pays (a loopback cloud) neither builds nor holds it.
+        # that builds it (``nbytes``: the size it will have): then it is built when drafting first
+        # pays, so an edge where it never does (a loopback cloud) neither builds nor holds it.
         built = isinstance(segment, torch.nn.Module)  # a module is callable too: tell them apart
         self._segment = segment if built else None
         self._build = None if built else segment
+        self._bytes = nbytes
         self.reset([])
 
     @property
@@ -205,6 +213,23 @@ class CopyDrafter:
         if self._segment is None:
             self._segment = self._build()
         return self._segment
+
+    def setup_ms(self) -> float:
+        """What drafting would cost once before its first guess (``prepare``): the build, estimated
+        from the copy's size at the rate measured on a 2-core CPU, and the catch-up over positions
+        observed while nothing was drafted (about 1.5 ms a position in a batched pass)."""
+        build = 0.0 if self._segment is not None else _BUILD_MS_PER_MB * self._bytes / 2**20
+        backlog = sum(r.shape[0] for r in self.rows)
+        return build + (_CATCH_UP_MS_PER_ROW * backlog if backlog > _CATCH_UP_ROWS else 0.0)
+
+    @torch.inference_mode()
+    def prepare(self) -> None:
+        """The one-off work before drafting (re)starts: build the copy if it is not built, and run
+        a backlog of positions observed while nothing was drafted. A position or two left by the
+        last cycle are a guess's ordinary work: they run in the next (timed) guess."""
+        self.segment  # noqa: B018 - built here, not at a timed guess
+        if not self.lost and sum(r.shape[0] for r in self.rows) > _CATCH_UP_ROWS:
+            self._newest_logits()
 
     def reset(self, prompt: list[int]) -> None:
         self.cache = SegmentKVCache()
@@ -434,12 +459,26 @@ class DraftController:
     # guess may find the edge in the middle of a draft (``e / 2``). Plain hybrid costs ``b + R + c``
     # per token.
     min_gain: float = 0.05  # pipeline only when it is predicted this much faster than plain hybrid
-    # Realised [ms, tokens] of recent cycles with guesses (True) and without (False), decayed per
-    # cycle: once both are known they decide, so the choice also holds where the cost model does
-    # not (an edge and a worker sharing one loaded CPU, where a guess slows the worker down).
-    # Cycles _EXPLORE_CYCLES of every probe_every try the other choice, to keep both figures fresh.
+    # Realised [ms, tokens] of recent tokens committed with guesses in flight (True) and without
+    # (False), each kind decayed per token of its own: once both are known they decide, so the
+    # choice also holds where the cost model does not (an edge and a worker sharing one loaded CPU,
+    # where a guess slows the worker down). They are per token, not per cycle, and the choice is
+    # taken again before every guess: a cycle whose guesses all hit can last a whole generation.
+    # Exploring windows of _EXPLORE_TOKENS tokens try the other choice, to keep both figures
+    # fresh: every probe_every tokens while the two are close, four times as rarely otherwise.
     realised: dict = field(default_factory=lambda: {True: [0.0, 0.0], False: [0.0, 0.0]})
-    cycles: int = 0
+    tokens: int = 0  # tokens committed so far (prompt pass included)
+    # Before a guess is measured, its cost is priced as the edge's layers plus this many cloud
+    # passes of one position (the drafter's ``guess_in_cloud_passes``: 1 for the int8 copy).
+    guess_in_cloud_passes: float = 0.0
+    # What drafting would still cost once before its first guess (the drafter's ``setup_ms``: the
+    # int8 copy's build), and the tokens left to repay it: the cost model pipelines only if the
+    # predicted saving over those tokens covers it. The generation loop sets both every cycle.
+    setup_ms: float = 0.0
+    tokens_left: int | None = None
+    explore_at: int | None = None  # where the next exploring window starts
+    exploring_until: int = 0
+    exploring: bool = False  # the choice tried in the current exploring window
 
     def pipeline_ms_per_token(self, n: int, overlap: bool = False) -> float:
         """Predicted ms per token with at most ``n`` guesses in flight (``n = 0``: plain hybrid);
@@ -448,21 +487,22 @@ class DraftController:
         if n == 0:
             return b + r + c
         a = min(self.acceptance, 0.95)
-        e = self.edge_per_draft_ms if self.edge_per_draft_ms is not None else b
+        e = self.edge_per_draft_ms if self.edge_per_draft_ms is not None else b + self.guess_in_cloud_passes * c
         tau = max(max(e, c) if overlap else e + c, (r + c + e) / (n + 1))
         return (1 - a) * (b + r + c + e / 2) + a * tau
 
     def realised_ms(self, pipelined: bool) -> float | None:
         ms, tokens = self.realised[pipelined]
-        return ms / tokens if tokens >= 2 else None
+        return ms / tokens if tokens >= 1.5 else None  # two tokens, decayed
 
     def pipeline_depth(self) -> int:
-        """How many guesses may be in flight this cycle (0: none, plain hybrid).
+        """How many guesses may be in flight now (0: none, plain hybrid). Asked before every cycle
+        and before every guess within one.
 
-        The first cycles are plain (they measure the round trip and the costs), then the cost
+        The first tokens are plain (they measure the round trip and the costs), then the cost
         model decides until the realised ms per token of both choices is known; from then on
-        those decide, with a few exploring cycles of the other choice in every ``probe_every``."""
-        if self.cycles < _PLAIN_FIRST:
+        those decide, with exploring windows of the other choice."""
+        if self.tokens < _PLAIN_FIRST:
             return 0
         measured = self.round_trip_ms is not None and self.base_ms is not None and self.cloud_one_ms is not None
         # How many in flight: enough to cover a round trip if edge and cloud do overlap; whether
@@ -471,12 +511,24 @@ class DraftController:
                    ) if measured else 2
         best = min(best, self.max_tokens)
         pipe, plain = self.realised_ms(True), self.realised_ms(False)
-        model = not measured or (
-            self.pipeline_ms_per_token(best) <= (1 - self.min_gain) * self.pipeline_ms_per_token(0))
-        use = pipe <= (1 - self.min_gain) * plain if pipe is not None and plain is not None else model
+        if measured:
+            pipe_model, plain_model = self.pipeline_ms_per_token(best), self.pipeline_ms_per_token(0)
+            repaid = self.tokens_left is None or (plain_model - pipe_model) * self.tokens_left >= self.setup_ms
+            model = pipe_model <= (1 - self.min_gain) * plain_model and repaid
+        else:
+            model = True
+        known = pipe is not None and plain is not None
+        use = pipe <= (1 - self.min_gain) * plain if known else model  # type: ignore[operator]
         # Explore only where the model expects pipelining to pay (not at loopback round trips).
-        if model and self.cycles >= self.probe_every and self.cycles % self.probe_every in _EXPLORE_CYCLES:
-            use = not use
+        if model and known:
+            close = 0.75 * plain <= pipe <= plain / 0.75  # type: ignore[operator]
+            if self.explore_at is None:
+                self.explore_at = self.tokens + self.probe_every * (1 if close else 4)
+            if self.tokens >= self.explore_at:
+                self.exploring_until, self.exploring = self.tokens + _EXPLORE_TOKENS, not use
+                self.explore_at = self.tokens + self.probe_every * (1 if close else 4)
+            if self.tokens < self.exploring_until:
+                use = self.exploring  # the window's choice holds for the whole window
         return best if use else 0
 
     def record_edge(self, base_ms: float | None = None, draft_ms: float | None = None) -> None:
@@ -495,13 +547,18 @@ class DraftController:
         self.accept_hits += hit
         self.accept_trials += 1
 
-    def record_cycle(self, drafted: int, ms: float = 0.0, tokens: int = 0) -> None:
-        """A pipelined cycle: ``drafted`` guesses sent, ``tokens`` committed in ``ms``."""
+    def record_cycle(self, drafted: int) -> None:
+        """A pipelined generation's cycle ended, with ``drafted`` guesses sent."""
         self.rounds_since_draft = 0 if drafted else self.rounds_since_draft + 1
-        self.cycles += 1
-        if tokens:
-            acc = self.realised[drafted > 0]
-            acc[0], acc[1] = acc[0] * 0.9 + ms, acc[1] * 0.9 + tokens
+
+    def record_tokens(self, pipelined: bool, ms: float | None, tokens: int = 1) -> None:
+        """``tokens`` committed in ``ms`` (None: not a decode figure, the prompt's pass), with
+        guesses in flight or not."""
+        self.tokens += tokens
+        if ms is not None and tokens:
+            acc = self.realised[pipelined]
+            decay = 0.9 ** tokens
+            acc[0], acc[1] = acc[0] * decay + ms, acc[1] * decay + tokens
 
     def record(self, drafted: int, accepted: int, edge_base_ms: float, edge_draft_ms: float,
                round_trip_ms: float, cloud_ms: float) -> None:

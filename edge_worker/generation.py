@@ -171,6 +171,7 @@ class EdgeGenerator:
             raise ValueError("an edge segment without the head needs a backend for the remaining layers")
         self.edge = edge
         self.backend = backend
+        self._t_start = time.perf_counter()  # the current generation's start (generate sets it)
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.mode = mode
@@ -207,14 +208,14 @@ class EdgeGenerator:
         controller = None
         if mini is not None:
             result.mini, result.mini_mode = mini.drafter.name, mini.mode
-            controller = DraftController(max_tokens=mini.max_draft)
+            controller = _controller(mini)
             mini.drafter.reset(list(input_ids))
         committed = list(input_ids)  # prompt and generated tokens; the last one is pending
         generated = result.token_ids
         cache = self.edge.new_cache()
         if self.backend is not None:
             self.backend.start(sampling)
-        t_start = time.perf_counter()
+        t_start = self._t_start = time.perf_counter()
         t_first = t_start
 
         def commit(token: int) -> None:
@@ -240,10 +241,12 @@ class EdgeGenerator:
                         mini = self.mini
                         if mini is not None:
                             if controller is None:
-                                controller = DraftController(max_tokens=mini.max_draft)
+                                controller = _controller(mini)
                 pipelined = mini is not None and mini.pipelined and getattr(self.backend, "pipelines", False)
                 plain_cycle = False  # a pipelined generation's cycle without guesses: an ordinary step
                 if pipelined and controller is not None and self.backend.can_pipeline():  # type: ignore[union-attr]
+                    controller.setup_ms = _setup_ms(mini.drafter)
+                    controller.tokens_left = max_new_tokens - step
                     depth = controller.pipeline_depth() if mini.adaptive else mini.max_draft
                     # No guesses this cycle: the ordinary step (a pipelined frame's path costs ~3 ms
                     # more per token at loopback), measured for the controller as a plain cycle.
@@ -279,6 +282,7 @@ class EdgeGenerator:
                     adapt = mini.adaptive and mini.mode == "verify"
                     n_max = min(budget, controller.best_length() if adapt else mini.max_draft)
                     if n_max > 0:
+                        _prepare(mini.drafter)
                         t1 = time.perf_counter()
                         drafts = self._draft(mini, committed, parts, cache, n_max)
                         draft_ms = (time.perf_counter() - t1) * 1e3
@@ -316,7 +320,7 @@ class EdgeGenerator:
                 result.trace.append({
                     "token": kept[-1], "tokens": kept, "drafted": len(drafts), "accepted": accepted,
                     "positions": x.shape[1] + len(drafts), "edge_ms": round(edge_ms, 3),
-                    **_trace_figures(stats), "round_trips": stats.round_trips,
+                    **_trace_figures(stats), "at_ms": self._since_start(), "round_trips": stats.round_trips,
                 })
                 generated.extend(kept)
                 committed.extend(kept)
@@ -326,7 +330,9 @@ class EdgeGenerator:
                     measured = stats.round_trips and not stats.retries
                     controller.record_reply(stats.transport_ms + stats.waiting_ms + stats.worker_overhead_ms
                                             if measured else None, stats.cloud_compute_ms)
-                    controller.record_cycle(0, (time.perf_counter() - t0) * 1e3, len(kept))
+                    controller.record_cycle(0)
+                    controller.record_tokens(False, (time.perf_counter() - t0) * 1e3 if x.shape[1] == 1 else None,
+                                             len(kept))
                 if step == 0:
                     t_first = time.perf_counter()
                     result.ttft_ms = (t_first - t_start) * 1e3
@@ -385,6 +391,10 @@ class EdgeGenerator:
                  old_k, k, len(result.token_ids), prefix.shape[1], rebuild_ms)
         return cache
 
+    def _since_start(self) -> float:
+        """Milliseconds since the generation began (a trace row's ``at_ms``: when its tokens came)."""
+        return round((time.perf_counter() - self._t_start) * 1e3, 3)
+
     def _pipeline_cycle(self, mini: MiniSettings, controller: DraftController, x: torch.Tensor,
                         cache: SegmentKVCache, committed: list[int], max_new_tokens: int,
                         result: GenerationResult, commit: Callable[[int], None], depth: int) -> int:
@@ -406,8 +416,9 @@ class EdgeGenerator:
         """
         backend: PipelinedBackend = self.backend  # type: ignore[assignment]
         timings = result.timings
-        t0 = time.perf_counter()
-        had = len(result.token_ids)
+        _prepare(mini.drafter)
+        controller.setup_ms = 0.0  # paid
+        t0 = last_commit = time.perf_counter()
         out = self._run_edge(x, cache)
         base_ms = (time.perf_counter() - t0) * 1e3
         timings.edge_compute_ms += base_ms
@@ -426,6 +437,11 @@ class EdgeGenerator:
             while True:
                 while (drafting and len(inflight) <= depth and next_step < max_new_tokens
                        and not backend.ready(inflight[0])):
+                    if mini.adaptive:  # the choice is taken again before every guess
+                        depth = controller.pipeline_depth()
+                        if len(inflight) > depth:
+                            drafting = depth > 0
+                            break
                     t1 = time.perf_counter()
                     context = committed + [f.first for f in list(inflight)[1:]]  # type: ignore[misc]
                     guess = mini.drafter.guess(context, h)
@@ -480,10 +496,13 @@ class EdgeGenerator:
                 if guessed:
                     controller.record_guess(hit)
                 commit(token)
+                now = time.perf_counter()
+                controller.record_tokens(drafted > 0, (now - last_commit) * 1e3)
+                last_commit = now
                 result.trace.append({
                     "token": token, "tokens": [token], "drafted": int(frame.first is not None),
                     "accepted": int(frame.first is not None), "positions": frame.hidden.shape[1],
-                    "edge_ms": 0.0, **_trace_figures(stats),
+                    "edge_ms": 0.0, **_trace_figures(stats), "at_ms": self._since_start(),
                     # 1: a frame whose round trip was measured (the edge was waiting when its answer
                     # came); the answers it found already in have no arrival time.
                     "round_trips": int(stats.waited), "in_flight": len(inflight), "depth": depth,
@@ -497,7 +516,7 @@ class EdgeGenerator:
         finally:
             if inflight:
                 backend.discard(list(inflight))
-            controller.record_cycle(drafted, (time.perf_counter() - t0) * 1e3, len(result.token_ids) - had)
+            controller.record_cycle(drafted)
 
     def _tree_round(self, mini: MiniSettings, controller: DraftController, out, cache: SegmentKVCache,
                     committed: list[int], step: int, max_new_tokens: int, sampling: SamplingParams,
@@ -513,6 +532,8 @@ class EdgeGenerator:
         budget = min(mini.tree_nodes, max_new_tokens - step - 1)
         # The controller's draft length is the chain's (0 where drafting does not pay: a plain step).
         depth = min(controller.best_length() if mini.adaptive else mini.max_draft, budget)
+        if depth:
+            _prepare(drafter)
         t1 = time.perf_counter()
         tokens: list[int] = []
         parents: list[int] = []
@@ -579,7 +600,7 @@ class EdgeGenerator:
         result.trace.append({
             "token": kept[-1], "tokens": kept, "drafted": len(tokens), "accepted": accepted,
             "positions": 1 + len(tokens), "edge_ms": round(base_ms + draft_ms, 3), **_trace_figures(stats),
-            "round_trips": stats.round_trips, "tree": None if tree is None else list(tree.parents),
+            "at_ms": self._since_start(), "round_trips": stats.round_trips, "tree": None if tree is None else list(tree.parents),
             "leaf_kept": leaf_kept,
         })
         result.token_ids.extend(kept)
@@ -626,6 +647,25 @@ class EdgeGenerator:
             out = self._run_edge(torch.tensor([drafts], dtype=torch.long), cache)
             parts.append(out.hidden)
         return drafts
+
+
+def _controller(mini: MiniSettings) -> DraftController:
+    return DraftController(max_tokens=mini.max_draft,
+                           guess_in_cloud_passes=getattr(mini.drafter, "guess_in_cloud_passes", 0.0))
+
+
+def _setup_ms(drafter: Any) -> float:
+    setup = getattr(drafter, "setup_ms", None)
+    return setup() if setup is not None else 0.0
+
+
+def _prepare(drafter: Any) -> None:
+    """Let a drafter do its one-off work (the int8 copy: build itself, catch up with the positions
+    the edge ran before drafting began) before a draft is timed: the controller's figures are
+    per-draft costs, and a first draft that carried the build would switch drafting off."""
+    prepare = getattr(drafter, "prepare", None)
+    if prepare is not None:
+        prepare()
 
 
 def _trace_figures(stats: StepStats) -> dict[str, Any]:

@@ -209,7 +209,10 @@ class MiniLLMHandler:
             reason = unsupported(source.config)
             if reason is not None:
                 raise DrafterError(f"--mini int8: {reason}; --mini self, lookup or a small model draft for it")
-            drafter = CopyDrafter(lambda: self._copy(key, source, edge.spec.hi))
+            with self._lock:
+                built = self._loaded.get(key)
+            drafter = CopyDrafter(built) if built is not None else CopyDrafter(
+                lambda: self._copy(key, source, edge.spec.hi), copy_bytes(source.config, edge.spec.hi))
         else:
             if "model" not in self._loaded:
                 self._loaded["model"] = self._load_model(source, main_tokenizer)

@@ -8,6 +8,7 @@ worker killed with frames in flight, and SmolLM2.
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -120,9 +121,10 @@ def test_a_pipelined_frame_that_cannot_be_sent_is_resent_through_the_ordinary_st
 
 def test_controller_pipelines_when_round_trips_are_slow_and_not_when_drafts_are_bad():
     c = DraftController(max_tokens=8)
-    assert c.pipeline_depth() == 0  # the first cycles measure plain hybrid
-    for _ in range(3):
-        c.record_cycle(0, ms=150.0, tokens=1)
+    assert c.pipeline_depth() == 0  # the first tokens measure plain hybrid
+    c.record_tokens(False, None)  # the prompt's pass: counted, but not a decode figure
+    c.record_tokens(False, 150.0, tokens=2)
+    assert c.realised_ms(False) == 75.0
     assert c.pipeline_depth() == 2  # then a short pipeline, before anything else is known
     c.realised[False] = [0.0, 0.0]
     for _ in range(20):
@@ -133,30 +135,114 @@ def test_controller_pipelines_when_round_trips_are_slow_and_not_when_drafts_are_
     slow = c.pipeline_depth()
     assert slow >= 4  # (R + c + e) / (e + c): about 4 guesses cover a round trip
     assert c.pipeline_ms_per_token(slow) < 0.7 * c.pipeline_ms_per_token(0)
-    # What the cycles really took wins over the model (an edge and a worker sharing one CPU):
-    # pipelined cycles measured slower per token than plain ones switch guessing off, except
-    # in the few exploring cycles of every probe_every.
+    # What the tokens really took wins over the model (an edge and a worker sharing one CPU):
+    # tokens committed with guesses in flight measured slower than plain ones switch guessing
+    # off, except in exploring windows.
     for _ in range(3):
-        c.record_cycle(3, ms=400.0, tokens=2)
-        c.record_cycle(0, ms=150.0, tokens=1)
+        c.record_tokens(True, 200.0)
+        c.record_tokens(False, 150.0)
     assert c.pipeline_depth() == 0 and c.pipeline_ms_per_token(slow) < 150
-    while c.cycles < c.probe_every or c.cycles % c.probe_every != 3:
-        c.record_cycle(0, ms=150.0, tokens=1)
-    assert c.pipeline_depth() == slow  # exploring
-    loopback = DraftController(max_tokens=8, cycles=3)
+    plain_run = 0
+    while c.pipeline_depth() == 0:
+        c.record_tokens(False, 150.0)
+        plain_run += 1
+    assert plain_run <= c.probe_every  # exploring: the pipeline is tried again...
+    for _ in range(3):
+        assert c.pipeline_depth() == slow
+        c.record_tokens(True, 200.0)
+    assert c.pipeline_depth() == 0  # ...for a few tokens
+    loopback = DraftController(max_tokens=8, tokens=3)
     for _ in range(20):
         loopback.record_edge(base_ms=14.0, draft_ms=18.0)
         loopback.record_reply(2.0, 20.0)
         loopback.record_guess(True)
         loopback.record_guess(False)
     assert loopback.pipeline_depth() == 0  # at loopback nothing is hidden: plain hybrid
-    fresh = DraftController(max_tokens=8, cycles=3)
+    fresh = DraftController(max_tokens=8, tokens=3)
     for _ in range(20):
         fresh.record_edge(base_ms=12.0, draft_ms=16.0)
         fresh.record_reply(100.0, 15.0)
     for _ in range(200):
         fresh.record_guess(False)  # a drafter that is never right
     assert fresh.pipeline_depth() == 0
+
+
+def test_exploring_is_rarer_when_one_choice_is_far_ahead():
+    def plain_tokens_between_windows(pipelined_ms: float) -> list[int]:
+        c = DraftController(max_tokens=8)
+        c.record_tokens(False, None)  # the prompt
+        c.record_tokens(False, 260.0, tokens=2)  # plain hybrid, measured first
+        for _ in range(20):
+            c.record_edge(base_ms=12.0, draft_ms=16.0)
+            c.record_reply(100.0, 15.0)
+            c.record_guess(True)
+        runs, run = [], 0
+        for _ in range(400):
+            if c.pipeline_depth():
+                if run:
+                    runs.append(run)
+                run = 0
+                c.record_tokens(True, pipelined_ms)
+            else:
+                run += 1
+                c.record_tokens(False, 130.0)
+        return runs
+
+    close, far = plain_tokens_between_windows(135.0), plain_tokens_between_windows(400.0)
+    assert close and far
+    assert max(close) <= DraftController.probe_every < far[-1] <= 4 * DraftController.probe_every
+
+
+def test_a_costly_drafter_waits_for_a_round_trip_that_repays_it():
+    """Before its first guess the int8 copy is priced as a cloud pass on top of the edge's layers,
+    and its one-off build must be repaid by the tokens left: at a 10 ms round trip on a shared CPU
+    (edge 12 ms, cloud 16 ms per position) drafting with it does not pay, at 100 ms it does, unless
+    the generation is nearly over."""
+    def depth(round_trip_ms: float, setup_ms: float, tokens_left: int, passes: float = 1.0) -> int:
+        c = DraftController(max_tokens=8, tokens=3, guess_in_cloud_passes=passes, accept_hits=9, accept_trials=10,
+                            setup_ms=setup_ms, tokens_left=tokens_left)
+        c.record_edge(base_ms=12.0)
+        c.record_reply(round_trip_ms, 16.0)
+        return c.pipeline_depth()
+
+    assert depth(10.0, 0.0, 60) == 0
+    assert depth(10.0, 0.0, 60, passes=0.0) > 0  # a drafter priced as free would have tried
+    assert depth(100.0, 400.0, 60) > 0
+    assert depth(100.0, 400.0, 4) == 0  # four tokens cannot repay a 400 ms build
+
+
+class _Contended(LocalBackend):
+    """A cloud the cost model expects to be worth pipelining (it reports a 60 ms round trip), on
+    which every frame sent with a guess costs 30 ms more than it would alone (a worker slowed by
+    the edge's drafting on the cores they share)."""
+
+    def step(self, hidden, step, draft=(), seen=(), tree=None):
+        tokens, stats = super().step(hidden, step, draft, seen, tree)
+        stats.transport_ms = 60.0
+        return tokens, stats
+
+    def collect(self, frame):
+        if frame.first is not None:
+            time.sleep(0.03)
+        return super().collect(frame)
+
+
+@pytest.mark.integration
+def test_drafting_stops_within_a_cycle_whose_guesses_all_hit_when_it_does_not_pay(tiny_llama):
+    """The main model as drafter: every guess hits, so one cycle could run the whole generation.
+    The choice is taken again before every guess, on the realised ms per token: guessing stops
+    after a few tokens, and comes back only in exploring windows."""
+    ids = ids_of(tiny_llama, PROMPTS[0])
+    plain = generator(tiny_llama, 2, pipelined=False).generate(ids, 80)
+    tokenizer = tiny_llama.load_tokenizer()
+    edge = ModelSegment.load(tiny_llama, 0, 2)
+    backend = _Contended(ModelSegment.load(tiny_llama, 2, tiny_llama.n_layers, embed=False), pipelined=True)
+    mini = MiniLLMHandler(model="tiny-llama", threshold=0.0)
+    got = EdgeGenerator(edge, backend, tokenizer, eos_token_ids(tiny_llama, tokenizer), "hybrid",
+                        mini=mini.settings(tiny_llama, edge, tokenizer)).generate(ids, 80)
+    assert got.token_ids == plain.token_ids
+    assert len(got.token_ids) == 80 and got.acceptance_rate == 1.0
+    assert 0 < got.tokens_drafted <= 20, got.tokens_drafted
 
 
 # --- through a real broker and worker -------------------------------------------------------------
