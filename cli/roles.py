@@ -103,6 +103,8 @@ def cloud_worker(
     allow_plaintext: Annotated[bool, typer.Option("--allow-plaintext", help="With keys, also serve edges "
                                                   "that run --no-encryption.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="What the layers compute in: auto (float32 on a CPU, bfloat16 on "
+                                       "a GPU), float32, bfloat16 or float16.")] = "auto",
     max_sessions: Annotated[int, typer.Option(help="KV caches held at once.")] = 64,
     session_ttl: Annotated[float, typer.Option(help="Seconds an idle session is kept (the broker drops its "
                                                "record after its own --session-idle, 300 s by default).")] = 360.0,
@@ -136,7 +138,8 @@ def cloud_worker(
         config = CloudWorkerConfig(
             broker=broker or default_broker(), model=model, keys_dir=keys_dir if has_key else None,
             key_name=key_name, encryption=not no_encryption, allow_plaintext=allow_plaintext, device=device,
-            max_sessions=max_sessions, max_batch=max_batch, batch_wait_s=batch_wait_ms / 1e3, max_cache_mb=max_cache_mb,
+            dtype=dtype, max_sessions=max_sessions, max_batch=max_batch, batch_wait_s=batch_wait_ms / 1e3,
+            max_cache_mb=max_cache_mb,
             session_idle_ttl_s=session_ttl, max_session_tokens=max_tokens, torch_threads=threads,
             worker_id=worker_id, reductions_dir=reductions, curve=not no_curve,
         )
@@ -147,7 +150,8 @@ def cloud_worker(
 
         worker = CloudWorker(config)
         worker.stop_event = stop_on_signals()  # serving: leave cleanly, saying DISCONNECT to the broker
-        typer.echo(f"worker {worker.worker_id} ready: {worker.source.model_id} on {worker.device}", err=True)
+        typer.echo(f"worker {worker.worker_id} ready: {worker.source.model_id} on {worker.device} "
+                   f"in {str(worker.dtype).removeprefix('torch.')}", err=True)
         worker.serve()
 
 

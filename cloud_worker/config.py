@@ -7,11 +7,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEVICES = ("auto", "cpu", "cuda")
+# What a worker computes in: "auto" is float32 on a CPU (the row kernel, and outputs equal to an
+# edge's float32 local run) and bfloat16 on a GPU (float32's range, half its bytes).
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def check_device(name: str) -> None:
     if name not in DEVICES:
         raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
+
+
+def check_dtype(name: str) -> None:
+    if name not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+
+
+def dtype_name(name: str, device_type: str) -> str:
+    """The dtype a worker on ``device_type`` ("cpu" or "cuda") computes in for ``--dtype name``."""
+    check_dtype(name)
+    if name == "auto":
+        return "float32" if device_type == "cpu" else "bfloat16"
+    return name
 
 
 @dataclass(frozen=True)
@@ -25,6 +41,7 @@ class CloudWorkerConfig:
     # --keys (or an attacker with an API key) must not downgrade a deployment that encrypts.
     allow_plaintext: bool = False
     device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: float32 on a CPU, bfloat16 on a GPU)
     worker_id: str | None = None
     max_sessions: int = 64
     # A session untouched this long is freed: the broker drops its record first (after 300 s) and
@@ -55,6 +72,7 @@ class CloudWorkerConfig:
         check_endpoint(self.broker)
         parse_model_spec(self.model)
         check_device(self.device)
+        check_dtype(self.dtype)
         if not 0 <= self.batch_wait_s <= 10:
             raise ValueError(f"--batch-wait-ms must be in [0, 10000], got {self.batch_wait_s * 1e3:g}")
         if self.max_cache_mb is not None and self.max_cache_mb <= 0:

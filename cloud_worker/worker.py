@@ -37,7 +37,7 @@ from broker.wire.session_protocol import (
     seal_step_reply,
 )
 from broker.worker_api import Job, WorkerConnection, WorkerInfo
-from cloud_worker.config import CloudWorkerConfig, check_device
+from cloud_worker.config import CloudWorkerConfig, check_device, dtype_name
 from cloud_worker.faults import FaultInjector
 from cloud_worker.sessions import Session, SessionTable
 from partition.models import resolve_model
@@ -142,9 +142,9 @@ class CloudWorker:
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self.device = pick_device(config.device)
-        log.info("loading %s on %s, then measuring its speed", config.model, self.device)
+        self.dtype = dtype = getattr(torch, dtype_name(config.dtype, self.device.type))
+        log.info("loading %s on %s in %s, then measuring its speed", config.model, self.device, dtype)
         self.source = resolve_model(config.model)
-        dtype = torch.float32 if self.device.type == "cpu" else torch.float16
         self.segment = ModelSegment.load(
             self.source, 0, self.source.n_layers, embed=False, head=True, dtype=dtype, device=self.device
         )

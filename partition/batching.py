@@ -73,17 +73,20 @@ def row_range(weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[i
 def _probe(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int]:
     # The kernel is chosen by shape, never by values: random rows show which sizes share one.
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(_PROBE_MAX_ROWS, weight.shape[1], generator=gen).to(weight.device, weight.dtype)
-    target = F.linear(x[:_TARGET_ROWS], weight, bias)
+    n = _PROBE_MAX_ROWS + _TARGET_ROWS
+    x = torch.randn(n, weight.shape[1], generator=gen).to(weight.device, weight.dtype)
+    # Each row as the target product gives it (first in its call); checked against the same row
+    # last in its call, since a row's position in a call must not matter either.
+    target = torch.stack([F.linear(x[i:i + _TARGET_ROWS], weight, bias)[0] for i in range(n - _TARGET_ROWS + 1)])
+    ending = torch.stack([F.linear(x[i - _TARGET_ROWS + 1:i + 1], weight, bias)[-1]
+                          for i in range(_TARGET_ROWS - 1, n - _TARGET_ROWS + 1)])
+    if not torch.equal(ending, target[_TARGET_ROWS - 1:]):
+        return _TARGET_ROWS, _TARGET_ROWS  # only calls of the target's size are alike
 
     def same(m: int) -> bool:
-        # Its first rows as in the target product, and its last row as in the target product
-        # that ends with it (a row's position in the call must not matter either).
-        y = F.linear(x[:m], weight, bias)
-        k = min(m, _TARGET_ROWS)
-        ending = F.linear(x[m - _TARGET_ROWS:m], weight, bias) if m >= _TARGET_ROWS else None
-        last_ok = ending is None or torch.equal(y[m - 1], ending[-1])
-        return torch.equal(y[:k], target[:k]) and last_ok
+        # Every row of a call of m rows, wherever it starts, as in the target product (a kernel
+        # may treat a call's rows in blocks, and its tail otherwise: every row is compared).
+        return all(torch.equal(F.linear(x[s:s + m], weight, bias), target[s:s + m]) for s in (0, 1))
 
     lo = _TARGET_ROWS
     while lo > 1 and same(lo - 1):

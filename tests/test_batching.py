@@ -37,8 +37,13 @@ def _steps(source, seg, specs, seed=0):
     return steps
 
 
-def test_a_packed_batch_of_sessions_equals_each_session_alone(tiny_llama):
-    seg = ModelSegment.load(tiny_llama, 0, tiny_llama.n_layers, embed=False, head=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_packed_batch_of_sessions_equals_each_session_alone(tiny_llama, dtype):
+    """In float32 (a CPU worker's dtype) and bfloat16 (a GPU worker's default). float16 on this
+    CPU is not invariant from the third layer of tiny-llama on (some product's kernel changes its
+    sums with values the probe's random rows do not reach); ``bench/gpu_check.sh`` checks the
+    GPU's dtypes on the GPU."""
+    seg = ModelSegment.load(tiny_llama, 0, tiny_llama.n_layers, embed=False, head=True, dtype=dtype)
     assert seg.packable
     # Different splits, cache lengths, decode rows, verification frames and a prefill, at once.
     specs = [(0, 5, 1, "last"), (1, 9, 1, "last"), (2, 0, 4, "all"), (4, 3, 1, "last"), (3, 12, 3, 3),
@@ -156,6 +161,44 @@ def test_a_worker_batches_concurrent_sessions_and_each_gets_the_text_it_gets_alo
     assert len({tuple(t) for t in alone}) == len(prompts)
     assert max(batches) > 1.0, batches  # some forward passes served several sessions at once
     assert status["max_batch"] == 16 and max(caches) > 0
+
+
+@pytest.mark.integration
+def test_a_bfloat16_worker_gives_what_its_layers_give_in_process(tiny_llama):
+    """``--dtype bfloat16`` (a GPU worker's default) on this CPU: the cloud-only tokens of several
+    prompts, one at a time and batched, equal an in-process run of the same layers in bfloat16
+    (the activations cross the wire in bf16, the dtype the worker computes in), and differ from
+    float32's somewhere (the option took effect)."""
+    from broker.wire.crypto import load_api_keys
+    from cli.cluster import LocalCluster
+    from edge_worker.backends import LocalBackend
+    from edge_worker.config import EdgeConfig
+    from edge_worker.engine import EdgeEngine
+    from edge_worker.generation import EdgeGenerator
+
+    prompts = [[(11 * i + 5 * j) % 250 + 3 for j in range(4 + i)] for i in range(6)]
+    tokenizer = tiny_llama.load_tokenizer()
+
+    def in_process(ids: list[int], dtype: torch.dtype) -> list[int]:
+        backend = LocalBackend(ModelSegment.load(tiny_llama, 0, tiny_llama.n_layers, embed=False, dtype=dtype))
+        generator = EdgeGenerator(ModelSegment.load(tiny_llama, 0, 0), backend, tokenizer, set(), "cloud")
+        return generator.generate(ids, 40).token_ids
+
+    with LocalCluster(model="tiny-llama", worker_threads=1) as cluster:
+        cluster.start_broker()
+        worker = cluster.add_worker(extra_args=("--dtype", "bfloat16"))
+        cluster.wait_for_workers(1, timeout_s=60)
+        key = sorted(load_api_keys(cluster.keys_dir / "api_keys.txt"))[0]
+        settings = EdgeConfig(model="tiny-llama", force_cloud=True, broker=cluster.endpoint, wire_dtype="bf16",
+                              keys_dir=cluster.keys_dir, api_key=key, max_new_tokens=40)
+        with EdgeEngine("tiny-llama", settings) as engine:
+            params = engine.params(ignore_eos=True)
+            alone = [engine.generate(p, params).token_ids for p in prompts]
+            together = [r.token_ids for r in engine.generate_many(prompts, params)]
+        assert "in bfloat16" in worker.log_tail(10**6)
+    expected = [in_process(p, torch.bfloat16) for p in prompts]
+    assert alone == expected and together == expected
+    assert expected != [in_process(p, torch.float32) for p in prompts]
 
 
 def test_the_row_kernel_sums_each_row_alike_in_any_call_and_close_to_torch():

@@ -152,6 +152,7 @@ def test_status_loads_no_torch_and_answers_a_dead_broker_in_one_line():
     (("cloud-worker", "--broker", "foo"), "is not a ZeroMQ endpoint"),
     (("cloud-worker", "--model", "./not/here"), "no such model directory or file"),
     (("cloud-worker", "--model", "tiny-llama", "--device", "tpu"), "--device must be auto, cpu or cuda"),
+    (("cloud-worker", "--model", "tiny-llama", "--dtype", "fp8"), "--dtype must be one of"),
     (("status", "--broker", "foo"), "is not a ZeroMQ endpoint"),
 ])
 def test_bad_options_are_refused_before_torch_is_imported(args, message):
