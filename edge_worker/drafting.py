@@ -581,6 +581,96 @@ class DraftController:
 
 
 
+# --- the shape of a token tree ----------------------------------------------------------------
+
+_RANKS = 3  # acceptance is measured for the best guess, the second, and the rest together
+_BINS = 5  # ... in bins of the drafter's own probability for the token: [0, 0.2), ..., [0.8, 1]
+
+
+@dataclass
+class TreeShaper:
+    """Which nodes a token tree gets (``EdgeGenerator._tree_round``), from this generation's own
+    measurements, in the manner of EAGLE-2's dynamic trees.
+
+    A node's value is the probability that it ends up on the accepted path: the product of its
+    ancestors' acceptance and its own, where acceptance is *measured*: how often a node of that
+    rank (the drafter's best guess, its second, the rest) and of that drafter probability (five
+    bins) was on the accepted path, among the nodes whose parent was (pseudo-counts start it at
+    the drafter's probability). The expected tokens of a round are one (the cloud's own next
+    token) plus the sum of its nodes' values; its cost is the round's fixed time (the edge's
+    pass, the round trip, the cloud's pass of one position) plus each node's: a leaf its row in
+    the edge's tree pass and in the cloud's verification, a chain node also the edge and drafter
+    pass that drafts the next depth. A node joins while its value per millisecond beats the
+    round's tokens per millisecond so far: a long round trip makes every node cheap next to it and
+    the tree grows, a short one keeps it to the nodes the drafter is sure of.
+    """
+
+    prior: float = 2.0  # pseudo-trials per bin, at the bin's mid probability
+    hits: list = field(default_factory=list)
+    trials: list = field(default_factory=list)
+    edge_row_ms: float | None = None  # one node's row in the edge's tree pass
+    step_ms: float | None = None  # the edge's and the drafter's pass for one more depth of the chain
+    # The current round (start / take_chain / take_leaf / descend).
+    tokens: float = 1.0
+    ms: float = 0.0
+    reach: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.hits:
+            mids = [(b + 0.5) / _BINS for b in range(_BINS)]
+            self.hits = [[self.prior * m for m in mids] for _ in range(_RANKS)]
+            self.trials = [[self.prior] * _BINS for _ in range(_RANKS)]
+
+    @staticmethod
+    def _bin(rank: int, prob: float) -> tuple[int, int]:
+        return min(rank, _RANKS - 1), min(max(int(prob * _BINS), 0), _BINS - 1)
+
+    def acceptance(self, rank: int, prob: float) -> float:
+        """How often a node of this rank and drafter probability was accepted once reached."""
+        r, b = self._bin(rank, prob)
+        return self.hits[r][b] / self.trials[r][b]
+
+    def start(self, fixed_ms: float) -> None:
+        self.tokens, self.ms, self.reach = 1.0, max(fixed_ms, 1e-3), 1.0
+
+    def _take(self, value: float, cost_ms: float) -> bool:
+        if value * self.ms < max(cost_ms, 0.0) * self.tokens:  # value / cost < tokens / ms
+            return False
+        self.tokens += value
+        self.ms += max(cost_ms, 0.0)
+        return True
+
+    def take_chain(self, prob: float, cost_ms: float) -> bool:
+        """Whether the drafter's best guess at this depth (probability ``prob``) joins."""
+        return self._take(self.reach * self.acceptance(0, prob), cost_ms)
+
+    def take_leaf(self, rank: int, prob: float, cost_ms: float) -> bool:
+        """Whether its guess of ``rank`` (1: the second likeliest) joins, beside the chain's."""
+        return self._take(self.reach * self.acceptance(rank, prob), cost_ms)
+
+    def descend(self, prob: float) -> None:
+        """The chain goes on below its guess of probability ``prob``."""
+        self.reach *= self.acceptance(0, prob)
+
+    def record(self, parents: tuple[int, ...], ranks: list[int], probs: list[float], kept: list[int]) -> None:
+        """A verified tree: each node's parent (-1: the pending token), rank and drafter
+        probability, and the nodes on the accepted path."""
+        on_path = set(kept)
+        for node, parent in enumerate(parents):
+            if parent == -1 or parent in on_path:  # reached: its parent was accepted
+                r, b = self._bin(ranks[node], probs[node])
+                self.trials[r][b] += 1
+                self.hits[r][b] += node in on_path
+
+    def record_costs(self, row_ms: float | None = None, step_ms: float | None = None) -> None:
+        """Measured: a node's row in the edge's tree pass; the edge and drafter pass that takes
+        the chain one depth further."""
+        if row_ms is not None:
+            self.edge_row_ms = row_ms if self.edge_row_ms is None else self.edge_row_ms + 0.3 * (row_ms - self.edge_row_ms)
+        if step_ms is not None:
+            self.step_ms = step_ms if self.step_ms is None else self.step_ms + 0.3 * (step_ms - self.step_ms)
+
+
 @dataclass
 class MiniSettings:
     """What the generation loop needs from a ``MiniLLMHandler``: the drafter and how to use it."""

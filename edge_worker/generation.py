@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from edge_worker.backends import Backend, FrameLost, PipelinedBackend, PipelinedFrame, SplitMover, StepStats
-from edge_worker.drafting import DraftController, MiniSettings
+from edge_worker.drafting import DraftController, MiniSettings, TreeShaper
 from partition.kv_cache import SegmentKVCache
 from partition.sampling import SamplingParams, choose_token
 from partition.segment import ModelSegment
@@ -206,6 +206,7 @@ class EdgeGenerator:
         result.splits_used = [self.edge.spec.hi]
         mini = self.mini
         controller = None
+        shaper: TreeShaper | None = None  # the shape of token trees, measured over this generation
         if mini is not None:
             result.mini, result.mini_mode = mini.drafter.name, mini.mode
             controller = _controller(mini)
@@ -267,7 +268,8 @@ class EdgeGenerator:
                 draft_ms = 0.0
                 if (mini is not None and controller is not None and mini.trees and step
                         and max_new_tokens - step > 1 and x.shape[1] == 1):
-                    kept = self._tree_round(mini, controller, out, cache, committed, step, max_new_tokens,
+                    shaper = shaper or TreeShaper()
+                    kept = self._tree_round(mini, controller, shaper, out, cache, committed, step, max_new_tokens,
                                             sampling, result, base_ms)
                     if kept[-1] in self.eos_token_ids:
                         result.stop_reason = "eos"
@@ -518,50 +520,68 @@ class EdgeGenerator:
                 backend.discard(list(inflight))
             controller.record_cycle(drafted)
 
-    def _tree_round(self, mini: MiniSettings, controller: DraftController, out, cache: SegmentKVCache,
-                    committed: list[int], step: int, max_new_tokens: int, sampling: SamplingParams,
-                    result: GenerationResult, base_ms: float) -> list[int]:
-        """One round trip with a token tree: the drafter's chain of best guesses (as long as the
-        controller's draft length), and beside each of them its next likeliest tokens as leaves
-        while it was unsure (until ``tree_nodes``). The edge drafts the chain one position at a
-        time (the int8 copy needs each position's exact activations), then runs its layers on the
-        pending token and the whole tree in one pass with the tree's mask; the backend verifies it
-        and both keep the accepted path. Returns the committed tokens (the path and the next)."""
+    def _tree_round(self, mini: MiniSettings, controller: DraftController, shaper: TreeShaper, out,
+                    cache: SegmentKVCache, committed: list[int], step: int, max_new_tokens: int,
+                    sampling: SamplingParams, result: GenerationResult, base_ms: float) -> list[int]:
+        """One round trip with a token tree: the drafter's chain of best guesses, and beside each
+        of them its next likeliest tokens as leaves, each node taken while the shaper's measured
+        acceptance says it pays for its cost at this round trip (``TreeShaper``; at most
+        ``tree_nodes`` nodes, a chain of at most ``max_draft``). The edge drafts the chain one
+        position at a time (the int8 copy needs each position's exact activations), then runs its
+        layers on the pending token and the whole tree in one pass with the tree's mask; the
+        backend verifies it and both keep the accepted path. Returns the committed tokens (the path
+        and the next). Not adaptive (``--mini-fixed``): every node the budget allows."""
         drafter = mini.drafter
         pending_pos = cache.length - 1  # the pending token's position; out holds its activation
         budget = min(mini.tree_nodes, max_new_tokens - step - 1)
-        # The controller's draft length is the chain's (0 where drafting does not pay: a plain step).
-        depth = min(controller.best_length() if mini.adaptive else mini.max_draft, budget)
+        # The controller says whether drafting pays at all (0: a plain step), the shaper how much.
+        depth = min(mini.max_draft if not mini.adaptive or controller.best_length() else 0, budget)
         if depth:
             _prepare(drafter)
         t1 = time.perf_counter()
+        shaper.start((controller.base_ms or 0.0) + (controller.round_trip_ms or 0.0) + (controller.cloud_one_ms or 0.0))
+        leaf_ms = (shaper.edge_row_ms or 0.0) + (controller.cloud_per_draft_ms or 0.0)
         tokens: list[int] = []
         parents: list[int] = []
+        ranks: list[int] = []
+        probs: list[float] = []
         chain_parent = -1
         chain: set[int] = set()  # the nodes of the chain of best guesses (the rest are leaves)
         h = out.hidden[0, -1]
+        t_step = None
         for d in range(depth):
             room = budget - len(tokens)
             if room <= 0:
                 break
             ranked = drafter.candidates(h, min(4, room))
+            if t_step is not None:
+                shaper.record_costs(step_ms=(time.perf_counter() - t_step) * 1e3)
             if not ranked or ranked[0][1] < mini.threshold:
                 break
             best, best_p = ranked[0]
-            tokens.append(best)
-            parents.append(chain_parent)
-            chain_parent = len(tokens) - 1
-            chain.add(chain_parent)
-            # Leaves beside the guess while the drafter was unsure, leaving room for the chain.
-            mass = best_p
-            for token, p in ranked[1:]:
-                if mass >= 0.9 or len(tokens) >= budget - (depth - d - 1):
-                    break
-                tokens.append(token)
-                parents.append(parents[chain_parent])
-                mass += p
-            if best in self.eos_token_ids or d == depth - 1:
+            last = best in self.eos_token_ids or d == depth - 1
+            # --mini-fixed (not adaptive): every node the budget allows, a fixed shape. The best
+            # guess and the others are siblings: each joins on its own value; the chain goes on
+            # only below the best guess.
+            took = not mini.adaptive or shaper.take_chain(best_p, leaf_ms + (0.0 if last else shaper.step_ms or 0.0))
+            parent = chain_parent
+            if took:
+                tokens.append(best)
+                parents.append(parent)
+                ranks.append(0)
+                probs.append(best_p)
+                chain_parent = len(tokens) - 1
+                chain.add(chain_parent)
+            for rank, (token, p) in enumerate(ranked[1:], start=1):
+                if len(tokens) < budget and (not mini.adaptive or shaper.take_leaf(rank, p, leaf_ms)):
+                    tokens.append(token)
+                    parents.append(parent)
+                    ranks.append(rank)
+                    probs.append(p)
+            if last or not took:
                 break
+            shaper.descend(best_p)
+            t_step = time.perf_counter()
             h = self._run_edge(torch.tensor([[best]], dtype=torch.long), cache).hidden[0, -1]
         draft_ms = (time.perf_counter() - t1) * 1e3
         if not tokens:
@@ -574,7 +594,9 @@ class EdgeGenerator:
             t2 = time.perf_counter()
             hidden = self.edge(torch.tensor([[committed[-1], *tokens]], dtype=torch.long), cache, logits="none",
                                tree=tree).hidden
-            draft_ms += (time.perf_counter() - t2) * 1e3
+            pass_ms = (time.perf_counter() - t2) * 1e3
+            shaper.record_costs(row_ms=pass_ms / (1 + len(tokens)))
+            draft_ms += pass_ms
         result.timings.edge_compute_ms += base_ms + draft_ms
         got, stats = self.backend.step(hidden, step, seen=result.token_ids, tree=tree)  # type: ignore[union-attr]
         _add_stats(result, stats)
@@ -585,6 +607,7 @@ class EdgeGenerator:
         if tree is not None:
             rows = tree.rows_of(got[:-1])
             leaf_kept = any(r - 1 not in chain for r in rows[1:])
+            shaper.record(tree.parents, ranks, probs, [r - 1 for r in rows[1:]])
             cache.keep(pending_pos, rows)
             self._observed(hidden[:, rows], pending_pos)  # the drafter follows the kept path
         controller.record(len(tokens), accepted, base_ms, draft_ms,

@@ -321,3 +321,44 @@ def test_tree_drafts_through_a_real_worker_leave_the_output_unchanged(tiny_clust
     assert rounds and got["tokens_drafted"] > len(rounds) and got["mini"] == mini
     # One frame per round: the opener, then one per tree.
     assert got["cloud_round_trips"] == len(got["trace"]) + 1
+
+
+# --- the shape: measured acceptance and the round trip (edge_worker.drafting.TreeShaper) ----------
+
+
+def _shape(shaper, fixed_ms: float, depths: list[list[float]], leaf_ms: float = 1.0, step_ms: float = 8.0):
+    """Nodes a shaper takes from the same ranked candidates per depth: (chain nodes, leaves)."""
+    from edge_worker.drafting import TreeShaper
+
+    assert isinstance(shaper, TreeShaper)
+    shaper.start(fixed_ms)
+    chain = leaves = 0
+    for ranked in depths:
+        took = shaper.take_chain(ranked[0], leaf_ms + step_ms)
+        chain += took
+        leaves += sum(shaper.take_leaf(rank, p, leaf_ms) for rank, p in enumerate(ranked[1:], start=1))
+        if not took:
+            break
+        shaper.descend(ranked[0])
+    return chain, leaves
+
+
+def test_a_tree_grows_with_the_round_trip_and_with_what_was_accepted():
+    from edge_worker.drafting import TreeShaper
+
+    depths = [[0.6, 0.25, 0.1], [0.7, 0.2, 0.05], [0.5, 0.3, 0.1], [0.9, 0.05, 0.02], [0.4, 0.3, 0.2]] * 2
+    near, far = _shape(TreeShaper(), 20.0, depths), _shape(TreeShaper(), 200.0, depths)
+    assert near[0] + near[1] < far[0] + far[1]  # a long round trip makes every node cheap next to it
+    assert far[1] > 0 and far[0] >= near[0]
+    # Measured: second choices of low probability were right whenever they were reached, and best
+    # guesses of middling probability never: the same candidates now give more leaves, less chain.
+    learned = TreeShaper()
+    for _ in range(200):
+        # pending -> chain node 0 (p 0.5, rejected) with leaf 1 (rank 1, p 0.15, accepted) beside it,
+        # and a leaf under the chain node that was never reached.
+        learned.record((-1, -1, 0), [0, 1, 1], [0.5, 0.15, 0.15], kept=[1])
+    assert learned.acceptance(1, 0.15) > 0.95 and learned.acceptance(0, 0.5) < 0.05
+    assert learned.acceptance(1, 0.3) == TreeShaper().acceptance(1, 0.3)  # other bins: unchanged
+    before = _shape(TreeShaper(), 60.0, [[0.5, 0.15, 0.15]] * 3, leaf_ms=6.0)
+    after = _shape(learned, 60.0, [[0.5, 0.15, 0.15]] * 3, leaf_ms=6.0)
+    assert after[1] > before[1] and after[0] < before[0], (before, after)
