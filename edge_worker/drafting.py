@@ -464,8 +464,9 @@ class DraftController:
     # choice also holds where the cost model does not (an edge and a worker sharing one loaded CPU,
     # where a guess slows the worker down). They are per token, not per cycle, and the choice is
     # taken again before every guess: a cycle whose guesses all hit can last a whole generation.
-    # Exploring windows of _EXPLORE_TOKENS tokens try the other choice, to keep both figures
-    # fresh: every probe_every tokens while the two are close, four times as rarely otherwise.
+    # Exploring windows of _EXPLORE_TOKENS tokens measure the other choice afresh (its old figure
+    # is dropped: the link may have changed since): every probe_every tokens while the two are
+    # close, four times as rarely otherwise.
     realised: dict = field(default_factory=lambda: {True: [0.0, 0.0], False: [0.0, 0.0]})
     tokens: int = 0  # tokens committed so far (prompt pass included)
     # Before a guess is measured, its cost is priced as the edge's layers plus this many cloud
@@ -519,14 +520,17 @@ class DraftController:
             model = True
         known = pipe is not None and plain is not None
         use = pipe <= (1 - self.min_gain) * plain if known else model  # type: ignore[operator]
-        # Explore only where the model expects pipelining to pay (not at loopback round trips).
-        if model and known:
+        # Explore once both choices have been measured, whatever the model says now (a link that
+        # got faster since must be able to turn guessing off); at loopback round trips the model
+        # never starts pipelining, so there is nothing to explore there.
+        if known:
             close = 0.75 * plain <= pipe <= plain / 0.75  # type: ignore[operator]
             if self.explore_at is None:
                 self.explore_at = self.tokens + self.probe_every * (1 if close else 4)
             if self.tokens >= self.explore_at:
                 self.exploring_until, self.exploring = self.tokens + _EXPLORE_TOKENS, not use
                 self.explore_at = self.tokens + self.probe_every * (1 if close else 4)
+                self.realised[self.exploring] = [0.0, 0.0]  # measured afresh: its figure may be stale
             if self.tokens < self.exploring_until:
                 use = self.exploring  # the window's choice holds for the whole window
         return best if use else 0

@@ -211,6 +211,29 @@ def test_a_costly_drafter_waits_for_a_round_trip_that_repays_it():
     assert depth(100.0, 400.0, 4) == 0  # four tokens cannot repay a 400 ms build
 
 
+def test_a_link_that_got_faster_turns_guessing_off():
+    """Pipelining paid while the round trip was long (plain tokens 150 ms, pipelined 60 ms); then
+    the link got fast (the model stops expecting a gain, plain tokens now take 30 ms). The stale
+    plain figure still favours pipelining, until an exploring window measures plain again."""
+    c = DraftController(max_tokens=8, tokens=3, accept_hits=9, accept_trials=10)
+    c.record_tokens(False, 300.0, tokens=2)
+    c.record_edge(base_ms=12.0, draft_ms=16.0)
+    c.record_reply(100.0, 15.0)
+    for _ in range(10):
+        assert c.pipeline_depth() > 0
+        c.record_tokens(True, 60.0)
+    for _ in range(20):
+        c.record_reply(1.0, 15.0)  # the link is fast now
+    plain_again = None
+    for i in range(4 * c.probe_every + 10):
+        depth = c.pipeline_depth()
+        if depth == 0 and plain_again is None:
+            plain_again = i
+        c.record_tokens(depth > 0, 60.0 if depth else 30.0)
+    assert plain_again is not None and plain_again <= 4 * c.probe_every
+    assert c.pipeline_depth() == 0 or c.tokens < c.exploring_until  # guessing is off, bar exploring
+
+
 class _Contended(LocalBackend):
     """A cloud the cost model expects to be worth pipelining (it reports a 60 ms round trip), on
     which every frame sent with a guess costs 30 ms more than it would alone (a worker slowed by
