@@ -216,6 +216,10 @@ class LocalCluster:
                 busy = [w for w in st["workers"] if w["sessions"]]
                 if busy and st["counters"].get("requests_served", 0) >= served:
                     return str(busy[0]["worker_id"])
+            code = edge.poll()
+            if code is not None:  # it ended: say how
+                _, err = edge.communicate()
+                raise ClusterError(f"the edge ended (exit status {code}) before decoding was under way:\n{err[-3000:]}")
             raise ClusterError("the edge never started decoding")
         finally:
             watcher.close()

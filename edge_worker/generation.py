@@ -229,6 +229,10 @@ class EdgeGenerator:
                 result.ttft_ms = (t_first - t_start) * 1e3
             if stream and token not in self.eos_token_ids:
                 stopped = stream.update(generated) or stopped
+        def halted() -> bool:
+            """A stop string appeared or the caller cancelled (read within a pipelined cycle)."""
+            return stopped or (cancel is not None and cancel.is_set())
+
         x = torch.tensor([input_ids], dtype=torch.long)  # (1, T): positions the edge has not run
         try:
             while len(generated) < max_new_tokens and not stopped:
@@ -254,7 +258,7 @@ class EdgeGenerator:
                     plain_cycle = depth == 0
                 if pipelined and controller is not None and not plain_cycle and self.backend.can_pipeline():  # type: ignore[union-attr]
                     last = self._pipeline_cycle(mini, controller, x, cache, committed, max_new_tokens, result,
-                                                commit, depth)
+                                                commit, depth, halted)
                     if last in self.eos_token_ids:
                         result.stop_reason = "eos"
                         break
@@ -399,7 +403,8 @@ class EdgeGenerator:
 
     def _pipeline_cycle(self, mini: MiniSettings, controller: DraftController, x: torch.Tensor,
                         cache: SegmentKVCache, committed: list[int], max_new_tokens: int,
-                        result: GenerationResult, commit: Callable[[int], None], depth: int) -> int:
+                        result: GenerationResult, commit: Callable[[int], None], depth: int,
+                        halted: Callable[[], bool] = lambda: False) -> int:
         """Pipelined drafting: the round trip is paid per rejected guess, not per token.
 
         The edge runs its layers on the pending tokens ``x`` and sends them; then, instead of
@@ -410,6 +415,9 @@ class EdgeGenerator:
         frame is valid (the worker ran it); at the first difference the worker skips every later
         frame (its condition fails), and so does the edge: it crops its cache to the committed
         positions and returns. Output is the main model's, token for token.
+
+        A cycle whose guesses all hit could last the whole generation: ``halted`` (a stop string
+        appeared, the caller cancelled) ends it at the next answer, and the loop above acts on it.
 
         Returns the last committed token (the next pending one). A frame that gets no usable
         answer (timeout, lost worker, error) ends the pipeline: the edge forgets what is in flight
@@ -512,7 +520,7 @@ class EdgeGenerator:
                 if hit:
                     result.tokens_from_mini += 1
                 if (token in self.eos_token_ids or len(result.token_ids) >= max_new_tokens or not hit
-                        or self.backend is not backend or not backend.can_pipeline()):
+                        or self.backend is not backend or not backend.can_pipeline() or halted()):
                     cache.crop(frame.pos + frame.hidden.shape[1])
                     return token
         finally:

@@ -234,6 +234,35 @@ def test_a_link_that_got_faster_turns_guessing_off():
     assert c.pipeline_depth() == 0 or c.tokens < c.exploring_until  # guessing is off, bar exploring
 
 
+@pytest.mark.integration
+def test_a_pipeline_whose_guesses_all_hit_still_stops_at_a_stop_string_and_at_cancel(tiny_llama):
+    """The main model as drafter keeps one pipelined cycle going: a stop string and a cancel
+    must still end the generation at once, not when the cycle ends."""
+    import threading
+
+    from edge_worker.generation import GenerationCancelled
+
+    ids = ids_of(tiny_llama, PROMPTS[0])
+    mini = MiniLLMHandler(model="tiny-llama", threshold=0.0, max_draft=4, adaptive=False)
+    full = generator(tiny_llama, 2, pipelined=False).generate(ids, 120)
+    stop = full.text[20:26]
+    assert stop and full.text.index(stop) >= 20
+    stopped = generator(tiny_llama, 2, mini).generate(ids, 120, stop=(stop,))
+    assert stopped.stop_reason == "stop" and stopped.text == full.text[:full.text.index(stop)]
+    assert len(stopped.token_ids) < 60
+    cancel = threading.Event()
+    texts: list[str] = []
+
+    def on_text(piece: str) -> None:
+        texts.append(piece)
+        if len(texts) == 5:
+            cancel.set()
+
+    with pytest.raises(GenerationCancelled, match="cancelled after"):
+        generator(tiny_llama, 2, mini).generate(ids, 120, on_text=on_text, cancel=cancel)
+    assert len(texts) < 30
+
+
 class _Contended(LocalBackend):
     """A cloud the cost model expects to be worth pipelining (it reports a 60 ms round trip), on
     which every frame sent with a guess costs 30 ms more than it would alone (a worker slowed by
