@@ -219,7 +219,7 @@ class CopyDrafter:
         from the copy's size at the rate measured on a 2-core CPU, and the catch-up over positions
         observed while nothing was drafted (about 1.5 ms a position in a batched pass)."""
         build = 0.0 if self._segment is not None else _BUILD_MS_PER_MB * self._bytes / 2**20
-        backlog = sum(r.shape[0] for r in self.rows)
+        backlog = self.known - self.cache.length  # observed positions the copy has not run
         return build + (_CATCH_UP_MS_PER_ROW * backlog if backlog > _CATCH_UP_ROWS else 0.0)
 
     @torch.inference_mode()
@@ -228,7 +228,7 @@ class CopyDrafter:
         a backlog of positions observed while nothing was drafted. A position or two left by the
         last cycle are a guess's ordinary work: they run in the next (timed) guess."""
         self.segment  # noqa: B018 - built here, not at a timed guess
-        if not self.lost and sum(r.shape[0] for r in self.rows) > _CATCH_UP_ROWS:
+        if not self.lost and self.known - self.cache.length > _CATCH_UP_ROWS:
             self._newest_logits()
 
     def reset(self, prompt: list[int]) -> None:
