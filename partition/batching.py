@@ -22,7 +22,10 @@ its session runs alone or beside fifteen others, on any split. Frames longer tha
 length only. The edge runs its local layers through the same code, so a split run and a local
 run compute the same numbers.
 
-Attention needs no care: each session attends over its own cache in a call of its own shape.
+Attention mixes no sessions: each attends over its own cache. With the row kernel one call
+computes every session's rows, each row on its own (``rowkernel.attend``): a row of a speculative
+verification frame or a token tree then gets exactly the bits it gets as a one-token step, which
+SDPA's blocked kernels do not give (they differ in the last bits with the frame's shape).
 Row-wise operations (RMSNorm, rotary positions, SiLU, residual adds) do not mix rows.
 
 Supported: the Llama architecture (``model_type`` llama). Other families run each session's
@@ -194,22 +197,40 @@ def run_packed_layer(layer: nn.Module, hidden: torch.Tensor, parts: list[Part], 
     q = _rotate(q.view(rows, -1, head_dim), cos, sin)  # (R, heads, head_dim)
     k = _rotate(k.view(rows, -1, head_dim), cos, sin)
     v = v.view(rows, -1, head_dim)
-    outs = []
-    start = 0
-    for part in parts:
-        end = start + part.rows
-        kp, vp = part.cache.update(k[start:end].transpose(0, 1).unsqueeze(0), v[start:end].transpose(0, 1).unsqueeze(0),
-                                   attn.layer_idx)
-        out, _ = attention(attn, q[start:end].transpose(0, 1).unsqueeze(0), kp, vp, part.masks[window],
-                           dropout=0.0, scaling=attn.scaling)
-        outs.append(out.reshape(part.rows, -1))
-        start = end
-    hidden = residual + packed_linear(torch.cat(outs) if len(outs) > 1 else outs[0].contiguous(), attn.o_proj)
+    hidden = residual + packed_linear(_attend(attn, q, k, v, parts, window, attention), attn.o_proj)
     residual = hidden
     x = layer.post_attention_layernorm(hidden)
     mlp = layer.mlp
     gate, up = layer.packed_gate_up.split(packed_linear(x, layer.packed_gate_up))
     return residual + packed_linear(mlp.act_fn(gate) * up, mlp.down_proj)
+
+
+def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: list[Part],
+            window: int | None, attention: Any) -> torch.Tensor:
+    """Every part's rows attending over its own cache, ``(R, heads * head_dim)``; the new keys and
+    values join the caches. With the row kernel's attention (float32 on a CPU) one call does it
+    for all parts, each row as it would be alone (a verification frame's or a token tree's rows
+    then get the bits of one-token steps); elsewhere transformers' attention function, per part."""
+    spans = []
+    start = 0
+    for part in parts:
+        spans.append((start, start + part.rows))
+        start += part.rows
+    kv = [(k[a:b].transpose(0, 1).unsqueeze(0), v[a:b].transpose(0, 1).unsqueeze(0)) for a, b in spans]
+    if rowkernel.usable_attend(q):  # a packed part's cache holds one row in the segment's dtype, as q
+        runs = []
+        for part, new in zip(parts, kv, strict=True):
+            store, first = part.cache.reserve(attn.layer_idx, *new)
+            mask = part.masks[window]
+            runs.append((store.keys, store.values, first, part.rows, None if mask is None else mask.view(part.rows, -1)))
+        return rowkernel.attend(q, k, v, runs, attn.scaling).view(q.shape[0], -1)
+    outs = []
+    for part, (new_k, new_v), (a, b) in zip(parts, kv, spans, strict=True):
+        kp, vp = part.cache.update(new_k, new_v, attn.layer_idx)
+        out, _ = attention(attn, q[a:b].transpose(0, 1).unsqueeze(0), kp, vp, part.masks[window],
+                           dropout=0.0, scaling=attn.scaling)
+        outs.append(out.reshape(part.rows, -1))
+    return torch.cat(outs) if len(outs) > 1 else outs[0].contiguous()
 
 
 def attention_function(config: Any) -> Any:

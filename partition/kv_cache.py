@@ -43,12 +43,23 @@ class SegmentKVCache:
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # key_states: (B, kv_heads, T_new, head_dim)
+        store, start = self.reserve(layer_idx, key_states, value_states)
+        needed = store.length
+        store.keys[..., start:needed, :] = key_states
+        store.values[..., start:needed, :] = value_states
+        return store.keys[..., :needed, :], store.values[..., :needed, :]
+
+    def reserve(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[_LayerStore, int]:
+        """Room for ``key_states``' new positions in layer ``layer_idx``'s store (allocated or
+        grown as ``update`` would), counted as held: ``(store, first new position)``. The caller
+        writes them (``update``, or the packed step's attention kernel, which writes them itself)."""
         store = self._layers.get(layer_idx)
         t_new = key_states.shape[-2]
         if store is None:
             store = self._allocate(key_states, value_states, t_new)
             self._layers[layer_idx] = store
-        needed = store.length + t_new
+        start = store.length
+        needed = start + t_new
         if self.max_length_tokens is not None and needed > self.max_length_tokens:
             raise CacheFullError(
                 f"session would hold {needed} tokens, over this cache's limit of {self.max_length_tokens}"
@@ -56,10 +67,8 @@ class SegmentKVCache:
         if needed > store.keys.shape[-2]:
             store.keys = _grow(store.keys, needed)
             store.values = _grow(store.values, needed)
-        store.keys[..., store.length : needed, :] = key_states
-        store.values[..., store.length : needed, :] = value_states
         store.length = needed
-        return store.keys[..., :needed, :], store.values[..., :needed, :]
+        return store, start
 
     # --- ours ------------------------------------------------------------------------------
     @property

@@ -1,5 +1,6 @@
 """A float32 matrix product whose rows never depend on each other: the packed decode step's kernel
-(and its twin with int8 weights, for the edge's quantized copy of the cloud's layers).
+(and its twin with int8 weights, for the edge's quantized copy of the cloud's layers), and the
+step's attention, every session's rows in one call, each row computed on its own (``attend``).
 
 Batching decode steps pays off only if a row's numbers are the same whatever else is in the call
 (``partition/batching.py``). MKL gives that only within a range of row counts that share one of
@@ -32,6 +33,7 @@ import threading
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from partition.models import cache_root
 
@@ -111,6 +113,65 @@ def _self_test_i8(fn) -> None:
                 raise RuntimeError(f"int8: row {rows - 1} differs between a call of {rows} rows and one of 17")
 
 
+def _self_test_attend(fn) -> None:
+    """The attention kernel against SDPA (close), and each row of a masked frame against the same
+    row as a one-row step (bit for bit)."""
+    gen = torch.Generator().manual_seed(2)
+    heads, kv_heads, dim, past, rows = 6, 2, 20, 9, 4
+    keys = torch.randn(rows, kv_heads, dim, generator=gen)
+    values = torch.randn(rows, kv_heads, dim, generator=gen)
+    query = torch.randn(rows, heads, dim, generator=gen)
+    cached = (torch.randn(1, kv_heads, 16, dim, generator=gen), torch.randn(1, kv_heads, 16, dim, generator=gen))
+    causal = torch.zeros(rows, past + rows)
+    causal.masked_fill_(torch.ones(rows, past + rows, dtype=torch.bool).triu(past + 1), torch.finfo(torch.float32).min)
+    ck, cv = cached[0].clone(), cached[1].clone()
+    out = attend(query, keys, values, [(ck, cv, past, rows, causal)], 0.3, fn)
+    full_k = torch.cat([cached[0][0, :, :past], keys.transpose(0, 1)], dim=1).repeat_interleave(heads // kv_heads, 0)
+    full_v = torch.cat([cached[1][0, :, :past], values.transpose(0, 1)], dim=1).repeat_interleave(heads // kv_heads, 0)
+    expected = F.scaled_dot_product_attention(query.transpose(0, 1), full_k, full_v, attn_mask=causal, scale=0.3)
+    torch.testing.assert_close(out, expected.transpose(0, 1), rtol=1e-4, atol=1e-5)
+    for i in range(rows):
+        ck, cv = cached[0].clone(), cached[1].clone()
+        attend(query[:i], keys[:i], values[:i], [(ck, cv, past, i, None)], 0.3, fn)  # the rows before it
+        alone = attend(query[i:i + 1], keys[i:i + 1], values[i:i + 1], [(ck, cv, past + i, 1, None)], 0.3, fn)
+        if not torch.equal(alone[0], out[i]):
+            raise RuntimeError(f"attention: row {i} of a masked frame differs from it as a one-row step")
+
+
+def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+           parts: list[tuple[torch.Tensor, torch.Tensor, int, int, torch.Tensor | None]], scale: float,
+           fn=None) -> torch.Tensor:
+    """Attention of every part's new rows over its cache, their keys and values written into it
+    first (``data/rowdot.c``; ``usable_attend`` first). ``query`` (R, H, D), ``keys`` and
+    ``values`` (R, Hkv, D): the parts' rows in turn. A part is ``(key storage, value storage,
+    past, rows, mask)``: its cache's storage (1, Hkv, capacity, D), contiguous, with room for its
+    ``rows`` after its ``past`` positions, and its additive mask (rows, past + rows), or None for
+    causal. Returns (R, H, D); each row's numbers depend on nothing else in the call."""
+    if fn is None:
+        kernel()
+        fn = _state.get("attend")
+        if fn is None:
+            raise RuntimeError(f"the row kernel's attention is not available here: {reason()}")
+    count = len(parts)
+    rows, caps, pasts = (ctypes.c_long * count)(), (ctypes.c_long * count)(), (ctypes.c_long * count)()
+    kc, vc, masks = (ctypes.c_void_p * count)(), (ctypes.c_void_p * count)(), (ctypes.c_void_p * count)()
+    for i, (k_store, v_store, past, n, mask) in enumerate(parts):
+        if not (k_store.is_contiguous() and v_store.is_contiguous() and past + n <= k_store.shape[-2]):
+            raise ValueError(f"a part's cache storage must be contiguous with room for {n} rows after {past}")
+        kc[i], vc[i], caps[i], pasts[i], rows[i] = k_store.data_ptr(), v_store.data_ptr(), k_store.shape[-2], past, n
+        masks[i] = None if mask is None else mask.data_ptr()
+    query, keys, values = query.contiguous(), keys.contiguous(), values.contiguous()
+    out = torch.empty(query.shape)
+    fn(query.data_ptr(), keys.data_ptr(), values.data_ptr(), count, rows, kc, vc, caps, pasts, masks,
+                     query.shape[1], keys.shape[1], query.shape[2], scale, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def usable_attend(query: torch.Tensor) -> bool:
+    """Whether ``attend`` runs here for this query: float32 on the CPU (its caches must be too)."""
+    return query.dtype == torch.float32 and query.device.type == "cpu" and kernel() is not None
+
+
 def _call_i8(fn, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x.shape[0], q.shape[0])
     fn(x.data_ptr(), q.data_ptr(), scale.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], q.shape[0],
@@ -149,9 +210,15 @@ def kernel():
                 fn8 = lib.rowdot_i8
                 fn8.restype = None
                 fn8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
+                fa = lib.attend
+                fa.restype = None
+                fa.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_void_p] * 6
+                               + [ctypes.c_long] * 3 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int])
                 _self_test(fn)
                 _self_test_i8(fn8)
+                _self_test_attend(fa)
                 _state["fn8"] = fn8
+                _state["attend"] = fa
             except (OSError, RuntimeError, subprocess.SubprocessError, AssertionError) as exc:
                 fn, reason = None, f"it could not be built or failed its check: {exc}"
         if fn is None:

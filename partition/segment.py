@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from partition import rowkernel
 from partition.arch import LayerRunner, attention_mask, meta_skeleton, sliding_window_of
 from partition.batching import (
     PACK_MAX_ROWS,
@@ -135,6 +136,10 @@ class ModelSegment(nn.Module):
         if self.packable:
             for layer in self.layers:
                 fuse_layer(layer)
+            if self.device.type == "cpu" and dtype == torch.float32:
+                # Built (once per machine) or loaded now, not at a worker's first step, where a
+                # compile would hold up its heartbeats.
+                rowkernel.kernel()
         if self.runner.rotary is not None:
             self.runner.rotary.to(self.device)
         self.eval()

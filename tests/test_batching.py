@@ -439,3 +439,93 @@ def test_a_worker_opens_each_session_id_once_and_closes_it_only_for_its_close_ke
             assert "was closed: an opener for it again is refused" in caplog.text
         finally:
             worker.conn.close()
+
+
+def _one_token_steps(segment, cache, tokens):
+    """Each token as a step of its own: (logits per token, hidden per token)."""
+    logits, hidden = [], []
+    for t in tokens:
+        out = segment(torch.tensor([[t]]), cache, logits="last")
+        logits.append(out.logits[0, -1])
+        hidden.append(out.hidden[0, -1])
+    return torch.stack(logits), torch.stack(hidden)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", pytest.param("smollm2", marks=pytest.mark.real_model)])
+def test_a_verification_frame_and_a_token_tree_give_each_row_the_bits_of_one_token_steps(fixture, request):
+    """Speculative verification is exact only if a frame of several tokens computes for each row
+    what decoding that token alone computes: then a draft's verification commits the main model's
+    own tokens, not ones a different summation order tipped. SDPA's kernels differ in the last
+    bits between the two; the row kernel's attention does not."""
+    from partition import rowkernel
+    from partition.tree import DraftTree
+
+    if rowkernel.kernel() is None:
+        pytest.skip(f"the row kernel does not run here: {rowkernel.reason()}")
+    source = request.getfixturevalue(fixture)
+    whole = ModelSegment.load(source, 0, source.n_layers)
+    prompt, drafts = [3, 17, 29, 4, 8, 21, 40], [12, 5, 9, 31, 7]
+    stepped, framed, treed = (whole.new_cache() for _ in range(3))
+    for cache in (stepped, framed, treed):
+        whole(torch.tensor([prompt]), cache, logits="none")
+    expected, expected_hidden = _one_token_steps(whole, stepped, drafts)
+
+    out = whole(torch.tensor([drafts]), framed, logits="all")
+    assert torch.equal(out.logits[0], expected) and torch.equal(out.hidden[0], expected_hidden)
+    # The next step on each cache: the keys and values the frame left are the steps' too.
+    assert torch.equal(_one_token_steps(whole, framed, [42])[0], _one_token_steps(whole, stepped, [42])[0])
+
+    # The chain as one branch of a tree, a sibling branch beside it: the chain's rows, bit for bit.
+    tree = DraftTree(tokens=(5, 30, 9, 31, 7), parents=(-1, -1, 0, 2, 3))  # 12 -> 5 -> 9 -> 31 -> 7, and 12 -> 30
+    logits = whole(torch.tensor([[12, *tree.tokens]]), treed, logits="all", tree=tree).logits[0]
+    assert torch.equal(logits[[0, 1, 3, 4, 5]], expected)
+
+
+def test_the_attention_kernel_gives_each_part_and_row_what_it_gets_alone_and_close_to_sdpa():
+    from partition import rowkernel
+
+    if rowkernel.kernel() is None:
+        pytest.skip(f"the row kernel does not run here: {rowkernel.reason()}")
+    gen = torch.Generator().manual_seed(3)
+    heads, kv_heads, dim = 9, 3, 64
+    # (past, rows, mask kind): a decode step, a causal frame, a sliding window, a long cache
+    shapes = [(40, 1, None), (7, 5, "causal"), (30, 4, "window"), (300, 2, "causal")]
+
+    def mask_of(past, rows, kind):
+        if kind is None:
+            return None
+        q = torch.arange(past, past + rows).unsqueeze(1)
+        k = torch.arange(past + rows).unsqueeze(0)
+        allowed = (k <= q) & ((q - k < 16) if kind == "window" else True)
+        return torch.zeros(rows, past + rows).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+
+    caches = [(torch.randn(1, kv_heads, 512, dim, generator=gen), torch.randn(1, kv_heads, 512, dim, generator=gen))
+              for _ in shapes]
+    total = sum(rows for _, rows, _ in shapes)
+    q, k, v = (torch.randn(total, n, dim, generator=gen) for n in (heads, kv_heads, kv_heads))
+    masks = [mask_of(*s) for s in shapes]
+    together_caches = [(a.clone(), b.clone()) for a, b in caches]
+    together = rowkernel.attend(q, k, v, [(kc, vc, past, rows, m) for (kc, vc), (past, rows, _), m
+                                          in zip(together_caches, shapes, masks, strict=True)], 0.125)
+    start = 0
+    for (kc, vc), (past, rows, _), m, (tk, tv) in zip(caches, shapes, masks, together_caches, strict=True):
+        end = start + rows
+        alone = rowkernel.attend(q[start:end], k[start:end], v[start:end], [(kc, vc, past, rows, m)], 0.125)
+        assert torch.equal(alone, together[start:end])
+        assert torch.equal(kc, tk) and torch.equal(vc, tv)  # the new keys and values written in place
+        keys = kc[0, :, :past + rows].repeat_interleave(heads // kv_heads, 0)
+        values = vc[0, :, :past + rows].repeat_interleave(heads // kv_heads, 0)
+        sdpa_mask = m if m is not None else mask_of(past, rows, "causal")
+        reference = torch.nn.functional.scaled_dot_product_attention(q[start:end].transpose(0, 1), keys, values,
+                                                                     attn_mask=sdpa_mask, scale=0.125)
+        torch.testing.assert_close(alone, reference.transpose(0, 1), rtol=1e-4, atol=1e-5)
+        start = end
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # the thread count splits rows and heads, never a sum
+        again = [(a.clone(), b.clone()) for a, b in caches]
+        one = rowkernel.attend(q, k, v, [(kc, vc, past, rows, m) for (kc, vc), (past, rows, _), m
+                                         in zip(again, shapes, masks, strict=True)], 0.125)
+        assert torch.equal(one, together)
+    finally:
+        torch.set_num_threads(threads)

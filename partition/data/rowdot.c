@@ -143,3 +143,92 @@ void rowdot_i8(const float *x, const signed char *w, const float *scale, float *
                int threads) {
     rowdot_any(x, (const char *)w, scale, y, R, K, N, threads, 1);
 }
+
+/* Attention for the packed step's rows (partition/batching.py), each row computed on its own.
+
+   q (R, H, D) holds every part's new rows in turn (a part: one session's frame); knew and vnew
+   (R, Hkv, D) their keys and values, which are first written into each part's cache (Hkv,
+   cap, D) after its `past` positions. Row r of a part, head h, attends over the positions its
+   mask lets it see (all `past + r + 1` without a mask; an additive mask (rows, past + rows) skips
+   a position whose value is below -1e30 and adds the others), in increasing position order:
+   scores by the fixed-order dot product, their maximum, exp(score - max) summed in that order,
+   and the values weighted and summed in that order, divided by the sum at the end. Nothing
+   depends on the other rows, heads or parts of the call, or on the thread count: a row of a
+   verification frame or of a token tree gets the bits it gets as a one-row decode step on the
+   same keys (SDPA's blocked kernels give neither). Head h reads key/value head h / (H / Hkv). */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline __attribute__((always_inline)) float dot_fixed(const float *a, const float *b, long D) {
+    const long DV = D - D % LANES;
+    vec acc = VZERO();
+    for (long d = 0; d < DV; d += LANES) acc = VFMA(VLOAD(a + d), VLOAD(b + d), acc);
+    float s = hsum(acc);
+    for (long d = DV; d < D; d++) s += a[d] * b[d];
+    return s;
+}
+
+void attend(const float *q, const float *knew, const float *vnew, long P, const long *rows,
+            float *const *kc, float *const *vc, const long *cap, const long *past, const float *const *mask,
+            long H, long Hkv, long D, float scale, float *out, int threads) {
+    long R = 0;
+    for (long p = 0; p < P; p++) R += rows[p];
+    long *part_of = malloc(sizeof(long) * (R > 0 ? R : 1));
+    long *start_of = malloc(sizeof(long) * (P > 0 ? P : 1));
+    if (!part_of || !start_of) { free(part_of); free(start_of); return; }
+    for (long p = 0, r = 0; p < P; p++) {
+        start_of[p] = r;
+        for (long i = 0; i < rows[p]; i++) part_of[r++] = p;
+    }
+    for (long r = 0; r < R; r++) {  /* the new keys and values into their caches */
+        const long p = part_of[r], t = past[p] + r - start_of[p];
+        for (long g = 0; g < Hkv; g++) {
+            memcpy(kc[p] + (g * cap[p] + t) * D, knew + (r * Hkv + g) * D, sizeof(float) * D);
+            memcpy(vc[p] + (g * cap[p] + t) * D, vnew + (r * Hkv + g) * D, sizeof(float) * D);
+        }
+    }
+    const long group = H / Hkv;
+    #pragma omp parallel num_threads(threads)
+    {
+        long longest = 1;
+        for (long p = 0; p < P; p++) if (past[p] + rows[p] > longest) longest = past[p] + rows[p];
+        float *score = malloc(sizeof(float) * longest);
+        float *acc = malloc(sizeof(float) * D);
+        #pragma omp for schedule(static)
+        for (long item = 0; item < R * H; item++) {
+            const long r = item / H, h = item % H, p = part_of[r], i = r - start_of[p];
+            const long L = past[p] + rows[p];
+            const long seen = past[p] + i + 1;  /* without a mask: causal */
+            const float *m = mask[p] ? mask[p] + i * L : 0;
+            const long upto = m ? L : seen;
+            const float *qr = q + (r * H + h) * D;
+            const float *kh = kc[p] + (h / group) * cap[p] * D;
+            const float *vh = vc[p] + (h / group) * cap[p] * D;
+            float top = -INFINITY;
+            for (long t = 0; t < upto; t++) {
+                if (m && m[t] < -1e30f) { score[t] = -INFINITY; continue; }
+                float s = dot_fixed(qr, kh + t * D, D) * scale;
+                if (m) s += m[t];
+                score[t] = s;
+                if (s > top) top = s;
+            }
+            for (long d = 0; d < D; d++) acc[d] = 0.0f;
+            float total = 0.0f;
+            for (long t = 0; t < upto; t++) {
+                if (score[t] == -INFINITY) continue;
+                const float e = expf(score[t] - top);
+                total += e;
+                const float *vt = vh + t * D;
+                for (long d = 0; d < D; d++) acc[d] += e * vt[d];
+            }
+            float *o = out + (r * H + h) * D;
+            const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+            for (long d = 0; d < D; d++) o[d] = acc[d] * inv;
+        }
+        free(score);
+        free(acc);
+    }
+    free(part_of);
+    free(start_of);
+}
