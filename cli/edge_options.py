@@ -144,6 +144,9 @@ EDGE_OPTIONS: tuple[Opt, ...] = (
     Opt("mini_fixed", MiniFixedOpt, False, "mini_adaptive", _negated, flags=("--mini-fixed",)),
     Opt("mini_pipeline", MiniPipelineOpt, True, "mini_pipeline", flags=("--mini-pipeline", "--no-mini-pipeline")),
     Opt("mini_adapter", MiniAdapterOpt, None, "mini_adapter", flags=("--mini-adapter",)),
+    _opt("mini_group", int, 8, "mini_group", "Pipelined drafting: at most N guesses per frame (those made while "
+         "the oldest answer is out go together, the worker verifying them in one pass); 1: a frame per guess. "
+         "Greedy only: with sampling each frame carries one guess."),
     _opt("mini_tree", int, 0, "mini_tree", "Verify mode: draft a token tree of up to N nodes per round trip (the "
          "chain of best guesses and, beside each, the drafter's next likeliest tokens) instead of pipelining a "
          "chain; 0 (default): chains. For drafters often right at their second choice (self, a weak copy)."),

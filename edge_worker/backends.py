@@ -45,13 +45,16 @@ class StepStats:
 class PipelinedFrame:
     """A frame sent while earlier ones are unanswered (pipelined drafting, see
     ``EdgeGenerator._pipeline_cycle``): ``hidden`` (1, T, H) holds positions ``pos ..``; ``first``,
-    when set, is the drafter's guess of the token at ``pos`` that the frame is conditional on."""
+    when set, is the drafter's guess of the token at ``pos`` that the frame is conditional on;
+    ``draft``, the guessed tokens at the positions after it, which the worker verifies as a
+    chain's (the frame's answer: the ones the main model kept, then its token after them)."""
 
     hidden: torch.Tensor
     step: int
     pos: int
     first: int | None
-    seen: tuple[int, ...] = ()  # the generated tokens up to the frame's last position (a repetition penalty's)
+    seen: tuple[int, ...] = ()  # the generated tokens up to the frame's first position (a repetition penalty's)
+    draft: tuple[int, ...] = ()
     handle: object = None  # the backend's request handle
     sent_at: float = 0.0
     bytes_sent: int = 0
@@ -98,11 +101,14 @@ class PipelinedBackend(Backend, Protocol):
     def can_pipeline(self) -> bool: ...
 
     def submit(self, hidden: torch.Tensor, step: int, pos: int, first: int | None,
-               seen: Sequence[int] = ()) -> PipelinedFrame: ...
+               seen: Sequence[int] = (), draft: Sequence[int] = ()) -> PipelinedFrame: ...
 
     def ready(self, frame: PipelinedFrame) -> bool: ...
 
-    def collect(self, frame: PipelinedFrame) -> tuple[int | None, StepStats]: ...
+    def collect(self, frame: PipelinedFrame) -> tuple[list[int] | None, StepStats]:
+        """The frame's answer: the drafts the main model kept and its token after them (None:
+        the worker skipped the frame, its condition failed)."""
+        ...
 
     def discard(self, frames: list[PipelinedFrame]) -> None: ...
 
@@ -162,26 +168,26 @@ class LocalBackend:
         return self.pipelined
 
     def submit(self, hidden: torch.Tensor, step: int, pos: int, first: int | None,
-               seen: Sequence[int] = ()) -> PipelinedFrame:
+               seen: Sequence[int] = (), draft: Sequence[int] = ()) -> PipelinedFrame:
         if pos != self.cache.length and first is None:
             raise ValueError(f"frame at {pos}, cache holds {self.cache.length}")
-        return PipelinedFrame(hidden=hidden, step=step, pos=pos, first=first, seen=tuple(seen))
+        return PipelinedFrame(hidden=hidden, step=step, pos=pos, first=first, seen=tuple(seen), draft=tuple(draft))
 
     def ready(self, frame: PipelinedFrame) -> bool:
         return frame.failed is not None
 
-    def collect(self, frame: PipelinedFrame) -> tuple[int | None, StepStats]:
+    def collect(self, frame: PipelinedFrame) -> tuple[list[int] | None, StepStats]:
         if frame.failed is not None:
             raise FrameLost(f"not sent: {frame.failed}")
         if frame.pos != self.cache.length:
             return None, StepStats()
-        tokens, stats = self.step(frame.hidden, frame.step, seen=frame.seen)
+        tokens, stats = self.step(frame.hidden, frame.step, frame.draft, seen=frame.seen)
         stats.round_trips, stats.waited = 1, True
-        return tokens[0], stats
+        return tokens, stats
 
     def discard(self, frames: list[PipelinedFrame]) -> None:
         pass
 
     def resend(self, frame: PipelinedFrame) -> tuple[list[int], StepStats]:
         self.cache.crop(frame.pos)
-        return self.step(frame.hidden, frame.step, seen=frame.seen)
+        return self.step(frame.hidden, frame.step, frame.draft, seen=frame.seen)

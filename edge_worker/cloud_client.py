@@ -428,17 +428,17 @@ class CloudSession:
         return self.cipher is not None and self.local is None
 
     def submit(self, hidden: torch.Tensor, step: int, pos: int, first: int | None,
-               seen: Sequence[int] = ()) -> PipelinedFrame:
+               seen: Sequence[int] = (), draft: Sequence[int] = ()) -> PipelinedFrame:
         """Send one frame without waiting and without copies: positions ``pos ..`` of ``hidden``
         (1, T, H); ``first`` makes it conditional on the main model choosing that token at ``pos``
-        (session_protocol.py). A frame that cannot be sent (the broker is gone, say) comes back
+        (session_protocol.py), ``draft`` are the tokens its last positions hold, to verify. A frame that cannot be sent (the broker is gone, say) comes back
         marked ``failed``: collecting it raises FrameLost, so its resend takes the ordinary step's
         way (retries, failover, local fallback); any other error is raised at once."""
         wire = self.reduction.project(hidden) if self.reduction else hidden
-        frames = seal_step(self.cipher, self.session_id, step, pos, wire, self.client.wire_dtype,
+        frames = seal_step(self.cipher, self.session_id, step, pos, wire, self.client.wire_dtype, draft=list(draft),
                            first=first, epoch=self.epoch, seen=self._seen(seen))
         nbytes = sum(len(memoryview(f)) for f in frames)
-        frame = PipelinedFrame(hidden=hidden, step=step, pos=pos, first=first, seen=tuple(seen),
+        frame = PipelinedFrame(hidden=hidden, step=step, pos=pos, first=first, seen=tuple(seen), draft=tuple(draft),
                                sent_at=time.perf_counter(), bytes_sent=nbytes)
         try:
             frame.handle = self.client.connection.submit(
@@ -459,9 +459,9 @@ class CloudSession:
         except EdgeCloudError:
             return True  # collect() raises it
 
-    def collect(self, frame: PipelinedFrame) -> tuple[int | None, StepStats]:
-        """The oldest frame's answer: the main model's token after it, or None when the worker
-        skipped it (its condition failed). Waits at most about one expected round trip (the
+    def collect(self, frame: PipelinedFrame) -> tuple[list[int] | None, StepStats]:
+        """The oldest frame's answer: the drafts it carried that the main model kept and the main
+        model's token after them, or None when the worker skipped it (its condition failed). Waits at most about one expected round trip (the
         adaptive copy wait) from when the frame was sent. A timeout or an error ``step`` would
         retry (or fall back on) raises FrameLost; any other error (security, protocol, poison)
         is raised as it is. Only frames that ran enter the replay log."""
@@ -474,7 +474,7 @@ class CloudSession:
                 raise FrameLost(f"{type(exc).__name__}: {exc}") from exc
             raise
 
-    def _collect(self, frame: PipelinedFrame) -> tuple[int | None, StepStats]:
+    def _collect(self, frame: PipelinedFrame) -> tuple[list[int] | None, StepStats]:
         conn = self.client.connection
         timer = self.client.step_timer
         stats = StepStats(bytes_sent=frame.bytes_sent, round_trips=1)
@@ -495,16 +495,17 @@ class CloudSession:
         result = open_step_reply(self.cipher, self.session_id, frame.step, reply.frames)
         if result.skipped:
             return None, stats
-        expected = frame.pos + frame.hidden.shape[1]
-        if result.accepted or result.pos != expected:
+        rejected = len(frame.draft) - result.accepted
+        expected = frame.pos + frame.hidden.shape[1] - rejected
+        if not 0 <= result.accepted <= len(frame.draft) or result.pos != expected:
             raise WorkerLost(f"worker cache holds {result.pos} positions after pipelined step {frame.step}, "
                              f"expected {expected}")
         if waited and self.client.adaptive_timeout:
             timer.observe(now - frame.sent_at)  # only then is the arrival time known
         self.pos = expected
-        self._log(frame.hidden, 0)
+        self._log(frame.hidden, rejected)
         _account(stats, reply, result, (now - frame.sent_at) * 1e3)
-        return result.token, stats
+        return [*frame.draft[:result.accepted], result.token], stats
 
     def discard(self, frames: list[PipelinedFrame]) -> None:
         """Stop waiting for frames the edge gave up on: the worker skips them (their condition
@@ -521,7 +522,7 @@ class CloudSession:
         self.epoch += 1
         # The step's deadline counts from when the frame first went out, not from now.
         started = time.monotonic() - (time.perf_counter() - frame.sent_at)
-        return self.step(frame.hidden, frame.step, seen=frame.seen, started=started)
+        return self.step(frame.hidden, frame.step, frame.draft, seen=frame.seen, started=started)
 
     # --- wire -----------------------------------------------------------------------------------
     def _open(self, step: int, stats: StepStats, timeout_s: float) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker.wire import WIRE_DTYPE_NAMES
-from partition.sampling_params import MAX_DRAFT_TOKENS, MAX_TREE_NODES
+from partition.sampling_params import MAX_DRAFT_TOKENS, MAX_GROUP, MAX_TREE_NODES
 
 DEFAULT_BROKER = "tcp://127.0.0.1:5555"
 DEFAULT_TOKENS = 64
@@ -125,6 +125,7 @@ class EdgeConfig:
     mini_max_draft: int = 8  # most tokens drafted per round trip (the controller may use fewer)
     mini_adaptive: bool = True  # False: always draft mini_max_draft tokens (measurements)
     mini_pipeline: bool = True  # verify mode: send guesses while earlier frames are in flight
+    mini_group: int = 8  # pipelined: at most this many guesses per frame (1: a frame per guess)
     mini_tree: int = 0  # verify mode: draft a token tree of this many nodes per round trip (0: chains)
     mini_adapter: Path | None = None  # --mini self: this adapter file instead of the calibrated default
     # Cost-model weights for choosing the split when none is given (the original design's defaults).
@@ -158,6 +159,8 @@ class EdgeConfig:
         if not self.max_frame_mb > 0:
             raise ValueError(f"--max-frame-mb must be > 0, got {self.max_frame_mb}")
         check_mini_options(self.mini_mode, self.mini_threshold, self.mini_max_draft)
+        if not 1 <= self.mini_group <= MAX_GROUP:
+            raise ValueError(f"--mini-group must be in 1..{MAX_GROUP}, got {self.mini_group}")
         if not 0 <= self.mini_tree <= MAX_TREE_NODES:
             raise ValueError(f"--mini-tree must be in 0..{MAX_TREE_NODES}, got {self.mini_tree}")
         if self.mini_adapter is not None and self.mini != "self":

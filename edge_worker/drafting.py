@@ -32,7 +32,7 @@ import torch
 from edge_worker.config import MINI_MODES, check_mini_options  # noqa: F401 - re-exported
 from partition.errors import PartitionError
 from partition.kv_cache import SegmentKVCache
-from partition.sampling_params import MAX_DRAFT_TOKENS
+from partition.sampling_params import MAX_DRAFT_TOKENS, MAX_GROUP
 from partition.tree import MAX_TREE_NODES
 
 log = logging.getLogger(__name__)
@@ -691,6 +691,11 @@ class MiniSettings:
     # chain of best guesses, with the drafter's next likeliest tokens as leaves beside each of
     # them; EdgeGenerator._draft_tree); 0: a chain.
     tree_nodes: int = 0
+    # Pipelined: the guesses made while the oldest answer is out go in one frame, at most this
+    # many (the first is the frame's condition, the rest drafts the worker verifies in the same
+    # pass); 1: a frame per guess. Greedy only: with sampling a frame carries one guess, so each
+    # token is the main model's own draw for its step, as without drafting.
+    group: int = 8
 
     @property
     def pipelined(self) -> bool:
@@ -705,6 +710,8 @@ class MiniSettings:
         if self.mode == "trust" and isinstance(self.drafter, LookupDrafter):
             raise ValueError("trust mode needs a drafter with a probability (self or a model): "
                              "prompt lookup has no confidence to trust")
+        if not 1 <= self.group <= MAX_GROUP:
+            raise ValueError(f"a pipelined frame holds 1 to {MAX_GROUP} guesses, got {self.group}")
         if not 0 <= self.tree_nodes <= MAX_TREE_NODES:
             raise ValueError(f"a draft tree has at most {MAX_TREE_NODES} nodes, got {self.tree_nodes}")
         if self.tree_nodes and not hasattr(self.drafter, "candidates"):

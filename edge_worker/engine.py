@@ -147,7 +147,8 @@ def mini_handler(config: EdgeConfig):
         return None
     return MiniLLMHandler(model=config.mini, threshold=config.mini_threshold, mode=config.mini_mode,
                           max_draft=config.mini_max_draft, adaptive=config.mini_adaptive,
-                          pipeline=config.mini_pipeline, adapter=config.mini_adapter, tree_nodes=config.mini_tree)
+                          pipeline=config.mini_pipeline, adapter=config.mini_adapter, tree_nodes=config.mini_tree,
+                          group=config.mini_group)
 
 
 def make_client(config: EdgeConfig):

@@ -257,8 +257,11 @@ class EdgeGenerator:
                     # more per token at loopback), measured for the controller as a plain cycle.
                     plain_cycle = depth == 0
                 if pipelined and controller is not None and not plain_cycle and self.backend.can_pipeline():  # type: ignore[union-attr]
+                    # Sampling: a frame per guess, so each token is the main model's own draw for its
+                    # step (a chain's verification draws otherwise: the same distribution, not the
+                    # same text as plain sampling with that seed).
                     last = self._pipeline_cycle(mini, controller, x, cache, committed, max_new_tokens, result,
-                                                commit, depth, halted)
+                                                commit, depth, halted, mini.group if sampling.greedy else 1)
                     if last in self.eos_token_ids:
                         result.stop_reason = "eos"
                         break
@@ -404,17 +407,21 @@ class EdgeGenerator:
     def _pipeline_cycle(self, mini: MiniSettings, controller: DraftController, x: torch.Tensor,
                         cache: SegmentKVCache, committed: list[int], max_new_tokens: int,
                         result: GenerationResult, commit: Callable[[int], None], depth: int,
-                        halted: Callable[[], bool] = lambda: False) -> int:
+                        halted: Callable[[], bool] = lambda: False, group_max: int = 1) -> int:
         """Pipelined drafting: the round trip is paid per rejected guess, not per token.
 
         The edge runs its layers on the pending tokens ``x`` and sends them; then, instead of
-        waiting, it guesses the main model's next token (the drafter), runs its layers on the guess
-        and sends that position too, as a frame *conditional* on the guess, and so on while the
-        controller's depth allows and the oldest answer is not in. Answers come back in order;
-        each commits one token. While a token equals the guess the next frame was sent with, that
-        frame is valid (the worker ran it); at the first difference the worker skips every later
-        frame (its condition fails), and so does the edge: it crops its cache to the committed
-        positions and returns. Output is the main model's, token for token.
+        waiting, it guesses the main model's next token (the drafter), runs its layers on the
+        guess, guesses the one after, and so on while the controller's depth allows and the oldest
+        answer is not in. What it guessed in that time goes out as one frame (at most
+        ``group_max`` guesses), *conditional* on its first guess and carrying the rest as a
+        chain's drafts to verify: one pass of the worker's layers for several positions, which
+        costs about what one position costs. Answers come back in order; each commits the drafts
+        the main model kept and its token after them. While that token equals the guess the next
+        frame was sent with, that frame is valid (the worker ran it); at the first difference the
+        worker skips every later frame (its condition fails), and so does the edge: it crops its
+        cache to the committed positions and returns. Output is the main model's, token for token
+        (a frame's rows compute what one-token steps compute: ``partition/batching.py``).
 
         A cycle whose guesses all hit could last the whole generation: ``halted`` (a stop string
         appeared, the caller cancelled) ends it at the next answer, and the loop above acts on it.
@@ -440,45 +447,67 @@ class EdgeGenerator:
                                                                 seen=generated)])
         result.cloud_round_trips += 1
         h = out.hidden[0, -1]
-        next_step = step + 1
+        next_step = step + 1  # the generation index of the token after the newest guess
+        group: list[int] = []  # guesses whose positions the edge ran but has not sent yet
+        rows: list[torch.Tensor] = []  # their boundary activations
         drafting = depth > 0
         drafted = 0
+
+        def guessed() -> list[int]:
+            """The guesses not yet verified, in order: in flight and not yet sent. (The oldest
+            frame's first guess is the token its predecessor's answer committed.)"""
+            frames = list(inflight)
+            return [*(frames[0].draft if frames else ()),
+                    *(t for f in frames[1:] for t in (f.first, *f.draft)), *group]  # type: ignore[misc]
+
+        def send_group() -> None:
+            if not group:
+                return
+            before = guessed()[:-len(group)]
+            frame = backend.submit(torch.cat(rows, dim=1) if len(rows) > 1 else rows[0], next_step - len(group),
+                                   cache.length - len(group), group[0], seen=[*generated, *before, group[0]],
+                                   draft=group[1:])
+            inflight.append(frame)
+            result.cloud_round_trips += 1
+            group.clear()
+            rows.clear()
+
         try:
             while True:
-                while (drafting and len(inflight) <= depth and next_step < max_new_tokens
+                while (drafting and len(guessed()) < depth and next_step < max_new_tokens
                        and not backend.ready(inflight[0])):
                     if mini.adaptive:  # the choice is taken again before every guess
                         depth = controller.pipeline_depth()
-                        if len(inflight) > depth:
+                        if len(guessed()) >= depth:
                             drafting = depth > 0
                             break
                     t1 = time.perf_counter()
-                    context = committed + [f.first for f in list(inflight)[1:]]  # type: ignore[misc]
-                    guess = mini.drafter.guess(context, h)
+                    guess = mini.drafter.guess(committed + guessed(), h)
                     if guess is None or guess[1] < mini.threshold:
                         drafting = False
                         break
                     token = guess[0]
                     out = self._run_edge(torch.tensor([[token]], dtype=torch.long), cache)
                     h = out.hidden[0, -1]
-                    guessed = [f.first for f in list(inflight)[1:]]
-                    inflight.append(backend.submit(out.hidden, next_step, cache.length - 1, token,
-                                                   seen=[*generated, *guessed, token]))
-                    if inflight[-1].failed is not None:
-                        drafting = False  # the cloud is out of reach: resolve what is in flight first
+                    group.append(token)
+                    rows.append(out.hidden)
+                    next_step += 1
+                    if len(group) >= group_max:
+                        send_group()
+                        if inflight[-1].failed is not None:
+                            drafting = False  # the cloud is out of reach: resolve what is in flight first
                     draft_ms = (time.perf_counter() - t1) * 1e3
                     timings.edge_compute_ms += draft_ms
                     controller.record_edge(draft_ms=draft_ms)
-                    result.cloud_round_trips += 1
                     result.tokens_drafted += 1
                     drafted += 1
-                    next_step += 1
                     if token in self.eos_token_ids:
                         drafting = False
+                send_group()  # what was guessed goes out before the edge reads (or waits for) an answer
                 frame = inflight.popleft()
                 try:
-                    token, stats = backend.collect(frame)
-                    if token is None:
+                    tokens, stats = backend.collect(frame)
+                    if tokens is None:
                         raise FrameLost(f"the worker skipped pipelined step {frame.step}, which the edge "
                                         "expected it to run")
                 except FrameLost as exc:
@@ -487,7 +516,7 @@ class EdgeGenerator:
                     inflight.clear()
                     cache.crop(frame.pos + frame.hidden.shape[1])
                     tokens, stats = backend.resend(frame)
-                    token, drafting = tokens[0], False
+                    drafting = False
                     stats.retries += 1
                     stats.waited = False
                 else:
@@ -501,27 +530,40 @@ class EdgeGenerator:
                                             stats.cloud_compute_ms)
                 elif not stats.retries:
                     controller.record_reply(None, stats.cloud_compute_ms)
-                guessed = bool(inflight) and inflight[0].first is not None
-                hit = guessed and inflight[0].first == token
-                if guessed:
+                accepted = len(tokens) - 1  # of the frame's drafts (its first guess was checked before)
+                for _ in range(accepted):
+                    controller.record_guess(True)
+                if accepted < len(frame.draft):
+                    controller.record_guess(False)
+                token = tokens[-1]
+                guess = inflight[0].first if inflight else None  # the next frame's condition
+                hit = accepted == len(frame.draft) and guess is not None and guess == token
+                if accepted == len(frame.draft) and guess is not None:
                     controller.record_guess(hit)
-                commit(token)
+                kept = 0
+                for t in tokens:
+                    commit(t)
+                    kept += 1
+                    if t in self.eos_token_ids or len(result.token_ids) >= max_new_tokens:
+                        break
+                token = tokens[kept - 1]
                 now = time.perf_counter()
-                controller.record_tokens(drafted > 0, (now - last_commit) * 1e3)
+                controller.record_tokens(drafted > 0, (now - last_commit) * 1e3, tokens=kept)
                 last_commit = now
                 result.trace.append({
-                    "token": token, "tokens": [token], "drafted": int(frame.first is not None),
-                    "accepted": int(frame.first is not None), "positions": frame.hidden.shape[1],
+                    "token": token, "tokens": tokens[:kept], "drafted": len(frame.draft) + int(frame.first is not None),
+                    "accepted": accepted + int(frame.first is not None), "positions": frame.hidden.shape[1],
                     "edge_ms": 0.0, **_trace_figures(stats), "at_ms": self._since_start(),
                     # 1: a frame whose round trip was measured (the edge was waiting when its answer
                     # came); the answers it found already in have no arrival time.
                     "round_trips": int(stats.waited), "in_flight": len(inflight), "depth": depth,
                 })
-                if hit:
-                    result.tokens_from_mini += 1
+                result.tokens_from_mini += min(accepted, kept) + int(hit and kept == len(tokens))
                 if (token in self.eos_token_ids or len(result.token_ids) >= max_new_tokens or not hit
-                        or self.backend is not backend or not backend.can_pipeline() or halted()):
-                    cache.crop(frame.pos + frame.hidden.shape[1])
+                        or kept < len(tokens) or self.backend is not backend or not backend.can_pipeline()
+                        or halted()):
+                    # The frame's positions up to the last committed token (which is pending).
+                    cache.crop(frame.pos + frame.hidden.shape[1] - len(frame.draft) + kept - 1)
                     return token
         finally:
             if inflight:

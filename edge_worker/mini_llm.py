@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_MAX_DRAFT = 8
+DEFAULT_GROUP = 8  # guesses per pipelined frame at most (MiniSettings.group)
 # ``auto`` keeps an int8 copy of the cloud's layers only when it takes at most this share of the
 # memory available when it is chosen.
 AUTO_MEMORY_SHARE = 0.25
@@ -86,7 +87,7 @@ class MiniLLMHandler:
     def __init__(self, model: Any = None, tokenizer: Any = None, threshold: float | None = None,
                  main_tokenizer: Any = None, mode: str = "verify", max_draft: int = DEFAULT_MAX_DRAFT,
                  adapter: str | Path | None = None, use_adapter: bool = True, adaptive: bool = True,
-                 pipeline: bool = True, tree_nodes: int = 0) -> None:
+                 pipeline: bool = True, tree_nodes: int = 0, group: int = DEFAULT_GROUP) -> None:
         check_mini_options(mode, threshold, max_draft)
         self.model = "self" if model is None else model
         self.tokenizer = tokenizer
@@ -98,6 +99,7 @@ class MiniLLMHandler:
         self.adaptive = adaptive  # False: always draft max_draft tokens instead of what pays
         self.pipeline = pipeline  # verify mode: guesses go out while earlier frames are in flight
         self.tree_nodes = tree_nodes  # verify mode: a token tree of this many nodes per round trip (0: chains)
+        self.group = group  # pipelined: at most this many guesses per frame (MiniSettings.group)
         # What settings() loads once and every later generation reuses: adapters by file, the
         # separate drafter model's segment. The drafters themselves hold per-generation state
         # (a cache, the context), so each generation gets new ones around these.
@@ -219,7 +221,7 @@ class MiniLLMHandler:
             small, segment = self._loaded["model"]
             drafter = ModelDrafter(segment, label=small.name)
         return MiniSettings(drafter, self.mode, self.threshold_for(kind), self.max_draft, self.adaptive, self.pipeline,
-                            self.tree_nodes)
+                            self.tree_nodes, self.group)
 
     def _copy(self, key: Any, source: ModelSource, k: int) -> ModelSegment:
         """The int8 copy of layers [k, N), built once (by the first generation that drafts)."""

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 # Upper bound on drafts per verification (partition/speculative.py): the wire format and the
 # worker both enforce it, and the edge's options are checked against it.
 MAX_DRAFT_TOKENS = 32
+# Guesses per pipelined frame: a frame of at most this many positions is packed with other
+# sessions' steps in a worker's pass (PACK_MAX_ROWS).
+MAX_GROUP = 16
 MAX_TREE_NODES = 63  # with the root, a token tree's frame is one prefill chunk (PREFILL_CHUNK) at most
 
 

@@ -529,3 +529,10 @@ def test_the_attention_kernel_gives_each_part_and_row_what_it_gets_alone_and_clo
         assert torch.equal(one, together)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_pipelined_frame_of_the_most_guesses_still_packs():
+    from partition.batching import PACK_MAX_ROWS
+    from partition.sampling_params import MAX_GROUP
+
+    assert MAX_GROUP <= PACK_MAX_ROWS
