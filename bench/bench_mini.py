@@ -15,7 +15,7 @@ output; at 0 ms, no more than 5% slower than plain hybrid.
 
     .venv/bin/python bench/bench_mini.py [--model smollm2-135m] [--split 15] [--tokens 64]
         [--rtt-ms 0 20 100] [--drafters int8 self lookup self=ADAPTER.pt] [--no-pipeline-too] [--trust]
-        [--trees 16]
+        [--trees 16] [--groups 1 4]
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="use the first N fixed prompts")
     parser.add_argument("--trees", type=int, default=0,
                         help="also run each drafter drafting token trees of this many nodes (--mini-tree)")
+    parser.add_argument("--groups", type=int, nargs="*", default=[],
+                        help="also run each drafter with --mini-group N (guesses per pipelined frame), for each N")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run every prompt this many times per configuration (medians over all runs)")
     parser.add_argument("--json", action="store_true")
@@ -63,6 +65,8 @@ def main() -> None:
                       + (["--mini-threshold", str(args.threshold)] if args.threshold is not None else []))
         if args.no_pipeline_too:
             configs[f"{d}-nopipe"] = [*configs[d], "--no-mini-pipeline"]
+        for n in args.groups:
+            configs[f"{d}-g{n}"] = [*configs[d], "--mini-group", str(n)]
         if args.trees:
             configs[f"{d}-tree{args.trees}"] = [*configs[d], "--mini-tree", str(args.trees)]
     if args.trust:

@@ -457,7 +457,12 @@ class DraftController:
     # cloud compute are counted as if they could not overlap (they share a CPU in our tests, and
     # overlapping them there costs more than it saves): only the round trip is hidden. A rejected
     # guess may find the edge in the middle of a draft (``e / 2``). Plain hybrid costs ``b + R + c``
-    # per token.
+    # per token. With frames of several guesses (``group`` > 1: those drafted while the oldest
+    # answer is out go together), a guess also waits in the edge for its frame to go: just before
+    # an answer, the guesses in flight are that frame's and the next one's, so covering a round
+    # trip takes twice the guesses, ``tau = max(e + c, (R + c + e) / (n / 2 + 1))``, and the depth
+    # may reach twice ``max_tokens``; the worker's pass for a frame costs about one position's.
+    group: int = 1
     min_gain: float = 0.05  # pipeline only when it is predicted this much faster than plain hybrid
     # Realised [ms, tokens] of recent tokens committed with guesses in flight (True) and without
     # (False), each kind decayed per token of its own: once both are known they decide, so the
@@ -489,7 +494,8 @@ class DraftController:
             return b + r + c
         a = min(self.acceptance, 0.95)
         e = self.edge_per_draft_ms if self.edge_per_draft_ms is not None else b + self.guess_in_cloud_passes * c
-        tau = max(max(e, c) if overlap else e + c, (r + c + e) / (n + 1))
+        covering = n / 2 if self.group > 1 else n
+        tau = max(max(e, c) if overlap else e + c, (r + c + e) / (covering + 1))
         return (1 - a) * (b + r + c + e / 2) + a * tau
 
     def realised_ms(self, pipelined: bool) -> float | None:
@@ -508,9 +514,9 @@ class DraftController:
         measured = self.round_trip_ms is not None and self.base_ms is not None and self.cloud_one_ms is not None
         # How many in flight: enough to cover a round trip if edge and cloud do overlap; whether
         # at all: only if it pays even when they do not.
-        best = min(range(1, self.max_tokens + 1), key=lambda n: self.pipeline_ms_per_token(n, overlap=True)
-                   ) if measured else 2
-        best = min(best, self.max_tokens)
+        most = self.max_tokens * (2 if self.group > 1 else 1)
+        best = min(range(1, most + 1), key=lambda n: self.pipeline_ms_per_token(n, overlap=True)) if measured else 2
+        best = min(best, most)
         pipe, plain = self.realised_ms(True), self.realised_ms(False)
         if measured:
             pipe_model, plain_model = self.pipeline_ms_per_token(best), self.pipeline_ms_per_token(0)

@@ -252,16 +252,17 @@ class EdgeGenerator:
                 if pipelined and controller is not None and self.backend.can_pipeline():  # type: ignore[union-attr]
                     controller.setup_ms = _setup_ms(mini.drafter)
                     controller.tokens_left = max_new_tokens - step
+                    # Sampling: a frame per guess, so each token is the main model's own draw for its
+                    # step (a chain's verification draws otherwise: the same distribution, not the
+                    # same text as plain sampling with that seed).
+                    controller.group = mini.group if sampling.greedy else 1
                     depth = controller.pipeline_depth() if mini.adaptive else mini.max_draft
                     # No guesses this cycle: the ordinary step (a pipelined frame's path costs ~3 ms
                     # more per token at loopback), measured for the controller as a plain cycle.
                     plain_cycle = depth == 0
                 if pipelined and controller is not None and not plain_cycle and self.backend.can_pipeline():  # type: ignore[union-attr]
-                    # Sampling: a frame per guess, so each token is the main model's own draw for its
-                    # step (a chain's verification draws otherwise: the same distribution, not the
-                    # same text as plain sampling with that seed).
                     last = self._pipeline_cycle(mini, controller, x, cache, committed, max_new_tokens, result,
-                                                commit, depth, halted, mini.group if sampling.greedy else 1)
+                                                commit, depth, halted, controller.group)
                     if last in self.eos_token_ids:
                         result.stop_reason = "eos"
                         break
@@ -723,7 +724,7 @@ class EdgeGenerator:
 
 
 def _controller(mini: MiniSettings) -> DraftController:
-    return DraftController(max_tokens=mini.max_draft,
+    return DraftController(max_tokens=mini.max_draft, group=mini.group,
                            guess_in_cloud_passes=getattr(mini.drafter, "guess_in_cloud_passes", 0.0))
 
 

@@ -188,6 +188,16 @@ def run_packed_layer(layer: nn.Module, hidden: torch.Tensor, parts: list[Part], 
     attention function), with the products packed and everything row-wise done once for all
     rows; only attention, over each session's own cache, runs per session."""
     attn = layer.self_attn
+    fused = _fused_weights(layer)
+    if fused is not None and rowkernel.usable_attend(hidden):  # the whole layer in one call of the row kernel
+        runs = []
+        one = hidden.new_empty(1, 1, 1, 1)
+        for part in parts:
+            like = one.expand(1, fused[1][1], part.rows, fused[1][2])  # the new keys' shape, for reserve()
+            store, first = part.cache.reserve(attn.layer_idx, like, like)
+            mask = part.masks[window]
+            runs.append((store.keys, store.values, first, part.rows, None if mask is None else mask.view(part.rows, -1)))
+        return rowkernel.decode_layer(hidden, fused[0], fused[1], rope, runs)
     head_dim = attn.head_dim
     rows = hidden.shape[0]
     residual = hidden
@@ -203,6 +213,33 @@ def run_packed_layer(layer: nn.Module, hidden: torch.Tensor, parts: list[Part], 
     mlp = layer.mlp
     gate, up = layer.packed_gate_up.split(packed_linear(x, layer.packed_gate_up))
     return residual + packed_linear(mlp.act_fn(gate) * up, mlp.down_proj)
+
+
+def _fused_weights(layer: nn.Module) -> tuple | None:
+    """What ``rowkernel.decode_layer`` needs of a packable layer (its weights, float32 or int8, and
+    its sizes), found once per layer; None where the row kernel cannot run it (a GPU, bfloat16)."""
+    found = layer.__dict__.get("_fused_weights", False)
+    if found is not False:
+        return found
+    found = None
+    attn, mlp = layer.self_attn, layer.mlp
+    products = [layer.packed_qkv, attn.o_proj, layer.packed_gate_up, mlp.down_proj]
+    weights: list[torch.Tensor | None] = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+    for p in products:
+        if getattr(p, "qweight", None) is not None:
+            weights += [p.qweight, p.scale]
+        else:
+            weights += [p.weight, None]
+    tensors = [t for t in weights if t is not None]
+    if (rowkernel.kernel() is not None and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+            and all(t.dtype in (torch.float32, torch.int8) for t in tensors)
+            and layer.input_layernorm.weight.dtype == torch.float32):
+        head_dim = attn.head_dim
+        q_rows, k_rows, _ = layer.packed_qkv.sizes
+        found = (tuple(weights), (q_rows // head_dim, k_rows // head_dim, head_dim, layer.packed_gate_up.sizes[0],
+                                  float(layer.input_layernorm.variance_epsilon), float(attn.scaling)))
+    layer.__dict__["_fused_weights"] = found
+    return found
 
 
 def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: list[Part],

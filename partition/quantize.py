@@ -111,6 +111,7 @@ def quantize_segment(segment: nn.Module) -> nn.Module:
             setattr(owner, name, None)  # views of the stacked float32 matrix: gone with it
         attn.o_proj = Int8Linear(attn.o_proj.weight)
         mlp.down_proj = Int8Linear(mlp.down_proj.weight)
+        layer.__dict__.pop("_fused_weights", None)  # what the fused layer kernel found of the float32 weights
     if segment.lm_head is not None:
         segment.lm_head = Int8Linear(segment.lm_head.weight)
     segment.quantized = "int8"

@@ -152,6 +152,15 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         fn = _state.get("attend")
         if fn is None:
             raise RuntimeError(f"the row kernel's attention is not available here: {reason()}")
+    count, rows, kc, vc, caps, pasts, masks = _part_arrays(parts)
+    query, keys, values = query.contiguous(), keys.contiguous(), values.contiguous()
+    out = torch.empty(query.shape)
+    fn(query.data_ptr(), keys.data_ptr(), values.data_ptr(), count, rows, kc, vc, caps, pasts, masks,
+                     query.shape[1], keys.shape[1], query.shape[2], scale, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def _part_arrays(parts) -> tuple:
     count = len(parts)
     rows, caps, pasts = (ctypes.c_long * count)(), (ctypes.c_long * count)(), (ctypes.c_long * count)()
     kc, vc, masks = (ctypes.c_void_p * count)(), (ctypes.c_void_p * count)(), (ctypes.c_void_p * count)()
@@ -160,10 +169,27 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
             raise ValueError(f"a part's cache storage must be contiguous with room for {n} rows after {past}")
         kc[i], vc[i], caps[i], pasts[i], rows[i] = k_store.data_ptr(), v_store.data_ptr(), k_store.shape[-2], past, n
         masks[i] = None if mask is None else mask.data_ptr()
-    query, keys, values = query.contiguous(), keys.contiguous(), values.contiguous()
-    out = torch.empty(query.shape)
-    fn(query.data_ptr(), keys.data_ptr(), values.data_ptr(), count, rows, kc, vc, caps, pasts, masks,
-                     query.shape[1], keys.shape[1], query.shape[2], scale, out.data_ptr(), torch.get_num_threads())
+    return count, rows, kc, vc, caps, pasts, masks
+
+
+def decode_layer(hidden: torch.Tensor, weights: tuple, dims: tuple[int, int, int, int, float, float],
+                 rope: tuple[torch.Tensor, torch.Tensor],
+                 parts: list[tuple[torch.Tensor, torch.Tensor, int, int, torch.Tensor | None]]) -> torch.Tensor:
+    """A Llama decoder layer over ``hidden`` (R, H) in one call (``data/rowdot.c``): ``weights``
+    are (input norm, post-attention norm, then weight and scale (None: float32) of the stacked
+    q/k/v, o, the stacked gate/up and down products); ``dims`` (heads, kv heads, head dim,
+    intermediate size, norm epsilon, attention scale); ``rope`` each row's cos and sin (R, D);
+    ``parts`` as for ``attend``. Returns the layer's output (R, H); ``hidden`` is left alone."""
+    out = hidden.contiguous().clone()
+    heads, kv_heads, dim, inter, eps, scale = dims
+    cos, sin = (t.reshape(out.shape[0], dim).contiguous() for t in rope)
+    count, rows, kc, vc, caps, pasts, masks = _part_arrays(parts)
+    norm1, norm2, wqkv, sqkv, wo, so, wgu, sgu, wd, sd = (None if t is None else t.data_ptr() for t in weights)
+    failed = _state["layer"](out.data_ptr(), out.shape[0], out.shape[1], norm1, norm2, eps, wqkv, sqkv, wo, so,
+                             wgu, sgu, inter, wd, sd, heads, kv_heads, dim, cos.data_ptr(), sin.data_ptr(),
+                             count, rows, kc, vc, caps, pasts, masks, scale, torch.get_num_threads())
+    if failed:
+        raise RuntimeError(f"the decode layer kernel failed ({'head dim over 1024' if failed == 1 else 'no memory'})")
     return out
 
 
@@ -214,11 +240,18 @@ def kernel():
                 fa.restype = None
                 fa.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_void_p] * 6
                                + [ctypes.c_long] * 3 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int])
+                fl = lib.decode_layer
+                fl.restype = ctypes.c_int
+                fl.argtypes = ([ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p,
+                                ctypes.c_float] + [ctypes.c_void_p] * 6 + [ctypes.c_long] + [ctypes.c_void_p] * 2
+                               + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_long] + [ctypes.c_void_p] * 6
+                               + [ctypes.c_float, ctypes.c_int])
                 _self_test(fn)
                 _self_test_i8(fn8)
                 _self_test_attend(fa)
                 _state["fn8"] = fn8
                 _state["attend"] = fa
+                _state["layer"] = fl
             except (OSError, RuntimeError, subprocess.SubprocessError, AssertionError) as exc:
                 fn, reason = None, f"it could not be built or failed its check: {exc}"
         if fn is None:

@@ -536,3 +536,37 @@ def test_a_pipelined_frame_of_the_most_guesses_still_packs():
     from partition.sampling_params import MAX_GROUP
 
     assert MAX_GROUP <= PACK_MAX_ROWS
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_the_fused_layer_kernel_computes_what_the_layer_computes_op_by_op(tiny_llama, monkeypatch, quantized):
+    """A packed layer runs as one call of the row kernel (norms, rotary, products, attention,
+    SiLU, residuals); switched off, the same layer runs as torch operations. The two agree to
+    float rounding, for several sessions at once, a multi-row frame among them, in float32 and
+    with int8 weights."""
+    from partition import batching, rowkernel
+    from partition.quantize import quantize_segment
+
+    if rowkernel.kernel() is None:
+        pytest.skip(f"the row kernel does not run here: {rowkernel.reason()}")
+
+    def outputs(fused: bool) -> list[torch.Tensor]:
+        seg = ModelSegment.load(tiny_llama, 0, tiny_llama.n_layers)
+        if quantized:
+            quantize_segment(seg)
+        if not fused:
+            monkeypatch.setattr(batching, "_fused_weights", lambda layer: None)
+        try:
+            assert (batching._fused_weights(seg.layers[0]) is not None) == fused
+            caches = [seg.new_cache() for _ in range(3)]
+            for i, c in enumerate(caches):
+                seg(torch.tensor([[3 + i, 17, 29, 4 + i]]), c, logits="none")
+            steps = [StepInput(torch.tensor([[12]]), caches[0], logits="all"),
+                     StepInput(torch.tensor([[5, 9, 31]]), caches[1], logits="all"),
+                     StepInput(torch.tensor([[7]]), caches[2], logits="all")]
+            return [out.logits for out in seg.forward_many(steps)]
+        finally:
+            monkeypatch.undo()
+
+    for fast, slow in zip(outputs(True), outputs(False), strict=True):
+        torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)

@@ -232,3 +232,75 @@ void attend(const float *q, const float *knew, const float *vnew, long P, const 
     free(part_of);
     free(start_of);
 }
+
+/* One Llama decoder layer over the packed step's rows (partition/batching.py: run_packed_layer),
+   in one call: the Python around a layer (norms, rotary positions, four products, attention,
+   SiLU, residuals: some forty torch operations) cost more than the int8 products themselves.
+   Every operation is row-wise or the products and attention above, so each row's numbers still
+   depend on nothing else in the call. Weights are float32 or, where their scale pointer is set,
+   int8 with a scale per output row. hidden (R, H) is updated in place; cos and sin (R, D) are
+   each row's rotary factors; the parts and their caches are as for attend(). */
+static void rms_norm(const float *x, const float *w, float eps, float *out, long H) {
+    const float r = 1.0f / sqrtf(dot_fixed(x, x, H) / (float)H + eps);
+    for (long i = 0; i < H; i++) out[i] = w[i] * (x[i] * r);
+}
+
+static void product(const float *x, const void *w, const float *scale, float *y, long R, long K, long N,
+                    int threads) {
+    if (scale) rowdot_any(x, (const char *)w, scale, y, R, K, N, threads, 1);
+    else rowdot_any(x, (const char *)w, 0, y, R, K, N, threads, 0);
+}
+
+static void rotate(float *x, const float *c, const float *s, long D) {
+    const long half = D / 2;
+    float tmp[1024];
+    for (long i = 0; i < D; i++) tmp[i] = x[i];
+    for (long i = 0; i < half; i++) x[i] = tmp[i] * c[i] + (-tmp[i + half]) * s[i];
+    for (long i = half; i < D; i++) x[i] = tmp[i] * c[i] + tmp[i - half] * s[i];
+}
+
+int decode_layer(float *hidden, long R, long H, const float *norm1, const float *norm2, float eps,
+                 const void *wqkv, const float *sqkv, const void *wo, const float *so,
+                 const void *wgu, const float *sgu, long I, const void *wd, const float *sd,
+                 long heads, long kv_heads, long D, const float *cosv, const float *sinv,
+                 long P, const long *rows, float *const *kc, float *const *vc, const long *cap,
+                 const long *past, const float *const *mask, float scale, int threads) {
+    if (D > 1024) return 1;
+    const long NQ = heads * D, NK = kv_heads * D, NQKV = NQ + 2 * NK;
+    float *x = malloc(sizeof(float) * R * H);
+    float *qkv = malloc(sizeof(float) * R * NQKV);
+    float *q = malloc(sizeof(float) * R * NQ);
+    float *k = malloc(sizeof(float) * R * NK);
+    float *v = malloc(sizeof(float) * R * NK);
+    float *att = malloc(sizeof(float) * R * NQ);
+    float *gu = malloc(sizeof(float) * R * 2 * I);
+    float *act = malloc(sizeof(float) * R * I);
+    float *y = malloc(sizeof(float) * R * (H > I ? H : I));
+    int failed = !(x && qkv && q && k && v && att && gu && act && y);
+    if (!failed) {
+        for (long r = 0; r < R; r++) rms_norm(hidden + r * H, norm1, eps, x + r * H, H);
+        product(x, wqkv, sqkv, qkv, R, H, NQKV, threads);
+        for (long r = 0; r < R; r++) {
+            const float *row = qkv + r * NQKV;
+            memcpy(q + r * NQ, row, sizeof(float) * NQ);
+            memcpy(k + r * NK, row + NQ, sizeof(float) * NK);
+            memcpy(v + r * NK, row + NQ + NK, sizeof(float) * NK);
+            for (long h = 0; h < heads; h++) rotate(q + r * NQ + h * D, cosv + r * D, sinv + r * D, D);
+            for (long h = 0; h < kv_heads; h++) rotate(k + r * NK + h * D, cosv + r * D, sinv + r * D, D);
+        }
+        attend(q, k, v, P, rows, kc, vc, cap, past, mask, heads, kv_heads, D, scale, att, threads);
+        product(att, wo, so, y, R, NQ, H, threads);
+        for (long i = 0; i < R * H; i++) hidden[i] = hidden[i] + y[i];
+        for (long r = 0; r < R; r++) rms_norm(hidden + r * H, norm2, eps, x + r * H, H);
+        product(x, wgu, sgu, gu, R, H, 2 * I, threads);
+        for (long r = 0; r < R; r++)
+            for (long i = 0; i < I; i++) {
+                const float g = gu[r * 2 * I + i];
+                act[r * I + i] = (g / (1.0f + expf(-g))) * gu[r * 2 * I + I + i];
+            }
+        product(act, wd, sd, y, R, I, H, threads);
+        for (long i = 0; i < R * H; i++) hidden[i] = hidden[i] + y[i];
+    }
+    free(x); free(qkv); free(q); free(k); free(v); free(att); free(gu); free(act); free(y);
+    return failed ? 2 : 0;
+}
