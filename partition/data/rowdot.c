@@ -85,6 +85,34 @@ static inline __attribute__((always_inline)) void rowdot_any(const float *x, con
         if (nn == 4) {
             const char *wr[4] = {w0, w0 + ROW, w0 + 2 * ROW, w0 + 3 * ROW};
             long r = 0;
+#ifdef __AVX512F__
+            /* Eight rows at a time, two weight rows per pass (16 accumulators): each weight row is
+               read once for eight rows, so at eight rows the products stay bound by memory, not by
+               a second pass over the block. The sums' order is the same as in any other block. */
+            for (; r + 8 <= R; r += 8) {
+                for (int jh = 0; jh < 4; jh += 2) {
+                    vec acc[8][2];
+                    for (int i = 0; i < 8; i++) acc[i][0] = acc[i][1] = VZERO();
+                    for (long k = 0; k < KV; k += LANES) {
+                        const vec u0 = wload(wr[jh], k, q8), u1 = wload(wr[jh + 1], k, q8);
+                        if (r == 0 && b + 1 < NB && (k * WB) % 64 == 0) {
+                            _mm_prefetch(wr[jh] + 4 * ROW + k * WB, _MM_HINT_T0);
+                            _mm_prefetch(wr[jh + 1] + 4 * ROW + k * WB, _MM_HINT_T0);
+                        }
+                        for (int i = 0; i < 8; i++) {
+                            const vec v = VLOAD(x + (r + i) * K + k);
+                            acc[i][0] = VFMA(v, u0, acc[i][0]);
+                            acc[i][1] = VFMA(v, u1, acc[i][1]);
+                        }
+                    }
+                    for (int i = 0; i < 8; i++)
+                        for (int j = 0; j < 2; j++) {
+                            float s = finish(acc[i][j], x + (r + i) * K, wr[jh + j], KV, K, q8);
+                            y[(r + i) * N + n0 + jh + j] = q8 ? sc[jh + j] * s : s;
+                        }
+                }
+            }
+#endif
             for (; r + RB <= R; r += RB) {
                 vec acc[RB][4];
                 for (int i = 0; i < RB; i++)
