@@ -7,8 +7,10 @@ memory as in a real step rather than sit in cache. Also checked: every row of th
 product equals that row's product alone, bit for bit, and the products are close to MKL's.
 
 ``--step``: whole decode steps instead (SmolLM2's 30 layers and head, ``forward_many`` of 1, 8 and
-16 sessions whose caches hold 100 or 400 positions), the attention on the kernel's ``attend`` and
-on transformers' SDPA per session, alternated; both with the kernel's products.
+16 sessions whose caches hold 100 or 400 positions), three ways, alternated, all with the kernel's
+products: each layer as torch operations with transformers' SDPA per session (``ops+sdpa``), the
+same with the kernel's ``attend`` for all sessions at once (``ops+attend``), and each layer as one
+call of the kernel's ``decode_layer`` (``fused``, the default).
 
     .venv/bin/python bench/bench_rowkernel.py [--threads 2] [--json] [--step]
 """
@@ -84,17 +86,19 @@ def main() -> None:
 def step_bench(args) -> None:
     import torch
 
-    from partition import rowkernel
+    from partition import batching, rowkernel
     from partition.models import resolve_model
     from partition.segment import ModelSegment, StepInput
 
     source = resolve_model(None)
     whole = ModelSegment.load(source, 0, source.n_layers)
-    kernel_attend = rowkernel.usable_attend
+    kernel_attend, fused_weights = rowkernel.usable_attend, batching._fused_weights
     gen = torch.Generator().manual_seed(0)
+    ways = {"ops+sdpa": (lambda q: False, lambda layer: None), "ops+attend": (kernel_attend, lambda layer: None),
+            "fused": (kernel_attend, fused_weights)}
 
-    def step_ms(batch: int, past: int, on_kernel: bool, steps: int = 12) -> float:
-        rowkernel.usable_attend = kernel_attend if on_kernel else (lambda q: False)
+    def step_ms(batch: int, past: int, way: str, steps: int = 12) -> float:
+        rowkernel.usable_attend, batching._fused_weights = ways[way]
         try:
             caches = [whole.new_cache() for _ in range(batch)]
             for c in caches:
@@ -106,19 +110,19 @@ def step_bench(args) -> None:
                 times.append((time.perf_counter() - t0) * 1e3)
             return sorted(times)[len(times) // 2]
         finally:
-            rowkernel.usable_attend = kernel_attend
+            rowkernel.usable_attend, batching._fused_weights = kernel_attend, fused_weights
 
     for past in (100, 400):
         for batch in (1, 8, 16):
-            kern = sdpa = 0.0
-            for _ in range(2):  # alternated: the VM's drift hits both alike
-                sdpa += step_ms(batch, past, False)
-                kern += step_ms(batch, past, True)
-            row = {"past": past, "sessions": batch, "sdpa_ms": round(sdpa / 2, 2), "kernel_ms": round(kern / 2, 2),
-                   "sdpa_over_kernel": round(sdpa / kern, 3)}
+            ms = dict.fromkeys(ways, 0.0)
+            for _ in range(2):  # alternated: the VM's drift hits each alike
+                for way in ways:
+                    ms[way] += step_ms(batch, past, way) / 2
+            row = {"past": past, "sessions": batch, **{f"{w}_ms": round(v, 2) for w, v in ms.items()},
+                   "ops_sdpa_over_fused": round(ms["ops+sdpa"] / ms["fused"], 3)}
             print(json.dumps(row) if args.json else
-                  f"past {past:3d}, {batch:2d} sessions: SDPA per session {row['sdpa_ms']:6.2f} ms/step, "
-                  f"kernel {row['kernel_ms']:6.2f} ms/step, {row['sdpa_over_kernel']:.3f}x")
+                  f"past {past:3d}, {batch:2d} sessions: ms/step " + ", ".join(f"{w} {v:6.2f}" for w, v in ms.items())
+                  + f"; ops+sdpa / fused {row['ops_sdpa_over_fused']:.3f}x")
 
 
 if __name__ == "__main__":
