@@ -23,6 +23,7 @@ position), so drafting switches itself off where it does not pay (near-zero dela
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,19 +207,44 @@ class CopyDrafter:
         self._segment = segment if built else None
         self._build = None if built else segment
         self._bytes = nbytes
+        self._building: threading.Thread | None = None
+        self._build_error: BaseException | None = None
         self.reset([])
 
     @property
     def segment(self) -> Any:
+        if self._building is not None:
+            self._building.join()
+            self._building = None
+            if self._build_error is not None:
+                error, self._build_error = self._build_error, None
+                raise error
         if self._segment is None:
             self._segment = self._build()
         return self._segment
+
+    def build_soon(self) -> None:
+        """Start building the copy in the background (the generation loop calls this once the
+        measured round trip says drafting would pay): the build then overlaps the plain tokens'
+        waits for the cloud instead of holding up the first guess."""
+        if self._segment is not None or self._building is not None:
+            return
+
+        def build() -> None:
+            try:
+                with torch.inference_mode():
+                    self._segment = self._build()
+            except BaseException as exc:  # noqa: BLE001 - raised where the copy is first needed
+                self._build_error = exc
+
+        self._building = threading.Thread(target=build, name="int8-copy-build", daemon=True)
+        self._building.start()
 
     def setup_ms(self) -> float:
         """What drafting would cost once before its first guess (``prepare``): the build, estimated
         from the copy's size at the rate measured on a 2-core CPU, and the catch-up over positions
         observed while nothing was drafted (about 1.5 ms a position in a batched pass)."""
-        build = 0.0 if self._segment is not None else _BUILD_MS_PER_MB * self._bytes / 2**20
+        build = 0.0 if self._segment is not None or self._building is not None else _BUILD_MS_PER_MB * self._bytes / 2**20
         backlog = self.known - self.cache.length  # observed positions the copy has not run
         return build + (_CATCH_UP_MS_PER_ROW * backlog if backlog > _CATCH_UP_ROWS else 0.0)
 
@@ -502,6 +528,23 @@ class DraftController:
         ms, tokens = self.realised[pipelined]
         return ms / tokens if tokens >= 1.5 else None  # two tokens, decayed
 
+    def _measured(self) -> bool:
+        return self.round_trip_ms is not None and self.base_ms is not None and self.cloud_one_ms is not None
+
+    def _model_depth(self) -> int:
+        """How many in flight: enough to cover a round trip if edge and cloud do overlap (whether
+        at all: only if it pays even when they do not)."""
+        most = self.max_tokens * (2 if self.group > 1 else 1)
+        return min(range(1, most + 1), key=lambda n: self.pipeline_ms_per_token(n, overlap=True))
+
+    def worth_preparing(self) -> bool:
+        """Whether the measured costs say pipelining would pay, the drafter's one-off setup left
+        out: the drafter may then get ready in the background (``CopyDrafter.build_soon``) while
+        the first plain tokens wait for the cloud."""
+        if not self._measured():
+            return False
+        return self.pipeline_ms_per_token(self._model_depth()) <= (1 - self.min_gain) * self.pipeline_ms_per_token(0)
+
     def pipeline_depth(self) -> int:
         """How many guesses may be in flight now (0: none, plain hybrid). Asked before every cycle
         and before every guess within one.
@@ -511,12 +554,8 @@ class DraftController:
         those decide, with exploring windows of the other choice."""
         if self.tokens < _PLAIN_FIRST:
             return 0
-        measured = self.round_trip_ms is not None and self.base_ms is not None and self.cloud_one_ms is not None
-        # How many in flight: enough to cover a round trip if edge and cloud do overlap; whether
-        # at all: only if it pays even when they do not.
-        most = self.max_tokens * (2 if self.group > 1 else 1)
-        best = min(range(1, most + 1), key=lambda n: self.pipeline_ms_per_token(n, overlap=True)) if measured else 2
-        best = min(best, most)
+        measured = self._measured()
+        best = self._model_depth() if measured else min(2, self.max_tokens)
         pipe, plain = self.realised_ms(True), self.realised_ms(False)
         if measured:
             pipe_model, plain_model = self.pipeline_ms_per_token(best), self.pipeline_ms_per_token(0)

@@ -343,6 +343,8 @@ class EdgeGenerator:
                     controller.record_cycle(0)
                     controller.record_tokens(False, (time.perf_counter() - t0) * 1e3 if x.shape[1] == 1 else None,
                                              len(kept))
+                    if controller.worth_preparing():
+                        _build_soon(mini.drafter)
                 if step == 0:
                     t_first = time.perf_counter()
                     result.ttft_ms = (t_first - t_start) * 1e3
@@ -731,6 +733,12 @@ def _controller(mini: MiniSettings) -> DraftController:
 def _setup_ms(drafter: Any) -> float:
     setup = getattr(drafter, "setup_ms", None)
     return setup() if setup is not None else 0.0
+
+
+def _build_soon(drafter: Any) -> None:
+    start = getattr(drafter, "build_soon", None)
+    if start is not None:
+        start()
 
 
 def _prepare(drafter: Any) -> None:

@@ -8,6 +8,7 @@ worker killed with frames in flight, and SmolLM2.
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -18,7 +19,7 @@ from broker.wire.crypto import load_api_keys
 from cli.cluster import LocalCluster
 from edge_worker.backends import LocalBackend
 from edge_worker.cloud_client import CloudClient
-from edge_worker.drafting import DraftController
+from edge_worker.drafting import CopyDrafter, DraftController
 from edge_worker.generation import EdgeGenerator
 from edge_worker.mini_llm import MiniLLMHandler
 from partition.sampling import SamplingParams
@@ -127,6 +128,44 @@ def test_a_pipelined_frame_that_cannot_be_sent_is_resent_through_the_ordinary_st
                         mini=mini.settings(tiny_llama, edge, tokenizer)).generate(ids, 24)
     assert got.token_ids == plain.token_ids
     assert backend.sent >= 6 and got.retries >= 2  # frames were lost and resent
+
+
+def test_the_copy_is_built_in_the_background_once_the_round_trip_says_drafting_would_pay():
+    """The int8 copy's build (0.3 s for SmolLM2) overlapped the plain tokens' waits for a slow
+    cloud instead of holding up the first guess; a loopback cloud never starts it."""
+    def controller(round_trip_ms: float) -> DraftController:
+        c = DraftController(max_tokens=8, group=8, guess_in_cloud_passes=1.0)
+        assert not c.worth_preparing()  # nothing measured yet
+        c.record_edge(base_ms=12.0)
+        c.record_reply(round_trip_ms, 14.0)
+        return c
+
+    assert not controller(2.0).worth_preparing()
+    assert controller(120.0).worth_preparing()
+
+    started, release = threading.Event(), threading.Event()
+
+    def build() -> torch.nn.Module:
+        started.set()
+        release.wait(10)
+        return torch.nn.Linear(2, 2)
+
+    drafter = CopyDrafter(build, nbytes=80 * 2**20)
+    assert drafter.setup_ms() > 100  # the build, priced before it starts
+    drafter.build_soon()
+    assert started.wait(10)
+    assert drafter.setup_ms() == 0.0  # under way: not a cost the first guess has to repay
+    drafter.build_soon()  # once
+    release.set()
+    assert isinstance(drafter.segment, torch.nn.Linear)
+
+    def fails() -> torch.nn.Module:
+        raise MemoryError("no room for the copy")
+
+    broken = CopyDrafter(fails, nbytes=1)
+    broken.build_soon()
+    with pytest.raises(MemoryError, match="no room"):
+        broken.segment  # noqa: B018 - raised where the copy is first needed, in the generation's thread
 
 
 def test_controller_pipelines_when_round_trips_are_slow_and_not_when_drafts_are_bad():

@@ -29,9 +29,12 @@ def served():
         cluster.add_worker()
         cluster.wait_for_workers(1, timeout_s=60)
         port = free_port()
-        # 10 ms more per round trip: a 900-token answer lasts long enough to be interrupted under load.
+        # 10 ms more per round trip and no drafting: a 900-token answer lasts long enough to be
+        # interrupted under load (drafting with frames of several guesses hides the round trip,
+        # and the tiny model's answer was over before the page's stop arrived; stopping a
+        # drafting generation is tested in test_mini_pipeline.py).
         cluster.start_server(port, "--split", "2", "--wire-dtype", "fp32", "--http-key", KEY,
-                             "--max-concurrent", "4", "--tokens", "16", "--cloud-latency", "0.01")
+                             "--max-concurrent", "4", "--tokens", "16", "--cloud-latency", "0.01", "--mini", "none")
         yield cluster, f"http://127.0.0.1:{port}"
 
 
