@@ -237,7 +237,10 @@ class CopyDrafter:
             except BaseException as exc:  # noqa: BLE001 - raised where the copy is first needed
                 self._build_error = exc
 
-        self._building = threading.Thread(target=build, name="int8-copy-build", daemon=True)
+        # Not a daemon: a process whose generation ended before the copy was needed waits for the
+        # build at exit (a daemon thread still inside torch when the interpreter finalises aborts
+        # the process: "terminate called without an active exception").
+        self._building = threading.Thread(target=build, name="int8-copy-build", daemon=False)
         self._building.start()
 
     def setup_ms(self) -> float:
