@@ -190,13 +190,9 @@ def run_packed_layer(layer: nn.Module, hidden: torch.Tensor, parts: list[Part], 
     attn = layer.self_attn
     fused = _fused_weights(layer)
     if fused is not None and rowkernel.usable_attend(hidden):  # the whole layer in one call of the row kernel
-        runs = []
         one = hidden.new_empty(1, 1, 1, 1)
-        for part in parts:
-            like = one.expand(1, fused[1][1], part.rows, fused[1][2])  # the new keys' shape, for reserve()
-            store, first = part.cache.reserve(attn.layer_idx, like, like)
-            mask = part.masks[window]
-            runs.append((store.keys, store.values, first, part.rows, None if mask is None else mask.view(part.rows, -1)))
+        shapes = [one.expand(1, fused[1][1], part.rows, fused[1][2]) for part in parts]  # the new keys' shape
+        runs = _kernel_parts(parts, attn.layer_idx, window, [(like, like) for like in shapes])
         return rowkernel.decode_layer(hidden, fused[0], fused[1], rope, runs)
     head_dim = attn.head_dim
     rows = hidden.shape[0]
@@ -242,6 +238,18 @@ def _fused_weights(layer: nn.Module) -> tuple | None:
     return found
 
 
+def _kernel_parts(parts: list[Part], layer_idx: int, window: int | None,
+                  new_kv: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple]:
+    """Each part's room in its cache for its new keys and values (``SegmentKVCache.reserve``:
+    the kernel writes them) and its mask, as ``rowkernel.attend`` and ``decode_layer`` take them."""
+    runs = []
+    for part, (new_k, new_v) in zip(parts, new_kv, strict=True):
+        store, first = part.cache.reserve(layer_idx, new_k, new_v)
+        mask = part.masks[window]
+        runs.append((store.keys, store.values, first, part.rows, None if mask is None else mask.view(part.rows, -1)))
+    return runs
+
+
 def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: list[Part],
             window: int | None, attention: Any) -> torch.Tensor:
     """Every part's rows attending over its own cache, ``(R, heads * head_dim)``; the new keys and
@@ -255,12 +263,8 @@ def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         start += part.rows
     kv = [(k[a:b].transpose(0, 1).unsqueeze(0), v[a:b].transpose(0, 1).unsqueeze(0)) for a, b in spans]
     if rowkernel.usable_attend(q):  # a packed part's cache holds one row in the segment's dtype, as q
-        runs = []
-        for part, new in zip(parts, kv, strict=True):
-            store, first = part.cache.reserve(attn.layer_idx, *new)
-            mask = part.masks[window]
-            runs.append((store.keys, store.values, first, part.rows, None if mask is None else mask.view(part.rows, -1)))
-        return rowkernel.attend(q, k, v, runs, attn.scaling).view(q.shape[0], -1)
+        return rowkernel.attend(q, k, v, _kernel_parts(parts, attn.layer_idx, window, kv), attn.scaling
+                                ).view(q.shape[0], -1)
     outs = []
     for part, (new_k, new_v), (a, b) in zip(parts, kv, spans, strict=True):
         kp, vp = part.cache.update(new_k, new_v, attn.layer_idx)
