@@ -155,8 +155,9 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     count, rows, kc, vc, caps, pasts, masks = _part_arrays(parts)
     query, keys, values = query.contiguous(), keys.contiguous(), values.contiguous()
     out = torch.empty(query.shape)
-    fn(query.data_ptr(), keys.data_ptr(), values.data_ptr(), count, rows, kc, vc, caps, pasts, masks,
-                     query.shape[1], keys.shape[1], query.shape[2], scale, out.data_ptr(), torch.get_num_threads())
+    if fn(query.data_ptr(), keys.data_ptr(), values.data_ptr(), count, rows, kc, vc, caps, pasts, masks,
+          query.shape[1], keys.shape[1], query.shape[2], scale, out.data_ptr(), torch.get_num_threads()):
+        raise RuntimeError("the attention kernel could not allocate its scratch memory")
     return out
 
 
@@ -237,7 +238,7 @@ def kernel():
                 fn8.restype = None
                 fn8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
                 fa = lib.attend
-                fa.restype = None
+                fa.restype = ctypes.c_int
                 fa.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_void_p] * 6
                                + [ctypes.c_long] * 3 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int])
                 fl = lib.decode_layer

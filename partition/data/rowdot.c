@@ -197,14 +197,15 @@ static inline __attribute__((always_inline)) float dot_fixed(const float *a, con
     return s;
 }
 
-void attend(const float *q, const float *knew, const float *vnew, long P, const long *rows,
-            float *const *kc, float *const *vc, const long *cap, const long *past, const float *const *mask,
-            long H, long Hkv, long D, float scale, float *out, int threads) {
+/* Returns 0, or 2 when it could not allocate its scratch (the output is then not written). */
+int attend(const float *q, const float *knew, const float *vnew, long P, const long *rows,
+           float *const *kc, float *const *vc, const long *cap, const long *past, const float *const *mask,
+           long H, long Hkv, long D, float scale, float *out, int threads) {
     long R = 0;
     for (long p = 0; p < P; p++) R += rows[p];
     long *part_of = malloc(sizeof(long) * (R > 0 ? R : 1));
     long *start_of = malloc(sizeof(long) * (P > 0 ? P : 1));
-    if (!part_of || !start_of) { free(part_of); free(start_of); return; }
+    if (!part_of || !start_of) { free(part_of); free(start_of); return 2; }
     for (long p = 0, r = 0; p < P; p++) {
         start_of[p] = r;
         for (long i = 0; i < rows[p]; i++) part_of[r++] = p;
@@ -217,14 +218,20 @@ void attend(const float *q, const float *knew, const float *vnew, long P, const 
         }
     }
     const long group = H / Hkv;
+    int failed = 0;
     #pragma omp parallel num_threads(threads)
     {
         long longest = 1;
         for (long p = 0; p < P; p++) if (past[p] + rows[p] > longest) longest = past[p] + rows[p];
         float *score = malloc(sizeof(float) * longest);
         float *acc = malloc(sizeof(float) * D);
+        if (!score || !acc) {
+            #pragma omp atomic write
+            failed = 2;
+        }
         #pragma omp for schedule(static)
         for (long item = 0; item < R * H; item++) {
+            if (!score || !acc) continue;
             const long r = item / H, h = item % H, p = part_of[r], i = r - start_of[p];
             const long L = past[p] + rows[p];
             const long seen = past[p] + i + 1;  /* without a mask: causal */
@@ -259,6 +266,7 @@ void attend(const float *q, const float *knew, const float *vnew, long P, const 
     }
     free(part_of);
     free(start_of);
+    return failed;
 }
 
 /* One Llama decoder layer over the packed step's rows (partition/batching.py: run_packed_layer),
@@ -316,7 +324,9 @@ int decode_layer(float *hidden, long R, long H, const float *norm1, const float 
             for (long h = 0; h < heads; h++) rotate(q + r * NQ + h * D, cosv + r * D, sinv + r * D, D);
             for (long h = 0; h < kv_heads; h++) rotate(k + r * NK + h * D, cosv + r * D, sinv + r * D, D);
         }
-        attend(q, k, v, P, rows, kc, vc, cap, past, mask, heads, kv_heads, D, scale, att, threads);
+        failed = attend(q, k, v, P, rows, kc, vc, cap, past, mask, heads, kv_heads, D, scale, att, threads);
+    }
+    if (!failed) {
         product(att, wo, so, y, R, NQ, H, threads);
         for (long i = 0; i < R * H; i++) hidden[i] = hidden[i] + y[i];
         for (long r = 0; r < R; r++) rms_norm(hidden + r * H, norm2, eps, x + r * H, H);
