@@ -539,9 +539,9 @@ class EdgeGenerator:
                 if accepted < len(frame.draft):
                     controller.record_guess(False)
                 token = tokens[-1]
-                guess = inflight[0].first if inflight else None  # the next frame's condition
-                hit = accepted == len(frame.draft) and guess is not None and guess == token
-                if accepted == len(frame.draft) and guess is not None:
+                condition = inflight[0].first if inflight else None  # the guess the next frame was sent with
+                hit = accepted == len(frame.draft) and condition is not None and condition == token
+                if accepted == len(frame.draft) and condition is not None:
                     controller.record_guess(hit)
                 kept = 0
                 for t in tokens:
