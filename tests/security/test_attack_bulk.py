@@ -9,6 +9,7 @@ client's bodies (beyond: busy, with a retry hint); edges send a long prompt in f
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -79,6 +80,7 @@ def test_a_client_sending_huge_frames_slows_only_itself():
             busy_hints: list[float] = []
             stop = threading.Event()
             started = threading.Event()  # the first junk is on its way
+            rounds = [0]  # rounds of junk answered
 
             def flood() -> None:
                 # Bodies just under the broker's 32 MiB limit, as many at once as it lets through,
@@ -104,12 +106,18 @@ def test_a_client_sending_huge_frames_slows_only_itself():
                             outcomes["too_large" if "too_large" in str(exc) else "refused by the worker"] += 1
                         except EdgeCloudError:
                             outcomes["refused by the worker"] += 1
+                    rounds[0] += 1
 
             flooding = threading.Thread(target=flood)
             flooding.start()
             assert started.wait(60), "the flood never started"
             try:
                 attacked = engine.generate([5, 6, 7, 8], params)
+                # A fast machine can finish the generation within the flood's first round: the
+                # flood goes on for two rounds at least, so the counts below see it answered.
+                deadline = time.monotonic() + 120
+                while rounds[0] < 2 and flooding.is_alive() and time.monotonic() < deadline:
+                    time.sleep(0.1)
             finally:
                 stop.set()
                 flooding.join(timeout=120)
