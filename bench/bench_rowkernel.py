@@ -92,13 +92,13 @@ def step_bench(args) -> None:
 
     source = resolve_model(None)
     whole = ModelSegment.load(source, 0, source.n_layers)
-    kernel_attend, fused_weights = rowkernel.usable_attend, batching._fused_weights
+    kernel_attend, fused_weights = rowkernel.usable_attend, batching.fused_weights
     gen = torch.Generator().manual_seed(0)
     ways = {"ops+sdpa": (lambda q: False, lambda layer: None), "ops+attend": (kernel_attend, lambda layer: None),
             "fused": (kernel_attend, fused_weights)}
 
     def step_ms(batch: int, past: int, way: str, steps: int = 12) -> float:
-        rowkernel.usable_attend, batching._fused_weights = ways[way]
+        rowkernel.usable_attend, batching.fused_weights = ways[way]
         try:
             caches = [whole.new_cache() for _ in range(batch)]
             for c in caches:
@@ -110,7 +110,7 @@ def step_bench(args) -> None:
                 times.append((time.perf_counter() - t0) * 1e3)
             return sorted(times)[len(times) // 2]
         finally:
-            rowkernel.usable_attend, batching._fused_weights = kernel_attend, fused_weights
+            rowkernel.usable_attend, batching.fused_weights = kernel_attend, fused_weights
 
     for past in (100, 400):
         for batch in (1, 8, 16):

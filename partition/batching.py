@@ -188,7 +188,7 @@ def run_packed_layer(layer: nn.Module, hidden: torch.Tensor, parts: list[Part], 
     attention function), with the products packed and everything row-wise done once for all
     rows; only attention, over each session's own cache, runs per session."""
     attn = layer.self_attn
-    fused = _fused_weights(layer)
+    fused = fused_weights(layer)
     if fused is not None and rowkernel.usable_attend(hidden):  # the whole layer in one call of the row kernel
         one = hidden.new_empty(1, 1, 1, 1)
         shapes = [one.expand(1, fused[1][1], part.rows, fused[1][2]) for part in parts]  # the new keys' shape
@@ -211,7 +211,7 @@ def run_packed_layer(layer: nn.Module, hidden: torch.Tensor, parts: list[Part], 
     return residual + packed_linear(mlp.act_fn(gate) * up, mlp.down_proj)
 
 
-def _fused_weights(layer: nn.Module) -> tuple | None:
+def fused_weights(layer: nn.Module) -> tuple | None:
     """What ``rowkernel.decode_layer`` needs of a packable layer (its weights, float32 or int8, and
     its sizes), found once per layer; None where the row kernel cannot run it (a GPU, bfloat16)."""
     found = layer.__dict__.get("_fused_weights", False)
@@ -236,6 +236,11 @@ def _fused_weights(layer: nn.Module) -> tuple | None:
                                   float(layer.input_layernorm.variance_epsilon), float(attn.scaling)))
     layer.__dict__["_fused_weights"] = found
     return found
+
+
+def all_on_kernel(layers: Any) -> bool:
+    """Whether every one of ``layers`` (at least one) runs as one call of the row kernel."""
+    return len(layers) > 0 and all(fused_weights(layer) is not None for layer in layers)
 
 
 def _kernel_parts(parts: list[Part], layer_idx: int, window: int | None,

@@ -18,6 +18,7 @@ from partition.arch import LayerRunner, attention_mask, meta_skeleton, sliding_w
 from partition.batching import (
     PACK_MAX_ROWS,
     Part,
+    all_on_kernel,
     attention_function,
     fuse_layer,
     packable,
@@ -254,12 +255,25 @@ class ModelSegment(nn.Module):
                 pieces[i].append(out)
         return [join_chunks(p) for p in pieces]
 
+    def whole_frames_packed(self) -> bool:
+        """Whether frames of any length (prefills too) run packed: where every layer runs as one
+        call of the row kernel (``rowkernel.decode_layer``), whose rows never depend on the other
+        rows of a call, and which is faster than transformers' layers on a prefill's rows (issue
+        17: 37 rows of SmolLM2 in 0.75x the time). A prompt's numbers then do not depend on how
+        it is cut into frames or on what shares its passes; elsewhere a frame longer than
+        ``PACK_MAX_ROWS`` runs by itself through transformers' layers."""
+        return all_on_kernel(self.layers)
+
     def _forward_pass(self, steps: list[StepInput]) -> list[SegmentOutput]:
         outputs: list[SegmentOutput | None] = [None] * len(steps)
         packed = []
+        whole = None
         for i, step in enumerate(steps):
             # A quantized copy has no float32 weights for transformers' layers: it always packs.
-            if self.packable and step.x.shape[0] == 1 and (step.x.shape[1] <= PACK_MAX_ROWS or self.quantized):
+            rows = step.x.shape[1]
+            if rows > PACK_MAX_ROWS and not self.quantized and whole is None:
+                whole = self.packable and self.whole_frames_packed()
+            if self.packable and step.x.shape[0] == 1 and (rows <= PACK_MAX_ROWS or self.quantized or whole):
                 packed.append(i)
             else:
                 outputs[i] = self._forward_alone(step)

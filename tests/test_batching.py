@@ -555,9 +555,9 @@ def test_the_fused_layer_kernel_computes_what_the_layer_computes_op_by_op(tiny_l
         if quantized:
             quantize_segment(seg)
         if not fused:
-            monkeypatch.setattr(batching, "_fused_weights", lambda layer: None)
+            monkeypatch.setattr(batching, "fused_weights", lambda layer: None)
         try:
-            assert (batching._fused_weights(seg.layers[0]) is not None) == fused
+            assert (batching.fused_weights(seg.layers[0]) is not None) == fused
             caches = [seg.new_cache() for _ in range(3)]
             for i, c in enumerate(caches):
                 seg(torch.tensor([[3 + i, 17, 29, 4 + i]]), c, logits="none")
@@ -570,3 +570,36 @@ def test_the_fused_layer_kernel_computes_what_the_layer_computes_op_by_op(tiny_l
 
     for fast, slow in zip(outputs(True), outputs(False), strict=True):
         torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", pytest.param("smollm2", marks=pytest.mark.real_model)])
+def test_a_prompt_gets_the_same_bits_however_it_is_cut_into_frames_and_whatever_shares_its_pass(fixture, request):
+    """With every layer on the row kernel, prefills run packed too: each position's keys, values
+    and logits then depend only on the positions before it, not on the frame it came in, the
+    frame's length (one frame, chunks, one token at a time) or the other sessions in the pass,
+    which is what lets a worker pack prefills and reuse a prompt's cached prefix exactly."""
+    from partition import rowkernel
+
+    if rowkernel.kernel() is None:
+        pytest.skip(f"the row kernel does not run here: {rowkernel.reason()}")
+    source = request.getfixturevalue(fixture)
+    whole = ModelSegment.load(source, 0, source.n_layers)
+    assert whole.whole_frames_packed()
+    prompt = [(11 * i) % 200 + 3 for i in range(90)]  # longer than a chunk (64): two chunks
+
+    def run(cuts: list[int], beside: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        cache, logits = whole.new_cache(), []
+        others = [whole.new_cache() for _ in range(2)]
+        for a, b in zip([0, *cuts], [*cuts, len(prompt)], strict=True):
+            steps = [StepInput(torch.tensor([prompt[a:b]]), cache, logits="all")]
+            if beside:  # another prompt's frame and a decode step in the same passes
+                steps += [StepInput(torch.tensor([[5, 6, 7, 8, 9][: 1 + a % 5]]), others[0], logits="all"),
+                          StepInput(torch.tensor([[40 + a % 7]]), others[1])]
+            logits.append(whole.forward_many(steps)[0].logits[0])
+        keys = torch.cat([cache._layers[i].keys[0, :, : len(prompt)] for i in sorted(cache._layers)])
+        return torch.cat(logits), keys
+
+    logits, keys = run([])
+    for cuts, beside in (([37], False), ([1, 2, 30, 31, 80], False), ([16, 33, 50], True), (list(range(1, 90)), False)):
+        cut_logits, cut_keys = run(cuts, beside)
+        assert torch.equal(cut_logits, logits) and torch.equal(cut_keys, keys), (cuts, beside)
