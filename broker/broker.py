@@ -481,6 +481,7 @@ class Broker:
             w.reported_sessions, w.reported_queue_depth = msg.active_sessions, msg.queue_depth
             w.per_layer_ms = msg.per_layer_ms
             w.mean_batch, w.tokens_per_s, w.cache_bytes = msg.mean_batch, msg.tokens_per_s, msg.cache_bytes
+            w.prefix_bytes, w.prefix_reused = msg.prefix_bytes, msg.prefix_reused
 
     def _on_disconnect(self, identity: bytes, msg: p.Disconnect) -> None:
         w = self._by_identity.get(identity)

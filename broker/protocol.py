@@ -309,10 +309,14 @@ class Heartbeat(Message):
     mean_batch: float = 0.0
     tokens_per_s: float = 0.0
     cache_bytes: int = 0
+    # Its prefix cache (cloud_worker/prefix_cache.py): bytes held, and prompt positions copied
+    # from it instead of computed since the worker started.
+    prefix_bytes: int = 0
+    prefix_reused: int = 0
     TYPE = MsgType.HEARTBEAT
     FIELDS = (("worker_id", _id), ("active_sessions", _uint), ("queue_depth", _uint),
               ("per_layer_ms", _nonneg_float), ("mean_batch", _nonneg_float), ("tokens_per_s", _nonneg_float),
-              ("cache_bytes", _uint))
+              ("cache_bytes", _uint), ("prefix_bytes", _uint), ("prefix_reused", _uint))
 
 
 @dataclass(slots=True)

@@ -46,6 +46,8 @@ class WorkerState:
     tokens_per_s: float = 0.0
     cache_bytes: int = 0
     cache_limit_bytes: int = 0  # 0: no limit
+    prefix_bytes: int = 0  # its prefix cache (cloud_worker/prefix_cache.py)
+    prefix_reused: int = 0  # prompt positions it copied from there instead of computing
 
     @classmethod
     def from_register(cls, msg: protocol.Register, identity: bytes, now: float) -> WorkerState:
@@ -111,6 +113,8 @@ class WorkerState:
             "tokens_per_s": round(self.tokens_per_s, 1),
             "cache_bytes": self.cache_bytes,
             "cache_limit_bytes": self.cache_limit_bytes,
+            "prefix_bytes": self.prefix_bytes,
+            "prefix_reused": self.prefix_reused,
             "free_capacity": round(self.free_capacity(), 1),
             "last_seen_s_ago": round(now - self.last_seen, 3),
         }

@@ -114,6 +114,7 @@ class LoadCounter:
     def __init__(self) -> None:
         self.passes = self.steps = self.tokens = 0
         self.cache_bytes = 0
+        self.prefix_bytes = self.prefix_reused = 0
         self._since = time.monotonic()
 
     def record(self, steps: int, tokens: int) -> None:
@@ -250,6 +251,10 @@ class WorkerConnection:
         """What the sessions' KV caches hold now (heartbeats report it)."""
         self._load.cache_bytes = max(0, int(nbytes))
 
+    def set_prefix_cache(self, nbytes: int, reused: int) -> None:
+        """What the prefix cache holds and the prompt positions it has saved (heartbeats report them)."""
+        self._load.prefix_bytes, self._load.prefix_reused = max(0, int(nbytes)), max(0, int(reused))
+
     def set_per_layer_ms(self, ms: float) -> None:
         """Tell heartbeats the current per-layer decode cost (the planner prices the cloud with it)."""
         if ms >= 0 and ms == ms and ms != float("inf"):
@@ -369,7 +374,8 @@ class WorkerConnection:
             mean_batch, tokens_per_s = self._load.since_last(now)
             hb = p.Heartbeat(worker_id=self.info.worker_id, active_sessions=self._active_sessions,
                              queue_depth=len(self._jobs), per_layer_ms=self._per_layer_ms, mean_batch=mean_batch,
-                             tokens_per_s=tokens_per_s, cache_bytes=self._load.cache_bytes)  # fmt: skip
+                             tokens_per_s=tokens_per_s, cache_bytes=self._load.cache_bytes,
+                             prefix_bytes=self._load.prefix_bytes, prefix_reused=self._load.prefix_reused)  # fmt: skip
             send_or_false(self._sock, p.encode(hb))
         if now > self._silent_deadline():
             self._disconnect(now)

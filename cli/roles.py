@@ -116,6 +116,10 @@ def cloud_worker(
     max_cache_mb: Annotated[float | None, typer.Option(help="Most MiB the sessions' KV caches hold together; past "
                                                        "it new sessions and growing steps are answered busy "
                                                        "(default: no limit but --max-sessions).")] = None,
+    prefix_cache_mb: Annotated[float, typer.Option(help="MiB of prompts' KV caches kept for sessions that start "
+                                                   "the same way (a shared system prompt, earlier turns); 0: "
+                                                   "none, for clients that must not learn by timing what "
+                                                   "others sent.")] = 128.0,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: one per core).")] = None,
     worker_id: Annotated[str | None, typer.Option(help="Name shown by `edgecloud status`.")] = None,
     reductions: Annotated[Path | None, typer.Option("--reductions", help="Projection files of --reduce-dims edges "
@@ -139,7 +143,7 @@ def cloud_worker(
             broker=broker or default_broker(), model=model, keys_dir=keys_dir if has_key else None,
             key_name=key_name, encryption=not no_encryption, allow_plaintext=allow_plaintext, device=device,
             dtype=dtype, max_sessions=max_sessions, max_batch=max_batch, batch_wait_s=batch_wait_ms / 1e3,
-            max_cache_mb=max_cache_mb,
+            max_cache_mb=max_cache_mb, prefix_cache_mb=prefix_cache_mb,
             session_idle_ttl_s=session_ttl, max_session_tokens=max_tokens, torch_threads=threads,
             worker_id=worker_id, reductions_dir=reductions, curve=not no_curve,
         )
@@ -199,7 +203,10 @@ def _mib(n: int) -> str:
 def _cache(w: dict) -> str:
     """KV-cache memory held, and of how much where the worker has a limit."""
     limit = w.get("cache_limit_bytes") or 0
-    return _mib(w.get("cache_bytes") or 0) + (f" of {limit / 2**20:.0f}" if limit else "")
+    held = _mib(w.get("cache_bytes") or 0) + (f" of {limit / 2**20:.0f}" if limit else "")
+    if w.get("prefix_bytes"):  # prompts kept for sessions that start the same way, and what they saved
+        held += f" + {_mib(w['prefix_bytes'])} prefixes ({w.get('prefix_reused', 0)} positions reused)"
+    return held
 
 
 def render_status(st: dict) -> str:

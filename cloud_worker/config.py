@@ -52,6 +52,8 @@ class CloudWorkerConfig:
     # What the sessions' KV caches may hold together, in MiB; past it a new session or a step that
     # would grow a cache is answered Busy. None: no limit but max_sessions.
     max_cache_mb: float | None = None
+    # Prompts' keys and values kept for sessions that start the same way (cloud_worker/prefix_cache.py); 0: none.
+    prefix_cache_mb: float = 128.0
     # How long a pass may wait for the next steps of the sessions in the previous one (at most
     # half that pass's time): fuller batches instead of two half-full ones taking turns.
     batch_wait_s: float = 0.02
@@ -77,5 +79,7 @@ class CloudWorkerConfig:
             raise ValueError(f"--batch-wait-ms must be in [0, 10000], got {self.batch_wait_s * 1e3:g}")
         if self.max_cache_mb is not None and self.max_cache_mb <= 0:
             raise ValueError(f"--max-cache-mb must be positive, got {self.max_cache_mb:g}")
+        if self.prefix_cache_mb < 0:
+            raise ValueError(f"--prefix-cache-mb must be 0 (off) or more, got {self.prefix_cache_mb:g}")
         if self.max_batch < 1:
             raise ValueError(f"--max-batch must be at least 1, got {self.max_batch}")

@@ -39,6 +39,7 @@ from broker.wire.session_protocol import (
 from broker.worker_api import Job, WorkerConnection, WorkerInfo
 from cloud_worker.config import CloudWorkerConfig, check_device, dtype_name
 from cloud_worker.faults import FaultInjector
+from cloud_worker.prefix_cache import PrefixCache, row_digests
 from cloud_worker.sessions import Session, SessionTable
 from partition.models import resolve_model
 from partition.profile import kv_bytes_per_token_per_layer, measure_decode_ms
@@ -129,6 +130,7 @@ class _Pending:
     done: int = 0  # positions computed so far: a long frame runs one chunk per pass (chunk_plan)
     logits: list[torch.Tensor] = field(default_factory=list)  # its chunks' logits so far
     compute_ms: float = 0.0  # over its passes
+    digests: list[bytes] | None = None  # of its rows' prefixes, where its prompt joins the prefix cache
 
     def next_chunk(self) -> tuple[int, int, int]:
         """``(a, b, logit rows)`` of the chunk the next pass computes."""
@@ -155,6 +157,10 @@ class CloudWorker:
         self.sessions = SessionTable(config.max_sessions, config.session_idle_ttl_s, limit)
         # Keys and values one position of one layer adds to a session's cache, in this worker's dtype.
         self._kv_position_layer_bytes = kv_bytes_per_token_per_layer(self.source.config, dtype.itemsize)
+        # Prompts' keys and values, reused by later sessions that start the same way: only where
+        # a position's numbers cannot depend on the frame it came in (cloud_worker/prefix_cache.py).
+        self.prefixes = (PrefixCache(int(config.prefix_cache_mb * 2**20))
+                         if config.prefix_cache_mb > 0 and self.segment.whole_frames_packed() else None)
         self.reductions = ReductionStore(config.reductions_dir)
         self.worker_id = WorkerId(config.worker_id or f"w-{os.getpid()}-{uuid.uuid4().hex[:6]}")
         self.cost = LayerCost(*measure_decode_ms(self.segment))
@@ -195,6 +201,8 @@ class CloudWorker:
                     log.info("expired %d idle sessions", len(expired))
                 self.conn.set_active_sessions(len(self.sessions))
                 self.conn.set_cache_bytes(self.sessions.cache_bytes())
+                if self.prefixes is not None:
+                    self.conn.set_prefix_cache(self.prefixes.nbytes, self.prefixes.reused_positions)
                 self.conn.set_per_layer_ms(self.cost.per_layer_ms)
                 more_to_do = bool(self._prefilling or self._resumed)
                 job = self.conn.get(0.0 if more_to_do else _IDLE_POLL_S)
@@ -420,7 +428,14 @@ class CloudWorker:
             # run it again, so the step affects the cache exactly once.
             cache.crop(pos)
         self.sessions.reserve(self._cache_growth(session, pos + hidden.shape[1]), f"step {job.step}")
-        return _Pending(job, session, hidden, pos, list(req.draft), req.seen or (), req.epoch, req.tree)
+        digests = None
+        if self.prefixes is not None and pos == 0 and not req.draft and req.tree is None and hidden.shape[1] > 1:
+            # A prompt: its longest known beginning is copied (its last position is computed,
+            # its logits are the answer), and the whole prompt is kept once computed.
+            digests = row_digests(hidden, session.layer_lo)
+            hidden = hidden[:, self.prefixes.fill(digests, cache, hidden.shape[1] - 1):]
+        return _Pending(job, session, hidden, pos, list(req.draft), req.seen or (), req.epoch, req.tree,
+                        digests=digests)
 
     def _cache_growth(self, session: Session, length: int) -> int:
         """Bytes ``session``'s cache allocates to hold ``length`` positions (0 when it has room)."""
@@ -473,6 +488,8 @@ class CloudWorker:
                 self._failed(p.job, exc)
                 continue
             tokens += accepted + 1
+            if p.digests is not None:
+                self.prefixes.add(p.digests, cache)
             session.last_step, session.epoch, session.expected = p.job.step, p.epoch, token
             if len(batch) == 1 and p.compute_ms == compute_ms:  # the planner reads a lone step's figure
                 self.cost.observe(compute_ms, self.source.n_layers - session.layer_lo, p.hidden.shape[1])

@@ -332,7 +332,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_other_sessions_decode_step
     short_prompt = [5, 6, 7]
     with LocalCluster(model="tiny-llama", worker_threads=1) as cluster:
         cluster.start_broker()
-        cluster.add_worker()
+        cluster.add_worker(extra_args=("--prefix-cache-mb", "0"))  # the second long prefill is computed again
         cluster.wait_for_workers(1, timeout_s=60)
         key = sorted(load_api_keys(cluster.keys_dir / "api_keys.txt"))[0]
         settings = EdgeConfig(model="tiny-llama", force_cloud=True, broker=cluster.endpoint, keys_dir=cluster.keys_dir,

@@ -1,0 +1,138 @@
+"""Prompt prefixes a worker has computed, kept so that a later session starting the same way
+copies their keys and values instead of computing them again.
+
+Chat requests share long beginnings: every request to an instruct model starts with its system
+prompt (28 of the 37 tokens of the benchmarks' prompts), and each turn of a conversation resends
+the turns before it. vLLM (automatic prefix caching) and SGLang (RadixAttention) keep such
+prefixes; so does this, for the first frame of a session (its prompt, from position 0).
+
+Exact by construction, not by luck: where the segment runs every frame on the row kernel
+(``ModelSegment.whole_frames_packed``) a position's keys and values depend only on the rows up to
+it, never on how the prompt was cut into frames or what shared its passes
+(``tests/test_batching.py``), so copied positions hold the bits the session would have computed.
+Where that does not hold (a GPU, bfloat16, the kernel switched off) the worker keeps no prefixes.
+
+Keys are chained digests of the rows as the segment receives them (token ids, or hidden states
+for a split session), salted with the layer the session starts at: position ``i``'s digest covers
+rows ``0..i``. The worker never needs to know the tokens. Entries are whole prompts' caches,
+least recently used evicted first past a byte budget.
+
+Sessions on one worker share its prefixes whoever opened them, so how fast a prompt is
+prefilled tells whether another session sent the same beginning (the timing side channel of any
+shared prefix cache). Run workers serving mutually untrusting clients with ``--prefix-cache-mb 0``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from partition.kv_cache import SegmentKVCache
+
+
+def row_digests(rows: torch.Tensor, start_layer: int) -> list[bytes]:
+    """The chained digest of every prefix of ``rows`` ((1, T) ids or (1, T, H) hidden states):
+    entry ``i`` covers rows ``0..i``, their dtype and shape, and ``start_layer``."""
+    flat = rows[0].contiguous()
+    head = hashlib.blake2b(f"{start_layer}|{flat.dtype}|{tuple(flat.shape[1:])}".encode(), digest_size=16).digest()
+    data = flat.view(torch.uint8).numpy().reshape(flat.shape[0], -1)  # a row's bytes per line
+    out, prev = [], head
+    for row in data:
+        prev = hashlib.blake2b(prev + row.tobytes(), digest_size=16).digest()
+        out.append(prev)
+    return out
+
+
+@dataclass
+class _Entry:
+    digests: list[bytes]  # of its positions' prefixes, in order
+    layers: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> keys, values (1, kv_heads, length, head_dim)
+    nbytes: int
+
+
+class PrefixCache:
+    """Computed prompt prefixes, by the digest of their rows, under a budget of ``limit_bytes``."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self._entries: OrderedDict[int, _Entry] = OrderedDict()  # least recently used first
+        self._index: dict[bytes, tuple[int, int]] = {}  # prefix digest -> (entry id, positions)
+        self._next_id = 0
+        self.nbytes = 0
+        self.hits = 0  # sessions that copied a prefix
+        self.reused_positions = 0  # positions copied instead of computed
+        self.lookups = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def longest(self, digests: list[bytes], most: int) -> tuple[int, int]:
+        """``(entry id, positions)`` of the longest cached prefix of at most ``most`` positions
+        (``(-1, 0)``: none)."""
+        for n in range(min(most, len(digests)), 0, -1):
+            found = self._index.get(digests[n - 1])
+            if found is not None:
+                return found[0], n
+        return -1, 0
+
+    def fill(self, digests: list[bytes], cache: SegmentKVCache, most: int) -> int:
+        """Copy the longest cached prefix of at most ``most`` positions into ``cache`` (empty), as
+        if it had computed them; the positions copied (0: none)."""
+        if cache.length:
+            raise ValueError(f"a prefix goes into an empty cache, this one holds {cache.length} positions")
+        self.lookups += 1
+        entry_id, n = self.longest(digests, most)
+        if not n:
+            return 0
+        entry = self._entries[entry_id]
+        self._entries.move_to_end(entry_id)
+        with torch.inference_mode():  # the caches are inference tensors (written in forward passes)
+            for layer_idx, (keys, values) in entry.layers.items():
+                store, start = cache.reserve(layer_idx, keys[..., :n, :], values[..., :n, :])
+                store.keys[..., start:start + n, :] = keys[..., :n, :]
+                store.values[..., start:start + n, :] = values[..., :n, :]
+        cache.advance(n)
+        self.hits += 1
+        self.reused_positions += n
+        return n
+
+    def add(self, digests: list[bytes], cache: SegmentKVCache) -> None:
+        """Keep the first ``len(digests)`` positions ``cache`` holds (a prompt just computed)."""
+        length = len(digests)
+        if not length or cache.length < length or self.limit_bytes <= 0:
+            return
+        if self._index.get(digests[-1], (None, 0))[1] == length:
+            self._entries.move_to_end(self._index[digests[-1]][0])
+            return  # this whole prefix is here already
+        with torch.inference_mode():
+            layers = {i: (s.keys[..., :length, :].clone(), s.values[..., :length, :].clone())
+                      for i, s in cache._layers.items()}
+        nbytes = sum(k.nelement() * k.element_size() + v.nelement() * v.element_size() for k, v in layers.values())
+        if nbytes > self.limit_bytes:
+            return
+        entry_id, self._next_id = self._next_id, self._next_id + 1
+        self._entries[entry_id] = _Entry(digests, layers, nbytes)
+        self.nbytes += nbytes
+        for n, digest in enumerate(digests, start=1):
+            self._index[digest] = (entry_id, n)  # the newest entry holding a prefix serves it
+        while self.nbytes > self.limit_bytes:
+            self._evict()
+
+    def _evict(self) -> None:
+        entry_id, entry = self._entries.popitem(last=False)
+        self.nbytes -= entry.nbytes
+        for digest in entry.digests:
+            if self._index.get(digest, (None,))[0] == entry_id:
+                # A shorter prefix another entry also holds stays findable through that entry.
+                del self._index[digest]
+        for other_id, other in self._entries.items():
+            for n, digest in enumerate(other.digests, start=1):
+                if digest not in self._index:
+                    self._index[digest] = (other_id, n)
+
+    def stats(self) -> dict[str, int]:
+        return {"prefix_entries": len(self._entries), "prefix_bytes": self.nbytes, "prefix_hits": self.hits,
+                "prefix_reused_positions": self.reused_positions, "prefix_lookups": self.lookups}
