@@ -12,7 +12,10 @@ products: each layer as torch operations with transformers' SDPA per session (``
 same with the kernel's ``attend`` for all sessions at once (``ops+attend``), and each layer as one
 call of the kernel's ``decode_layer`` (``fused``, the default).
 
-    .venv/bin/python bench/bench_rowkernel.py [--threads 2] [--json] [--step]
+``--prefill``: prompts of 8 to 64 tokens, one and eight at once, through transformers' layers
+(each frame by itself) and packed on the kernel.
+
+    .venv/bin/python bench/bench_rowkernel.py [--threads 2] [--json] [--step | --prefill]
 """
 
 from __future__ import annotations
@@ -36,7 +39,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=60)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--rows", default=",".join(map(str, ROWS)), help="comma-separated row counts of the products")
     ap.add_argument("--step", action="store_true", help="whole decode steps, attention on the kernel and on SDPA")
+    ap.add_argument("--prefill", action="store_true",
+                    help="prompts of 8 to 64 tokens through transformers' layers and through the kernel")
     args = ap.parse_args()
     import torch
     import torch.nn.functional as F
@@ -49,6 +55,9 @@ def main() -> None:
     if args.step:
         step_bench(args)
         return
+    if args.prefill:
+        prefill_bench(args)
+        return
 
     def per_call_us(fn, weights, x) -> float:
         for w in weights[:3]:
@@ -59,14 +68,15 @@ def main() -> None:
         return (time.perf_counter() - t0) / args.repeats * 1e6
 
     rows_out = []
+    rows_wanted = [int(r) for r in args.rows.split(",")]
     for name, (n, k) in SHAPES.items():
         gen = torch.Generator().manual_seed(0)
         weights = [torch.randn(n, k, generator=gen) for _ in range(2 if name == "head" else 30)]
-        x = torch.randn(max(ROWS), k, generator=gen)
+        x = torch.randn(max(rows_wanted), k, generator=gen)
         out = rowkernel.linear(x, weights[0])
         invariant = all(torch.equal(rowkernel.linear(x[i:i + 1], weights[0])[0], out[i]) for i in range(len(x)))
         close = torch.allclose(out, F.linear(x, weights[0]), rtol=1e-4, atol=1e-4)
-        for r in ROWS:
+        for r in rows_wanted:
             mkl = kern = 0.0
             for _ in range(2):  # interleaved: noise hits both alike
                 mkl += per_call_us(F.linear, weights, x[:r])
@@ -81,6 +91,46 @@ def main() -> None:
                       f"{row['mkl_over_kernel']:.2f}x  (rows invariant: {invariant}, close: {close})")
     if not all(r["invariant"] and r["close_to_mkl"] for r in rows_out):
         raise SystemExit(1)
+
+
+def prefill_bench(args) -> None:
+    """One prompt's prefill through SmolLM2's 30 layers and head, two ways, alternated: each frame
+    by itself through transformers' layers (MKL's products, SDPA), as frames longer than
+    ``PACK_MAX_ROWS`` ran before, and packed on the row kernel (``rowkernel.decode_layer``), as
+    they run now; and eight prompts in one pass, as a worker packs prefills arriving together."""
+    import torch
+
+    from partition.models import resolve_model
+    from partition.segment import ModelSegment, StepInput
+
+    source = resolve_model(None)
+    whole = ModelSegment.load(source, 0, source.n_layers)
+
+    def ms(rows: int, way: str, sessions: int = 1, reps: int = 5) -> float:
+        ids = torch.arange(100, 100 + rows).unsqueeze(0)
+        best = float("inf")
+        for _ in range(reps):
+            steps = [StepInput(ids, whole.new_cache()) for _ in range(sessions)]
+            t0 = time.perf_counter()
+            if way == "alone":
+                for s in steps:
+                    whole._forward_alone(s)
+            else:
+                whole._forward_packed(steps)
+            best = min(best, time.perf_counter() - t0)
+        return best * 1e3
+
+    for rows in (8, 16, 37, 64):
+        for sessions in (1, 8):
+            alone = kern = float("inf")
+            for _ in range(2):
+                alone = min(alone, ms(rows, "alone", sessions))
+                kern = min(kern, ms(rows, "kernel", sessions))
+            row = {"rows": rows, "sessions": sessions, "transformers_ms": round(alone, 1),
+                   "kernel_ms": round(kern, 1), "ratio": round(kern / alone, 2)}
+            print(json.dumps(row) if args.json else
+                  f"prefill of {rows:2d} tokens x{sessions}: transformers' layers {alone:7.1f} ms, "
+                  f"row kernel {kern:7.1f} ms ({kern / alone:.2f}x)")
 
 
 def step_bench(args) -> None:
