@@ -138,6 +138,53 @@ def _self_test_attend(fn) -> None:
             raise RuntimeError(f"attention: row {i} of a masked frame differs from it as a one-row step")
 
 
+def _self_test_layer(fn) -> None:
+    """The decoder layer kernel against the layer as torch operations (close), and a frame's
+    rows against the same rows computed in two calls, the first rows then the rest (bit for
+    bit: what lets a worker cut prompts anywhere and reuse their beginnings)."""
+    gen = torch.Generator().manual_seed(3)
+    hidden_size, heads, kv_heads, dim, inter, rows, eps, scale = 32, 4, 2, 8, 40, 19, 1e-5, 8 ** -0.5
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * 0.3
+
+    norm1, norm2 = 1 + randn(hidden_size), 1 + randn(hidden_size)
+    wqkv, wo = randn((heads + 2 * kv_heads) * dim, hidden_size), randn(hidden_size, heads * dim)
+    wgu, wd = randn(2 * inter, hidden_size), randn(hidden_size, inter)
+    weights = (norm1, norm2, wqkv, None, wo, None, wgu, None, wd, None)
+    dims = (heads, kv_heads, dim, inter, eps, scale)
+    angle = torch.arange(rows).unsqueeze(1) * (1e-2 ** (torch.arange(dim // 2) / (dim // 2)))
+    cos, sin = torch.cat([angle.cos()] * 2, 1), torch.cat([angle.sin()] * 2, 1)
+    x = randn(rows, hidden_size)
+
+    def storage() -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(1, kv_heads, 32, dim), torch.zeros(1, kv_heads, 32, dim)
+
+    k_store, v_store = storage()
+    out = decode_layer(x, weights, dims, (cos, sin), [(k_store, v_store, 0, rows, None)], fn)
+
+    def norm(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return w * (t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps))
+
+    def rotate(t: torch.Tensor) -> torch.Tensor:  # (rows, heads, dim)
+        half = dim // 2
+        return t * cos.unsqueeze(1) + torch.cat((-t[..., half:], t[..., :half]), -1) * sin.unsqueeze(1)
+
+    q, k, v = F.linear(norm(x, norm1), wqkv).split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
+    q, k = rotate(q.view(rows, heads, dim)), rotate(k.view(rows, kv_heads, dim))
+    att = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1).repeat_interleave(heads // kv_heads, 0),
+                                         v.view(rows, kv_heads, dim).transpose(0, 1).repeat_interleave(
+                                             heads // kv_heads, 0), is_causal=True, scale=scale)
+    mid = x + F.linear(att.transpose(0, 1).reshape(rows, -1), wo)
+    gate, up = F.linear(norm(mid, norm2), wgu).split([inter, inter], -1)
+    torch.testing.assert_close(out, mid + F.linear(F.silu(gate) * up, wd), rtol=1e-4, atol=1e-4)
+    k_store, v_store = storage()
+    first = decode_layer(x[:7], weights, dims, (cos[:7], sin[:7]), [(k_store, v_store, 0, 7, None)], fn)
+    rest = decode_layer(x[7:], weights, dims, (cos[7:], sin[7:]), [(k_store, v_store, 7, rows - 7, None)], fn)
+    if not torch.equal(torch.cat([first, rest]), out):
+        raise RuntimeError("decoder layer: a frame's rows differ when it is computed in two calls")
+
+
 def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
            parts: list[tuple[torch.Tensor, torch.Tensor, int, int, torch.Tensor | None]], scale: float,
            fn=None) -> torch.Tensor:
@@ -175,7 +222,7 @@ def _part_arrays(parts) -> tuple:
 
 def decode_layer(hidden: torch.Tensor, weights: tuple, dims: tuple[int, int, int, int, float, float],
                  rope: tuple[torch.Tensor, torch.Tensor],
-                 parts: list[tuple[torch.Tensor, torch.Tensor, int, int, torch.Tensor | None]]) -> torch.Tensor:
+                 parts: list[tuple[torch.Tensor, torch.Tensor, int, int, torch.Tensor | None]], fn=None) -> torch.Tensor:
     """A Llama decoder layer over ``hidden`` (R, H) in one call (``data/rowdot.c``): ``weights``
     are (input norm, post-attention norm, then weight and scale (None: float32) of the stacked
     q/k/v, o, the stacked gate/up and down products); ``dims`` (heads, kv heads, head dim,
@@ -186,7 +233,7 @@ def decode_layer(hidden: torch.Tensor, weights: tuple, dims: tuple[int, int, int
     cos, sin = (t.reshape(out.shape[0], dim).contiguous() for t in rope)
     count, rows, kc, vc, caps, pasts, masks = _part_arrays(parts)
     norm1, norm2, wqkv, sqkv, wo, so, wgu, sgu, wd, sd = (None if t is None else t.data_ptr() for t in weights)
-    failed = _state["layer"](out.data_ptr(), out.shape[0], out.shape[1], norm1, norm2, eps, wqkv, sqkv, wo, so,
+    failed = (fn or _state["layer"])(out.data_ptr(), out.shape[0], out.shape[1], norm1, norm2, eps, wqkv, sqkv, wo, so,
                              wgu, sgu, inter, wd, sd, heads, kv_heads, dim, cos.data_ptr(), sin.data_ptr(),
                              count, rows, kc, vc, caps, pasts, masks, scale, torch.get_num_threads())
     if failed:
@@ -250,6 +297,7 @@ def kernel():
                 _self_test(fn)
                 _self_test_i8(fn8)
                 _self_test_attend(fa)
+                _self_test_layer(fl)
                 _state["fn8"] = fn8
                 _state["attend"] = fa
                 _state["layer"] = fl

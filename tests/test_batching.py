@@ -210,9 +210,9 @@ def test_the_row_kernel_sums_each_row_alike_in_any_call_and_close_to_torch():
     for n, k in ((576, 576), (3, 7), (49, 1536), (5, 33)):  # whole blocks, and tails of N and K
         w = torch.randn(n, k, generator=gen)
         b = torch.randn(n, generator=gen)
-        x = torch.randn(19, k, generator=gen)
-        alone = torch.cat([rowkernel.linear(x[i:i + 1], w, b) for i in range(19)])
-        for rows in (2, 3, 4, 5, 8, 16, 19):
+        x = torch.randn(70, k, generator=gen)
+        alone = torch.cat([rowkernel.linear(x[i:i + 1], w, b) for i in range(70)])
+        for rows in (2, 3, 4, 5, 8, 16, 19, 37, 70):  # every block shape, the many-row one from 16 rows
             assert torch.equal(rowkernel.linear(x[:rows], w, b), alone[:rows]), (n, k, rows)
         torch.testing.assert_close(alone, torch.nn.functional.linear(x, w, b), rtol=1e-4, atol=1e-4)
         # The thread count splits the weights' rows, never a sum.
@@ -222,6 +222,19 @@ def test_the_row_kernel_sums_each_row_alike_in_any_call_and_close_to_torch():
             assert torch.equal(rowkernel.linear(x, w, b), alone)
         finally:
             torch.set_num_threads(threads)
+
+
+def test_where_a_compiler_and_avx2_are_found_the_kernel_builds_and_passes_its_load_checks(monkeypatch):
+    """A kernel that failed its checks would leave packed products on the tiles and the row
+    kernel's tests skipped: on a machine that can build it, that is a failure."""
+    from partition import rowkernel
+
+    if rowkernel._compiler() is None or rowkernel._capability() is None:
+        pytest.skip("no C compiler or no AVX2 here")
+    monkeypatch.delenv(rowkernel.SWITCH, raising=False)
+    monkeypatch.setattr(rowkernel, "_state", {})
+    assert rowkernel.kernel() is not None, rowkernel.reason()
+    assert {"fn8", "attend", "layer"} <= set(rowkernel._state)
 
 
 def test_packed_products_use_the_tiles_when_the_row_kernel_is_switched_off(monkeypatch):

@@ -143,3 +143,12 @@ def test_sessions_sharing_a_system_prompt_reuse_it_on_the_worker_and_keep_their_
     with EdgeEngine("tiny-llama", settings) as engine:
         local = [engine.generate(p, engine.params(ignore_eos=True, max_new_tokens=12)).token_ids for p in prompts]
     assert got["cached"] == got["uncached"] == local
+
+
+def test_status_shows_what_the_prefix_cache_holds_and_saved():
+    from cli.roles import render_status
+
+    worker = {"worker_id": "w1", "layer_ranges": [[0, 30]], "cache_bytes": 3 * 2**20, "prefix_bytes": 5 * 2**20,
+              "prefix_reused": 280}
+    assert "3.0 MiB + 5.0 MiB prefixes (280 positions reused)" in render_status({"workers": [worker]})
+    assert "prefixes" not in render_status({"workers": [dict(worker, prefix_bytes=0)]})
