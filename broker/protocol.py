@@ -309,7 +309,7 @@ class Heartbeat(Message):
     mean_batch: float = 0.0
     tokens_per_s: float = 0.0
     cache_bytes: int = 0
-    # Its prefix cache (cloud_worker/prefix_cache.py): bytes held, and prompt positions copied
+    # Its prefix cache (partition/prefix_cache.py): bytes held, and prompt positions copied
     # from it instead of computed since the worker started.
     prefix_bytes: int = 0
     prefix_reused: int = 0

@@ -46,7 +46,7 @@ class WorkerState:
     tokens_per_s: float = 0.0
     cache_bytes: int = 0
     cache_limit_bytes: int = 0  # 0: no limit
-    prefix_bytes: int = 0  # its prefix cache (cloud_worker/prefix_cache.py)
+    prefix_bytes: int = 0  # its prefix cache (partition/prefix_cache.py)
     prefix_reused: int = 0  # prompt positions it copied from there instead of computing
 
     @classmethod

@@ -39,9 +39,9 @@ from broker.wire.session_protocol import (
 from broker.worker_api import Job, WorkerConnection, WorkerInfo
 from cloud_worker.config import CloudWorkerConfig, check_device, dtype_name
 from cloud_worker.faults import FaultInjector
-from cloud_worker.prefix_cache import PrefixCache, row_digests
 from cloud_worker.sessions import Session, SessionTable
 from partition.models import resolve_model
+from partition.prefix_cache import PrefixCache, row_digests
 from partition.profile import kv_bytes_per_token_per_layer, measure_decode_ms
 from partition.reduction import Reduction, ReductionError, ReductionStore
 from partition.sampling import SamplingParams
@@ -158,7 +158,7 @@ class CloudWorker:
         # Keys and values one position of one layer adds to a session's cache, in this worker's dtype.
         self._kv_position_layer_bytes = kv_bytes_per_token_per_layer(self.source.config, dtype.itemsize)
         # Prompts' keys and values, reused by later sessions that start the same way: only where
-        # a position's numbers cannot depend on the frame it came in (cloud_worker/prefix_cache.py).
+        # a position's numbers cannot depend on the frame it came in (partition/prefix_cache.py).
         self.prefixes = (PrefixCache(int(config.prefix_cache_mb * 2**20))
                          if config.prefix_cache_mb > 0 and self.segment.whole_frames_packed() else None)
         self.reductions = ReductionStore(config.reductions_dir)

@@ -114,6 +114,9 @@ class EdgeConfig:
     cloud_latency_s: float = 0.0  # emulated extra round trip between edge and broker
     bandwidth_mbps: float | None = None  # emulated link bandwidth, each direction; None: unlimited
     torch_threads: int | None = None  # None keeps torch's default (one per core)
+    # Prompts' keys and values of the edge's layers kept for generations that start the same way
+    # (partition/prefix_cache.py: a system prompt, a conversation's earlier turns); 0: none.
+    prefix_cache_mb: float = 64.0
     # The mini-LLM: "auto" (the int8 copy where the model allows it and memory suffices, else
     # none), "none", "int8" (an int8 copy of the cloud's layers), "self" (early exit from the
     # edge's layers), "lookup" (prompt lookup) or a model name/path sharing the main model's tokenizer.
@@ -156,6 +159,8 @@ class EdgeConfig:
             raise ValueError(f"cloud latency must be >= 0 seconds, got {self.cloud_latency_s}")
         if self.bandwidth_mbps is not None and self.bandwidth_mbps <= 0:
             raise ValueError(f"bandwidth must be > 0 Mbit/s, got {self.bandwidth_mbps}")
+        if not self.prefix_cache_mb >= 0:
+            raise ValueError(f"--prefix-cache-mb must be 0 (off) or more, got {self.prefix_cache_mb}")
         if not self.max_frame_mb > 0:
             raise ValueError(f"--max-frame-mb must be > 0, got {self.max_frame_mb}")
         check_mini_options(self.mini_mode, self.mini_threshold, self.mini_max_draft)

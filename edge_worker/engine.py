@@ -41,6 +41,7 @@ from edge_worker.planning import Decision, ReplanWatch, SplitPlanner, servable_s
 from partition.errors import InvalidSplitError, PartitionError
 from partition.models import ModelSource, source_of
 from partition.planner import WIFI, Conditions, PowerModel, Weights
+from partition.prefix_cache import PrefixCache
 from partition.sampling import SamplingParams
 from partition.segment import ModelSegment
 from partition.tokens import encode_messages, encode_prompt, eos_token_ids
@@ -253,6 +254,8 @@ class EdgeEngine:
         self.decisions: list[Decision] = []  # every generation's, in order
         self._segments: OrderedDict[tuple[int, int, bool, bool], ModelSegment] = OrderedDict()
         self._lock = threading.RLock()
+        # Prompts' keys and values of the edge's layers, for generations that start the same way.
+        self.prefixes = PrefixCache(int(self.settings.prefix_cache_mb * 2**20)) if self.settings.prefix_cache_mb else None
 
     # --- lifecycle ---------------------------------------------------------------------------------
     def close(self) -> None:
@@ -332,7 +335,8 @@ class EdgeEngine:
         backend = run.backend_for(k)
         eos = set() if params.ignore_eos else self.eos
         generator = EdgeGenerator(edge, backend, self.tokenizer, eos, mode=mode_for(k, self.source.n_layers),
-                                  mini=run.mini_for(k, edge), mover=run if watch is not None else None)
+                                  mini=run.mini_for(k, edge), mover=run if watch is not None else None,
+                                  prefixes=self.prefixes)
         self.progress(f"generating up to {params.max_new_tokens} tokens from a {len(ids)}-token prompt")
         try:
             result = generator.generate(ids, params.max_new_tokens, params.sampling, on_text=on_text,

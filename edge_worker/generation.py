@@ -28,8 +28,9 @@ import torch
 from edge_worker.backends import Backend, FrameLost, PipelinedBackend, PipelinedFrame, SplitMover, StepStats
 from edge_worker.drafting import DraftController, MiniSettings, TreeShaper
 from partition.kv_cache import SegmentKVCache
+from partition.prefix_cache import PrefixCache, row_digests
 from partition.sampling import SamplingParams, choose_token
-from partition.segment import ModelSegment
+from partition.segment import ModelSegment, SegmentOutput
 from partition.tree import DraftTree
 
 log = logging.getLogger(__name__)
@@ -166,11 +167,15 @@ class EdgeGenerator:
         mode: str,
         mini: MiniSettings | None = None,
         mover: SplitMover | None = None,
+        prefixes: PrefixCache | None = None,
     ) -> None:
         if backend is None and not edge.spec.head:
             raise ValueError("an edge segment without the head needs a backend for the remaining layers")
         self.edge = edge
         self.backend = backend
+        # Prompts the edge's layers computed before (the engine's, shared by its generations):
+        # only where a position's numbers cannot depend on the frame it came in.
+        self.prefixes = prefixes if prefixes is not None and edge.whole_frames_packed() else None
         self._t_start = time.perf_counter()  # the current generation's start (generate sets it)
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
@@ -685,9 +690,21 @@ class EdgeGenerator:
 
     def _run_edge(self, x: torch.Tensor, cache: SegmentKVCache, logits: str = "none"):
         """The edge's layers on new positions; a drafter that follows every position (the int8
-        copy of the cloud's layers) is shown their boundary activations."""
+        copy of the cloud's layers) is shown their boundary activations. A prompt copies the
+        longest beginning an earlier generation computed (its keys and values, and its boundary
+        activations for the cloud) and computes the rest; it is then kept for later ones."""
         start = cache.length
+        digests, known = None, None
+        if self.prefixes is not None and start == 0 and x.shape[1] > 1 and logits in ("none", "last"):
+            spec = self.edge.spec
+            digests = row_digests(x, f"edge:{spec.lo}:{spec.hi}:{spec.head}")
+            copied, known = self.prefixes.fill_with_extra(digests, cache, x.shape[1] - 1)
+            x = x[:, copied:]
         out = self.edge(x, cache, logits=logits)
+        if known is not None:
+            out = SegmentOutput(hidden=torch.cat([known, out.hidden], dim=1), logits=out.logits)
+        if digests is not None:
+            self.prefixes.add(digests, cache, out.hidden)
         self._observed(out.hidden, start)
         return out
 

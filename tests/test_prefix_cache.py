@@ -1,5 +1,5 @@
 """The worker's prefix cache: prompts' keys and values reused, bit for bit, by sessions that start
-the same way (cloud_worker/prefix_cache.py)."""
+the same way (partition/prefix_cache.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from cloud_worker.prefix_cache import PrefixCache, row_digests
+from partition.prefix_cache import PrefixCache, row_digests
 from partition.segment import ModelSegment, StepInput
 
 SYSTEM = [(13 * i) % 200 + 3 for i in range(40)]  # a shared beginning, longer than a decode frame
@@ -107,10 +107,11 @@ def test_the_cache_keeps_to_its_budget_least_recently_used_first(tiny_llama):
 
 
 @pytest.mark.integration
-def test_sessions_sharing_a_system_prompt_reuse_it_on_the_worker_and_keep_their_tokens(tiny_llama):
+@pytest.mark.parametrize("split", [0, 2])
+def test_sessions_sharing_a_system_prompt_reuse_it_on_the_worker_and_keep_their_tokens(tiny_llama, split):
     """Real broker and worker: a second prompt with the first's beginning is partly copied on the
-    worker (its status says how many positions), and every generation gives the tokens it gives
-    on a worker without the cache and locally."""
+    worker (its status says how many positions) and, at a split, in the edge's layers too; every
+    generation gives the tokens it gives without either cache and locally."""
     from broker.wire.crypto import load_api_keys
     from cli.cluster import LocalCluster
     from edge_worker.config import EdgeConfig
@@ -124,11 +125,16 @@ def test_sessions_sharing_a_system_prompt_reuse_it_on_the_worker_and_keep_their_
             cluster.add_worker(extra_args=args)
             cluster.wait_for_workers(1, timeout_s=60)
             key = sorted(load_api_keys(cluster.keys_dir / "api_keys.txt"))[0]
-            settings = EdgeConfig(model="tiny-llama", force_cloud=True, broker=cluster.endpoint,
-                                  keys_dir=cluster.keys_dir, api_key=key, wire_dtype="fp32", mini="none")
+            placement = {"force_cloud": True} if split == 0 else {"split": split}
+            settings = EdgeConfig(model="tiny-llama", broker=cluster.endpoint, keys_dir=cluster.keys_dir,
+                                  api_key=key, wire_dtype="fp32", mini="none", dynamic=False,
+                                  prefix_cache_mb=64 if name == "cached" else 0, **placement)
             with EdgeEngine("tiny-llama", settings) as engine:
                 params = engine.params(ignore_eos=True, max_new_tokens=12)
-                got[name] = [engine.generate(p, params).token_ids for p in prompts]
+                results = [engine.generate(p, params) for p in prompts]
+                assert all(r.split == split for r in results)
+                got[name] = [r.token_ids for r in results]
+                edge_reused = engine.prefixes.reused_positions if engine.prefixes else 0
                 deadline = time.monotonic() + 10
                 while time.monotonic() < deadline:  # the next heartbeats carry the counts
                     worker = cluster.status()["workers"][0]
@@ -137,8 +143,9 @@ def test_sessions_sharing_a_system_prompt_reuse_it_on_the_worker_and_keep_their_
                     time.sleep(0.2)
         if name == "cached":
             assert worker["prefix_reused"] == len(SYSTEM) + len(prompts[0]) - 1 and worker["prefix_bytes"] > 0
+            assert edge_reused == (0 if split == 0 else worker["prefix_reused"])  # split 0: no edge layers
         else:
-            assert worker["prefix_reused"] == 0 and worker["prefix_bytes"] == 0
+            assert worker["prefix_reused"] == 0 and worker["prefix_bytes"] == 0 and edge_reused == 0
     settings = EdgeConfig(model="tiny-llama", force_local=True, mini="none")
     with EdgeEngine("tiny-llama", settings) as engine:
         local = [engine.generate(p, engine.params(ignore_eos=True, max_new_tokens=12)).token_ids for p in prompts]
@@ -152,3 +159,18 @@ def test_status_shows_what_the_prefix_cache_holds_and_saved():
               "prefix_reused": 280}
     assert "3.0 MiB + 5.0 MiB prefixes (280 positions reused)" in render_status({"workers": [worker]})
     assert "prefixes" not in render_status({"workers": [dict(worker, prefix_bytes=0)]})
+
+
+def test_a_local_engine_reuses_a_shared_beginning_and_gives_the_tokens_it_gives_without(tiny_llama):
+    from edge_worker.config import EdgeConfig
+    from edge_worker.engine import EdgeEngine
+
+    prompts = [SYSTEM + [50, 51, 52], SYSTEM[:30] + [60, 61], SYSTEM + [50, 51, 52, 53]]
+    got = {}
+    for mb in (64, 0):
+        with EdgeEngine("tiny-llama", EdgeConfig(force_local=True, mini="none", prefix_cache_mb=mb)) as engine:
+            params = engine.params(ignore_eos=True, max_new_tokens=10)
+            got[mb] = [engine.generate(p, params).token_ids for p in prompts]
+            reused = engine.prefixes.reused_positions if engine.prefixes else 0
+        assert reused == (30 + len(prompts[0]) if mb else 0)
+    assert got[64] == got[0]

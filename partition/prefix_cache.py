@@ -1,5 +1,6 @@
-"""Prompt prefixes a worker has computed, kept so that a later session starting the same way
-copies their keys and values instead of computing them again.
+"""Prompt prefixes a segment has computed, kept so that a later session starting the same way
+copies their keys and values instead of computing them again: a cloud worker's for its sessions,
+an edge engine's for its generations' local layers.
 
 Chat requests share long beginnings: every request to an instruct model starts with its system
 prompt (28 of the 37 tokens of the benchmarks' prompts), and each turn of a conversation resends
@@ -13,9 +14,11 @@ it, never on how the prompt was cut into frames or what shared its passes
 Where that does not hold (a GPU, bfloat16, the kernel switched off) the worker keeps no prefixes.
 
 Keys are chained digests of the rows as the segment receives them (token ids, or hidden states
-for a split session), salted with the layer the session starts at: position ``i``'s digest covers
-rows ``0..i``. The worker never needs to know the tokens. Entries are whole prompts' caches,
-least recently used evicted first past a byte budget.
+for a split session), salted with what else decides the numbers (the layer a worker's session
+starts at, the edge's split): position ``i``'s digest covers rows ``0..i``. The worker never
+needs to know the tokens. Entries are whole prompts' caches (and, on the edge, the boundary
+activations the cloud needs of them), least recently used evicted first past a byte budget.
+One lock guards the whole cache: an engine's generations run on several threads.
 
 Sessions on one worker share its prefixes whoever opened them, so how fast a prompt is
 prefilled tells whether another session sent the same beginning (the timing side channel of any
@@ -25,6 +28,7 @@ shared prefix cache). Run workers serving mutually untrusting clients with ``--p
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -33,11 +37,11 @@ import torch
 from partition.kv_cache import SegmentKVCache
 
 
-def row_digests(rows: torch.Tensor, start_layer: int) -> list[bytes]:
+def row_digests(rows: torch.Tensor, salt: int | str) -> list[bytes]:
     """The chained digest of every prefix of ``rows`` ((1, T) ids or (1, T, H) hidden states):
-    entry ``i`` covers rows ``0..i``, their dtype and shape, and ``start_layer``."""
+    entry ``i`` covers rows ``0..i``, their dtype and shape, and ``salt``."""
     flat = rows[0].contiguous()
-    head = hashlib.blake2b(f"{start_layer}|{flat.dtype}|{tuple(flat.shape[1:])}".encode(), digest_size=16).digest()
+    head = hashlib.blake2b(f"{salt}|{flat.dtype}|{tuple(flat.shape[1:])}".encode(), digest_size=16).digest()
     data = flat.view(torch.uint8).numpy().reshape(flat.shape[0], -1)  # a row's bytes per line
     out, prev = [], head
     for row in data:
@@ -51,6 +55,7 @@ class _Entry:
     digests: list[bytes]  # of its positions' prefixes, in order
     layers: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> keys, values (1, kv_heads, length, head_dim)
     nbytes: int
+    extra: torch.Tensor | None = None  # (1, length, ...): what else the caller keeps per position
 
 
 class PrefixCache:
@@ -58,6 +63,7 @@ class PrefixCache:
 
     def __init__(self, limit_bytes: int) -> None:
         self.limit_bytes = limit_bytes
+        self._lock = threading.Lock()
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # least recently used first
         self._index: dict[bytes, tuple[int, int]] = {}  # prefix digest -> (entry id, positions)
         self._next_id = 0
@@ -72,6 +78,10 @@ class PrefixCache:
     def longest(self, digests: list[bytes], most: int) -> tuple[int, int]:
         """``(entry id, positions)`` of the longest cached prefix of at most ``most`` positions
         (``(-1, 0)``: none)."""
+        with self._lock:
+            return self._longest(digests, most)
+
+    def _longest(self, digests: list[bytes], most: int) -> tuple[int, int]:
         for n in range(min(most, len(digests)), 0, -1):
             found = self._index.get(digests[n - 1])
             if found is not None:
@@ -81,45 +91,57 @@ class PrefixCache:
     def fill(self, digests: list[bytes], cache: SegmentKVCache, most: int) -> int:
         """Copy the longest cached prefix of at most ``most`` positions into ``cache`` (empty), as
         if it had computed them; the positions copied (0: none)."""
+        return self.fill_with_extra(digests, cache, most)[0]
+
+    def fill_with_extra(self, digests: list[bytes], cache: SegmentKVCache,
+                        most: int) -> tuple[int, torch.Tensor | None]:
+        """``fill``, and the ``extra`` kept with the prefix for the positions copied."""
         if cache.length:
             raise ValueError(f"a prefix goes into an empty cache, this one holds {cache.length} positions")
-        self.lookups += 1
-        entry_id, n = self.longest(digests, most)
-        if not n:
-            return 0
-        entry = self._entries[entry_id]
-        self._entries.move_to_end(entry_id)
+        with self._lock:
+            self.lookups += 1
+            entry_id, n = self._longest(digests, most)
+            if not n:
+                return 0, None
+            entry = self._entries[entry_id]
+            self._entries.move_to_end(entry_id)
+            self.hits += 1
+            self.reused_positions += n
         with torch.inference_mode():  # the caches are inference tensors (written in forward passes)
             for layer_idx, (keys, values) in entry.layers.items():
                 store, start = cache.reserve(layer_idx, keys[..., :n, :], values[..., :n, :])
                 store.keys[..., start:start + n, :] = keys[..., :n, :]
                 store.values[..., start:start + n, :] = values[..., :n, :]
         cache.advance(n)
-        self.hits += 1
-        self.reused_positions += n
-        return n
+        return n, None if entry.extra is None else entry.extra[:, :n]
 
-    def add(self, digests: list[bytes], cache: SegmentKVCache) -> None:
-        """Keep the first ``len(digests)`` positions ``cache`` holds (a prompt just computed)."""
+    def add(self, digests: list[bytes], cache: SegmentKVCache, extra: torch.Tensor | None = None) -> None:
+        """Keep the first ``len(digests)`` positions ``cache`` holds (a prompt just computed),
+        and of ``extra`` (1, T, ...) as many."""
         length = len(digests)
         if not length or cache.length < length or self.limit_bytes <= 0:
             return
-        if self._index.get(digests[-1], (None, 0))[1] == length:
-            self._entries.move_to_end(self._index[digests[-1]][0])
-            return  # this whole prefix is here already
+        with self._lock:
+            known = self._index.get(digests[-1], (None, 0))
+            if known[1] == length:
+                self._entries.move_to_end(known[0])
+                return  # this whole prefix is here already
         with torch.inference_mode():
             layers = {i: (s.keys[..., :length, :].clone(), s.values[..., :length, :].clone())
                       for i, s in cache._layers.items()}
+            kept = None if extra is None else extra[:, :length].clone()
         nbytes = sum(k.nelement() * k.element_size() + v.nelement() * v.element_size() for k, v in layers.values())
+        nbytes += 0 if kept is None else kept.nelement() * kept.element_size()
         if nbytes > self.limit_bytes:
             return
-        entry_id, self._next_id = self._next_id, self._next_id + 1
-        self._entries[entry_id] = _Entry(digests, layers, nbytes)
-        self.nbytes += nbytes
-        for n, digest in enumerate(digests, start=1):
-            self._index[digest] = (entry_id, n)  # the newest entry holding a prefix serves it
-        while self.nbytes > self.limit_bytes:
-            self._evict()
+        with self._lock:
+            entry_id, self._next_id = self._next_id, self._next_id + 1
+            self._entries[entry_id] = _Entry(digests, layers, nbytes, kept)
+            self.nbytes += nbytes
+            for n, digest in enumerate(digests, start=1):
+                self._index[digest] = (entry_id, n)  # the newest entry holding a prefix serves it
+            while self.nbytes > self.limit_bytes:
+                self._evict()
 
     def _evict(self) -> None:
         entry_id, entry = self._entries.popitem(last=False)
