@@ -92,7 +92,7 @@ def phase(cluster, engine, texts: list[str], params, concurrency: int) -> dict:
             "token_ids": [results[i] for i in range(len(texts))]}
 
 
-def run_worker(model: str, max_batch: int, split: int, tokens: int, texts: list[str]) -> list[dict]:
+def run_worker(model: str, max_batch: int, split: int, tokens: int, texts: list[str], prefix_mb: float = 0.0) -> list[dict]:
     from broker.wire.crypto import load_api_keys
     from cli.cluster import LocalCluster
     from edge_worker.config import EdgeConfig
@@ -100,11 +100,12 @@ def run_worker(model: str, max_batch: int, split: int, tokens: int, texts: list[
 
     with LocalCluster(model=model, heartbeat_s=0.5) as cluster:
         cluster.start_broker()
-        cluster.add_worker(extra_args=("--max-batch", str(max_batch)))
+        cluster.add_worker(extra_args=("--max-batch", str(max_batch), "--prefix-cache-mb", f"{prefix_mb:g}"))
         cluster.wait_for_workers(1, timeout_s=600)
         key = sorted(load_api_keys(cluster.keys_dir / "api_keys.txt"))[0]
         settings = EdgeConfig(model=model, split=split, broker=cluster.endpoint, keys_dir=cluster.keys_dir,
-                              api_key=key, max_new_tokens=tokens, torch_threads=1, mini="none")
+                              api_key=key, max_new_tokens=tokens, torch_threads=1, mini="none",
+                              prefix_cache_mb=prefix_mb)
         with EdgeEngine(model, settings) as engine:
             params = engine.params(ignore_eos=True)
             engine.generate(texts[0], params)  # warm both sides
@@ -201,6 +202,9 @@ def main() -> None:
     ap.add_argument("--splits", default="0,15", help="comma-separated splits (0: cloud-only)")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--json", action="store_true", help="print every row as JSON")
+    ap.add_argument("--prefix-cache-mb", type=float, default=0.0,
+                    help="the worker's and the edge's prefix caches (default off: every phase repeats the same "
+                         "prompts, which would find them all computed after the first)")
     ap.add_argument("--plot", type=Path, default=None, help="write the figure to this PNG")
     ap.add_argument("--seed-check", action="store_true",
                     help="only the seed manager's check: eight prompts one after another, then as one batch, "
@@ -219,7 +223,7 @@ def main() -> None:
     rows = []
     for split in (int(s) for s in args.splits.split(",")):
         for max_batch in (args.max_batch, 1):
-            rows += run_worker(args.model, max_batch, split, args.tokens, texts)
+            rows += run_worker(args.model, max_batch, split, args.tokens, texts, args.prefix_cache_mb)
     reference = {r["split"]: r["token_ids"] for r in rows if r["concurrency"] == 1 and r["max_batch"] == 1}
     mismatches = [(r["split"], r["max_batch"], r["concurrency"]) for r in rows
                   if r["token_ids"] != reference[r["split"]]]
