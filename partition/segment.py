@@ -262,7 +262,7 @@ class ModelSegment(nn.Module):
         17: 37 rows of SmolLM2 in 0.75x the time). A prompt's numbers then do not depend on how
         it is cut into frames or on what shares its passes; elsewhere a frame longer than
         ``PACK_MAX_ROWS`` runs by itself through transformers' layers."""
-        return all_on_kernel(self.layers)
+        return self.packable and all_on_kernel(self.layers)
 
     def _forward_pass(self, steps: list[StepInput]) -> list[SegmentOutput]:
         outputs: list[SegmentOutput | None] = [None] * len(steps)
@@ -272,7 +272,7 @@ class ModelSegment(nn.Module):
             # A quantized copy has no float32 weights for transformers' layers: it always packs.
             rows = step.x.shape[1]
             if rows > PACK_MAX_ROWS and not self.quantized and whole is None:
-                whole = self.packable and self.whole_frames_packed()
+                whole = self.whole_frames_packed()
             if self.packable and step.x.shape[0] == 1 and (rows <= PACK_MAX_ROWS or self.quantized or whole):
                 packed.append(i)
             else:
