@@ -316,54 +316,49 @@ static void product(const float *x, const void *w, const float *scale, float *y,
    (in two parts), e^r by its Taylor polynomial to degree 7 (|r| <= ln 2 / 2: within 2 ulp),
    times 2^n put into the exponent bits. x is clamped to [-87, 88] (results stay normal). */
 #ifdef __AVX512F__
-static inline vec vexp(vec x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-    const vec n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    vec r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    vec p = _mm512_set1_ps(1.0f / 5040);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-}
 #define VSTORE(p, v) _mm512_storeu_ps(p, v)
 #define VSET1(a) _mm512_set1_ps(a)
 #define VMUL(a, b) _mm512_mul_ps(a, b)
 #define VADD(a, b) _mm512_add_ps(a, b)
 #define VDIV(a, b) _mm512_div_ps(a, b)
+#define VMIN(a, b) _mm512_min_ps(a, b)
+#define VMAX(a, b) _mm512_max_ps(a, b)
+#define VFNMA(a, b, c) _mm512_fnmadd_ps(a, b, c)
 #define VNEG(a) _mm512_sub_ps(_mm512_setzero_ps(), a)
+#define VROUND(a) _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+/* 2^n for whole-numbered n, put into the exponent bits */
+#define VPOW2(n) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), \
+                                                                        _mm512_set1_epi32(127)), 23))
 #else
-static inline vec vexp(vec x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-    const vec n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    vec r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    vec p = _mm256_set1_ps(1.0f / 5040);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
 #define VSTORE(p, v) _mm256_storeu_ps(p, v)
 #define VSET1(a) _mm256_set1_ps(a)
 #define VMUL(a, b) _mm256_mul_ps(a, b)
 #define VADD(a, b) _mm256_add_ps(a, b)
 #define VDIV(a, b) _mm256_div_ps(a, b)
+#define VMIN(a, b) _mm256_min_ps(a, b)
+#define VMAX(a, b) _mm256_max_ps(a, b)
+#define VFNMA(a, b, c) _mm256_fnmadd_ps(a, b, c)
 #define VNEG(a) _mm256_sub_ps(_mm256_setzero_ps(), a)
+#define VROUND(a) _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define VPOW2(n) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), \
+                                                                        _mm256_set1_epi32(127)), 23))
 #endif
+
+static inline vec vexp(vec x) {
+    x = VMIN(VMAX(x, VSET1(-87.0f)), VSET1(88.0f));
+    const vec n = VROUND(VMUL(x, VSET1(1.44269504088896341f)));
+    vec r = VFNMA(n, VSET1(0.693359375f), x);
+    r = VFNMA(n, VSET1(-2.12194440e-4f), r);
+    vec p = VSET1(1.0f / 5040);
+    p = VFMA(p, r, VSET1(1.0f / 720));
+    p = VFMA(p, r, VSET1(1.0f / 120));
+    p = VFMA(p, r, VSET1(1.0f / 24));
+    p = VFMA(p, r, VSET1(1.0f / 6));
+    p = VFMA(p, r, VSET1(0.5f));
+    p = VFMA(p, r, VSET1(1.0f));
+    p = VFMA(p, r, VSET1(1.0f));
+    return VMUL(p, VPOW2(n));
+}
 
 /* act = silu(gate) * up, LANES elements at a time (a short tail goes through a padded vector, so
    every element is computed the same way), the rows shared among the threads. */
