@@ -10,7 +10,11 @@ forward through ``torch.compile`` (inductor's generated C++ on a CPU), the compi
 asked to measure against ours. Its compilation (minutes on two cores) happens in the warm-up
 and is reported apart; its tokens are compared with ours, not required to be equal.
 
+``--prefix``: only the time to the first token of chat prompts that share the system prompt,
+with the engine's prefix cache and without.
+
     .venv/bin/python bench/bench_local.py [--model smollm2-135m] [--tokens 64] [--reps 5] [--json] [--compiled]
+    .venv/bin/python bench/bench_local.py --prefix [--reps 5]
 """
 
 from __future__ import annotations
@@ -34,7 +38,13 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--compiled", action="store_true", help="also generate() with a static cache and torch.compile")
+    parser.add_argument("--prefix", action="store_true",
+                        help="only the time to the first token of chat prompts sharing the system prompt, with the "
+                             "engine's prefix cache and without")
     args = parser.parse_args()
+    if args.prefix:
+        prefix_bench(args)
+        return
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -113,6 +123,47 @@ def main() -> None:
         print(f"  ratio ours / compiled generate(): {med['edgecloud local'] / med['generate() compiled']:.3f}; "
               f"compile and warm-up {compiled_info['compile_and_warm_s']} s, tokens equal to ours "
               f"{compiled_info['tokens_equal_to_ours']}")
+
+
+def prefix_bench(args) -> None:
+    """Time to the first token of the benchmark prompts through the chat template (which starts
+    each with the same system prompt), each prompt after one other prompt has run: with the
+    engine's prefix cache (its system prompt then copied) and without (``prefix_cache_mb=0``),
+    alternated; the tokens must be the same."""
+    from edge_worker.config import EdgeConfig
+    from edge_worker.engine import EdgeEngine
+    from partition.models import resolve_model
+    from partition.tokens import encode_prompt
+
+    source = resolve_model(args.model)
+    tokenizer = source.load_tokenizer()
+    prompts = [encode_prompt(tokenizer, p) for p in PROMPTS]
+    engines = {name: EdgeEngine(source, EdgeConfig(force_local=True, mini="none", prefix_cache_mb=mb),
+                                tokenizer=tokenizer) for name, mb in (("cached", 64.0), ("uncached", 0.0))}
+    ttft: dict[str, list[float]] = {name: [] for name in engines}
+    tokens: dict[str, list[list[int]]] = {name: [] for name in engines}
+    for _ in range(args.reps):
+        for i, ids in enumerate(prompts):
+            for name, engine in engines.items():
+                if engine.prefixes is not None:  # one other prompt has run: only the system prompt is known
+                    engine.prefixes = type(engine.prefixes)(engine.prefixes.limit_bytes)
+                    engine.generate(prompts[i - 1], engine.params(max_new_tokens=1))
+                res = engine.generate(ids, engine.params(max_new_tokens=8, ignore_eos=True))
+                ttft[name].append(res.ttft_ms)
+                tokens[name].append(res.token_ids)
+    med = {k: statistics.median(v) for k, v in ttft.items()}
+    shared = min(len(a) for a in prompts)
+    shared = next((j for j in range(shared) if any(p[j] != prompts[0][j] for p in prompts)), shared)
+    result = {"model": source.name, "prompt_tokens": [len(p) for p in prompts], "shared_tokens": shared,
+              "ttft_ms": med, "ratio": med["cached"] / med["uncached"], "same_tokens": tokens["cached"] == tokens["uncached"]}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"model {source.name}, prompts of {result['prompt_tokens']} tokens sharing their first {shared}: "
+              f"time to the first token {med['cached']:.1f} ms with the prefix cache, {med['uncached']:.1f} without "
+              f"({result['ratio']:.2f}x), same tokens: {result['same_tokens']}")
+    if not result["same_tokens"]:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
