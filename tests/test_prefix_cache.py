@@ -3,8 +3,6 @@ the same way (partition/prefix_cache.py)."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -112,6 +110,8 @@ def test_sessions_sharing_a_system_prompt_reuse_it_on_the_worker_and_keep_their_
     """Real broker and worker: a second prompt with the first's beginning is partly copied on the
     worker (its status says how many positions) and, at a split, in the edge's layers too; every
     generation gives the tokens it gives without either cache and locally."""
+    from brokerutil import wait_for_status
+
     from broker.wire.crypto import load_api_keys
     from cli.cluster import LocalCluster
     from edge_worker.config import EdgeConfig
@@ -137,18 +137,15 @@ def test_sessions_sharing_a_system_prompt_reuse_it_on_the_worker_and_keep_their_
                 assert all(r.split == split for r in results)
                 got[name] = [r.token_ids for r in results]
                 edge_reused = engine.prefixes.reused_positions if engine.prefixes else 0
-                deadline, worker = time.monotonic() + 30, {}
-                while time.monotonic() < deadline:  # the next heartbeats carry the counts
-                    workers = cluster.status()["workers"]
-                    worker = workers[0] if workers else {}
-                    if worker and (name == "uncached" or worker.get("prefix_reused")):
-                        break
-                    time.sleep(0.2)
+                # The next heartbeats carry the counts (a starved one may hide the worker for a moment).
+                worker = wait_for_status(
+                    cluster, lambda st, name=name: st["workers"] and (name == "uncached" or st["workers"][0].get("prefix_reused")),
+                    "the worker's prefix cache counts in its status", timeout_s=30)["workers"][0]
         if name == "cached":
-            assert worker.get("prefix_reused") == len(SYSTEM) + len(prompts[0]) - 1 and worker["prefix_bytes"] > 0
+            assert worker["prefix_reused"] == len(SYSTEM) + len(prompts[0]) - 1 and worker["prefix_bytes"] > 0
             assert edge_reused == (0 if split == 0 else worker["prefix_reused"])  # split 0: no edge layers
         else:
-            assert worker and worker["prefix_reused"] == 0 and worker["prefix_bytes"] == 0 and edge_reused == 0
+            assert worker["prefix_reused"] == 0 and worker["prefix_bytes"] == 0 and edge_reused == 0
     settings = EdgeConfig(model="tiny-llama", force_local=True, mini="none")
     with EdgeEngine("tiny-llama", settings) as engine:
         local = [engine.generate(p, engine.params(ignore_eos=True, max_new_tokens=12)).token_ids for p in prompts]
