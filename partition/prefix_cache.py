@@ -70,7 +70,6 @@ class PrefixCache:
         self.nbytes = 0
         self.hits = 0  # sessions that copied a prefix
         self.reused_positions = 0  # positions copied instead of computed
-        self.lookups = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -99,7 +98,6 @@ class PrefixCache:
         if cache.length:
             raise ValueError(f"a prefix goes into an empty cache, this one holds {cache.length} positions")
         with self._lock:
-            self.lookups += 1
             entry_id, n = self._longest(digests, most)
             if not n:
                 return 0, None
@@ -154,7 +152,3 @@ class PrefixCache:
             for n, digest in enumerate(other.digests, start=1):
                 if digest not in self._index:
                     self._index[digest] = (other_id, n)
-
-    def stats(self) -> dict[str, int]:
-        return {"prefix_entries": len(self._entries), "prefix_bytes": self.nbytes, "prefix_hits": self.hits,
-                "prefix_reused_positions": self.reused_positions, "prefix_lookups": self.lookups}
