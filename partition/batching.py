@@ -17,9 +17,10 @@ shape, dtype, device, and the thread count) ``row_range`` finds, once, the range
 ``lo..hi`` in which every call gives each row the bit-identical results of a two-row call: the
 range of the kernel two rows get. Packed products then run in tiles of ``lo..hi`` rows (a lone
 decode row is padded to two, which costs what one costs), so a row's result is the same whether
-its session runs alone or beside fifteen others, on any split. Frames longer than ``PACK_MAX_ROWS``
-(prefills) do not mix with others: they run by themselves, their products shaped by their own
-length only. The edge runs its local layers through the same code, so a split run and a local
+its session runs alone or beside fifteen others, on any split. Where every layer runs as one call
+of the row kernel, frames of any length (prefills too) are packed the same way; elsewhere frames
+longer than ``PACK_MAX_ROWS`` (prefills) do not mix with others: they run by themselves, their
+products shaped by their own length only. The edge runs its local layers through the same code, so a split run and a local
 run compute the same numbers.
 
 Attention mixes no sessions: each attends over its own cache. With the row kernel one call

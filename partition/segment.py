@@ -220,8 +220,9 @@ class ModelSegment(nn.Module):
     @torch.inference_mode()
     def forward_many(self, steps: list[StepInput]) -> list[SegmentOutput]:
         """``forward`` for several sessions at once (each its own cache): frames of at most
-        ``PACK_MAX_ROWS`` positions share the layers' matrix products, longer ones (prefills)
-        run by themselves, and so do batched caches (several rows of one prefix,
+        ``PACK_MAX_ROWS`` positions share the layers' matrix products, and so do longer ones
+        (prefills) where ``whole_frames_packed``; elsewhere those run by themselves, and so do
+        batched caches (several rows of one prefix,
         ``SegmentKVCache.repeated``). A frame longer than ``PREFILL_CHUNK`` runs as its chunks
         (``chunk_bounds``), one after another, the way a worker interleaves them with other
         sessions' steps. Each output is bit-identical to that step run alone."""
@@ -258,8 +259,8 @@ class ModelSegment(nn.Module):
     def whole_frames_packed(self) -> bool:
         """Whether frames of any length (prefills too) run packed: where every layer runs as one
         call of the row kernel (``rowkernel.decode_layer``), whose rows never depend on the other
-        rows of a call, and which is faster than transformers' layers on a prefill's rows (issue
-        17: 37 rows of SmolLM2 in 0.75x the time). A prompt's numbers then do not depend on how
+        rows of a call, and which is faster than transformers' layers on a prefill's rows (37
+        rows of SmolLM2 in 0.58x the time on the 2-core CPU: BENCHMARKS.md). A prompt's numbers then do not depend on how
         it is cut into frames or on what shares its passes; elsewhere a frame longer than
         ``PACK_MAX_ROWS`` runs by itself through transformers' layers."""
         return self.packable and all_on_kernel(self.layers)

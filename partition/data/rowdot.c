@@ -4,8 +4,8 @@
    y (R, N) = x (R, K) times w (N, K) transposed. Every y[r, n] is summed in one order, whatever
    R, N, the block it falls in or the thread count: lane i of one vector accumulator takes the
    terms k = i mod LANES in increasing k (fused multiply-adds), the lanes are then added in a fixed
-   tree, and the last K mod LANES terms one by one. The blocks (RB rows by four weight rows, one
-   row by four, one by one) only decide which products share a load, so a row's result does not
+   tree, and the last K mod LANES terms one by one. The blocks (six or eight rows, RB rows, one
+   row, by four or two weight rows, and one by one) only decide which products share a load, so a row's result does not
    depend on what else is in the call: batching cannot change it. Built with -ffp-contract=off so
    that the compiler fuses nothing the source does not. Each block's first pass over its weights
    also fetches the next block's into the cache, so streaming them overlaps the arithmetic (the
@@ -86,9 +86,6 @@ static inline __attribute__((always_inline)) void rowdot_any(const float *x, con
             const char *wr[4] = {w0, w0 + ROW, w0 + 2 * ROW, w0 + 3 * ROW};
             long r = 0;
 #ifdef __AVX512F__
-            /* Eight rows at a time, two weight rows per pass (16 accumulators): each weight row is
-               read once for eight rows, so at eight rows the products stay bound by memory, not by
-               a second pass over the block. The sums' order is the same as in any other block. */
             /* Six rows by all four weight rows (24 accumulators) where there are many rows: ten
                loads per 24 multiply-adds instead of per 16, for prefills' long frames. */
             for (; R >= 16 && r + 6 <= R; r += 6) {
@@ -114,6 +111,9 @@ static inline __attribute__((always_inline)) void rowdot_any(const float *x, con
                         y[(r + i) * N + n0 + j] = q8 ? sc[j] * s : s;
                     }
             }
+            /* Eight rows at a time, two weight rows per pass (16 accumulators): each weight row is
+               read once for eight rows, so at eight rows the products stay bound by memory, not by
+               a second pass over the block. The sums' order is the same as in any other block. */
             for (; r + 8 <= R; r += 8) {
                 for (int jh = 0; jh < 4; jh += 2) {
                     vec acc[8][2];
@@ -360,6 +360,8 @@ static inline vec vexp(vec x) {
     return VMUL(p, VPOW2(n));
 }
 
+static inline vec silu_times(vec g, vec u) { return VMUL(VDIV(g, VADD(VSET1(1.0f), vexp(VNEG(g)))), u); }
+
 /* act = silu(gate) * up, LANES elements at a time (a short tail goes through a padded vector, so
    every element is computed the same way), the rows shared among the threads. */
 static void silu_mul(const float *gu, float *act, long R, long I, int threads) {
@@ -369,14 +371,12 @@ static void silu_mul(const float *gu, float *act, long R, long I, int threads) {
         const long r = item / per_row, i = (item % per_row) * LANES, n = I - i < LANES ? I - i : LANES;
         const float *g = gu + r * 2 * I + i, *u = g + I;
         if (n == LANES) {
-            const vec gv = VLOAD(g);
-            VSTORE(act + r * I + i, VMUL(VDIV(gv, VADD(VSET1(1.0f), vexp(VNEG(gv)))), VLOAD(u)));
+            VSTORE(act + r * I + i, silu_times(VLOAD(g), VLOAD(u)));
             continue;
         }
         float gb[LANES], ub[LANES], ob[LANES];
         for (long j = 0; j < LANES; j++) { gb[j] = j < n ? g[j] : 0.0f; ub[j] = j < n ? u[j] : 0.0f; }
-        const vec gv = VLOAD(gb);
-        VSTORE(ob, VMUL(VDIV(gv, VADD(VSET1(1.0f), vexp(VNEG(gv)))), VLOAD(ub)));
+        VSTORE(ob, silu_times(VLOAD(gb), VLOAD(ub)));
         for (long j = 0; j < n; j++) act[r * I + i + j] = ob[j];
     }
 }
