@@ -127,8 +127,9 @@ EDGE_OPTIONS: tuple[Opt, ...] = (
     _opt("timeout", float, 30.0, "request_timeout_s", "Seconds one cloud request may take before a retry."),
     _opt("max_frame_mb", float, 8.0, "max_frame_mb", "Largest frame sent to the cloud, MiB: a longer prompt "
          "goes in several (the broker takes up to its --max-request-mb, 32 by default)."),
-    _opt("prefix_cache_mb", float, 64.0, "prefix_cache_mb", "MiB of prompts' keys and values of the edge's "
-         "layers kept for generations that start the same way (a system prompt, earlier turns); 0: none."),
+    _opt("prefix_cache_mb", float, 64.0, "prefix_cache_mb", "MiB of prompts' and generations' keys and values "
+         "of the edge's layers kept for generations that start the same way (a system prompt, a conversation's "
+         "earlier turns and answers); 0: none."),
     _opt("deadline", float, 60.0, "step_deadline_s", "Seconds one step may take, retries and failovers "
          "included, before giving up (or falling back)."),
     _opt("no_replan", bool, False, "dynamic", "Keep the planned split for the whole generation, even when "

@@ -116,8 +116,9 @@ def cloud_worker(
     max_cache_mb: Annotated[float | None, typer.Option(help="Most MiB the sessions' KV caches hold together; past "
                                                        "it new sessions and growing steps are answered busy "
                                                        "(default: no limit but --max-sessions).")] = None,
-    prefix_cache_mb: Annotated[float, typer.Option(help="MiB of prompts' KV caches kept for sessions that start "
-                                                   "the same way (a shared system prompt, earlier turns); 0: "
+    prefix_cache_mb: Annotated[float, typer.Option(help="MiB of prompts' and ended sessions' KV caches kept for "
+                                                   "sessions that start the same way (a shared system prompt, a "
+                                                   "conversation's earlier turns and answers); 0: "
                                                    "none, for clients that must not learn by timing what "
                                                    "others sent.")] = 128.0,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: one per core).")] = None,

@@ -52,7 +52,8 @@ class CloudWorkerConfig:
     # What the sessions' KV caches may hold together, in MiB; past it a new session or a step that
     # would grow a cache is answered Busy. None: no limit but max_sessions.
     max_cache_mb: float | None = None
-    # Prompts' keys and values kept for sessions that start the same way (partition/prefix_cache.py); 0: none.
+    # Prompts' and ended sessions' keys and values kept for sessions that start the same way
+    # (partition/prefix_cache.py); 0: none.
     prefix_cache_mb: float = 128.0
     # How long a pass may wait for the next steps of the sessions in the previous one (at most
     # half that pass's time): fuller batches instead of two half-full ones taking turns.

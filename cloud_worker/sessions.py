@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from broker.errors import Busy
@@ -28,6 +29,9 @@ class Session:
     # returned): a conditional step runs only if its first token is this one. None: no step yet.
     expected: int | None = None
     close_digest: bytes = b""  # of the key the edge's close must reveal (session_protocol.check_close_key)
+    # Chained digests of the rows behind each position the cache holds (partition/prefix_cache.py),
+    # so the whole session joins the worker's prefix cache when it ends. None: not followed.
+    digests: list[bytes] | None = None
 
 
 # Ids of ended sessions remembered per session slot, so that an opener replayed after its
@@ -41,8 +45,10 @@ class SessionTable:
     caches that would outgrow ``max_cache_bytes`` together, say Busy. The ids of ended sessions
     are remembered (``ended``): an id is opened once."""
 
-    def __init__(self, max_sessions: int, idle_ttl_s: float, max_cache_bytes: int | None = None) -> None:
+    def __init__(self, max_sessions: int, idle_ttl_s: float, max_cache_bytes: int | None = None,
+                 on_end: Callable[[Session, str], None] | None = None) -> None:
         self.max_sessions = max_sessions
+        self.on_end = on_end  # called with each session that ends here, and how (before its cache is freed)
         self.idle_ttl_s = idle_ttl_s
         self.max_cache_bytes = max_cache_bytes
         self._sessions: OrderedDict[str, Session] = OrderedDict()
@@ -77,8 +83,11 @@ class SessionTable:
         self._sessions[session.session_id] = session
 
     def remove(self, session_id: str, why: str = "closed") -> bool:
-        if self._sessions.pop(session_id, None) is None:
+        session = self._sessions.pop(session_id, None)
+        if session is None:
             return False
+        if self.on_end is not None:
+            self.on_end(session, why)
         self._ended[session_id] = why
         while len(self._ended) > self._ended_limit:
             self._ended.popitem(last=False)

@@ -130,7 +130,10 @@ class _Pending:
     done: int = 0  # positions computed so far: a long frame runs one chunk per pass (chunk_plan)
     logits: list[torch.Tensor] = field(default_factory=list)  # its chunks' logits so far
     compute_ms: float = 0.0  # over its passes
-    digests: list[bytes] | None = None  # of its rows' prefixes, where its prompt joins the prefix cache
+    # Chained digests of its frame's rows (None: the session's are not followed, or a token tree,
+    # whose kept rows are digested once known); a prompt's joins the prefix cache when computed.
+    digests: list[bytes] | None = None
+    prompt: bool = False
 
     def next_chunk(self) -> tuple[int, int, int]:
         """``(a, b, logit rows)`` of the chunk the next pass computes."""
@@ -154,7 +157,7 @@ class CloudWorker:
         if config.encryption and config.keys_dir is not None:
             self.keypair = load_keys(config.keys_dir, "worker", config.key_name)
         limit = None if config.max_cache_mb is None else int(config.max_cache_mb * 2**20)
-        self.sessions = SessionTable(config.max_sessions, config.session_idle_ttl_s, limit)
+        self.sessions = SessionTable(config.max_sessions, config.session_idle_ttl_s, limit, on_end=self._session_ended)
         # Keys and values one position of one layer adds to a session's cache, in this worker's dtype.
         self._kv_position_layer_bytes = kv_bytes_per_token_per_layer(self.source.config, dtype.itemsize)
         # Prompts' keys and values, reused by later sessions that start the same way: only where
@@ -352,7 +355,7 @@ class CloudWorker:
         session = Session(
             session_id=job.session_id, layer_lo=job.layer_lo, cipher=cipher, sampling=sampling,
             cache=self.segment.new_cache(self.config.max_session_tokens), reduction=reduction,
-            close_digest=params.close_digest,
+            close_digest=params.close_digest, digests=[] if self.prefixes is not None else None,
         )
         self.sessions.reserve(self._cache_growth(session, 1), "a new session")
         self.sessions.add(session)
@@ -427,15 +430,24 @@ class CloudWorker:
             # A retry of a step this cache already ran (the reply was lost or late): undo it and
             # run it again, so the step affects the cache exactly once.
             cache.crop(pos)
+        if session.digests is not None:
+            if len(session.digests) < pos:  # cannot happen while the cache and its digests move together
+                log.warning("session %s: digests of %d positions for a cache of %d; no longer kept for reuse",
+                            session.session_id, len(session.digests), pos)
+                session.digests = None
+            else:
+                del session.digests[pos:]  # a retry or a rewind: what the cache holds now
         self.sessions.reserve(self._cache_growth(session, pos + hidden.shape[1]), f"step {job.step}")
-        digests = None
-        if self.prefixes is not None and pos == 0 and not req.draft and req.tree is None and hidden.shape[1] > 1:
-            # A prompt: its longest known beginning is copied (its last position is computed,
-            # its logits are the answer), and the whole prompt is kept once computed.
-            digests = row_digests(hidden, session.layer_lo)
-            hidden = hidden[:, self.prefixes.fill(digests, cache, hidden.shape[1] - 1):]
+        digests, prompt = None, False
+        if session.digests is not None and req.tree is None:  # a tree's kept rows are digested once known
+            digests = row_digests(hidden, session.layer_lo, session.digests[-1] if pos else None)
+            if pos == 0 and not req.draft and hidden.shape[1] > 1:
+                # A prompt: its longest known beginning is copied (its last position is computed,
+                # its logits are the answer), and the whole prompt is kept once computed.
+                prompt = True
+                hidden = hidden[:, self.prefixes.fill(digests, cache, hidden.shape[1] - 1):]
         return _Pending(job, session, hidden, pos, list(req.draft), req.seen or (), req.epoch, req.tree,
-                        digests=digests)
+                        digests=digests, prompt=prompt)
 
     def _cache_growth(self, session: Session, length: int) -> int:
         """Bytes ``session``'s cache allocates to hold ``length`` positions (0 when it has room)."""
@@ -473,13 +485,13 @@ class CloudWorker:
                 continue
             self._release(p.job.session_id)
             session, cache = p.session, p.session.cache
-            path = None
+            path, tree_rows = None, None
             try:
                 logits = p.logits[0] if len(p.logits) == 1 else torch.cat(p.logits, dim=1)
                 if p.tree is not None:
-                    rows, token = verify_tree(logits[0], p.tree, session.sampling, p.job.step, p.seen)
-                    cache.keep(p.pos, rows)
-                    path, accepted = rows[1:], len(rows) - 1
+                    tree_rows, token = verify_tree(logits[0], p.tree, session.sampling, p.job.step, p.seen)
+                    cache.keep(p.pos, tree_rows)
+                    path, accepted = tree_rows[1:], len(tree_rows) - 1
                 else:
                     accepted, token = verify_drafts(logits[0], p.draft, session.sampling, p.job.step, p.seen)
                     cache.crop(cache.length - (len(p.draft) - accepted))
@@ -488,8 +500,13 @@ class CloudWorker:
                 self._failed(p.job, exc)
                 continue
             tokens += accepted + 1
-            if p.digests is not None:
-                self.prefixes.add(p.digests, cache)
+            if session.digests is not None:
+                # What the cache now holds of the frame: its first rows, or a tree's kept path.
+                session.digests += (p.digests[:cache.length - p.pos] if tree_rows is None else
+                                    row_digests(p.hidden[:, tree_rows], session.layer_lo,
+                                                session.digests[-1] if p.pos else None))
+                if p.prompt:
+                    self.prefixes.add(session.digests, cache)
             session.last_step, session.epoch, session.expected = p.job.step, p.epoch, token
             if len(batch) == 1 and p.compute_ms == compute_ms:  # the planner reads a lone step's figure
                 self.cost.observe(compute_ms, self.source.n_layers - session.layer_lo, p.hidden.shape[1])
@@ -498,6 +515,20 @@ class CloudWorker:
                                                      cache.length, p.compute_ms, worker_ms, accepted=accepted,
                                                      path=path))
         self.conn.record_batch(len(batch), tokens)
+
+    def _session_ended(self, session: Session, why: str) -> None:
+        """A session that ends (closed, expired, dropped) leaves its positions, prompt and generated
+        tokens, to the prefix cache: a conversation's next turn resends all of them."""
+        if self.prefixes is None or not session.digests:
+            return
+        if len(session.digests) != session.cache.length:
+            log.warning("session %s %s with digests of %d positions for a cache of %d; not kept for reuse",
+                        session.session_id, why, len(session.digests), session.cache.length)
+            return
+        try:
+            self.prefixes.add(session.digests, session.cache)
+        except Exception:  # noqa: BLE001 - a cache that cannot keep it must not stop the worker
+            log.exception("session %s could not join the prefix cache", session.session_id)
 
     def _release(self, session_id: str) -> None:
         """The jobs that waited for this session's frame go in the next pass, in order."""

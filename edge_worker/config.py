@@ -114,8 +114,8 @@ class EdgeConfig:
     cloud_latency_s: float = 0.0  # emulated extra round trip between edge and broker
     bandwidth_mbps: float | None = None  # emulated link bandwidth, each direction; None: unlimited
     torch_threads: int | None = None  # None keeps torch's default (one per core)
-    # Prompts' keys and values of the edge's layers kept for generations that start the same way
-    # (partition/prefix_cache.py: a system prompt, a conversation's earlier turns); 0: none.
+    # Prompts' and generations' keys and values of the edge's layers kept for generations that start
+    # the same way (partition/prefix_cache.py: a system prompt, a conversation's earlier turns); 0: none.
     prefix_cache_mb: float = 64.0
     # The mini-LLM: "auto" (the int8 copy where the model allows it and memory suffices, else
     # none), "none", "int8" (an int8 copy of the cloud's layers), "self" (early exit from the

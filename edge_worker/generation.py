@@ -177,6 +177,10 @@ class EdgeGenerator:
         # only where a position's numbers cannot depend on the frame it came in.
         self.prefixes = prefixes if prefixes is not None and edge.whole_frames_packed() else None
         self._t_start = time.perf_counter()  # the current generation's start (generate sets it)
+        # The boundary activations of the positions the edge cache holds, in runs as computed
+        # (_observed): what the cloud got of them, kept with the generation for the next turn.
+        self._boundary: list[torch.Tensor] = []
+        self._boundary_len = 0
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.mode = mode
@@ -219,6 +223,7 @@ class EdgeGenerator:
         committed = list(input_ids)  # prompt and generated tokens; the last one is pending
         generated = result.token_ids
         cache = self.edge.new_cache()
+        self._boundary, self._boundary_len = [], 0
         if self.backend is not None:
             self.backend.start(sampling)
         t_start = self._t_start = time.perf_counter()
@@ -362,6 +367,8 @@ class EdgeGenerator:
         finally:
             if self.backend is not None:
                 self.backend.close()
+        if self.prefixes is not None and 1 < cache.length <= len(committed):
+            self._keep_conversation(committed[:cache.length], cache)
         if stream:  # what was held back for a next token that never came (the final text has it too)
             stream.update(generated, final=True)
         t_end = time.perf_counter()
@@ -696,22 +703,56 @@ class EdgeGenerator:
         start = cache.length
         digests, known = None, None
         if self.prefixes is not None and start == 0 and x.shape[1] > 1 and logits in ("none", "last"):
-            spec = self.edge.spec
-            digests = row_digests(x, f"edge:{spec.lo}:{spec.hi}:{spec.head}")
+            digests = row_digests(x, self._prefix_salt())
             copied, known = self.prefixes.fill_with_extra(digests, cache, x.shape[1] - 1)
             x = x[:, copied:]
         out = self.edge(x, cache, logits=logits)
         if known is not None:
             out = SegmentOutput(hidden=torch.cat([known, out.hidden], dim=1), logits=out.logits)
-        if digests is not None:
-            self.prefixes.add(digests, cache, out.hidden)
+        if digests is not None:  # with the activations the cloud needs, where there is one
+            self.prefixes.add(digests, cache, out.hidden if self.backend is not None else None)
         self._observed(out.hidden, start)
         return out
 
+    def _keep_conversation(self, ids: list[int], cache: SegmentKVCache) -> None:
+        """Keep what the edge cache holds, prompt and answer, for the conversation's next turn
+        (which resends both); at a split, with the boundary activations the cloud got of them."""
+        assert self.prefixes is not None
+        extra = None
+        if self.backend is not None:
+            if self._boundary_len < len(ids):
+                return  # some positions went unseen (cannot happen while every edge run reports them)
+            extra = torch.cat(self._boundary, dim=1)[:, :len(ids)]
+        self.prefixes.add(row_digests(torch.tensor([ids]), self._prefix_salt()), cache, extra)
+
+    def _prefix_salt(self) -> str:
+        """What besides the tokens decides the edge's keys and values: its layers."""
+        spec = self.edge.spec
+        return f"edge:{spec.lo}:{spec.hi}:{spec.head}"
+
     def _observed(self, hidden: torch.Tensor, start: int) -> None:
+        """The boundary activations of positions ``start..`` as the edge cache now holds them (a
+        later run from an earlier position replaces what was cropped)."""
+        if self.prefixes is not None and self.backend is not None:
+            if start == 0:  # a prompt, or the cache rebuilt for a new split
+                self._boundary, self._boundary_len = [], 0
+            if start > self._boundary_len:  # a gap (cannot happen): nothing is kept
+                self._boundary, self._boundary_len = [], -(2**62)
+            else:
+                self._crop_boundary(start)
+                self._boundary.append(hidden)
+                self._boundary_len += hidden.shape[1]
         observe = getattr(self.mini.drafter, "observe", None) if self.mini is not None else None
         if observe is not None:
             observe(hidden, start)
+
+    def _crop_boundary(self, length: int) -> None:
+        while self._boundary_len > length:
+            last = self._boundary.pop()
+            self._boundary_len -= last.shape[1]
+            if self._boundary_len < length:
+                self._boundary.append(last[:, :length - self._boundary_len])
+                self._boundary_len = length
 
     def _draft(self, mini: MiniSettings, committed: list[int], parts: list[torch.Tensor], cache,
                n_max: int) -> list[int]:

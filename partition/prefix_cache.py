@@ -4,8 +4,11 @@ an edge engine's for its generations' local layers.
 
 Chat requests share long beginnings: every request to an instruct model starts with its system
 prompt (28 of the 37 tokens of the benchmarks' prompts), and each turn of a conversation resends
-the turns before it. vLLM (automatic prefix caching) and SGLang (RadixAttention) keep such
-prefixes; so does this, for the first frame of a session (its prompt, from position 0).
+the turns before it, answers included. vLLM (automatic prefix caching) and SGLang (RadixAttention)
+keep such prefixes; so does this: a session's prompt once computed, and when the session ends
+everything its cache holds (prompt and generated tokens), so the next turn copies the previous
+answer too. A session's first frame (its prompt, from position 0) copies the longest known
+beginning.
 
 Exact by construction, not by luck: where the segment runs every frame on the row kernel
 (``ModelSegment.whole_frames_packed``) a position's keys and values depend only on the rows up to
@@ -37,13 +40,15 @@ import torch
 from partition.kv_cache import SegmentKVCache
 
 
-def row_digests(rows: torch.Tensor, salt: int | str) -> list[bytes]:
+def row_digests(rows: torch.Tensor, salt: int | str, prev: bytes | None = None) -> list[bytes]:
     """The chained digest of every prefix of ``rows`` ((1, T) ids or (1, T, H) hidden states):
-    entry ``i`` covers rows ``0..i``, their dtype and shape, and ``salt``."""
+    entry ``i`` covers rows ``0..i``, their dtype and shape, and ``salt``. ``prev``: the digest of
+    the rows before these (a session's later frame), whose chain this one continues."""
     flat = rows[0].contiguous()
-    head = hashlib.blake2b(f"{salt}|{flat.dtype}|{tuple(flat.shape[1:])}".encode(), digest_size=16).digest()
+    if prev is None:
+        prev = hashlib.blake2b(f"{salt}|{flat.dtype}|{tuple(flat.shape[1:])}".encode(), digest_size=16).digest()
     data = flat.view(torch.uint8).numpy().reshape(flat.shape[0], -1)  # a row's bytes per line
-    out, prev = [], head
+    out = []
     for row in data:
         prev = hashlib.blake2b(prev + row.tobytes(), digest_size=16).digest()
         out.append(prev)
@@ -114,8 +119,9 @@ class PrefixCache:
         return n, None if entry.extra is None else entry.extra[:, :n]
 
     def add(self, digests: list[bytes], cache: SegmentKVCache, extra: torch.Tensor | None = None) -> None:
-        """Keep the first ``len(digests)`` positions ``cache`` holds (a prompt just computed),
-        and of ``extra`` (1, T, ...) as many."""
+        """Keep the first ``len(digests)`` positions ``cache`` holds (a prompt just computed, or
+        a whole session), and of ``extra`` (1, T, ...) as many. Entries this one extends (the
+        same session's prompt, kept when it was computed) are dropped: it serves their prefixes."""
         length = len(digests)
         if not length or cache.length < length or self.limit_bytes <= 0:
             return
@@ -134,10 +140,14 @@ class PrefixCache:
             return
         with self._lock:
             entry_id, self._next_id = self._next_id, self._next_id + 1
-            self._entries[entry_id] = _Entry(digests, layers, nbytes, kept)
+            self._entries[entry_id] = _Entry(list(digests), layers, nbytes, kept)  # a copy: a session's grows
             self.nbytes += nbytes
             for n, digest in enumerate(digests, start=1):
                 self._index[digest] = (entry_id, n)  # the newest entry holding a prefix serves it
+            for other_id in [i for i, e in self._entries.items()
+                             if i != entry_id and len(e.digests) < length and digests[len(e.digests) - 1] == e.digests[-1]
+                             and (kept is not None or e.extra is None)]:
+                self.nbytes -= self._entries.pop(other_id).nbytes  # the index points past it already
             while self.nbytes > self.limit_bytes:
                 self._evict()
 

@@ -108,8 +108,9 @@ def test_the_cache_keeps_to_its_budget_least_recently_used_first(tiny_llama):
 @pytest.mark.parametrize("split", [0, 2])
 def test_sessions_sharing_a_system_prompt_reuse_it_on_the_worker_and_keep_their_tokens(tiny_llama, split):
     """Real broker and worker: a second prompt with the first's beginning is partly copied on the
-    worker (its status says how many positions) and, at a split, in the edge's layers too; every
-    generation gives the tokens it gives without either cache and locally."""
+    worker (its status says how many positions) and, at a split, in the edge's layers too; a
+    conversation's next turn (the first prompt, its answer and more) copies the answer too, on
+    the worker; every generation gives the tokens it gives without either cache and locally."""
     from brokerutil import wait_for_status
 
     from broker.wire.crypto import load_api_keys
@@ -134,6 +135,8 @@ def test_sessions_sharing_a_system_prompt_reuse_it_on_the_worker_and_keep_their_
             with EdgeEngine("tiny-llama", settings) as engine:
                 params = engine.params(ignore_eos=True, max_new_tokens=12)
                 results = [engine.generate(p, params) for p in prompts]
+                turn = prompts[0] + results[0].token_ids + [7, 8]  # the next turn of the first conversation
+                results.append(engine.generate(turn, params))
                 assert all(r.split == split for r in results)
                 got[name] = [r.token_ids for r in results]
                 edge_reused = engine.prefixes.reused_positions if engine.prefixes else 0
@@ -142,13 +145,19 @@ def test_sessions_sharing_a_system_prompt_reuse_it_on_the_worker_and_keep_their_
                     cluster, lambda st, name=name: st["workers"] and (name == "uncached" or st["workers"][0].get("prefix_reused")),
                     "the worker's prefix cache counts in its status", timeout_s=30)["workers"][0]
         if name == "cached":
-            assert worker["prefix_reused"] == len(SYSTEM) + len(prompts[0]) - 1 and worker["prefix_bytes"] > 0
-            assert edge_reused == (0 if split == 0 else worker["prefix_reused"])  # split 0: no edge layers
+            # The second prompt copies the system prompt, the third all but its last position, the
+            # next turn the first prompt and all but the last of its 12 tokens (never fed back).
+            prompts_reused = len(SYSTEM) + len(prompts[0]) - 1
+            assert worker["prefix_reused"] == prompts_reused + len(prompts[0]) + 11 and worker["prefix_bytes"] > 0
+            # The edge's layers copy as much (with the activations the cloud got); split 0 has none.
+            assert edge_reused == (0 if split == 0 else worker["prefix_reused"])
         else:
             assert worker["prefix_reused"] == 0 and worker["prefix_bytes"] == 0 and edge_reused == 0
-    settings = EdgeConfig(model="tiny-llama", force_local=True, mini="none")
+    settings = EdgeConfig(model="tiny-llama", force_local=True, mini="none", prefix_cache_mb=0)
     with EdgeEngine("tiny-llama", settings) as engine:
-        local = [engine.generate(p, engine.params(ignore_eos=True, max_new_tokens=12)).token_ids for p in prompts]
+        params = engine.params(ignore_eos=True, max_new_tokens=12)
+        local = [engine.generate(p, params).token_ids for p in prompts]
+        local.append(engine.generate(prompts[0] + local[0] + [7, 8], params).token_ids)
     assert got["cached"] == got["uncached"] == local
 
 
@@ -171,6 +180,161 @@ def test_a_local_engine_reuses_a_shared_beginning_and_gives_the_tokens_it_gives_
         with EdgeEngine("tiny-llama", EdgeConfig(force_local=True, mini="none", prefix_cache_mb=mb)) as engine:
             params = engine.params(ignore_eos=True, max_new_tokens=10)
             got[mb] = [engine.generate(p, params).token_ids for p in prompts]
+            # The next turn of the first conversation: its prompt, its answer and more.
+            got[mb].append(engine.generate(prompts[0] + got[mb][0] + [7, 8], params).token_ids)
             reused = engine.prefixes.reused_positions if engine.prefixes else 0
-        assert reused == (30 + len(prompts[0]) if mb else 0)
+        # The second prompt copies 30 positions, the third all but its last (the first prompt),
+        # the turn the first prompt and all but the last of its 10 tokens (never fed back).
+        assert reused == (30 + len(prompts[0]) + len(prompts[0]) + 9 if mb else 0)
     assert got[64] == got[0]
+
+
+def test_digests_of_a_later_frame_continue_the_chain_of_the_frames_before():
+    rows = torch.randn(1, 6, 8)
+    whole = row_digests(rows, 1)
+    assert row_digests(rows[:, :2], 1) + row_digests(rows[:, 2:], 1, prev=whole[1]) == whole
+
+
+def test_an_entry_that_extends_another_replaces_it(tiny_llama):
+    seg = _segment(tiny_llama)
+    rows = torch.tensor([SYSTEM[:20]])
+    _, cache = _prefill(seg, rows)
+    digests = row_digests(rows, 0)
+    prefixes = PrefixCache(64 * 2**20)
+    prefixes.add(digests[:12], cache)  # a session's prompt, when computed
+    prefixes.add(digests[:5], cache)  # a prefix held already: nothing new
+    assert len(prefixes) == 1
+    one = prefixes.nbytes
+    prefixes.add(digests, cache)  # the same session when it ends: its prompt's entry is redundant
+    assert len(prefixes) == 1 and prefixes.nbytes > one and prefixes.longest(digests, 20)[1] == 20
+    assert prefixes.longest(digests[:12], 12)[1] == 12  # still served, by the longer entry
+    # An entry with what the edge keeps per position is not replaced by one without.
+    with_extra = PrefixCache(64 * 2**20)
+    with_extra.add(digests[:12], cache, torch.zeros(1, 12, 4))
+    with_extra.add(digests, cache)
+    assert len(with_extra) == 2
+
+
+def test_a_session_with_a_tree_and_drafts_joins_the_cache_whole_when_it_ends(tiny_llama):
+    """An in-process worker (its connection to a real broker) runs a session at split 1: its
+    prompt, a token tree (one path kept), a chain of drafts (one rejected) and a plain step, then
+    the edge closes it. The worker keeps every position the session's cache held: a second
+    session sending all of them and one more copies them and answers the local run's token;
+    a session that expires is kept too."""
+    import time
+
+    from brokerutil import running_broker
+    from test_tree import _greedy_tree_case, _next_local
+
+    from broker.wire.crypto import NullCipher
+    from broker.wire.session_protocol import (
+        OpenParams,
+        close_digest,
+        new_close_key,
+        open_step_reply,
+        seal_step,
+    )
+    from broker.worker_api import Job, WorkerConnection
+    from cloud_worker.worker import CloudWorker, CloudWorkerConfig
+    from partition.sampling import SamplingParams
+
+    k = 1
+    _segment(tiny_llama)  # skips where the row kernel does not run
+    prompt, greedy, tree = _greedy_tree_case(tiny_llama)
+    greedy = greedy + [_next_local(tiny_llama, prompt + greedy)]
+    greedy = greedy + [_next_local(tiny_llama, prompt + greedy)]  # g0..g5
+    wrong = next(t for t in range(5, 60) if t != greedy[5])
+    edge = ModelSegment.load(tiny_llama, 0, k)
+    replies: dict[tuple[str, int], list] = {}
+
+    def send(worker, sid: str, kind: str, step: int, extra: dict | None = None, frames: list | None = None):
+        worker.handle_many([Job(request_id=f"{sid}-{kind}-{step}", session_id=sid, model_id=tiny_llama.model_id,
+                                step=step, attempt=1, kind=kind, layer_lo=k, deadline_ms=5000, extra=extra or {},
+                                frames=frames or [], received_at=time.monotonic())])
+        return open_step_reply(NullCipher(), sid, step, replies[sid, step]) if kind == "step" else None
+
+    def opener(key: bytes) -> dict:
+        return OpenParams(b"", SamplingParams().to_wire(), "fp32", close_digest(key)).to_extra()
+
+    with running_broker() as broker:
+        worker = CloudWorker(CloudWorkerConfig(model="tiny-llama", broker=broker.endpoint, curve=False))
+        worker.conn = WorkerConnection(broker.endpoint, worker.info)
+        worker._answer = lambda job, extra, frames: replies.__setitem__((job.session_id, job.step), frames)
+        try:
+            key = new_close_key()
+            send(worker, "s1", "open", 0, opener(key))
+            ec = edge.new_cache()
+            frame = lambda ids, **kw: edge(torch.tensor([ids]), ec, logits="none", **kw).hidden  # noqa: E731
+            assert send(worker, "s1", "step", 0, frames=seal_step(NullCipher(), "s1", 0, 0, frame(prompt), "fp32")
+                        ).token == greedy[0]
+            pos = len(prompt)
+            got = send(worker, "s1", "step", 1, frames=seal_step(
+                NullCipher(), "s1", 1, pos, frame([greedy[0], *tree.tokens], tree=tree), "fp32",
+                draft=list(tree.tokens), tree=list(tree.parents)))
+            assert (got.accepted, got.token) == (2, greedy[3])
+            ec.keep(pos, [0, *got.path])
+            pos = got.pos
+            got = send(worker, "s1", "step", 2, frames=seal_step(  # g3 pending, g4 right, then a wrong guess
+                NullCipher(), "s1", 2, pos, frame([greedy[3], greedy[4], wrong]), "fp32", draft=[greedy[4], wrong]))
+            assert (got.accepted, got.token) == (1, greedy[5])
+            ec.crop(got.pos)
+            got = send(worker, "s1", "step", 3, frames=seal_step(NullCipher(), "s1", 3, got.pos,
+                                                                 frame([greedy[5]]), "fp32"))
+            held = got.pos  # the prompt and g0..g5
+            assert held == len(prompt) + 6 and worker.sessions.get("s1").digests is not None
+            send(worker, "s1", "close", 4, {"close_key": key})
+            assert worker.failed == 0 and len(worker.prefixes) == 1  # the prompt's entry gave way to the session's
+
+            conversation = prompt + greedy[:6] + [got.token]
+            send(worker, "s2", "open", 0, opener(new_close_key()))
+            fresh = edge(torch.tensor([conversation]), edge.new_cache(), logits="none").hidden
+            answer = send(worker, "s2", "step", 0, frames=seal_step(NullCipher(), "s2", 0, 0, fresh, "fp32"))
+            assert worker.prefixes.reused_positions == held
+            assert answer.token == _next_local(tiny_llama, conversation) and worker.failed == 0
+
+            send(worker, "s3", "open", 0, opener(new_close_key()))
+            other = [40, 41, 42, 43, 44]
+            send(worker, "s3", "step", 0, frames=seal_step(NullCipher(), "s3", 0, 0, edge(
+                torch.tensor([other]), edge.new_cache(), logits="none").hidden, "fp32"))
+            before = len(worker.prefixes)
+            assert worker.sessions.expire(now=time.monotonic() + 10 * worker.sessions.idle_ttl_s) == ["s2", "s3"]
+            assert len(worker.prefixes) == before  # s2 and s3 extend the entries they began with
+            assert worker.prefixes.longest(row_digests(fresh, k), fresh.shape[1])[1] == fresh.shape[1]
+        finally:
+            worker.conn.close()
+
+
+@pytest.mark.parametrize(("tree_nodes", "pipelined"), [(0, False), (0, True), (10, False)])
+def test_a_split_generation_with_drafts_keeps_its_answer_and_what_the_cloud_got_of_it(tiny_llama, tree_nodes,
+                                                                                     pipelined):
+    """At a split the edge keeps a generation's positions with their boundary activations, whatever
+    drafting did to its cache (chains of guesses, pipelined frames, token trees, rejected guesses
+    cropped): the next turn copies prompt and answer, the rest of the model gets the kept
+    activations, and every token is the local run's."""
+    from edge_worker.backends import LocalBackend
+    from edge_worker.generation import EdgeGenerator
+    from edge_worker.mini_llm import MiniLLMHandler
+    from partition.tokens import eos_token_ids
+
+    _segment(tiny_llama)  # skips where the row kernel does not run
+    tokenizer = tiny_llama.load_tokenizer()
+    eos = eos_token_ids(tiny_llama, tokenizer)
+    n, k = tiny_llama.n_layers, 2
+    local = EdgeGenerator(ModelSegment.load(tiny_llama, 0, n), None, tokenizer, eos, "local")
+    mini = MiniLLMHandler(model="int8", threshold=0.0, max_draft=4, adaptive=False, tree_nodes=tree_nodes,
+                          pipeline=pipelined)
+    edge = ModelSegment.load(tiny_llama, 0, k)
+    settings = mini.settings(tiny_llama, edge, tokenizer)
+    prefixes = PrefixCache(64 * 2**20)
+    prompt = tokenizer("abcabcabc abc abcabc")["input_ids"]
+    turns = [prompt, None]
+    answers = []
+    for turn in range(2):
+        backend = LocalBackend(ModelSegment.load(tiny_llama, k, n, embed=False), pipelined=pipelined)
+        ids = turns[turn] or prompt + answers[0] + [7, 8]
+        got = EdgeGenerator(edge, backend, tokenizer, eos, "hybrid", mini=settings, prefixes=prefixes).generate(ids, 20)
+        assert got.token_ids == local.generate(ids, 20).token_ids
+        assert got.tokens_drafted > 0
+        answers.append(got.token_ids)
+    assert len(answers[0]) == 20  # no end of sequence: every generated token but the last was fed back
+    assert prefixes.reused_positions == len(prompt) + 19
