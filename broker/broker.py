@@ -585,8 +585,13 @@ class Broker:
                                  BUSY_RETRY_S))
             return False
         now = time.monotonic()
-        # The most free capacity (batch seats, session slots, cache memory), then the least load.
-        w = min(roomy, key=lambda c: (self._avoid_until.get(c.worker_id, 0.0) > now, -c.free_capacity(), c.load()))
+        near = self._workers.get(p.near_of(r) or "")
+        if near in roomy and near.free_capacity() > 0 and self._avoid_until.get(near.worker_id, 0.0) <= now:
+            w = near  # it holds what this session continues; a free seat there beats a prefill elsewhere
+            self.counters["placed_near"] += 1
+        else:
+            # The most free capacity (batch seats, session slots, cache memory), then the least load.
+            w = min(roomy, key=lambda c: (self._avoid_until.get(c.worker_id, 0.0) > now, -c.free_capacity(), c.load()))
         session.worker_id = w.worker_id
         w.sessions.add(session.session_id)
         self._lost.pop(session.session_id, None)

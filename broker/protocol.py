@@ -205,6 +205,21 @@ def task_of(msg: Request) -> str:
     return msg.request_id
 
 
+# An optional key in an opener's Request.extra, also read by the broker: the id of the worker the
+# new session would rather go to (the one holding what it continues: a conversation's earlier
+# turns in its prefix cache). The broker places it there while that worker serves the session's
+# model and split and has a free seat; otherwise by capacity and load, as any session.
+NEAR_KEY = "near"
+
+
+def near_of(msg: Request) -> str | None:
+    """The worker id an opener asks to be placed on, when it names a valid one."""
+    near = msg.extra.get(NEAR_KEY)
+    if type(near) is str and 0 < len(near) <= MAX_ID_CHARS:
+        return near
+    return None
+
+
 @dataclass(slots=True)
 class Status(Message):
     """Client asks for the broker's status map."""

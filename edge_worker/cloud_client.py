@@ -35,7 +35,7 @@ from broker.errors import (
     WorkerLost,
 )
 from broker.linkproxy import LinkConfig, LinkProxy
-from broker.protocol import TASK_KEY, RequestId
+from broker.protocol import NEAR_KEY, TASK_KEY, RequestId
 from broker.transport import client_keys
 from broker.wire.codec import row_bytes_bound
 from broker.wire.crypto import (
@@ -247,6 +247,9 @@ class CloudSession:
         # each may have made a session on a worker, which close() frees too.
         self._unanswered: list[tuple[str, bytes]] = []
         self._opened = ""  # the id the last opener went out under: a new attempt takes a new id
+        # The worker this generation's openers ask the broker for (it holds what the prompt
+        # continues: partition.prefix_cache.Continuations); None: placement by capacity.
+        self.near: str | None = None
 
     # --- Backend --------------------------------------------------------------------------------
     def start(self, sampling: SamplingParams) -> None:
@@ -549,7 +552,8 @@ class CloudSession:
         try:
             reply = self.client.connection.request(
                 self.session_id, KIND_OPEN, self.model_id, self.split, step, timeout_s=timeout_s,
-                extra={**params.to_extra(), TASK_KEY: f"{self.task_base}-{step}-open"},
+                extra={**params.to_extra(), TASK_KEY: f"{self.task_base}-{step}-open",
+                       **({NEAR_KEY: self.near} if self.near else {})},
             )
         except EdgeCloudError:
             self._unanswered.remove(opener)

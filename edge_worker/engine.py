@@ -41,7 +41,7 @@ from edge_worker.planning import Decision, ReplanWatch, SplitPlanner, servable_s
 from partition.errors import InvalidSplitError, PartitionError
 from partition.models import ModelSource, source_of
 from partition.planner import WIFI, Conditions, PowerModel, Weights
-from partition.prefix_cache import PrefixCache
+from partition.prefix_cache import Continuations, PrefixCache
 from partition.sampling import SamplingParams
 from partition.segment import ModelSegment
 from partition.tokens import encode_messages, encode_prompt, eos_token_ids
@@ -256,6 +256,9 @@ class EdgeEngine:
         self._lock = threading.RLock()
         # Prompts' keys and values of the edge's layers, for generations that start the same way.
         self.prefixes = PrefixCache(int(self.settings.prefix_cache_mb * 2**20)) if self.settings.prefix_cache_mb else None
+        # Which worker holds each recent generation: the next turn of a conversation asks for it,
+        # so the worker's prefix cache, which kept the turns before, serves it.
+        self.continuations = Continuations()
 
     # --- lifecycle ---------------------------------------------------------------------------------
     def close(self) -> None:
@@ -333,6 +336,8 @@ class EdgeEngine:
         k = decision.k
         edge = run.edge_segment(k)
         backend = run.backend_for(k)
+        if backend is not None and hasattr(backend, "near"):
+            backend.near = self.continuations.worker_for(ids, k)
         eos = set() if params.ignore_eos else self.eos
         generator = EdgeGenerator(edge, backend, self.tokenizer, eos, mode=mode_for(k, self.source.n_layers),
                                   mini=run.mini_for(k, edge), mover=run if watch is not None else None,
@@ -346,6 +351,8 @@ class EdgeEngine:
                 raise
             raise self.serving_error(exc) from None
         result.prompt_tokens_dropped = given - len(ids)
+        if result.workers_used and result.fallback_at_step is None:
+            self.continuations.add(ids, result.token_ids, result.workers_used[-1], result.splits_used[-1])
         if decision.reason.startswith(RAN_HERE):
             result.fallback_at_step = 0
         if result.fallback_at_step == 0:

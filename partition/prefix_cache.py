@@ -162,3 +162,46 @@ class PrefixCache:
             for n, digest in enumerate(other.digests, start=1):
                 if digest not in self._index:
                     self._index[digest] = (other_id, n)
+
+
+class Continuations:
+    """Where recent generations live, by the digests of their answers' positions (an edge's index,
+    at most ``limit`` positions, least recently used forgotten first): a prompt that continues one
+    (a conversation's next turn resends the answer) finds the worker whose prefix cache holds it,
+    and its opener asks the broker for that worker. A prompt's own positions are not indexed: a
+    beginning many requests share (a system prompt) says nothing about where a conversation is."""
+
+    def __init__(self, limit: int = 1 << 16) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._where: OrderedDict[bytes, str] = OrderedDict()  # position digest -> worker id
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def add(self, prompt: list[int], tokens: list[int], worker_id: str, salt: int | str) -> None:
+        """A generation from ``prompt`` that produced ``tokens`` (all but the last fed back) and
+        ended on ``worker_id``."""
+        fed = [*prompt, *tokens[:-1]]
+        if len(fed) <= len(prompt) or not worker_id:
+            return
+        digests = row_digests(torch.tensor([fed]), salt)[len(prompt):]
+        with self._lock:
+            for digest in digests:
+                self._where[digest] = worker_id
+                self._where.move_to_end(digest)
+            while len(self._where) > self.limit:
+                self._where.popitem(last=False)
+
+    def worker_for(self, ids: list[int], salt: int | str) -> str | None:
+        """The worker holding the longest generation ``ids`` continues (None: none known)."""
+        if not self._where or len(ids) < 2:
+            return None
+        digests = row_digests(torch.tensor([ids[:-1]]), salt)  # the last position is computed anyway
+        with self._lock:
+            for digest in reversed(digests):
+                worker = self._where.get(digest)
+                if worker is not None:
+                    self._where.move_to_end(digest)
+                    return worker
+        return None

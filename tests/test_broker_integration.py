@@ -99,6 +99,23 @@ def test_new_sessions_go_where_the_most_batch_seats_are_free(broker: Broker) -> 
         assert big.sessions_seen() == {"s0", "s1", "s2", "s4"}
 
 
+def test_an_opener_asking_for_a_worker_goes_there_while_it_has_a_free_seat(broker: Broker) -> None:
+    with echo_workers(broker.endpoint, "w1", max_batch=2) as _, echo_workers(broker.endpoint, "w2", max_batch=2), \
+            client(broker.endpoint) as c:
+        def open_near(sid: str, near: object) -> str:
+            return c.request(sid, "open", MODEL, 2, 0, extra={p.NEAR_KEY: near}).worker_id
+
+        first = c.request("s0", "open", MODEL, 2, 0).worker_id
+        other = ({"w1", "w2"} - {first}).pop()
+        assert open_near("s1", first) == first  # by load it would have gone to the other
+        assert open_near("s2", first) == other  # the first is at its batch: capacity decides
+        assert open_near("s3", "nobody") == other  # an unknown worker: ignored
+        assert open_near("s4", 7) in ("w1", "w2")  # a malformed one too (both are full: either)
+        assert c.status()["counters"]["placed_near"] == 1
+        # A step never moves a pinned session, whatever it names.
+        assert c.request("s1", "decode", MODEL, 2, 1, extra={p.NEAR_KEY: other}).worker_id == first
+
+
 def test_free_capacity_is_the_least_of_slots_batch_seats_and_cache_memory() -> None:
     from broker.state import WorkerState
 

@@ -338,3 +338,75 @@ def test_a_split_generation_with_drafts_keeps_its_answer_and_what_the_cloud_got_
         answers.append(got.token_ids)
     assert len(answers[0]) == 20  # no end of sequence: every generated token but the last was fed back
     assert prefixes.reused_positions == len(prompt) + 19
+
+
+def test_continuations_find_the_worker_of_the_generation_a_prompt_continues():
+    from partition.prefix_cache import Continuations
+
+    where = Continuations(limit=8)
+    system = [1, 2, 3, 4]
+    where.add(system + [10, 11], [20, 21, 22], "w1", 0)
+    assert where.worker_for(system + [10, 11, 20, 21, 22, 5], 0) == "w1"  # the next turn
+    assert where.worker_for(system + [10, 11, 20, 9], 0) == "w1"  # part of the answer
+    assert where.worker_for(system + [10, 11, 6], 0) is None  # the prompt alone is not indexed
+    assert where.worker_for(system + [10, 11, 20, 21], 3) is None  # another split
+    where.add(system + [12], [30, 31, 32, 33, 34, 35, 36, 37, 38], "w2", 0)  # over the limit: w1's go
+    assert len(where) == 8 and where.worker_for(system + [10, 11, 20, 21, 22], 0) is None
+    assert where.worker_for(system + [12, 30, 31, 32, 33, 34, 35, 36, 37, 38], 0) == "w2"
+
+
+@pytest.mark.integration
+def test_a_conversations_next_turn_goes_to_the_worker_that_holds_its_earlier_turns(tiny_llama):
+    """Two real workers: a conversation's next turn asks the broker for the worker its first turn
+    ran on, which copies the whole first turn from its prefix cache, although placement by load
+    would have sent it to the other worker; an engine that forgot where it ran goes by load."""
+    from brokerutil import wait_for_status
+
+    from broker.wire.crypto import load_api_keys
+    from cli.cluster import LocalCluster
+    from edge_worker.cloud_client import CloudClient
+    from edge_worker.config import EdgeConfig
+    from edge_worker.engine import EdgeEngine
+    from partition.prefix_cache import Continuations
+    from partition.sampling import SamplingParams
+
+    prompt = SYSTEM + [50, 51, 52]
+    with LocalCluster(model="tiny-llama", worker_threads=1) as cluster:
+        cluster.start_broker()
+        cluster.add_worker()
+        cluster.add_worker()
+        cluster.wait_for_workers(2, timeout_s=60)
+        key = sorted(load_api_keys(cluster.keys_dir / "api_keys.txt"))[0]
+        settings = EdgeConfig(model="tiny-llama", broker=cluster.endpoint, keys_dir=cluster.keys_dir, api_key=key,
+                              mini="none", dynamic=False, force_cloud=True)
+        client = CloudClient(api_key=key, broker=cluster.endpoint, keys_dir=cluster.keys_dir, request_timeout_s=10)
+        holders = []
+        with EdgeEngine("tiny-llama", settings) as engine:
+            params = engine.params(ignore_eos=True, max_new_tokens=12)
+            first = engine.generate(prompt, params)
+            (home,) = first.workers_used
+            # Two sessions held open on the conversation's worker: by load, new sessions go to the other.
+            edge = engine.segment(0, 0, head=False)
+            for _ in range(2):
+                holder = client.session(tiny_llama.model_id, 0, tiny_llama.hidden_size)
+                holder.near = home
+                holder.start(SamplingParams())
+                holder.step(edge(torch.tensor([[5, 6, 7]]), edge.new_cache(), logits="none").hidden, 0)
+                holders.append(holder)
+            turn = prompt + first.token_ids + [7, 8]
+            second = engine.generate(turn, params)
+            assert second.workers_used == [home]
+            engine.continuations = Continuations()  # forgotten: placement by load
+            elsewhere = engine.generate(turn, params)
+            assert elsewhere.workers_used != [home] and elsewhere.token_ids == second.token_ids
+        for holder in holders:
+            holder.close()
+        client.close()
+        workers = wait_for_status(cluster, lambda st: len(st["workers"]) == 2 and st["counters"].get("placed_near") == 3
+                                  and any(w.get("prefix_reused") for w in st["workers"]),
+                                  "the turn placed near, its reuse in the status", timeout_s=30)["workers"]
+        reused = {w["worker_id"]: w.get("prefix_reused", 0) for w in workers}
+        # The turn copied the first turn's prompt and all but the last of its 12 tokens (and the
+        # second holder the first's two positions); the other worker had nothing of it.
+        assert reused[home] == len(prompt) + 11 + 2
+        assert sum(reused.values()) == reused[home]
