@@ -16,6 +16,13 @@ the worker). Each conversation starts with a question no other asked, so its fir
 only the system prompt with what ran before.
 
     .venv/bin/python bench/bench_conversation.py [--modes local,cloud,split] [--conversations 3] [--tokens 48]
+
+``--placement``: two workers, cloud-only, the four conversations at once (a thread each), with
+the caches on: the engine telling the broker which worker holds each conversation (the default)
+against placement by load alone (the engine's index of where generations ran left empty), one
+after the other; time to the first token of turns 1-3 and the positions the workers copied.
+
+    .venv/bin/python bench/bench_conversation.py --placement [--tokens 48]
 """
 
 from __future__ import annotations
@@ -52,7 +59,13 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--placement", action="store_true",
+                        help="two workers, four conversations at once: placement near each conversation's worker "
+                             "against placement by load")
     args = parser.parse_args()
+    if args.placement:
+        placement_bench(args)
+        return
     modes = args.modes.split(",")
     unknown = set(modes) - {"local", "cloud", "split"}
     if unknown or not 1 <= args.conversations <= len(CONVERSATIONS):
@@ -139,13 +152,79 @@ def main() -> None:
         raise SystemExit("the caches changed a generation's tokens")
 
 
-def _worker_reused(cluster) -> int:
-    """The positions the cluster's worker has copied from its prefix cache so far (its heartbeats
-    carry the count: wait for the next ones)."""
+def placement_bench(args) -> None:
+    """Four conversations at once against two workers, cloud-only: each turn's session placed near
+    the worker holding the conversation's earlier turns, then (the same conversations again, on a
+    fresh cluster) by load alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from broker.wire.crypto import load_api_keys
+    from cli.cluster import LocalCluster
+    from edge_worker.config import EdgeConfig
+    from edge_worker.engine import EdgeEngine
+    from partition.models import resolve_model
+    from partition.prefix_cache import Continuations
+
+    source = resolve_model(args.model)
+    tokenizer = source.load_tokenizer()
+    results, answers = {}, {}
+    for name in ("near", "by load"):
+        with LocalCluster(model=args.model) as cluster:
+            cluster.start_broker()
+            cluster.add_worker()
+            cluster.add_worker()
+            cluster.wait_for_workers(2, timeout_s=180)
+            settings = EdgeConfig(model=args.model, mini="none", dynamic=False, force_cloud=True,
+                                  broker=cluster.endpoint, keys_dir=cluster.keys_dir,
+                                  api_key=sorted(load_api_keys(cluster.keys_dir / "api_keys.txt"))[0])
+            with EdgeEngine(source, settings, tokenizer=tokenizer) as engine:
+                engine.generate(engine.encode_chat([{"role": "user", "content": "Hello."}]),
+                                engine.params(max_new_tokens=2))  # warm up the edge
+                if name == "by load":
+                    engine.continuations = Continuations(limit=0)  # remembers nothing
+
+                def converse(questions: list[str]) -> list[tuple[float, list[int], list[str]]]:
+                    history, turns = [], []
+                    for question in questions:
+                        history.append({"role": "user", "content": question})
+                        res = engine.generate(engine.encode_chat(history), engine.params(max_new_tokens=args.tokens))
+                        history.append({"role": "assistant", "content": res.text})
+                        turns.append((res.ttft_ms, res.token_ids, res.workers_used))
+                    return turns
+
+                with ThreadPoolExecutor(len(CONVERSATIONS)) as pool:
+                    done = list(pool.map(converse, CONVERSATIONS))
+            reused_total = _worker_reused(cluster, every=True)
+            counters = cluster.status()["counters"]
+        later = [t[0] for conv in done for t in conv[1:]]
+        moved = sum(conv[i][2][-1:] != conv[i - 1][2][-1:] for conv in done for i in range(1, len(conv)))
+        results[name] = {"later_turns_ttft_ms": statistics.median(later), "positions_reused": reused_total,
+                         "turns_moved_to_another_worker": moved, "placed_near": counters.get("placed_near", 0)}
+        answers[name] = [[t[1] for t in conv] for conv in done]
+    same = answers["near"] == answers["by load"]
+    if args.json:
+        print(json.dumps({"model": source.name, "tokens": args.tokens, "placement": results, "same_tokens": same}))
+    else:
+        print(f"model {source.name}, two workers, {len(CONVERSATIONS)} conversations of 4 turns at once, answers up "
+              f"to {args.tokens} tokens, cloud-only, prefix caches on")
+        for name, r in results.items():
+            print(f"  {name:8} turns 1-3 time to first token (median) {r['later_turns_ttft_ms']:.1f} ms; positions "
+                  f"copied {r['positions_reused']}; turns on another worker than the turn before "
+                  f"{r['turns_moved_to_another_worker']} of {3 * len(CONVERSATIONS)}; placed near {r['placed_near']}")
+        print(f"  same tokens: {same}")
+    if not same:
+        raise SystemExit("placement changed a generation's tokens")
+
+
+def _worker_reused(cluster, every: bool = False) -> int:
+    """The positions the cluster's worker (``every``: all its workers together) has copied from
+    its prefix cache so far (heartbeats carry the count: wait for the next ones)."""
     if cluster is None:
         return 0
     time.sleep(3 * cluster.heartbeat_s)
     workers = cluster.status()["workers"]
+    if every:
+        return sum(w.get("prefix_reused", 0) for w in workers)
     return workers[0].get("prefix_reused", 0) if workers else 0
 
 
