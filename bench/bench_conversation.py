@@ -17,12 +17,13 @@ only the system prompt with what ran before.
 
     .venv/bin/python bench/bench_conversation.py [--modes local,cloud,split] [--conversations 3] [--tokens 48]
 
-``--placement``: two workers, cloud-only, the four conversations at once (a thread each), with
+``--placement``: two workers, cloud-only, ``--at-once`` conversations at once (a thread each, the
+four above in turn), with
 the caches on: the engine telling the broker which worker holds each conversation (the default)
 against placement by load alone (the engine's index of where generations ran left empty), one
 after the other; time to the first token of turns 1-3 and the positions the workers copied.
 
-    .venv/bin/python bench/bench_conversation.py --placement [--tokens 48]
+    .venv/bin/python bench/bench_conversation.py --placement [--at-once 8] [--tokens 48]
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--at-once", type=int, default=8, help="--placement: conversations at once")
     parser.add_argument("--placement", action="store_true",
                         help="two workers, four conversations at once: placement near each conversation's worker "
                              "against placement by load")
@@ -192,8 +194,9 @@ def placement_bench(args) -> None:
                         turns.append((res.ttft_ms, res.token_ids, res.workers_used))
                     return turns
 
-                with ThreadPoolExecutor(len(CONVERSATIONS)) as pool:
-                    done = list(pool.map(converse, CONVERSATIONS))
+                streams = [CONVERSATIONS[i % len(CONVERSATIONS)] for i in range(args.at_once)]
+                with ThreadPoolExecutor(len(streams)) as pool:
+                    done = list(pool.map(converse, streams))
             reused_total = _worker_reused(cluster, every=True)
             counters = cluster.status()["counters"]
         later = [t[0] for conv in done for t in conv[1:]]
@@ -205,12 +208,12 @@ def placement_bench(args) -> None:
     if args.json:
         print(json.dumps({"model": source.name, "tokens": args.tokens, "placement": results, "same_tokens": same}))
     else:
-        print(f"model {source.name}, two workers, {len(CONVERSATIONS)} conversations of 4 turns at once, answers up "
+        print(f"model {source.name}, two workers, {args.at_once} conversations of 4 turns at once, answers up "
               f"to {args.tokens} tokens, cloud-only, prefix caches on")
         for name, r in results.items():
             print(f"  {name:8} turns 1-3 time to first token (median) {r['later_turns_ttft_ms']:.1f} ms; positions "
                   f"copied {r['positions_reused']}; turns on another worker than the turn before "
-                  f"{r['turns_moved_to_another_worker']} of {3 * len(CONVERSATIONS)}; placed near {r['placed_near']}")
+                  f"{r['turns_moved_to_another_worker']} of {3 * args.at_once}; placed near {r['placed_near']}")
         print(f"  same tokens: {same}")
     if not same:
         raise SystemExit("placement changed a generation's tokens")

@@ -87,6 +87,9 @@ MIB = 1 << 20
 # The retry hint of a busy answer about load that comes and goes (a full queue, a client's bytes
 # in flight): about one long step's time.
 BUSY_RETRY_S = 0.5
+# An opener that names a worker (protocol.NEAR_KEY) goes there while its batch holds at most this
+# many sessions more than the emptiest worker's.
+NEAR_SLACK_SESSIONS = 1
 IO_THREADS = 2
 # Messages libzmq queues per peer before we read them (see Broker.__init__). 1000 still covers 64
 # requests in flight per client many times over.
@@ -585,13 +588,15 @@ class Broker:
                                  BUSY_RETRY_S))
             return False
         now = time.monotonic()
+        # The most free capacity (batch seats, session slots, cache memory), then the least load.
+        w = min(roomy, key=lambda c: (self._avoid_until.get(c.worker_id, 0.0) > now, -c.free_capacity(), c.load()))
         near = self._workers.get(p.near_of(r) or "")
-        if near in roomy and near.free_capacity() > 0 and self._avoid_until.get(near.worker_id, 0.0) <= now:
-            w = near  # it holds what this session continues; a free seat there beats a prefill elsewhere
+        if (near is not None and near in roomy and self._avoid_until.get(near.worker_id, 0.0) <= now
+                and near.free_capacity() > 0 and near.free_capacity() >= w.free_capacity() - NEAR_SLACK_SESSIONS):
+            # It holds what this session continues: a seat there beats a prefill elsewhere, while
+            # its batch is at most one session fuller (a fuller batch slows every token after).
+            w = near
             self.counters["placed_near"] += 1
-        else:
-            # The most free capacity (batch seats, session slots, cache memory), then the least load.
-            w = min(roomy, key=lambda c: (self._avoid_until.get(c.worker_id, 0.0) > now, -c.free_capacity(), c.load()))
         session.worker_id = w.worker_id
         w.sessions.add(session.session_id)
         self._lost.pop(session.session_id, None)

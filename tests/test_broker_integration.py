@@ -99,21 +99,26 @@ def test_new_sessions_go_where_the_most_batch_seats_are_free(broker: Broker) -> 
         assert big.sessions_seen() == {"s0", "s1", "s2", "s4"}
 
 
-def test_an_opener_asking_for_a_worker_goes_there_while_it_has_a_free_seat(broker: Broker) -> None:
-    with echo_workers(broker.endpoint, "w1", max_batch=2) as _, echo_workers(broker.endpoint, "w2", max_batch=2), \
+def test_an_opener_asking_for_a_worker_goes_there_while_its_batch_is_at_most_one_fuller(broker: Broker) -> None:
+    with echo_workers(broker.endpoint, "w1", max_batch=4) as _, echo_workers(broker.endpoint, "w2", max_batch=4), \
             client(broker.endpoint) as c:
         def open_near(sid: str, near: object) -> str:
             return c.request(sid, "open", MODEL, 2, 0, extra={p.NEAR_KEY: near}).worker_id
 
         first = c.request("s0", "open", MODEL, 2, 0).worker_id
         other = ({"w1", "w2"} - {first}).pop()
-        assert open_near("s1", first) == first  # by load it would have gone to the other
-        assert open_near("s2", first) == other  # the first is at its batch: capacity decides
-        assert open_near("s3", "nobody") == other  # an unknown worker: ignored
-        assert open_near("s4", 7) in ("w1", "w2")  # a malformed one too (both are full: either)
-        assert c.status()["counters"]["placed_near"] == 1
+        assert open_near("s1", first) == first  # 1 session against 0: by load it would have gone to the other
+        assert open_near("s2", first) == other  # 2 against 0: too much fuller, capacity decides
+        assert open_near("s3", first) == first  # 2 against 1
+        assert open_near("s4", "nobody") == other  # an unknown worker: ignored (3 against 1)
+        assert open_near("s5", 7) == other  # a malformed one too (3 against 2)
+        assert c.status()["counters"]["placed_near"] == 2
         # A step never moves a pinned session, whatever it names.
         assert c.request("s1", "decode", MODEL, 2, 1, extra={p.NEAR_KEY: other}).worker_id == first
+        with echo_workers(broker.endpoint, "w3", max_batch=1), client(broker.endpoint) as c3:
+            assert c3.request("t0", "open", MODEL, 2, 0, extra={p.NEAR_KEY: "w3"}).worker_id == "w3"
+            # w3's one seat is taken: the opener goes where seats are free.
+            assert c3.request("t1", "open", MODEL, 2, 0, extra={p.NEAR_KEY: "w3"}).worker_id != "w3"
 
 
 def test_free_capacity_is_the_least_of_slots_batch_seats_and_cache_memory() -> None:

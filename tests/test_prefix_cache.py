@@ -385,9 +385,9 @@ def test_a_conversations_next_turn_goes_to_the_worker_that_holds_its_earlier_tur
             params = engine.params(ignore_eos=True, max_new_tokens=12)
             first = engine.generate(prompt, params)
             (home,) = first.workers_used
-            # Two sessions held open on the conversation's worker: by load, new sessions go to the other.
+            # A session held open on the conversation's worker: by load, new sessions go to the other.
             edge = engine.segment(0, 0, head=False)
-            for _ in range(2):
+            for _ in range(1):
                 holder = client.session(tiny_llama.model_id, 0, tiny_llama.hidden_size)
                 holder.near = home
                 holder.start(SamplingParams())
@@ -402,11 +402,11 @@ def test_a_conversations_next_turn_goes_to_the_worker_that_holds_its_earlier_tur
         for holder in holders:
             holder.close()
         client.close()
-        workers = wait_for_status(cluster, lambda st: len(st["workers"]) == 2 and st["counters"].get("placed_near") == 3
+        workers = wait_for_status(cluster, lambda st: len(st["workers"]) == 2 and st["counters"].get("placed_near") == 2
                                   and any(w.get("prefix_reused") for w in st["workers"]),
                                   "the turn placed near, its reuse in the status", timeout_s=30)["workers"]
         reused = {w["worker_id"]: w.get("prefix_reused", 0) for w in workers}
-        # The turn copied the first turn's prompt and all but the last of its 12 tokens (and the
-        # second holder the first's two positions); the other worker had nothing of it.
-        assert reused[home] == len(prompt) + 11 + 2
+        # The turn copied the first turn's prompt and all but the last of its 12 tokens; the
+        # other worker had nothing of it.
+        assert reused[home] == len(prompt) + 11
         assert sum(reused.values()) == reused[home]
