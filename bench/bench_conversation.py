@@ -23,7 +23,10 @@ the caches on: the engine telling the broker which worker holds each conversatio
 against placement by load alone (the engine's index of where generations ran left empty), one
 after the other; time to the first token of turns 1-3 and the positions the workers copied.
 
-    .venv/bin/python bench/bench_conversation.py --placement [--at-once 8] [--tokens 48]
+With ``--background N``, N more threads send one-off requests (no conversation, answers of 8 to
+40 tokens) for as long as the conversations last, so the workers' loads move as a server's do.
+
+    .venv/bin/python bench/bench_conversation.py --placement [--at-once 8] [--background 4] [--tokens 48]
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import contextlib
 import json
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -61,6 +65,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--at-once", type=int, default=8, help="--placement: conversations at once")
+    parser.add_argument("--background", type=int, default=0, help="--placement: threads sending one-off requests")
     parser.add_argument("--placement", action="store_true",
                         help="two workers, four conversations at once: placement near each conversation's worker "
                              "against placement by load")
@@ -170,7 +175,7 @@ def placement_bench(args) -> None:
     source = resolve_model(args.model)
     tokenizer = source.load_tokenizer()
     results, answers = {}, {}
-    for name in ("near", "by load"):
+    for name in ("by load", "near"):
         with LocalCluster(model=args.model) as cluster:
             cluster.start_broker()
             cluster.add_worker()
@@ -195,13 +200,28 @@ def placement_bench(args) -> None:
                     return turns
 
                 streams = [CONVERSATIONS[i % len(CONVERSATIONS)] for i in range(args.at_once)]
-                with ThreadPoolExecutor(len(streams)) as pool:
+                finished = threading.Event()
+
+                def one_offs(seed: int, finished: threading.Event = finished) -> int:
+                    sent = 0
+                    while not finished.is_set():
+                        question = f"Write {3 + (seed + sent) % 5} words about the number {seed * 100 + sent}."
+                        engine.generate(engine.encode_chat([{"role": "user", "content": question}]),
+                                        engine.params(max_new_tokens=8 + 8 * ((seed + sent) % 5)))
+                        sent += 1
+                    return sent
+
+                with ThreadPoolExecutor(len(streams) + args.background) as pool:
+                    background = [pool.submit(one_offs, i) for i in range(args.background)]
                     done = list(pool.map(converse, streams))
+                    finished.set()
+                    one_off_count = sum(f.result() for f in background)
             reused_total = _worker_reused(cluster, every=True)
             counters = cluster.status()["counters"]
         later = [t[0] for conv in done for t in conv[1:]]
         moved = sum(conv[i][2][-1:] != conv[i - 1][2][-1:] for conv in done for i in range(1, len(conv)))
         results[name] = {"later_turns_ttft_ms": statistics.median(later), "positions_reused": reused_total,
+                         "one_off_requests": one_off_count,
                          "turns_moved_to_another_worker": moved, "placed_near": counters.get("placed_near", 0)}
         answers[name] = [[t[1] for t in conv] for conv in done]
     same = answers["near"] == answers["by load"]
@@ -213,7 +233,8 @@ def placement_bench(args) -> None:
         for name, r in results.items():
             print(f"  {name:8} turns 1-3 time to first token (median) {r['later_turns_ttft_ms']:.1f} ms; positions "
                   f"copied {r['positions_reused']}; turns on another worker than the turn before "
-                  f"{r['turns_moved_to_another_worker']} of {3 * args.at_once}; placed near {r['placed_near']}")
+                  f"{r['turns_moved_to_another_worker']} of {3 * args.at_once}; placed near {r['placed_near']}; "
+                  f"one-off requests beside them {r['one_off_requests']}")
         print(f"  same tokens: {same}")
     if not same:
         raise SystemExit("placement changed a generation's tokens")
