@@ -84,6 +84,48 @@ def running_broker(**overrides: Any) -> Iterator[Broker]:
         assert not thread.is_alive(), "broker thread did not stop"
 
 
+class InProcessWorker:
+    """A real ``CloudWorker`` in this process, its connection to a real broker, serving the jobs a
+    test hands it (``send``) and keeping each answer's frames by (session id, step)."""
+
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+        self.replies: dict[tuple[str, int], list] = {}
+        worker._answer = lambda job, extra, frames: self.replies.__setitem__((job.session_id, job.step), frames)
+
+    def send(self, session_id: str, kind: str, step: int, layer_lo: int, extra: dict | None = None,
+             frames: list | None = None) -> list | None:
+        """Serve one request; its answer's frames (None: it failed, see ``worker.failed``)."""
+        self.replies.pop((session_id, step), None)
+        self.worker.handle_many([Job(request_id=f"{session_id}-{kind}-{step}", session_id=session_id,
+                                     model_id=self.worker.source.model_id, step=step, attempt=1, kind=kind,
+                                     layer_lo=layer_lo, deadline_ms=5000, extra=extra or {}, frames=frames or [],
+                                     received_at=time.monotonic())])
+        return self.replies.get((session_id, step))
+
+    @staticmethod
+    def opener(close_key: bytes) -> dict:
+        """An unencrypted opener's extra (greedy, fp32 on the wire) whose close reveals ``close_key``."""
+        from broker.wire.session_protocol import OpenParams, close_digest
+        from partition.sampling import SamplingParams
+
+        return OpenParams(b"", SamplingParams().to_wire(), "fp32", close_digest(close_key)).to_extra()
+
+
+@contextmanager
+def in_process_worker(model: str = "tiny-llama") -> Iterator[InProcessWorker]:
+    """An ``InProcessWorker`` serving ``model`` (plaintext sessions), its broker in a thread."""
+    from cloud_worker.worker import CloudWorker, CloudWorkerConfig
+
+    with running_broker() as broker:
+        worker = CloudWorker(CloudWorkerConfig(model=model, broker=broker.endpoint, curve=False))
+        worker.conn = WorkerConnection(broker.endpoint, worker.info)
+        try:
+            yield InProcessWorker(worker)
+        finally:
+            worker.conn.close()
+
+
 class EchoWorker:
     """A worker whose compute loop echoes body frames, in its own thread.
 

@@ -223,20 +223,11 @@ def test_a_session_with_a_tree_and_drafts_joins_the_cache_whole_when_it_ends(tin
     a session that expires is kept too."""
     import time
 
-    from brokerutil import running_broker
+    from brokerutil import in_process_worker
     from test_tree import _greedy_tree_case, _next_local
 
     from broker.wire.crypto import NullCipher
-    from broker.wire.session_protocol import (
-        OpenParams,
-        close_digest,
-        new_close_key,
-        open_step_reply,
-        seal_step,
-    )
-    from broker.worker_api import Job, WorkerConnection
-    from cloud_worker.worker import CloudWorker, CloudWorkerConfig
-    from partition.sampling import SamplingParams
+    from broker.wire.session_protocol import new_close_key, open_step_reply, seal_step
 
     k = 1
     _segment(tiny_llama)  # skips where the row kernel does not run
@@ -245,63 +236,47 @@ def test_a_session_with_a_tree_and_drafts_joins_the_cache_whole_when_it_ends(tin
     greedy = greedy + [_next_local(tiny_llama, prompt + greedy)]  # g0..g5
     wrong = next(t for t in range(5, 60) if t != greedy[5])
     edge = ModelSegment.load(tiny_llama, 0, k)
-    replies: dict[tuple[str, int], list] = {}
 
-    def send(worker, sid: str, kind: str, step: int, extra: dict | None = None, frames: list | None = None):
-        worker.handle_many([Job(request_id=f"{sid}-{kind}-{step}", session_id=sid, model_id=tiny_llama.model_id,
-                                step=step, attempt=1, kind=kind, layer_lo=k, deadline_ms=5000, extra=extra or {},
-                                frames=frames or [], received_at=time.monotonic())])
-        return open_step_reply(NullCipher(), sid, step, replies[sid, step]) if kind == "step" else None
+    with in_process_worker() as served:
+        worker = served.worker
 
-    def opener(key: bytes) -> dict:
-        return OpenParams(b"", SamplingParams().to_wire(), "fp32", close_digest(key)).to_extra()
+        def step(sid: str, n: int, pos: int, rows: torch.Tensor, **kw):
+            frames = served.send(sid, "step", n, k, frames=seal_step(NullCipher(), sid, n, pos, rows, "fp32", **kw))
+            return open_step_reply(NullCipher(), sid, n, frames)
 
-    with running_broker() as broker:
-        worker = CloudWorker(CloudWorkerConfig(model="tiny-llama", broker=broker.endpoint, curve=False))
-        worker.conn = WorkerConnection(broker.endpoint, worker.info)
-        worker._answer = lambda job, extra, frames: replies.__setitem__((job.session_id, job.step), frames)
-        try:
-            key = new_close_key()
-            send(worker, "s1", "open", 0, opener(key))
-            ec = edge.new_cache()
-            frame = lambda ids, **kw: edge(torch.tensor([ids]), ec, logits="none", **kw).hidden  # noqa: E731
-            assert send(worker, "s1", "step", 0, frames=seal_step(NullCipher(), "s1", 0, 0, frame(prompt), "fp32")
-                        ).token == greedy[0]
-            pos = len(prompt)
-            got = send(worker, "s1", "step", 1, frames=seal_step(
-                NullCipher(), "s1", 1, pos, frame([greedy[0], *tree.tokens], tree=tree), "fp32",
-                draft=list(tree.tokens), tree=list(tree.parents)))
-            assert (got.accepted, got.token) == (2, greedy[3])
-            ec.keep(pos, [0, *got.path])
-            pos = got.pos
-            got = send(worker, "s1", "step", 2, frames=seal_step(  # g3 pending, g4 right, then a wrong guess
-                NullCipher(), "s1", 2, pos, frame([greedy[3], greedy[4], wrong]), "fp32", draft=[greedy[4], wrong]))
-            assert (got.accepted, got.token) == (1, greedy[5])
-            ec.crop(got.pos)
-            got = send(worker, "s1", "step", 3, frames=seal_step(NullCipher(), "s1", 3, got.pos,
-                                                                 frame([greedy[5]]), "fp32"))
-            held = got.pos  # the prompt and g0..g5
-            assert held == len(prompt) + 6 and worker.sessions.get("s1").digests is not None
-            send(worker, "s1", "close", 4, {"close_key": key})
-            assert worker.failed == 0 and len(worker.prefixes) == 1  # the prompt's entry gave way to the session's
+        key = new_close_key()
+        served.send("s1", "open", 0, k, served.opener(key))
+        ec = edge.new_cache()
+        frame = lambda ids, **kw: edge(torch.tensor([ids]), ec, logits="none", **kw).hidden  # noqa: E731
+        assert step("s1", 0, 0, frame(prompt)).token == greedy[0]
+        pos = len(prompt)
+        got = step("s1", 1, pos, frame([greedy[0], *tree.tokens], tree=tree), draft=list(tree.tokens),
+                   tree=list(tree.parents))
+        assert (got.accepted, got.token) == (2, greedy[3])
+        ec.keep(pos, [0, *got.path])
+        # g3 pending, g4 right, then a wrong guess
+        got = step("s1", 2, got.pos, frame([greedy[3], greedy[4], wrong]), draft=[greedy[4], wrong])
+        assert (got.accepted, got.token) == (1, greedy[5])
+        ec.crop(got.pos)
+        got = step("s1", 3, got.pos, frame([greedy[5]]))
+        held = got.pos  # the prompt and g0..g5
+        assert held == len(prompt) + 6 and worker.sessions.get("s1").digests is not None
+        served.send("s1", "close", 4, k, {"close_key": key})
+        assert worker.failed == 0 and len(worker.prefixes) == 1  # the prompt's entry gave way to the session's
 
-            conversation = prompt + greedy[:6] + [got.token]
-            send(worker, "s2", "open", 0, opener(new_close_key()))
-            fresh = edge(torch.tensor([conversation]), edge.new_cache(), logits="none").hidden
-            answer = send(worker, "s2", "step", 0, frames=seal_step(NullCipher(), "s2", 0, 0, fresh, "fp32"))
-            assert worker.prefixes.reused_positions == held
-            assert answer.token == _next_local(tiny_llama, conversation) and worker.failed == 0
+        conversation = prompt + greedy[:6] + [got.token]
+        served.send("s2", "open", 0, k, served.opener(new_close_key()))
+        fresh = edge(torch.tensor([conversation]), edge.new_cache(), logits="none").hidden
+        answer = step("s2", 0, 0, fresh)
+        assert worker.prefixes.reused_positions == held
+        assert answer.token == _next_local(tiny_llama, conversation) and worker.failed == 0
 
-            send(worker, "s3", "open", 0, opener(new_close_key()))
-            other = [40, 41, 42, 43, 44]
-            send(worker, "s3", "step", 0, frames=seal_step(NullCipher(), "s3", 0, 0, edge(
-                torch.tensor([other]), edge.new_cache(), logits="none").hidden, "fp32"))
-            before = len(worker.prefixes)
-            assert worker.sessions.expire(now=time.monotonic() + 10 * worker.sessions.idle_ttl_s) == ["s2", "s3"]
-            assert len(worker.prefixes) == before  # s2 and s3 extend the entries they began with
-            assert worker.prefixes.longest(row_digests(fresh, k), fresh.shape[1])[1] == fresh.shape[1]
-        finally:
-            worker.conn.close()
+        served.send("s3", "open", 0, k, served.opener(new_close_key()))
+        step("s3", 0, 0, edge(torch.tensor([[40, 41, 42, 43, 44]]), edge.new_cache(), logits="none").hidden)
+        before = len(worker.prefixes)
+        assert worker.sessions.expire(now=time.monotonic() + 10 * worker.sessions.idle_ttl_s) == ["s2", "s3"]
+        assert len(worker.prefixes) == before  # s2 and s3 extend the entries they began with
+        assert worker.prefixes.longest(row_digests(fresh, k), fresh.shape[1])[1] == fresh.shape[1]
 
 
 @pytest.mark.parametrize(("tree_nodes", "pipelined"), [(0, False), (0, True), (10, False)])

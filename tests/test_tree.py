@@ -179,54 +179,28 @@ def test_a_worker_verifies_a_tree_step_keeps_the_path_and_continues_like_local(t
     """A real worker (in-process, its connection to a real broker) gets a tree frame: it answers
     with the path the main model takes through the tree, keeps only that path in its cache, and
     the next plain step gives the token a local run gives."""
-    import time
-
-    from brokerutil import running_broker
+    from brokerutil import in_process_worker
 
     from broker.wire.crypto import NullCipher
-    from broker.wire.session_protocol import (
-        OpenParams,
-        close_digest,
-        new_close_key,
-        open_step_reply,
-        seal_step,
-    )
-    from broker.worker_api import Job, WorkerConnection
-    from cloud_worker.worker import CloudWorker, CloudWorkerConfig
-    from partition.sampling import SamplingParams
+    from broker.wire.session_protocol import new_close_key, open_step_reply, seal_step
 
     k = 1
     prompt, greedy, tree = _greedy_tree_case(tiny_llama)
     edge = ModelSegment.load(tiny_llama, 0, k)
-    replies: list = []
-
-    def job(request_id: str, kind: str, step: int, extra: dict, frames: list) -> Job:
-        return Job(request_id=request_id, session_id="s1", model_id=tiny_llama.model_id, step=step, attempt=1,
-                   kind=kind, layer_lo=k, deadline_ms=5000, extra=extra, frames=frames, received_at=time.monotonic())
-
-    with running_broker() as broker:
-        worker = CloudWorker(CloudWorkerConfig(model="tiny-llama", broker=broker.endpoint, curve=False))
-        worker.conn = WorkerConnection(broker.endpoint, worker.info)
-        worker._answer = lambda job_, extra, frames: replies.append((job_.step, frames))
-        try:
-            worker.handle_many([job("o", "open", 0, OpenParams(b"", SamplingParams().to_wire(), "fp32",
-                                                              close_digest(new_close_key())).to_extra(), [])])
-            ec = edge.new_cache()
-            h = edge(torch.tensor([prompt]), ec, logits="none").hidden
-            worker.handle_many([job("s0", "step", 0, {}, seal_step(NullCipher(), "s1", 0, 0, h, "fp32"))])
-            assert open_step_reply(NullCipher(), "s1", 0, replies[-1][1]).token == greedy[0]
-            ht = edge(torch.tensor([[greedy[0], *tree.tokens]]), ec, logits="none", tree=tree).hidden
-            worker.handle_many([job("s1", "step", 1, {}, seal_step(NullCipher(), "s1", 1, len(prompt), ht, "fp32",
-                                                                   draft=list(tree.tokens), tree=list(tree.parents)))])
-            got = open_step_reply(NullCipher(), "s1", 1, replies[-1][1])
-            assert (got.path, got.accepted, got.token, got.pos) == ((2, 4), 2, greedy[3], len(prompt) + 3)
-            ec.keep(len(prompt), [0, *got.path])
-            h = edge(torch.tensor([[greedy[3]]]), ec, logits="none").hidden
-            worker.handle_many([job("s2", "step", 2, {}, seal_step(NullCipher(), "s1", 2, got.pos, h, "fp32"))])
-            after = open_step_reply(NullCipher(), "s1", 2, replies[-1][1])
-            assert after.token == _next_local(tiny_llama, prompt + greedy) and worker.failed == 0
-        finally:
-            worker.conn.close()
+    with in_process_worker() as served:
+        step = lambda n, frames: open_step_reply(NullCipher(), "s1", n, served.send("s1", "step", n, k, frames=frames))  # noqa: E731
+        served.send("s1", "open", 0, k, served.opener(new_close_key()))
+        ec = edge.new_cache()
+        h = edge(torch.tensor([prompt]), ec, logits="none").hidden
+        assert step(0, seal_step(NullCipher(), "s1", 0, 0, h, "fp32")).token == greedy[0]
+        ht = edge(torch.tensor([[greedy[0], *tree.tokens]]), ec, logits="none", tree=tree).hidden
+        got = step(1, seal_step(NullCipher(), "s1", 1, len(prompt), ht, "fp32", draft=list(tree.tokens),
+                                tree=list(tree.parents)))
+        assert (got.path, got.accepted, got.token, got.pos) == ((2, 4), 2, greedy[3], len(prompt) + 3)
+        ec.keep(len(prompt), [0, *got.path])
+        h = edge(torch.tensor([[greedy[3]]]), ec, logits="none").hidden
+        after = step(2, seal_step(NullCipher(), "s1", 2, got.pos, h, "fp32"))
+        assert after.token == _next_local(tiny_llama, prompt + greedy) and served.worker.failed == 0
 
 
 @pytest.mark.integration
