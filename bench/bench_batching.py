@@ -20,6 +20,11 @@ a heartbeat during the phase over the sessions it held then.
 cloud-only mode, eight prompts one after another and then as one batch, the worker's CPU per
 token in each: with the worker's defaults, without its prefix cache (``--prefix-cache-mb 0``),
 and with its row kernel off (``EDGECLOUD_ROW_KERNEL``; the prefix cache is then off too).
+
+``--cold-burst`` runs only this: eight chat prompts (one system prompt, eight questions) reaching
+a fresh worker at once, cloud-only, eight tokens each; the worker's CPU over the burst and the
+time to the first token, with its prefix cache (the first prompt computes the shared beginning,
+the others wait one pass and copy it) and without, each on a fresh cluster, ``--reps`` times.
 """
 
 from __future__ import annotations
@@ -195,6 +200,40 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def cold_burst(model: str, prefix_mb: float) -> dict:
+    """One ``--cold-burst`` run on a fresh cluster: worker CPU and times to the first token."""
+    import statistics
+
+    import psutil
+
+    from broker.wire.crypto import load_api_keys
+    from cli.cluster import LocalCluster
+    from edge_worker.config import EdgeConfig
+    from edge_worker.engine import EdgeEngine
+
+    with LocalCluster(model=model) as cluster:
+        cluster.start_broker()
+        worker = cluster.add_worker(extra_args=("--prefix-cache-mb", f"{prefix_mb:g}"))
+        cluster.wait_for_workers(1, timeout_s=600)
+        settings = EdgeConfig(model=model, force_cloud=True, mini="none", dynamic=False, prefix_cache_mb=0,
+                              broker=cluster.endpoint, keys_dir=cluster.keys_dir,
+                              api_key=sorted(load_api_keys(cluster.keys_dir / "api_keys.txt"))[0])
+        with EdgeEngine(model, settings) as engine:
+            # Both sides warm, without the chat template's system prompt: the burst finds nothing.
+            engine.generate("warm up", engine.params(max_new_tokens=2, raw_prompt=True))
+            ids = [engine.encode(t) for t in prompts()[:8]]
+            process = psutil.Process(worker.popen.pid)
+            c0, t0 = sum(process.cpu_times()[:2]), time.perf_counter()
+            results = engine.generate_many(ids, engine.params(max_new_tokens=8, ignore_eos=True))
+            c1, t1 = sum(process.cpu_times()[:2]), time.perf_counter()
+            time.sleep(3 * cluster.heartbeat_s)  # the next heartbeats carry the reuse count
+            status = engine.client.status()["workers"][0]
+    return {"prefix_cache_mb": prefix_mb, "worker_cpu_ms": round((c1 - c0) * 1e3, 1),
+            "wall_ms": round((t1 - t0) * 1e3, 1), "ttft_ms_median": round(statistics.median(r.ttft_ms for r in results), 1),
+            "prompt_tokens": [len(i) for i in ids], "positions_reused": status.get("prefix_reused", 0),
+            "token_ids": [r.token_ids for r in results]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -209,7 +248,22 @@ def main() -> None:
     ap.add_argument("--seed-check", action="store_true",
                     help="only the seed manager's check: eight prompts one after another, then as one batch, "
                          "with the worker's defaults, without its prefix cache, and with MKL tiles")
+    ap.add_argument("--cold-burst", action="store_true",
+                    help="only eight chat prompts at once at a fresh worker, with its prefix cache and without")
+    ap.add_argument("--reps", type=int, default=3, help="--cold-burst: runs of each")
     args = ap.parse_args()
+    if args.cold_burst:
+        runs = [cold_burst(args.model, mb) for _ in range(args.reps) for mb in (128.0, 0.0)]
+        same = all(r["token_ids"] == runs[0]["token_ids"] for r in runs)
+        for r in runs:
+            print(json.dumps({k: v for k, v in r.items() if k != "token_ids"}) if args.json else
+                  f"prefix cache {r['prefix_cache_mb']:g} MiB: worker CPU {r['worker_cpu_ms']} ms, wall "
+                  f"{r['wall_ms']} ms, first token after {r['ttft_ms_median']} ms (median), positions copied "
+                  f"{r['positions_reused']}")
+        print(f"same tokens in every run: {same}", file=sys.stderr)
+        if not same:
+            raise SystemExit(1)
+        return
     if args.seed_check:
         rows = [seed_check(args.model, args.tokens, kernel, prefix_mb)
                 for kernel, prefix_mb in (("auto", 128.0), ("auto", 0.0), ("off", 128.0))]

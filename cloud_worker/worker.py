@@ -53,6 +53,10 @@ log = logging.getLogger(__name__)
 
 # How often the compute loop wakes when idle, to expire sessions and notice a stop request.
 _IDLE_POLL_S = 0.2
+# A new prompt sharing at least this many more positions with another prompt of the same pass than
+# the prefix cache holds waits for that one and copies them (below it, computing them costs less
+# than a pass's wait).
+_SHARED_PREFILL_MIN = 16
 
 
 def pick_device(name: str) -> torch.device:
@@ -134,10 +138,26 @@ class _Pending:
     # whose kept rows are digested once known); a prompt's joins the prefix cache when computed.
     digests: list[bytes] | None = None
     prompt: bool = False
+    filled: bool = False  # a prompt's known beginning has been copied (_fill_prompts)
 
     def next_chunk(self) -> tuple[int, int, int]:
         """``(a, b, logit rows)`` of the chunk the next pass computes."""
         return next(c for c in chunk_plan(self.hidden.shape[1], len(self.draft) + 1) if c[0] == self.done)
+
+
+def _shared_prefix(a: list[bytes] | None, b: list[bytes], most: int) -> int:
+    """How many leading positions two chained digest lists share (at most ``most``): position
+    ``i`` agrees exactly when every position before it does, so a bisection finds the last."""
+    if a is None:
+        return 0
+    lo, hi = 0, min(len(a), len(b), most)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[mid - 1] == b[mid - 1]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 class CloudWorker:
@@ -186,6 +206,9 @@ class CloudWorker:
         self._prefilling: list[_Pending] = []
         self._held: dict[str, list[Job]] = {}
         self._resumed: list[Job] = []
+        # New prompts waiting for another session's prompt, which begins the same way, to be
+        # computed and kept (by that session's id); then they copy it (_fill_prompts).
+        self._after_prompt: dict[str, list[_Pending]] = {}
         self.conn: WorkerConnection | None = None
 
     def serve(self) -> None:
@@ -272,6 +295,7 @@ class CloudWorker:
             else:
                 batch, self._prefilling = self._prefilling, []
             busy = {p.job.session_id for p in batch}
+            busy |= {p.job.session_id for waiting in self._after_prompt.values() for p in waiting}
             resumed = {j.session_id for j in self._resumed}
             for job in round_jobs:
                 if job.session_id in busy:
@@ -441,11 +465,9 @@ class CloudWorker:
         digests, prompt = None, False
         if session.digests is not None and req.tree is None:  # a tree's kept rows are digested once known
             digests = row_digests(hidden, session.layer_lo, session.digests[-1] if pos else None)
-            if pos == 0 and not req.draft and hidden.shape[1] > 1:
-                # A prompt: its longest known beginning is copied (its last position is computed,
-                # its logits are the answer), and the whole prompt is kept once computed.
-                prompt = True
-                hidden = hidden[:, self.prefixes.fill(digests, cache, hidden.shape[1] - 1):]
+            # A prompt: its longest known beginning is copied before its pass (_fill_prompts), and
+            # the whole prompt is kept once computed.
+            prompt = pos == 0 and not req.draft and hidden.shape[1] > 1
         return _Pending(job, session, hidden, pos, list(req.draft), req.seen or (), req.epoch, req.tree,
                         digests=digests, prompt=prompt)
 
@@ -455,10 +477,43 @@ class CloudWorker:
         layers = self.source.n_layers - session.layer_lo
         return (cache.capacity_for(length) - cache.capacity()) * layers * self._kv_position_layer_bytes
 
+    def _fill_prompts(self, batch: list[_Pending]) -> list[_Pending]:
+        """Copy each new prompt's longest known beginning into its cache (its last position is
+        computed: its logits are the answer). A prompt sharing a longer beginning with another
+        prompt of this pass than the cache holds waits for that one to be computed and kept, then
+        copies it: chats that arrive together at a cold worker compute their system prompt once.
+        Returns what this pass computes."""
+        if self.prefixes is None:
+            return batch
+        out: list[_Pending] = []
+        computing: list[_Pending] = []  # prompts whose beginnings this pass computes
+        for p in batch:
+            if not p.prompt or p.filled:
+                out.append(p)
+                if p.prompt:
+                    computing.append(p)  # a prefill part-way through
+                continue
+            assert p.digests is not None  # a prompt's are taken in _prepare_step
+            most = p.hidden.shape[1] - 1
+            known = self.prefixes.longest(p.digests, most)[1]
+            shared, leader = max(((_shared_prefix(c.digests, p.digests, most), c) for c in computing),
+                                 key=lambda t: t[0], default=(0, None))
+            if leader is not None and shared >= known + _SHARED_PREFILL_MIN:
+                self._after_prompt.setdefault(leader.job.session_id, []).append(p)
+                continue
+            p.hidden = p.hidden[:, self.prefixes.fill(p.digests, p.session.cache, most):]
+            p.filled = True
+            computing.append(p)
+            out.append(p)
+        return out
+
     def _run_batch(self, batch: list[_Pending]) -> None:
         """One forward pass over the batch's steps (a long frame's next chunk), then the verdict
         and reply of each step whose frame is through; the others wait in ``_prefilling``."""
         assert self.conn is not None, "serve() sets the connection before jobs arrive"
+        batch = self._fill_prompts(batch)
+        if not batch:
+            return
         chunks = [p.next_chunk() for p in batch]
         t0 = time.perf_counter()
         try:
@@ -531,8 +586,10 @@ class CloudWorker:
             log.exception("session %s could not join the prefix cache", session.session_id)
 
     def _release(self, session_id: str) -> None:
-        """The jobs that waited for this session's frame go in the next pass, in order."""
+        """The jobs that waited for this session's frame go in the next pass, in order, and so do
+        the prompts that waited for its prompt (kept by then, unless it failed)."""
         self._resumed.extend(self._held.pop(session_id, ()))
+        self._prefilling.extend(self._after_prompt.pop(session_id, ()))
 
     def _skipped(self, job: Job, session: Session) -> tuple[dict, list]:
         worker_ms = (time.monotonic() - job.received_at) * 1e3

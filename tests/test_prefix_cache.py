@@ -385,3 +385,42 @@ def test_a_conversations_next_turn_goes_to_the_worker_that_holds_its_earlier_tur
         # other worker had nothing of it.
         assert reused[home] == len(prompt) + 11
         assert sum(reused.values()) == reused[home]
+
+
+def test_prompts_arriving_together_compute_their_shared_beginning_once(tiny_llama):
+    """Three prompts reach a cold worker in one gather, two sharing a 40-position beginning: the
+    first computes it, the second waits one pass and copies it, the third (nothing shared) runs
+    beside the first; every answer is the token each prompt gives alone."""
+    import time
+
+    from brokerutil import in_process_worker
+    from test_tree import _next_local
+
+    from broker.wire.crypto import NullCipher
+    from broker.wire.session_protocol import new_close_key, open_step_reply, seal_step
+    from broker.worker_api import Job
+
+    _segment(tiny_llama)  # skips where the row kernel does not run
+    prompts = {"a": SYSTEM + [50, 51, 52], "b": SYSTEM + [60, 61], "c": [7, 8, 9, 10, 11]}
+    embed = ModelSegment.load(tiny_llama, 0, 0)  # cloud-only: the edge sends the embeddings
+    with in_process_worker() as served:
+        worker = served.worker
+        for sid in prompts:
+            served.send(sid, "open", 0, 0, served.opener(new_close_key()))
+        jobs = [Job(request_id=f"{sid}-step", session_id=sid, model_id=tiny_llama.model_id, step=1, attempt=1,
+                    kind="step", layer_lo=0, deadline_ms=5000, extra={}, received_at=time.monotonic(),
+                    frames=seal_step(NullCipher(), sid, 1, 0, embed(torch.tensor([ids]), embed.new_cache(),
+                                                                   logits="none").hidden, "fp32"))
+                 for sid, ids in prompts.items()]
+        passes = 0
+        worker.handle_many(jobs)  # as the serve loop: one gather, then passes while prompts wait
+        passes += 1
+        assert set(served.replies) >= {("a", 1), ("c", 1)} and ("b", 1) not in served.replies
+        while worker._prefilling:
+            carry, worker._prefilling = worker._prefilling, []
+            worker.handle_many([], carry)
+            passes += 1
+        assert passes == 2 and not worker._after_prompt and worker.failed == 0
+        assert worker.prefixes.reused_positions == len(SYSTEM)  # b copied a's beginning
+        for sid, ids in prompts.items():
+            assert open_step_reply(NullCipher(), sid, 1, served.replies[sid, 1]).token == _next_local(tiny_llama, ids)
