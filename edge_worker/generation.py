@@ -179,7 +179,8 @@ class EdgeGenerator:
         self._t_start = time.perf_counter()  # the current generation's start (generate sets it)
         # The boundary activations of the positions the edge cache holds, in runs as computed
         # (_observed): what the cloud got of them, kept with the generation for the next turn.
-        self._boundary: list[torch.Tensor] = []
+        # None: a position went unseen, so nothing is kept.
+        self._boundary: list[torch.Tensor] | None = []
         self._boundary_len = 0
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
@@ -720,7 +721,7 @@ class EdgeGenerator:
         assert self.prefixes is not None
         extra = None
         if self.backend is not None:
-            if self._boundary_len < len(ids):
+            if self._boundary is None or self._boundary_len < len(ids):
                 return  # some positions went unseen (cannot happen while every edge run reports them)
             extra = torch.cat(self._boundary, dim=1)[:, :len(ids)]
         self.prefixes.add(row_digests(torch.tensor([ids]), self._prefix_salt()), cache, extra)
@@ -736,8 +737,8 @@ class EdgeGenerator:
         if self.prefixes is not None and self.backend is not None:
             if start == 0:  # a prompt, or the cache rebuilt for a new split
                 self._boundary, self._boundary_len = [], 0
-            if start > self._boundary_len:  # a gap (cannot happen): nothing is kept
-                self._boundary, self._boundary_len = [], -(2**62)
+            if self._boundary is None or start > self._boundary_len:  # a gap (cannot happen)
+                self._boundary = None
             else:
                 self._crop_boundary(start)
                 self._boundary.append(hidden)
@@ -747,6 +748,7 @@ class EdgeGenerator:
             observe(hidden, start)
 
     def _crop_boundary(self, length: int) -> None:
+        assert self._boundary is not None
         while self._boundary_len > length:
             last = self._boundary.pop()
             self._boundary_len -= last.shape[1]
