@@ -81,6 +81,7 @@ class LocalCluster:
     servers: list[Proc] = field(default_factory=list)  # `edgecloud serve` processes
 
     def __post_init__(self) -> None:
+        self._brokers_started = 0
         self._owns_workdir = self.workdir is None
         if self.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="edgecloud-"))
@@ -105,8 +106,11 @@ class LocalCluster:
         return Proc(name, popen, log_path)
 
     def start_broker(self, *args: str) -> Proc:
-        """Start the broker; ``args`` are extra ``edgecloud broker`` options."""
-        self.broker = self._spawn("broker", ["broker", "--endpoint", self.endpoint,
+        """Start the broker; ``args`` are extra ``edgecloud broker`` options. A restarted broker
+        logs to broker-2.log, broker-3.log, ...: the log of the one before stays readable."""
+        self._brokers_started += 1
+        name = "broker" if self._brokers_started == 1 else f"broker-{self._brokers_started}"
+        self.broker = self._spawn(name, ["broker", "--endpoint", self.endpoint,
                                              "--heartbeat", str(self.heartbeat_s), *self._curve_args(), *args])
         return self.broker
 
@@ -175,7 +179,8 @@ class LocalCluster:
                 progress(len(st.get("workers", [])), time.monotonic() - t0)
                 next_report += every_s
             time.sleep(0.2)
-        raise ClusterError(f"{n} workers did not register within {timeout_s:.0f} s; last status: {st}")
+        raise ClusterError(f"{n} workers did not register within {timeout_s:.0f} s; last status: {st}\n"
+                           f"{self.log_tails()}")
 
     def check_alive(self) -> None:
         for proc in [self.broker, *self.workers]:
@@ -226,6 +231,14 @@ class LocalCluster:
 
     def worker_named(self, worker_id: str) -> Proc:
         return next(p for p in self.workers if p.name == worker_id)
+
+    def log_tails(self, n_chars: int = 2000) -> str:
+        """The end of every child's log, restarted ones included: what a failing test prints."""
+        parts = []
+        for path in sorted(Path(self.workdir).glob("*.log")):
+            with contextlib.suppress(OSError):
+                parts.append(f"--- {path.name}\n{path.read_text(errors='replace')[-n_chars:]}")
+        return "\n".join(parts)
 
     def kill(self, proc: Proc, sig: int = signal.SIGKILL) -> None:
         with contextlib.suppress(ProcessLookupError):

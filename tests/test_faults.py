@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from cli.cluster import LocalCluster
+from cli.cluster import ClusterError, LocalCluster
 
 pytestmark = pytest.mark.integration  # every test here starts real processes
 
@@ -28,12 +28,12 @@ def start_edge(cluster: LocalCluster, *args: str) -> subprocess.Popen:
                               "--timeout", "2", *args)
 
 
-def finish(edge: subprocess.Popen) -> dict:
+def finish(edge: subprocess.Popen, cluster: LocalCluster) -> dict:
     try:
         out, err = edge.communicate(timeout=120)
     finally:
         edge.kill()
-    assert edge.returncode == 0, err[-3000:]
+    assert edge.returncode == 0, f"{err[-3000:]}\n{cluster.log_tails()}"
     return json.loads(out)
 
 
@@ -92,7 +92,12 @@ def test_a_restarted_broker_is_found_again_by_edge_and_worker():
         cluster.kill(cluster.broker)  # kill -9
         cluster.broker.popen.wait(10)
         cluster.start_broker()  # same address; the worker re-registers, the edge reopens and replays
-        result = finish(edge)
+        try:  # fails with every log if the broker or the worker does not come back
+            cluster.wait_for_workers(1, timeout_s=40)
+        except ClusterError:
+            edge.kill()
+            raise
+        result = finish(edge, cluster)
         assert result["token_ids"] == expected
         assert result["retries"] >= 1
         assert result["fallback_at_step"] is None
@@ -107,7 +112,7 @@ def test_with_every_worker_gone_the_edge_finishes_locally():
         edge = start_edge(cluster, "--deadline", "5")
         cluster.wait_for_decoding(edge)
         cluster.kill(cluster.workers[0])
-        result = finish(edge)
+        result = finish(edge, cluster)
         assert result["token_ids"] == expected
         assert result["fallback_at_step"] is not None and result["fallback_at_step"] > 0
 
