@@ -157,19 +157,13 @@ def check_model(shape: str, dtype_name: str, device, batches: list[int], steps: 
 
 def cluster_check(device: str, dtype: str) -> dict:
     """A real broker and cloud worker process (--device, --dtype) serving tiny-llama to a cloud-only
-    edge in this process; its tokens against the same layers run here."""
-    import torch
-
+    edge engine in this process; its tokens against the engine running every layer here on the
+    same device and dtype (the edge's --device, --dtype)."""
     from broker.wire.crypto import load_api_keys
     from cli.cluster import LocalCluster
-    from edge_worker.backends import LocalBackend
     from edge_worker.config import EdgeConfig
     from edge_worker.engine import EdgeEngine
-    from edge_worker.generation import EdgeGenerator
-    from partition.models import resolve_model
-    from partition.segment import ModelSegment
 
-    source = resolve_model("tiny-llama")
     prompts = [[(11 * i + 5 * j) % 250 + 3 for j in range(4 + i)] for i in range(6)]
     wire = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype]
     with LocalCluster(model="tiny-llama") as cluster:
@@ -183,13 +177,10 @@ def cluster_check(device: str, dtype: str) -> dict:
             params = engine.params(ignore_eos=True)
             alone = [engine.generate(p, params).token_ids for p in prompts]
             together = [r.token_ids for r in engine.generate_many(prompts, params)]
-    layers = ModelSegment.load(source, 0, source.n_layers, embed=False, dtype=getattr(torch, dtype), device=device)
-    tokenizer = source.load_tokenizer()
-    expected = []
-    for p in prompts:
-        layers_backend = LocalBackend(layers)
-        generator = EdgeGenerator(ModelSegment.load(source, 0, 0), layers_backend, tokenizer, set(), "cloud")
-        expected.append(generator.generate(p, 40).token_ids)
+    here = EdgeConfig(model="tiny-llama", force_local=True, device=device, dtype=dtype, max_new_tokens=40)
+    with EdgeEngine("tiny-llama", here) as engine:
+        params = engine.params(ignore_eos=True)
+        expected = [engine.generate(p, params).token_ids for p in prompts]
     return {"device": device, "dtype": dtype, "worker_equals_in_process": alone == expected,
             "batched_equals_in_process": together == expected}
 

@@ -138,6 +138,10 @@ EDGE_OPTIONS: tuple[Opt, ...] = (
          "one measured round trip (default), or only after --timeout.", "--adaptive-timeout", "--fixed-timeout"),
     _opt("no_fallback", bool, False, "fallback_local", "Fail instead of running the rest of the model here "
          "when the cloud is gone.", convert=_negated),
+    _opt("device", str, "cpu", "device", "Where this device's own layers compute: cpu, cuda, or auto (a GPU "
+         "when torch sees one)."),
+    _opt("dtype", str, "auto", "dtype", "What this device's own layers compute in: auto (a model object's own "
+         "dtype, else float32 on a CPU and bfloat16 on a GPU), float32, bfloat16 or float16."),
     _opt("cloud_latency", float, 0.0, "cloud_latency_s", "Emulated extra round trip to the cloud, seconds."),
     _opt("bandwidth_mbps", float | None, None, "bandwidth_mbps", "Emulated link bandwidth, Mbit/s."),
     Opt("mini", MiniOpt, "auto", "mini", flags=("--mini",)),

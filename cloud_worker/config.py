@@ -6,28 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-DEVICES = ("auto", "cpu", "cuda")
-# What a worker computes in: "auto" is float32 on a CPU (the row kernel, and outputs equal to an
-# edge's float32 local run) and bfloat16 on a GPU (float32's range, half its bytes).
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def check_device(name: str) -> None:
-    if name not in DEVICES:
-        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
-
-
-def check_dtype(name: str) -> None:
-    if name not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
-
-
-def dtype_name(name: str, device_type: str) -> str:
-    """The dtype a worker on ``device_type`` ("cpu" or "cuda") computes in for ``--dtype name``."""
-    check_dtype(name)
-    if name == "auto":
-        return "float32" if device_type == "cpu" else "bfloat16"
-    return name
+from partition.devices import check_device, check_dtype
 
 
 @dataclass(frozen=True)

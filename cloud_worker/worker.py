@@ -37,9 +37,10 @@ from broker.wire.session_protocol import (
     seal_step_reply,
 )
 from broker.worker_api import Job, WorkerConnection, WorkerInfo
-from cloud_worker.config import CloudWorkerConfig, check_device, dtype_name
+from cloud_worker.config import CloudWorkerConfig
 from cloud_worker.faults import FaultInjector
 from cloud_worker.sessions import Session, SessionTable
+from partition.devices import pick_device, pick_dtype
 from partition.models import resolve_model
 from partition.prefix_cache import PrefixCache, row_digests
 from partition.profile import kv_bytes_per_token_per_layer, measure_decode_ms
@@ -57,15 +58,6 @@ _IDLE_POLL_S = 0.2
 # the prefix cache holds waits for that one and copies them (below it, computing them costs less
 # than a pass's wait).
 _SHARED_PREFILL_MIN = 16
-
-
-def pick_device(name: str) -> torch.device:
-    check_device(name)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
-    return torch.device(name)
 
 
 class LayerCost:
@@ -167,7 +159,7 @@ class CloudWorker:
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self.device = pick_device(config.device)
-        self.dtype = dtype = getattr(torch, dtype_name(config.dtype, self.device.type))
+        self.dtype = dtype = pick_dtype(config.dtype, self.device)
         log.info("loading %s on %s in %s, then measuring its speed", config.model, self.device, dtype)
         self.source = resolve_model(config.model)
         self.segment = ModelSegment.load(

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker.wire import WIRE_DTYPE_NAMES
+from partition.devices import check_device, check_dtype
 from partition.sampling_params import MAX_DRAFT_TOKENS, MAX_GROUP, MAX_TREE_NODES
 
 DEFAULT_BROKER = "tcp://127.0.0.1:5555"
@@ -114,6 +115,10 @@ class EdgeConfig:
     cloud_latency_s: float = 0.0  # emulated extra round trip between edge and broker
     bandwidth_mbps: float | None = None  # emulated link bandwidth, each direction; None: unlimited
     torch_threads: int | None = None  # None keeps torch's default (one per core)
+    # Where the edge's own layers compute (cpu, cuda, or auto: a GPU when torch sees one) and in
+    # what (auto: a model object's own dtype, else float32 on a CPU and bfloat16 on a GPU).
+    device: str = "cpu"
+    dtype: str = "auto"
     # Prompts' and generations' keys and values of the edge's layers kept for generations that start
     # the same way (partition/prefix_cache.py: a system prompt, a conversation's earlier turns); 0: none.
     prefix_cache_mb: float = 64.0
@@ -181,6 +186,8 @@ class EdgeConfig:
                        self.repetition_penalty)  # raises ValueError on a value it cannot draw with
         if self.reduce_dims is not None and self.reduce_dims < 1:
             raise ValueError(f"--reduce-dims must be at least 1, got {self.reduce_dims}")
+        check_device(self.device)
+        check_dtype(self.dtype)
         if self.wire_dtype not in WIRE_DTYPE_NAMES:
             raise ValueError(f"wire dtype must be one of {', '.join(WIRE_DTYPE_NAMES)}, got {self.wire_dtype!r}")
         if not self.force_local:

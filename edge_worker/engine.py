@@ -38,6 +38,7 @@ from edge_worker.backends import LocalBackend
 from edge_worker.config import EdgeConfig
 from edge_worker.generation import EdgeGenerator, GenerationCancelled, GenerationResult, mode_for
 from edge_worker.planning import Decision, ReplanWatch, SplitPlanner, servable_splits
+from partition.devices import pick_device, pick_dtype
 from partition.errors import InvalidSplitError, PartitionError
 from partition.models import ModelSource, source_of
 from partition.planner import WIFI, Conditions, PowerModel, Weights
@@ -218,6 +219,8 @@ class EdgeEngine:
         self.progress(f"preparing model {model if isinstance(model, str) else settings.model}")
         self.source = source_of(settings.model if model is None else model)
         self.settings = apply_leakage_budget(settings, self.source)
+        self.device = pick_device(self.settings.device)
+        self.dtype = self._dtype(self.settings.dtype)
         n = self.source.n_layers
         self.fixed_split = resolve_split(self.settings, n)
         self.tokenizer = tokenizer or self.source.load_tokenizer()
@@ -497,6 +500,13 @@ class EdgeEngine:
         log.warning("%s; running every layer here", error)
         return Decision(n, f"{RAN_HERE}: no worker serves split {k} of this model", None, None, None, now)
 
+    def _dtype(self, name: str) -> torch.dtype:
+        """What the edge's layers compute in: ``auto`` keeps a model object's own dtype and
+        takes float32 on a CPU, bfloat16 on a GPU for weights read from files."""
+        if name == "auto" and (self.source.module is not None or self.device.type == "cpu"):
+            return self.source.dtype
+        return pick_dtype(name, self.device)
+
     # --- parts, loaded once ------------------------------------------------------------------------
     def segment(self, lo: int, hi: int, *, head: bool, embed: bool | None = None) -> ModelSegment:
         """Layers ``[lo, hi)`` (with the embedding iff ``lo == 0``, unless ``embed`` says), loaded
@@ -510,7 +520,7 @@ class EdgeEngine:
             what = f"layers [{lo}, {hi}) of {self.source.n_layers}" + (" and the head" if head else "")
             self.progress(f"loading {what}")
             t0 = time.perf_counter()
-            seg = ModelSegment.load(self.source, lo, hi, embed=embed, head=head)
+            seg = ModelSegment.load(self.source, lo, hi, embed=embed, head=head, dtype=self.dtype, device=self.device)
             log.info("segment ready: %s (%.1f s)", seg.describe(), time.perf_counter() - t0)
             self._segments[(lo, hi, embed, head)] = seg
             while len(self._segments) > MAX_CACHED_SEGMENTS:

@@ -44,7 +44,7 @@ def row_digests(rows: torch.Tensor, salt: int | str, prev: bytes | None = None) 
     """The chained digest of every prefix of ``rows`` ((1, T) ids or (1, T, H) hidden states):
     entry ``i`` covers rows ``0..i``, their dtype and shape, and ``salt``. ``prev``: the digest of
     the rows before these (a session's later frame), whose chain this one continues."""
-    flat = rows[0].contiguous()
+    flat = rows[0].cpu().contiguous()
     if prev is None:
         prev = hashlib.blake2b(f"{salt}|{flat.dtype}|{tuple(flat.shape[1:])}".encode(), digest_size=16).digest()
     data = flat.view(torch.uint8).numpy().reshape(flat.shape[0], -1)  # a row's bytes per line

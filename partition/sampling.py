@@ -56,7 +56,9 @@ def _seen_ids(seen: Sequence[int] | torch.Tensor) -> torch.Tensor:
 def processed_logits(logits: torch.Tensor, params: SamplingParams, seen: Sequence[int] = ()) -> torch.Tensor:
     """One row of logits (V,) after the penalty on ``seen`` and, when sampling, the warpers
     (tokens they drop are -inf). Greedy without a penalty returns the logits unchanged."""
-    scores = logits.float().reshape(1, -1)
+    # On the CPU whatever device computed them: the draw (a CPU generator) and the history ids are
+    # there, and the same seed then picks the same token on every device.
+    scores = logits.detach().float().cpu().reshape(1, -1)
     if params.uses_history and len(seen):
         scores = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(_seen_ids(seen), scores)
     if not params.greedy:

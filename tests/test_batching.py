@@ -166,23 +166,21 @@ def test_a_worker_batches_concurrent_sessions_and_each_gets_the_text_it_gets_alo
 @pytest.mark.integration
 def test_a_bfloat16_worker_gives_what_its_layers_give_in_process(tiny_llama):
     """``--dtype bfloat16`` (a GPU worker's default) on this CPU: the cloud-only tokens of several
-    prompts, one at a time and batched, equal an in-process run of the same layers in bfloat16
-    (the activations cross the wire in bf16, the dtype the worker computes in), and differ from
-    float32's somewhere (the option took effect)."""
+    prompts, one at a time and batched, equal the engine's local run of every layer with
+    ``--dtype bfloat16`` (the activations cross the wire in bf16, the dtype the worker computes
+    in), and differ from float32's somewhere (the option took effect)."""
     from broker.wire.crypto import load_api_keys
     from cli.cluster import LocalCluster
-    from edge_worker.backends import LocalBackend
     from edge_worker.config import EdgeConfig
     from edge_worker.engine import EdgeEngine
-    from edge_worker.generation import EdgeGenerator
 
     prompts = [[(11 * i + 5 * j) % 250 + 3 for j in range(4 + i)] for i in range(6)]
-    tokenizer = tiny_llama.load_tokenizer()
 
-    def in_process(ids: list[int], dtype: torch.dtype) -> list[int]:
-        backend = LocalBackend(ModelSegment.load(tiny_llama, 0, tiny_llama.n_layers, embed=False, dtype=dtype))
-        generator = EdgeGenerator(ModelSegment.load(tiny_llama, 0, 0), backend, tokenizer, set(), "cloud")
-        return generator.generate(ids, 40).token_ids
+    def on_this_device(dtype: str) -> list[list[int]]:
+        """Every layer in this process, in ``dtype`` (the engine's --dtype)."""
+        with EdgeEngine("tiny-llama", EdgeConfig(model="tiny-llama", force_local=True, dtype=dtype)) as engine:
+            params = engine.params(ignore_eos=True, max_new_tokens=40)
+            return [engine.generate(p, params).token_ids for p in prompts]
 
     with LocalCluster(model="tiny-llama", worker_threads=1) as cluster:
         cluster.start_broker()
@@ -196,9 +194,9 @@ def test_a_bfloat16_worker_gives_what_its_layers_give_in_process(tiny_llama):
             alone = [engine.generate(p, params).token_ids for p in prompts]
             together = [r.token_ids for r in engine.generate_many(prompts, params)]
         assert "in bfloat16" in worker.log_tail(10**6)
-    expected = [in_process(p, torch.bfloat16) for p in prompts]
+    expected = on_this_device("bfloat16")
     assert alone == expected and together == expected
-    assert expected != [in_process(p, torch.float32) for p in prompts]
+    assert expected != on_this_device("float32")
 
 
 def test_the_row_kernel_sums_each_row_alike_in_any_call_and_close_to_torch():

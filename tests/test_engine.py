@@ -91,6 +91,48 @@ def test_a_bfloat16_object_runs_in_bfloat16(tiny_llama):
     assert result.token_ids == hf_greedy(model, ids, 8)
 
 
+def test_dtype_bfloat16_runs_the_layers_read_from_files_in_bfloat16(tiny_llama):
+    """``--dtype bfloat16`` (weights from files): the edge's layers hold and compute in bfloat16,
+    and the text is transformers' own for the model loaded in bfloat16."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama.directory, dtype=torch.bfloat16).eval()
+    ids = tiny_llama.load_tokenizer()("half precision from files")["input_ids"]
+    with local_engine("tiny-llama", dtype="bfloat16") as engine:
+        assert (engine.device, engine.dtype) == (torch.device("cpu"), torch.bfloat16)
+        edge = engine.edge_segment(tiny_llama.n_layers)
+        assert edge.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+        result = engine.generate(ids, engine.params(max_new_tokens=12))
+    assert result.token_ids == hf_greedy(model, ids, 12)
+
+
+def test_an_explicit_dtype_converts_the_users_object_and_auto_keeps_its_own(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama.directory, dtype=torch.bfloat16).eval()
+    with local_engine(model) as engine:
+        assert engine.dtype == torch.bfloat16
+    ids = tiny_llama.load_tokenizer()("asked for float32")["input_ids"]
+    with local_engine(model, dtype="float32") as engine:
+        assert engine.edge_segment(tiny_llama.n_layers).layers[0].mlp.up_proj.weight.dtype == torch.float32
+        result = engine.generate(ids, engine.params(max_new_tokens=10))
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16  # the object itself is untouched
+    assert result.token_ids == hf_greedy(model.float(), ids, 10)
+
+
+def test_a_device_or_dtype_that_cannot_be_had_is_refused_clearly():
+    from edge_worker.config import EdgeConfig
+    from edge_worker.engine import EdgeEngine
+
+    with pytest.raises(ValueError, match="--device must be auto, cpu or cuda"):
+        EdgeConfig(force_local=True, device="tpu")
+    with pytest.raises(ValueError, match="--dtype must be one of"):
+        EdgeConfig(force_local=True, dtype="int4")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA device"):
+            EdgeEngine("tiny-llama", EdgeConfig(force_local=True, device="cuda"))
+
+
 def test_a_saved_checkpoint_of_an_object_is_the_same_model(tiny_llama, llama_object, tmp_path):
     from partition.models import resolve_model, save_checkpoint, source_of
 
