@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import traceback
 from collections import Counter, OrderedDict, deque
 from typing import Any
 
@@ -52,6 +53,7 @@ from broker.errors import (
     NoWorkerAvailable,
     PoisonRequest,
     ProtocolError,
+    RemoteError,
     RequestTimeout,
     WorkerLost,
 )
@@ -176,13 +178,19 @@ class Broker:
                 if stop_event is not None and stop_event.is_set():
                     break
                 now = time.monotonic()
-                self._run_timers(now)
+                try:
+                    self._run_timers(now)
+                except Exception:  # a bug must not end every session with the broker
+                    self._internal_error("running timers")
                 cap = STOP_EVENT_POLL_S if stop_event is not None else MAX_POLL_S
                 events = dict(poller.poll(poll_timeout_ms(self._next_wakeup(), now, cap)))
                 if self._waker.fileno() in events:
                     self._waker.drain()
                 if self._sock in events:
-                    self._drain_socket()
+                    try:
+                        self._drain_socket()
+                    except Exception:
+                        self._internal_error("reading the socket")
         finally:
             self._shutdown()
 
@@ -241,7 +249,20 @@ class Broker:
                 identity, ProtocolError("wrong_direction", f"{type(msg).__name__} is not for the broker")
             )
             return
-        handler(self, identity, msg)
+        try:
+            handler(self, identity, msg)
+        except Exception as exc:  # one message's bug must not end every session with the broker
+            self._internal_error(f"handling {type(msg).__name__}")
+            rid = getattr(msg, "request_id", "")
+            if isinstance(msg, p.Request | p.Status | p.Ping) and rid and rid not in self._requests:
+                # Not tracked, so nothing else will answer it: the client hears why at once.
+                self._reply_error(identity, rid, RemoteError("BrokerInternalError", f"{type(exc).__name__}: {exc}"))
+
+    def _internal_error(self, what: str) -> None:
+        """Count and log (with its traceback, rate-limited) an exception the loop survived."""
+        self.counters["internal_errors"] += 1
+        self._warn.warn(f"internal:{what}", "internal error %s (the broker carries on):\n%s", what,
+                        traceback.format_exc())
 
     def _bad_input(self, identity: bytes, exc: ProtocolError) -> None:
         self.protocol_errors[exc.reason] += 1

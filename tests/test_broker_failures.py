@@ -307,3 +307,29 @@ def test_status_reports_load_and_liveness(broker: Broker) -> None:
         assert st["pending_requests"] == 1 and st["sessions"] == 1 and st["uptime_s"] > 0
         assert st["protocol_version"] == p.PROTOCOL_VERSION
         w.gate.set()
+
+
+def test_a_bug_in_handling_one_message_is_survived_counted_and_answered(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception in a handler (a bug: bad input gets typed errors before it) fails that request
+    with a typed error at once; the broker logs it, counts it, and serves everyone else."""
+    from broker import broker as broker_module
+    from broker.errors import RemoteError
+
+    real = broker_module._HANDLERS[p.Request]
+    calls = []
+
+    def flaky(self: Broker, identity: bytes, msg: p.Request) -> None:
+        calls.append(msg.session_id)
+        if msg.session_id == "unlucky":
+            raise KeyError("a bug")
+        real(self, identity, msg)
+
+    monkeypatch.setitem(broker_module._HANDLERS, p.Request, flaky)
+    with echo_workers(broker.endpoint, "w1"), client(broker.endpoint) as c:
+        with pytest.raises(RemoteError, match="BrokerInternalError: KeyError"):
+            c.request("unlucky", "open", MODEL, 2, 0, timeout_s=LONG_S)
+        assert c.request("lucky", "open", MODEL, 2, 0).worker_id == "w1"
+        assert counters(c)["internal_errors"] == 1
+    assert calls == ["unlucky", "lucky"]
