@@ -17,9 +17,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from broker.errors import EdgeCloudError
+
+if TYPE_CHECKING:
+    from broker.client_api import BrokerClient
 
 ROOT = Path(__file__).resolve().parent.parent
 STOP_GRACE_S = 5.0
@@ -43,6 +49,13 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def cli_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "cli.main", *args]
+
+
+def jsonable(o: object) -> str:
+    """``json.dumps``'s default for a status map: bytes as hex, anything else as its str."""
+    if isinstance(o, bytes | bytearray | memoryview):
+        return bytes(o).hex()
+    return str(o)
 
 
 class ClusterError(RuntimeError):
@@ -169,18 +182,35 @@ class LocalCluster:
         deadline = t0 + timeout_s
         next_report = t0 + every_s
         st: dict = {}
-        while time.monotonic() < deadline:
-            self.check_alive()
-            with contextlib.suppress(ClusterError, json.JSONDecodeError):
-                st = self.status()
-                if len(st.get("workers", [])) >= n:
-                    return st
-            if progress is not None and time.monotonic() >= next_report:
-                progress(len(st.get("workers", [])), time.monotonic() - t0)
-                next_report += every_s
-            time.sleep(0.2)
+        with self._watcher() as watcher:
+            while time.monotonic() < deadline:
+                self.check_alive()
+                with contextlib.suppress(EdgeCloudError):
+                    st = json.loads(json.dumps(watcher.status(timeout_s=2.0), default=jsonable))  # as `status --json`
+                    if len(st.get("workers", [])) >= n:
+                        return st
+                if progress is not None and time.monotonic() >= next_report:
+                    progress(len(st.get("workers", [])), time.monotonic() - t0)
+                    next_report += every_s
+                time.sleep(0.2)
         raise ClusterError(f"{n} workers did not register within {timeout_s:.0f} s; last status: {st}\n"
                            f"{self.log_tails()}")
+
+    @contextlib.contextmanager
+    def _watcher(self) -> Iterator[BrokerClient]:
+        """A client of this cluster's broker in this process: what the waits poll (a ``status``
+        process per poll would take a core's third of a second each, beside the cluster)."""
+        from broker.client_api import BrokerClient
+        from broker.transport import client_keys
+        from broker.wire.crypto import load_api_keys
+
+        keys = sorted(load_api_keys(Path(self.keys_dir) / "api_keys.txt"))
+        curve = client_keys(self.keys_dir, "client") if self.curve else None
+        watcher = BrokerClient(self.endpoint, keys[0] if keys else "", curve=curve)
+        try:
+            yield watcher
+        finally:
+            watcher.close()
 
     def check_alive(self) -> None:
         for proc in [self.broker, *self.workers]:
@@ -203,15 +233,7 @@ class LocalCluster:
     def wait_for_decoding(self, edge: subprocess.Popen, served: int = 50, timeout_s: float = 120.0) -> str:
         """Wait until the broker has served ``served`` requests and a worker holds a session (the
         edge is decoding, past its opener); return that worker's id. For injecting faults."""
-        from broker.client_api import BrokerClient
-        from broker.errors import EdgeCloudError
-        from broker.transport import client_keys
-        from broker.wire.crypto import load_api_keys
-
-        keys = sorted(load_api_keys(Path(self.keys_dir) / "api_keys.txt"))
-        curve = client_keys(self.keys_dir, "client") if self.curve else None
-        watcher = BrokerClient(self.endpoint, keys[0] if keys else "", curve=curve)
-        try:
+        with self._watcher() as watcher:
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline and edge.poll() is None:
                 try:
@@ -221,13 +243,12 @@ class LocalCluster:
                 busy = [w for w in st["workers"] if w["sessions"]]
                 if busy and st["counters"].get("requests_served", 0) >= served:
                     return str(busy[0]["worker_id"])
+                time.sleep(0.02)  # a status request at a time, not a stream of them beside the edge
             code = edge.poll()
             if code is not None:  # it ended: say how
                 _, err = edge.communicate()
                 raise ClusterError(f"the edge ended (exit status {code}) before decoding was under way:\n{err[-3000:]}")
             raise ClusterError("the edge never started decoding")
-        finally:
-            watcher.close()
 
     def worker_named(self, worker_id: str) -> Proc:
         return next(p for p in self.workers if p.name == worker_id)

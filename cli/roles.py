@@ -172,6 +172,7 @@ def status(
     # zmq and the key files only: no torch, so the answer comes in well under a second.
     from broker.client_api import BrokerClient
     from broker.transport import client_keys
+    from cli.cluster import jsonable
     from edge_worker.config import check_endpoint, default_broker, default_keys_dir, resolve_api_key
 
     setup_logging(False, quiet=True)
@@ -186,15 +187,9 @@ def status(
         finally:
             client.close()
     if json_out:
-        typer.echo(json.dumps(st, default=_jsonable))
+        typer.echo(json.dumps(st, default=jsonable))
         return
     typer.echo(render_status(st))
-
-
-def _jsonable(o):
-    if isinstance(o, bytes | bytearray | memoryview):
-        return bytes(o).hex()
-    return str(o)
 
 
 def _mib(n: int) -> str:
