@@ -70,7 +70,12 @@ class PrefixCache:
         self.limit_bytes = limit_bytes
         self._lock = threading.Lock()
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # least recently used first
-        self._index: dict[bytes, tuple[int, int]] = {}  # prefix digest -> (entry id, positions)
+        # prefix digest -> (entry id, positions). Every position of every entry is here (some entry
+        # holding it), so along one chain of digests the ones found are a beginning of it.
+        self._index: dict[bytes, tuple[int, int]] = {}
+        # first digest -> the entries starting with it: only these can share positions (the digests
+        # are chained), so an eviction looks at them alone.
+        self._by_root: dict[bytes, set[int]] = {}
         self._next_id = 0
         self.nbytes = 0
         self.hits = 0  # sessions that copied a prefix
@@ -86,11 +91,16 @@ class PrefixCache:
             return self._longest(digests, most)
 
     def _longest(self, digests: list[bytes], most: int) -> tuple[int, int]:
-        for n in range(min(most, len(digests)), 0, -1):
-            found = self._index.get(digests[n - 1])
-            if found is not None:
-                return found[0], n
-        return -1, 0
+        lo, hi = 0, min(most, len(digests))  # the index holds the first lo; not the first hi + 1
+        if hi and digests[hi - 1] in self._index:
+            lo = hi
+        while lo < hi:  # bisect: the index holds a beginning of the chain
+            mid = (lo + hi + 1) // 2
+            if digests[mid - 1] in self._index:
+                lo = mid
+            else:
+                hi = mid - 1
+        return (self._index[digests[lo - 1]][0], lo) if lo else (-1, 0)
 
     def fill(self, digests: list[bytes], cache: SegmentKVCache, most: int) -> int:
         """Copy the longest cached prefix of at most ``most`` positions into ``cache`` (empty), as
@@ -144,24 +154,35 @@ class PrefixCache:
             self.nbytes += nbytes
             for n, digest in enumerate(digests, start=1):
                 self._index[digest] = (entry_id, n)  # the newest entry holding a prefix serves it
-            for other_id in [i for i, e in self._entries.items()
-                             if i != entry_id and len(e.digests) < length and digests[len(e.digests) - 1] == e.digests[-1]
-                             and (kept is not None or e.extra is None)]:
+            family = self._by_root.setdefault(digests[0], set())
+            for other_id in [i for i in family
+                             if len(e := self._entries[i].digests) < length and digests[len(e) - 1] == e[-1]
+                             and (kept is not None or self._entries[i].extra is None)]:
+                family.discard(other_id)
                 self.nbytes -= self._entries.pop(other_id).nbytes  # the index points past it already
+            family.add(entry_id)
             while self.nbytes > self.limit_bytes:
                 self._evict()
 
     def _evict(self) -> None:
         entry_id, entry = self._entries.popitem(last=False)
         self.nbytes -= entry.nbytes
-        for digest in entry.digests:
-            if self._index.get(digest, (None,))[0] == entry_id:
-                # A shorter prefix another entry also holds stays findable through that entry.
-                del self._index[digest]
-        for other_id, other in self._entries.items():
-            for n, digest in enumerate(other.digests, start=1):
-                if digest not in self._index:
-                    self._index[digest] = (other_id, n)
+        root = entry.digests[0]
+        family = self._by_root[root]
+        family.discard(entry_id)
+        if not family:
+            del self._by_root[root]
+        gone = [n for n, digest in enumerate(entry.digests) if self._index.get(digest, (None,))[0] == entry_id]
+        for n in gone:
+            del self._index[entry.digests[n]]
+        # A prefix another entry of the family also holds stays findable through it; the
+        # positions two entries share are a beginning of both chains.
+        for other_id in sorted(family, reverse=True):  # the newest first
+            other = self._entries[other_id].digests
+            for n in gone:
+                if n >= len(other) or other[n] != entry.digests[n]:
+                    break
+                self._index.setdefault(other[n], (other_id, n + 1))
 
 
 class Continuations:

@@ -315,6 +315,44 @@ def test_a_split_generation_with_drafts_keeps_its_answer_and_what_the_cloud_got_
     assert prefixes.reused_positions == len(prompt) + 19
 
 
+def test_every_kept_prefix_is_found_through_adds_extensions_and_evictions():
+    """Many short sequences sharing beginnings, under a budget that evicts at nearly every add:
+    after each add, the longest cached prefix of any sequence is what a search of every entry
+    finds, the entry named holds it, and nothing evicted is found (the index is kept by family of
+    entries with the same first row, and looked up by bisection)."""
+    import random
+
+    from partition.kv_cache import SegmentKVCache
+
+    def cache_of(n: int) -> SegmentKVCache:
+        cache = SegmentKVCache()
+        cache.update(torch.zeros(1, 1, n, 2), torch.zeros(1, 1, n, 2), 0)
+        cache.advance(n)
+        return cache
+
+    rng = random.Random(0)
+    pc = PrefixCache(16 * 40)  # 40 positions of this cache's 16 bytes per position
+    for _ in range(600):
+        ids = [rng.randrange(3) for _ in range(rng.randrange(1, 12))]
+        pc.add(row_digests(torch.tensor([ids]), "s"), cache_of(len(ids)))
+        assert pc.nbytes <= pc.limit_bytes and pc.nbytes == sum(e.nbytes for e in pc._entries.values())
+        for _ in range(5):
+            query = row_digests(torch.tensor([[rng.randrange(3) for _ in range(rng.randrange(1, 14))]]), "s")
+            most = rng.randrange(1, 15)
+            best = 0
+            for entry in pc._entries.values():
+                shared = 0
+                while shared < min(len(entry.digests), len(query), most) and entry.digests[shared] == query[shared]:
+                    shared += 1
+                best = max(best, shared)
+            entry_id, n = pc.longest(query, most)
+            assert n == best
+            if n:
+                assert pc._entries[entry_id].digests[n - 1] == query[n - 1]
+        live = {d for e in pc._entries.values() for d in e.digests}
+        assert set(pc._index) == live  # every kept position findable, nothing evicted
+
+
 def test_continuations_find_the_worker_of_the_generation_a_prompt_continues():
     from partition.prefix_cache import Continuations
 
