@@ -32,7 +32,7 @@ $(STAMP):
 	touch $@
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # Unit tests only: no real processes, no SmolLM2 (a few minutes); what to run between commits.
 test-fast: setup

@@ -521,7 +521,8 @@ class EdgeEngine:
             self.progress(f"loading {what}")
             t0 = time.perf_counter()
             seg = ModelSegment.load(self.source, lo, hi, embed=embed, head=head, dtype=self.dtype, device=self.device)
-            log.info("segment ready: %s (%.1f s)", seg.describe(), time.perf_counter() - t0)
+            log.info("segment ready: %s, on %s in %s (%.1f s)", seg.describe(), self.device,
+                     str(self.dtype).removeprefix("torch."), time.perf_counter() - t0)
             self._segments[(lo, hi, embed, head)] = seg
             while len(self._segments) > MAX_CACHED_SEGMENTS:
                 self._segments.popitem(last=False)
