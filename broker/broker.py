@@ -145,6 +145,7 @@ class Broker:
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._warn = RateLimitedWarnings(logger, config.warn_interval_s)
+        self._beat_ms = max(1, round(config.heartbeat_interval_s * 1000))  # told to workers in every heartbeat
 
         self._workers: dict[WorkerId, WorkerState] = {}
         self._by_identity: dict[bytes, WorkerState] = {}
@@ -485,7 +486,7 @@ class Broker:
             self.counters["workers_registered"] += 1
             logger.info("worker %s (pid %d) registered: model %s layers %s", w.worker_id, w.pid, w.model_id,
                         list(w.layer_ranges))  # fmt: skip
-        self._send(identity, p.BrokerHeartbeat())
+        self._send(identity, p.BrokerHeartbeat(interval_ms=self._beat_ms))
         for sid in stale_sessions:
             self._send(identity, p.DropSession(session_id=sid, reason="worker reconnected; session lost"))
         self._pump(now)
@@ -865,7 +866,7 @@ class Broker:
             for w in list(self._workers.values()):
                 if now - w.last_seen > self.config.worker_expiry_s:
                     self._to_expire.setdefault(w.worker_id, f"missed heartbeats for {now - w.last_seen:.2f}s")
-                elif not self._send(w.identity, p.BrokerHeartbeat()):
+                elif not self._send(w.identity, p.BrokerHeartbeat(interval_ms=self._beat_ms)):
                     self._to_expire.setdefault(w.worker_id, "unreachable")
             self._expire_pending()
         if self._to_expire:

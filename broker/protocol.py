@@ -396,9 +396,12 @@ class Dispatch(Message):
 
 @dataclass(slots=True)
 class BrokerHeartbeat(Message):
-    """Broker is alive."""
+    """Broker is alive; ``interval_ms`` is its heartbeat period (0: not said). The broker expires a
+    worker silent for a few of its periods, so a worker heartbeats at least this often."""
 
+    interval_ms: int = 0
     TYPE = MsgType.BROKER_HEARTBEAT
+    FIELDS = (("interval_ms", _uint),)
 
 
 @dataclass(slots=True)

@@ -167,6 +167,9 @@ class WorkerConnection:
         now = time.monotonic()
         self._last_heard = now
         self._next_heartbeat = now
+        # Our heartbeat period: the configured one, or the broker's if it says it is shorter (it
+        # expires a worker silent for a few of its own periods, whatever ours is).
+        self.heartbeat_s = self.config.heartbeat_interval_s
         self._reconnect_at: float | None = None
         self._backoff_s = self.config.reconnect_initial_s
         self.registrations = 0  # REGISTERs sent; tests and logs read it
@@ -318,7 +321,7 @@ class WorkerConnection:
                 wake_at = self._reconnect_at
             if self._closing.wait(max(0.0, wake_at - time.monotonic())):
                 return
-            if not self._lock.acquire(timeout=self.config.heartbeat_interval_s):
+            if not self._lock.acquire(timeout=self.heartbeat_s):
                 continue  # the compute thread is in get() and doing this work itself
             try:
                 if self._reconnect_at is None or time.monotonic() >= self._reconnect_at:
@@ -370,7 +373,7 @@ class WorkerConnection:
             self._drain()
         now = time.monotonic()
         if now >= self._next_heartbeat:
-            self._next_heartbeat = now + self.config.heartbeat_interval_s
+            self._next_heartbeat = now + self.heartbeat_s
             mean_batch, tokens_per_s = self._load.since_last(now)
             hb = p.Heartbeat(worker_id=self.info.worker_id, active_sessions=self._active_sessions,
                              queue_depth=len(self._jobs), per_layer_ms=self._per_layer_ms, mean_batch=mean_batch,
@@ -440,5 +443,11 @@ class WorkerConnection:
             self._send_register()
         elif isinstance(msg, p.BrokerDisconnect):
             logger.warning("broker is going away (%s); will reconnect when it returns", msg.reason)
-        elif not isinstance(msg, p.BrokerHeartbeat):
+        elif isinstance(msg, p.BrokerHeartbeat):
+            broker_s = msg.interval_ms / 1000
+            if 0 < broker_s < self.heartbeat_s:
+                logger.info("heartbeating every %.3fs, the broker's period", broker_s)
+                self.heartbeat_s = broker_s
+                self._next_heartbeat = min(self._next_heartbeat, time.monotonic() + broker_s)
+        else:
             logger.warning("unexpected %s from broker ignored", type(msg).__name__)

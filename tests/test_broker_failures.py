@@ -13,6 +13,7 @@ from brokerutil import (
     CLIENT,
     EXPIRY_S,
     HEARTBEAT_S,
+    LIVENESS,
     MODEL,
     EchoWorker,
     client,
@@ -333,3 +334,17 @@ def test_a_bug_in_handling_one_message_is_survived_counted_and_answered(
         assert c.request("lucky", "open", MODEL, 2, 0).worker_id == "w1"
         assert counters(c)["internal_errors"] == 1
     assert calls == ["unlucky", "lucky"]
+
+
+def test_a_worker_heartbeats_at_the_brokers_period_when_it_is_shorter(broker: Broker) -> None:
+    """A broker told to heartbeat every 0.1 s expires a worker silent for 0.5 s; a worker left at
+    its 1 s default learns the broker's period from its heartbeats and stays registered while
+    idle (it was dropped, with its sessions, every few seconds)."""
+    from broker.worker_api import WorkerConfig
+
+    slow = WorkerConfig(heartbeat_interval_s=1.0, broker_liveness=LIVENESS)
+    with echo_workers(broker.endpoint, "w1", config=slow) as (w1,), client(broker.endpoint) as c:
+        wait_until(lambda: w1.conn.heartbeat_s == HEARTBEAT_S, what="the worker to take the broker's period")
+        time.sleep(6 * EXPIRY_S)  # idle: heartbeats alone keep it registered
+        assert counters(c).get("workers_expired", 0) == 0 and counters(c)["workers_registered"] == 1
+        assert c.request("s", "open", MODEL, 2, 0).worker_id == "w1"
