@@ -173,6 +173,7 @@ class WorkerConnection:
         self._reconnect_at: float | None = None
         self._backoff_s = self.config.reconnect_initial_s
         self.registrations = 0  # REGISTERs sent; tests and logs read it
+        self.heartbeats_sent = 0
         self.reconnects = 0
         with self._lock:
             self._connect()
@@ -380,6 +381,7 @@ class WorkerConnection:
                              tokens_per_s=tokens_per_s, cache_bytes=self._load.cache_bytes,
                              prefix_bytes=self._load.prefix_bytes, prefix_reused=self._load.prefix_reused)  # fmt: skip
             send_or_false(self._sock, p.encode(hb))
+            self.heartbeats_sent += 1
         if now > self._silent_deadline():
             self._disconnect(now)
 

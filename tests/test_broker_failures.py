@@ -345,6 +345,9 @@ def test_a_worker_heartbeats_at_the_brokers_period_when_it_is_shorter(broker: Br
     slow = WorkerConfig(heartbeat_interval_s=1.0, broker_liveness=LIVENESS)
     with echo_workers(broker.endpoint, "w1", config=slow) as (w1,), client(broker.endpoint) as c:
         wait_until(lambda: w1.conn.heartbeat_s == HEARTBEAT_S, what="the worker to take the broker's period")
-        time.sleep(6 * EXPIRY_S)  # idle: heartbeats alone keep it registered
+        # Idle, heartbeats alone keep it registered: a dozen of them span more than the broker's
+        # expiry window (at the worker's own period they would take 12 s, past the wait).
+        start = w1.conn.heartbeats_sent
+        wait_until(lambda: w1.conn.heartbeats_sent >= start + 12, what="a dozen heartbeats at the broker's period")
         assert counters(c).get("workers_expired", 0) == 0 and counters(c)["workers_registered"] == 1
         assert c.request("s", "open", MODEL, 2, 0).worker_id == "w1"
