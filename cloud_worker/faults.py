@@ -10,8 +10,9 @@ Off unless the worker process starts with ``EDGECLOUD_FAULT_INJECTION`` set (rea
   worker must survive it);
 * WHEN: ``before`` computing the step (the request is in flight; step 0 is the prefill) or
   ``after`` its reply was sent (the fault lands between two steps);
-* STEP: the edge's step number. A replay after a failover carries the same number, so without
-  ONCE_FILE the fault follows the request to every worker: a poison request;
+* STEP: the edge's step number, or ``open`` for a session's opener. A replay after a failover
+  carries the same number, so without ONCE_FILE the fault follows the request to every worker: a
+  poison request;
 * ONCE_FILE: fire only in the first worker that creates this file (``O_EXCL``): a one-off fault
   somewhere in a cluster, whichever worker the session landed on.
 
@@ -29,7 +30,7 @@ import time
 from dataclasses import dataclass
 
 from broker.errors import ConfigError
-from broker.wire.session_protocol import KIND_STEP
+from broker.wire.session_protocol import KIND_OPEN, KIND_STEP
 from broker.worker_api import Job
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class FaultSpec:
     when: str
     step: int
     once_file: str | None = None
+    kind: str = KIND_STEP  # the request kind it fires on: a step (numbered ``step``) or an opener
 
     @classmethod
     def parse(cls, text: str) -> FaultSpec:
@@ -56,12 +58,15 @@ class FaultSpec:
         head, _, rest = text.partition("@")
         when, _, rest = rest.partition(":")
         step, _, once = rest.partition(":")
-        if head not in ACTIONS or when not in WHENS or not step.isdigit():
+        if head not in ACTIONS or when not in WHENS or not (step.isdigit() or step == KIND_OPEN):
             raise ConfigError(f"{ENV}={text!r}: expected ACTION@WHEN:STEP[:ONCE_FILE] with ACTION one of "
-                              f"{ACTIONS} and WHEN one of {WHENS}, e.g. kill@before:0")
+                              f"{ACTIONS}, WHEN one of {WHENS} and STEP a step number or {KIND_OPEN!r}, "
+                              "e.g. kill@before:0")
         if head in ("raise", "hang") and when == "after":
             raise ConfigError(f"{ENV}={text!r}: {head} only works before a step (ACTION@WHEN:STEP with WHEN "
                               "before): after it, nothing is waiting for the request")
+        if step == KIND_OPEN:
+            return cls(head, when, 0, once or None, KIND_OPEN)
         return cls(head, when, int(step), once or None)
 
 
@@ -84,14 +89,14 @@ class FaultInjector:
 
     def _maybe_fire(self, job: Job, when: str) -> None:
         spec = self.spec
-        if spec is None or spec.when != when or job.kind != KIND_STEP or job.step != spec.step:
+        if spec is None or spec.when != when or job.kind != spec.kind or (job.kind == KIND_STEP and job.step != spec.step):
             return
         if spec.once_file is not None:
             try:
                 os.close(os.open(spec.once_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
             except FileExistsError:
                 return  # another worker (or an earlier request here) took the fault
-        log.warning("fault injection: %s %s step %d of session %s", spec.action, when, job.step,
+        log.warning("fault injection: %s %s %s %d of session %s", spec.action, when, job.kind, job.step,
                     job.session_id[:8])
         if spec.action == "raise":
             raise RuntimeError(f"injected fault at step {job.step}")

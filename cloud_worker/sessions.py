@@ -32,6 +32,12 @@ class Session:
     # Chained digests of the rows behind each position the cache holds (partition/prefix_cache.py),
     # so the whole session joins the worker's prefix cache when it ends. None: not followed.
     digests: list[bytes] | None = None
+    # What opened it: a digest of its opener's request id and content, and the answer sent. The
+    # broker re-runs an opener whose worker it lost under the same request id, and that worker can
+    # be this one again (it came back, or it is the only one): the same opener for a session no
+    # step has touched yet gets the same answer again (see CloudWorker._open).
+    opener: bytes = b""
+    open_answer: tuple[dict, list] | None = None
 
 
 # Ids of ended sessions remembered per session slot, so that an opener replayed after its

@@ -19,7 +19,9 @@ import uuid
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from hashlib import sha256
 
+import msgpack
 import torch
 
 from broker.errors import CryptoError, EdgeCloudError, ProtocolError, UnknownReduction, WorkerLost
@@ -152,6 +154,12 @@ def _shared_prefix(a: list[bytes] | None, b: list[bytes], most: int) -> int:
     return lo
 
 
+
+def opener_digest(job: Job) -> bytes:
+    """What identifies one opener: its request id and everything it asks for."""
+    fields = [job.request_id, job.session_id, job.model_id, job.layer_lo, job.step, job.extra]
+    return sha256(msgpack.packb(fields, use_bin_type=True)).digest()
+
 class CloudWorker:
     def __init__(self, config: CloudWorkerConfig) -> None:
         self.config = config
@@ -190,6 +198,7 @@ class CloudWorker:
         self.stop_event = threading.Event()
         self.served = 0
         self.failed = 0
+        self.reopeners = 0  # openers the broker ran again here, answered as the first time
         self._last_pass_sessions: set[str] = set()  # whose next steps the next pass waits for a moment
         self._last_pass_s = 0.0
         # Long frames (prefills) part-way through: each pass computes their next chunk beside the
@@ -346,8 +355,17 @@ class CloudWorker:
             raise ProtocolError("bad_split", f"split {job.layer_lo} is outside [0, {self.source.n_layers}]")
         # One opener per id, ever: the edge opens each attempt under a new id, so an opener for an
         # id held (or held once) here is a replay, which must neither reset a live session (and
-        # its replay window) nor bring an ended one back for its captured steps.
-        if self.sessions.get(job.session_id) is not None:
+        # its replay window) nor bring an ended one back for its captured steps. The one exception
+        # changes nothing: the broker's own re-run of the opener (same request id, same content)
+        # that opened a session no step has used yet gets the answer it was given before.
+        opener = opener_digest(job)
+        held = self.sessions.get(job.session_id)
+        if held is not None:
+            if held.opener == opener and held.open_answer is not None and held.last_step < 0 and held.cache.length == 0:
+                self.reopeners += 1
+                log.info("session %s: its opener came again (attempt %d of request %s); answered as before",
+                         job.session_id, job.attempt, job.request_id)
+                return held.open_answer
             raise CryptoError(f"session {job.session_id} is already open here: a second opener for it is refused")
         ended = self.sessions.ended(job.session_id)
         if ended is not None:
@@ -376,10 +394,13 @@ class CloudWorker:
         self.sessions.reserve(self._cache_growth(session, 1), "a new session")
         self.sessions.add(session)
         if not params.edge_pk:
-            return {"worker_pk": b""}, seal_open_proof(cipher, job.session_id, job.step)
-        assert self.keypair is not None  # checked above
-        return ({"worker_pk": self.keypair.public_key, "nonce": nonce},
-                seal_open_proof(cipher, job.session_id, job.step))
+            answer: tuple[dict, list] = ({"worker_pk": b""}, seal_open_proof(cipher, job.session_id, job.step))
+        else:
+            assert self.keypair is not None  # checked above
+            answer = ({"worker_pk": self.keypair.public_key, "nonce": nonce},
+                      seal_open_proof(cipher, job.session_id, job.step))
+        session.opener, session.open_answer = opener, answer
+        return answer
 
     def _close(self, job: Job) -> tuple[dict, list]:
         """Free a session for the edge that opened it (it reveals the close key its opener

@@ -452,6 +452,55 @@ def test_a_worker_opens_each_session_id_once_and_closes_it_only_for_its_close_ke
             worker.conn.close()
 
 
+def test_the_brokers_rerun_of_an_opener_is_answered_as_before_until_a_step_uses_the_session(tiny_llama, caplog):
+    """The broker runs an opener again, under the same request id, when it lost the worker that
+    had it; that worker may come back and get it again. The rerun must not be refused as a second
+    opener (the edge's session would die with it) and must change nothing: the same answer."""
+    import logging
+    import time
+
+    from brokerutil import running_broker
+
+    from broker.wire.crypto import NullCipher
+    from broker.wire.session_protocol import OpenParams, close_digest, new_close_key, seal_step
+    from broker.worker_api import Job, WorkerConnection
+    from cloud_worker.worker import CloudWorker, CloudWorkerConfig
+    from partition.sampling import SamplingParams
+
+    params = OpenParams(b"", SamplingParams().to_wire(), "fp32", close_digest(new_close_key())).to_extra()
+
+    def job(request_id: str, kind: str, attempt: int = 1, extra: dict | None = None, frames: list | None = None,
+            step: int = 0) -> Job:
+        return Job(request_id=request_id, session_id="s1", model_id=tiny_llama.model_id, step=step,
+                   attempt=attempt, kind=kind, layer_lo=1, deadline_ms=5000, extra=params if extra is None else extra,
+                   frames=frames or [], received_at=time.monotonic())
+
+    with running_broker() as broker:
+        worker = CloudWorker(CloudWorkerConfig(model="tiny-llama", broker=broker.endpoint))
+        worker.conn = WorkerConnection(broker.endpoint, worker.info)
+        caplog.set_level(logging.INFO, logger="cloud_worker.worker")
+        try:
+            first = worker._open(job("r1", "open"))
+            session = worker.sessions.get("s1")
+            assert session is not None
+            assert worker._open(job("r1", "open", attempt=2)) == first  # the rerun: the same answer
+            assert worker.sessions.get("s1") is session and worker.reopeners == 1
+            assert "its opener came again (attempt 2 of request r1)" in caplog.text
+            # Another request id, or the same id asking for something else, is a second opener.
+            worker.handle_many([job("r2", "open"), job("r1", "open", attempt=3, extra={**params, "wire_dtype": "fp16"})])
+            assert worker.failed == 2 and caplog.text.count("already open here") == 2
+            # Once a step has used the session, even the same opener is refused.
+            hidden = torch.randn(1, 3, tiny_llama.hidden_size)
+            worker.handle_many([job("r3", "step", extra={}, frames=seal_step(NullCipher(), "s1", 1, 0, hidden, "fp32"),
+                                    step=1)])
+            assert worker.failed == 2 and session.cache.length == 3
+            worker.handle_many([job("r1", "open", attempt=4)])
+            assert worker.failed == 3 and caplog.text.count("already open here") == 3
+            assert worker.sessions.get("s1") is session and worker.reopeners == 1
+        finally:
+            worker.conn.close()
+
+
 def _one_token_steps(segment, cache, tokens):
     """Each token as a step of its own: (logits per token, hidden per token)."""
     logits, hidden = [], []

@@ -81,6 +81,33 @@ def test_the_sessions_worker_dying_or_hanging_at_any_point_changes_no_token(tmp_
         assert result["workers_used"] == expected_workers and result["retries"] >= 1
 
 
+def test_an_opener_rerun_on_the_worker_that_hung_holding_it_is_answered_and_the_session_lives(tmp_path, expected_short):
+    """The only worker hangs (SIGSTOP) with the session's opener: the broker declares it lost and
+    queues the opener again under the same request id. The worker resumes, opens the session from
+    its first copy (that reply is discarded) and registers again; the broker's rerun then reaches
+    it, and it must answer as before, not refuse a second opener and kill the edge's session."""
+    import signal
+
+    fired = tmp_path / "fired"
+    spec = {"EDGECLOUD_FAULT_INJECTION": f"stop@before:open:{fired}"}
+    with LocalCluster(model="tiny-llama", worker_threads=1, heartbeat_s=0.3) as cluster:
+        cluster.start_broker()
+        worker = cluster.add_worker(env=spec)
+        cluster.wait_for_workers(1, timeout_s=60)
+        edge = cluster.start_edge("--split", "2", "--tokens", str(SHORT_TOKENS), "--json", "--raw-prompt",
+                                  "--prompt", PROMPT, "--timeout", "20", "--no-fallback")
+        deadline = time.monotonic() + 60
+        while cluster.status()["counters"].get("workers_expired", 0) < 1:
+            assert time.monotonic() < deadline and edge.poll() is None, f"the worker was never lost\n{cluster.log_tails()}"
+            time.sleep(0.05)
+        assert fired.exists()
+        cluster.kill(worker, signal.SIGCONT)
+        result = finish(edge, cluster)
+        assert result["token_ids"] == expected_short
+        assert result["workers_used"] == [worker.name]
+        assert "its opener came again" in worker.log_tail(20_000), cluster.log_tails()
+
+
 def test_a_restarted_broker_is_found_again_by_edge_and_worker():
     with LocalCluster(model="tiny-llama", worker_threads=1, heartbeat_s=0.3) as cluster:
         cluster.start_broker()
