@@ -83,8 +83,10 @@ class BrokerClient:
         context: zmq.Context | None = None,
         config: ClientConfig | None = None,
         curve: CurveClientKeys | None = None,
+        log: logging.Logger | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.log = log or logger  # where its warnings go (a waiting tool may route them elsewhere)
         self.api_key = api_key
         self.config = config or ClientConfig()
         self.curve = curve  # None: a plain connection; else CURVE with this keypair (broker/transport.py)
@@ -118,7 +120,7 @@ class BrokerClient:
     def _reset(self, reason: str, gone: bool = False) -> None:
         """Drop the socket and everything in flight on it (and what libzmq still queues for a
         reconnection: its callers hear it failed); reconnect."""
-        logger.warning("resetting connection to broker %s: %s", self.endpoint, reason)
+        self.log.warning("resetting connection to broker %s: %s", self.endpoint, reason)
         if self._handshake is not None and not gone:
             self._handshake.poll()
             if self._handshake.failure:
@@ -312,7 +314,7 @@ class BrokerClient:
             try:
                 msg = p.decode(frames)
             except ProtocolError as exc:
-                logger.warning("malformed message from broker ignored: %s", exc)
+                self.log.warning("malformed message from broker ignored: %s", exc)
                 continue
             self._file(msg)
         if self._handshake is not None and self._handshake.monitor in events:
@@ -362,7 +364,7 @@ class BrokerClient:
             rid = next(iter(self._waiting))  # a protocol error the broker could not attribute
         if rid not in self._waiting:
             self.stale_replies += 1
-            logger.debug("stale %s for %s dropped", type(msg).__name__, rid)
+            self.log.debug("stale %s for %s dropped", type(msg).__name__, rid)
             return
         del self._waiting[rid]
         outcome: Outcome

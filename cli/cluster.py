@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parent.parent
 STOP_GRACE_S = 5.0
+# The waits' own broker client logs here, errors only: a broker still starting or restarting is
+# what they expect, and its reconnection warnings would only alarm whoever reads the demo's output.
+WATCHER_LOG = logging.getLogger("cli.cluster.watcher")
+WATCHER_LOG.setLevel(logging.ERROR)
 
 
 def free_port() -> int:
@@ -207,17 +211,11 @@ class LocalCluster:
 
         keys = sorted(load_api_keys(Path(self.keys_dir) / "api_keys.txt"))
         curve = client_keys(self.keys_dir, "client") if self.curve else None
-        # A broker still starting or restarting is what these waits expect: its client's
-        # reconnection warnings would only alarm whoever reads the demo's output.
-        client_log = logging.getLogger("broker.client_api")
-        level = client_log.level
-        client_log.setLevel(logging.ERROR)
-        watcher = BrokerClient(self.endpoint, keys[0] if keys else "", curve=curve)
+        watcher = BrokerClient(self.endpoint, keys[0] if keys else "", curve=curve, log=WATCHER_LOG)
         try:
             yield watcher
         finally:
             watcher.close()
-            client_log.setLevel(level)
 
     def check_alive(self) -> None:
         for proc in [self.broker, *self.workers]:

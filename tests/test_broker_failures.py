@@ -351,3 +351,30 @@ def test_a_worker_heartbeats_at_the_brokers_period_when_it_is_shorter(broker: Br
         wait_until(lambda: w1.conn.heartbeats_sent >= start + 12, what="a dozen heartbeats at the broker's period")
         assert counters(c).get("workers_expired", 0) == 0 and counters(c)["workers_registered"] == 1
         assert c.request("s", "open", MODEL, 2, 0).worker_id == "w1"
+
+
+def test_a_clusters_waits_keep_their_clients_reconnection_warnings_to_themselves(caplog):
+    """LocalCluster's waits expect a broker that is not up yet: their client's warnings are routed
+    to a logger of their own (errors only), without touching the shared client logger's level,
+    which a second wait in the process or any other client still relies on."""
+    import logging
+
+    from cli.cluster import LocalCluster
+
+    cluster = LocalCluster(model="tiny-llama", curve=False)  # nothing started: nobody answers
+    try:
+        with caplog.at_level(logging.WARNING):
+            with cluster._watcher() as watcher:
+                assert logging.getLogger("broker.client_api").level == logging.NOTSET
+                with pytest.raises(BrokerUnavailable):
+                    watcher.status(timeout_s=0.3)
+            assert "resetting connection" not in caplog.text
+            plain = BrokerClient(cluster.endpoint, "")  # any other client still warns
+            try:
+                with pytest.raises(BrokerUnavailable):
+                    plain.status(timeout_s=0.3)
+            finally:
+                plain.close()
+            assert "resetting connection" in caplog.text
+    finally:
+        cluster.stop()
