@@ -100,6 +100,8 @@ RECV_HWM = 1000
 MAX_POLL_S = 1.0
 # With an external stop_event the loop must notice it without a wake-up.
 STOP_EVENT_POLL_S = 0.1
+# How many lost workers Broker._orphans keeps the dropped sessions of (the most recent ones).
+ORPHAN_WORKERS_REMEMBERED = 256
 
 
 class Broker:
@@ -151,6 +153,10 @@ class Broker:
         self._by_identity: dict[bytes, WorkerState] = {}
         self._sessions: dict[SessionId, SessionState] = {}
         self._lost: OrderedDict[SessionId, str] = OrderedDict()
+        # Sessions dropped with a worker that was declared lost, by worker: if that worker comes
+        # back (it had hung, or its heartbeats were late) it still holds their caches, and is told
+        # to free them when it registers again instead of keeping them until they idle out.
+        self._orphans: OrderedDict[WorkerId, list[SessionId]] = OrderedDict()
         self._done_ids: OrderedDict[RequestId, None] = OrderedDict()
         self._avoid_until: dict[WorkerId, float] = {}  # failed workers, deprioritised until then
         self._poison = PoisonLedger(config.max_attempts, config.tasks_remembered)
@@ -459,11 +465,9 @@ class Broker:
     def _on_register(self, identity: bytes, msg: p.Register) -> None:
         now = time.monotonic()
         old = self._workers.get(msg.worker_id)
-        stale_sessions: list[SessionId] = []
         if old is not None and old.identity != identity:
             # Same worker on a new connection: whatever was in flight on the
             # old socket is gone, and we cannot know which caches survived.
-            stale_sessions = list(old.sessions)
             self._expire_worker(old, "re-registered from a new connection")
         prev = self._by_identity.get(identity)
         if prev is not None and prev.worker_id != msg.worker_id:
@@ -487,8 +491,11 @@ class Broker:
             logger.info("worker %s (pid %d) registered: model %s layers %s", w.worker_id, w.pid, w.model_id,
                         list(w.layer_ranges))  # fmt: skip
         self._send(identity, p.BrokerHeartbeat(interval_ms=self._beat_ms))
-        for sid in stale_sessions:
-            self._send(identity, p.DropSession(session_id=sid, reason="worker reconnected; session lost"))
+        # Whatever this worker held when it was declared lost is gone for its edges (they reopen):
+        # it frees them now. An opener being run again stays, as it may come back here.
+        for sid in self._orphans.pop(msg.worker_id, []):
+            self.counters["orphans_dropped"] += 1
+            self._send(identity, p.DropSession(session_id=sid, reason="worker was declared lost; session lost"))
         self._pump(now)
 
     def _known_worker(self, identity: bytes) -> WorkerState | None:
@@ -795,6 +802,9 @@ class Broker:
                 continue
             self._sessions.pop(sid, None)
             self._remember_ended(sid, why)
+            self._orphans.setdefault(w.worker_id, []).append(sid)
+        while len(self._orphans) > ORPHAN_WORKERS_REMEMBERED:
+            self._orphans.popitem(last=False)
         for req in lost:
             r = req.request
             if self._poison.is_poison(r):

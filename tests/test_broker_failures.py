@@ -93,6 +93,44 @@ def test_hung_worker_expires_and_open_is_redispatched(broker: Broker) -> None:
             wait_until(lambda: counters(c).get("late_replies_discarded", 0) == 1, what="late reply discarded")
 
 
+def test_a_worker_declared_lost_is_told_to_free_its_sessions_when_it_comes_back(broker: Broker) -> None:
+    """Its edges heard their sessions were lost and reopen elsewhere: a worker that had only hung
+    still holds those caches, and must hear to free them rather than keep them until they idle
+    out (by default for minutes, with their memory and session slots)."""
+    with raw_dealer(broker.endpoint) as flaky, client(broker.endpoint) as c:
+        _register_raw(flaky, "flaky")
+        for sid in ("s1", "s2"):
+            rid = c.submit(sid, "open", MODEL, 2, 0, timeout_s=LONG_S)
+            recv_until(flaky, p.Dispatch)
+            flaky.send_multipart(p.encode(p.WorkerReply(request_id=rid, session_id=sid, step=0, attempt=1)))
+            assert c.result(rid).worker_id == "flaky"
+        # It stops beating (a hang) and is declared lost with both sessions.
+        wait_until(lambda: counters(c).get("workers_expired") == 1, what="the hung worker to expire")
+        with pytest.raises(WorkerLost, match="flaky"):
+            c.request("s1", "decode", MODEL, 2, 1)
+        _register_raw(flaky, "flaky")  # it resumes and registers again
+        dropped = {recv_until(flaky, p.DropSession).session_id for _ in range(2)}
+        assert dropped == {"s1", "s2"}
+        assert counters(c)["orphans_dropped"] == 2
+        # Once told, never again: registering once more drops nothing.
+        _register_raw(flaky, "flaky")
+        with pytest.raises(AssertionError, match="nothing received"):
+            recv_until(flaky, p.DropSession, timeout_s=0.5)
+
+
+def test_a_worker_registering_from_a_new_connection_is_told_to_free_what_the_old_one_held(broker: Broker) -> None:
+    with raw_dealer(broker.endpoint) as old, raw_dealer(broker.endpoint) as new, client(broker.endpoint) as c:
+        _register_raw(old, "w")
+        rid = c.submit("s1", "open", MODEL, 2, 0, timeout_s=LONG_S)
+        recv_until(old, p.Dispatch)
+        old.send_multipart(p.encode(p.WorkerReply(request_id=rid, session_id="s1", step=0, attempt=1)))
+        c.result(rid)
+        _register_raw(new, "w")  # the same worker id from another socket (it reconnected)
+        assert recv_until(new, p.DropSession).session_id == "s1"
+        with pytest.raises(WorkerLost, match="new connection"):
+            c.request("s1", "decode", MODEL, 2, 1)
+
+
 def test_a_worker_that_failed_is_avoided_when_it_comes_back(broker: Broker) -> None:
     with raw_dealer(broker.endpoint) as flaky, client(broker.endpoint) as c:
         _register_raw(flaky, "flaky")
