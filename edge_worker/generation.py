@@ -330,19 +330,8 @@ class EdgeGenerator:
                         controller.record(len(drafts), accepted, base_ms, draft_ms,
                                           stats.transport_ms + stats.waiting_ms + stats.worker_overhead_ms,
                                           stats.cloud_compute_ms)
-                kept = []
-                for token in tokens:
-                    kept.append(token)
-                    if token in self.eos_token_ids or step + len(kept) >= max_new_tokens:
-                        break
-                result.tokens_drafted += len(drafts)
-                result.tokens_from_mini += min(accepted, len(kept))
-                result.cloud_waits += stats.round_trips
-                result.trace.append({
-                    "token": kept[-1], "tokens": kept, "drafted": len(drafts), "accepted": accepted,
-                    "positions": x.shape[1] + len(drafts), "edge_ms": round(edge_ms, 3),
-                    **_trace_figures(stats), "at_ms": self._since_start(), "round_trips": stats.round_trips,
-                })
+                kept = self._keep(result, tokens, len(drafts), accepted, stats, step, max_new_tokens,
+                                  x.shape[1] + len(drafts), edge_ms)
                 generated.extend(kept)
                 committed.extend(kept)
                 if plain_cycle and controller is not None:
@@ -415,6 +404,25 @@ class EdgeGenerator:
         log.info("moved the split from %d to %d at step %d (%d positions rebuilt in %.0f ms)",
                  old_k, k, len(result.token_ids), prefix.shape[1], rebuild_ms)
         return cache
+
+    def _keep(self, result: GenerationResult, got: list[int], drafted: int, accepted: int, stats: StepStats,
+              step: int, max_new_tokens: int, positions: int, edge_ms: float, **trace: Any) -> list[int]:
+        """The tokens a cycle keeps of those it got (up to an end-of-sequence token or the token
+        budget), counted in ``result`` and traced with ``trace``'s extra fields."""
+        kept = []
+        for token in got:
+            kept.append(token)
+            if token in self.eos_token_ids or step + len(kept) >= max_new_tokens:
+                break
+        result.tokens_drafted += drafted
+        result.tokens_from_mini += min(accepted, len(kept))
+        result.cloud_waits += stats.round_trips
+        result.trace.append({
+            "token": kept[-1], "tokens": kept, "drafted": drafted, "accepted": accepted, "positions": positions,
+            "edge_ms": round(edge_ms, 3), **_trace_figures(stats), "at_ms": self._since_start(),
+            "round_trips": stats.round_trips, **trace,
+        })
+        return kept
 
     def _since_start(self) -> float:
         """Milliseconds since the generation began (a trace row's ``at_ms``: when its tokens came)."""
@@ -678,20 +686,8 @@ class EdgeGenerator:
             self._observed(hidden[:, rows], pending_pos)  # the drafter follows the kept path
         controller.record(len(tokens), accepted, base_ms, draft_ms,
                           stats.transport_ms + stats.waiting_ms + stats.worker_overhead_ms, stats.cloud_compute_ms)
-        kept = []
-        for token in got:
-            kept.append(token)
-            if token in self.eos_token_ids or step + len(kept) >= max_new_tokens:
-                break
-        result.tokens_drafted += len(tokens)
-        result.tokens_from_mini += min(accepted, len(kept))
-        result.cloud_waits += stats.round_trips
-        result.trace.append({
-            "token": kept[-1], "tokens": kept, "drafted": len(tokens), "accepted": accepted,
-            "positions": 1 + len(tokens), "edge_ms": round(base_ms + draft_ms, 3), **_trace_figures(stats),
-            "at_ms": self._since_start(), "round_trips": stats.round_trips, "tree": None if tree is None else list(tree.parents),
-            "leaf_kept": leaf_kept,
-        })
+        kept = self._keep(result, got, len(tokens), accepted, stats, step, max_new_tokens, 1 + len(tokens),
+                          base_ms + draft_ms, tree=None if tree is None else list(tree.parents), leaf_kept=leaf_kept)
         result.token_ids.extend(kept)
         committed.extend(kept)
         return kept
