@@ -10,9 +10,10 @@ Off unless the worker process starts with ``EDGECLOUD_FAULT_INJECTION`` set (rea
   worker must survive it);
 * WHEN: ``before`` computing the step (the request is in flight; step 0 is the prefill) or
   ``after`` its reply was sent (the fault lands between two steps);
-* STEP: the edge's step number, or ``open`` for a session's opener. A replay after a failover
-  carries the same number, so without ONCE_FILE the fault follows the request to every worker: a
-  poison request;
+* STEP: the first step numbered STEP or later (the edge numbers a step by the tokens before it,
+  so a step that verifies drafts skips numbers), or ``open`` for a session's opener. A replay
+  after a failover carries the same number, so without ONCE_FILE the fault follows the request
+  to every worker: a poison request;
 * ONCE_FILE: fire only in the first worker that creates this file (``O_EXCL``): a one-off fault
   somewhere in a cluster, whichever worker the session landed on.
 
@@ -71,10 +72,11 @@ class FaultSpec:
 
 
 class FaultInjector:
-    """Fires a FaultSpec at most once per process (a stopped one fires again only after SIGCONT)."""
+    """Fires a FaultSpec at most once per process."""
 
     def __init__(self, spec: FaultSpec | None) -> None:
         self.spec = spec
+        self.fired = False
 
     @classmethod
     def from_env(cls) -> FaultInjector:
@@ -89,13 +91,16 @@ class FaultInjector:
 
     def _maybe_fire(self, job: Job, when: str) -> None:
         spec = self.spec
-        if spec is None or spec.when != when or job.kind != spec.kind or (job.kind == KIND_STEP and job.step != spec.step):
+        if (spec is None or self.fired or spec.when != when or job.kind != spec.kind
+                or (job.kind == KIND_STEP and job.step < spec.step)):
             return
         if spec.once_file is not None:
             try:
                 os.close(os.open(spec.once_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
             except FileExistsError:
+                self.fired = True
                 return  # another worker (or an earlier request here) took the fault
+        self.fired = True
         log.warning("fault injection: %s %s %s %d of session %s", spec.action, when, job.kind, job.step,
                     job.session_id[:8])
         if spec.action == "raise":

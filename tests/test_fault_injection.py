@@ -26,15 +26,28 @@ def test_unset_means_no_faults(monkeypatch):
     assert FaultInjector.from_env().spec is None
 
 
-def test_an_opener_fault_fires_on_the_opener_only():
+def job(kind: str, step: int):
     import time
 
     from broker.worker_api import Job
 
-    def job(kind: str, step: int) -> Job:
-        return Job(request_id="r", session_id="s", model_id="m", step=step, attempt=1, kind=kind, layer_lo=1,
-                   deadline_ms=1000, extra={}, frames=[], received_at=time.monotonic())
+    return Job(request_id="r", session_id="s", model_id="m", step=step, attempt=1, kind=kind, layer_lo=1,
+               deadline_ms=1000, extra={}, frames=[], received_at=time.monotonic())
 
+
+def test_a_fault_fires_once_at_the_first_step_numbered_step_or_later():
+    """A step that verifies drafts covers several positions, so the edge's step numbers skip: the
+    fault must still fire mid-decode rather than wait for a number that never comes."""
+    injector = FaultInjector(FaultSpec.parse("raise@before:10"))
+    injector.before(job("step", 9))
+    injector.after(job("step", 12))
+    with pytest.raises(RuntimeError, match="injected fault at step 12"):
+        injector.before(job("step", 12))
+    injector.before(job("step", 13))  # once per process
+    injector.before(job("step", 12))
+
+
+def test_an_opener_fault_fires_on_the_opener_only():
     injector = FaultInjector(FaultSpec.parse("raise@before:open"))
     injector.before(job("step", 0))  # the prefill is step 0, not the opener
     injector.after(job("open", 0))

@@ -38,7 +38,8 @@ def finish(edge: subprocess.Popen, cluster: LocalCluster) -> dict:
 
 
 # Where the session's worker fails, as EDGECLOUD_FAULT_INJECTION's WHEN:STEP (cloud_worker/faults.py):
-# step 0 is the prefill; "after" fires once the step's reply has left the worker.
+# step 0 is the prefill, N the first step numbered N or later (drafts verified together skip numbers);
+# "after" fires once the step's reply has left the worker.
 FAULT_POINTS = {"prefill": "before:0", "mid-decode": "before:10", "after-a-reply": "after:4"}
 SHORT_TOKENS = 24
 
