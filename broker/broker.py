@@ -38,6 +38,7 @@ import logging
 import threading
 import time
 import traceback
+import uuid
 from collections import Counter, OrderedDict, deque
 from typing import Any
 
@@ -148,6 +149,7 @@ class Broker:
         self._stopped = threading.Event()
         self._warn = RateLimitedWarnings(logger, config.warn_interval_s)
         self._beat_ms = max(1, round(config.heartbeat_interval_s * 1000))  # told to workers in every heartbeat
+        self.broker_id = uuid.uuid4().hex[:16]  # this process, as its heartbeats name it (BrokerHeartbeat)
 
         self._workers: dict[WorkerId, WorkerState] = {}
         self._by_identity: dict[bytes, WorkerState] = {}
@@ -490,7 +492,7 @@ class Broker:
             self.counters["workers_registered"] += 1
             logger.info("worker %s (pid %d) registered: model %s layers %s", w.worker_id, w.pid, w.model_id,
                         list(w.layer_ranges))  # fmt: skip
-        self._send(identity, p.BrokerHeartbeat(interval_ms=self._beat_ms))
+        self._send(identity, p.BrokerHeartbeat(interval_ms=self._beat_ms, broker_id=self.broker_id))
         # Whatever this worker held when it was declared lost is gone for its edges (they reopen):
         # it frees them now. An opener being run again stays, as it may come back here.
         for sid in self._orphans.pop(msg.worker_id, []):
@@ -876,7 +878,7 @@ class Broker:
             for w in list(self._workers.values()):
                 if now - w.last_seen > self.config.worker_expiry_s:
                     self._to_expire.setdefault(w.worker_id, f"missed heartbeats for {now - w.last_seen:.2f}s")
-                elif not self._send(w.identity, p.BrokerHeartbeat(interval_ms=self._beat_ms)):
+                elif not self._send(w.identity, p.BrokerHeartbeat(interval_ms=self._beat_ms, broker_id=self.broker_id)):
                     self._to_expire.setdefault(w.worker_id, "unreachable")
             self._expire_pending()
         if self._to_expire:

@@ -397,11 +397,14 @@ class Dispatch(Message):
 @dataclass(slots=True)
 class BrokerHeartbeat(Message):
     """Broker is alive; ``interval_ms`` is its heartbeat period (0: not said). The broker expires a
-    worker silent for a few of its periods, so a worker heartbeats at least this often."""
+    worker silent for a few of its periods, so a worker heartbeats at least this often.
+    ``broker_id`` names this broker process ("": not said): a broker keeps no sessions across a
+    restart, so a worker that hears a new one frees every session opened through the old one."""
 
     interval_ms: int = 0
+    broker_id: str = ""
     TYPE = MsgType.BROKER_HEARTBEAT
-    FIELDS = (("interval_ms", _uint),)
+    FIELDS = (("interval_ms", _uint), ("broker_id", _text))
 
 
 @dataclass(slots=True)

@@ -95,6 +95,7 @@ class Job:
     extra: dict[str, Any]  # the client's opaque header fields
     frames: list[memoryview]  # body frames (read-only buffers)
     received_at: float  # time.monotonic() at arrival
+    broker_epoch: int = 0  # WorkerConnection.broker_epoch when it arrived: which broker process sent it
 
     @property
     def deadline(self) -> float:
@@ -175,6 +176,10 @@ class WorkerConnection:
         self.registrations = 0  # REGISTERs sent; tests and logs read it
         self.heartbeats_sent = 0
         self.reconnects = 0
+        # Which broker process we serve: its id (BrokerHeartbeat.broker_id) and how many times it
+        # changed (a restarted broker lost every session opened through the one before).
+        self.broker_id: str | None = None
+        self.broker_epoch = 0
         with self._lock:
             self._connect()
         self._keepalive = threading.Thread(target=self._keepalive_loop, name=f"worker-keepalive-{info.worker_id}",
@@ -437,7 +442,7 @@ class WorkerConnection:
                                   step=msg.step, attempt=msg.attempt, kind=msg.kind, layer_lo=msg.layer_lo,
                                   deadline_ms=msg.deadline_ms, extra=msg.extra,
                                   frames=[f.buffer if isinstance(f, zmq.Frame) else memoryview(f) for f in msg.frames],
-                                  received_at=time.monotonic()))  # fmt: skip
+                                  received_at=time.monotonic(), broker_epoch=self.broker_epoch))  # fmt: skip
         elif isinstance(msg, p.DropSession):
             self._dropped.append(msg.session_id)
         elif isinstance(msg, p.Reregister):
@@ -446,6 +451,12 @@ class WorkerConnection:
         elif isinstance(msg, p.BrokerDisconnect):
             logger.warning("broker is going away (%s); will reconnect when it returns", msg.reason)
         elif isinstance(msg, p.BrokerHeartbeat):
+            if msg.broker_id and msg.broker_id != self.broker_id:
+                if self.broker_id is not None:
+                    self.broker_epoch += 1
+                    logger.warning("the broker was restarted (it was %s, it is %s): sessions opened through the "
+                                   "old one are lost and will be freed", self.broker_id, msg.broker_id)
+                self.broker_id = msg.broker_id
             broker_s = msg.interval_ms / 1000
             if 0 < broker_s < self.heartbeat_s:
                 logger.info("heartbeating every %.3fs, the broker's period", broker_s)

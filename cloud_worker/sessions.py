@@ -38,6 +38,7 @@ class Session:
     # step has touched yet gets the same answer again (see CloudWorker._open).
     opener: bytes = b""
     open_answer: tuple[dict, list] | None = None
+    broker_epoch: int = 0  # of the broker process that opened it (WorkerConnection.broker_epoch)
 
 
 # Ids of ended sessions remembered per session slot, so that an opener replayed after its

@@ -199,6 +199,7 @@ class CloudWorker:
         self.served = 0
         self.failed = 0
         self.reopeners = 0  # openers the broker ran again here, answered as the first time
+        self._broker_epoch = 0  # the WorkerConnection.broker_epoch whose sessions this worker keeps
         self._last_pass_sessions: set[str] = set()  # whose next steps the next pass waits for a moment
         self._last_pass_s = 0.0
         # Long frames (prefills) part-way through: each pass computes their next chunk beside the
@@ -223,6 +224,7 @@ class CloudWorker:
             while not self.stop_event.is_set():
                 for sid in self.conn.dropped_sessions():
                     self.sessions.remove(sid, "dropped by the broker")
+                self._drop_sessions_of_old_brokers()
                 expired = self.sessions.expire()
                 if expired:
                     log.info("expired %d idle sessions", len(expired))
@@ -307,6 +309,9 @@ class CloudWorker:
                     continue
                 if job.expired():
                     log.debug("skipping %s: its deadline passed while queued", job.request_id)
+                    continue
+                if self.conn is not None and job.broker_epoch < self.conn.broker_epoch:
+                    log.debug("skipping %s: the broker that sent it was restarted since", job.request_id)
                     continue
                 try:
                     self.faults.before(job)
@@ -399,8 +404,23 @@ class CloudWorker:
             assert self.keypair is not None  # checked above
             answer = ({"worker_pk": self.keypair.public_key, "nonce": nonce},
                       seal_open_proof(cipher, job.session_id, job.step))
-        session.opener, session.open_answer = opener, answer
+        session.opener, session.open_answer, session.broker_epoch = opener, answer, job.broker_epoch
         return answer
+
+    def _drop_sessions_of_old_brokers(self) -> None:
+        """Free the sessions opened through a broker process that has been replaced: the new one
+        knows none of them, so their edges reopen elsewhere, and nothing would use them again
+        before they idle out (``session_idle_ttl_s``, minutes) while their caches and slots stay."""
+        assert self.conn is not None
+        epoch = self.conn.broker_epoch
+        if epoch == self._broker_epoch:
+            return
+        self._broker_epoch = epoch
+        stale = [sid for sid in self.sessions.ids() if (s := self.sessions.get(sid)) is not None and s.broker_epoch < epoch]
+        for sid in stale:
+            self.sessions.remove(sid, "lost with the broker that opened it")
+        if stale:
+            log.info("freed %d sessions opened through the broker before its restart", len(stale))
 
     def _close(self, job: Job) -> tuple[dict, list]:
         """Free a session for the edge that opened it (it reveals the close key its opener

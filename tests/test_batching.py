@@ -501,6 +501,46 @@ def test_the_brokers_rerun_of_an_opener_is_answered_as_before_until_a_step_uses_
             worker.conn.close()
 
 
+def test_a_worker_frees_the_sessions_of_a_broker_that_was_restarted_and_skips_its_jobs(tiny_llama):
+    """A restarted broker knows none of the sessions opened through the one before: their edges
+    reopen, and the worker frees them at once instead of holding their caches until they idle out."""
+    import time
+
+    from brokerutil import running_broker
+
+    from broker.wire.session_protocol import OpenParams, close_digest, new_close_key
+    from broker.worker_api import Job, WorkerConnection
+    from cloud_worker.worker import CloudWorker, CloudWorkerConfig
+    from partition.sampling import SamplingParams
+
+    params = OpenParams(b"", SamplingParams().to_wire(), "fp32", close_digest(new_close_key())).to_extra()
+
+    def opener(sid: str, epoch: int) -> Job:
+        return Job(request_id=f"r-{sid}", session_id=sid, model_id=tiny_llama.model_id, step=0, attempt=1,
+                   kind="open", layer_lo=1, deadline_ms=5000, extra=params, frames=[], received_at=time.monotonic(),
+                   broker_epoch=epoch)
+
+    with running_broker() as broker:
+        worker = CloudWorker(CloudWorkerConfig(model="tiny-llama", broker=broker.endpoint))
+        worker.conn = WorkerConnection(broker.endpoint, worker.info)
+        try:
+            worker.handle_many([opener("old", 0)])
+            worker._drop_sessions_of_old_brokers()  # nothing changed: nothing freed
+            assert worker.sessions.ids() == ["old"]
+            worker.conn.broker_epoch = 1  # what a heartbeat from a new broker process does
+            served = worker.served
+            worker.handle_many([opener("late", 0)])  # sent by the old broker: its answer would go nowhere
+            assert worker.served == served and worker.failed == 0 and worker.sessions.get("late") is None
+            worker.handle_many([opener("new", 1)])
+            worker._drop_sessions_of_old_brokers()
+            assert worker.sessions.ids() == ["new"]
+            assert worker.sessions.ended("old") == "lost with the broker that opened it"
+            worker._drop_sessions_of_old_brokers()
+            assert worker.sessions.ids() == ["new"]
+        finally:
+            worker.conn.close()
+
+
 def _one_token_steps(segment, cache, tokens):
     """Each token as a step of its own: (logits per token, hidden per token)."""
     logits, hidden = [], []

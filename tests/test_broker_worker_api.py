@@ -83,3 +83,43 @@ def test_broker_side_modules_do_not_import_torch() -> None:
         "sys.exit('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_a_restarted_broker_is_told_apart_by_its_id_and_so_are_the_jobs_it_sends() -> None:
+    """A broker keeps no sessions across a restart: its heartbeats name the process, and a worker
+    counts each new one (broker_epoch) and stamps every job with the count it arrived under."""
+    import zmq
+
+    from broker import protocol as p
+
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    conn = WorkerConnection(f"tcp://127.0.0.1:{port}", WorkerInfo(WorkerId("w1"), MODEL, ((0, 32),)))
+    try:
+        identity, *frames = router.recv_multipart()
+        assert isinstance(p.decode(frames), p.Register)
+
+        def send(msg: p.Message) -> None:
+            router.send_multipart([identity, *p.encode(msg)])
+
+        def job(rid: str):
+            send(p.Dispatch(request_id=rid, session_id="s1", model_id=MODEL, step=0, attempt=1, kind="open",
+                            deadline_ms=5000, layer_lo=1, extra={}, frames=[]))
+            got = conn.get(5.0)
+            assert got is not None and got.request_id == rid
+            return got
+
+        send(p.BrokerHeartbeat(interval_ms=1000, broker_id="first"))
+        assert job("r1").broker_epoch == 0 and (conn.broker_id, conn.broker_epoch) == ("first", 0)
+        send(p.BrokerHeartbeat(interval_ms=1000, broker_id="first"))
+        assert job("r2").broker_epoch == 0
+        send(p.BrokerHeartbeat(interval_ms=1000, broker_id="second"))  # the same endpoint, a new process
+        assert job("r3").broker_epoch == 1 and (conn.broker_id, conn.broker_epoch) == ("second", 1)
+        send(p.BrokerHeartbeat(interval_ms=1000))  # one that does not say changes nothing
+        assert job("r4").broker_epoch == 1
+    finally:
+        conn.close()
+        router.close()
+        ctx.term()

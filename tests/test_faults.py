@@ -129,6 +129,10 @@ def test_a_restarted_broker_is_found_again_by_edge_and_worker():
         assert result["token_ids"] == expected
         assert result["retries"] >= 1
         assert result["fallback_at_step"] is None
+        # The session the first broker placed is freed on the worker when the second one beats,
+        # not kept until it idles out (the edge's close never reaches it: that broker is gone).
+        log = cluster.workers[0].log_tail(50_000)
+        assert "the broker was restarted" in log and "freed 1 sessions opened through the broker" in log, log
 
 
 def test_with_every_worker_gone_the_edge_finishes_locally():
