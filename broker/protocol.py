@@ -33,7 +33,7 @@ RequestId = NewType("RequestId", str)
 SessionId = NewType("SessionId", str)
 WorkerId = NewType("WorkerId", str)
 
-PROTOCOL_VERSION = 2  # 2: heartbeats carry per_layer_ms
+PROTOCOL_VERSION = 3  # 2: heartbeats carry per_layer_ms; 3: batch and cache figures, the broker's period and id
 MAGIC = b"EC"
 _PREFIX = MAGIC + bytes([PROTOCOL_VERSION])
 

@@ -32,6 +32,8 @@ from broker.errors import (
     WorkerLost,
 )
 
+V = p.MAGIC + bytes([p.PROTOCOL_VERSION])  # the header prefix of this protocol version
+
 pytestmark = pytest.mark.timeout(30)
 
 
@@ -287,9 +289,9 @@ def test_garbage_leaves_broker_serving(broker: Broker) -> None:
         raw_dealer(broker.endpoint) as raw,
     ):
         raw.send(b"complete garbage")
-        raw.send_multipart([b"EC\x02\xc1\xc1", b"x"])
+        raw.send_multipart([V + b"\xc1\xc1", b"x"])
         raw.send_multipart([b"EC\x07" + b"\x80"])
-        raw.send_multipart([b"EC\x02" + b"\x81\xa1t\x63"])  # {"t": 99}
+        raw.send_multipart([V + b"\x81\xa1t\x63"])  # {"t": 99}
         raw.send_multipart([*p.encode(p.Ping(request_id="pp")), b"body"])
         raw.send_multipart(p.encode(p.BrokerHeartbeat()))  # a broker->worker type sent to the broker
         req = p.encode(p.Request(request_id="bad1", session_id="s", model_id=MODEL, layer_lo=1, deadline_ms=10,
@@ -317,7 +319,7 @@ def test_oversized_frame_is_dropped_by_libzmq(broker: Broker) -> None:
         client(broker.endpoint) as c,
         raw_dealer(broker.endpoint) as raw,
     ):
-        raw.send_multipart([b"EC\x02", b"\x00" * (129 << 20)])
+        raw.send_multipart([V, b"\x00" * (129 << 20)])
         assert c.request("s1", "open", MODEL, 2, 0).worker_id == "w1"
 
 

@@ -23,6 +23,8 @@ from broker.errors import (
     error_from_code,
 )
 
+V = p.MAGIC + bytes([p.PROTOCOL_VERSION])  # the header prefix of this protocol version
+
 EXAMPLES = [
     p.Request(request_id="r1", session_id="s1", model_id="smollm2", layer_lo=6, deadline_ms=2500, step=3,
               kind="decode", api_key="k", extra={"t": {"dtype": "fp16", "shape": [1, 1, 576]}},
@@ -58,7 +60,7 @@ def test_every_message_type_has_an_example() -> None:
 @pytest.mark.parametrize("msg", EXAMPLES, ids=lambda m: type(m).__name__)
 def test_round_trip(msg: p.Message) -> None:
     frames = p.encode(msg)
-    assert frames[0][:3] == b"EC\x02"
+    assert frames[0][:3] == V
     back = p.decode([bytes(f) for f in frames])
     assert back == msg
     assert type(back).TYPE == type(msg).TYPE
@@ -76,13 +78,14 @@ def _reason(frames: list) -> str:
 
 def test_rejects_bad_magic_version_and_type() -> None:
     assert _reason([b"XX\x01\x80"]) == "bad_magic"
-    assert _reason([b"EC\x01" + msgpack.packb({"t": 3, "request_id": "x"})]) == "bad_version"  # the old version
+    for old in (1, 2):  # earlier versions
+        assert _reason([b"EC" + bytes([old]) + msgpack.packb({"t": 3, "request_id": "x"})]) == "bad_version"
     assert _reason([b"EC"]) == "bad_version"
     assert _reason([_header({"t": 99})]) == "unknown_type"
     assert _reason([_header({"x": 1})]) == "bad_header"
     assert _reason([_header([1, 2])]) == "bad_header"
     assert _reason([]) == "empty"
-    assert _reason([b"EC\x02\xc1"]) == "bad_msgpack"
+    assert _reason([V + b"\xc1"]) == "bad_msgpack"
 
 
 def test_rejects_missing_and_mistyped_fields() -> None:
@@ -121,7 +124,7 @@ def test_size_limits(monkeypatch: pytest.MonkeyPatch) -> None:
     assert _reason([head, b"x" * 101]) == "frame_too_large"
     monkeypatch.setattr(p, "MAX_MESSAGE_BYTES", 150)
     assert _reason([head, b"x" * 100, b"y" * 100]) == "message_too_large"
-    assert _reason([b"EC\x02" + b"\x00" * p.MAX_HEADER_BYTES]) == "header_too_large"
+    assert _reason([V + b"\x00" * p.MAX_HEADER_BYTES]) == "header_too_large"
     with pytest.raises(ProtocolError):
         p.encode(
             p.Reply(request_id="r", session_id="s", step=0, worker_id="w", attempt=1, frames=[b"z" * 101])

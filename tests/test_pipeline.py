@@ -104,7 +104,10 @@ def test_garbage_to_the_broker_and_bad_requests_to_a_worker_leave_both_serving(t
     curve = client_keys(tiny_cluster.keys_dir, "client")
     setup_curve_client(raw, curve)  # an allowed key, so the junk gets past the handshake to the decoder
     raw.connect(tiny_cluster.endpoint)
-    for junk in ([b""], [b"\x00" * 10], [b"EC\x02" + b"\xff" * 50], [b"EC\x02\x81\xa1t\x01", b"x" * 100],
+    from broker import protocol as p
+
+    V = p.MAGIC + bytes([p.PROTOCOL_VERSION])  # the header prefix of this protocol version
+    for junk in ([b""], [b"\x00" * 10], [V + b"\xff" * 50], [V + b"\x81\xa1t\x01", b"x" * 100],
                  [b"hello", b"world", b"!"], [b"EC\x09" + b"\x80"]):
         raw.send_multipart(junk)
     raw.close()
