@@ -32,7 +32,9 @@ def test_hybrid_output_equals_local_output_at_every_split(tiny_cluster):
         hybrid = edge_json(tiny_cluster, "--split", str(k), "--tokens", "20")
         assert hybrid["token_ids"] == local["token_ids"], f"split {k}"
         assert hybrid["mode"] == ("cloud" if k == 0 else "hybrid")
-        assert hybrid["cloud_round_trips"] >= 20
+        # The cloud computed every token (the int8 drafter, on by default, may have the cloud verify
+        # several at once when round trips look slow, so there can be fewer than 20 of them).
+        assert hybrid["cloud_round_trips"] > 0 and hybrid["fallback_at_step"] is None
         assert hybrid["bytes_sent"] > 0 and hybrid["bytes_received"] > 0
 
 
