@@ -494,8 +494,12 @@ class Broker:
                         list(w.layer_ranges))  # fmt: skip
         self._send(identity, p.BrokerHeartbeat(interval_ms=self._beat_ms, broker_id=self.broker_id))
         # Whatever this worker held when it was declared lost is gone for its edges (they reopen):
-        # it frees them now. An opener being run again stays, as it may come back here.
+        # it frees them now. A session whose opener is being run again stays until that opener
+        # has landed on another worker, as it may come back here.
         for sid in self._orphans.pop(msg.worker_id, []):
+            session = self._sessions.get(sid)
+            if session is not None and session.worker_id in (None, msg.worker_id):
+                continue
             self.counters["orphans_dropped"] += 1
             self._send(identity, p.DropSession(session_id=sid, reason="worker was declared lost; session lost"))
         self._pump(now)
@@ -801,6 +805,7 @@ class Broker:
             session = self._sessions.get(sid)
             if session is not None and sid in restart_sids:
                 session.worker_id = None  # its opener runs again elsewhere; keep its counts
+                self._orphans.setdefault(w.worker_id, []).append(sid)  # freed here if it lands elsewhere
                 continue
             self._sessions.pop(sid, None)
             self._remember_ended(sid, why)

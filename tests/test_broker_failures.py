@@ -20,6 +20,7 @@ from brokerutil import (
     counters,
     echo_workers,
     raw_dealer,
+    recv_msg,
     recv_until,
     running_broker,
     wait_until,
@@ -116,6 +117,39 @@ def test_a_worker_declared_lost_is_told_to_free_its_sessions_when_it_comes_back(
         _register_raw(flaky, "flaky")
         with pytest.raises(AssertionError, match="nothing received"):
             recv_until(flaky, p.DropSession, timeout_s=0.5)
+
+
+def test_an_opener_run_again_is_freed_on_the_hung_worker_only_once_it_landed_elsewhere() -> None:
+    """The hung worker may have opened the session before it hung. Its opener runs again: if it
+    lands on another worker, the hung one frees its copy when it is back; if the hung one is the
+    only worker, the rerun comes back to it, and nothing may free the session first."""
+    with (
+        running_broker(no_worker_grace_s=5.0) as broker,  # the opener waits for the worker to return
+        raw_dealer(broker.endpoint) as flaky,
+        client(broker.endpoint) as c,
+    ):
+        _register_raw(flaky, "flaky")
+        elsewhere = c.submit("s1", "open", MODEL, 2, 0, timeout_s=LONG_S)
+        recv_until(flaky, p.Dispatch)  # it opens s1, then hangs: no reply, no heartbeat
+        with echo_workers(broker.endpoint, "healthy"):
+            assert c.result(elsewhere).worker_id == "healthy"
+            _register_raw(flaky, "flaky")
+            assert recv_until(flaky, p.DropSession).session_id == "s1"
+        # Now alone: an opener it hangs on has nowhere else to go, and comes back to it.
+        wait_until(lambda: [w["worker_id"] for w in c.status()["workers"]] == ["flaky"], what="healthy to leave")
+        here = c.submit("s2", "open", MODEL, 2, 0, timeout_s=LONG_S)
+        assert recv_until(flaky, p.Dispatch).attempt == 1
+        # (Expiries so far: flaky, then healthy on leaving.)
+        wait_until(lambda: counters(c).get("workers_expired") == 3, what="the hung worker to expire again")
+        flaky.send_multipart(p.encode(p.Register(worker_id="flaky", model_id=MODEL, layer_ranges=((0, 32),),
+                                                 public_key=b"", per_layer_ms=1.0, pid=os.getpid(), max_sessions=8)))
+        seen = []
+        while not seen or not isinstance(seen[-1], p.Dispatch):
+            seen.append(recv_msg(flaky))
+        assert not any(isinstance(m, p.DropSession) for m in seen), seen
+        assert (seen[-1].session_id, seen[-1].attempt) == ("s2", 2)
+        flaky.send_multipart(p.encode(p.WorkerReply(request_id=here, session_id="s2", step=0, attempt=2)))
+        assert c.result(here).worker_id == "flaky"
 
 
 def test_a_worker_registering_from_a_new_connection_is_told_to_free_what_the_old_one_held(broker: Broker) -> None:
