@@ -284,6 +284,9 @@ class CloudWorker:
         (``carry`` in the first round). A job of a session whose prefill is not through waits
         for it. A request that fails is answered with its error; the others go on."""
         assert self.conn is not None, "serve() sets the connection before jobs arrive"
+        # A new broker's heartbeat comes just before its first jobs: free what the old one opened
+        # before they ask for room.
+        self._drop_sessions_of_old_brokers()
         rounds: list[list[Job]] = []
         seen: dict[str, int] = {}
         for job in jobs:

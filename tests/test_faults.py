@@ -112,7 +112,9 @@ def test_an_opener_rerun_on_the_worker_that_hung_holding_it_is_answered_and_the_
 def test_a_restarted_broker_is_found_again_by_edge_and_worker():
     with LocalCluster(model="tiny-llama", worker_threads=1, heartbeat_s=0.3) as cluster:
         cluster.start_broker()
-        cluster.add_worker()
+        # One session at most: the edge's reopened session finds room only if the worker freed
+        # the one the first broker placed (it would hold it, idle, for minutes).
+        cluster.add_worker(extra_args=("--max-sessions", "1"))
         cluster.wait_for_workers(1, timeout_s=60)
         expected = local_ids(cluster)
         edge = start_edge(cluster, "--no-fallback", "--deadline", "40")
