@@ -222,9 +222,7 @@ class CloudWorker:
         last_job = time.monotonic()
         try:
             while not self.stop_event.is_set():
-                for sid in self.conn.dropped_sessions():
-                    self.sessions.remove(sid, "dropped by the broker")
-                self._drop_sessions_of_old_brokers()
+                self._free_lost_sessions()
                 expired = self.sessions.expire()
                 if expired:
                     log.info("expired %d idle sessions", len(expired))
@@ -284,9 +282,9 @@ class CloudWorker:
         (``carry`` in the first round). A job of a session whose prefill is not through waits
         for it. A request that fails is answered with its error; the others go on."""
         assert self.conn is not None, "serve() sets the connection before jobs arrive"
-        # A new broker's heartbeat comes just before its first jobs: free what the old one opened
-        # before they ask for room.
-        self._drop_sessions_of_old_brokers()
+        # The broker's word that sessions are lost (a DropSession, a new broker's heartbeat) comes
+        # just before the jobs that follow it: free them before those ask for room.
+        self._free_lost_sessions()
         rounds: list[list[Job]] = []
         seen: dict[str, int] = {}
         for job in jobs:
@@ -410,11 +408,14 @@ class CloudWorker:
         session.opener, session.open_answer, session.broker_epoch = opener, answer, job.broker_epoch
         return answer
 
-    def _drop_sessions_of_old_brokers(self) -> None:
-        """Free the sessions opened through a broker process that has been replaced: the new one
-        knows none of them, so their edges reopen elsewhere, and nothing would use them again
-        before they idle out (``session_idle_ttl_s``, minutes) while their caches and slots stay."""
+    def _free_lost_sessions(self) -> None:
+        """Free the sessions the broker dropped, and those opened through a broker process that
+        has been replaced: the new one knows none of them. Their edges reopen elsewhere, and
+        nothing would use them again before they idle out (``session_idle_ttl_s``, minutes) while
+        their caches and slots stay."""
         assert self.conn is not None
+        for sid in self.conn.dropped_sessions():
+            self.sessions.remove(sid, "dropped by the broker")
         epoch = self.conn.broker_epoch
         if epoch == self._broker_epoch:
             return

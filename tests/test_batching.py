@@ -525,17 +525,17 @@ def test_a_worker_frees_the_sessions_of_a_broker_that_was_restarted_and_skips_it
         worker.conn = WorkerConnection(broker.endpoint, worker.info)
         try:
             worker.handle_many([opener("old", 0)])
-            worker._drop_sessions_of_old_brokers()  # nothing changed: nothing freed
+            worker._free_lost_sessions()  # nothing changed: nothing freed
             assert worker.sessions.ids() == ["old"]
             worker.conn.broker_epoch = 1  # what a heartbeat from a new broker process does
             served = worker.served
             worker.handle_many([opener("late", 0)])  # sent by the old broker: its answer would go nowhere
             assert worker.served == served and worker.failed == 0 and worker.sessions.get("late") is None
             worker.handle_many([opener("new", 1)])
-            worker._drop_sessions_of_old_brokers()
+            worker._free_lost_sessions()
             assert worker.sessions.ids() == ["new"]
             assert worker.sessions.ended("old") == "lost with the broker that opened it"
-            worker._drop_sessions_of_old_brokers()
+            worker._free_lost_sessions()
             assert worker.sessions.ids() == ["new"]
         finally:
             worker.conn.close()

@@ -109,6 +109,31 @@ def test_an_opener_rerun_on_the_worker_that_hung_holding_it_is_answered_and_the_
         assert "its opener came again" in worker.log_tail(20_000), cluster.log_tails()
 
 
+def test_the_only_worker_back_from_a_hang_frees_the_lost_session_and_serves_its_reopening(tmp_path, expected_short):
+    """The only worker hangs (SIGSTOP) mid-decode and is declared lost; the edge reopens. Back
+    from its hang it still holds the lost session, and with room for one session it can serve the
+    reopened one only because the broker tells it to free the lost one when it registers again."""
+    import signal
+
+    fired = tmp_path / "fired"
+    with LocalCluster(model="tiny-llama", worker_threads=1, heartbeat_s=0.3) as cluster:
+        cluster.start_broker()
+        worker = cluster.add_worker(extra_args=("--max-sessions", "1"),
+                                    env={"EDGECLOUD_FAULT_INJECTION": f"stop@before:10:{fired}"})
+        cluster.wait_for_workers(1, timeout_s=60)
+        edge = cluster.start_edge("--split", "2", "--tokens", str(SHORT_TOKENS), "--json", "--raw-prompt",
+                                  "--prompt", PROMPT, "--timeout", "2", "--no-fallback", "--deadline", "60")
+        deadline = time.monotonic() + 60
+        while cluster.status()["counters"].get("workers_expired", 0) < 1:
+            assert time.monotonic() < deadline and edge.poll() is None, f"the worker was never lost\n{cluster.log_tails()}"
+            time.sleep(0.05)
+        cluster.kill(worker, signal.SIGCONT)
+        result = finish(edge, cluster)
+        assert result["token_ids"] == expected_short
+        assert result["workers_used"] == [worker.name] and result["retries"] >= 1
+        assert cluster.status()["counters"].get("orphans_dropped", 0) >= 1
+
+
 def test_a_restarted_broker_is_found_again_by_edge_and_worker():
     with LocalCluster(model="tiny-llama", worker_threads=1, heartbeat_s=0.3) as cluster:
         cluster.start_broker()
