@@ -154,11 +154,11 @@ def _shared_prefix(a: list[bytes] | None, b: list[bytes], most: int) -> int:
     return lo
 
 
-
 def opener_digest(job: Job) -> bytes:
     """What identifies one opener: its request id and everything it asks for."""
     fields = [job.request_id, job.session_id, job.model_id, job.layer_lo, job.step, job.extra]
     return sha256(msgpack.packb(fields, use_bin_type=True)).digest()
+
 
 class CloudWorker:
     def __init__(self, config: CloudWorkerConfig) -> None:
@@ -311,7 +311,7 @@ class CloudWorker:
                 if job.expired():
                     log.debug("skipping %s: its deadline passed while queued", job.request_id)
                     continue
-                if self.conn is not None and job.broker_epoch < self.conn.broker_epoch:
+                if job.broker_epoch < self.conn.broker_epoch:
                     log.debug("skipping %s: the broker that sent it was restarted since", job.request_id)
                     continue
                 try:
