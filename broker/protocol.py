@@ -13,8 +13,10 @@ Decoding is defensive because the broker faces untrusted peers: msgpack runs
 with explicit size limits, no ext types and string map keys only; every field
 is checked for presence and type; anything off raises :class:`ProtocolError`
 with a stable ``reason`` token and nothing else. Unknown *extra* header keys
-are ignored so that a minor addition does not need a version bump; a change
-in meaning of an existing field does.
+are ignored (an older receiver reads a newer sender's messages), but every
+field a receiver knows must be there, so adding a field to a message, like
+changing the meaning of one, bumps ``PROTOCOL_VERSION``: processes of two
+versions then refuse each other with ``bad_version`` rather than half-work.
 """
 
 from __future__ import annotations
