@@ -276,7 +276,9 @@ class Broker:
     def _bad_input(self, identity: bytes, exc: ProtocolError) -> None:
         self.protocol_errors[exc.reason] += 1
         self._warn.warn(exc.reason, "malformed message from peer %s: %s", identity.hex(), exc)
-        if exc.msg_type in p.CLIENT_TO_BROKER:
+        if exc.msg_type in p.CLIENT_TO_BROKER or exc.reason == "bad_version":
+            # A peer of another version cannot read our answer either, but failing to read it says
+            # why in its own log, where silence would look like a broker that is down.
             self._send(identity, p.Error(request_id=exc.request_id or "", code=exc.code, message=str(exc)))
 
     # ------------------------------------------------------------- CURVE auth

@@ -99,6 +99,7 @@ class BrokerClient:
         self._done: dict[RequestId, Outcome] = {}
         self._patient: set[RequestId] = set()  # waiting pings and status queries (see _send)
         self.stale_replies = 0
+        self._other_version = ""  # what the broker said, when it speaks another protocol version
         self._connect()
 
     def _connect(self) -> None:
@@ -120,6 +121,8 @@ class BrokerClient:
     def _reset(self, reason: str, gone: bool = False) -> None:
         """Drop the socket and everything in flight on it (and what libzmq still queues for a
         reconnection: its callers hear it failed); reconnect."""
+        if self._other_version:
+            reason += f"; {self._other_version}"
         self.log.warning("resetting connection to broker %s: %s", self.endpoint, reason)
         if self._handshake is not None and not gone:
             self._handshake.poll()
@@ -315,6 +318,8 @@ class BrokerClient:
                 msg = p.decode(frames)
             except ProtocolError as exc:
                 self.log.warning("malformed message from broker ignored: %s", exc)
+                if exc.reason == "bad_version":
+                    self._other_version = str(exc)
                 continue
             self._file(msg)
         if self._handshake is not None and self._handshake.monitor in events:

@@ -538,7 +538,8 @@ def decode(frames: Sequence[Any]) -> Message:
         raise ProtocolError("bad_magic", "not an edgecloud frame")
     if len(head) < 3 or head[2] != PROTOCOL_VERSION:
         got = head[2] if len(head) >= 3 else None
-        raise ProtocolError("bad_version", f"protocol version {got}, expected {PROTOCOL_VERSION}")
+        raise ProtocolError("bad_version", f"protocol version {got}, expected {PROTOCOL_VERSION}: the two sides run "
+                            "different edgecloud versions; run the same one on broker, workers and edges")
     try:
         obj = msgpack.unpackb(
             head[3:],

@@ -450,3 +450,25 @@ def test_a_clusters_waits_keep_their_clients_reconnection_warnings_to_themselves
             assert "resetting connection" in caplog.text
     finally:
         cluster.stop()
+
+
+def test_a_broker_of_another_protocol_version_is_named_in_the_clients_error() -> None:
+    """Neither side can read the other: the client's error must say so, not just 'no answer'."""
+    import msgpack
+
+    ctx = zmq.Context()
+    other = ctx.socket(zmq.ROUTER)  # a broker speaking the version before this one
+    other.setsockopt(zmq.LINGER, 0)
+    port = other.bind_to_random_port("tcp://127.0.0.1")
+    c = BrokerClient(f"tcp://127.0.0.1:{port}", "", config=ClientConfig(default_timeout_s=1.0, reply_grace_s=0.2))
+    try:
+        rid = c.submit("s1", "open", MODEL, 2, 0, timeout_s=1.0)
+        identity, *_ = other.recv_multipart()
+        old = p.MAGIC + bytes([p.PROTOCOL_VERSION - 1])
+        other.send_multipart([identity, old + msgpack.packb({"t": int(p.MsgType.ERROR), "request_id": rid})])
+        with pytest.raises(BrokerUnavailable, match="different edgecloud versions"):
+            c.result(rid)
+    finally:
+        c.close()
+        other.close()
+        ctx.term()
