@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from broker.errors import EdgeCloudError
 
@@ -235,25 +235,36 @@ class LocalCluster:
         return subprocess.Popen(cli_command("edge", "--model", self.model, *self._curve_args(), *args), env=self.env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
 
+    def wait_for(self, cond: Callable[[dict], Any], what: str, edge: subprocess.Popen | None = None,
+                 timeout_s: float = 120.0) -> Any:
+        """Poll the broker's status (one request at a time, from this process) until ``cond`` of it
+        is truthy, and return that value. Fails with ClusterError, saying ``what`` it waited for,
+        at ``timeout_s`` or as soon as ``edge`` (if given) has ended."""
+        with self._watcher() as watcher:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and (edge is None or edge.poll() is None):
+                try:
+                    got = cond(watcher.status(timeout_s=2))
+                except EdgeCloudError:
+                    continue
+                if got:
+                    return got
+                time.sleep(0.02)  # a status request at a time, not a stream of them beside the edge
+            if edge is not None and edge.poll() is not None:  # it ended: say how
+                _, err = edge.communicate()
+                raise ClusterError(f"the edge ended (exit status {edge.returncode}) before {what}:\n{err[-3000:]}\n"
+                                   f"{self.log_tails()}")
+            raise ClusterError(f"timed out after {timeout_s:.0f} s waiting until {what}\n{self.log_tails()}")
+
     def wait_for_decoding(self, edge: subprocess.Popen, served: int = 50, timeout_s: float = 120.0) -> str:
         """Wait until the broker has served ``served`` requests and a worker holds a session (the
         edge is decoding, past its opener); return that worker's id. For injecting faults."""
-        with self._watcher() as watcher:
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline and edge.poll() is None:
-                try:
-                    st = watcher.status(timeout_s=2)
-                except EdgeCloudError:
-                    continue
-                busy = [w for w in st["workers"] if w["sessions"]]
-                if busy and st["counters"].get("requests_served", 0) >= served:
-                    return str(busy[0]["worker_id"])
-                time.sleep(0.02)  # a status request at a time, not a stream of them beside the edge
-            code = edge.poll()
-            if code is not None:  # it ended: say how
-                _, err = edge.communicate()
-                raise ClusterError(f"the edge ended (exit status {code}) before decoding was under way:\n{err[-3000:]}")
-            raise ClusterError("the edge never started decoding")
+
+        def decoding(st: dict) -> str | None:
+            busy = [w for w in st["workers"] if w["sessions"]]
+            return str(busy[0]["worker_id"]) if busy and st["counters"].get("requests_served", 0) >= served else None
+
+        return self.wait_for(decoding, "decoding was under way", edge, timeout_s)
 
     def worker_named(self, worker_id: str) -> Proc:
         return next(p for p in self.workers if p.name == worker_id)
