@@ -148,8 +148,10 @@ class Broker:
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._warn = RateLimitedWarnings(logger, config.warn_interval_s)
-        self._beat_ms = max(1, round(config.heartbeat_interval_s * 1000))  # told to workers in every heartbeat
-        self.broker_id = uuid.uuid4().hex[:16]  # this process, as its heartbeats name it (BrokerHeartbeat)
+        self.broker_id = uuid.uuid4().hex[:16]  # this process, as its heartbeats name it
+        # Every heartbeat to a worker says the same: our period and who we are (see BrokerHeartbeat).
+        self._heartbeat = p.BrokerHeartbeat(interval_ms=max(1, round(config.heartbeat_interval_s * 1000)),
+                                            broker_id=self.broker_id)
 
         self._workers: dict[WorkerId, WorkerState] = {}
         self._by_identity: dict[bytes, WorkerState] = {}
@@ -494,7 +496,7 @@ class Broker:
             self.counters["workers_registered"] += 1
             logger.info("worker %s (pid %d) registered: model %s layers %s", w.worker_id, w.pid, w.model_id,
                         list(w.layer_ranges))  # fmt: skip
-        self._send(identity, p.BrokerHeartbeat(interval_ms=self._beat_ms, broker_id=self.broker_id))
+        self._send(identity, self._heartbeat)
         # Whatever this worker held when it was declared lost is gone for its edges (they reopen):
         # it frees them now. A session whose opener is being run again stays until that opener
         # has landed on another worker, as it may come back here.
@@ -885,7 +887,7 @@ class Broker:
             for w in list(self._workers.values()):
                 if now - w.last_seen > self.config.worker_expiry_s:
                     self._to_expire.setdefault(w.worker_id, f"missed heartbeats for {now - w.last_seen:.2f}s")
-                elif not self._send(w.identity, p.BrokerHeartbeat(interval_ms=self._beat_ms, broker_id=self.broker_id)):
+                elif not self._send(w.identity, self._heartbeat):
                     self._to_expire.setdefault(w.worker_id, "unreachable")
             self._expire_pending()
         if self._to_expire:
