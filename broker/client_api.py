@@ -321,6 +321,7 @@ class BrokerClient:
                 if exc.reason == "bad_version":
                     self._other_version = str(exc)
                 continue
+            self._other_version = ""  # it speaks ours (again)
             self._file(msg)
         if self._handshake is not None and self._handshake.monitor in events:
             self._refused_by_broker()

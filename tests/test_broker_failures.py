@@ -468,6 +468,13 @@ def test_a_broker_of_another_protocol_version_is_named_in_the_clients_error() ->
         other.send_multipart([identity, old + msgpack.packb({"t": int(p.MsgType.ERROR), "request_id": rid})])
         with pytest.raises(BrokerUnavailable, match="different edgecloud versions"):
             c.result(rid)
+        # Once it hears our version again, a later silence is not blamed on versions.
+        rid = c.submit("s1", "open", MODEL, 2, 0, timeout_s=1.0)
+        identity, *_ = other.recv_multipart()  # the client reconnected after the reset
+        other.send_multipart([identity, *p.encode(p.Pong(request_id="unrelated"))])
+        with pytest.raises(BrokerUnavailable) as info:
+            c.result(rid)
+        assert "versions" not in str(info.value)
     finally:
         c.close()
         other.close()
