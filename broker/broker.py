@@ -502,10 +502,11 @@ class Broker:
         # has landed on another worker, as it may come back here.
         for sid in self._orphans.pop(msg.worker_id, []):
             session = self._sessions.get(sid)
-            if session is not None and session.worker_id in (None, msg.worker_id):
+            if session is not None and session.worker_id is None:
+                session.stale_on = msg.worker_id  # freed here once it lands elsewhere (_pin)
                 continue
-            self.counters["orphans_dropped"] += 1
-            self._send(identity, p.DropSession(session_id=sid, reason="worker was declared lost; session lost"))
+            if session is None or session.worker_id != msg.worker_id:
+                self._drop_orphan(identity, sid)
         self._pump(now)
 
     def _known_worker(self, identity: bytes) -> WorkerState | None:
@@ -639,7 +640,20 @@ class Broker:
         session.worker_id = w.worker_id
         w.sessions.add(session.session_id)
         self._lost.pop(session.session_id, None)
+        self._free_stale_copy(session)
         return True
+
+    def _free_stale_copy(self, session: SessionState) -> None:
+        """The worker that hung opening ``session`` and came back before its opener ran again frees
+        its copy, now that the session is pinned elsewhere or gone (on that worker: kept)."""
+        stale, session.stale_on = session.stale_on, None
+        w = self._workers.get(stale) if stale is not None and stale != session.worker_id else None
+        if w is not None:
+            self._drop_orphan(w.identity, session.session_id)
+
+    def _drop_orphan(self, identity: bytes, session_id: SessionId) -> None:
+        self.counters["orphans_dropped"] += 1
+        self._send(identity, p.DropSession(session_id=session_id, reason="worker was declared lost; session lost"))
 
     def _unqueue(self, req: PendingRequest, remove: bool) -> None:
         """Account for ``req`` leaving the queue (``remove``: it is still in the deque)."""
@@ -740,6 +754,8 @@ class Broker:
 
     def _drop_session(self, session: SessionState, notify: bool, reason: str = "") -> None:
         self._sessions.pop(session.session_id, None)
+        if session.worker_id is None:
+            self._free_stale_copy(session)
         w = self._workers.get(session.worker_id) if session.worker_id else None
         if w is not None:
             w.sessions.discard(session.session_id)

@@ -131,6 +131,9 @@ class SessionState:
     outstanding: int = 0  # requests of this session queued or in flight
     queued: int = 0  # of which still waiting in the broker queue
     owner: str | None = None  # the client that opened it ("key:..." or "api:..."); None: no identity
+    # A worker declared lost while opening it, back before its opener was run again: it may hold a
+    # copy, freed (DropSession) once the opener lands elsewhere or the session ends unplaced.
+    stale_on: WorkerId | None = None
 
 
 @dataclass(eq=False)

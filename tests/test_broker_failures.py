@@ -44,9 +44,10 @@ def broker() -> Iterator[Broker]:
         yield b
 
 
-def _register_raw(sock: zmq.Socket, worker_id: str) -> None:
+def _register_raw(sock: zmq.Socket, worker_id: str, max_batch: int = 1) -> None:
     sock.send_multipart(p.encode(p.Register(worker_id=worker_id, model_id=MODEL, layer_ranges=((0, 32),),
-                                            public_key=b"", per_layer_ms=1.0, pid=os.getpid(), max_sessions=8)))  # fmt: skip
+                                            public_key=b"", per_layer_ms=1.0, pid=os.getpid(), max_sessions=8,
+                                            max_batch=max_batch)))  # fmt: skip
     recv_until(sock, p.BrokerHeartbeat)
 
 
@@ -150,6 +151,33 @@ def test_an_opener_run_again_is_freed_on_the_hung_worker_only_once_it_landed_els
         assert (seen[-1].session_id, seen[-1].attempt) == ("s2", 2)
         flaky.send_multipart(p.encode(p.WorkerReply(request_id=here, session_id="s2", step=0, attempt=2)))
         assert c.result(here).worker_id == "flaky"
+
+
+def test_an_opener_run_again_that_lands_elsewhere_after_the_hung_worker_came_back_frees_its_copy() -> None:
+    """A rerun may still wait unplaced when the hung worker registers again: here it had two
+    openers in flight and comes back with one slot. The second rerun is kept for it then, as it
+    may come back there; when it lands on another worker instead, the first must free its copy."""
+    with (
+        running_broker(no_worker_grace_s=5.0, worker_max_in_flight=1) as broker,
+        raw_dealer(broker.endpoint) as flaky,
+        client(broker.endpoint) as c,
+    ):
+        _register_raw(flaky, "flaky", max_batch=2)
+        first, second = (c.submit(sid, "open", MODEL, 2, 0, timeout_s=LONG_S) for sid in ("s1", "s2"))
+        assert {recv_until(flaky, p.Dispatch).session_id for _ in range(2)} == {"s1", "s2"}  # then it hangs
+        wait_until(lambda: counters(c).get("workers_expired") == 1, what="the hung worker to expire")
+        _register_raw(flaky, "flaky", max_batch=1)  # back, with one slot: one rerun comes here
+        back = recv_until(flaky, p.Dispatch)
+        assert back.attempt == 2
+        with echo_workers(broker.endpoint, "healthy"):  # the other rerun goes there
+            other = first if back.session_id == "s2" else second
+            assert c.result(other).worker_id == "healthy"
+            stale = {"s1", "s2"} - {back.session_id}
+            assert {recv_until(flaky, p.DropSession).session_id} == stale
+            flaky.send_multipart(p.encode(p.WorkerReply(request_id=back.request_id, session_id=back.session_id,
+                                                        step=0, attempt=2)))
+            assert c.result(second if other is first else first).worker_id == "flaky"
+            assert counters(c)["orphans_dropped"] == 1
 
 
 def test_a_worker_registering_from_a_new_connection_is_told_to_free_what_the_old_one_held(broker: Broker) -> None:
