@@ -830,6 +830,10 @@ class Broker:
             self._sessions.pop(sid, None)
             self._remember_ended(sid, why)
             self._orphans.setdefault(w.worker_id, []).append(sid)
+        # Sessions it may hold a copy of from before an earlier loss (an opener rerun still unplaced).
+        stale = [sid for sid, s in self._sessions.items() if s.stale_on == w.worker_id]
+        if stale:
+            self._orphans.setdefault(w.worker_id, []).extend(stale)
         while len(self._orphans) > ORPHAN_WORKERS_REMEMBERED:
             self._orphans.popitem(last=False)
         for req in lost:

@@ -180,6 +180,27 @@ def test_an_opener_run_again_that_lands_elsewhere_after_the_hung_worker_came_bac
             assert counters(c)["orphans_dropped"] == 1
 
 
+def test_a_worker_that_hangs_again_before_a_kept_rerun_lands_is_told_to_free_it_when_back() -> None:
+    """As above, but the worker that came back hangs again while the rerun kept for it still
+    waits: it must still hear to free that copy when it is back the second time."""
+    with (
+        running_broker(no_worker_grace_s=5.0, worker_max_in_flight=1) as broker,
+        raw_dealer(broker.endpoint) as flaky,
+        client(broker.endpoint) as c,
+    ):
+        _register_raw(flaky, "flaky", max_batch=2)
+        openers = {sid: c.submit(sid, "open", MODEL, 2, 0, timeout_s=LONG_S) for sid in ("s1", "s2")}
+        assert {recv_until(flaky, p.Dispatch).session_id for _ in range(2)} == {"s1", "s2"}
+        wait_until(lambda: counters(c).get("workers_expired") == 1, what="the hung worker to expire")
+        _register_raw(flaky, "flaky", max_batch=1)
+        recv_until(flaky, p.Dispatch)  # one rerun; the other is kept for it, and it hangs again
+        wait_until(lambda: counters(c).get("workers_expired") == 2, what="the worker to expire again")
+        with echo_workers(broker.endpoint, "healthy"):
+            assert {c.result(rid).worker_id for rid in openers.values()} == {"healthy"}
+            _register_raw(flaky, "flaky", max_batch=1)
+            assert {recv_until(flaky, p.DropSession).session_id for _ in range(2)} == {"s1", "s2"}
+
+
 def test_a_worker_registering_from_a_new_connection_is_told_to_free_what_the_old_one_held(broker: Broker) -> None:
     with raw_dealer(broker.endpoint) as old, raw_dealer(broker.endpoint) as new, client(broker.endpoint) as c:
         _register_raw(old, "w")
