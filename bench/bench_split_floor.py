@@ -17,6 +17,7 @@ one run, greedy, the same prompts and the same tokens in every mode:
 ms/token is decode only: (time to the last token - time to the first) / (tokens - 1).
 
     .venv/bin/python bench/bench_split_floor.py [--model smollm2-135m] [--split 15] [--tokens 64] [--reps 3] [--json]
+        [--modes 'split over a bare pipe' 'hybrid (edge CLI)' ...]
 """
 
 from __future__ import annotations
@@ -191,6 +192,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--modes", nargs="+", metavar="MODE",
+                        help="only these modes (by name, e.g. 'local' 'split over a bare pipe'); local ones are "
+                             "always run, as the references")
     for hidden in ("--serve", "--generate", "--prompt", "--port", "--worker-key"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     parser.add_argument("--proxy", nargs=2, metavar=("PORT_FILE", "UPSTREAM"), help=argparse.SUPPRESS)
@@ -217,6 +221,13 @@ def main() -> None:
     ours = {"local": port, "split in process": port, "split over a bare pipe": port,
             "bare pipe, our wire": port, "bare pipe via a C proxy": relay_port}
     cli_modes = {"local (edge CLI)": ["--force-local"], "hybrid (edge CLI)": ["--split", str(args.split)]}
+    if args.modes:
+        unknown = set(args.modes) - {*ours, *cli_modes}
+        if unknown:
+            raise SystemExit(f"unknown modes {sorted(unknown)}; choose from {[*ours, *cli_modes]}")
+        keep = {"local", *args.modes} | ({"local (edge CLI)"} if "hybrid (edge CLI)" in args.modes else set())
+        ours = {m: v for m, v in ours.items() if m in keep}
+        cli_modes = {m: v for m, v in cli_modes.items() if m in keep}
     names = [*ours, *cli_modes]
     ms: dict[str, list[float]] = {m: [] for m in names}
     try:
@@ -256,8 +267,9 @@ def main() -> None:
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "ms_per_token": {m: round(v, 2) for m, v in med.items()},
         "over_local": {m: round(med[m] / med["local"], 3) for m in ours if m != "local"},
-        "hybrid_over_local_cli": round(med["hybrid (edge CLI)"] / med["local (edge CLI)"], 3),
     }
+    if "hybrid (edge CLI)" in med:
+        result["hybrid_over_local_cli"] = round(med["hybrid (edge CLI)"] / med["local (edge CLI)"], 3)
     if args.json:
         print(json.dumps(result))
         return
