@@ -134,43 +134,43 @@ def generate(args: argparse.Namespace) -> None:
     if mode == "local":
         whole = ModelSegment.load(source, 0, n)
         cache = whole.new_cache()
-        tokens, ms = _greedy(lambda x: int(whole(x, cache).logits[0, -1].argmax()), ids, args.tokens, eos)
-        print(json.dumps({"token_ids": tokens, "ms_per_token": ms}))
-        return
-    edge = ModelSegment.load(source, 0, k)
-    ce = edge.new_cache()
-    if mode == "split in process":
-        cloud = ModelSegment.load(source, k, n)
-        cc = cloud.new_cache()
-        tokens, ms = _greedy(lambda x: int(cloud(edge(x, ce, logits="none").hidden, cc).logits[0, -1].argmax()),
-                             ids, args.tokens, eos)
-        print(json.dumps({"token_ids": tokens, "ms_per_token": ms}))
-        return
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.connect(f"tcp://127.0.0.1:{args.port}")
-
-    def call(*frames: bytes) -> list[bytes]:
-        sock.send_multipart([b"", *frames])
-        return sock.recv_multipart()[1:]
-
-    call(b"reset", b"")
-    if mode == "bare pipe, our wire":
-        eph, nonce = generate_keypair(), secrets.token_bytes(16)
-        call(b"keys", eph.public_key + nonce)
-        cipher = SessionCipher.for_edge(eph.secret_key, bytes.fromhex(args.worker_key), "floor", nonce)
-        steps = iter(range(1, 1 << 30))
 
         def step(x):
-            n = next(steps)
-            hidden = edge(x, ce, logits="none").hidden
-            sealed = seal_step(cipher, "floor", n, ce.length - x.shape[1], hidden, "fp16")
-            return open_step_reply(cipher, "floor", n, call(b"step", n.to_bytes(4, "little"), *sealed)).token
-    else:
+            return int(whole(x, cache).logits[0, -1].argmax())
+    elif mode == "split in process":
+        edge, cloud = ModelSegment.load(source, 0, k), ModelSegment.load(source, k, n)
+        ce, cc = edge.new_cache(), cloud.new_cache()
+
         def step(x):
-            hidden = edge(x, ce, logits="none").hidden.to(torch.float32).contiguous()
-            return int.from_bytes(call(b"step", hidden.numpy().tobytes())[0], "little")
+            return int(cloud(edge(x, ce, logits="none").hidden, cc).logits[0, -1].argmax())
+    else:  # the second process, directly or through the proxy
+        edge = ModelSegment.load(source, 0, k)
+        ce = edge.new_cache()
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(f"tcp://127.0.0.1:{args.port}")
+
+        def call(*frames: bytes) -> list[bytes]:
+            sock.send_multipart([b"", *frames])
+            return sock.recv_multipart()[1:]
+
+        call(b"reset", b"")
+        if mode == "bare pipe, our wire":
+            eph, nonce = generate_keypair(), secrets.token_bytes(16)
+            call(b"keys", eph.public_key + nonce)
+            cipher = SessionCipher.for_edge(eph.secret_key, bytes.fromhex(args.worker_key), "floor", nonce)
+            numbers = iter(range(1, 1 << 30))
+
+            def step(x):
+                i = next(numbers)
+                hidden = edge(x, ce, logits="none").hidden
+                sealed = seal_step(cipher, "floor", i, ce.length - x.shape[1], hidden, "fp16")
+                return open_step_reply(cipher, "floor", i, call(b"step", i.to_bytes(4, "little"), *sealed)).token
+        else:
+            def step(x):
+                hidden = edge(x, ce, logits="none").hidden.to(torch.float32).contiguous()
+                return int.from_bytes(call(b"step", hidden.numpy().tobytes())[0], "little")
     tokens, ms = _greedy(step, ids, args.tokens, eos)
-    sock.close(linger=0)
     print(json.dumps({"token_ids": tokens, "ms_per_token": ms}))
 
 
