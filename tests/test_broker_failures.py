@@ -153,6 +153,20 @@ def test_an_opener_run_again_is_freed_on_the_hung_worker_only_once_it_landed_els
         assert c.result(here).worker_id == "flaky"
 
 
+def _back_with_one_slot_of_two(flaky: zmq.Socket, c: BrokerClient) -> tuple[dict[str, str], p.Dispatch]:
+    """``flaky`` takes the openers of s1 and s2, hangs until it is declared lost, and registers
+    again with one slot: one rerun comes back to it (returned), the other is kept waiting for it.
+    Returns the openers' request ids by session too."""
+    _register_raw(flaky, "flaky", max_batch=2)
+    openers = {sid: c.submit(sid, "open", MODEL, 2, 0, timeout_s=LONG_S) for sid in ("s1", "s2")}
+    assert {recv_until(flaky, p.Dispatch).session_id for _ in range(2)} == {"s1", "s2"}  # then it hangs
+    wait_until(lambda: counters(c).get("workers_expired") == 1, what="the hung worker to expire")
+    _register_raw(flaky, "flaky", max_batch=1)
+    back = recv_until(flaky, p.Dispatch)
+    assert back.attempt == 2
+    return openers, back
+
+
 def test_an_opener_run_again_that_lands_elsewhere_after_the_hung_worker_came_back_frees_its_copy() -> None:
     """A rerun may still wait unplaced when the hung worker registers again: here it had two
     openers in flight and comes back with one slot. The second rerun is kept for it then, as it
@@ -162,13 +176,8 @@ def test_an_opener_run_again_that_lands_elsewhere_after_the_hung_worker_came_bac
         raw_dealer(broker.endpoint) as flaky,
         client(broker.endpoint) as c,
     ):
-        _register_raw(flaky, "flaky", max_batch=2)
-        first, second = (c.submit(sid, "open", MODEL, 2, 0, timeout_s=LONG_S) for sid in ("s1", "s2"))
-        assert {recv_until(flaky, p.Dispatch).session_id for _ in range(2)} == {"s1", "s2"}  # then it hangs
-        wait_until(lambda: counters(c).get("workers_expired") == 1, what="the hung worker to expire")
-        _register_raw(flaky, "flaky", max_batch=1)  # back, with one slot: one rerun comes here
-        back = recv_until(flaky, p.Dispatch)
-        assert back.attempt == 2
+        openers, back = _back_with_one_slot_of_two(flaky, c)
+        first, second = openers["s1"], openers["s2"]
         with echo_workers(broker.endpoint, "healthy"):  # the other rerun goes there
             other = first if back.session_id == "s2" else second
             assert c.result(other).worker_id == "healthy"
@@ -188,12 +197,7 @@ def test_a_worker_that_hangs_again_before_a_kept_rerun_lands_is_told_to_free_it_
         raw_dealer(broker.endpoint) as flaky,
         client(broker.endpoint) as c,
     ):
-        _register_raw(flaky, "flaky", max_batch=2)
-        openers = {sid: c.submit(sid, "open", MODEL, 2, 0, timeout_s=LONG_S) for sid in ("s1", "s2")}
-        assert {recv_until(flaky, p.Dispatch).session_id for _ in range(2)} == {"s1", "s2"}
-        wait_until(lambda: counters(c).get("workers_expired") == 1, what="the hung worker to expire")
-        _register_raw(flaky, "flaky", max_batch=1)
-        recv_until(flaky, p.Dispatch)  # one rerun; the other is kept for it, and it hangs again
+        openers, _ = _back_with_one_slot_of_two(flaky, c)  # and it hangs again
         wait_until(lambda: counters(c).get("workers_expired") == 2, what="the worker to expire again")
         with echo_workers(broker.endpoint, "healthy"):
             assert {c.result(rid).worker_id for rid in openers.values()} == {"healthy"}
