@@ -83,19 +83,19 @@ def _after(events: list[tuple[float, str, int]], t: float, kind: str, min_bytes:
     return None
 
 
-def hops(edge, brk, worker) -> dict[str, list[float]]:
+def hops(edge, brk, worker, step_bytes: int = STEP_MIN_BYTES) -> dict[str, list[float]]:
     """Per decode step, the time of each hop (seconds), following each step frame the edge sent."""
     out: dict[str, list[float]] = {k: [] for k in (
         "edge send call", "edge -> broker", "broker Python (request)", "broker send call (request)",
         "broker -> worker", "worker compute and reply", "worker -> broker", "broker Python (reply)",
         "broker send call (reply)", "broker -> edge")}  # fmt: skip
-    sends = [t for t, k, n in edge if k == "send" and n >= STEP_MIN_BYTES]
+    sends = [t for t, k, n in edge if k == "send" and n >= step_bytes]
     for t in sends[3:]:  # skip the first steps (prefill, warm-up)
         t0 = max(x for x, k, _ in edge if k == "send0" and x <= t)
-        b1 = _after(brk, t, "recv", STEP_MIN_BYTES)
+        b1 = _after(brk, t, "recv", step_bytes)
         b1s = b1 and _after(brk, b1, "send0")
         b1e = b1s and _after(brk, b1s, "send")
-        w1 = b1e and _after(worker, b1e, "recv", STEP_MIN_BYTES)
+        w1 = b1e and _after(worker, b1e, "recv", step_bytes)
         w2 = w1 and _after(worker, w1, "send0")
         b2 = w2 and _after(brk, w2, "recv")
         b2s = b2 and _after(brk, b2, "send0")
@@ -115,6 +115,10 @@ def main() -> None:
     ap.add_argument("--split", type=int, default=15)
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--step-bytes", type=int, default=STEP_MIN_BYTES,
+                    help="smallest message counted as a step frame (tiny-llama's are ~300 bytes)")
+    ap.add_argument("--edge-args", nargs=argparse.REMAINDER, default=[],
+                    help="the rest goes to the edge CLI as is, e.g. --edge-args --mini none")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-hops-") as tmp:
         site, out = Path(tmp, "site"), Path(tmp, "out")
@@ -128,11 +132,11 @@ def main() -> None:
             cluster.add_worker()
             cluster.wait_for_workers(1)
             run = cluster.edge("--split", str(args.split), "--tokens", str(args.tokens), "--json",
-                               "--prompt", PROMPTS[0])  # fmt: skip
+                               "--prompt", PROMPTS[0], *args.edge_args)  # fmt: skip
             if run.returncode != 0:
                 raise SystemExit(f"edge failed:\n{run.stderr[-2000:]}")
         by_role = {p.name.split("-")[0]: _load(p) for p in out.iterdir()}
-    steps = hops(by_role["edge"], by_role["broker"], by_role["cloud"])
+    steps = hops(by_role["edge"], by_role["broker"], by_role["cloud"], args.step_bytes)
     med = {k: statistics.median(v) * 1e6 for k, v in steps.items() if v}
     n = len(next(iter(steps.values())))
     total = sum(v for k, v in med.items() if k != "worker compute and reply")

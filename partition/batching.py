@@ -53,8 +53,9 @@ PACK_MAX_ROWS = 16
 # on its blocked kernel, which starts at 4 rows with two threads: the same time at batch 8, 12%
 # slower alone (SmolLM2, 2-core CPU).
 _TARGET_ROWS = 2
-# The largest tile the probe tries.
+# The largest tile the probe tries, and the random rows it compares.
 _PROBE_MAX_ROWS = 16
+_PROBE_ROWS = 34
 
 _ranges: dict[tuple, tuple[int, int]] = {}
 _ranges_lock = threading.Lock()
@@ -76,8 +77,12 @@ def row_range(weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[i
 @torch.inference_mode()
 def _probe(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int]:
     # The kernel is chosen by shape, never by values: random rows show which sizes share one.
+    # Two kernels' sums differ in the last bits of float32, which rounding to bfloat16 hides on
+    # most rows: MKL's matrix-vector kernel (one row) gave 1 to 5 of 18 random rows of
+    # SmolLM2's down product other bfloat16 numbers than its two-row kernel. So every row of
+    # _PROBE_ROWS is compared in each size tried, not a few.
     gen = torch.Generator().manual_seed(0)
-    n = _PROBE_MAX_ROWS + _TARGET_ROWS
+    n = _PROBE_ROWS
     x = torch.randn(n, weight.shape[1], generator=gen).to(weight.device, weight.dtype)
     # Each row as the target product gives it (first in its call); checked against the same row
     # last in its call, since a row's position in a call must not matter either.
@@ -87,10 +92,13 @@ def _probe(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int]:
     if not torch.equal(ending, target[_TARGET_ROWS - 1:]):
         return _TARGET_ROWS, _TARGET_ROWS  # only calls of the target's size are alike
 
+    rows = target.shape[0]
+
     def same(m: int) -> bool:
-        # Every row of a call of m rows, wherever it starts, as in the target product (a kernel
-        # may treat a call's rows in blocks, and its tail otherwise: every row is compared).
-        return all(torch.equal(F.linear(x[s:s + m], weight, bias), target[s:s + m]) for s in (0, 1))
+        # Every row, in calls of m rows from row 0 and from row 1, as in the target product (a
+        # kernel may treat a call's rows in blocks, and its tail otherwise).
+        return all(torch.equal(F.linear(x[s:s + m], weight, bias), target[s:s + m])
+                   for first in (0, 1) for s in range(first, rows - m + 1, m))
 
     lo = _TARGET_ROWS
     while lo > 1 and same(lo - 1):
@@ -195,21 +203,32 @@ def run_packed_layer(layer: nn.Module, hidden: torch.Tensor, parts: list[Part], 
         shapes = [one.expand(1, fused[1][1], part.rows, fused[1][2]) for part in parts]  # the new keys' shape
         runs = _kernel_parts(parts, attn.layer_idx, window, [(like, like) for like in shapes])
         return rowkernel.decode_layer(hidden, fused[0], fused[1], rope, runs)
-    head_dim = attn.head_dim
+    q, k, v = attention_inputs(layer, hidden, rope)
+    return finish_layer(layer, hidden, attend_parts(attn, q, k, v, parts, window, attention))
+
+
+def attention_inputs(layer: nn.Module, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Llama layer's work on rows ``hidden`` (R, H) before attention: its norm, the q/k/v
+    product and the rotary positions; ``(q, k, v)``, (R, heads, head_dim) each. Row-wise, no cache."""
+    head_dim = layer.self_attn.head_dim
     rows = hidden.shape[0]
-    residual = hidden
     x = layer.input_layernorm(hidden)
     q, k, v = layer.packed_qkv.split(packed_linear(x, layer.packed_qkv))
     cos, sin = rope
     q = _rotate(q.view(rows, -1, head_dim), cos, sin)  # (R, heads, head_dim)
     k = _rotate(k.view(rows, -1, head_dim), cos, sin)
-    v = v.view(rows, -1, head_dim)
-    hidden = residual + packed_linear(_attend(attn, q, k, v, parts, window, attention), attn.o_proj)
-    residual = hidden
+    return q, k, v.view(rows, -1, head_dim)
+
+
+def finish_layer(layer: nn.Module, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """The rest of a Llama layer after attention: ``hidden`` (R, H) its input rows, ``attended``
+    (R, heads * head_dim) their attention output; the layer's output rows. Row-wise, no cache."""
+    hidden = hidden + packed_linear(attended, layer.self_attn.o_proj)
     x = layer.post_attention_layernorm(hidden)
     mlp = layer.mlp
     gate, up = layer.packed_gate_up.split(packed_linear(x, layer.packed_gate_up))
-    return residual + packed_linear(mlp.act_fn(gate) * up, mlp.down_proj)
+    return hidden + packed_linear(mlp.act_fn(gate) * up, mlp.down_proj)
 
 
 def fused_weights(layer: nn.Module) -> tuple | None:
@@ -256,7 +275,7 @@ def _kernel_parts(parts: list[Part], layer_idx: int, window: int | None,
     return runs
 
 
-def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: list[Part],
+def attend_parts(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: list[Part],
             window: int | None, attention: Any) -> torch.Tensor:
     """Every part's rows attending over its own cache, ``(R, heads * head_dim)``; the new keys and
     values join the caches. With the row kernel's attention (float32 on a CPU) one call does it
