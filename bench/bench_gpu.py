@@ -14,11 +14,14 @@ For each model and dtype:
    timed steps, the device synchronised around each) and tokens/s.
 2. **Batch invariance**: every session's greedy tokens at every batch size, and its last step's
    logits bit for bit, equal to that session run alone.
+2b. **CUDA graphs** (``partition/graphs.py``): the same steps again with the segment's decode
+   passes captured as graphs between the attentions (run eagerly on a CPU): ms per step, and
+   every session's tokens and logits against that session run alone, eagerly.
 3. **The split equals the whole**: layers ``[0, k)`` then ``[k, N)`` (with ``k = N // 2``) give
    the whole model's greedy tokens, and the same logits.
 4. With ``--cluster`` (needs pyzmq and PyNaCl on the machine), a real broker and a cloud worker
-   process on the device (``--device``, ``--dtype``) serving tiny-llama to a cloud-only edge:
-   tokens equal to the same layers run in process.
+   process on the device (``--device``, ``--dtype``, and ``--cuda-graphs`` on a GPU) serving
+   tiny-llama to a cloud-only edge: tokens equal to the same layers run eagerly in process.
 
     python3 bench/bench_gpu.py [--device cuda] [--dtypes bfloat16 float16] [--models smollm2-shape llama-1b-shape]
         [--batches 1 2 4 8 16 32 64] [--steps 8] [--json FILE] [--quick] [--cluster]
@@ -118,6 +121,7 @@ def decode_batch(seg, prompts, steps: int):
 def check_model(shape: str, dtype_name: str, device, batches: list[int], steps: int) -> dict:
     import torch
 
+    from partition.graphs import DecodeGraphs
     from partition.segment import ModelSegment
 
     dtype = getattr(torch, dtype_name)
@@ -129,13 +133,21 @@ def check_model(shape: str, dtype_name: str, device, batches: list[int], steps: 
     vocab = source.config.vocab_size
     prompts = [torch.randint(0, vocab, (1, PREFIX), generator=gen).to(device) for _ in range(max(batches))]
     alone = [greedy_alone(seg, p, steps) for p in prompts]
+    graphs = DecodeGraphs(seg, capture=device.type == "cuda")
     rows = []
     for b in batches:
+        seg.graphs = None
         ms, tokens, logits = decode_batch(seg, prompts[:b], steps)
         same_tokens = all(tokens[i] == alone[i][0] for i in range(b))
         same_logits = all(torch.equal(logits[i], alone[i][1]) for i in range(b))
+        seg.graphs = graphs  # the first step of a bucket captures its pieces (not timed)
+        g_ms, g_tokens, g_logits = decode_batch(seg, prompts[:b], steps)
+        seg.graphs = None
         rows.append({"batch": b, "ms_per_step": round(ms, 3), "tokens_per_s": round(b * 1e3 / ms, 1),
-                     "tokens_equal_alone": same_tokens, "logits_equal_alone": same_logits})
+                     "tokens_equal_alone": same_tokens, "logits_equal_alone": same_logits,
+                     "graphs_ms_per_step": round(g_ms, 3), "graphs_tokens_per_s": round(b * 1e3 / g_ms, 1),
+                     "graphs_equal_alone": all(g_tokens[i] == alone[i][0] and torch.equal(g_logits[i], alone[i][1])
+                                               for i in range(b))})
     # The split: [0, k) on the "edge", [k, N) with the head on the "worker", the same device.
     k = source.n_layers // 2
     edge = ModelSegment.load(source, 0, k, embed=True, head=False, dtype=dtype, device=device)
@@ -152,7 +164,8 @@ def check_model(shape: str, dtype_name: str, device, batches: list[int], steps: 
     split_equal = split_tokens == alone[0][0] and torch.equal(logits, alone[0][1])
     return {"model": shape, "dtype": dtype_name, "device": str(device), "params_m": round(
         sum(p.numel() for p in seg.parameters()) / 1e6, 1), "build_s": round(built_s, 1), "steps": steps,
-        "rows": rows, "split": k, "split_equals_whole": split_equal}
+        "rows": rows, "split": k, "split_equals_whole": split_equal, "graphs_captured": graphs.captured,
+        "graphs_capture_s": round(graphs.capture_s, 2), "graphs_passes": graphs.passes}
 
 
 def cluster_check(device: str, dtype: str) -> dict:
@@ -168,7 +181,9 @@ def cluster_check(device: str, dtype: str) -> dict:
     wire = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype]
     with LocalCluster(model="tiny-llama") as cluster:
         cluster.start_broker()
-        cluster.add_worker(extra_args=("--device", device, "--dtype", dtype))
+        # On a GPU the worker captures its decode passes (--cuda-graphs); the reference below is eager.
+        graphs = ("--cuda-graphs",) if device.startswith("cuda") else ()
+        cluster.add_worker(extra_args=("--device", device, "--dtype", dtype, *graphs))
         cluster.wait_for_workers(1, timeout_s=120)
         key = sorted(load_api_keys(cluster.keys_dir / "api_keys.txt"))[0]
         settings = EdgeConfig(model="tiny-llama", force_cloud=True, broker=cluster.endpoint, wire_dtype=wire,
@@ -214,11 +229,16 @@ def main() -> int:
             report["models"].append(r)
             print(f"\n{shape} ({r['params_m']}M parameters) in {dtype} on {device}, built in {r['build_s']} s; "
                   f"split {r['split']} equals the whole: {r['split_equals_whole']}")
-            print(f"{'batch':>5} {'ms/step':>9} {'tokens/s':>9} {'tokens = alone':>15} {'logits = alone':>15}")
+            print(f"{'batch':>5} {'ms/step':>9} {'tokens/s':>9} {'tokens = alone':>15} {'logits = alone':>15} "
+                  f"{'graphs ms':>10} {'tokens/s':>9} {'= alone':>8}")
             for row in r["rows"]:
                 print(f"{row['batch']:>5} {row['ms_per_step']:>9.2f} {row['tokens_per_s']:>9.1f} "
-                      f"{str(row['tokens_equal_alone']):>15} {str(row['logits_equal_alone']):>15}")
-                ok = ok and row["tokens_equal_alone"] and row["logits_equal_alone"]
+                      f"{str(row['tokens_equal_alone']):>15} {str(row['logits_equal_alone']):>15} "
+                      f"{row['graphs_ms_per_step']:>10.2f} {row['graphs_tokens_per_s']:>9.1f} "
+                      f"{str(row['graphs_equal_alone']):>8}")
+                ok = ok and row["tokens_equal_alone"] and row["logits_equal_alone"] and row["graphs_equal_alone"]
+            print(f"graphs: {r['graphs_captured']} pieces captured in {r['graphs_capture_s']} s, "
+                  f"{r['graphs_passes']} passes")
             ok = ok and r["split_equals_whole"]
             sys.stdout.flush()
     if args.cluster:

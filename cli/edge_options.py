@@ -142,6 +142,8 @@ EDGE_OPTIONS: tuple[Opt, ...] = (
          "when torch sees one)."),
     _opt("dtype", str, "auto", "dtype", "What this device's own layers compute in: auto (a model object's own "
          "dtype, else float32 on a CPU and bfloat16 on a GPU), float32, bfloat16 or float16."),
+    _opt("cuda_graphs", bool, False, "cuda_graphs", "On a GPU, run decode steps as CUDA graphs captured "
+         "between the attentions: the same tokens, fewer kernel launches (needs --device cuda or auto)."),
     _opt("cloud_latency", float, 0.0, "cloud_latency_s", "Emulated extra round trip to the cloud, seconds."),
     _opt("bandwidth_mbps", float | None, None, "bandwidth_mbps", "Emulated link bandwidth, Mbit/s."),
     Opt("mini", MiniOpt, "auto", "mini", flags=("--mini",)),

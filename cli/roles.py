@@ -105,6 +105,9 @@ def cloud_worker(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option(help="What the layers compute in: auto (float32 on a CPU, bfloat16 on "
                                        "a GPU), float32, bfloat16 or float16.")] = "auto",
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="On a GPU, run decode passes as CUDA graphs "
+                                              "captured between the attentions: the same tokens, fewer kernel "
+                                              "launches.")] = False,
     max_sessions: Annotated[int, typer.Option(help="KV caches held at once.")] = 64,
     session_ttl: Annotated[float, typer.Option(help="Seconds an idle session is kept (the broker drops its "
                                                "record after its own --session-idle, 300 s by default).")] = 360.0,
@@ -143,7 +146,8 @@ def cloud_worker(
         config = CloudWorkerConfig(
             broker=broker or default_broker(), model=model, keys_dir=keys_dir if has_key else None,
             key_name=key_name, encryption=not no_encryption, allow_plaintext=allow_plaintext, device=device,
-            dtype=dtype, max_sessions=max_sessions, max_batch=max_batch, batch_wait_s=batch_wait_ms / 1e3,
+            dtype=dtype, cuda_graphs=cuda_graphs, max_sessions=max_sessions, max_batch=max_batch,
+            batch_wait_s=batch_wait_ms / 1e3,
             max_cache_mb=max_cache_mb, prefix_cache_mb=prefix_cache_mb,
             session_idle_ttl_s=session_ttl, max_session_tokens=max_tokens, torch_threads=threads,
             worker_id=worker_id, reductions_dir=reductions, curve=not no_curve,

@@ -21,6 +21,8 @@ class CloudWorkerConfig:
     allow_plaintext: bool = False
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: float32 on a CPU, bfloat16 on a GPU)
+    # Decode passes as CUDA graphs captured between the attentions (partition/graphs.py); a GPU only.
+    cuda_graphs: bool = False
     worker_id: str | None = None
     max_sessions: int = 64
     # A session untouched this long is freed: the broker drops its record first (after 300 s) and
@@ -55,6 +57,8 @@ class CloudWorkerConfig:
         parse_model_spec(self.model)
         check_device(self.device)
         check_dtype(self.dtype)
+        if self.cuda_graphs and self.device == "cpu":
+            raise ValueError("--cuda-graphs needs the worker on a GPU: --device cuda (or auto)")
         if not 0 <= self.batch_wait_s <= 10:
             raise ValueError(f"--batch-wait-ms must be in [0, 10000], got {self.batch_wait_s * 1e3:g}")
         if self.max_cache_mb is not None and self.max_cache_mb <= 0:

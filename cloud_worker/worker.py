@@ -173,6 +173,10 @@ class CloudWorker:
         self.segment = ModelSegment.load(
             self.source, 0, self.source.n_layers, embed=False, head=True, dtype=dtype, device=self.device
         )
+        if config.cuda_graphs:
+            if self.device.type != "cuda":
+                raise ValueError(f"--cuda-graphs needs the worker on a GPU; torch put it on {self.device}")
+            self.segment.use_graphs()
         self.keypair = None
         if config.encryption and config.keys_dir is not None:
             self.keypair = load_keys(config.keys_dir, "worker", config.key_name)

@@ -27,6 +27,7 @@ from partition.batching import (
     run_packed_layer,
 )
 from partition.errors import InvalidSplitError
+from partition.graphs import DecodeGraphs
 from partition.kv_cache import SegmentKVCache
 from partition.models import ModelSource
 from partition.tree import DraftTree
@@ -133,6 +134,7 @@ class ModelSegment(nn.Module):
         # Whether short frames of several sessions run packed (``partition.batching``).
         self.packable = packable(source.config)
         self.quantized: str | None = None  # "int8": an approximate copy (partition/quantize.py)
+        self.graphs: DecodeGraphs | None = None  # decode passes as CUDA graphs (use_graphs)
         self._attention = attention_function(source.config) if self.packable else None
         if self.packable:
             for layer in self.layers:
@@ -353,6 +355,8 @@ class ModelSegment(nn.Module):
             shared = self.runner.position_inputs(hidden, positions) if self.layers else {}
             parts.append(Part(step.cache, t_new, self._first_layer(step.start_layer), shared, masks))
             hiddens.append(hidden[0])
+        if self.graphs is not None and self.graphs.applies(parts, counts, [s.tree for s in steps]):
+            return self._forward_graphs(hiddens, parts, counts[0] > 0)
         ropes: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # per set of sessions
         for index, (layer, window) in enumerate(zip(self.layers, self.windows, strict=True)):
             active = tuple(j for j, part in enumerate(parts) if part.first_layer <= index)
@@ -378,6 +382,22 @@ class ModelSegment(nn.Module):
                 logits[j] = head[start:start + counts[j]].unsqueeze(0)
                 start += counts[j]
         return [SegmentOutput(hidden=h.unsqueeze(0), logits=lg) for h, lg in zip(hiddens, logits, strict=True)]
+
+    def _forward_graphs(self, hiddens: list[torch.Tensor], parts: list[Part], logits: bool) -> list[SegmentOutput]:
+        """A pass of one-token steps as ``partition/graphs.py``'s pieces (``use_graphs``)."""
+        assert self.graphs is not None
+        rows, head = self.graphs.run(torch.cat(hiddens) if len(hiddens) > 1 else hiddens[0], parts,
+                                     rotary_rows(parts), logits)
+        for part in parts:
+            part.cache.advance(part.rows)
+        return [SegmentOutput(hidden=rows[j:j + 1].unsqueeze(0), logits=None if head is None else head[j:j + 1].unsqueeze(0))
+                for j in range(len(parts))]
+
+    def use_graphs(self, enabled: bool = True, *, capture: bool | None = None) -> None:
+        """Run passes of one-token steps (decode) as CUDA graphs captured between the attentions
+        (``partition/graphs.py``); ``capture=False`` runs the same pieces eagerly (tests, any
+        device). Their numbers are the eager pass's, bit for bit."""
+        self.graphs = DecodeGraphs(self, capture) if enabled else None
 
     def describe(self) -> str:
         parts = [f"layers [{self.spec.lo}, {self.spec.hi}) of {self.n_layers}"]
