@@ -27,6 +27,9 @@ def test_the_gpu_check_runs_its_steps_on_a_cpu(tmp_path):
         for model in report["models"]:
             assert [r["batch"] for r in model["rows"]] == [1, 2, 4]
             assert all(r["ms_per_step"] > 0 and r["logits_equal_alone"] for r in model["rows"])
+            # The graph pieces, uncaptured on a CPU: every one-token step of every batch ran as them.
+            assert all(r["graphs_ms_per_step"] > 0 and r["graphs_equal_alone"] for r in model["rows"])
+            assert model["graphs_error"] is None and model["graphs_passes"] == 3 * 3
             assert model["split_equals_whole"]
     assert [m["dtype"] for m in smol["models"]] == ["bfloat16", "float16"]
     assert smol["cluster"] == {"device": "cpu", "dtype": "bfloat16", "worker_equals_in_process": True,
