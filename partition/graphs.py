@@ -35,6 +35,7 @@ a segment whose layers run on the CPU row kernel, and quantized copies.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -96,6 +97,9 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self._capture_stream: torch.cuda.Stream | None = None
         self.buckets: dict[int, _Bucket] = {}
+        # One pass at a time: every pass of a bucket uses its buffers, and an engine's generations
+        # share their segments across threads.
+        self._lock = threading.Lock()
         self.passes = 0  # decode passes run as pieces
         self.captured = 0  # pieces captured as graphs
         self.capture_s = 0.0  # time spent capturing them
@@ -117,21 +121,22 @@ class DecodeGraphs:
         last layer, and the head's float32 logits (R, V) where ``logits``."""
         seg = self.segment
         n = rows.shape[0]
-        bucket = self._bucket(n)
-        bucket.hidden[:n].copy_(rows)
-        bucket.cos[:n].copy_(rope[0])
-        bucket.sin[:n].copy_(rope[1])
-        first = parts[0].first_layer
-        self._piece(bucket, ("start", first))()
-        for index in range(first, len(seg.layers)):
-            layer = seg.layers[index]
-            attended = attend_parts(layer.self_attn, bucket.q[:n], bucket.k[:n], bucket.v[:n], parts,
-                                    seg.windows[index], seg._attention)
-            bucket.attended[:n].copy_(attended)
-            self._piece(bucket, ("after", index, logits))()
-        self.passes += 1
-        out = bucket.logits[:n].clone() if logits and bucket.logits is not None else None
-        return bucket.hidden[:n].clone(), out
+        with self._lock:
+            bucket = self._bucket(n)
+            bucket.hidden[:n].copy_(rows)
+            bucket.cos[:n].copy_(rope[0])
+            bucket.sin[:n].copy_(rope[1])
+            first = parts[0].first_layer
+            self._piece(bucket, ("start", first))()
+            for index in range(first, len(seg.layers)):
+                layer = seg.layers[index]
+                attended = attend_parts(layer.self_attn, bucket.q[:n], bucket.k[:n], bucket.v[:n], parts,
+                                        seg.windows[index], seg._attention)
+                bucket.attended[:n].copy_(attended)
+                self._piece(bucket, ("after", index, logits))()
+            self.passes += 1
+            out = bucket.logits[:n].clone() if logits and bucket.logits is not None else None
+            return bucket.hidden[:n].clone(), out
 
     def _bucket(self, rows: int) -> _Bucket:
         size = next(b for b in BUCKETS if b >= rows)
@@ -160,7 +165,8 @@ class DecodeGraphs:
             torch.cuda.current_stream(device).wait_stream(stream)
             t0 = time.perf_counter()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+            # thread_local: another generation's thread may run eager work (a prefill) meanwhile.
+            with torch.cuda.graph(graph, pool=self.pool, stream=stream, capture_error_mode="thread_local"):
                 fn()  # recorded, not run
             bucket.pieces[key] = graph.replay
             self.captured += 1

@@ -149,3 +149,17 @@ def test_asking_for_cuda_graphs_without_a_gpu_is_a_clear_error(tiny_llama):
     settings = EdgeConfig(model="tiny-llama", force_local=True, device="auto", cuda_graphs=True, max_new_tokens=2)
     with EdgeEngine("tiny-llama", settings) as engine, pytest.raises(ValueError, match="they are on cpu"):
         engine.generate([5, 6, 7], engine.params())
+
+
+def test_generations_on_several_threads_share_a_segment_and_its_buckets(tiny_llama):
+    """An engine's generations run on their own threads over shared segments: passes of one
+    bucket must not interleave in its buffers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    eager, pieces = _segments(tiny_llama, torch.bfloat16)
+    prompts = _prompts(tiny_llama, 6)
+    expected = [_decode(eager, [p], 12)[0] for p in prompts]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        got = list(pool.map(lambda p: _decode(pieces, [p], 12)[0], prompts))
+    assert got == expected
+    assert pieces.graphs.passes == 12 * len(prompts)
