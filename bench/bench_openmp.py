@@ -1,4 +1,5 @@
-"""OpenMP settings when the edge and a worker share the cores: local and hybrid ms/token per setting.
+"""OpenMP (and allocator) settings when the edge and a worker share the cores: local and hybrid
+ms/token per setting.
 
 For each setting, a broker and one worker start with that OpenMP environment, then the edge CLI
 (same environment) alternates local-only (split N) and hybrid (``--split``) generations. What to
@@ -6,6 +7,8 @@ look for is not the mean but the spread: an unbound pool sometimes runs a whole 
 times slower (BENCHMARKS.md, "OpenMP threads of two processes on two cores").
 
     .venv/bin/python bench/bench_openmp.py [--settings bound spin passive] [--reps 3] [--tokens 32]
+
+A setting named twice runs twice (``--settings bound thp bound thp``: alternated, side by side).
 """
 
 from __future__ import annotations
@@ -26,8 +29,11 @@ SETTINGS = {
     "spin": {"GOMP_SPINCOUNT": "30000"},  # the old default: spin, unbound
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},  # never spin
     "nospin": {"GOMP_SPINCOUNT": "0"},
+    # The defaults, and torch's CPU allocator asking for transparent huge pages (2 MiB) for large
+    # tensors (the weights): fewer TLB misses streaming them, perhaps less cost after a switch.
+    "thp": {**OPENMP_DEFAULTS, "THP_MEM_ALLOC_ENABLE": "1"},
 }
-OPENMP_VARS = ("GOMP_SPINCOUNT", "OMP_PROC_BIND", "OMP_PLACES", "OMP_WAIT_POLICY")
+OPENMP_VARS = ("GOMP_SPINCOUNT", "OMP_PROC_BIND", "OMP_PLACES", "OMP_WAIT_POLICY", "THP_MEM_ALLOC_ENABLE")
 
 
 def main() -> None:
@@ -59,7 +65,7 @@ def main() -> None:
                     if r.returncode != 0:
                         raise SystemExit(f"edge failed ({name}, {mode}):\n{r.stderr[-2000:]}")
                     runs.append((mode, round(json.loads(r.stdout)["ms_per_token"], 1)))
-        results[name] = runs
+        results.setdefault(name, []).extend(runs)
         if not args.json:
             print(f"{name:8} " + ", ".join(f"{mode} {ms}" for mode, ms in runs), flush=True)
     if args.json:
