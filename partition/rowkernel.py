@@ -246,6 +246,52 @@ def usable_attend(query: torch.Tensor) -> bool:
     return query.dtype == torch.float32 and query.device.type == "cpu" and kernel() is not None
 
 
+def _self_test_q41(fq4, fn) -> None:
+    """The Q4_1 kernel against the float32 kernel on the same weights dequantized: bit for bit."""
+    gen = torch.Generator().manual_seed(2)
+    for n, k in ((37, 64), (64, 576)):
+        blocks = random_q41(n, k, gen)
+        x = torch.randn(17, k, generator=gen)
+        expected = _call(fn, x, dequantize_q41(blocks, k))
+        for rows in (1, 2, 17):
+            if not torch.equal(_call(fq4, x[:rows], blocks), expected[:rows]):
+                raise RuntimeError(f"Q4_1: a call of {rows} rows differs from the float32 kernel's")
+
+
+Q41_BLOCK, Q41_BYTES = 32, 24  # weights per block; bytes per block as the kernel reads it
+GGUF_Q41_BYTES = 20  # bytes per block in a GGUF file: float16 d and m, 16 bytes of 4-bit q
+
+
+def repack_q41(gguf_rows: torch.Tensor, k: int) -> torch.Tensor:
+    """GGUF's Q4_1 rows (N, K / 32 * 20) uint8 as the kernel reads them, (N, K / 32 * 24): each
+    block's float16 scale and minimum widened to float32 (exactly), then its 16 bytes of q."""
+    n = gguf_rows.shape[0]
+    if k % Q41_BLOCK or gguf_rows.shape[1] != k // Q41_BLOCK * GGUF_Q41_BYTES:
+        raise ValueError(f"Q4_1 rows of {gguf_rows.shape[1]} bytes do not hold {k} weights")
+    b = gguf_rows.reshape(n, k // Q41_BLOCK, GGUF_Q41_BYTES)
+    dm = b[..., 0:4].contiguous().view(torch.float16).float()  # (N, K/32, 2): d, m
+    return torch.cat([dm.view(torch.uint8), b[..., 4:]], dim=-1).reshape(n, -1).contiguous()
+
+
+def dequantize_q41(blocks: torch.Tensor, k: int) -> torch.Tensor:
+    """Repacked Q4_1 rows (``repack_q41``) as float32 (N, K), computed as GGUF does: d * q,
+    rounded, plus m."""
+    n = blocks.shape[0]
+    b = blocks.view(n, k // Q41_BLOCK, Q41_BYTES)
+    dm = b[..., 0:8].contiguous().view(torch.float32)  # (N, K/32, 2)
+    q = b[..., 8:]
+    q = torch.cat([q & 0x0F, q >> 4], dim=-1).float()  # (N, K/32, 32): low halves first
+    return (dm[..., 0:1] * q + dm[..., 1:2]).reshape(n, k)
+
+
+def random_q41(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Random GGUF Q4_1 rows (tests), repacked: scales and minimums of a trained layer's size."""
+    blocks = torch.randint(0, 256, (n, k // Q41_BLOCK, GGUF_Q41_BYTES), generator=gen, dtype=torch.uint8)
+    blocks[..., 0:2] = (torch.rand(n, k // Q41_BLOCK, 1, generator=gen) * 0.01).half().view(torch.uint8)
+    blocks[..., 2:4] = (-torch.rand(n, k // Q41_BLOCK, 1, generator=gen) * 0.08).half().view(torch.uint8)
+    return repack_q41(blocks.reshape(n, -1), k)
+
+
 def _call_i8(fn, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x.shape[0], q.shape[0])
     fn(x.data_ptr(), q.data_ptr(), scale.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], q.shape[0],
@@ -284,6 +330,9 @@ def kernel():
                 fn8 = lib.rowdot_i8
                 fn8.restype = None
                 fn8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
+                fq4 = lib.rowdot_q41
+                fq4.restype = None
+                fq4.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int]
                 fa = lib.attend
                 fa.restype = ctypes.c_int
                 fa.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_void_p] * 6
@@ -296,9 +345,11 @@ def kernel():
                                + [ctypes.c_float, ctypes.c_int])
                 _self_test(fn)
                 _self_test_i8(fn8)
+                _self_test_q41(fq4, fn)
                 _self_test_attend(fa)
                 _self_test_layer(fl)
                 _state["fn8"] = fn8
+                _state["fq4"] = fq4
                 _state["attend"] = fa
                 _state["layer"] = fl
             except (OSError, RuntimeError, subprocess.SubprocessError, AssertionError) as exc:
@@ -334,3 +385,20 @@ def linear_i8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> to
     """``x @ (qweight * scale[:, None]).T`` for ``x`` (R, K), int8 ``qweight`` (N, K) and float32
     ``scale`` (N,), with the weights widened as they stream (``usable_i8`` first)."""
     return _call_i8(_state["fn8"], x.contiguous(), qweight, scale.contiguous())
+
+
+def usable_q41(x: torch.Tensor, blocks: torch.Tensor) -> bool:
+    return (x.dtype == torch.float32 and blocks.dtype == torch.uint8 and x.device.type == "cpu"
+            and blocks.device.type == "cpu" and blocks.is_contiguous() and kernel() is not None)
+
+
+def linear_q41(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``x @ dequantize_q41(blocks, K).T`` for ``x`` (R, K) and Q4_1 rows ``blocks`` (N, K / 32 *
+    24) uint8 (``repack_q41``), the weights widened as they stream (``usable_q41`` first): bit for
+    bit what ``linear`` gives on the dequantized matrix, from 0.19x its bytes."""
+    k = x.shape[1]
+    if k % Q41_BLOCK or blocks.shape[1] != k // Q41_BLOCK * Q41_BYTES:
+        raise ValueError(f"Q4_1 rows of {blocks.shape[1]} bytes do not hold {k} weights")
+    if kernel() is None:
+        raise RuntimeError(f"the row kernel is not in use here: {reason()}")
+    return _call(_state["fq4"], x.contiguous(), blocks)

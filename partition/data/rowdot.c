@@ -1,5 +1,5 @@
 /* edgecloud: a batch-invariant float32 matrix product for packed decode steps (partition/rowkernel.py),
-   and its twin with int8 weights (rowdot_i8, below).
+   and its twins with int8 weights (rowdot_i8) and with GGUF's Q4_1 blocks (rowdot_q41), below.
 
    y (R, N) = x (R, K) times w (N, K) transposed. Every y[r, n] is summed in one order, whatever
    R, N, the block it falls in or the thread count: lane i of one vector accumulator takes the
@@ -42,39 +42,96 @@ typedef __m256 vec;
 static inline float hsum(vec v) { return hsum8(v); }
 #endif
 
-/* Weights are float32 (rowdot) or int8 with a float scale per weight row (rowdot_i8: weight-only
-   quantization, partition/quantize.py; y[r, n] = scale[n] * sum_k x[r, k] * w[n, k]). One body
-   serves both: it is inlined into each with q8 a constant, so each gets its own loads. An int8
-   weight is widened to float as it is loaded, so its products stream a quarter of the bytes; the
-   sums keep the same fixed order, so rows stay independent of each other in both. */
+/* Weights are float32 (rowdot, mode F32), int8 with a float scale per weight row (rowdot_i8, mode
+   I8: weight-only quantization, partition/quantize.py; y[r, n] = scale[n] * sum_k x[r, k] * w[n, k])
+   or GGUF's Q4_1 blocks (rowdot_q41, mode Q41: each 32 weights of a row are 24 bytes, a scale d
+   and a minimum m, float32 here (float16 in the file: widened once when loaded, exactly), and 32
+   four-bit q, the first 16 in the low halves of 16 bytes, the next 16 in the high halves; a
+   weight is d * q + m). One body serves all three: it is inlined
+   into each with the mode a constant, so each gets its own loads. A weight is widened to float as
+   it is loaded, so the products stream a quarter (int8) or a sixth (Q4_1) of float32's bytes; the
+   sums keep the same fixed order, so rows stay independent of each other in all three. A Q4_1
+   weight is d * q rounded, plus m rounded (two operations, not fused), as GGUF's own
+   dequantization computes it in float32: rowdot_q41 gives, bit for bit, what rowdot gives on the
+   dequantized matrix. */
+enum { F32 = 0, I8 = 1, Q41 = 2 };
+#define Q41_BLOCK 32
+#define Q41_BYTES 24
+
 #ifdef __AVX512F__
 #define VLOAD8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
+#define VMUL(a, b) _mm512_mul_ps(a, b)
+#define VADD(a, b) _mm512_add_ps(a, b)
+#define VSET1(a) _mm512_set1_ps(a)
 #else
 #define VLOAD8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
+#define VMUL(a, b) _mm256_mul_ps(a, b)
+#define VADD(a, b) _mm256_add_ps(a, b)
+#define VSET1(a) _mm256_set1_ps(a)
 #endif
 
-static inline __attribute__((always_inline)) vec wload(const char *w, long k, int q8) {
-    return q8 ? VLOAD8((const signed char *)w + k) : VLOAD((const float *)w + k);
+/* The LANES weights k .. k + LANES - 1 of a Q4_1 row (k a multiple of LANES, which divides 32). */
+static inline __attribute__((always_inline)) vec q41_load(const unsigned char *w, long k) {
+    const unsigned char *b = w + (k / Q41_BLOCK) * Q41_BYTES;
+    const long j = k % Q41_BLOCK;  /* 0 or 16 (AVX-512); 0, 8, 16 or 24 (AVX2) */
+    const vec d = VSET1(((const float *)b)[0]), m = VSET1(((const float *)b)[1]);
+#ifdef __AVX512F__
+    __m128i q = _mm_loadu_si128((const __m128i *)(b + 8));
+    q = j ? _mm_srli_epi16(q, 4) : q;
+    q = _mm_and_si128(q, _mm_set1_epi8(0x0F));
+    const vec qf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q));
+#else
+    __m128i q = _mm_loadl_epi64((const __m128i *)(b + 8 + j % 16));
+    q = j >= 16 ? _mm_srli_epi16(q, 4) : q;
+    q = _mm_and_si128(q, _mm_set1_epi8(0x0F));
+    const vec qf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q));
+#endif
+    return VADD(VMUL(d, qf), m);
 }
 
-static inline __attribute__((always_inline)) float weight(const char *w, long k, int q8) {
-    return q8 ? (float)((const signed char *)w)[k] : ((const float *)w)[k];
+static inline __attribute__((always_inline)) float q41_weight(const unsigned char *w, long k) {
+    const unsigned char *b = w + (k / Q41_BLOCK) * Q41_BYTES;
+    const long j = k % Q41_BLOCK;
+    const int q = (b[8 + j % 16] >> (j >= 16 ? 4 : 0)) & 0x0F;
+    const float dq = ((const float *)b)[0] * (float)q;
+    return dq + ((const float *)b)[1];
+}
+
+static inline __attribute__((always_inline)) vec wload(const char *w, long k, int mode) {
+    if (mode == Q41) return q41_load((const unsigned char *)w, k);
+    return mode == I8 ? VLOAD8((const signed char *)w + k) : VLOAD((const float *)w + k);
+}
+
+static inline __attribute__((always_inline)) float weight(const char *w, long k, int mode) {
+    if (mode == Q41) return q41_weight((const unsigned char *)w, k);
+    return mode == I8 ? (float)((const signed char *)w)[k] : ((const float *)w)[k];
+}
+
+/* Where weight k of a row starts, in bytes (prefetches). */
+static inline __attribute__((always_inline)) long wbyte(long k, int mode) {
+    return mode == Q41 ? (k / Q41_BLOCK) * Q41_BYTES : k * (mode == I8 ? 1 : 4);
+}
+
+/* Whether weight k of a row is where the next prefetch goes: a cache line at a time (float32,
+   int8), every second block (Q4_1: 48 bytes, so no line is skipped). */
+static inline __attribute__((always_inline)) int line_starts(long k, int mode) {
+    return mode == Q41 ? k % 64 == 0 : wbyte(k, mode) % 64 == 0;
 }
 
 static inline __attribute__((always_inline)) float finish(vec acc, const float *x, const char *w, long k0,
-                                                          long K, int q8) {
+                                                          long K, int mode) {
     float s = hsum(acc);
-    for (long k = k0; k < K; k++) s += x[k] * weight(w, k, q8);
+    for (long k = k0; k < K; k++) s += x[k] * weight(w, k, mode);
     return s;
 }
 
 static inline __attribute__((always_inline)) void rowdot_any(const float *x, const char *w, const float *scale,
                                                              float *y, long R, long K, long N, int threads,
-                                                             const int q8) {
+                                                             const int mode) {
+    const int q8 = mode == I8;  /* a scale per weight row */
     const long KV = K - K % LANES;
     const long NB = (N + 3) / 4;
-    const long WB = q8 ? 1 : 4;  /* bytes per weight */
-    const long ROW = K * WB;
+    const long ROW = mode == Q41 ? K / Q41_BLOCK * Q41_BYTES : K * (mode == I8 ? 1 : 4);
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (long b = 0; b < NB; b++) {
         const long n0 = b * 4;
@@ -93,10 +150,10 @@ static inline __attribute__((always_inline)) void rowdot_any(const float *x, con
                 for (int i = 0; i < 6; i++)
                     for (int j = 0; j < 4; j++) acc[i][j] = VZERO();
                 for (long k = 0; k < KV; k += LANES) {
-                    const vec u0 = wload(wr[0], k, q8), u1 = wload(wr[1], k, q8);
-                    const vec u2 = wload(wr[2], k, q8), u3 = wload(wr[3], k, q8);
-                    if (r == 0 && b + 1 < NB && (k * WB) % 64 == 0)
-                        for (int j = 0; j < 4; j++) _mm_prefetch(wr[j] + 4 * ROW + k * WB, _MM_HINT_T0);
+                    const vec u0 = wload(wr[0], k, mode), u1 = wload(wr[1], k, mode);
+                    const vec u2 = wload(wr[2], k, mode), u3 = wload(wr[3], k, mode);
+                    if (r == 0 && b + 1 < NB && line_starts(k, mode))
+                        for (int j = 0; j < 4; j++) _mm_prefetch(wr[j] + 4 * ROW + wbyte(k, mode), _MM_HINT_T0);
                     for (int i = 0; i < 6; i++) {
                         const vec v = VLOAD(x + (r + i) * K + k);
                         acc[i][0] = VFMA(v, u0, acc[i][0]);
@@ -107,7 +164,7 @@ static inline __attribute__((always_inline)) void rowdot_any(const float *x, con
                 }
                 for (int i = 0; i < 6; i++)
                     for (int j = 0; j < 4; j++) {
-                        float s = finish(acc[i][j], x + (r + i) * K, wr[j], KV, K, q8);
+                        float s = finish(acc[i][j], x + (r + i) * K, wr[j], KV, K, mode);
                         y[(r + i) * N + n0 + j] = q8 ? sc[j] * s : s;
                     }
             }
@@ -119,10 +176,10 @@ static inline __attribute__((always_inline)) void rowdot_any(const float *x, con
                     vec acc[8][2];
                     for (int i = 0; i < 8; i++) acc[i][0] = acc[i][1] = VZERO();
                     for (long k = 0; k < KV; k += LANES) {
-                        const vec u0 = wload(wr[jh], k, q8), u1 = wload(wr[jh + 1], k, q8);
-                        if (r == 0 && b + 1 < NB && (k * WB) % 64 == 0) {
-                            _mm_prefetch(wr[jh] + 4 * ROW + k * WB, _MM_HINT_T0);
-                            _mm_prefetch(wr[jh + 1] + 4 * ROW + k * WB, _MM_HINT_T0);
+                        const vec u0 = wload(wr[jh], k, mode), u1 = wload(wr[jh + 1], k, mode);
+                        if (r == 0 && b + 1 < NB && line_starts(k, mode)) {
+                            _mm_prefetch(wr[jh] + 4 * ROW + wbyte(k, mode), _MM_HINT_T0);
+                            _mm_prefetch(wr[jh + 1] + 4 * ROW + wbyte(k, mode), _MM_HINT_T0);
                         }
                         for (int i = 0; i < 8; i++) {
                             const vec v = VLOAD(x + (r + i) * K + k);
@@ -132,7 +189,7 @@ static inline __attribute__((always_inline)) void rowdot_any(const float *x, con
                     }
                     for (int i = 0; i < 8; i++)
                         for (int j = 0; j < 2; j++) {
-                            float s = finish(acc[i][j], x + (r + i) * K, wr[jh + j], KV, K, q8);
+                            float s = finish(acc[i][j], x + (r + i) * K, wr[jh + j], KV, K, mode);
                             y[(r + i) * N + n0 + jh + j] = q8 ? sc[jh + j] * s : s;
                         }
                 }
@@ -144,9 +201,9 @@ static inline __attribute__((always_inline)) void rowdot_any(const float *x, con
                     for (int j = 0; j < 4; j++) acc[i][j] = VZERO();
                 for (long k = 0; k < KV; k += LANES) {
                     vec u[4];
-                    for (int j = 0; j < 4; j++) u[j] = wload(wr[j], k, q8);
-                    if (r == 0 && b + 1 < NB && (k * WB) % 64 == 0)  /* the next block's weights, a line at a time */
-                        for (int j = 0; j < 4; j++) _mm_prefetch(wr[j] + 4 * ROW + k * WB, _MM_HINT_T0);
+                    for (int j = 0; j < 4; j++) u[j] = wload(wr[j], k, mode);
+                    if (r == 0 && b + 1 < NB && line_starts(k, mode))  /* the next block's weights, a line at a time */
+                        for (int j = 0; j < 4; j++) _mm_prefetch(wr[j] + 4 * ROW + wbyte(k, mode), _MM_HINT_T0);
                     for (int i = 0; i < RB; i++) {
                         vec v = VLOAD(x + (r + i) * K + k);
                         for (int j = 0; j < 4; j++) acc[i][j] = VFMA(v, u[j], acc[i][j]);
@@ -154,7 +211,7 @@ static inline __attribute__((always_inline)) void rowdot_any(const float *x, con
                 }
                 for (int i = 0; i < RB; i++)
                     for (int j = 0; j < 4; j++) {
-                        float s = finish(acc[i][j], x + (r + i) * K, wr[j], KV, K, q8);
+                        float s = finish(acc[i][j], x + (r + i) * K, wr[j], KV, K, mode);
                         y[(r + i) * N + n0 + j] = q8 ? sc[j] * s : s;
                     }
             }
@@ -164,12 +221,12 @@ static inline __attribute__((always_inline)) void rowdot_any(const float *x, con
                 for (int j = 0; j < 4; j++) acc[j] = VZERO();
                 for (long k = 0; k < KV; k += LANES) {
                     vec v = VLOAD(xr + k);
-                    for (int j = 0; j < 4; j++) acc[j] = VFMA(v, wload(wr[j], k, q8), acc[j]);
-                    if (r == 0 && b + 1 < NB && (k * WB) % 64 == 0)
-                        for (int j = 0; j < 4; j++) _mm_prefetch(wr[j] + 4 * ROW + k * WB, _MM_HINT_T0);
+                    for (int j = 0; j < 4; j++) acc[j] = VFMA(v, wload(wr[j], k, mode), acc[j]);
+                    if (r == 0 && b + 1 < NB && line_starts(k, mode))
+                        for (int j = 0; j < 4; j++) _mm_prefetch(wr[j] + 4 * ROW + wbyte(k, mode), _MM_HINT_T0);
                 }
                 for (int j = 0; j < 4; j++) {
-                    float s = finish(acc[j], xr, wr[j], KV, K, q8);
+                    float s = finish(acc[j], xr, wr[j], KV, K, mode);
                     y[r * N + n0 + j] = q8 ? sc[j] * s : s;
                 }
             }
@@ -179,8 +236,8 @@ static inline __attribute__((always_inline)) void rowdot_any(const float *x, con
                 for (long r = 0; r < R; r++) {
                     const float *xr = x + r * K;
                     vec a = VZERO();
-                    for (long k = 0; k < KV; k += LANES) a = VFMA(VLOAD(xr + k), wload(wj, k, q8), a);
-                    float s = finish(a, xr, wj, KV, K, q8);
+                    for (long k = 0; k < KV; k += LANES) a = VFMA(VLOAD(xr + k), wload(wj, k, mode), a);
+                    float s = finish(a, xr, wj, KV, K, mode);
                     y[r * N + n0 + j] = q8 ? sc[j] * s : s;
                 }
             }
@@ -189,12 +246,17 @@ static inline __attribute__((always_inline)) void rowdot_any(const float *x, con
 }
 
 void rowdot(const float *x, const float *w, float *y, long R, long K, long N, int threads) {
-    rowdot_any(x, (const char *)w, 0, y, R, K, N, threads, 0);
+    rowdot_any(x, (const char *)w, 0, y, R, K, N, threads, F32);
 }
 
 void rowdot_i8(const float *x, const signed char *w, const float *scale, float *y, long R, long K, long N,
                int threads) {
-    rowdot_any(x, (const char *)w, scale, y, R, K, N, threads, 1);
+    rowdot_any(x, (const char *)w, scale, y, R, K, N, threads, I8);
+}
+
+/* w: N rows of K / 32 Q4_1 blocks (K a multiple of 32). */
+void rowdot_q41(const float *x, const unsigned char *w, float *y, long R, long K, long N, int threads) {
+    rowdot_any(x, (const char *)w, 0, y, R, K, N, threads, Q41);
 }
 
 /* Attention for the packed step's rows (partition/batching.py), each row computed on its own.
@@ -308,8 +370,8 @@ static void rms_norm(const float *x, const float *w, float eps, float *out, long
 
 static void product(const float *x, const void *w, const float *scale, float *y, long R, long K, long N,
                     int threads) {
-    if (scale) rowdot_any(x, (const char *)w, scale, y, R, K, N, threads, 1);
-    else rowdot_any(x, (const char *)w, 0, y, R, K, N, threads, 0);
+    if (scale) rowdot_any(x, (const char *)w, scale, y, R, K, N, threads, I8);
+    else rowdot_any(x, (const char *)w, 0, y, R, K, N, threads, F32);
 }
 
 /* exp(x) for every lane, the same way in every lane and call: n = round(x / ln 2), r = x - n ln 2
