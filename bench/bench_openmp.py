@@ -32,8 +32,12 @@ SETTINGS = {
     # The defaults, and torch's CPU allocator asking for transparent huge pages (2 MiB) for large
     # tensors (the weights): fewer TLB misses streaming them, perhaps less cost after a switch.
     "thp": {**OPENMP_DEFAULTS, "THP_MEM_ALLOC_ENABLE": "1"},
+    # The defaults with the layers' products on the float32 weights instead of the GGUF file's
+    # Q4_1 blocks (partition/gguf_blocks.py): the same tokens.
+    "f32": {**OPENMP_DEFAULTS, "EDGECLOUD_GGUF_BLOCKS": "off"},
 }
-OPENMP_VARS = ("GOMP_SPINCOUNT", "OMP_PROC_BIND", "OMP_PLACES", "OMP_WAIT_POLICY", "THP_MEM_ALLOC_ENABLE")
+OPENMP_VARS = ("GOMP_SPINCOUNT", "OMP_PROC_BIND", "OMP_PLACES", "OMP_WAIT_POLICY", "THP_MEM_ALLOC_ENABLE",
+               "EDGECLOUD_GGUF_BLOCKS")
 
 
 def main() -> None:

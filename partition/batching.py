@@ -232,8 +232,9 @@ def finish_layer(layer: nn.Module, hidden: torch.Tensor, attended: torch.Tensor)
 
 
 def fused_weights(layer: nn.Module) -> tuple | None:
-    """What ``rowkernel.decode_layer`` needs of a packable layer (its weights, float32 or int8, and
-    its sizes), found once per layer; None where the row kernel cannot run it (a GPU, bfloat16)."""
+    """What ``rowkernel.decode_layer`` needs of a packable layer (its weights, float32, int8 or
+    Q4_1 blocks, and its sizes), found once per layer; None where the row kernel cannot run it (a
+    GPU, bfloat16)."""
     found = layer.__dict__.get("_fused_weights", False)
     if found is not False:
         return found
@@ -244,11 +245,13 @@ def fused_weights(layer: nn.Module) -> tuple | None:
     for p in products:
         if getattr(p, "qweight", None) is not None:
             weights += [p.qweight, p.scale]
+        elif getattr(p, "q41", None) is not None:  # the GGUF file's blocks (partition/gguf_blocks.py)
+            weights += [p.q41, None]
         else:
             weights += [p.weight, None]
     tensors = [t for t in weights if t is not None]
     if (rowkernel.kernel() is not None and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
-            and all(t.dtype in (torch.float32, torch.int8) for t in tensors)
+            and all(t.dtype in (torch.float32, torch.int8, torch.uint8) for t in tensors)
             and layer.input_layernorm.weight.dtype == torch.float32):
         head_dim = attn.head_dim
         q_rows, k_rows, _ = layer.packed_qkv.sizes

@@ -71,6 +71,9 @@ class ModelSource:
     name: str  # what the user passed
     directory: Path | None  # config.json, tokenizer files, safetensors; for a module, where it came from
     module: Any = field(default=None, repr=False)  # a loaded transformers model, the weights' owner
+    # The GGUF file the directory was converted from: the row kernel reads its Q4_1 blocks
+    # (partition/gguf_blocks.py) instead of the dequantized float32 weights, for the same numbers.
+    gguf: Path | None = None
 
     @cached_property
     def model_id(self) -> str:
@@ -238,7 +241,7 @@ def _from_gguf(path: Path, name: str) -> ModelSource:
         save_checkpoint(model, tmp, tokenizer)
 
     _ensure_converted(target, convert)
-    return ModelSource(name=name, directory=target)
+    return ModelSource(name=name, directory=target, gguf=path)
 
 
 def save_checkpoint(model, directory: str | Path, tokenizer=None) -> Path:

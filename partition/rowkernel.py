@@ -183,6 +183,18 @@ def _self_test_layer(fn) -> None:
     rest = decode_layer(x[7:], weights, dims, (cos[7:], sin[7:]), [(k_store, v_store, 7, rows - 7, None)], fn)
     if not torch.equal(torch.cat([first, rest]), out):
         raise RuntimeError("decoder layer: a frame's rows differ when it is computed in two calls")
+    # Q4_1 blocks for the products whose inputs hold whole blocks (q/k/v, o, gate/up: 32 wide),
+    # float32 for down (40): the same bits as the float32 layer on the dequantized weights.
+    blocks = [random_q41(w.shape[0], w.shape[1], gen) for w in (wqkv, wo, wgu)]
+    wqkv, wo, wgu = (dequantize_q41(b, 32) for b in blocks)
+    k_store, v_store = storage()
+    plain = decode_layer(x, (norm1, norm2, wqkv, None, wo, None, wgu, None, wd, None), dims, (cos, sin),
+                         [(k_store, v_store, 0, rows, None)], fn)
+    k_store, v_store = storage()
+    packed = decode_layer(x, (norm1, norm2, blocks[0], None, blocks[1], None, blocks[2], None, wd, None), dims,
+                          (cos, sin), [(k_store, v_store, 0, rows, None)], fn)
+    if not torch.equal(packed, plain):
+        raise RuntimeError("decoder layer: Q4_1 blocks give other numbers than their dequantized weights")
 
 
 def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -225,7 +237,8 @@ def decode_layer(hidden: torch.Tensor, weights: tuple, dims: tuple[int, int, int
                  parts: list[tuple[torch.Tensor, torch.Tensor, int, int, torch.Tensor | None]], fn=None) -> torch.Tensor:
     """A Llama decoder layer over ``hidden`` (R, H) in one call (``data/rowdot.c``): ``weights``
     are (input norm, post-attention norm, then weight and scale (None: float32) of the stacked
-    q/k/v, o, the stacked gate/up and down products); ``dims`` (heads, kv heads, head dim,
+    q/k/v, o, the stacked gate/up and down products; a uint8 weight holds Q4_1 blocks,
+    ``repack_q41``); ``dims`` (heads, kv heads, head dim,
     intermediate size, norm epsilon, attention scale); ``rope`` each row's cos and sin (R, D);
     ``parts`` as for ``attend``. Returns the layer's output (R, H); ``hidden`` is left alone."""
     out = hidden.contiguous().clone()
@@ -233,9 +246,10 @@ def decode_layer(hidden: torch.Tensor, weights: tuple, dims: tuple[int, int, int
     cos, sin = (t.reshape(out.shape[0], dim).contiguous() for t in rope)
     count, rows, kc, vc, caps, pasts, masks = _part_arrays(parts)
     norm1, norm2, wqkv, sqkv, wo, so, wgu, sgu, wd, sd = (None if t is None else t.data_ptr() for t in weights)
+    q41 = sum(1 << i for i, w in enumerate(weights[2::2]) if w.dtype == torch.uint8)
     failed = (fn or _state["layer"])(out.data_ptr(), out.shape[0], out.shape[1], norm1, norm2, eps, wqkv, sqkv, wo, so,
                              wgu, sgu, inter, wd, sd, heads, kv_heads, dim, cos.data_ptr(), sin.data_ptr(),
-                             count, rows, kc, vc, caps, pasts, masks, scale, torch.get_num_threads())
+                             count, rows, kc, vc, caps, pasts, masks, scale, q41, torch.get_num_threads())
     if failed:
         raise RuntimeError(f"the decode layer kernel failed ({'head dim over 1024' if failed == 1 else 'no memory'})")
     return out
@@ -342,7 +356,7 @@ def kernel():
                 fl.argtypes = ([ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p,
                                 ctypes.c_float] + [ctypes.c_void_p] * 6 + [ctypes.c_long] + [ctypes.c_void_p] * 2
                                + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_long] + [ctypes.c_void_p] * 6
-                               + [ctypes.c_float, ctypes.c_int])
+                               + [ctypes.c_float, ctypes.c_int, ctypes.c_int])
                 _self_test(fn)
                 _self_test_i8(fn8)
                 _self_test_q41(fq4, fn)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from partition import rowkernel
+from partition import gguf_blocks, rowkernel
 from partition.arch import LayerRunner, attention_mask, meta_skeleton, sliding_window_of
 from partition.batching import (
     PACK_MAX_ROWS,
@@ -135,6 +135,7 @@ class ModelSegment(nn.Module):
         self.packable = packable(source.config)
         self.quantized: str | None = None  # "int8": an approximate copy (partition/quantize.py)
         self.graphs: DecodeGraphs | None = None  # decode passes as CUDA graphs (use_graphs)
+        self.gguf_block_layers = 0  # layers whose products read the GGUF file's Q4_1 blocks
         self._attention = attention_function(source.config) if self.packable else None
         if self.packable:
             for layer in self.layers:
@@ -143,6 +144,8 @@ class ModelSegment(nn.Module):
                 # Built (once per machine) or loaded now, not at a worker's first step, where a
                 # compile would hold up its heartbeats.
                 rowkernel.kernel()
+                # A GGUF model's layers read in the file's own blocks: the same numbers, a fifth of the bytes.
+                self.gguf_block_layers = gguf_blocks.attach(self)
         if self.runner.rotary is not None:
             self.runner.rotary.to(self.device)
         self.eval()

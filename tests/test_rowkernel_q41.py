@@ -54,3 +54,65 @@ def test_smollm2s_gguf_blocks_are_its_float32_weights(smollm2):
         assert torch.equal(rowkernel.dequantize_q41(blocks, k), weight)
         x = torch.randn(5, k)
         assert torch.equal(rowkernel.linear_q41(x, blocks), rowkernel.linear(x, weight))
+
+
+def _greedy(seg, ids, steps):
+    cache = seg.new_cache()
+    out = seg(ids, cache)
+    logits = [out.logits]
+    for _ in range(steps):
+        out = seg(out.logits[0, -1].argmax().view(1, 1), cache)
+        logits.append(out.logits)
+    return logits
+
+
+@pytest.mark.real_model
+def test_smollm2s_segments_read_the_gguf_blocks_and_compute_the_same_bits(smollm2, monkeypatch):
+    from partition.segment import ModelSegment
+
+    ids = torch.tensor([[1, 504, 2365, 28, 253, 1789, 314]])
+    whole = ModelSegment.load(smollm2, 0, smollm2.n_layers)
+    edge, cloud = ModelSegment.load(smollm2, 0, 15), ModelSegment.load(smollm2, 15, smollm2.n_layers, embed=False)
+    assert (whole.gguf_block_layers, edge.gguf_block_layers, cloud.gguf_block_layers) == (30, 15, 15)
+    monkeypatch.setenv("EDGECLOUD_GGUF_BLOCKS", "off")
+    plain = ModelSegment.load(smollm2, 0, smollm2.n_layers)
+    assert plain.gguf_block_layers == 0
+    expected = _greedy(plain, ids, 6)
+    assert all(torch.equal(a, b) for a, b in zip(_greedy(whole, ids, 6), expected, strict=True))
+    # A split: the edge's layers and the worker's, each on the blocks, give the whole model's bits.
+    e_cache, c_cache = edge.new_cache(), cloud.new_cache()
+    x = ids
+    for ref in expected:
+        out = cloud(edge(x, e_cache, logits="none").hidden, c_cache)
+        assert torch.equal(out.logits, ref)
+        x = out.logits[0, -1].argmax().view(1, 1)
+
+
+@pytest.mark.real_model
+def test_blocks_that_are_not_the_models_weights_are_left_out(smollm2, monkeypatch, caplog):
+    from partition import gguf_blocks
+    from partition.segment import ModelSegment
+
+    real = gguf_blocks.layer_blocks
+
+    def tampered(path, config, index):
+        blocks = real(path, config, index)
+        if index == 1:
+            blocks["mlp.down_proj"] = rowkernel.random_q41(*blocks["mlp.down_proj"].shape[:1], 1536,
+                                                           torch.Generator().manual_seed(0))
+        return blocks
+
+    monkeypatch.setattr(gguf_blocks, "layer_blocks", tampered)
+    seg = ModelSegment.load(smollm2, 0, 3)
+    assert seg.gguf_block_layers == 2
+    assert "layer 1: the GGUF file's blocks are not this model's weights" in caplog.text
+
+
+@pytest.mark.real_model
+def test_models_without_a_gguf_file_or_handed_over_in_memory_keep_float32(tiny_llama, smollm2_hf):
+    from partition.models import source_of
+    from partition.segment import ModelSegment
+
+    assert ModelSegment.load(tiny_llama, 0, tiny_llama.n_layers).gguf_block_layers == 0
+    # The user's own object: its weights may differ from any file, so they are what runs.
+    assert ModelSegment.load(source_of(smollm2_hf), 0, 2).gguf_block_layers == 0

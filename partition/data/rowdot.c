@@ -361,16 +361,18 @@ int attend(const float *q, const float *knew, const float *vnew, long P, const l
    SiLU, residuals: some forty torch operations) cost more than the int8 products themselves.
    Every operation is row-wise or the products and attention above, so each row's numbers still
    depend on nothing else in the call. Weights are float32 or, where their scale pointer is set,
-   int8 with a scale per output row. hidden (R, H) is updated in place; cos and sin (R, D) are
+   int8 with a scale per output row, or Q4_1 blocks where their bit of q41 is set (1: q/k/v, 2: o,
+   4: gate/up, 8: down). hidden (R, H) is updated in place; cos and sin (R, D) are
    each row's rotary factors; the parts and their caches are as for attend(). */
 static void rms_norm(const float *x, const float *w, float eps, float *out, long H) {
     const float r = 1.0f / sqrtf(dot_fixed(x, x, H) / (float)H + eps);
     for (long i = 0; i < H; i++) out[i] = w[i] * (x[i] * r);
 }
 
-static void product(const float *x, const void *w, const float *scale, float *y, long R, long K, long N,
+static void product(const float *x, const void *w, const float *scale, int q41, float *y, long R, long K, long N,
                     int threads) {
-    if (scale) rowdot_any(x, (const char *)w, scale, y, R, K, N, threads, I8);
+    if (q41) rowdot_any(x, (const char *)w, 0, y, R, K, N, threads, Q41);
+    else if (scale) rowdot_any(x, (const char *)w, scale, y, R, K, N, threads, I8);
     else rowdot_any(x, (const char *)w, 0, y, R, K, N, threads, F32);
 }
 
@@ -456,7 +458,7 @@ int decode_layer(float *hidden, long R, long H, const float *norm1, const float 
                  const void *wgu, const float *sgu, long I, const void *wd, const float *sd,
                  long heads, long kv_heads, long D, const float *cosv, const float *sinv,
                  long P, const long *rows, float *const *kc, float *const *vc, const long *cap,
-                 const long *past, const float *const *mask, float scale, int threads) {
+                 const long *past, const float *const *mask, float scale, int q41, int threads) {
     if (D > 1024) return 1;
     const long NQ = heads * D, NK = kv_heads * D, NQKV = NQ + 2 * NK;
     float *x = malloc(sizeof(float) * R * H);
@@ -471,7 +473,7 @@ int decode_layer(float *hidden, long R, long H, const float *norm1, const float 
     int failed = !(x && qkv && q && k && v && att && gu && act && y);
     if (!failed) {
         for (long r = 0; r < R; r++) rms_norm(hidden + r * H, norm1, eps, x + r * H, H);
-        product(x, wqkv, sqkv, qkv, R, H, NQKV, threads);
+        product(x, wqkv, sqkv, q41 & 1, qkv, R, H, NQKV, threads);
         for (long r = 0; r < R; r++) {
             const float *row = qkv + r * NQKV;
             memcpy(q + r * NQ, row, sizeof(float) * NQ);
@@ -483,12 +485,12 @@ int decode_layer(float *hidden, long R, long H, const float *norm1, const float 
         failed = attend(q, k, v, P, rows, kc, vc, cap, past, mask, heads, kv_heads, D, scale, att, threads);
     }
     if (!failed) {
-        product(att, wo, so, y, R, NQ, H, threads);
+        product(att, wo, so, q41 & 2, y, R, NQ, H, threads);
         for (long i = 0; i < R * H; i++) hidden[i] = hidden[i] + y[i];
         for (long r = 0; r < R; r++) rms_norm(hidden + r * H, norm2, eps, x + r * H, H);
-        product(x, wgu, sgu, gu, R, H, 2 * I, threads);
+        product(x, wgu, sgu, q41 & 4, gu, R, H, 2 * I, threads);
         silu_mul(gu, act, R, I, threads);
-        product(act, wd, sd, y, R, I, H, threads);
+        product(act, wd, sd, q41 & 8, y, R, I, H, threads);
         for (long i = 0; i < R * H; i++) hidden[i] = hidden[i] + y[i];
     }
     free(x); free(qkv); free(q); free(k); free(v); free(att); free(gu); free(act); free(y);

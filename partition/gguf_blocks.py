@@ -1,0 +1,101 @@
+"""A GGUF model's layers read in the file's own Q4_1 blocks by the row kernel.
+
+SmolLM2's GGUF file (the default model) stores its 210 layer matrices as Q4_1: per 32 weights a
+scale d, a minimum m and 32 four-bit q, each weight d * q + m. Our float32 weights are exactly
+those blocks dequantized (transformers converts the file once, ``models._from_gguf``). A decode
+step streams every weight once, so reading the blocks (0.19x the bytes, widened as they stream:
+``rowkernel.linear_q41``) instead of the float32 copy makes the layers' products 3x faster at
+one row (``bench/bench_q41.py``) and changes no bit of any output.
+
+For each layer, ``layer_blocks`` returns its seven matrices in the rows' order of our float32
+weights (GGUF keeps q and k in llama.cpp's rotary order; the conversion permutes them), or None
+when the file does not hold them all as Q4_1. ``attach`` gives a segment's layers the stacked
+blocks of their fused products, after checking that the blocks dequantize to exactly the
+segment's own float32 weights: a file that does not match (or a model the user changed in memory,
+which has no file) keeps the float32 path.
+
+``EDGECLOUD_GGUF_BLOCKS=off`` turns it off (to compare, ``bench/bench_local.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from partition import rowkernel
+
+log = logging.getLogger(__name__)
+
+SWITCH = "EDGECLOUD_GGUF_BLOCKS"
+# Our (transformers') name of each layer matrix, and GGUF's.
+MATRICES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+            "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+            "mlp.down_proj": "ffn_down"}
+
+
+def enabled() -> bool:
+    return os.environ.get(SWITCH, "").lower() not in ("off", "0", "no")
+
+
+@functools.lru_cache(maxsize=4)
+def _tensors(path: Path) -> dict[str, Any]:
+    from gguf import GGUFReader
+
+    return {t.name: t for t in GGUFReader(path).tensors}  # memory-mapped: nothing is read yet
+
+
+def layer_blocks(path: Path, config: Any, index: int) -> dict[str, torch.Tensor] | None:
+    """Layer ``index``'s seven matrices from the GGUF file at ``path``, repacked for the kernel
+    (``rowkernel.repack_q41``) and in our rows' order; None unless all are Q4_1."""
+    tensors = _tensors(path)
+    out = {}
+    for ours, theirs in MATRICES.items():
+        t = tensors.get(f"blk.{index}.{theirs}.weight")
+        if t is None or t.tensor_type.name != "Q4_1" or len(t.shape) != 2:
+            return None
+        k, n = (int(d) for d in t.shape)  # GGUF lists the fastest dimension first
+        rows = torch.from_numpy(np.asarray(t.data).reshape(n, -1).copy())
+        if theirs in ("attn_q", "attn_k"):
+            heads = config.num_attention_heads if theirs == "attn_q" else config.num_key_value_heads
+            rows = rows.reshape(heads, n // heads // 2, 2, -1).transpose(1, 2).reshape(n, -1)
+        out[ours] = rowkernel.repack_q41(rows, k)
+    return out
+
+
+def attach(segment: Any) -> int:
+    """Give each of ``segment``'s layers whose blocks match its float32 weights exactly the
+    blocks of its fused products (``q41`` on ``packed_qkv``, ``o_proj``, ``packed_gate_up`` and
+    ``down_proj``, which ``batching.fused_weights`` then passes to the kernel). Returns how many
+    layers got them."""
+    source = segment.source
+    if (not enabled() or source.gguf is None or source.module is not None or not segment.packable
+            or segment.device.type != "cpu" or segment.dtype != torch.float32 or rowkernel.kernel() is None):
+        return 0
+    done = 0
+    for offset, layer in enumerate(segment.layers):
+        index = segment.spec.lo + offset
+        blocks = layer_blocks(Path(source.gguf), source.config, index)
+        if blocks is None:
+            continue
+        attn, mlp = layer.self_attn, layer.mlp
+        modules = {"self_attn.q_proj": attn.q_proj, "self_attn.k_proj": attn.k_proj, "self_attn.v_proj": attn.v_proj,
+                   "self_attn.o_proj": attn.o_proj, "mlp.gate_proj": mlp.gate_proj, "mlp.up_proj": mlp.up_proj,
+                   "mlp.down_proj": mlp.down_proj}
+        k_of = {name: m.weight.shape[1] for name, m in modules.items()}
+        if not all(torch.equal(rowkernel.dequantize_q41(blocks[name], k_of[name]), m.weight)
+                   for name, m in modules.items()):
+            log.warning("layer %d: the GGUF file's blocks are not this model's weights; it keeps float32", index)
+            continue
+        layer.packed_qkv.q41 = torch.cat([blocks["self_attn.q_proj"], blocks["self_attn.k_proj"],
+                                          blocks["self_attn.v_proj"]])
+        attn.o_proj.q41 = blocks["self_attn.o_proj"]
+        layer.packed_gate_up.q41 = torch.cat([blocks["mlp.gate_proj"], blocks["mlp.up_proj"]])
+        mlp.down_proj.q41 = blocks["mlp.down_proj"]
+        done += 1
+    return done
