@@ -4,8 +4,8 @@
    y (R, N) = x (R, K) times w (N, K) transposed. Every y[r, n] is summed in one order, whatever
    R, N, the block it falls in or the thread count: lane i of one vector accumulator takes the
    terms k = i mod LANES in increasing k (fused multiply-adds), the lanes are then added in a fixed
-   tree, and the last K mod LANES terms one by one. The blocks (six or eight rows, RB rows, one
-   row, by four or two weight rows, and one by one) only decide which products share a load, so a row's result does not
+   tree, and the last K mod LANES terms one by one. The blocks (six or eight rows, RB rows, two
+   rows, one row, by four or two weight rows, and one by one) only decide which products share a load, so a row's result does not
    depend on what else is in the call: batching cannot change it. Built with -ffp-contract=off so
    that the compiler fuses nothing the source does not. Each block's first pass over its weights
    also fetches the next block's into the cache, so streaming them overlaps the arithmetic (the
@@ -210,6 +210,28 @@ static inline __attribute__((always_inline)) void rowdot_any(const float *x, con
                     }
                 }
                 for (int i = 0; i < RB; i++)
+                    for (int j = 0; j < 4; j++) {
+                        float s = finish(acc[i][j], x + (r + i) * K, wr[j], KV, K, mode);
+                        y[(r + i) * N + n0 + j] = q8 ? sc[j] * s : s;
+                    }
+            }
+            /* Two rows (the rest of RB, or a batch of two or three): the weights widened once
+               for both, which matters for int8 and Q4_1, whose widening is the work at few rows. */
+            for (; r + 2 <= R; r += 2) {
+                vec acc[2][4];
+                for (int i = 0; i < 2; i++)
+                    for (int j = 0; j < 4; j++) acc[i][j] = VZERO();
+                for (long k = 0; k < KV; k += LANES) {
+                    vec u[4];
+                    for (int j = 0; j < 4; j++) u[j] = wload(wr[j], k, mode);
+                    if (r == 0 && b + 1 < NB && line_starts(k, mode))
+                        for (int j = 0; j < 4; j++) _mm_prefetch(wr[j] + 4 * ROW + wbyte(k, mode), _MM_HINT_T0);
+                    for (int i = 0; i < 2; i++) {
+                        vec v = VLOAD(x + (r + i) * K + k);
+                        for (int j = 0; j < 4; j++) acc[i][j] = VFMA(v, u[j], acc[i][j]);
+                    }
+                }
+                for (int i = 0; i < 2; i++)
                     for (int j = 0; j < 4; j++) {
                         float s = finish(acc[i][j], x + (r + i) * K, wr[j], KV, K, mode);
                         y[(r + i) * N + n0 + j] = q8 ? sc[j] * s : s;
