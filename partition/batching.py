@@ -115,6 +115,9 @@ def packed_linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     (fewer rows are padded with zeros). An int8 copy (``partition/quantize.py``) computes its own."""
     if getattr(layer, "qweight", None) is not None:
         return layer(x)
+    blocks = getattr(layer, "q80", None)  # the GGUF file's head (partition/gguf_blocks.py)
+    if blocks is not None and rowkernel.usable_blocks(x, blocks):
+        return rowkernel.linear_q80(x, blocks)
     if rowkernel.usable(x, layer.weight):
         return rowkernel.linear(x, layer.weight, layer.bias)
     rows = x.shape[0]

@@ -14,7 +14,10 @@ blocks of their fused products, after checking that the blocks dequantize to exa
 segment's own float32 weights: a file that does not match (or a model the user changed in memory,
 which has no file) keeps the float32 path.
 
-``EDGECLOUD_GGUF_BLOCKS=off`` turns it off (to compare, ``bench/bench_local.py``).
+The head (SmolLM2's is tied to the token embedding, Q8_0 in the file: per 32 weights a scale d
+and 32 int8 q, a weight d * q) is read the same way (``head_blocks``; ``rowkernel.linear_q80``).
+
+``EDGECLOUD_GGUF_BLOCKS=off`` turns it off (to compare: ``bench/bench_openmp.py --settings bound f32``).
 """
 
 from __future__ import annotations
@@ -68,6 +71,16 @@ def layer_blocks(path: Path, config: Any, index: int) -> dict[str, torch.Tensor]
     return out
 
 
+def head_blocks(path: Path, n: int, k: int) -> torch.Tensor | None:
+    """The head's matrix (N, K) from the GGUF file, repacked for the kernel: ``output.weight``,
+    or the token embedding where the head is tied to it; None unless it is Q8_0."""
+    tensors = _tensors(path)
+    t = tensors.get("output.weight", tensors.get("token_embd.weight"))
+    if t is None or t.tensor_type.name != "Q8_0" or [int(d) for d in t.shape] != [k, n]:
+        return None
+    return rowkernel.repack_q80(torch.from_numpy(np.asarray(t.data).reshape(n, -1).copy()), k)
+
+
 def attach(segment: Any) -> int:
     """Give each of ``segment``'s layers whose blocks match its float32 weights exactly the
     blocks of its fused products (``q41`` on ``packed_qkv``, ``o_proj``, ``packed_gate_up`` and
@@ -98,4 +111,12 @@ def attach(segment: Any) -> int:
         layer.packed_gate_up.q41 = torch.cat([blocks["mlp.gate_proj"], blocks["mlp.up_proj"]])
         mlp.down_proj.q41 = blocks["mlp.down_proj"]
         done += 1
+    head = segment.lm_head
+    if head is not None:
+        n, k = head.weight.shape
+        blocks = head_blocks(Path(source.gguf), n, k)
+        if blocks is not None and torch.equal(rowkernel.dequantize_q80(blocks, k), head.weight):
+            head.q80 = blocks  # batching.packed_linear reads it
+        elif blocks is not None:
+            log.warning("the GGUF file's head is not this model's; it keeps float32")
     return done

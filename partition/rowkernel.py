@@ -272,6 +272,47 @@ def _self_test_q41(fq4, fn) -> None:
                 raise RuntimeError(f"Q4_1: a call of {rows} rows differs from the float32 kernel's")
 
 
+def _self_test_q80(fq8, fn) -> None:
+    """The Q8_0 kernel against the float32 kernel on the same weights dequantized: bit for bit."""
+    gen = torch.Generator().manual_seed(4)
+    for n, k in ((37, 64), (64, 576)):
+        blocks = random_q80(n, k, gen)
+        x = torch.randn(17, k, generator=gen)
+        expected = _call(fn, x, dequantize_q80(blocks, k))
+        for rows in (1, 2, 17):
+            if not torch.equal(_call(fq8, x[:rows], blocks), expected[:rows]):
+                raise RuntimeError(f"Q8_0: a call of {rows} rows differs from the float32 kernel's")
+
+
+Q80_BYTES, GGUF_Q80_BYTES = 36, 34  # bytes per block of 32 as the kernel reads it (float32 d) and in a file
+
+
+def repack_q80(gguf_rows: torch.Tensor, k: int) -> torch.Tensor:
+    """GGUF's Q8_0 rows (N, K / 32 * 34) uint8 as the kernel reads them, (N, K / 32 * 36): each
+    block's float16 scale widened to float32 (exactly), then its 32 int8 q."""
+    n = gguf_rows.shape[0]
+    if k % Q41_BLOCK or gguf_rows.shape[1] != k // Q41_BLOCK * GGUF_Q80_BYTES:
+        raise ValueError(f"Q8_0 rows of {gguf_rows.shape[1]} bytes do not hold {k} weights")
+    b = gguf_rows.reshape(n, k // Q41_BLOCK, GGUF_Q80_BYTES)
+    d = b[..., 0:2].contiguous().view(torch.float16).float()  # (N, K/32, 1)
+    return torch.cat([d.view(torch.uint8), b[..., 2:]], dim=-1).reshape(n, -1).contiguous()
+
+
+def dequantize_q80(blocks: torch.Tensor, k: int) -> torch.Tensor:
+    """Repacked Q8_0 rows (``repack_q80``) as float32 (N, K): d * q, as GGUF computes it."""
+    n = blocks.shape[0]
+    b = blocks.view(n, k // Q41_BLOCK, Q80_BYTES)
+    d = b[..., 0:4].contiguous().view(torch.float32)  # (N, K/32, 1)
+    return (d * b[..., 4:].contiguous().view(torch.int8).float()).reshape(n, k)
+
+
+def random_q80(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Random GGUF Q8_0 rows (tests), repacked."""
+    blocks = torch.randint(0, 256, (n, k // Q41_BLOCK, GGUF_Q80_BYTES), generator=gen, dtype=torch.uint8)
+    blocks[..., 0:2] = (torch.rand(n, k // Q41_BLOCK, 1, generator=gen) * 0.001).half().view(torch.uint8)
+    return repack_q80(blocks.reshape(n, -1), k)
+
+
 Q41_BLOCK, Q41_BYTES = 32, 24  # weights per block; bytes per block as the kernel reads it
 GGUF_Q41_BYTES = 20  # bytes per block in a GGUF file: float16 d and m, 16 bytes of 4-bit q
 
@@ -347,6 +388,9 @@ def kernel():
                 fq4 = lib.rowdot_q41
                 fq4.restype = None
                 fq4.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int]
+                fq8 = lib.rowdot_q80
+                fq8.restype = None
+                fq8.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int]
                 fa = lib.attend
                 fa.restype = ctypes.c_int
                 fa.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_void_p] * 6
@@ -360,10 +404,12 @@ def kernel():
                 _self_test(fn)
                 _self_test_i8(fn8)
                 _self_test_q41(fq4, fn)
+                _self_test_q80(fq8, fn)
                 _self_test_attend(fa)
                 _self_test_layer(fl)
                 _state["fn8"] = fn8
                 _state["fq4"] = fq4
+                _state["fq8"] = fq8
                 _state["attend"] = fa
                 _state["layer"] = fl
             except (OSError, RuntimeError, subprocess.SubprocessError, AssertionError) as exc:
@@ -401,14 +447,14 @@ def linear_i8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> to
     return _call_i8(_state["fn8"], x.contiguous(), qweight, scale.contiguous())
 
 
-def usable_q41(x: torch.Tensor, blocks: torch.Tensor) -> bool:
+def usable_blocks(x: torch.Tensor, blocks: torch.Tensor) -> bool:
     return (x.dtype == torch.float32 and blocks.dtype == torch.uint8 and x.device.type == "cpu"
             and blocks.device.type == "cpu" and blocks.is_contiguous() and kernel() is not None)
 
 
 def linear_q41(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """``x @ dequantize_q41(blocks, K).T`` for ``x`` (R, K) and Q4_1 rows ``blocks`` (N, K / 32 *
-    24) uint8 (``repack_q41``), the weights widened as they stream (``usable_q41`` first): bit for
+    24) uint8 (``repack_q41``), the weights widened as they stream (``usable_blocks`` first): bit for
     bit what ``linear`` gives on the dequantized matrix, from 0.19x its bytes."""
     k = x.shape[1]
     if k % Q41_BLOCK or blocks.shape[1] != k // Q41_BLOCK * Q41_BYTES:
@@ -416,3 +462,15 @@ def linear_q41(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     if kernel() is None:
         raise RuntimeError(f"the row kernel is not in use here: {reason()}")
     return _call(_state["fq4"], x.contiguous(), blocks)
+
+
+def linear_q80(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``x @ dequantize_q80(blocks, K).T`` for ``x`` (R, K) and Q8_0 rows ``blocks`` (N, K / 32 *
+    36) uint8 (``repack_q80``; ``usable_blocks`` first): bit for bit what ``linear`` gives on the
+    dequantized matrix."""
+    k = x.shape[1]
+    if k % Q41_BLOCK or blocks.shape[1] != k // Q41_BLOCK * Q80_BYTES:
+        raise ValueError(f"Q8_0 rows of {blocks.shape[1]} bytes do not hold {k} weights")
+    if kernel() is None:
+        raise RuntimeError(f"the row kernel is not in use here: {reason()}")
+    return _call(_state["fq8"], x.contiguous(), blocks)

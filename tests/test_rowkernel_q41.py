@@ -27,6 +27,18 @@ def test_q41_products_are_the_float32_kernels_on_the_dequantized_weights(n, k):
     torch.testing.assert_close(together, x @ weights.T, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("n,k", [(49152, 576), (5, 64), (37, 96)])
+def test_q80_products_are_the_float32_kernels_on_the_dequantized_weights(n, k):
+    gen = torch.Generator().manual_seed(n + k)
+    blocks = rowkernel.random_q80(n, k, gen)
+    weights = rowkernel.dequantize_q80(blocks, k)
+    x = torch.randn(9, k, generator=gen)
+    together = rowkernel.linear_q80(x, blocks)
+    assert torch.equal(together, rowkernel.linear(x, weights))
+    for rows in (1, 2, 3, 8):
+        assert torch.equal(rowkernel.linear_q80(x[:rows], blocks), together[:rows])
+
+
 def test_rows_that_do_not_hold_whole_blocks_are_refused():
     blocks = rowkernel.random_q41(4, 64, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="do not hold 96 weights"):
@@ -74,6 +86,8 @@ def test_smollm2s_segments_read_the_gguf_blocks_and_compute_the_same_bits(smollm
     whole = ModelSegment.load(smollm2, 0, smollm2.n_layers)
     edge, cloud = ModelSegment.load(smollm2, 0, 15), ModelSegment.load(smollm2, 15, smollm2.n_layers, embed=False)
     assert (whole.gguf_block_layers, edge.gguf_block_layers, cloud.gguf_block_layers) == (30, 15, 15)
+    # The head, tied to the embedding: Q8_0 in the file (the edge's layers have none).
+    assert whole.lm_head.q80 is not None and cloud.lm_head.q80 is not None and edge.lm_head is None
     monkeypatch.setenv("EDGECLOUD_GGUF_BLOCKS", "off")
     plain = ModelSegment.load(smollm2, 0, smollm2.n_layers)
     assert plain.gguf_block_layers == 0
@@ -113,6 +127,7 @@ def test_models_without_a_gguf_file_or_handed_over_in_memory_keep_float32(tiny_l
     from partition.models import source_of
     from partition.segment import ModelSegment
 
-    assert ModelSegment.load(tiny_llama, 0, tiny_llama.n_layers).gguf_block_layers == 0
+    tiny = ModelSegment.load(tiny_llama, 0, tiny_llama.n_layers)
+    assert tiny.gguf_block_layers == 0 and getattr(tiny.lm_head, "q80", None) is None
     # The user's own object: its weights may differ from any file, so they are what runs.
     assert ModelSegment.load(source_of(smollm2_hf), 0, 2).gguf_block_layers == 0

@@ -54,9 +54,12 @@ static inline float hsum(vec v) { return hsum8(v); }
    weight is d * q rounded, plus m rounded (two operations, not fused), as GGUF's own
    dequantization computes it in float32: rowdot_q41 gives, bit for bit, what rowdot gives on the
    dequantized matrix. */
-enum { F32 = 0, I8 = 1, Q41 = 2 };
+enum { F32 = 0, I8 = 1, Q41 = 2, Q80 = 3 };
 #define Q41_BLOCK 32
 #define Q41_BYTES 24
+/* GGUF's Q8_0 (rowdot_q80): each 32 weights are a scale d (float32 here, float16 in the file) and
+   32 int8 q, 36 bytes; a weight is d * q, rounded once, as GGUF's dequantization computes it. */
+#define Q80_BYTES 36
 
 #ifdef __AVX512F__
 #define VLOAD8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
@@ -97,24 +100,36 @@ static inline __attribute__((always_inline)) float q41_weight(const unsigned cha
     return dq + ((const float *)b)[1];
 }
 
+static inline __attribute__((always_inline)) vec q80_load(const unsigned char *w, long k) {
+    const unsigned char *b = w + (k / Q41_BLOCK) * Q80_BYTES;
+    return VMUL(VSET1(((const float *)b)[0]), VLOAD8(b + 4 + k % Q41_BLOCK));
+}
+
 static inline __attribute__((always_inline)) vec wload(const char *w, long k, int mode) {
+    if (mode == Q80) return q80_load((const unsigned char *)w, k);
     if (mode == Q41) return q41_load((const unsigned char *)w, k);
     return mode == I8 ? VLOAD8((const signed char *)w + k) : VLOAD((const float *)w + k);
 }
 
 static inline __attribute__((always_inline)) float weight(const char *w, long k, int mode) {
+    if (mode == Q80) {
+        const unsigned char *b = (const unsigned char *)w + (k / Q41_BLOCK) * Q80_BYTES;
+        return ((const float *)b)[0] * (float)((const signed char *)b)[4 + k % Q41_BLOCK];
+    }
     if (mode == Q41) return q41_weight((const unsigned char *)w, k);
     return mode == I8 ? (float)((const signed char *)w)[k] : ((const float *)w)[k];
 }
 
 /* Where weight k of a row starts, in bytes (prefetches). */
 static inline __attribute__((always_inline)) long wbyte(long k, int mode) {
+    if (mode == Q80) return (k / Q41_BLOCK) * Q80_BYTES;
     return mode == Q41 ? (k / Q41_BLOCK) * Q41_BYTES : k * (mode == I8 ? 1 : 4);
 }
 
 /* Whether weight k of a row is where the next prefetch goes: a cache line at a time (float32,
    int8), every second block (Q4_1: 48 bytes, so no line is skipped). */
 static inline __attribute__((always_inline)) int line_starts(long k, int mode) {
+    if (mode == Q80) return k % Q41_BLOCK == 0;  /* a block (36 bytes) at a time */
     return mode == Q41 ? k % 64 == 0 : wbyte(k, mode) % 64 == 0;
 }
 
@@ -131,7 +146,8 @@ static inline __attribute__((always_inline)) void rowdot_any(const float *x, con
     const int q8 = mode == I8;  /* a scale per weight row */
     const long KV = K - K % LANES;
     const long NB = (N + 3) / 4;
-    const long ROW = mode == Q41 ? K / Q41_BLOCK * Q41_BYTES : K * (mode == I8 ? 1 : 4);
+    const long ROW = mode == Q80 ? K / Q41_BLOCK * Q80_BYTES
+                   : mode == Q41 ? K / Q41_BLOCK * Q41_BYTES : K * (mode == I8 ? 1 : 4);
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (long b = 0; b < NB; b++) {
         const long n0 = b * 4;
@@ -274,6 +290,11 @@ void rowdot(const float *x, const float *w, float *y, long R, long K, long N, in
 void rowdot_i8(const float *x, const signed char *w, const float *scale, float *y, long R, long K, long N,
                int threads) {
     rowdot_any(x, (const char *)w, scale, y, R, K, N, threads, I8);
+}
+
+/* w: N rows of K / 32 Q8_0 blocks (K a multiple of 32). */
+void rowdot_q80(const float *x, const unsigned char *w, float *y, long R, long K, long N, int threads) {
+    rowdot_any(x, (const char *)w, 0, y, R, K, N, threads, Q80);
 }
 
 /* w: N rows of K / 32 Q4_1 blocks (K a multiple of 32). */
