@@ -15,7 +15,11 @@ segment's own float32 weights: a file that does not match (or a model the user c
 which has no file) keeps the float32 path.
 
 The head (SmolLM2's is tied to the token embedding, Q8_0 in the file: per 32 weights a scale d
-and 32 int8 q, a weight d * q) is read the same way (``head_blocks``; ``rowkernel.linear_q80``).
+and 32 int8 q, a weight d * q) can be read the same way (``head_blocks``; ``rowkernel.linear_q80``),
+with ``EDGECLOUD_GGUF_HEAD=on``: a decode step then takes 8.0 instead of 10.7 ms. Not yet by
+default: a worker's step gets so cheap that its fixed cost per step (Python, sealing, the socket)
+dominates, and eight sessions at once then save less than the issue's 3x of worker CPU per token
+over one after another (2.81-2.87x, BENCHMARKS.md). Cutting that fixed cost comes first.
 
 ``EDGECLOUD_GGUF_BLOCKS=off`` turns it off (to compare: ``bench/bench_openmp.py --settings bound f32``).
 """
@@ -36,6 +40,7 @@ from partition import rowkernel
 log = logging.getLogger(__name__)
 
 SWITCH = "EDGECLOUD_GGUF_BLOCKS"
+HEAD_SWITCH = "EDGECLOUD_GGUF_HEAD"  # "on": the head's Q8_0 blocks too
 # Our (transformers') name of each layer matrix, and GGUF's.
 MATRICES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -112,7 +117,7 @@ def attach(segment: Any) -> int:
         mlp.down_proj.q41 = blocks["mlp.down_proj"]
         done += 1
     head = segment.lm_head
-    if head is not None:
+    if head is not None and os.environ.get(HEAD_SWITCH, "").lower() in ("on", "1", "yes"):
         n, k = head.weight.shape
         blocks = head_blocks(Path(source.gguf), n, k)
         if blocks is not None and torch.equal(rowkernel.dequantize_q80(blocks, k), head.weight):

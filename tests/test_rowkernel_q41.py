@@ -83,16 +83,21 @@ def test_smollm2s_segments_read_the_gguf_blocks_and_compute_the_same_bits(smollm
     from partition.segment import ModelSegment
 
     ids = torch.tensor([[1, 504, 2365, 28, 253, 1789, 314]])
+    monkeypatch.setenv("EDGECLOUD_GGUF_HEAD", "on")
     whole = ModelSegment.load(smollm2, 0, smollm2.n_layers)
     edge, cloud = ModelSegment.load(smollm2, 0, 15), ModelSegment.load(smollm2, 15, smollm2.n_layers, embed=False)
     assert (whole.gguf_block_layers, edge.gguf_block_layers, cloud.gguf_block_layers) == (30, 15, 15)
     # The head, tied to the embedding: Q8_0 in the file (the edge's layers have none).
     assert whole.lm_head.q80 is not None and cloud.lm_head.q80 is not None and edge.lm_head is None
+    monkeypatch.delenv("EDGECLOUD_GGUF_HEAD")
+    layers_only = ModelSegment.load(smollm2, 0, smollm2.n_layers)
+    assert layers_only.gguf_block_layers == 30 and getattr(layers_only.lm_head, "q80", None) is None
     monkeypatch.setenv("EDGECLOUD_GGUF_BLOCKS", "off")
     plain = ModelSegment.load(smollm2, 0, smollm2.n_layers)
     assert plain.gguf_block_layers == 0
     expected = _greedy(plain, ids, 6)
     assert all(torch.equal(a, b) for a, b in zip(_greedy(whole, ids, 6), expected, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(_greedy(layers_only, ids, 6), expected, strict=True))
     # A split: the edge's layers and the worker's, each on the blocks, give the whole model's bits.
     e_cache, c_cache = edge.new_cache(), cloud.new_cache()
     x = ids
