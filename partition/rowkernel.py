@@ -260,28 +260,18 @@ def usable_attend(query: torch.Tensor) -> bool:
     return query.dtype == torch.float32 and query.device.type == "cpu" and kernel() is not None
 
 
-def _self_test_q41(fq4, fn) -> None:
-    """The Q4_1 kernel against the float32 kernel on the same weights dequantized: bit for bit."""
+def _self_test_blocks(fblocks, fn, kind: str) -> None:
+    """A block kernel (``kind`` "Q4_1" or "Q8_0") against the float32 kernel on the same weights
+    dequantized: bit for bit."""
+    make, dequantize = {"Q4_1": (random_q41, dequantize_q41), "Q8_0": (random_q80, dequantize_q80)}[kind]
     gen = torch.Generator().manual_seed(2)
     for n, k in ((37, 64), (64, 576)):
-        blocks = random_q41(n, k, gen)
+        blocks = make(n, k, gen)
         x = torch.randn(17, k, generator=gen)
-        expected = _call(fn, x, dequantize_q41(blocks, k))
+        expected = _call(fn, x, dequantize(blocks, k))
         for rows in (1, 2, 17):
-            if not torch.equal(_call(fq4, x[:rows], blocks), expected[:rows]):
-                raise RuntimeError(f"Q4_1: a call of {rows} rows differs from the float32 kernel's")
-
-
-def _self_test_q80(fq8, fn) -> None:
-    """The Q8_0 kernel against the float32 kernel on the same weights dequantized: bit for bit."""
-    gen = torch.Generator().manual_seed(4)
-    for n, k in ((37, 64), (64, 576)):
-        blocks = random_q80(n, k, gen)
-        x = torch.randn(17, k, generator=gen)
-        expected = _call(fn, x, dequantize_q80(blocks, k))
-        for rows in (1, 2, 17):
-            if not torch.equal(_call(fq8, x[:rows], blocks), expected[:rows]):
-                raise RuntimeError(f"Q8_0: a call of {rows} rows differs from the float32 kernel's")
+            if not torch.equal(_call(fblocks, x[:rows], blocks), expected[:rows]):
+                raise RuntimeError(f"{kind}: a call of {rows} rows differs from the float32 kernel's")
 
 
 Q80_BYTES, GGUF_Q80_BYTES = 36, 34  # bytes per block of 32 as the kernel reads it (float32 d) and in a file
@@ -379,18 +369,11 @@ def kernel():
         else:
             try:
                 lib = ctypes.CDLL(str(_build(compiler)))
-                fn = lib.rowdot
-                fn.restype = None
-                fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int]
-                fn8 = lib.rowdot_i8
-                fn8.restype = None
-                fn8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
-                fq4 = lib.rowdot_q41
-                fq4.restype = None
-                fq4.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int]
-                fq8 = lib.rowdot_q80
-                fq8.restype = None
-                fq8.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int]
+                # x, w, (scale,) y, R, K, N, threads: float32, Q4_1 and Q8_0 weights; int8 with a scale.
+                fn, fq4, fq8, fn8 = lib.rowdot, lib.rowdot_q41, lib.rowdot_q80, lib.rowdot_i8
+                for f, pointers in ((fn, 3), (fq4, 3), (fq8, 3), (fn8, 4)):
+                    f.restype = None
+                    f.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_long] * 3 + [ctypes.c_int]
                 fa = lib.attend
                 fa.restype = ctypes.c_int
                 fa.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_void_p] * 6
@@ -403,8 +386,8 @@ def kernel():
                                + [ctypes.c_float, ctypes.c_int, ctypes.c_int])
                 _self_test(fn)
                 _self_test_i8(fn8)
-                _self_test_q41(fq4, fn)
-                _self_test_q80(fq8, fn)
+                _self_test_blocks(fq4, fn, "Q4_1")
+                _self_test_blocks(fq8, fn, "Q8_0")
                 _self_test_attend(fa)
                 _self_test_layer(fl)
                 _state["fn8"] = fn8
@@ -456,21 +439,20 @@ def linear_q41(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """``x @ dequantize_q41(blocks, K).T`` for ``x`` (R, K) and Q4_1 rows ``blocks`` (N, K / 32 *
     24) uint8 (``repack_q41``), the weights widened as they stream (``usable_blocks`` first): bit for
     bit what ``linear`` gives on the dequantized matrix, from 0.19x its bytes."""
-    k = x.shape[1]
-    if k % Q41_BLOCK or blocks.shape[1] != k // Q41_BLOCK * Q41_BYTES:
-        raise ValueError(f"Q4_1 rows of {blocks.shape[1]} bytes do not hold {k} weights")
-    if kernel() is None:
-        raise RuntimeError(f"the row kernel is not in use here: {reason()}")
-    return _call(_state["fq4"], x.contiguous(), blocks)
+    return _linear_blocks(x, blocks, "Q4_1", Q41_BYTES, "fq4")
 
 
 def linear_q80(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """``x @ dequantize_q80(blocks, K).T`` for ``x`` (R, K) and Q8_0 rows ``blocks`` (N, K / 32 *
     36) uint8 (``repack_q80``; ``usable_blocks`` first): bit for bit what ``linear`` gives on the
     dequantized matrix."""
+    return _linear_blocks(x, blocks, "Q8_0", Q80_BYTES, "fq8")
+
+
+def _linear_blocks(x: torch.Tensor, blocks: torch.Tensor, kind: str, block_bytes: int, fn: str) -> torch.Tensor:
     k = x.shape[1]
-    if k % Q41_BLOCK or blocks.shape[1] != k // Q41_BLOCK * Q80_BYTES:
-        raise ValueError(f"Q8_0 rows of {blocks.shape[1]} bytes do not hold {k} weights")
+    if k % Q41_BLOCK or blocks.shape[1] != k // Q41_BLOCK * block_bytes:
+        raise ValueError(f"{kind} rows of {blocks.shape[1]} bytes do not hold {k} weights")
     if kernel() is None:
         raise RuntimeError(f"the row kernel is not in use here: {reason()}")
-    return _call(_state["fq8"], x.contiguous(), blocks)
+    return _call(_state[fn], x.contiguous(), blocks)
