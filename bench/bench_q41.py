@@ -27,10 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402,F401  (puts the repository root on sys.path)
 
-PRODUCTS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-            "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-            "ffn_down": "mlp.down_proj"}
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -39,31 +35,25 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    import numpy as np
     import torch
-    from gguf import GGUFReader
 
-    from partition import rowkernel
+    from partition import gguf_blocks, rowkernel
     from partition.models import resolve_model, smollm2_gguf_path
 
     if rowkernel.kernel() is None:
         raise SystemExit(f"no row kernel here: {rowkernel.reason()}")
     source = resolve_model("smollm2-135m")
-    tensors = {t.name: t for t in GGUFReader(smollm2_gguf_path()).tensors}
     f32, q41 = [], []
     for i in range(source.n_layers):
-        for gguf_name, name in PRODUCTS.items():
+        # The loader the segments use: the file's blocks in our rows' order (q and k un-permuted).
+        blocks = gguf_blocks.layer_blocks(smollm2_gguf_path(), source.config, i)
+        for name in gguf_blocks.MATRICES:
             full = f"model.layers.{i}.{name}.weight"
             weight = source.weights.load([full], torch.float32)[full].contiguous()
-            n, k = weight.shape
-            raw = torch.from_numpy(np.asarray(tensors[f"blk.{i}.{gguf_name}.weight"].data).reshape(n, -1).copy())
-            if gguf_name in ("attn_q", "attn_k"):  # GGUF keeps q and k rows in llama.cpp's rotary order
-                heads = source.config.num_attention_heads if gguf_name == "attn_q" else source.config.num_key_value_heads
-                raw = raw.reshape(heads, n // heads // 2, 2, -1).transpose(1, 2).reshape(n, -1)
-            blocks = rowkernel.repack_q41(raw, k)
-            assert torch.equal(rowkernel.dequantize_q41(blocks, k), weight), full
+            k = weight.shape[1]
+            assert torch.equal(rowkernel.dequantize_q41(blocks[name], k), weight), full
             f32.append(weight)
-            q41.append((blocks, k))
+            q41.append((blocks[name], k))
     gen = torch.Generator().manual_seed(0)
     xs = {k: torch.randn(max(args.rows), k, generator=gen) for k in (576, 1536)}
 

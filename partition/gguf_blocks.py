@@ -102,11 +102,8 @@ def attach(segment: Any) -> int:
         if blocks is None:
             continue
         attn, mlp = layer.self_attn, layer.mlp
-        modules = {"self_attn.q_proj": attn.q_proj, "self_attn.k_proj": attn.k_proj, "self_attn.v_proj": attn.v_proj,
-                   "self_attn.o_proj": attn.o_proj, "mlp.gate_proj": mlp.gate_proj, "mlp.up_proj": mlp.up_proj,
-                   "mlp.down_proj": mlp.down_proj}
-        k_of = {name: m.weight.shape[1] for name, m in modules.items()}
-        if not all(torch.equal(rowkernel.dequantize_q41(blocks[name], k_of[name]), m.weight)
+        modules = {name: layer.get_submodule(name) for name in MATRICES}
+        if not all(torch.equal(rowkernel.dequantize_q41(blocks[name], m.weight.shape[1]), m.weight)
                    for name, m in modules.items()):
             log.warning("layer %d: the GGUF file's blocks are not this model's weights; it keeps float32", index)
             continue
