@@ -108,6 +108,9 @@ def cloud_worker(
     cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="On a GPU, run decode passes as CUDA graphs "
                                               "captured between the attentions: the same tokens, fewer kernel "
                                               "launches.")] = False,
+    head_blocks: Annotated[bool, typer.Option("--head-blocks", help="Read the head from a GGUF file's Q8_0 "
+                                              "blocks (the same tokens): a lone session's step about 19% "
+                                              "cheaper, batches of eight no cheaper.")] = False,
     max_sessions: Annotated[int, typer.Option(help="KV caches held at once.")] = 64,
     session_ttl: Annotated[float, typer.Option(help="Seconds an idle session is kept (the broker drops its "
                                                "record after its own --session-idle, 300 s by default).")] = 360.0,
@@ -146,7 +149,7 @@ def cloud_worker(
         config = CloudWorkerConfig(
             broker=broker or default_broker(), model=model, keys_dir=keys_dir if has_key else None,
             key_name=key_name, encryption=not no_encryption, allow_plaintext=allow_plaintext, device=device,
-            dtype=dtype, cuda_graphs=cuda_graphs, max_sessions=max_sessions, max_batch=max_batch,
+            dtype=dtype, cuda_graphs=cuda_graphs, head_blocks=head_blocks, max_sessions=max_sessions, max_batch=max_batch,
             batch_wait_s=batch_wait_ms / 1e3,
             max_cache_mb=max_cache_mb, prefix_cache_mb=prefix_cache_mb,
             session_idle_ttl_s=session_ttl, max_session_tokens=max_tokens, torch_threads=threads,

@@ -171,7 +171,8 @@ class CloudWorker:
         log.info("loading %s on %s in %s, then measuring its speed", config.model, self.device, dtype)
         self.source = resolve_model(config.model)
         self.segment = ModelSegment.load(
-            self.source, 0, self.source.n_layers, embed=False, head=True, dtype=dtype, device=self.device
+            self.source, 0, self.source.n_layers, embed=False, head=True, dtype=dtype, device=self.device,
+            head_blocks=config.head_blocks,
         )
         if config.cuda_graphs:
             if self.device.type != "cuda":

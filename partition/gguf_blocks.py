@@ -15,11 +15,14 @@ segment's own float32 weights: a file that does not match (or a model the user c
 which has no file) keeps the float32 path.
 
 The head (SmolLM2's is tied to the token embedding, Q8_0 in the file: per 32 weights a scale d
-and 32 int8 q, a weight d * q) can be read the same way (``head_blocks``; ``rowkernel.linear_q80``),
-with ``EDGECLOUD_GGUF_HEAD=on``: a decode step then takes 8.0 instead of 10.7 ms. Not yet by
-default: a worker's step gets so cheap that its fixed cost per step (Python, sealing, the socket)
-dominates, and eight sessions at once then save less than the issue's 3x of worker CPU per token
-over one after another (2.81-2.87x, BENCHMARKS.md). Cutting that fixed cost comes first.
+and 32 int8 q, a weight d * q) is read the same way (``head_blocks``; ``rowkernel.linear_q80``):
+a lone decode step then takes 8.25 instead of 10.75 ms. A segment asks for it (``head=True``, the
+default of ``ModelSegment.load``); a cloud worker does not unless ``--head-blocks``: at eight
+sessions a pass is bound by the multiply-adds, not the bytes, and the head's blocks save nothing
+there (5.8 ms of worker CPU per token either way), while the lone session's token gets 19%
+cheaper, so that eight sessions at once save less than the issue's 3x of worker CPU per token
+over one after another (2.81-2.87x, BENCHMARKS.md). ``EDGECLOUD_GGUF_HEAD=on`` or ``off``
+overrides both.
 
 ``EDGECLOUD_GGUF_BLOCKS=off`` turns it off (to compare: ``bench/bench_openmp.py --settings bound f32``).
 """
@@ -40,7 +43,7 @@ from partition import rowkernel
 log = logging.getLogger(__name__)
 
 SWITCH = "EDGECLOUD_GGUF_BLOCKS"
-HEAD_SWITCH = "EDGECLOUD_GGUF_HEAD"  # "on": the head's Q8_0 blocks too
+HEAD_SWITCH = "EDGECLOUD_GGUF_HEAD"  # "on" or "off": the head's Q8_0 blocks whatever the segment asked
 # Our (transformers') name of each layer matrix, and GGUF's.
 MATRICES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -49,6 +52,13 @@ MATRICES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_at
 
 def enabled() -> bool:
     return os.environ.get(SWITCH, "").lower() not in ("off", "0", "no")
+
+
+def head_enabled(asked: bool) -> bool:
+    """Whether a segment's head reads the file's blocks: ``asked``, unless ``EDGECLOUD_GGUF_HEAD``
+    says on or off."""
+    said = os.environ.get(HEAD_SWITCH, "").lower()
+    return True if said in ("on", "1", "yes") else False if said in ("off", "0", "no") else asked
 
 
 @functools.lru_cache(maxsize=4)
@@ -86,11 +96,11 @@ def head_blocks(path: Path, n: int, k: int) -> torch.Tensor | None:
     return rowkernel.repack_q80(torch.from_numpy(np.asarray(t.data).reshape(n, -1).copy()), k)
 
 
-def attach(segment: Any) -> int:
+def attach(segment: Any, head: bool = True) -> int:
     """Give each of ``segment``'s layers whose blocks match its float32 weights exactly the
     blocks of its fused products (``q41`` on ``packed_qkv``, ``o_proj``, ``packed_gate_up`` and
-    ``down_proj``, which ``batching.fused_weights`` then passes to the kernel). Returns how many
-    layers got them."""
+    ``down_proj``, which ``batching.fused_weights`` then passes to the kernel), and its head its
+    blocks where ``head_enabled(head)``. Returns how many layers got them."""
     source = segment.source
     if (not enabled() or source.gguf is None or source.module is not None or not segment.packable
             or segment.device.type != "cpu" or segment.dtype != torch.float32 or rowkernel.kernel() is None):
@@ -113,12 +123,12 @@ def attach(segment: Any) -> int:
         layer.packed_gate_up.q41 = torch.cat([blocks["mlp.gate_proj"], blocks["mlp.up_proj"]])
         mlp.down_proj.q41 = blocks["mlp.down_proj"]
         done += 1
-    head = segment.lm_head
-    if head is not None and os.environ.get(HEAD_SWITCH, "").lower() in ("on", "1", "yes"):
-        n, k = head.weight.shape
+    lm_head = segment.lm_head
+    if lm_head is not None and head_enabled(head):
+        n, k = lm_head.weight.shape
         blocks = head_blocks(Path(source.gguf), n, k)
-        if blocks is not None and torch.equal(rowkernel.dequantize_q80(blocks, k), head.weight):
-            head.q80 = blocks  # batching.packed_linear reads it
+        if blocks is not None and torch.equal(rowkernel.dequantize_q80(blocks, k), lm_head.weight):
+            lm_head.q80 = blocks  # batching.packed_linear reads it
         elif blocks is not None:
             log.warning("the GGUF file's head is not this model's; it keeps float32")
     return done

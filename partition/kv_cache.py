@@ -35,6 +35,7 @@ class SegmentKVCache:
 
     def __init__(self, max_length_tokens: int | None = None) -> None:
         self._layers: dict[int, _LayerStore] = {}
+        self._nbytes: int | None = 0  # what the stores hold, counted again after one is allocated or grown
         self._length = 0
         self.max_length_tokens = max_length_tokens
 
@@ -58,6 +59,7 @@ class SegmentKVCache:
         if store is None:
             store = self._allocate(key_states, value_states, t_new)
             self._layers[layer_idx] = store
+            self._nbytes = None
         start = store.length
         needed = start + t_new
         if self.max_length_tokens is not None and needed > self.max_length_tokens:
@@ -67,6 +69,7 @@ class SegmentKVCache:
         if needed > store.keys.shape[-2]:
             store.keys = _grow(store.keys, needed)
             store.values = _grow(store.values, needed)
+            self._nbytes = None
         store.length = needed
         return store, start
 
@@ -119,6 +122,7 @@ class SegmentKVCache:
                                 s.values[..., : s.length, :].repeat(batch, 1, 1, 1))
             store.length = s.length
             out._layers[idx] = store
+        out._nbytes = None
         return out
 
     def row(self, index: int) -> SegmentKVCache:
@@ -133,10 +137,15 @@ class SegmentKVCache:
                                 s.values[index : index + 1, ..., : s.length, :].clone())
             store.length = s.length
             out._layers[idx] = store
+        out._nbytes = None
         return out
 
     def nbytes(self) -> int:
-        return sum(s.keys.nelement() * s.keys.element_size() * 2 for s in self._layers.values())
+        """Bytes its stores hold (allocated, not just filled). Asked by a worker every pass for
+        every session: counted once per allocation."""
+        if self._nbytes is None:
+            self._nbytes = sum(s.keys.nelement() * s.keys.element_size() * 2 for s in self._layers.values())
+        return self._nbytes
 
     def capacity(self) -> int:
         """Positions its storage holds before it grows (0 before the first update)."""

@@ -99,7 +99,8 @@ def _mask(tree: DraftTree | None, t_new: int, past: int, dtype: torch.dtype, dev
 class ModelSegment(nn.Module):
     """Layers ``[lo, hi)`` of a causal LM; optionally the embedding in front and the head behind."""
 
-    def __init__(self, source: ModelSource, spec: SegmentSpec, dtype: torch.dtype, device: torch.device):
+    def __init__(self, source: ModelSource, spec: SegmentSpec, dtype: torch.dtype, device: torch.device,
+                 head_blocks: bool = True):
         super().__init__()
         n = source.n_layers
         if not 0 <= spec.lo <= spec.hi <= n:
@@ -145,7 +146,7 @@ class ModelSegment(nn.Module):
                 # compile would hold up its heartbeats.
                 rowkernel.kernel()
                 # A GGUF model's layers read in the file's own blocks: the same numbers, a fifth of the bytes.
-                self.gguf_block_layers = gguf_blocks.attach(self)
+                self.gguf_block_layers = gguf_blocks.attach(self, head=head_blocks)
         if self.runner.rotary is not None:
             self.runner.rotary.to(self.device)
         self.eval()
@@ -162,13 +163,15 @@ class ModelSegment(nn.Module):
         head: bool | None = None,
         dtype: torch.dtype | None = None,
         device: str | torch.device = "cpu",
+        head_blocks: bool = True,
     ) -> ModelSegment:
         """Segment ``[lo, hi)``; by default it embeds iff ``lo == 0`` and has the head iff ``hi == N``,
-        and computes in the source's dtype (a model object's own, else float32)."""
+        and computes in the source's dtype (a model object's own, else float32). ``head_blocks``:
+        whether the head reads the GGUF file's Q8_0 blocks where it can (``gguf_blocks.attach``)."""
         dtype = source.dtype if dtype is None else dtype
         embed = (lo == 0) if embed is None else embed
         head = (hi == source.n_layers) if head is None else head
-        return cls(source, SegmentSpec(lo, hi, embed, head), dtype, torch.device(device))
+        return cls(source, SegmentSpec(lo, hi, embed, head), dtype, torch.device(device), head_blocks)
 
     def _load(self, wanted: dict[str, nn.Module]) -> None:
         store = self.source.weights

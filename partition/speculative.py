@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from partition.sampling import SamplingParams, choose_token, probabilities, processed_logits
+from partition.sampling import SamplingParams, choose_token, greedy_token, probabilities
 from partition.sampling_params import MAX_DRAFT_TOKENS
 from partition.tree import DraftTree
 
@@ -40,7 +40,7 @@ def _check_draft(row: torch.Tensor, draft: int, params: SamplingParams, step: in
                  seen: Sequence[int]) -> int | None:
     """None when the main model keeps ``draft`` at generation index ``step``, else its token there."""
     if params.greedy:
-        best = int(torch.argmax(processed_logits(row, params, seen)))
+        best = greedy_token(row, params, seen)
         return None if best == draft else best
     p = probabilities(row, params, seen)
     u = float(torch.rand((), generator=_generator(params, step, 1)))
@@ -99,7 +99,7 @@ def verify_tree(logits: torch.Tensor, tree: DraftTree, params: SamplingParams, s
         row, depth = path[-1], len(path) - 1
         kids = children.get(row, [])
         if params.greedy:
-            best = int(torch.argmax(processed_logits(logits[row], params, history)))
+            best = greedy_token(logits[row], params, history)
             nxt = next((c for c in kids if tree.tokens[c - 1] == best), None)
             if nxt is None:
                 return path, best

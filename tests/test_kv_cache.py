@@ -55,6 +55,23 @@ def test_cache_grows_past_its_first_allocation():
     torch.testing.assert_close(keys, torch.cat([k, more], dim=2))
 
 
+def test_nbytes_follows_every_allocation_and_growth():
+    def held(cache: SegmentKVCache) -> int:
+        return sum(s.keys.nelement() * s.keys.element_size() * 2 for s in cache._layers.values())
+
+    cache = SegmentKVCache()
+    assert cache.nbytes() == 0
+    for layer, t in ((0, 10), (1, 10), (0, 300), (1, 300), (0, 1)):
+        kv = torch.randn(1, 2, t, 8)
+        cache.update(kv, kv, layer_idx=layer)
+        assert cache.nbytes() == held(cache) > 0
+    cache.advance(311)
+    cache.crop(5)
+    assert cache.nbytes() == held(cache), "a crop keeps the storage"
+    wide = cache.repeated(3)
+    assert wide.nbytes() == held(wide) and wide.row(2).nbytes() == held(wide.row(2))
+
+
 def test_cache_refuses_to_grow_past_its_limit():
     cache = SegmentKVCache(max_length_tokens=8)
     cache.update(torch.zeros(1, 1, 8, 4), torch.zeros(1, 1, 8, 4), layer_idx=0)

@@ -83,15 +83,21 @@ def test_smollm2s_segments_read_the_gguf_blocks_and_compute_the_same_bits(smollm
     from partition.segment import ModelSegment
 
     ids = torch.tensor([[1, 504, 2365, 28, 253, 1789, 314]])
-    monkeypatch.setenv("EDGECLOUD_GGUF_HEAD", "on")
+    monkeypatch.delenv("EDGECLOUD_GGUF_HEAD", raising=False)
     whole = ModelSegment.load(smollm2, 0, smollm2.n_layers)
     edge, cloud = ModelSegment.load(smollm2, 0, 15), ModelSegment.load(smollm2, 15, smollm2.n_layers, embed=False)
     assert (whole.gguf_block_layers, edge.gguf_block_layers, cloud.gguf_block_layers) == (30, 15, 15)
-    # The head, tied to the embedding: Q8_0 in the file (the edge's layers have none).
+    # The head, tied to the embedding: Q8_0 in the file (the edge's layers have none), read by
+    # default; a segment that does not ask for it (a worker without --head-blocks) keeps float32.
     assert whole.lm_head.q80 is not None and cloud.lm_head.q80 is not None and edge.lm_head is None
-    monkeypatch.delenv("EDGECLOUD_GGUF_HEAD")
-    layers_only = ModelSegment.load(smollm2, 0, smollm2.n_layers)
+    layers_only = ModelSegment.load(smollm2, 0, smollm2.n_layers, head_blocks=False)
     assert layers_only.gguf_block_layers == 30 and getattr(layers_only.lm_head, "q80", None) is None
+    # EDGECLOUD_GGUF_HEAD overrides what the segment asked, either way.
+    monkeypatch.setenv("EDGECLOUD_GGUF_HEAD", "on")
+    assert ModelSegment.load(smollm2, 29, smollm2.n_layers, embed=False, head_blocks=False).lm_head.q80 is not None
+    monkeypatch.setenv("EDGECLOUD_GGUF_HEAD", "off")
+    assert getattr(ModelSegment.load(smollm2, 29, smollm2.n_layers, embed=False).lm_head, "q80", None) is None
+    monkeypatch.delenv("EDGECLOUD_GGUF_HEAD")
     monkeypatch.setenv("EDGECLOUD_GGUF_BLOCKS", "off")
     plain = ModelSegment.load(smollm2, 0, smollm2.n_layers)
     assert plain.gguf_block_layers == 0
@@ -136,3 +142,19 @@ def test_models_without_a_gguf_file_or_handed_over_in_memory_keep_float32(tiny_l
     assert tiny.gguf_block_layers == 0 and getattr(tiny.lm_head, "q80", None) is None
     # The user's own object: its weights may differ from any file, so they are what runs.
     assert ModelSegment.load(source_of(smollm2_hf), 0, 2).gguf_block_layers == 0
+
+
+@pytest.mark.real_model
+def test_a_worker_reads_the_heads_blocks_only_when_asked(smollm2, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from cloud_worker.config import CloudWorkerConfig
+    from cloud_worker.worker import CloudWorker
+
+    monkeypatch.delenv("EDGECLOUD_GGUF_HEAD", raising=False)
+    plain = CloudWorker(CloudWorkerConfig(model="smollm2-135m", encryption=False))
+    asked = CloudWorker(CloudWorkerConfig(model="smollm2-135m", encryption=False, head_blocks=True))
+    assert plain.segment.gguf_block_layers == asked.segment.gguf_block_layers == 30
+    assert getattr(plain.segment.lm_head, "q80", None) is None and asked.segment.lm_head.q80 is not None
+    assert "--head-blocks" in CliRunner().invoke(app, ["cloud-worker", "--help"], terminal_width=200).output

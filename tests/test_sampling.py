@@ -10,7 +10,7 @@ import torch
 from edge_worker.backends import LocalBackend
 from edge_worker.generation import EdgeGenerator
 from edge_worker.mini_llm import MiniLLMHandler
-from partition.sampling import SamplingParams, choose_token, probabilities, processed_logits
+from partition.sampling import SamplingParams, choose_token, greedy_token, probabilities, processed_logits
 from partition.segment import ModelSegment
 from partition.speculative import verify_drafts
 from partition.tokens import eos_token_ids
@@ -29,6 +29,19 @@ def test_the_penalty_makes_a_generated_token_less_likely_on_either_sign():
     assert choose_token(logits, PENALISED, 0, seen=[0]) == 1, "the repeated top token loses to the next"
     assert choose_token(logits, PENALISED, 0) == 0, "nothing generated yet: nothing penalised"
     assert choose_token(logits, SamplingParams(), 0, seen=[0]) == 0, "no penalty: seen is ignored"
+
+
+def test_the_greedy_token_is_torchs_argmax_the_first_of_equals_on_any_dtype():
+    gen = torch.Generator().manual_seed(3)
+    with torch.inference_mode():
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for _ in range(20):
+                row = torch.randn(49152, generator=gen).to(dtype)
+                assert greedy_token(row, SamplingParams()) == int(torch.argmax(row.float()))
+    tied = torch.tensor([1.0, 5.0, 2.0, 5.0, 5.0])
+    assert greedy_token(tied, SamplingParams()) == int(torch.argmax(tied)) == 1
+    assert greedy_token(tied, PENALISED, seen=[1]) == 3, "the penalised first maximum loses to the next equal one"
+    assert greedy_token(torch.tensor([0.0, float("nan"), 9.0]), SamplingParams()) == 1, "a NaN wins, as in torch"
 
 
 def test_min_p_keeps_the_tokens_within_a_fraction_of_the_most_likely():
