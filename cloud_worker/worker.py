@@ -174,6 +174,9 @@ class CloudWorker:
             self.source, 0, self.source.n_layers, embed=False, head=True, dtype=dtype, device=self.device,
             head_blocks=config.head_blocks,
         )
+        if config.head_blocks and getattr(self.segment.lm_head, "q80", None) is None:
+            log.warning("--head-blocks: %s has no head in Q8_0 blocks this worker can read (a GGUF file's, on a "
+                        "CPU in float32, with the row kernel); the head stays as loaded", config.model)
         if config.cuda_graphs:
             if self.device.type != "cuda":
                 raise ValueError(f"--cuda-graphs needs the worker on a GPU; torch put it on {self.device}")

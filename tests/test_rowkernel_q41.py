@@ -158,3 +158,13 @@ def test_a_worker_reads_the_heads_blocks_only_when_asked(smollm2, monkeypatch):
     assert plain.segment.gguf_block_layers == asked.segment.gguf_block_layers == 30
     assert getattr(plain.segment.lm_head, "q80", None) is None and asked.segment.lm_head.q80 is not None
     assert "--head-blocks" in CliRunner().invoke(app, ["cloud-worker", "--help"], terminal_width=200).output
+
+
+def test_a_worker_asked_for_head_blocks_it_cannot_read_says_so(tiny_llama, caplog):
+    from cloud_worker.config import CloudWorkerConfig
+    from cloud_worker.worker import CloudWorker
+
+    with caplog.at_level("WARNING", logger="cloud_worker.worker"):
+        worker = CloudWorker(CloudWorkerConfig(model="tiny-llama", encryption=False, head_blocks=True))
+    assert getattr(worker.segment.lm_head, "q80", None) is None
+    assert any("--head-blocks" in r.getMessage() and "stays as loaded" in r.getMessage() for r in caplog.records)
