@@ -19,7 +19,10 @@ pass cheaper.
 the head; eight sessions of 40 positions): process CPU ms per token with 1, 2 and 8 one-token
 steps in the pass, the head on float32 against the head on the file's Q8_0 blocks, alternated.
 
-    .venv/bin/python bench/bench_q41.py [--reps 15] [--rows 1 2 8 16] [--peak] [--passes] [--json]
+``--compare-with REV`` also builds ``partition/data/rowdot.c`` as of git revision REV (same
+compiler and flags) and times its Q4_1 products beside today's, alternated, on the same blocks.
+
+    .venv/bin/python bench/bench_q41.py [--reps 15] [--rows 1 2 8 16] [--peak] [--passes] [--compare-with REV] [--json]
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ def main() -> None:
     ap.add_argument("--peak", action="store_true", help="and the share of the machine's peak multiply-add rate")
     ap.add_argument("--passes", action="store_true", help="time a worker's whole pass instead, head float32 "
                     "against Q8_0")
+    ap.add_argument("--compare-with", metavar="REV", help="and the Q4_1 products of the kernel at this git revision")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.passes:
@@ -70,10 +74,15 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     xs = {k: torch.randn(max(args.rows), k, generator=gen) for k in (576, 1536)}
 
-    def one_pass(rows: int, quantized: bool) -> tuple[float, list]:
+    older = kernel_at(args.compare_with) if args.compare_with else None
+
+    def one_pass(rows: int, quantized: bool, fn=None) -> tuple[float, list]:
         outs = []
         t0 = time.perf_counter()
-        if quantized:
+        if fn is not None:  # the Q4_1 products of the kernel at --compare-with
+            for blocks, k in q41:
+                outs.append(rowkernel._call(fn, xs[k][:rows], blocks))
+        elif quantized:
             for blocks, k in q41:
                 outs.append(rowkernel.linear_q41(xs[k][:rows], blocks))
         else:
@@ -86,16 +95,22 @@ def main() -> None:
     macs = sum(w.numel() for w in f32)  # multiply-adds per row of a pass
     results = []
     for rows in args.rows:
-        a, b = [], []
+        a, b, c = [], [], []
         for _ in range(args.reps):
             ms, out_a = one_pass(rows, False)
             a.append(ms)
+            if older is not None:
+                ms, out_c = one_pass(rows, True, older)
+                c.append(ms)
             ms, out_b = one_pass(rows, True)
             b.append(ms)
         same = all(torch.equal(x, y) for x, y in zip(out_a, out_b, strict=True))
         results.append({"rows": rows, "float32_ms": round(statistics.median(a), 2),
                         "q4_1_ms": round(statistics.median(b), 2),
                         "speedup": round(statistics.median(a) / statistics.median(b), 2), "identical": same})
+        if older is not None:
+            results[-1].update(q4_1_at_rev_ms=round(statistics.median(c), 2),
+                               identical_to_rev=all(torch.equal(x, y) for x, y in zip(out_c, out_b, strict=True)))
         if peak:
             for name in ("float32", "q4_1"):
                 rate = rows * macs / results[-1][f"{name}_ms"] / 1e6  # G multiply-adds/s
@@ -110,6 +125,9 @@ def main() -> None:
     print(f"{'rows':>5} {'float32 ms':>11} {'Q4_1 ms':>8} {'speed-up':>9} {'identical':>10}")
     for r in results:
         share = f"  of peak: float32 {r['float32_of_peak']:.2f}, Q4_1 {r['q4_1_of_peak']:.2f}" if peak else ""
+        if older is not None:
+            share += (f"  Q4_1 at {args.compare_with}: {r['q4_1_at_rev_ms']:.2f} ms, now "
+                      f"{r['q4_1_at_rev_ms'] / r['q4_1_ms']:.2f}x faster, same bits: {r['identical_to_rev']}")
         print(f"{r['rows']:>5} {r['float32_ms']:>11.2f} {r['q4_1_ms']:>8.2f} {r['speedup']:>8.2f}x "
               f"{str(r['identical']):>10}{share}")
 
@@ -150,6 +168,28 @@ int main(int argc, char **argv) {
     return 0;
 }
 """
+
+
+def kernel_at(rev: str):
+    """``rowdot_q41`` of ``partition/data/rowdot.c`` as of git revision ``rev``, built with the row
+    kernel's compiler and flags (a ctypes function taking what ``rowkernel._call`` passes)."""
+    import ctypes
+    import subprocess
+    import tempfile
+
+    from partition import rowkernel
+
+    root = Path(__file__).resolve().parent.parent
+    source = subprocess.run(["git", "show", f"{rev}:partition/data/rowdot.c"], cwd=root, check=True,
+                            capture_output=True, text=True).stdout
+    tmp = Path(tempfile.mkdtemp(prefix="rowdot-"))
+    (tmp / "rowdot.c").write_text(source)
+    subprocess.run([rowkernel._compiler(), *rowkernel._flags(), str(tmp / "rowdot.c"), "-o", str(tmp / "rowdot.so")],
+                   check=True, capture_output=True, timeout=120)
+    fn = ctypes.CDLL(str(tmp / "rowdot.so")).rowdot_q41
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int]
+    return fn
 
 
 def peak_gmacs(threads: int) -> float:
