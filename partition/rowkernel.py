@@ -94,7 +94,7 @@ def _self_test(fn) -> None:
         x = torch.randn(17, k, generator=gen)
         out = _call(fn, x, w)
         torch.testing.assert_close(out, torch.nn.functional.linear(x, w), rtol=1e-4, atol=1e-4)
-        for rows in (1, 2, 5, 17):
+        for rows in (1, 2, 5, 7, 17):
             if not torch.equal(_call(fn, x[rows - 1:rows], w)[0], out[rows - 1]):
                 raise RuntimeError(f"row {rows - 1} differs between a call of {rows} rows and one of 17")
 
@@ -108,7 +108,7 @@ def _self_test_i8(fn) -> None:
         x = torch.randn(17, k, generator=gen)
         out = _call_i8(fn, x, q, scale)
         torch.testing.assert_close(out, torch.nn.functional.linear(x, q.float()) * scale, rtol=1e-4, atol=1e-4)
-        for rows in (1, 2, 5, 17):
+        for rows in (1, 2, 5, 7, 17):
             if not torch.equal(_call_i8(fn, x[rows - 1:rows], q, scale)[0], out[rows - 1]):
                 raise RuntimeError(f"int8: row {rows - 1} differs between a call of {rows} rows and one of 17")
 

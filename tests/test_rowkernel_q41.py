@@ -22,7 +22,7 @@ def test_q41_products_are_the_float32_kernels_on_the_dequantized_weights(n, k):
     x = torch.randn(17, k, generator=gen)
     together = rowkernel.linear_q41(x, blocks)
     assert torch.equal(together, rowkernel.linear(x, weights))
-    for rows in (1, 2, 3, 6, 8, 16):  # every block shape of the kernel, and each row alone
+    for rows in (1, 2, 3, 5, 6, 7, 8, 15, 16):  # every block shape (and padding) of the kernel, each row alone
         assert torch.equal(rowkernel.linear_q41(x[:rows], blocks), together[:rows])
     torch.testing.assert_close(together, x @ weights.T, rtol=1e-4, atol=1e-4)
 
@@ -35,7 +35,7 @@ def test_q80_products_are_the_float32_kernels_on_the_dequantized_weights(n, k):
     x = torch.randn(9, k, generator=gen)
     together = rowkernel.linear_q80(x, blocks)
     assert torch.equal(together, rowkernel.linear(x, weights))
-    for rows in (1, 2, 3, 8):
+    for rows in (1, 2, 3, 7, 8):
         assert torch.equal(rowkernel.linear_q80(x[:rows], blocks), together[:rows])
 
 
