@@ -5,12 +5,13 @@
    R, N, the block it falls in or the thread count: lane i of one vector accumulator takes the
    terms k = i mod LANES in increasing k (fused multiply-adds), the lanes are then added in a fixed
    tree, and the last K mod LANES terms one by one. The blocks (six or eight rows, RB rows, two
-   rows, one row, by four or two weight rows, and one by one) only decide which products share a load, so a row's result does not
-   depend on what else is in the call: batching cannot change it. Built with -ffp-contract=off so
+   rows, one row, by four or two weight rows, and one by one; rows padded with zeros to fill a
+   block) only decide which products share a load, so a row's result does not depend on what
+   else is in the call: batching cannot change it. Built with -ffp-contract=off so
    that the compiler fuses nothing the source does not. Each block's first pass over its weights
    also fetches the next block's into the cache, so streaming them overlaps the arithmetic (the
-   products are bound by memory alone, by arithmetic at eight rows). With AVX-512 the vectors hold 16 lanes,
-   else 8 (AVX2): one machine always computes one way. */
+   products are bound by memory alone, by arithmetic and loads at eight rows). With AVX-512 the
+   vectors hold 16 lanes, else 8 (AVX2): one machine always computes one way. */
 #include <immintrin.h>
 #include <stdlib.h>
 #include <string.h>
@@ -122,6 +123,38 @@ static inline __attribute__((always_inline)) float weight(const char *w, long k,
     return mode == I8 ? (float)((const signed char *)w)[k] : ((const float *)w)[k];
 }
 
+/* One x vector into a register, for all the multiply-adds that use it. Left to itself, GCC folded
+   the load into each multiply-add of the eight-row block (the same vector loaded again for the
+   second weight row): sixteen loads per sixteen multiply-adds bound that loop. The empty asm only
+   hides where the vector came from. */
+static inline __attribute__((always_inline)) vec xload(const float *p) {
+    vec v = VLOAD(p);
+#ifdef __AVX512F__
+    __asm__("" : "+v"(v));
+#else
+    __asm__("" : "+x"(v));
+#endif
+    return v;
+}
+
+#ifdef __AVX512F__
+/* A Q4_1 block's two vectors at once (AVX-512: 32 weights, two vectors of 16): its d, m and q
+   bytes loaded once for both, and no branch on which half a vector is. The same operations per
+   weight as q41_load, so the same bits. The blocks' loops widen a row's block at its first
+   vector and keep the second for the next turn (PAIRED). */
+static inline __attribute__((always_inline)) void q41_pair(const char *w, long k, vec *u0, vec *u1) {
+    const unsigned char *b = (const unsigned char *)w + (k / Q41_BLOCK) * Q41_BYTES;
+    const vec d = VSET1(((const float *)b)[0]), m = VSET1(((const float *)b)[1]);
+    const __m128i q = _mm_loadu_si128((const __m128i *)(b + 8)), low = _mm_set1_epi8(0x0F);
+    *u0 = VADD(VMUL(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q, low)))), m);
+    *u1 = VADD(VMUL(d, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), low)))), m);
+}
+#define PAIRED(mode) ((mode) == Q41)
+#else
+#define PAIRED(mode) 0
+static inline void q41_pair(const char *w, long k, vec *u0, vec *u1) { (void)w; (void)k; (void)u0; (void)u1; }
+#endif
+
 /* Where weight k of a row starts, in bytes (prefetches). */
 static inline __attribute__((always_inline)) long wbyte(long k, int mode) {
     if (mode == Q80) return (k / Q41_BLOCK) * Q80_BYTES;
@@ -144,7 +177,7 @@ static inline __attribute__((always_inline)) float finish(vec acc, const float *
 
 static inline __attribute__((always_inline)) void rowdot_block(const float *x, const char *w, const float *scale,
                                                                float *y, long R, long K, long N, long b,
-                                                               const int mode) {
+                                                               const int mode, const int many) {
     const int q8 = mode == I8;  /* a scale per weight row */
     const long KV = K - K % LANES;
     const long NB = (N + 3) / 4;
@@ -164,7 +197,7 @@ static inline __attribute__((always_inline)) void rowdot_block(const float *x, c
                ten loads per 24 multiply-adds instead of per 16, for prefills' long frames. Weights
                widened as they load need registers of their own, and with them this block spills:
                those take eight rows at a time (37 rows of Q4_1 in 0.94x the time). */
-            for (; mode == F32 && R >= 16 && r + 6 <= R; r += 6) {
+            for (; many && mode == F32 && R >= 16 && r + 6 <= R; r += 6) {
                 vec acc[6][4];
                 for (int i = 0; i < 6; i++)
                     for (int j = 0; j < 4; j++) acc[i][j] = VZERO();
@@ -174,7 +207,7 @@ static inline __attribute__((always_inline)) void rowdot_block(const float *x, c
                     if (r == 0 && b + 1 < NB && line_starts(k, mode))
                         for (int j = 0; j < 4; j++) _mm_prefetch(wr[j] + 4 * ROW + wbyte(k, mode), _MM_HINT_T0);
                     for (int i = 0; i < 6; i++) {
-                        const vec v = VLOAD(x + (r + i) * K + k);
+                        const vec v = xload(x + (r + i) * K + k);
                         acc[i][0] = VFMA(v, u0, acc[i][0]);
                         acc[i][1] = VFMA(v, u1, acc[i][1]);
                         acc[i][2] = VFMA(v, u2, acc[i][2]);
@@ -190,22 +223,28 @@ static inline __attribute__((always_inline)) void rowdot_block(const float *x, c
             /* Eight rows at a time, two weight rows per pass (16 accumulators): each weight row is
                read once for eight rows, so at eight rows the products stay bound by memory, not by
                a second pass over the block. The sums' order is the same as in any other block. */
-            for (; r + 8 <= R; r += 8) {
+            for (; many && r + 8 <= R; r += 8) {
                 for (int jh = 0; jh < 4; jh += 2) {
-                    vec acc[8][2];
+                    vec acc[8][2], hi0 = VZERO(), hi1 = VZERO();
                     for (int i = 0; i < 8; i++) acc[i][0] = acc[i][1] = VZERO();
                     for (long k = 0; k < KV; k += LANES) {
-                        const vec u0 = wload(wr[jh], k, mode), u1 = wload(wr[jh + 1], k, mode);
+                        vec u0, u1;
+                        if (PAIRED(mode) && k % Q41_BLOCK == 0) {
+                            q41_pair(wr[jh], k, &u0, &hi0);
+                            q41_pair(wr[jh + 1], k, &u1, &hi1);
+                        } else if (PAIRED(mode)) {
+                            u0 = hi0;
+                            u1 = hi1;
+                        } else {
+                            u0 = wload(wr[jh], k, mode);
+                            u1 = wload(wr[jh + 1], k, mode);
+                        }
                         if (r == 0 && b + 1 < NB && line_starts(k, mode)) {
                             _mm_prefetch(wr[jh] + 4 * ROW + wbyte(k, mode), _MM_HINT_T0);
                             _mm_prefetch(wr[jh + 1] + 4 * ROW + wbyte(k, mode), _MM_HINT_T0);
                         }
                         for (int i = 0; i < 8; i++) {
-                            vec v = VLOAD(x + (r + i) * K + k);
-                            /* Loaded once for both weight rows: left to itself, GCC folds the load
-                               into each multiply-add, and sixteen loads per sixteen multiply-adds
-                               bound the loop (eight rows of Q4_1 1.13-1.2x faster this way). */
-                            __asm__("" : "+v"(v));
+                            const vec v = xload(x + (r + i) * K + k);
                             acc[i][0] = VFMA(v, u0, acc[i][0]);
                             acc[i][1] = VFMA(v, u1, acc[i][1]);
                         }
@@ -219,16 +258,21 @@ static inline __attribute__((always_inline)) void rowdot_block(const float *x, c
             }
 #endif
             for (; r + RB <= R; r += RB) {
-                vec acc[RB][4];
+                vec acc[RB][4], hi[4] = {VZERO(), VZERO(), VZERO(), VZERO()};
                 for (int i = 0; i < RB; i++)
                     for (int j = 0; j < 4; j++) acc[i][j] = VZERO();
                 for (long k = 0; k < KV; k += LANES) {
                     vec u[4];
-                    for (int j = 0; j < 4; j++) u[j] = wload(wr[j], k, mode);
+                    if (PAIRED(mode) && k % Q41_BLOCK == 0)
+                        for (int j = 0; j < 4; j++) q41_pair(wr[j], k, &u[j], &hi[j]);
+                    else if (PAIRED(mode))
+                        for (int j = 0; j < 4; j++) u[j] = hi[j];
+                    else
+                        for (int j = 0; j < 4; j++) u[j] = wload(wr[j], k, mode);
                     if (r == 0 && b + 1 < NB && line_starts(k, mode))  /* the next block's weights, a line at a time */
                         for (int j = 0; j < 4; j++) _mm_prefetch(wr[j] + 4 * ROW + wbyte(k, mode), _MM_HINT_T0);
                     for (int i = 0; i < RB; i++) {
-                        vec v = VLOAD(x + (r + i) * K + k);
+                        vec v = xload(x + (r + i) * K + k);
                         for (int j = 0; j < 4; j++) acc[i][j] = VFMA(v, u[j], acc[i][j]);
                     }
                 }
@@ -241,16 +285,21 @@ static inline __attribute__((always_inline)) void rowdot_block(const float *x, c
             /* Two rows (the rest of RB, or a batch of two or three): the weights widened once
                for both, which matters for int8 and Q4_1, whose widening is the work at few rows. */
             for (; r + 2 <= R; r += 2) {
-                vec acc[2][4];
+                vec acc[2][4], hi[4] = {VZERO(), VZERO(), VZERO(), VZERO()};
                 for (int i = 0; i < 2; i++)
                     for (int j = 0; j < 4; j++) acc[i][j] = VZERO();
                 for (long k = 0; k < KV; k += LANES) {
                     vec u[4];
-                    for (int j = 0; j < 4; j++) u[j] = wload(wr[j], k, mode);
+                    if (PAIRED(mode) && k % Q41_BLOCK == 0)
+                        for (int j = 0; j < 4; j++) q41_pair(wr[j], k, &u[j], &hi[j]);
+                    else if (PAIRED(mode))
+                        for (int j = 0; j < 4; j++) u[j] = hi[j];
+                    else
+                        for (int j = 0; j < 4; j++) u[j] = wload(wr[j], k, mode);
                     if (r == 0 && b + 1 < NB && line_starts(k, mode))
                         for (int j = 0; j < 4; j++) _mm_prefetch(wr[j] + 4 * ROW + wbyte(k, mode), _MM_HINT_T0);
                     for (int i = 0; i < 2; i++) {
-                        vec v = VLOAD(x + (r + i) * K + k);
+                        vec v = xload(x + (r + i) * K + k);
                         for (int j = 0; j < 4; j++) acc[i][j] = VFMA(v, u[j], acc[i][j]);
                     }
                 }
@@ -262,11 +311,17 @@ static inline __attribute__((always_inline)) void rowdot_block(const float *x, c
             }
             for (; r < R; r++) {
                 const float *xr = x + r * K;
-                vec acc[4];
+                vec acc[4], hi[4] = {VZERO(), VZERO(), VZERO(), VZERO()};
                 for (int j = 0; j < 4; j++) acc[j] = VZERO();
                 for (long k = 0; k < KV; k += LANES) {
-                    vec v = VLOAD(xr + k);
-                    for (int j = 0; j < 4; j++) acc[j] = VFMA(v, wload(wr[j], k, mode), acc[j]);
+                    vec v = xload(xr + k), u[4];
+                    if (PAIRED(mode) && k % Q41_BLOCK == 0)
+                        for (int j = 0; j < 4; j++) q41_pair(wr[j], k, &u[j], &hi[j]);
+                    else if (PAIRED(mode))
+                        for (int j = 0; j < 4; j++) u[j] = hi[j];
+                    else
+                        for (int j = 0; j < 4; j++) u[j] = wload(wr[j], k, mode);
+                    for (int j = 0; j < 4; j++) acc[j] = VFMA(v, u[j], acc[j]);
                     if (r == 0 && b + 1 < NB && line_starts(k, mode))
                         for (int j = 0; j < 4; j++) _mm_prefetch(wr[j] + 4 * ROW + wbyte(k, mode), _MM_HINT_T0);
                 }
@@ -320,12 +375,24 @@ static void rowdot_parts(const float *x, const char *w, const float *scale, floa
     run(x, w, scale, y, R, K, N, threads);
 }
 
+/* And one per size: fewer than eight rows run without the eight- and six-row blocks' code, so
+   the compiler gives its registers to the blocks that run. */
 #define ROWDOT_ALL(name, MODE)                                                                        \
-    static void name##_rows(const float *x, const char *w, const float *scale, float *y, long R,     \
+    static void name##_few(const float *x, const char *w, const float *scale, float *y, long R,      \
+                           long K, long N, int threads) {                                            \
+        const long NB = (N + 3) / 4;                                                                 \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)")                            \
+        for (long b = 0; b < NB; b++) rowdot_block(x, w, scale, y, R, K, N, b, MODE, 0);             \
+    }                                                                                                \
+    static void name##_many(const float *x, const char *w, const float *scale, float *y, long R,     \
                             long K, long N, int threads) {                                           \
         const long NB = (N + 3) / 4;                                                                 \
         _Pragma("omp parallel for schedule(static) num_threads(threads)")                            \
-        for (long b = 0; b < NB; b++) rowdot_block(x, w, scale, y, R, K, N, b, MODE);                \
+        for (long b = 0; b < NB; b++) rowdot_block(x, w, scale, y, R, K, N, b, MODE, 1);             \
+    }                                                                                                \
+    static void name##_rows(const float *x, const char *w, const float *scale, float *y, long R,     \
+                            long K, long N, int threads) {                                           \
+        (R >= 8 ? name##_many : name##_few)(x, w, scale, y, R, K, N, threads);                       \
     }                                                                                                \
     static void name(const float *x, const char *w, const float *scale, float *y, long R, long K,   \
                      long N, int threads) {                                                          \
