@@ -155,6 +155,17 @@ static inline __attribute__((always_inline)) void q41_pair(const char *w, long k
 static inline void q41_pair(const char *w, long k, vec *u0, vec *u1) { (void)w; (void)k; (void)u0; (void)u1; }
 #endif
 
+/* Weights k .. k + LANES - 1 of the four weight rows wr into u. A Q4_1 block's second vector is
+   widened with its first (PAIRED) and waits in hi for the next turn. */
+static inline __attribute__((always_inline)) void wload4(const char *const *wr, long k, int mode, vec *u, vec *hi) {
+    if (PAIRED(mode) && k % Q41_BLOCK == 0)
+        for (int j = 0; j < 4; j++) q41_pair(wr[j], k, &u[j], &hi[j]);
+    else if (PAIRED(mode))
+        for (int j = 0; j < 4; j++) u[j] = hi[j];
+    else
+        for (int j = 0; j < 4; j++) u[j] = wload(wr[j], k, mode);
+}
+
 /* Where weight k of a row starts, in bytes (prefetches). */
 static inline __attribute__((always_inline)) long wbyte(long k, int mode) {
     if (mode == Q80) return (k / Q41_BLOCK) * Q80_BYTES;
@@ -263,12 +274,7 @@ static inline __attribute__((always_inline)) void rowdot_block(const float *x, c
                     for (int j = 0; j < 4; j++) acc[i][j] = VZERO();
                 for (long k = 0; k < KV; k += LANES) {
                     vec u[4];
-                    if (PAIRED(mode) && k % Q41_BLOCK == 0)
-                        for (int j = 0; j < 4; j++) q41_pair(wr[j], k, &u[j], &hi[j]);
-                    else if (PAIRED(mode))
-                        for (int j = 0; j < 4; j++) u[j] = hi[j];
-                    else
-                        for (int j = 0; j < 4; j++) u[j] = wload(wr[j], k, mode);
+                    wload4(wr, k, mode, u, hi);
                     if (r == 0 && b + 1 < NB && line_starts(k, mode))  /* the next block's weights, a line at a time */
                         for (int j = 0; j < 4; j++) _mm_prefetch(wr[j] + 4 * ROW + wbyte(k, mode), _MM_HINT_T0);
                     for (int i = 0; i < RB; i++) {
@@ -290,12 +296,7 @@ static inline __attribute__((always_inline)) void rowdot_block(const float *x, c
                     for (int j = 0; j < 4; j++) acc[i][j] = VZERO();
                 for (long k = 0; k < KV; k += LANES) {
                     vec u[4];
-                    if (PAIRED(mode) && k % Q41_BLOCK == 0)
-                        for (int j = 0; j < 4; j++) q41_pair(wr[j], k, &u[j], &hi[j]);
-                    else if (PAIRED(mode))
-                        for (int j = 0; j < 4; j++) u[j] = hi[j];
-                    else
-                        for (int j = 0; j < 4; j++) u[j] = wload(wr[j], k, mode);
+                    wload4(wr, k, mode, u, hi);
                     if (r == 0 && b + 1 < NB && line_starts(k, mode))
                         for (int j = 0; j < 4; j++) _mm_prefetch(wr[j] + 4 * ROW + wbyte(k, mode), _MM_HINT_T0);
                     for (int i = 0; i < 2; i++) {
@@ -315,12 +316,7 @@ static inline __attribute__((always_inline)) void rowdot_block(const float *x, c
                 for (int j = 0; j < 4; j++) acc[j] = VZERO();
                 for (long k = 0; k < KV; k += LANES) {
                     vec v = xload(xr + k), u[4];
-                    if (PAIRED(mode) && k % Q41_BLOCK == 0)
-                        for (int j = 0; j < 4; j++) q41_pair(wr[j], k, &u[j], &hi[j]);
-                    else if (PAIRED(mode))
-                        for (int j = 0; j < 4; j++) u[j] = hi[j];
-                    else
-                        for (int j = 0; j < 4; j++) u[j] = wload(wr[j], k, mode);
+                    wload4(wr, k, mode, u, hi);
                     for (int j = 0; j < 4; j++) acc[j] = VFMA(v, u[j], acc[j]);
                     if (r == 0 && b + 1 < NB && line_starts(k, mode))
                         for (int j = 0; j < 4; j++) _mm_prefetch(wr[j] + 4 * ROW + wbyte(k, mode), _MM_HINT_T0);
@@ -377,19 +373,16 @@ static void rowdot_parts(const float *x, const char *w, const float *scale, floa
 
 /* And one per size: fewer than eight rows run without the eight- and six-row blocks' code, so
    the compiler gives its registers to the blocks that run. */
+#define ROWDOT_REGION(fname, MODE, MANY)                                                              \
+    static void fname(const float *x, const char *w, const float *scale, float *y, long R, long K,  \
+                      long N, int threads) {                                                         \
+        const long NB = (N + 3) / 4;                                                                 \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)")                            \
+        for (long b = 0; b < NB; b++) rowdot_block(x, w, scale, y, R, K, N, b, MODE, MANY);          \
+    }
 #define ROWDOT_ALL(name, MODE)                                                                        \
-    static void name##_few(const float *x, const char *w, const float *scale, float *y, long R,      \
-                           long K, long N, int threads) {                                            \
-        const long NB = (N + 3) / 4;                                                                 \
-        _Pragma("omp parallel for schedule(static) num_threads(threads)")                            \
-        for (long b = 0; b < NB; b++) rowdot_block(x, w, scale, y, R, K, N, b, MODE, 0);             \
-    }                                                                                                \
-    static void name##_many(const float *x, const char *w, const float *scale, float *y, long R,     \
-                            long K, long N, int threads) {                                           \
-        const long NB = (N + 3) / 4;                                                                 \
-        _Pragma("omp parallel for schedule(static) num_threads(threads)")                            \
-        for (long b = 0; b < NB; b++) rowdot_block(x, w, scale, y, R, K, N, b, MODE, 1);             \
-    }                                                                                                \
+    ROWDOT_REGION(name##_few, MODE, 0)                                                               \
+    ROWDOT_REGION(name##_many, MODE, 1)                                                              \
     static void name##_rows(const float *x, const char *w, const float *scale, float *y, long R,     \
                             long K, long N, int threads) {                                           \
         (R >= 8 ? name##_many : name##_few)(x, w, scale, y, R, K, N, threads);                       \
