@@ -155,15 +155,16 @@ static inline __attribute__((always_inline)) void q41_pair(const char *w, long k
 static inline void q41_pair(const char *w, long k, vec *u0, vec *u1) { (void)w; (void)k; (void)u0; (void)u1; }
 #endif
 
-/* Weights k .. k + LANES - 1 of the four weight rows wr into u. A Q4_1 block's second vector is
+/* Weights k .. k + LANES - 1 of the n weight rows wr into u. A Q4_1 block's second vector is
    widened with its first (PAIRED) and waits in hi for the next turn. */
-static inline __attribute__((always_inline)) void wload4(const char *const *wr, long k, int mode, vec *u, vec *hi) {
+static inline __attribute__((always_inline)) void wload_rows(const char *const *wr, int n, long k, int mode, vec *u,
+                                                             vec *hi) {
     if (PAIRED(mode) && k % Q41_BLOCK == 0)
-        for (int j = 0; j < 4; j++) q41_pair(wr[j], k, &u[j], &hi[j]);
+        for (int j = 0; j < n; j++) q41_pair(wr[j], k, &u[j], &hi[j]);
     else if (PAIRED(mode))
-        for (int j = 0; j < 4; j++) u[j] = hi[j];
+        for (int j = 0; j < n; j++) u[j] = hi[j];
     else
-        for (int j = 0; j < 4; j++) u[j] = wload(wr[j], k, mode);
+        for (int j = 0; j < n; j++) u[j] = wload(wr[j], k, mode);
 }
 
 /* Where weight k of a row starts, in bytes (prefetches). */
@@ -194,148 +195,137 @@ static inline __attribute__((always_inline)) void rowdot_block(const float *x, c
     const long NB = (N + 3) / 4;
     const long ROW = mode == Q80 ? K / Q41_BLOCK * Q80_BYTES
                    : mode == Q41 ? K / Q41_BLOCK * Q41_BYTES : K * (mode == I8 ? 1 : 4);
-    {
-        const long n0 = b * 4;
-        const long nn = N - n0 < 4 ? N - n0 : 4;
-        const char *w0 = w + n0 * ROW;
-        float sc[4];
-        for (int j = 0; j < 4; j++) sc[j] = q8 && j < nn ? scale[n0 + j] : 1.0f;
-        if (nn == 4) {
-            const char *wr[4] = {w0, w0 + ROW, w0 + 2 * ROW, w0 + 3 * ROW};
-            long r = 0;
+    const long n0 = b * 4;
+    const long nn = N - n0 < 4 ? N - n0 : 4;
+    const char *w0 = w + n0 * ROW;
+    float sc[4];
+    for (int j = 0; j < 4; j++) sc[j] = q8 && j < nn ? scale[n0 + j] : 1.0f;
+    if (nn == 4) {
+        const char *wr[4] = {w0, w0 + ROW, w0 + 2 * ROW, w0 + 3 * ROW};
+        long r = 0;
 #ifdef __AVX512F__
-            /* Six rows by all four weight rows (24 accumulators) where there are many float32 rows:
-               ten loads per 24 multiply-adds instead of per 16, for prefills' long frames. Weights
-               widened as they load need registers of their own, and with them this block spills:
-               those take eight rows at a time (37 rows of Q4_1 in 0.94x the time). */
-            for (; many && mode == F32 && R >= 16 && r + 6 <= R; r += 6) {
-                vec acc[6][4];
-                for (int i = 0; i < 6; i++)
-                    for (int j = 0; j < 4; j++) acc[i][j] = VZERO();
-                for (long k = 0; k < KV; k += LANES) {
-                    const vec u0 = wload(wr[0], k, mode), u1 = wload(wr[1], k, mode);
-                    const vec u2 = wload(wr[2], k, mode), u3 = wload(wr[3], k, mode);
-                    if (r == 0 && b + 1 < NB && line_starts(k, mode))
-                        for (int j = 0; j < 4; j++) _mm_prefetch(wr[j] + 4 * ROW + wbyte(k, mode), _MM_HINT_T0);
-                    for (int i = 0; i < 6; i++) {
-                        const vec v = xload(x + (r + i) * K + k);
-                        acc[i][0] = VFMA(v, u0, acc[i][0]);
-                        acc[i][1] = VFMA(v, u1, acc[i][1]);
-                        acc[i][2] = VFMA(v, u2, acc[i][2]);
-                        acc[i][3] = VFMA(v, u3, acc[i][3]);
-                    }
-                }
-                for (int i = 0; i < 6; i++)
-                    for (int j = 0; j < 4; j++) {
-                        float s = finish(acc[i][j], x + (r + i) * K, wr[j], KV, K, mode);
-                        y[(r + i) * N + n0 + j] = q8 ? sc[j] * s : s;
-                    }
-            }
-            /* Eight rows at a time, two weight rows per pass (16 accumulators): each weight row is
-               read once for eight rows, so at eight rows the products stay bound by memory, not by
-               a second pass over the block. The sums' order is the same as in any other block. */
-            for (; many && r + 8 <= R; r += 8) {
-                for (int jh = 0; jh < 4; jh += 2) {
-                    vec acc[8][2], hi0 = VZERO(), hi1 = VZERO();
-                    for (int i = 0; i < 8; i++) acc[i][0] = acc[i][1] = VZERO();
-                    for (long k = 0; k < KV; k += LANES) {
-                        vec u0, u1;
-                        if (PAIRED(mode) && k % Q41_BLOCK == 0) {
-                            q41_pair(wr[jh], k, &u0, &hi0);
-                            q41_pair(wr[jh + 1], k, &u1, &hi1);
-                        } else if (PAIRED(mode)) {
-                            u0 = hi0;
-                            u1 = hi1;
-                        } else {
-                            u0 = wload(wr[jh], k, mode);
-                            u1 = wload(wr[jh + 1], k, mode);
-                        }
-                        if (r == 0 && b + 1 < NB && line_starts(k, mode)) {
-                            _mm_prefetch(wr[jh] + 4 * ROW + wbyte(k, mode), _MM_HINT_T0);
-                            _mm_prefetch(wr[jh + 1] + 4 * ROW + wbyte(k, mode), _MM_HINT_T0);
-                        }
-                        for (int i = 0; i < 8; i++) {
-                            const vec v = xload(x + (r + i) * K + k);
-                            acc[i][0] = VFMA(v, u0, acc[i][0]);
-                            acc[i][1] = VFMA(v, u1, acc[i][1]);
-                        }
-                    }
-                    for (int i = 0; i < 8; i++)
-                        for (int j = 0; j < 2; j++) {
-                            float s = finish(acc[i][j], x + (r + i) * K, wr[jh + j], KV, K, mode);
-                            y[(r + i) * N + n0 + jh + j] = q8 ? sc[jh + j] * s : s;
-                        }
+        /* Six rows by all four weight rows (24 accumulators) where there are many float32 rows:
+           ten loads per 24 multiply-adds instead of per 16, for prefills' long frames. Weights
+           widened as they load need registers of their own, and with them this block spills:
+           those take eight rows at a time (37 rows of Q4_1 in 0.94x the time). */
+        for (; many && mode == F32 && R >= 16 && r + 6 <= R; r += 6) {
+            vec acc[6][4];
+            for (int i = 0; i < 6; i++)
+                for (int j = 0; j < 4; j++) acc[i][j] = VZERO();
+            for (long k = 0; k < KV; k += LANES) {
+                const vec u0 = wload(wr[0], k, mode), u1 = wload(wr[1], k, mode);
+                const vec u2 = wload(wr[2], k, mode), u3 = wload(wr[3], k, mode);
+                if (r == 0 && b + 1 < NB && line_starts(k, mode))
+                    for (int j = 0; j < 4; j++) _mm_prefetch(wr[j] + 4 * ROW + wbyte(k, mode), _MM_HINT_T0);
+                for (int i = 0; i < 6; i++) {
+                    const vec v = xload(x + (r + i) * K + k);
+                    acc[i][0] = VFMA(v, u0, acc[i][0]);
+                    acc[i][1] = VFMA(v, u1, acc[i][1]);
+                    acc[i][2] = VFMA(v, u2, acc[i][2]);
+                    acc[i][3] = VFMA(v, u3, acc[i][3]);
                 }
             }
-#endif
-            for (; r + RB <= R; r += RB) {
-                vec acc[RB][4], hi[4] = {VZERO(), VZERO(), VZERO(), VZERO()};
-                for (int i = 0; i < RB; i++)
-                    for (int j = 0; j < 4; j++) acc[i][j] = VZERO();
-                for (long k = 0; k < KV; k += LANES) {
-                    vec u[4];
-                    wload4(wr, k, mode, u, hi);
-                    if (r == 0 && b + 1 < NB && line_starts(k, mode))  /* the next block's weights, a line at a time */
-                        for (int j = 0; j < 4; j++) _mm_prefetch(wr[j] + 4 * ROW + wbyte(k, mode), _MM_HINT_T0);
-                    for (int i = 0; i < RB; i++) {
-                        vec v = xload(x + (r + i) * K + k);
-                        for (int j = 0; j < 4; j++) acc[i][j] = VFMA(v, u[j], acc[i][j]);
-                    }
-                }
-                for (int i = 0; i < RB; i++)
-                    for (int j = 0; j < 4; j++) {
-                        float s = finish(acc[i][j], x + (r + i) * K, wr[j], KV, K, mode);
-                        y[(r + i) * N + n0 + j] = q8 ? sc[j] * s : s;
-                    }
-            }
-            /* Two rows (the rest of RB, or a batch of two or three): the weights widened once
-               for both, which matters for int8 and Q4_1, whose widening is the work at few rows. */
-            for (; r + 2 <= R; r += 2) {
-                vec acc[2][4], hi[4] = {VZERO(), VZERO(), VZERO(), VZERO()};
-                for (int i = 0; i < 2; i++)
-                    for (int j = 0; j < 4; j++) acc[i][j] = VZERO();
-                for (long k = 0; k < KV; k += LANES) {
-                    vec u[4];
-                    wload4(wr, k, mode, u, hi);
-                    if (r == 0 && b + 1 < NB && line_starts(k, mode))
-                        for (int j = 0; j < 4; j++) _mm_prefetch(wr[j] + 4 * ROW + wbyte(k, mode), _MM_HINT_T0);
-                    for (int i = 0; i < 2; i++) {
-                        vec v = xload(x + (r + i) * K + k);
-                        for (int j = 0; j < 4; j++) acc[i][j] = VFMA(v, u[j], acc[i][j]);
-                    }
-                }
-                for (int i = 0; i < 2; i++)
-                    for (int j = 0; j < 4; j++) {
-                        float s = finish(acc[i][j], x + (r + i) * K, wr[j], KV, K, mode);
-                        y[(r + i) * N + n0 + j] = q8 ? sc[j] * s : s;
-                    }
-            }
-            for (; r < R; r++) {
-                const float *xr = x + r * K;
-                vec acc[4], hi[4] = {VZERO(), VZERO(), VZERO(), VZERO()};
-                for (int j = 0; j < 4; j++) acc[j] = VZERO();
-                for (long k = 0; k < KV; k += LANES) {
-                    vec v = xload(xr + k), u[4];
-                    wload4(wr, k, mode, u, hi);
-                    for (int j = 0; j < 4; j++) acc[j] = VFMA(v, u[j], acc[j]);
-                    if (r == 0 && b + 1 < NB && line_starts(k, mode))
-                        for (int j = 0; j < 4; j++) _mm_prefetch(wr[j] + 4 * ROW + wbyte(k, mode), _MM_HINT_T0);
-                }
+            for (int i = 0; i < 6; i++)
                 for (int j = 0; j < 4; j++) {
-                    float s = finish(acc[j], xr, wr[j], KV, K, mode);
-                    y[r * N + n0 + j] = q8 ? sc[j] * s : s;
+                    float s = finish(acc[i][j], x + (r + i) * K, wr[j], KV, K, mode);
+                    y[(r + i) * N + n0 + j] = q8 ? sc[j] * s : s;
+                }
+        }
+        /* Eight rows at a time, two weight rows per pass (16 accumulators): each weight row is
+           read once for eight rows, so at eight rows the products stay bound by memory, not by
+           a second pass over the block. The sums' order is the same as in any other block. */
+        for (; many && r + 8 <= R; r += 8) {
+            for (int jh = 0; jh < 4; jh += 2) {
+                vec acc[8][2], hi[2] = {VZERO(), VZERO()};
+                for (int i = 0; i < 8; i++) acc[i][0] = acc[i][1] = VZERO();
+                for (long k = 0; k < KV; k += LANES) {
+                    vec u[2];
+                    wload_rows(wr + jh, 2, k, mode, u, hi);
+                    if (r == 0 && b + 1 < NB && line_starts(k, mode)) {
+                        _mm_prefetch(wr[jh] + 4 * ROW + wbyte(k, mode), _MM_HINT_T0);
+                        _mm_prefetch(wr[jh + 1] + 4 * ROW + wbyte(k, mode), _MM_HINT_T0);
+                    }
+                    for (int i = 0; i < 8; i++) {
+                        const vec v = xload(x + (r + i) * K + k);
+                        acc[i][0] = VFMA(v, u[0], acc[i][0]);
+                        acc[i][1] = VFMA(v, u[1], acc[i][1]);
+                    }
+                }
+                for (int i = 0; i < 8; i++)
+                    for (int j = 0; j < 2; j++) {
+                        float s = finish(acc[i][j], x + (r + i) * K, wr[jh + j], KV, K, mode);
+                        y[(r + i) * N + n0 + jh + j] = q8 ? sc[jh + j] * s : s;
+                    }
+            }
+        }
+#endif
+        for (; r + RB <= R; r += RB) {
+            vec acc[RB][4], hi[4] = {VZERO(), VZERO(), VZERO(), VZERO()};
+            for (int i = 0; i < RB; i++)
+                for (int j = 0; j < 4; j++) acc[i][j] = VZERO();
+            for (long k = 0; k < KV; k += LANES) {
+                vec u[4];
+                wload_rows(wr, 4, k, mode, u, hi);
+                if (r == 0 && b + 1 < NB && line_starts(k, mode))  /* the next block's weights, a line at a time */
+                    for (int j = 0; j < 4; j++) _mm_prefetch(wr[j] + 4 * ROW + wbyte(k, mode), _MM_HINT_T0);
+                for (int i = 0; i < RB; i++) {
+                    vec v = xload(x + (r + i) * K + k);
+                    for (int j = 0; j < 4; j++) acc[i][j] = VFMA(v, u[j], acc[i][j]);
                 }
             }
-        } else {
-            for (long j = 0; j < nn; j++) {
-                const char *wj = w0 + j * ROW;
-                for (long r = 0; r < R; r++) {
-                    const float *xr = x + r * K;
-                    vec a = VZERO();
-                    for (long k = 0; k < KV; k += LANES) a = VFMA(VLOAD(xr + k), wload(wj, k, mode), a);
-                    float s = finish(a, xr, wj, KV, K, mode);
-                    y[r * N + n0 + j] = q8 ? sc[j] * s : s;
+            for (int i = 0; i < RB; i++)
+                for (int j = 0; j < 4; j++) {
+                    float s = finish(acc[i][j], x + (r + i) * K, wr[j], KV, K, mode);
+                    y[(r + i) * N + n0 + j] = q8 ? sc[j] * s : s;
                 }
+        }
+        /* Two rows (the rest of RB, or a batch of two or three): the weights widened once
+           for both, which matters for int8 and Q4_1, whose widening is the work at few rows. */
+        for (; r + 2 <= R; r += 2) {
+            vec acc[2][4], hi[4] = {VZERO(), VZERO(), VZERO(), VZERO()};
+            for (int i = 0; i < 2; i++)
+                for (int j = 0; j < 4; j++) acc[i][j] = VZERO();
+            for (long k = 0; k < KV; k += LANES) {
+                vec u[4];
+                wload_rows(wr, 4, k, mode, u, hi);
+                if (r == 0 && b + 1 < NB && line_starts(k, mode))
+                    for (int j = 0; j < 4; j++) _mm_prefetch(wr[j] + 4 * ROW + wbyte(k, mode), _MM_HINT_T0);
+                for (int i = 0; i < 2; i++) {
+                    vec v = xload(x + (r + i) * K + k);
+                    for (int j = 0; j < 4; j++) acc[i][j] = VFMA(v, u[j], acc[i][j]);
+                }
+            }
+            for (int i = 0; i < 2; i++)
+                for (int j = 0; j < 4; j++) {
+                    float s = finish(acc[i][j], x + (r + i) * K, wr[j], KV, K, mode);
+                    y[(r + i) * N + n0 + j] = q8 ? sc[j] * s : s;
+                }
+        }
+        for (; r < R; r++) {
+            const float *xr = x + r * K;
+            vec acc[4], hi[4] = {VZERO(), VZERO(), VZERO(), VZERO()};
+            for (int j = 0; j < 4; j++) acc[j] = VZERO();
+            for (long k = 0; k < KV; k += LANES) {
+                vec v = xload(xr + k), u[4];
+                wload_rows(wr, 4, k, mode, u, hi);
+                for (int j = 0; j < 4; j++) acc[j] = VFMA(v, u[j], acc[j]);
+                if (r == 0 && b + 1 < NB && line_starts(k, mode))
+                    for (int j = 0; j < 4; j++) _mm_prefetch(wr[j] + 4 * ROW + wbyte(k, mode), _MM_HINT_T0);
+            }
+            for (int j = 0; j < 4; j++) {
+                float s = finish(acc[j], xr, wr[j], KV, K, mode);
+                y[r * N + n0 + j] = q8 ? sc[j] * s : s;
+            }
+        }
+    } else {
+        for (long j = 0; j < nn; j++) {
+            const char *wj = w0 + j * ROW;
+            for (long r = 0; r < R; r++) {
+                const float *xr = x + r * K;
+                vec a = VZERO();
+                for (long k = 0; k < KV; k += LANES) a = VFMA(VLOAD(xr + k), wload(wj, k, mode), a);
+                float s = finish(a, xr, wj, KV, K, mode);
+                y[r * N + n0 + j] = q8 ? sc[j] * s : s;
             }
         }
     }
@@ -348,9 +338,10 @@ static inline __attribute__((always_inline)) void rowdot_block(const float *x, c
    four-, two- and one-row blocks after it widen it three times (seven rows of Q4_1 took 1.35x
    the time of eight; five and six gain nothing padded). A row's sums are the same in every
    block, so padding changes no bit. */
+typedef void (*rows_fn)(const float *, const char *, const float *, float *, long, long, long, int);
+
 static void rowdot_parts(const float *x, const char *w, const float *scale, float *y, long R, long K, long N,
-                         int threads, void (*run)(const float *, const char *, const float *, float *, long, long,
-                                                  long, int)) {
+                         int threads, rows_fn few, rows_fn many) {
 #ifdef __AVX512F__
     const long extra = R % 8 == 7 ? 1 : 0;
     if (extra) {
@@ -358,7 +349,7 @@ static void rowdot_parts(const float *x, const char *w, const float *scale, floa
         float *yp = malloc(sizeof(float) * (size_t)((R + extra) * N));
         if (xp && yp) {
             memcpy(xp, x, sizeof(float) * (size_t)(R * K));
-            run(xp, w, scale, yp, R + extra, K, N, threads);
+            many(xp, w, scale, yp, R + extra, K, N, threads);
             memcpy(y, yp, sizeof(float) * (size_t)(R * N));
             free(xp);
             free(yp);
@@ -368,7 +359,7 @@ static void rowdot_parts(const float *x, const char *w, const float *scale, floa
         free(yp);
     }
 #endif
-    run(x, w, scale, y, R, K, N, threads);
+    (R >= 8 ? many : few)(x, w, scale, y, R, K, N, threads);
 }
 
 /* And one per size: fewer than eight rows run without the eight- and six-row blocks' code, so
@@ -383,13 +374,9 @@ static void rowdot_parts(const float *x, const char *w, const float *scale, floa
 #define ROWDOT_ALL(name, MODE)                                                                        \
     ROWDOT_REGION(name##_few, MODE, 0)                                                               \
     ROWDOT_REGION(name##_many, MODE, 1)                                                              \
-    static void name##_rows(const float *x, const char *w, const float *scale, float *y, long R,     \
-                            long K, long N, int threads) {                                           \
-        (R >= 8 ? name##_many : name##_few)(x, w, scale, y, R, K, N, threads);                       \
-    }                                                                                                \
     static void name(const float *x, const char *w, const float *scale, float *y, long R, long K,   \
                      long N, int threads) {                                                          \
-        rowdot_parts(x, w, scale, y, R, K, N, threads, name##_rows);                                 \
+        rowdot_parts(x, w, scale, y, R, K, N, threads, name##_few, name##_many);                     \
     }
 ROWDOT_ALL(rowdot_f32, F32)
 ROWDOT_ALL(rowdot_int8, I8)
