@@ -12,8 +12,7 @@ both give the same bits.
 ``--peak`` also measures this machine's peak rate of multiply-adds (a loop of independent fused
 multiply-adds in the kernel's vectors, compiled with its compiler and flags, on as many threads)
 and prints the share of it each row count's products reach: at one row the products wait on
-memory, at eight rows they run at the peak, so nothing but fewer multiply-adds makes a batched
-pass cheaper.
+memory; at eight rows on arithmetic and loads (BENCHMARKS.md: "The row kernel's loads").
 
 ``--passes`` times a whole worker's pass instead (SmolLM2's 30 layers on the blocks, attention,
 the head; eight sessions of 40 positions): process CPU ms per token with 1, 2 and 8 one-token
@@ -171,25 +170,17 @@ int main(int argc, char **argv) {
 
 
 def kernel_at(rev: str):
-    """``rowdot_q41`` of ``partition/data/rowdot.c`` as of git revision ``rev``, built with the row
-    kernel's compiler and flags (a ctypes function taking what ``rowkernel._call`` passes)."""
+    """``rowdot_q41`` of ``partition/data/rowdot.c`` as of git revision ``rev``, built and typed
+    as the row kernel builds and types its own (``rowkernel._build``, ``rowkernel.products``)."""
     import ctypes
     import subprocess
-    import tempfile
 
     from partition import rowkernel
 
     root = Path(__file__).resolve().parent.parent
     source = subprocess.run(["git", "show", f"{rev}:partition/data/rowdot.c"], cwd=root, check=True,
                             capture_output=True, text=True).stdout
-    tmp = Path(tempfile.mkdtemp(prefix="rowdot-"))
-    (tmp / "rowdot.c").write_text(source)
-    subprocess.run([rowkernel._compiler(), *rowkernel._flags(), str(tmp / "rowdot.c"), "-o", str(tmp / "rowdot.so")],
-                   check=True, capture_output=True, timeout=120)
-    fn = ctypes.CDLL(str(tmp / "rowdot.so")).rowdot_q41
-    fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int]
-    return fn
+    return rowkernel.products(ctypes.CDLL(str(rowkernel._build(rowkernel._compiler(), source))))[1]
 
 
 def peak_gmacs(threads: int) -> float:

@@ -67,18 +67,22 @@ def _flags() -> list[str]:
     return FLAGS + (WIDE_FLAGS if _capability() == "AVX512" else [])
 
 
-def _build(compiler: str) -> Path:
-    """The shared library for this source, these flags and this compiler, built unless cached."""
+def _build(compiler: str, source: str | None = None) -> Path:
+    """The shared library for this source (``SOURCE``'s text unless given: a bench builds an older
+    one), these flags and this compiler, built unless cached."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     flags = _flags()
-    digest = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, version]).encode()).hexdigest()[:16]
+    text = SOURCE.read_text() if source is None else source
+    digest = hashlib.sha256("\0".join([text, *flags, version]).encode()).hexdigest()[:16]
     target = cache_root() / "kernels" / f"rowdot-{digest}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)],
+        src = Path(tmp) / "rowdot.c"
+        src.write_text(text)
+        done = subprocess.run([compiler, *flags, str(src), "-o", str(built)],
                               capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
@@ -350,6 +354,16 @@ def _call(fn, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def products(lib: ctypes.CDLL) -> tuple:
+    """The library's four products, typed: ``rowdot``, ``rowdot_q41``, ``rowdot_q80`` (x, w, y, R, K,
+    N, threads) and ``rowdot_i8`` (x, w, scale, y, R, K, N, threads)."""
+    fns = lib.rowdot, lib.rowdot_q41, lib.rowdot_q80, lib.rowdot_i8
+    for f, pointers in zip(fns, (3, 3, 3, 4), strict=True):
+        f.restype = None
+        f.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_long] * 3 + [ctypes.c_int]
+    return fns
+
+
 def kernel():
     """The loaded kernel (a ctypes function), or None where it cannot be used here; why is logged
     once and kept in ``reason()``."""
@@ -369,11 +383,7 @@ def kernel():
         else:
             try:
                 lib = ctypes.CDLL(str(_build(compiler)))
-                # x, w, (scale,) y, R, K, N, threads: float32, Q4_1 and Q8_0 weights; int8 with a scale.
-                fn, fq4, fq8, fn8 = lib.rowdot, lib.rowdot_q41, lib.rowdot_q80, lib.rowdot_i8
-                for f, pointers in ((fn, 3), (fq4, 3), (fq8, 3), (fn8, 4)):
-                    f.restype = None
-                    f.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_long] * 3 + [ctypes.c_int]
+                fn, fq4, fq8, fn8 = products(lib)
                 fa = lib.attend
                 fa.restype = ctypes.c_int
                 fa.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_void_p] * 6
