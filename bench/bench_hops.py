@@ -7,7 +7,7 @@ processes on a machine) of every message received and of the start and end of ev
 edge's step frames are then followed through the broker to the worker and back:
 
     edge send call | edge -> broker | broker: Python, send call | broker -> worker | worker compute
-    | worker -> broker | broker: Python, send call | broker -> edge
+    | worker -> broker (its send call shown apart) | broker: Python, send call | broker -> edge
 
 "Python" is the broker's own work on a message (decode, checks, routing, encode) from the return of
 ``recv_message`` to the start of its send. Compare it with the same work back to back:
@@ -34,6 +34,7 @@ from cli.cluster import LocalCluster  # noqa: E402
 
 ENV = "EDGECLOUD_BENCH_HOPS"
 STEP_MIN_BYTES = 1000  # a step frame of SmolLM2 at fp16 is ~1.2 kB; control messages are smaller
+WORKER_SEND = "  its send call"  # within "worker -> broker"
 
 # Runs at start-up in every child process (sitecustomize), only when ENV names an output folder.
 _SITECUSTOMIZE = f'''
@@ -89,6 +90,8 @@ def hops(edge, brk, worker, step_bytes: int = STEP_MIN_BYTES) -> dict[str, list[
         "edge send call", "edge -> broker", "broker Python (request)", "broker send call (request)",
         "broker -> worker", "worker compute and reply", "worker -> broker", "broker Python (reply)",
         "broker send call (reply)", "broker -> edge")}  # fmt: skip
+    chain = list(out)
+    out[WORKER_SEND] = []
     sends = [t for t, k, n in edge if k == "send" and n >= step_bytes]
     for t in sends[3:]:  # skip the first steps (prefill, warm-up)
         t0 = max(x for x, k, _ in edge if k == "send0" and x <= t)
@@ -104,8 +107,13 @@ def hops(edge, brk, worker, step_bytes: int = STEP_MIN_BYTES) -> dict[str, list[
         if not e1:
             continue
         points = [t0, t, b1, b1s, b1e, w1, w2, b2, b2s, b2e, e1]
-        for key, a, b in zip(out, points[:-1], points[1:], strict=True):
+        for key, a, b in zip(chain, points[:-1], points[1:], strict=True):
             out[key].append(b - a)
+        # The worker's send call, within "worker -> broker": the broker may receive the reply
+        # before the call returns, so it is not a hop of its own.
+        w2e = _after(worker, w2, "send")
+        if w2e:
+            out[WORKER_SEND].append(w2e - w2)
     return out
 
 
@@ -139,7 +147,7 @@ def main() -> None:
     steps = hops(by_role["edge"], by_role["broker"], by_role["cloud"], args.step_bytes)
     med = {k: statistics.median(v) * 1e6 for k, v in steps.items() if v}
     n = len(next(iter(steps.values())))
-    total = sum(v for k, v in med.items() if k != "worker compute and reply")
+    total = sum(v for k, v in med.items() if k != "worker compute and reply" and not k.startswith(" "))
     result = {"model": args.model, "split": args.split, "steps": n, "ms_per_token": json.loads(run.stdout)["ms_per_token"],
               "median_us": med, "transport_us_sum_of_medians": total}  # fmt: skip
     if args.json:
