@@ -178,9 +178,7 @@ class CloudWorker:
             log.warning("--head-blocks: %s has no head in Q8_0 blocks this worker can read (a GGUF file's, on a "
                         "CPU in float32, with the row kernel); the head stays as loaded", config.model)
         if config.cuda_graphs:
-            if self.device.type != "cuda":
-                raise ValueError(f"--cuda-graphs needs the worker on a GPU; torch put it on {self.device}")
-            self.segment.use_graphs()
+            self.segment.use_graphs(capture=True)  # a clear error where torch put the layers on no GPU
         self.keypair = None
         if config.encryption and config.keys_dir is not None:
             self.keypair = load_keys(config.keys_dir, "worker", config.key_name)

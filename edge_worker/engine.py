@@ -522,9 +522,7 @@ class EdgeEngine:
             t0 = time.perf_counter()
             seg = ModelSegment.load(self.source, lo, hi, embed=embed, head=head, dtype=self.dtype, device=self.device)
             if self.settings.cuda_graphs:
-                if self.device.type != "cuda":
-                    raise ValueError(f"--cuda-graphs needs the edge's layers on a GPU; they are on {self.device}")
-                seg.use_graphs()
+                seg.use_graphs(capture=True)  # a clear error where torch put the layers on no GPU
             log.info("segment ready: %s, on %s in %s (%.1f s)", seg.describe(), self.device,
                      str(self.dtype).removeprefix("torch."), time.perf_counter() - t0)
             self._segments[(lo, hi, embed, head)] = seg

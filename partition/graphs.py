@@ -89,7 +89,8 @@ class DecodeGraphs:
         if capture is None:
             capture = segment.device.type == "cuda"
         if capture and segment.device.type != "cuda":
-            raise ValueError(f"CUDA graphs need a segment on a CUDA device, this one is on {segment.device}")
+            raise ValueError(f"CUDA graphs (--cuda-graphs) need a segment on a CUDA device, this one is on "
+                             f"{segment.device}")
         if not segment.packable:
             raise ValueError("decode graphs run the Llama architecture's packed layers; this model has none")
         self.segment = segment

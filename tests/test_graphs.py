@@ -129,7 +129,7 @@ def test_the_cpu_row_kernel_keeps_its_own_path(tiny_llama):
 
 def test_capturing_needs_a_cuda_device_and_the_pieces_a_llama(tiny_llama, tiny_gpt2):
     seg = ModelSegment.load(tiny_llama, 0, tiny_llama.n_layers)
-    with pytest.raises(ValueError, match="CUDA graphs need a segment on a CUDA device"):
+    with pytest.raises(ValueError, match=r"CUDA graphs \(--cuda-graphs\) need a segment on a CUDA device"):
         seg.use_graphs(capture=True)
     with pytest.raises(ValueError, match="Llama architecture"):
         ModelSegment.load(tiny_gpt2, 0, 2).use_graphs(capture=False)
@@ -147,8 +147,12 @@ def test_asking_for_cuda_graphs_without_a_gpu_is_a_clear_error(tiny_llama):
     if torch.cuda.is_available():
         pytest.skip("auto picks the GPU here")
     settings = EdgeConfig(model="tiny-llama", force_local=True, device="auto", cuda_graphs=True, max_new_tokens=2)
-    with EdgeEngine("tiny-llama", settings) as engine, pytest.raises(ValueError, match="they are on cpu"):
+    with EdgeEngine("tiny-llama", settings) as engine, pytest.raises(ValueError, match="--cuda-graphs.*is on cpu"):
         engine.generate([5, 6, 7], engine.params())
+    from cloud_worker.worker import CloudWorker
+
+    with pytest.raises(ValueError, match="--cuda-graphs.*is on cpu"):
+        CloudWorker(CloudWorkerConfig(model="tiny-llama", device="auto", cuda_graphs=True, encryption=False))
 
 
 def test_generations_on_several_threads_share_a_segment_and_its_buckets(tiny_llama):
