@@ -18,8 +18,8 @@ a heartbeat during the phase over the sessions it held then.
 
 ``--seed-check`` runs only the check an issue asked for: the seed's ``EdgeCloudManager`` in
 cloud-only mode, eight prompts one after another and then as one batch, the worker's CPU per
-token in each: with the worker's defaults, with the head as loaded instead of on the GGUF
-file's Q8_0 blocks (``--no-head-blocks``), without its prefix cache (``--prefix-cache-mb 0``), and with its row kernel
+token in each: with the worker's defaults, with the head on the GGUF file's blocks
+(``--head-blocks``), without its prefix cache (``--prefix-cache-mb 0``), and with its row kernel
 off (``EDGECLOUD_ROW_KERNEL``; the prefix cache is then off too).
 
 ``--cold-burst`` runs only this: eight chat prompts (one system prompt, eight questions) reaching
@@ -126,14 +126,14 @@ def run_worker(model: str, max_batch: int, split: int, tokens: int, texts: list[
     return rows
 
 
-def seed_check(model: str, tokens: int, kernel: str, prefix_mb: float = 128.0, head_blocks: bool | None = None) -> dict:
+def seed_check(model: str, tokens: int, kernel: str, prefix_mb: float = 128.0, head_blocks: bool = False) -> dict:
     """The seed's ``EdgeCloudManager`` in cloud-only mode against one worker: eight prompts one
     after another, then the eight as one batch (``process_hybrid`` of a list: eight sessions at
     once); the worker's CPU per generated token and the wall time in each phase, and whether
     every row equals its prompt alone. ``kernel`` is the worker's ``EDGECLOUD_ROW_KERNEL``,
     ``prefix_mb`` its ``--prefix-cache-mb`` (with it, the batch finds its prompts computed by the
     first phase, as a service finds a system prompt or a conversation's earlier turns),
-    ``head_blocks`` its ``--head-blocks`` (True) or ``--no-head-blocks`` (False); None: its default."""
+    ``head_blocks`` its ``--head-blocks``."""
     import os
 
     import psutil
@@ -146,7 +146,7 @@ def seed_check(model: str, tokens: int, kernel: str, prefix_mb: float = 128.0, h
     with LocalCluster(model=model) as cluster:
         cluster.start_broker()
         worker = cluster.add_worker(env={SWITCH: kernel}, extra_args=("--prefix-cache-mb", f"{prefix_mb:g}",
-                                                                      *({True: ["--head-blocks"], False: ["--no-head-blocks"]}.get(head_blocks, []))))
+                                                                      *(["--head-blocks"] if head_blocks else [])))
         cluster.wait_for_workers(1, timeout_s=600)
         os.environ.update(EDGECLOUD_BROKER=cluster.endpoint, EDGECLOUD_KEYS=str(cluster.keys_dir))
         manager = EdgeCloudManager(model=model, force_mode="cloud-only")
@@ -173,7 +173,7 @@ def seed_check(model: str, tokens: int, kernel: str, prefix_mb: float = 128.0, h
            "together_cpu_ms_per_token": round((c2 - c1) / n * 1e3, 2), "cpu_ratio": round((c1 - c0) / (c2 - c1), 2),
            "tokens_per_s_ratio": round((t1 - t0) / (t2 - t1), 2), "alone_s": round(t1 - t0, 2),
            "together_s": round(t2 - t1, 2), "identical": together == alone, "mean_batch": status["mean_batch"]}
-    print(f"seed check, worker kernel {kernel}, prefix cache {prefix_mb:g} MiB{({True: ', --head-blocks', False: ', --no-head-blocks'}.get(head_blocks, ''))}: "
+    print(f"seed check, worker kernel {kernel}, prefix cache {prefix_mb:g} MiB{', --head-blocks' if head_blocks else ''}: "
           f"{row['alone_cpu_ms_per_token']:.2f} against {row['together_cpu_ms_per_token']:.2f} ms, {row['cpu_ratio']:.2f}x less worker CPU per token at once, "
           f"{row['tokens_per_s_ratio']:.2f}x the tokens/s, identical: {row['identical']}", file=sys.stderr)
     return row
@@ -252,7 +252,7 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, default=None, help="write the figure to this PNG")
     ap.add_argument("--seed-check", action="store_true",
                     help="only the seed manager's check: eight prompts one after another, then as one batch, "
-                         "with the worker's defaults, with --no-head-blocks, without its prefix cache, and with MKL tiles")
+                         "with the worker's defaults, with --head-blocks, without its prefix cache, and with MKL tiles")
     ap.add_argument("--cold-burst", action="store_true",
                     help="only eight chat prompts at once at a fresh worker, with its prefix cache and without")
     ap.add_argument("--reps", type=int, default=3, help="--cold-burst: runs of each")
@@ -271,8 +271,8 @@ def main() -> None:
         return
     if args.seed_check:
         rows = [seed_check(args.model, args.tokens, kernel, prefix_mb, head)
-                for kernel, prefix_mb, head in (("auto", 128.0, None), ("auto", 128.0, False), ("auto", 0.0, None),
-                                                ("off", 128.0, None))]
+                for kernel, prefix_mb, head in (("auto", 128.0, False), ("auto", 128.0, True), ("auto", 0.0, False),
+                                                ("off", 128.0, False))]
         if args.json:
             for r in rows:
                 print(json.dumps(r))

@@ -35,8 +35,8 @@ SETTINGS = {
     # The defaults with the layers' products on the float32 weights instead of the GGUF file's
     # Q4_1 blocks (partition/gguf_blocks.py): the same tokens.
     "f32": {**OPENMP_DEFAULTS, "EDGECLOUD_GGUF_BLOCKS": "off"},
-    # The head's Q8_0 blocks on both sides (the default where the model has them), and on neither
-    # (partition/gguf_blocks.py).
+    # The head's Q8_0 blocks on both sides (the worker's too, as --head-blocks), and on neither
+    # (the edge reads them by default, a worker does not: partition/gguf_blocks.py).
     "head": {**OPENMP_DEFAULTS, "EDGECLOUD_GGUF_HEAD": "on"},
     "nohead": {**OPENMP_DEFAULTS, "EDGECLOUD_GGUF_HEAD": "off"},
 }

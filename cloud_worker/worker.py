@@ -172,7 +172,7 @@ class CloudWorker:
         self.source = resolve_model(config.model)
         self.segment = ModelSegment.load(
             self.source, 0, self.source.n_layers, embed=False, head=True, dtype=dtype, device=self.device,
-            head_blocks=config.head_blocks is not False,
+            head_blocks=config.head_blocks,
         )
         if config.head_blocks and getattr(self.segment.lm_head, "q80", None) is None:
             log.warning("--head-blocks: %s has no head in Q8_0 blocks this worker can read (a GGUF file's, on a "

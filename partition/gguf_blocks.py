@@ -16,14 +16,12 @@ which has no file) keeps the float32 path.
 
 The head (SmolLM2's is tied to the token embedding, Q8_0 in the file: per 32 weights a scale d
 and 32 int8 q, a weight d * q) is read the same way (``head_blocks``; ``rowkernel.linear_q80``):
-a lone decode step then takes 8.5 instead of 11.1 ms. A segment asks for it (``head_blocks=True``, the
-default of ``ModelSegment.load``, and of a cloud worker unless ``--no-head-blocks``). A
-worker's pass then costs less CPU per token at every batch size (``bench/bench_q41.py --passes``:
-15.7 against 22.5 ms alone, 5.1 against 5.8 with eight sessions). The lone session gains the most,
-which lowers what batching saves over it: on a loaded machine eight sessions at once saved 2.77x
-of worker CPU per token over one after another against 3.41x with a float32 head; after the row
-kernel's load fixes, on a quiet one, 3.36-3.50x against 3.50-3.70x (BENCHMARKS.md), above the 3x
-that issue 17's check asks, so the worker reads them by default.
+a lone decode step then takes 8.5 instead of 11.1 ms. A segment asks for it (``head=True``, the
+default of ``ModelSegment.load``); a cloud worker does not unless ``--head-blocks``. With it a
+worker's pass costs less CPU per token at every batch size (``bench/bench_q41.py --passes``: 15.7
+against 22.5 ms alone, 5.1 against 5.8 with eight sessions), but the lone session gains the most,
+so eight sessions at once save 2.77-2.87x of worker CPU per token over one after another instead
+of 3.2-3.6x (BENCHMARKS.md), under the 3x that issue 17's check asks of a default worker.
 ``EDGECLOUD_GGUF_HEAD=on`` or ``off`` overrides both.
 
 ``EDGECLOUD_GGUF_BLOCKS=off`` turns it off (to compare: ``bench/bench_openmp.py --settings bound f32``).

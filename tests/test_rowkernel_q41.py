@@ -88,7 +88,7 @@ def test_smollm2s_segments_read_the_gguf_blocks_and_compute_the_same_bits(smollm
     edge, cloud = ModelSegment.load(smollm2, 0, 15), ModelSegment.load(smollm2, 15, smollm2.n_layers, embed=False)
     assert (whole.gguf_block_layers, edge.gguf_block_layers, cloud.gguf_block_layers) == (30, 15, 15)
     # The head, tied to the embedding: Q8_0 in the file (the edge's layers have none), read by
-    # default; a segment that does not ask for it (a worker with --no-head-blocks) keeps float32.
+    # default; a segment that does not ask for it (a worker without --head-blocks) keeps float32.
     assert whole.lm_head.q80 is not None and cloud.lm_head.q80 is not None and edge.lm_head is None
     layers_only = ModelSegment.load(smollm2, 0, smollm2.n_layers, head_blocks=False)
     assert layers_only.gguf_block_layers == 30 and getattr(layers_only.lm_head, "q80", None) is None
@@ -145,7 +145,7 @@ def test_models_without_a_gguf_file_or_handed_over_in_memory_keep_float32(tiny_l
 
 
 @pytest.mark.real_model
-def test_a_worker_reads_the_heads_blocks_unless_told_not_to(smollm2, monkeypatch):
+def test_a_worker_reads_the_heads_blocks_only_when_asked(smollm2, monkeypatch):
     from typer.testing import CliRunner
 
     from cli.main import app
@@ -153,33 +153,11 @@ def test_a_worker_reads_the_heads_blocks_unless_told_not_to(smollm2, monkeypatch
     from cloud_worker.worker import CloudWorker
 
     monkeypatch.delenv("EDGECLOUD_GGUF_HEAD", raising=False)
-    default = CloudWorker(CloudWorkerConfig(model="smollm2-135m", encryption=False))
-    plain = CloudWorker(CloudWorkerConfig(model="smollm2-135m", encryption=False, head_blocks=False))
-    assert plain.segment.gguf_block_layers == default.segment.gguf_block_layers == 30
-    assert getattr(plain.segment.lm_head, "q80", None) is None and default.segment.lm_head.q80 is not None
-    assert "--no-head-blocks" in CliRunner().invoke(app, ["cloud-worker", "--help"], terminal_width=200).output
-
-
-def test_the_worker_cli_passes_head_blocks_through(monkeypatch):
-    from typer.testing import CliRunner
-
-    import cloud_worker.worker
-    from cli.main import app
-
-    seen = []
-
-    class Stop(Exception):
-        pass
-
-    def record(config):
-        seen.append(config.head_blocks)
-        raise Stop  # the config is what this test reads; no model is loaded
-
-    monkeypatch.setattr(cloud_worker.worker, "CloudWorker", record)
-    for flags in ([], ["--head-blocks"], ["--no-head-blocks"]):
-        result = CliRunner().invoke(app, ["cloud-worker", "--model", "tiny-llama", "--no-encryption", *flags])
-        assert isinstance(result.exception, Stop), result.output
-    assert seen == [None, True, False]
+    plain = CloudWorker(CloudWorkerConfig(model="smollm2-135m", encryption=False))
+    asked = CloudWorker(CloudWorkerConfig(model="smollm2-135m", encryption=False, head_blocks=True))
+    assert plain.segment.gguf_block_layers == asked.segment.gguf_block_layers == 30
+    assert getattr(plain.segment.lm_head, "q80", None) is None and asked.segment.lm_head.q80 is not None
+    assert "--head-blocks" in CliRunner().invoke(app, ["cloud-worker", "--help"], terminal_width=200).output
 
 
 def test_a_worker_asked_for_head_blocks_it_cannot_read_says_so(tiny_llama, caplog):
@@ -190,7 +168,3 @@ def test_a_worker_asked_for_head_blocks_it_cannot_read_says_so(tiny_llama, caplo
         worker = CloudWorker(CloudWorkerConfig(model="tiny-llama", encryption=False, head_blocks=True))
     assert getattr(worker.segment.lm_head, "q80", None) is None
     assert any("--head-blocks" in r.getMessage() and "stays as loaded" in r.getMessage() for r in caplog.records)
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="cloud_worker.worker"):
-        CloudWorker(CloudWorkerConfig(model="tiny-llama", encryption=False))  # the default asks only where it can
-    assert not any("--head-blocks" in r.getMessage() for r in caplog.records)
