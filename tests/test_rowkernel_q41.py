@@ -160,6 +160,28 @@ def test_a_worker_reads_the_heads_blocks_only_when_asked(smollm2, monkeypatch):
     assert "--head-blocks" in CliRunner().invoke(app, ["cloud-worker", "--help"], terminal_width=200).output
 
 
+def test_the_worker_cli_passes_head_blocks_through(monkeypatch):
+    from typer.testing import CliRunner
+
+    import cloud_worker.worker
+    from cli.main import app
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def record(config):
+        seen.append(config.head_blocks)
+        raise Stop  # the config is what this test reads; no model is loaded
+
+    monkeypatch.setattr(cloud_worker.worker, "CloudWorker", record)
+    for flags in ([], ["--head-blocks"]):
+        result = CliRunner().invoke(app, ["cloud-worker", "--model", "tiny-llama", "--no-encryption", *flags])
+        assert isinstance(result.exception, Stop), result.output
+    assert seen == [False, True]
+
+
 def test_a_worker_asked_for_head_blocks_it_cannot_read_says_so(tiny_llama, caplog):
     from cloud_worker.config import CloudWorkerConfig
     from cloud_worker.worker import CloudWorker
