@@ -29,7 +29,6 @@ of 3.2-3.6x (BENCHMARKS.md), under the 3x that issue 17's check asks of a defaul
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from partition import rowkernel
+from partition import gguf_index, rowkernel
 
 log = logging.getLogger(__name__)
 
@@ -61,21 +60,14 @@ def head_enabled(asked: bool) -> bool:
     return True if said in ("on", "1", "yes") else False if said in ("off", "0", "no") else asked
 
 
-@functools.lru_cache(maxsize=4)
-def _tensors(path: Path) -> dict[str, Any]:
-    from gguf import GGUFReader
-
-    return {t.name: t for t in GGUFReader(path).tensors}  # memory-mapped: nothing is read yet
-
-
 def layer_blocks(path: Path, config: Any, index: int) -> dict[str, torch.Tensor] | None:
     """Layer ``index``'s seven matrices from the GGUF file at ``path``, repacked for the kernel
     (``rowkernel.repack_q41``) and in our rows' order; None unless all are Q4_1."""
-    tensors = _tensors(path)
+    tensors = gguf_index.tensors(path)  # memory-mapped: nothing is read yet
     out = {}
     for ours, theirs in MATRICES.items():
         t = tensors.get(f"blk.{index}.{theirs}.weight")
-        if t is None or t.tensor_type.name != "Q4_1" or len(t.shape) != 2:
+        if t is None or t.type_name != "Q4_1" or len(t.shape) != 2:
             return None
         k, n = (int(d) for d in t.shape)  # GGUF lists the fastest dimension first
         rows = torch.from_numpy(np.asarray(t.data).reshape(n, -1).copy())
@@ -89,9 +81,9 @@ def layer_blocks(path: Path, config: Any, index: int) -> dict[str, torch.Tensor]
 def head_blocks(path: Path, n: int, k: int) -> torch.Tensor | None:
     """The head's matrix (N, K) from the GGUF file, repacked for the kernel: ``output.weight``,
     or the token embedding where the head is tied to it; None unless it is Q8_0."""
-    tensors = _tensors(path)
+    tensors = gguf_index.tensors(path)
     t = tensors.get("output.weight", tensors.get("token_embd.weight"))
-    if t is None or t.tensor_type.name != "Q8_0" or [int(d) for d in t.shape] != [k, n]:
+    if t is None or t.type_name != "Q8_0" or t.shape != (k, n):
         return None
     return rowkernel.repack_q80(torch.from_numpy(np.asarray(t.data).reshape(n, -1).copy()), k)
 
