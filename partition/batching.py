@@ -264,6 +264,39 @@ def fused_weights(layer: nn.Module) -> tuple | None:
     return found
 
 
+class KernelLayers:
+    """A segment's layers as one ``rowkernel.LayersPlan`` (their weights laid out once for
+    ``decode_layers``), built again when a layer's fused weights change (an int8 copy)."""
+
+    def __init__(self) -> None:
+        self._fused: list | None = None
+        self._plan: rowkernel.LayersPlan | None = None
+
+    def plan(self, layers: Any) -> rowkernel.LayersPlan | None:
+        """The plan of ``layers``, or None unless every one runs as one call of the row kernel
+        with the same sizes."""
+        fused = [fused_weights(layer) for layer in layers]
+        known = self._fused
+        if known is not None and len(known) == len(fused) and all(a is b for a, b in zip(known, fused, strict=True)):
+            return self._plan
+        plan = None
+        if fused and all(f is not None for f in fused) and len({f[1] for f in fused}) == 1:
+            plan = rowkernel.LayersPlan([f[0] for f in fused], fused[0][1])
+        self._fused, self._plan = fused, plan
+        return plan
+
+
+def run_kernel_layers(layers: Any, plan: rowkernel.LayersPlan, lo: int, hi: int, hidden: torch.Tensor,
+                      parts: list[Part], window: int | None, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Layers ``[lo, hi)`` over the rows of ``parts`` in one call of the row kernel: what
+    ``run_packed_layer`` computes one layer at a time, bit for bit, without Python between them."""
+    kv_heads, dim = plan.dims[1], plan.dims[2]
+    one = hidden.new_empty(1, 1, 1, 1)
+    new_kv = [(like, like) for like in (one.expand(1, kv_heads, part.rows, dim) for part in parts)]
+    runs = [_kernel_parts(parts, layers[i].self_attn.layer_idx, window, new_kv) for i in range(lo, hi)]
+    return rowkernel.decode_layers(hidden, plan, lo, hi, rope, runs)
+
+
 def all_on_kernel(layers: Any) -> bool:
     """Whether every one of ``layers`` (at least one) runs as one call of the row kernel."""
     return len(layers) > 0 and all(fused_weights(layer) is not None for layer in layers)

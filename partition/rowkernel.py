@@ -142,10 +142,11 @@ def _self_test_attend(fn) -> None:
             raise RuntimeError(f"attention: row {i} of a masked frame differs from it as a one-row step")
 
 
-def _self_test_layer(fn) -> None:
+def _self_test_layer(fn, layers_fn=None) -> None:
     """The decoder layer kernel against the layer as torch operations (close), and a frame's
     rows against the same rows computed in two calls, the first rows then the rest (bit for
-    bit: what lets a worker cut prompts anywhere and reuse their beginnings)."""
+    bit: what lets a worker cut prompts anywhere and reuse their beginnings); ``layers_fn``
+    (``decode_layers``) against the layers one call at a time, bit for bit."""
     gen = torch.Generator().manual_seed(3)
     hidden_size, heads, kv_heads, dim, inter, rows, eps, scale = 32, 4, 2, 8, 40, 19, 1e-5, 8 ** -0.5
 
@@ -199,6 +200,24 @@ def _self_test_layer(fn) -> None:
                           (cos, sin), [(k_store, v_store, 0, rows, None)], fn)
     if not torch.equal(packed, plain):
         raise RuntimeError("decoder layer: Q4_1 blocks give other numbers than their dequantized weights")
+    if layers_fn is None:
+        return
+    # Three layers (float32, Q4_1, float32 again) in one call, and the last two from the second:
+    # the bits and the caches of one call per layer.
+    stacks = [(norm1, norm2, wqkv, None, wo, None, wgu, None, wd, None),
+              (norm2, norm1, blocks[0], None, blocks[1], None, blocks[2], None, wd, None),
+              (norm1, norm1, wqkv, None, wo, None, wgu, None, wd, None)]
+    plan = LayersPlan(stacks, dims)
+    for lo in (0, 1):
+        alone, together = [storage() for _ in stacks], [storage() for _ in stacks]
+        y = x
+        for weights, (k_store, v_store) in zip(stacks[lo:], alone[lo:], strict=True):
+            y = decode_layer(y, weights, dims, (cos, sin), [(k_store, v_store, 0, rows, None)], fn)
+        z = decode_layers(x, plan, lo, len(stacks), (cos, sin),
+                          [[(k_store, v_store, 0, rows, None)] for k_store, v_store in together[lo:]], layers_fn)
+        if not (torch.equal(y, z) and all(torch.equal(a, b) for s, t in zip(alone, together, strict=True)
+                                          for a, b in zip(s, t, strict=True))):
+            raise RuntimeError(f"decoder layers from {lo}: one call gives other numbers than a call per layer")
 
 
 def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -254,6 +273,51 @@ def decode_layer(hidden: torch.Tensor, weights: tuple, dims: tuple[int, int, int
     failed = (fn or _state["layer"])(out.data_ptr(), out.shape[0], out.shape[1], norm1, norm2, eps, wqkv, sqkv, wo, so,
                              wgu, sgu, inter, wd, sd, heads, kv_heads, dim, cos.data_ptr(), sin.data_ptr(),
                              count, rows, kc, vc, caps, pasts, masks, scale, q41, torch.get_num_threads())
+    if failed:
+        raise RuntimeError(f"the decode layer kernel failed ({'head dim over 1024' if failed == 1 else 'no memory'})")
+    return out
+
+
+class LayersPlan:
+    """A run of packable layers for ``decode_layers``: each layer's ten weight pointers and Q4_1
+    flags, laid out once (the weights never move; the plan keeps them alive), and their sizes,
+    the same for all."""
+
+    def __init__(self, weights: list[tuple], dims: tuple[int, int, int, int, float, float]) -> None:
+        self.tensors = [t for w in weights for t in w if t is not None]
+        self.n = len(weights)
+        self.pointers = (ctypes.c_void_p * (10 * self.n))(
+            *[None if t is None else t.data_ptr() for w in weights for t in w])
+        self.q41 = (ctypes.c_int * self.n)(
+            *[sum(1 << i for i, t in enumerate(w[2::2]) if t.dtype == torch.uint8) for w in weights])
+        self.dims = dims
+
+
+def decode_layers(hidden: torch.Tensor, plan: LayersPlan, lo: int, hi: int, rope: tuple[torch.Tensor, torch.Tensor],
+                  runs: list[list[tuple]], fn=None) -> torch.Tensor:
+    """Layers ``[lo, hi)`` of ``plan`` over ``hidden`` (R, H) in one call of the row kernel, the
+    same bits as ``decode_layer`` one layer at a time. ``runs[l]``: layer ``lo + l``'s parts, as
+    ``decode_layer`` takes them (the parts' rows and masks are the same in every layer)."""
+    out = hidden.contiguous().clone()
+    heads, kv_heads, dim, inter, eps, scale = plan.dims
+    cos, sin = (t.reshape(out.shape[0], dim).contiguous() for t in rope)
+    count, layers = len(runs[0]), hi - lo
+    rows = (ctypes.c_long * count)(*[run[3] for run in runs[0]])
+    masks = (ctypes.c_void_p * count)(*[None if run[4] is None else run[4].data_ptr() for run in runs[0]])
+    kc, vc = (ctypes.c_void_p * (layers * count))(), (ctypes.c_void_p * (layers * count))()
+    caps, pasts = (ctypes.c_long * (layers * count))(), (ctypes.c_long * (layers * count))()
+    i = 0
+    for layer_runs in runs:
+        for k_store, v_store, past, n, _ in layer_runs:
+            if past + n > k_store.shape[-2]:
+                raise ValueError(f"a part's cache storage must have room for {n} rows after {past}")
+            kc[i], vc[i], caps[i], pasts[i] = k_store.data_ptr(), v_store.data_ptr(), k_store.shape[-2], past
+            i += 1
+    size = ctypes.sizeof(ctypes.c_void_p)
+    failed = (fn or _state["layers"])(
+        out.data_ptr(), out.shape[0], out.shape[1], layers, ctypes.addressof(plan.pointers) + 10 * lo * size,
+        ctypes.addressof(plan.q41) + lo * ctypes.sizeof(ctypes.c_int), eps, inter, heads, kv_heads, dim,
+        cos.data_ptr(), sin.data_ptr(), count, rows, kc, vc, caps, pasts, masks, scale, torch.get_num_threads())
     if failed:
         raise RuntimeError(f"the decode layer kernel failed ({'head dim over 1024' if failed == 1 else 'no memory'})")
     return out
@@ -399,12 +463,18 @@ def kernel():
                 _self_test_blocks(fq4, fn, "Q4_1")
                 _self_test_blocks(fq8, fn, "Q8_0")
                 _self_test_attend(fa)
-                _self_test_layer(fl)
+                fls = lib.decode_layers
+                fls.restype = ctypes.c_int
+                fls.argtypes = ([ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
+                                 ctypes.c_void_p, ctypes.c_float] + [ctypes.c_long] * 4 + [ctypes.c_void_p] * 2
+                                + [ctypes.c_long] + [ctypes.c_void_p] * 6 + [ctypes.c_float, ctypes.c_int])
+                _self_test_layer(fl, fls)
                 _state["fn8"] = fn8
                 _state["fq4"] = fq4
                 _state["fq8"] = fq8
                 _state["attend"] = fa
                 _state["layer"] = fl
+                _state["layers"] = fls
             except (OSError, RuntimeError, subprocess.SubprocessError, AssertionError) as exc:
                 fn, reason = None, f"it could not be built or failed its check: {exc}"
         if fn is None:

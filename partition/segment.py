@@ -17,6 +17,7 @@ from partition import gguf_blocks, rowkernel
 from partition.arch import LayerRunner, attention_mask, meta_skeleton, sliding_window_of
 from partition.batching import (
     PACK_MAX_ROWS,
+    KernelLayers,
     Part,
     all_on_kernel,
     attention_function,
@@ -24,6 +25,7 @@ from partition.batching import (
     packable,
     packed_linear,
     rotary_rows,
+    run_kernel_layers,
     run_packed_layer,
 )
 from partition.errors import InvalidSplitError
@@ -138,6 +140,7 @@ class ModelSegment(nn.Module):
         self.graphs: DecodeGraphs | None = None  # decode passes as CUDA graphs (use_graphs)
         self.gguf_block_layers = 0  # layers whose products read the GGUF file's Q4_1 blocks
         self._attention = attention_function(source.config) if self.packable else None
+        self._kernel_layers = KernelLayers()  # the layers for one call of the row kernel (_forward_packed)
         if self.packable:
             for layer in self.layers:
                 fuse_layer(layer)
@@ -364,18 +367,31 @@ class ModelSegment(nn.Module):
         if self.graphs is not None and self.graphs.applies(parts, counts, [s.tree for s in steps]):
             return self._forward_graphs(hiddens, parts, counts[0] > 0)
         ropes: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # per set of sessions
-        for index, (layer, window) in enumerate(zip(self.layers, self.windows, strict=True)):
+        # Where every layer is one call of the row kernel, the layers between two sessions'
+        # first layers (all of them, when the sessions start together) go in one call.
+        plan = (self._kernel_layers.plan(self.layers)
+                if hiddens and len(set(self.windows)) == 1 and rowkernel.usable_attend(hiddens[0]) else None)
+        starts = sorted({part.first_layer for part in parts} | {len(self.layers)})
+        index = 0
+        while index < len(self.layers):
             active = tuple(j for j, part in enumerate(parts) if part.first_layer <= index)
-            if not active:
-                continue
-            if active not in ropes:
-                ropes[active] = rotary_rows([parts[j] for j in active])
-            rows = torch.cat([hiddens[j] for j in active]) if len(active) > 1 else hiddens[active[0]]
-            rows = run_packed_layer(layer, rows, [parts[j] for j in active], window, self._attention, ropes[active])
-            start = 0
-            for j in active:
-                hiddens[j] = rows[start:start + parts[j].rows]
-                start += parts[j].rows
+            end = next(s for s in starts if s > index) if plan is not None else index + 1
+            if active:
+                if active not in ropes:
+                    ropes[active] = rotary_rows([parts[j] for j in active])
+                rows = torch.cat([hiddens[j] for j in active]) if len(active) > 1 else hiddens[active[0]]
+                active_parts = [parts[j] for j in active]
+                if plan is not None:
+                    rows = run_kernel_layers(self.layers, plan, index, end, rows, active_parts, self.windows[index],
+                                             ropes[active])
+                else:
+                    rows = run_packed_layer(self.layers[index], rows, active_parts, self.windows[index],
+                                            self._attention, ropes[active])
+                start = 0
+                for j in active:
+                    hiddens[j] = rows[start:start + parts[j].rows]
+                    start += parts[j].rows
+            index = end
         for part in parts:
             part.cache.advance(part.rows)
         logits: list[torch.Tensor | None] = [None] * len(steps)

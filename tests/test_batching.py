@@ -654,6 +654,46 @@ def test_a_pipelined_frame_of_the_most_guesses_still_packs():
     assert MAX_GROUP <= PACK_MAX_ROWS
 
 
+def test_the_layers_in_one_kernel_call_give_the_bits_of_a_call_per_layer(tiny_llama, monkeypatch):
+    """A pass runs the layers between two sessions' first layers in one call of the row kernel
+    (``decode_layers``); one call per layer gives the same bits and caches, for sessions at
+    different splits, prefills and verification frames at once. And the plan follows the weights:
+    after an int8 copy replaces them, a pass computes with the copy."""
+    from partition import batching, rowkernel
+    from partition.quantize import quantize_segment
+
+    if rowkernel.kernel() is None:
+        pytest.skip(f"the row kernel does not run here: {rowkernel.reason()}")
+    seg = ModelSegment.load(tiny_llama, 0, tiny_llama.n_layers, embed=False, head=True)
+    specs = [(0, 5, 1, "last"), (1, 9, 1, "last"), (2, 0, 4, "all"), (4, 3, 1, "last"), (3, 12, 3, 3),
+             (0, 30, 1, "last"), (1, 0, 7, "none")]
+
+    def run(one_call: bool, segment: ModelSegment) -> tuple[list, list]:
+        if not one_call:
+            monkeypatch.setattr(batching.KernelLayers, "plan", lambda self, layers: None)
+        calls = []
+        real = rowkernel.decode_layers
+        try:
+            steps = _steps(tiny_llama, segment, specs)
+            monkeypatch.setattr(rowkernel, "decode_layers", lambda *a, **k: calls.append(a[2:4]) or real(*a, **k))
+            outs = segment.forward_many(steps)
+        finally:
+            monkeypatch.undo()
+        return [(o.hidden, o.logits, s.cache.length) for o, s in zip(outs, steps, strict=True)], calls
+
+    one, calls = run(True, seg)
+    per_layer, none = run(False, seg)
+    # Sessions start at layers 0 to 4 (4: the head only): a call for each stretch between them.
+    assert seg.n_layers == 4 and calls == [(0, 1), (1, 2), (2, 3), (3, 4)] and not none
+    for (h1, l1, n1), (h2, l2, n2) in zip(one, per_layer, strict=True):
+        assert torch.equal(h1, h2) and n1 == n2 and (l1 is None) == (l2 is None)
+        assert l1 is None or torch.equal(l1, l2)
+    quantize_segment(seg)
+    fresh = quantize_segment(ModelSegment.load(tiny_llama, 0, tiny_llama.n_layers, embed=False, head=True))
+    for (h1, _, _), (h2, _, _) in zip(run(True, seg)[0], run(True, fresh)[0], strict=True):
+        assert torch.equal(h1, h2)
+
+
 @pytest.mark.parametrize("quantized", [False, True])
 def test_the_fused_layer_kernel_computes_what_the_layer_computes_op_by_op(tiny_llama, monkeypatch, quantized):
     """A packed layer runs as one call of the row kernel (norms, rotary, products, attention,

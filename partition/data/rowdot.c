@@ -639,3 +639,24 @@ int decode_layer(float *hidden, long R, long H, const float *norm1, const float 
     free(x); free(qkv); free(q); free(k); free(v); free(att); free(gu); free(act); free(y);
     return failed ? 2 : 0;
 }
+
+/* decode_layer over L layers in turn, in place on hidden: layer l's ten weight pointers at
+   w[10 l .. 10 l + 10) (input norm, post-attention norm, then the weight and scale of q/k/v, o,
+   gate/up and down), its Q4_1 flags at q41[l], its parts' cache storage and past positions at
+   kc, vc, cap, past [l P .. l P + P). The same calls as one layer at a time, so the same bits,
+   without a trip back to Python between layers. */
+int decode_layers(float *hidden, long R, long H, long L, const void *const *w, const int *q41, float eps, long I,
+                  long heads, long kv_heads, long D, const float *cosv, const float *sinv, long P, const long *rows,
+                  float *const *kc, float *const *vc, const long *cap, const long *past, const float *const *mask,
+                  float scale, int threads) {
+    for (long l = 0; l < L; l++) {
+        const void *const *wl = w + 10 * l;
+        const int failed = decode_layer(hidden, R, H, (const float *)wl[0], (const float *)wl[1], eps, wl[2],
+                                        (const float *)wl[3], wl[4], (const float *)wl[5], wl[6],
+                                        (const float *)wl[7], I, wl[8], (const float *)wl[9], heads, kv_heads, D,
+                                        cosv, sinv, P, rows, kc + l * P, vc + l * P, cap + l * P, past + l * P,
+                                        mask, scale, q41[l], threads);
+        if (failed) return failed;
+    }
+    return 0;
+}
