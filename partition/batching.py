@@ -269,20 +269,21 @@ class KernelLayers:
     ``decode_layers``), built again when a layer's fused weights change (an int8 copy)."""
 
     def __init__(self) -> None:
-        self._fused: list | None = None
-        self._plan: rowkernel.LayersPlan | None = None
+        # The fused weights the plan was built from, and the plan: one attribute, so that the
+        # generations sharing a segment on several threads never pair one with the other's.
+        self._built: tuple[list, rowkernel.LayersPlan | None] | None = None
 
     def plan(self, layers: Any) -> rowkernel.LayersPlan | None:
         """The plan of ``layers``, or None unless every one runs as one call of the row kernel
         with the same sizes."""
         fused = [fused_weights(layer) for layer in layers]
-        known = self._fused
-        if known is not None and len(known) == len(fused) and all(a is b for a, b in zip(known, fused, strict=True)):
-            return self._plan
+        built = self._built
+        if built is not None and len(built[0]) == len(fused) and all(a is b for a, b in zip(built[0], fused, strict=True)):
+            return built[1]
         plan = None
         if fused and all(f is not None for f in fused) and len({f[1] for f in fused}) == 1:
             plan = rowkernel.LayersPlan([f[0] for f in fused], fused[0][1])
-        self._fused, self._plan = fused, plan
+        self._built = (fused, plan)
         return plan
 
 
