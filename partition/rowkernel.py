@@ -298,10 +298,14 @@ def decode_layers(hidden: torch.Tensor, plan: LayersPlan, lo: int, hi: int, rope
     """Layers ``[lo, hi)`` of ``plan`` over ``hidden`` (R, H) in one call of the row kernel, the
     same bits as ``decode_layer`` one layer at a time. ``runs[l]``: layer ``lo + l``'s parts, as
     ``decode_layer`` takes them (the parts' rows and masks are the same in every layer)."""
+    count, layers = len(runs[0]) if runs else 0, hi - lo
+    if not (0 <= lo < hi <= plan.n and len(runs) == layers and all(len(r) == count for r in runs)
+            and sum(run[3] for run in runs[0]) == hidden.shape[0]):
+        raise ValueError(f"layers [{lo}, {hi}) of a plan of {plan.n} need a list of parts per layer, the same "
+                         f"parts in each, whose rows add up to the {hidden.shape[0]} rows given")
     out = hidden.contiguous().clone()
     heads, kv_heads, dim, inter, eps, scale = plan.dims
     cos, sin = (t.reshape(out.shape[0], dim).contiguous() for t in rope)
-    count, layers = len(runs[0]), hi - lo
     rows = (ctypes.c_long * count)(*[run[3] for run in runs[0]])
     masks = (ctypes.c_void_p * count)(*[None if run[4] is None else run[4].data_ptr() for run in runs[0]])
     kc, vc = (ctypes.c_void_p * (layers * count))(), (ctypes.c_void_p * (layers * count))()

@@ -688,6 +688,16 @@ def test_the_layers_in_one_kernel_call_give_the_bits_of_a_call_per_layer(tiny_ll
     for (h1, l1, n1), (h2, l2, n2) in zip(one, per_layer, strict=True):
         assert torch.equal(h1, h2) and n1 == n2 and (l1 is None) == (l2 is None)
         assert l1 is None or torch.equal(l1, l2)
+    # A call the plan does not hold is refused before the kernel reads any pointer.
+    plan = seg._kernel_layers.plan(seg.layers)
+    cache = seg.new_cache()
+    store = cache.reserve(0, torch.zeros(1, plan.dims[1], 1, plan.dims[2]), torch.zeros(1, plan.dims[1], 1, plan.dims[2]))[0]
+    part = (store.keys, store.values, 0, 1, None)
+    rope = (torch.ones(1, plan.dims[2]), torch.zeros(1, plan.dims[2]))
+    x = torch.zeros(1, tiny_llama.hidden_size)
+    for lo, hi, runs in ((0, 5, [[part]] * 5), (2, 2, []), (0, 2, [[part]]), (0, 1, [[part, part]])):
+        with pytest.raises(ValueError, match="need a list of parts per layer"):
+            rowkernel.decode_layers(x, plan, lo, hi, rope, runs)
     quantize_segment(seg)
     fresh = quantize_segment(ModelSegment.load(tiny_llama, 0, tiny_llama.n_layers, embed=False, head=True))
     for (h1, _, _), (h2, _, _) in zip(run(True, seg)[0], run(True, fresh)[0], strict=True):
