@@ -90,6 +90,8 @@ def read_index(path: Path) -> dict[str, GGUFTensor]:
     doc); ``GGUFIndexError`` where it is not a header this walks."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+    if path.stat().st_size < 24:  # numpy cannot map an empty file; a header is at least 24 bytes
+        raise GGUFIndexError(f"{path.stat().st_size} bytes, shorter than a header")
     mapped = np.memmap(path, dtype=np.uint8, mode="r")
     cur = _Cursor(memoryview(mapped))
     magic, version, n_tensors, n_fields = cur.take("<4sIQQ")

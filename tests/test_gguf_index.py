@@ -72,6 +72,11 @@ def test_a_truncated_or_foreign_file_is_a_typed_error(tmp_path):
         cut.write_bytes(whole[:n])
         with pytest.raises(GGUFIndexError, match=match):
             read_index(cut)
+    for n in (0, 23):
+        short = tmp_path / f"short{n}.gguf"
+        short.write_bytes(whole[:n])
+        with pytest.raises(GGUFIndexError, match="shorter than a header"):
+            read_index(short)
     foreign = tmp_path / "foreign.gguf"
     foreign.write_bytes(b"PK\x03\x04" + bytes(60))
     with pytest.raises(GGUFIndexError, match="magic"):
