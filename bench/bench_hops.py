@@ -147,7 +147,7 @@ def main() -> None:
     steps = hops(by_role["edge"], by_role["broker"], by_role["cloud"], args.step_bytes)
     med = {k: statistics.median(v) * 1e6 for k, v in steps.items() if v}
     n = len(next(iter(steps.values())))
-    total = sum(v for k, v in med.items() if k != "worker compute and reply" and not k.startswith(" "))
+    total = sum(v for k, v in med.items() if k not in ("worker compute and reply", WORKER_SEND))
     result = {"model": args.model, "split": args.split, "steps": n, "ms_per_token": json.loads(run.stdout)["ms_per_token"],
               "median_us": med, "transport_us_sum_of_medians": total}  # fmt: skip
     if args.json:

@@ -202,9 +202,7 @@ def run_packed_layer(layer: nn.Module, hidden: torch.Tensor, parts: list[Part], 
     attn = layer.self_attn
     fused = fused_weights(layer)
     if fused is not None and rowkernel.usable_attend(hidden):  # the whole layer in one call of the row kernel
-        one = hidden.new_empty(1, 1, 1, 1)
-        shapes = [one.expand(1, fused[1][1], part.rows, fused[1][2]) for part in parts]  # the new keys' shape
-        runs = _kernel_parts(parts, attn.layer_idx, window, [(like, like) for like in shapes])
+        runs = _kernel_parts(parts, attn.layer_idx, window, _new_kv_shapes(hidden, fused[1], parts))
         return rowkernel.decode_layer(hidden, fused[0], fused[1], rope, runs)
     q, k, v = attention_inputs(layer, hidden, rope)
     return finish_layer(layer, hidden, attend_parts(attn, q, k, v, parts, window, attention))
@@ -291,11 +289,16 @@ def run_kernel_layers(layers: Any, plan: rowkernel.LayersPlan, lo: int, hi: int,
                       parts: list[Part], window: int | None, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Layers ``[lo, hi)`` over the rows of ``parts`` in one call of the row kernel: what
     ``run_packed_layer`` computes one layer at a time, bit for bit, without Python between them."""
-    kv_heads, dim = plan.dims[1], plan.dims[2]
-    one = hidden.new_empty(1, 1, 1, 1)
-    new_kv = [(like, like) for like in (one.expand(1, kv_heads, part.rows, dim) for part in parts)]
+    new_kv = _new_kv_shapes(hidden, plan.dims, parts)
     runs = [_kernel_parts(parts, layers[i].self_attn.layer_idx, window, new_kv) for i in range(lo, hi)]
     return rowkernel.decode_layers(hidden, plan, lo, hi, rope, runs)
+
+
+def _new_kv_shapes(hidden: torch.Tensor, dims: tuple, parts: list[Part]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Stand-ins of each part's new keys and values, (1, kv heads, rows, head dim), for
+    ``_kernel_parts``: the kernel writes them into the caches itself, so only their shape counts."""
+    one = hidden.new_empty(1, 1, 1, 1)
+    return [(like, like) for like in (one.expand(1, dims[1], part.rows, dims[2]) for part in parts)]
 
 
 def all_on_kernel(layers: Any) -> bool:

@@ -20,8 +20,9 @@ a lone decode step then takes 8.5 instead of 11.1 ms. A segment asks for it (``h
 default of ``ModelSegment.load``); a cloud worker does not unless ``--head-blocks``. With it a
 worker's pass costs less CPU per token at every batch size (``bench/bench_q41.py --passes``: 15.7
 against 22.5 ms alone, 5.1 against 5.8 with eight sessions), but the lone session gains the most,
-so eight sessions at once save 2.77-2.87x of worker CPU per token over one after another instead
-of 3.2-3.6x (BENCHMARKS.md), under the 3x that issue 17's check asks of a default worker.
+so eight sessions at once saved 2.45-3.23x of worker CPU per token over one after another
+against 3.09-3.71x without it (four alternated pairs, BENCHMARKS.md), at or under the 3x that
+issue 17's check asks of a default worker.
 ``EDGECLOUD_GGUF_HEAD=on`` or ``off`` overrides both.
 
 ``EDGECLOUD_GGUF_BLOCKS=off`` turns it off (to compare: ``bench/bench_openmp.py --settings bound f32``).

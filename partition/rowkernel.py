@@ -269,13 +269,21 @@ def decode_layer(hidden: torch.Tensor, weights: tuple, dims: tuple[int, int, int
     cos, sin = (t.reshape(out.shape[0], dim).contiguous() for t in rope)
     count, rows, kc, vc, caps, pasts, masks = _part_arrays(parts)
     norm1, norm2, wqkv, sqkv, wo, so, wgu, sgu, wd, sd = (None if t is None else t.data_ptr() for t in weights)
-    q41 = sum(1 << i for i, w in enumerate(weights[2::2]) if w.dtype == torch.uint8)
     failed = (fn or _state["layer"])(out.data_ptr(), out.shape[0], out.shape[1], norm1, norm2, eps, wqkv, sqkv, wo, so,
                              wgu, sgu, inter, wd, sd, heads, kv_heads, dim, cos.data_ptr(), sin.data_ptr(),
-                             count, rows, kc, vc, caps, pasts, masks, scale, q41, torch.get_num_threads())
+                             count, rows, kc, vc, caps, pasts, masks, scale, _q41_flags(weights), torch.get_num_threads())
+    _check_layers(failed)
+    return out
+
+
+def _q41_flags(weights: tuple) -> int:
+    """Which of a layer's four products (bit 0: q/k/v, 1: o, 2: gate/up, 3: down) hold Q4_1 blocks."""
+    return sum(1 << i for i, w in enumerate(weights[2::2]) if w.dtype == torch.uint8)
+
+
+def _check_layers(failed: int) -> None:
     if failed:
         raise RuntimeError(f"the decode layer kernel failed ({'head dim over 1024' if failed == 1 else 'no memory'})")
-    return out
 
 
 class LayersPlan:
@@ -288,8 +296,7 @@ class LayersPlan:
         self.n = len(weights)
         self.pointers = (ctypes.c_void_p * (10 * self.n))(
             *[None if t is None else t.data_ptr() for w in weights for t in w])
-        self.q41 = (ctypes.c_int * self.n)(
-            *[sum(1 << i for i, t in enumerate(w[2::2]) if t.dtype == torch.uint8) for w in weights])
+        self.q41 = (ctypes.c_int * self.n)(*[_q41_flags(w) for w in weights])
         self.dims = dims
 
 
@@ -322,8 +329,7 @@ def decode_layers(hidden: torch.Tensor, plan: LayersPlan, lo: int, hi: int, rope
         out.data_ptr(), out.shape[0], out.shape[1], layers, ctypes.addressof(plan.pointers) + 10 * lo * size,
         ctypes.addressof(plan.q41) + lo * ctypes.sizeof(ctypes.c_int), eps, inter, heads, kv_heads, dim,
         cos.data_ptr(), sin.data_ptr(), count, rows, kc, vc, caps, pasts, masks, scale, torch.get_num_threads())
-    if failed:
-        raise RuntimeError(f"the decode layer kernel failed ({'head dim over 1024' if failed == 1 else 'no memory'})")
+    _check_layers(failed)
     return out
 
 
