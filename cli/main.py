@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import Progress, interrupt_on_signals, setup_logging, typed_errors
+from cli.common import Progress, interrupt_on_signals, setup_logging, startup_heap, typed_errors
 from cli.edge_options import with_edge_options
 from edge_worker.config import EdgeConfig
 
@@ -43,8 +43,10 @@ def edge(
     progress = Progress(enabled=not json_out)
     with typed_errors():
         config = settings()  # a bad option is refused here, before torch is imported
-        from edge_worker.engine import EdgeEngine
+        with startup_heap():
+            from edge_worker.engine import EdgeEngine
 
+            engine = EdgeEngine(settings=config, progress=progress)
         started = False
 
         def on_text(piece: str) -> None:
@@ -55,7 +57,7 @@ def edge(
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-        with EdgeEngine(settings=config, progress=progress) as engine:
+        with engine:
             result = engine.generate(prompt, on_text=None if json_out else on_text)
         progress.done()
     if json_out:

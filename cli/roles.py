@@ -13,6 +13,7 @@ from cli.common import (
     EXIT_USAGE,
     interrupt_on_signals,
     setup_logging,
+    startup_heap,
     stop_on_signals,
     typed_errors,
 )
@@ -86,7 +87,8 @@ def broker(
                               max_sessions_per_client=max_sessions_per_client, session_idle_s=session_idle,
                               max_request_bytes=int(max_request_mb * 2**20),
                               max_client_bytes=int(max_client_mb * 2**20))  # fmt: skip
-        b = Broker(config)
+        with startup_heap():
+            b = Broker(config)
         transport = b.status()["transport"]
         how = (f"CURVE, {transport['allowed_clients']} client and {transport['allowed_workers']} worker keys allowed"
                if curve else "no CURVE: plain connections")  # fmt: skip
@@ -158,9 +160,10 @@ def cloud_worker(
         if not no_encryption and not has_key:
             typer.echo(f"warning: no worker key {keys_dir}/worker-{key_name}.key: serving unencrypted sessions "
                        f"only (create one with `edgecloud keys generate {keys_dir}`)", err=True)
-        from cloud_worker.worker import CloudWorker
+        with startup_heap():
+            from cloud_worker.worker import CloudWorker
 
-        worker = CloudWorker(config)
+            worker = CloudWorker(config)
         worker.stop_event = stop_on_signals()  # serving: leave cleanly, saying DISCONNECT to the broker
         typer.echo(f"worker {worker.worker_id} ready: {worker.source.model_id} on {worker.device} "
                    f"in {str(worker.dtype).removeprefix('torch.')}", err=True)

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import Progress, setup_logging, typed_errors
+from cli.common import Progress, setup_logging, startup_heap, typed_errors
 from cli.edge_options import with_edge_options
 from edge_worker.config import EdgeConfig
 
@@ -55,12 +55,14 @@ def serve(
         raise typer.Exit(2)
     progress = Progress(enabled=True)
     with typed_errors():
-        import uvicorn
+        with startup_heap():
+            import uvicorn
 
-        from edge_worker.engine import EdgeEngine
-        from edge_worker.openai_api import ServerConfig, create_app
+            from edge_worker.engine import EdgeEngine
+            from edge_worker.openai_api import ServerConfig, create_app
 
-        with EdgeEngine(settings=settings(), progress=progress) as engine:
+            engine = EdgeEngine(settings=settings(), progress=progress)
+        with engine:
             progress.done()
             app = create_app(engine, ServerConfig(model_name=served_model_name, http_key=key,
                                                   max_concurrent=max_concurrent))
