@@ -129,7 +129,7 @@ def run_worker(model: str, max_batch: int, split: int, tokens: int, texts: list[
 def seed_check(model: str, tokens: int, kernel: str, prefix_mb: float = 128.0, head_blocks: bool = False) -> dict:
     """The seed's ``EdgeCloudManager`` in cloud-only mode against one worker: eight prompts one
     after another, then the eight as one batch (``process_hybrid`` of a list: eight sessions at
-    once); the worker's CPU per generated token and the wall time in each phase, and whether
+    once); the worker's (and the broker's) CPU per generated token and the wall time in each phase, and whether
     every row equals its prompt alone. ``kernel`` is the worker's ``EDGECLOUD_ROW_KERNEL``,
     ``prefix_mb`` its ``--prefix-cache-mb`` (with it, the batch finds its prompts computed by the
     first phase, as a service finds a system prompt or a conversation's earlier turns),
@@ -144,7 +144,7 @@ def seed_check(model: str, tokens: int, kernel: str, prefix_mb: float = 128.0, h
     from partition.tokens import encode_prompt
 
     with LocalCluster(model=model) as cluster:
-        cluster.start_broker()
+        broker = cluster.start_broker()
         worker = cluster.add_worker(env={SWITCH: kernel}, extra_args=("--prefix-cache-mb", f"{prefix_mb:g}",
                                                                       *(["--head-blocks"] if head_blocks else [])))
         cluster.wait_for_workers(1, timeout_s=600)
@@ -152,17 +152,17 @@ def seed_check(model: str, tokens: int, kernel: str, prefix_mb: float = 128.0, h
         manager = EdgeCloudManager(model=model, force_mode="cloud-only")
         try:
             ids = [encode_prompt(manager.tokenizer, t) for t in prompts()[:8]]
-            process = psutil.Process(worker.popen.pid)
+            process, broker_process = psutil.Process(worker.popen.pid), psutil.Process(broker.popen.pid)
             manager.process_hybrid(ids[0], max_new_tokens=4)  # warm both sides
 
-            def cpu() -> float:
-                return sum(process.cpu_times()[:2])
+            def cpu(proc: psutil.Process = process) -> float:
+                return sum(proc.cpu_times()[:2])
 
-            c0, t0 = cpu(), time.perf_counter()
+            c0, b0, t0 = cpu(), cpu(broker_process), time.perf_counter()
             alone = [manager.process_hybrid(p, max_new_tokens=tokens)[0, len(p):].tolist() for p in ids]
-            c1, t1 = cpu(), time.perf_counter()
+            c1, b1, t1 = cpu(), cpu(broker_process), time.perf_counter()
             out = manager.process_hybrid(ids, max_new_tokens=tokens)
-            c2, t2 = cpu(), time.perf_counter()
+            c2, b2, t2 = cpu(), cpu(broker_process), time.perf_counter()
             together = [out[i, len(p):len(p) + len(alone[i])].tolist() for i, p in enumerate(ids)]
             status = manager.cloud_client.status()["workers"][0]
         finally:
@@ -172,10 +172,14 @@ def seed_check(model: str, tokens: int, kernel: str, prefix_mb: float = 128.0, h
            "alone_cpu_ms_per_token": round((c1 - c0) / n * 1e3, 2),
            "together_cpu_ms_per_token": round((c2 - c1) / n * 1e3, 2), "cpu_ratio": round((c1 - c0) / (c2 - c1), 2),
            "tokens_per_s_ratio": round((t1 - t0) / (t2 - t1), 2), "alone_s": round(t1 - t0, 2),
-           "together_s": round(t2 - t1, 2), "identical": together == alone, "mean_batch": status["mean_batch"]}
+           "together_s": round(t2 - t1, 2), "identical": together == alone, "mean_batch": status["mean_batch"],
+           "broker_alone_cpu_ms_per_token": round((b1 - b0) / n * 1e3, 3),
+           "broker_together_cpu_ms_per_token": round((b2 - b1) / n * 1e3, 3)}
     print(f"seed check, worker kernel {kernel}, prefix cache {prefix_mb:g} MiB{', --head-blocks' if head_blocks else ''}: "
           f"{row['alone_cpu_ms_per_token']:.2f} against {row['together_cpu_ms_per_token']:.2f} ms, {row['cpu_ratio']:.2f}x less worker CPU per token at once, "
-          f"{row['tokens_per_s_ratio']:.2f}x the tokens/s, identical: {row['identical']}", file=sys.stderr)
+          f"{row['tokens_per_s_ratio']:.2f}x the tokens/s, identical: {row['identical']}; the broker "
+          f"{row['broker_alone_cpu_ms_per_token']:.2f} against {row['broker_together_cpu_ms_per_token']:.2f} ms",
+          file=sys.stderr)
     return row
 
 
@@ -253,6 +257,8 @@ def main() -> None:
     ap.add_argument("--seed-check", action="store_true",
                     help="only the seed manager's check: eight prompts one after another, then as one batch, "
                          "with the worker's defaults, with --head-blocks, without its prefix cache, and with MKL tiles")
+    ap.add_argument("--default-only", action="store_true",
+                    help="--seed-check: only the worker's defaults (alternate two trees with it)")
     ap.add_argument("--cold-burst", action="store_true",
                     help="only eight chat prompts at once at a fresh worker, with its prefix cache and without")
     ap.add_argument("--reps", type=int, default=3, help="--cold-burst: runs of each")
@@ -270,9 +276,9 @@ def main() -> None:
             raise SystemExit(1)
         return
     if args.seed_check:
+        configs = (("auto", 128.0, False), ("auto", 128.0, True), ("auto", 0.0, False), ("off", 128.0, False))
         rows = [seed_check(args.model, args.tokens, kernel, prefix_mb, head)
-                for kernel, prefix_mb, head in (("auto", 128.0, False), ("auto", 128.0, True), ("auto", 0.0, False),
-                                                ("off", 128.0, False))]
+                for kernel, prefix_mb, head in configs[:1 if args.default_only else None]]
         if args.json:
             for r in rows:
                 print(json.dumps(r))

@@ -541,7 +541,7 @@ class Broker:
         w.in_flight.pop(request_id, None)
         return req
 
-    def _on_worker_reply(self, identity: bytes, msg: p.WorkerReply) -> None:
+    def _on_worker_reply(self, identity: bytes, msg: p.WorkerReply, pump: bool = True) -> None:
         w = self._known_worker(identity)
         if w is None:
             self.counters["late_replies_discarded"] += 1
@@ -557,6 +557,20 @@ class Broker:
         if r.kind in self.config.close_kinds:
             self._remember_ended(r.session_id, "closed by its client")
         self._finish(req, drop_session=r.kind in self.config.close_kinds)
+        if pump:
+            self._pump(time.monotonic())
+
+    def _on_worker_replies(self, identity: bytes, msg: p.WorkerReplies) -> None:
+        """Each reply as if it came alone (one that fails does not keep the others from their
+        clients), then one pass over the queue for the slots they freed."""
+        if self._known_worker(identity) is None:  # told to register again, once
+            self.counters["late_replies_discarded"] += len(msg.replies)
+            return
+        for reply in msg.split():
+            try:
+                self._on_worker_reply(identity, reply, pump=False)
+            except Exception:  # noqa: BLE001 - counted and logged; the next reply goes on
+                self._internal_error("handling a WorkerReply of a WorkerReplies")
         self._pump(time.monotonic())
 
     def _on_worker_error(self, identity: bytes, msg: p.WorkerError) -> None:
@@ -980,6 +994,7 @@ _HANDLERS = {
     p.Register: Broker._on_register,
     p.Heartbeat: Broker._on_heartbeat,
     p.WorkerReply: Broker._on_worker_reply,
+    p.WorkerReplies: Broker._on_worker_replies,
     p.WorkerError: Broker._on_worker_error,
     p.Disconnect: Broker._on_disconnect,
 }

@@ -35,7 +35,8 @@ RequestId = NewType("RequestId", str)
 SessionId = NewType("SessionId", str)
 WorkerId = NewType("WorkerId", str)
 
-PROTOCOL_VERSION = 3  # 2: heartbeats carry per_layer_ms; 3: batch and cache figures, the broker's period and id
+PROTOCOL_VERSION = 4  # 2: heartbeats carry per_layer_ms; 3: batch and cache figures, the broker's period and id;
+# 4: WORKER_REPLIES, a forward pass's replies in one message
 MAGIC = b"EC"
 _PREFIX = MAGIC + bytes([PROTOCOL_VERSION])
 
@@ -79,6 +80,7 @@ class MsgType(IntEnum):
     WORKER_REPLY = 23
     WORKER_ERROR = 24
     DISCONNECT = 25
+    WORKER_REPLIES = 26
     # broker -> worker
     DISPATCH = 31
     BROKER_HEARTBEAT = 32
@@ -155,6 +157,20 @@ def _strmap(v: Any) -> dict[str, Any]:
     return v
 
 
+ReplyHead = tuple[str, str, int, int, dict[str, Any], int]  # request_id, session_id, step, attempt, extra, frames
+
+
+def _replies(v: Any) -> tuple[ReplyHead, ...]:
+    if type(v) not in (list, tuple) or not 0 < len(v) <= MAX_BODY_FRAMES:
+        raise _bad(f"expected 1 to {MAX_BODY_FRAMES} replies")
+    out = []
+    for r in v:
+        if type(r) not in (list, tuple) or len(r) != 6:
+            raise _bad("expected [request_id, session_id, step, attempt, extra, frames] per reply")
+        out.append((_id(r[0]), _id(r[1]), _uint(r[2]), _uint(r[3]), _strmap(r[4]), _uint(r[5])))
+    return tuple(out)
+
+
 # ------------------------------------------------------------------- messages
 @dataclass(slots=True)
 class Message:
@@ -168,6 +184,9 @@ class Message:
     TYPE: ClassVar[MsgType]
     FIELDS: ClassVar[tuple[tuple[str, Checker], ...]] = ()
     HAS_BODY: ClassVar[bool] = False
+
+    def check(self) -> None:
+        """What its fields cannot say alone (raises ProtocolError); encode and decode call it."""
 
 
 @dataclass(slots=True)
@@ -354,6 +373,39 @@ class WorkerReply(Message):
 
 
 @dataclass(slots=True)
+class WorkerReplies(Message):
+    """Worker's results for several requests at once (the steps of one forward pass): one message,
+    one send call and one wake-up of each side's I/O thread where each reply alone took its own.
+    ``replies`` holds each reply's header fields and how many of the body frames, in turn, are
+    its own; :meth:`split` gives them back as ``WorkerReply`` messages."""
+
+    replies: tuple[ReplyHead, ...]
+    frames: Sequence[Any] = ()
+    TYPE = MsgType.WORKER_REPLIES
+    HAS_BODY = True
+    FIELDS = (("replies", _replies),)
+
+    @classmethod
+    def of(cls, replies: Sequence[WorkerReply]) -> WorkerReplies:
+        return cls(replies=tuple((r.request_id, r.session_id, r.step, r.attempt, r.extra, len(r.frames))
+                                 for r in replies),
+                   frames=[f for r in replies for f in r.frames])  # fmt: skip
+
+    def check(self) -> None:
+        if sum(r[5] for r in self.replies) != len(self.frames):
+            raise ProtocolError("bad_body", f"the replies claim {sum(r[5] for r in self.replies)} body frames, the "
+                                f"message has {len(self.frames)}", msg_type=int(self.TYPE))
+
+    def split(self) -> list[WorkerReply]:
+        out, at = [], 0
+        for request_id, session_id, step, attempt, extra, n in self.replies:
+            out.append(WorkerReply(request_id=RequestId(request_id), session_id=SessionId(session_id), step=step,
+                                   attempt=attempt, extra=extra, frames=list(self.frames[at:at + n])))
+            at += n
+        return out
+
+
+@dataclass(slots=True)
 class WorkerError(Message):
     """Worker failed one attempt of a request."""
 
@@ -441,7 +493,8 @@ MESSAGE_CLASSES: dict[int, type[Message]] = {
     cls.TYPE: cls
     for cls in (
         Request, Status, Ping, Reply, Error, StatusReply, Pong, Register, Heartbeat, WorkerReply,
-        WorkerError, Disconnect, Dispatch, BrokerHeartbeat, DropSession, Reregister, BrokerDisconnect,
+        WorkerError, Disconnect, WorkerReplies, Dispatch, BrokerHeartbeat, DropSession, Reregister,
+        BrokerDisconnect,
     )
 }  # fmt: skip
 
@@ -492,6 +545,8 @@ def encode(msg: Message, validate: bool = True) -> list[Any]:
         body = list(msg.frames)  # type: ignore[attr-defined]
         _check_body(body, int(cls.TYPE), None)
         frames.extend(body)
+    if validate:
+        msg.check()
     return frames
 
 
@@ -597,4 +652,6 @@ def decode(frames: Sequence[Any]) -> Message:
             ) from None
     if cls.HAS_BODY:
         kwargs["frames"] = list(body)
-    return cls(**kwargs)
+    msg = cls(**kwargs)
+    msg.check()
+    return msg

@@ -70,7 +70,7 @@ ZAP_POLL_MS = 100
 ZAP_JOIN_TIMEOUT_S = 5.0
 
 _CLIENT_MESSAGES = (p.Request, p.Status, p.Ping)
-_WORKER_MESSAGES = (p.Register, p.Heartbeat, p.WorkerReply, p.WorkerError, p.Disconnect, p.Ping)
+_WORKER_MESSAGES = (p.Register, p.Heartbeat, p.WorkerReply, p.WorkerReplies, p.WorkerError, p.Disconnect, p.Ping)
 
 
 # ------------------------------------------------------------------ allowlist

@@ -234,6 +234,26 @@ class WorkerConnection:
                             extra=dict(header_extra or {}), frames=list(frames))  # fmt: skip
         self._post(p.encode(msg))
 
+    def reply_many(self, answers: Sequence[tuple[Job, dict[str, Any] | None, Sequence[Any]]]) -> None:
+        """Send the results of several jobs (job, header_extra, frames), in as few messages as the
+        protocol's body limit allows: the steps of one forward pass cost the worker and the
+        broker one message, where each alone cost a send call and a wake-up of both sides' I/O
+        threads."""
+        group: list[p.WorkerReply] = []
+        frames_in_group = 0
+        for job, extra, frames in answers:
+            if group and frames_in_group + len(frames) > p.MAX_BODY_FRAMES:
+                self._post_replies(group)
+                group, frames_in_group = [], 0
+            group.append(p.WorkerReply(request_id=job.request_id, session_id=job.session_id, step=job.step,
+                                       attempt=job.attempt, extra=dict(extra or {}), frames=list(frames)))
+            frames_in_group += len(frames)
+        if group:
+            self._post_replies(group)
+
+    def _post_replies(self, replies: list[p.WorkerReply]) -> None:
+        self._post(p.encode(replies[0] if len(replies) == 1 else p.WorkerReplies.of(replies)))
+
     def fail(self, job: Job, error: BaseException) -> None:
         """Report that ``job`` failed; non-edgecloud exceptions travel as RemoteError."""
         err = error if isinstance(error, EdgeCloudError) else RemoteError.from_exception(error)

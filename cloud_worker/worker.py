@@ -361,6 +361,14 @@ class CloudWorker:
         self.conn.reply(job, extra, frames)
         self.faults.after(job)
 
+    def _answer_many(self, answers: list[tuple[Job, dict, list]]) -> None:
+        """The replies of one forward pass's steps, sent together (``WorkerConnection.reply_many``)."""
+        assert self.conn is not None
+        self.served += len(answers)
+        self.conn.reply_many(answers)
+        for job, _, _ in answers:
+            self.faults.after(job)
+
     def _open(self, job: Job) -> tuple[dict, list]:
         params = OpenParams.from_extra(job.extra)
         if not 0 <= job.layer_lo <= self.source.n_layers:
@@ -573,7 +581,7 @@ class CloudWorker:
         compute_ms = (time.perf_counter() - t0) * 1e3
         self._last_pass_s = compute_ms / 1e3
         self._last_pass_sessions = {p.job.session_id for p in batch}
-        tokens = 0
+        tokens, answers = 0, []
         for p, out, (_, b, _) in zip(batch, outs, chunks, strict=True):
             p.done, p.compute_ms = b, p.compute_ms + compute_ms
             if out.logits is not None:
@@ -609,9 +617,10 @@ class CloudWorker:
             if len(batch) == 1 and p.compute_ms == compute_ms:  # the planner reads a lone step's figure
                 self.cost.observe(compute_ms, self.source.n_layers - session.layer_lo, p.hidden.shape[1])
             worker_ms = (time.monotonic() - p.job.received_at) * 1e3
-            self._answer(p.job, {}, seal_step_reply(session.cipher, p.job.session_id, p.job.step, token,
-                                                     cache.length, p.compute_ms, worker_ms, accepted=accepted,
-                                                     path=path))
+            answers.append((p.job, {}, seal_step_reply(session.cipher, p.job.session_id, p.job.step, token,
+                                                        cache.length, p.compute_ms, worker_ms, accepted=accepted,
+                                                        path=path)))
+        self._answer_many(answers)
         self.conn.record_batch(len(batch), tokens)
 
     def _session_ended(self, session: Session, why: str) -> None:

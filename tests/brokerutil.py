@@ -92,6 +92,7 @@ class InProcessWorker:
         self.worker = worker
         self.replies: dict[tuple[str, int], list] = {}
         worker._answer = lambda job, extra, frames: self.replies.__setitem__((job.session_id, job.step), frames)
+        worker._answer_many = lambda answers: [worker._answer(*a) for a in answers]
 
     def send(self, session_id: str, kind: str, step: int, layer_lo: int, extra: dict | None = None,
              frames: list | None = None) -> list | None:

@@ -95,6 +95,28 @@ def test_hung_worker_expires_and_open_is_redispatched(broker: Broker) -> None:
             wait_until(lambda: counters(c).get("late_replies_discarded", 0) == 1, what="late reply discarded")
 
 
+def test_one_message_of_replies_reaches_each_client_and_a_stale_reply_in_it_is_dropped(broker: Broker) -> None:
+    """A batching worker answers a forward pass's steps in one WORKER_REPLIES message: each reply
+    reaches its own client, with its own frames, and one the broker no longer waits for (a
+    timed-out attempt, a foreign id) is discarded without costing the others theirs."""
+    with raw_dealer(broker.endpoint) as worker, client(broker.endpoint) as c1, client(broker.endpoint) as c2:
+        _register_raw(worker, "batcher", max_batch=4)
+        r1 = c1.submit("s1", "open", MODEL, 2, 0, [b"one"], timeout_s=LONG_S)
+        r2 = c2.submit("s2", "open", MODEL, 2, 0, [b"two"], timeout_s=LONG_S)
+        jobs = {d.request_id: d for d in (recv_until(worker, p.Dispatch), recv_until(worker, p.Dispatch))}
+        assert set(jobs) == {r1, r2}
+        replies = [p.WorkerReply(request_id=rid, session_id=jobs[rid].session_id, step=0, attempt=1,
+                                 extra={"who": jobs[rid].session_id}, frames=[b"answer-" + bytes(jobs[rid].frames[0])])
+                   for rid in (r2, r1)]  # fmt: skip
+        stale = p.WorkerReply(request_id="gone", session_id="s9", step=0, attempt=1, frames=[b"x", b"y"])
+        worker.send_multipart(p.encode(p.WorkerReplies.of([replies[0], stale, replies[1]])))
+        for c, rid, sid, body in ((c1, r1, "s1", b"answer-one"), (c2, r2, "s2", b"answer-two")):
+            reply = c.result(rid)
+            assert (reply.worker_id, reply.header, [bytes(f) for f in reply.frames]) == ("batcher", {"who": sid}, [body])
+        cn = counters(c1)
+        assert cn["requests_served"] == 2 and cn["late_replies_discarded"] == 1
+
+
 def test_a_worker_declared_lost_is_told_to_free_its_sessions_when_it_comes_back(broker: Broker) -> None:
     """Its edges heard their sessions were lost and reopen elsewhere: a worker that had only hung
     still holds those caches, and must hear to free them rather than keep them until they idle

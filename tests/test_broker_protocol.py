@@ -43,6 +43,8 @@ EXAMPLES = [
     p.Heartbeat(worker_id="w1", active_sessions=4, queue_depth=1, per_layer_ms=0.8),
     p.WorkerReply(request_id="r1", session_id="s1", step=3, attempt=2, extra={}, frames=[b"y" * 100]),
     p.WorkerError(request_id="r1", attempt=1, code="remote", message="ValueError: bad shape"),
+    p.WorkerReplies(replies=(("r1", "s1", 3, 1, {}, 1), ("r2", "s2", 0, 2, {"n": 1}, 2), ("r3", "s1", 4, 1, {}, 0)),
+                    frames=[b"a" * 10, b"b", b"c"]),
     p.Disconnect(worker_id="w1"),
     p.Dispatch(request_id="r1", session_id="s1", model_id="smollm2", step=3, attempt=1, kind="prefill",
                deadline_ms=900, layer_lo=6, extra={"eph": b"\x02" * 32}, frames=[]),
@@ -78,7 +80,7 @@ def _reason(frames: list) -> str:
 
 def test_rejects_bad_magic_version_and_type() -> None:
     assert _reason([b"XX\x01\x80"]) == "bad_magic"
-    for old in (1, 2):  # earlier versions
+    for old in (1, 2, 3):  # earlier versions
         assert _reason([b"EC" + bytes([old]) + msgpack.packb({"t": 3, "request_id": "x"})]) == "bad_version"
     assert _reason([b"EC"]) == "bad_version"
     assert _reason([_header({"t": 99})]) == "unknown_type"
@@ -129,6 +131,28 @@ def test_size_limits(monkeypatch: pytest.MonkeyPatch) -> None:
         p.encode(
             p.Reply(request_id="r", session_id="s", step=0, worker_id="w", attempt=1, frames=[b"z" * 101])
         )
+
+
+def test_worker_replies_split_into_the_replies_they_carry() -> None:
+    replies = [p.WorkerReply(request_id="r1", session_id="s1", step=3, attempt=1, frames=[b"a", b"b"]),
+               p.WorkerReply(request_id="r2", session_id="s2", step=7, attempt=2, extra={"k": "v"}, frames=[]),
+               p.WorkerReply(request_id="r3", session_id="s3", step=0, attempt=1, frames=[b"c"])]
+    back = p.decode([bytes(f) for f in p.encode(p.WorkerReplies.of(replies))])
+    assert [(r.request_id, r.session_id, r.step, r.attempt, r.extra, [bytes(f) for f in r.frames])
+            for r in back.split()] == [(r.request_id, r.session_id, r.step, r.attempt, r.extra, r.frames)
+                                       for r in replies]  # fmt: skip
+
+
+def test_worker_replies_whose_frames_do_not_add_up_are_refused() -> None:
+    frames = p.encode(next(m for m in EXAMPLES if type(m) is p.WorkerReplies))
+    assert _reason(frames[:-1]) == "bad_body"  # a frame short
+    assert _reason([*frames, b"extra"]) == "bad_body"
+    with pytest.raises(ProtocolError, match="claim 1 body frames"):
+        p.encode(p.WorkerReplies(replies=(("r1", "s1", 0, 1, {}, 1),), frames=[]))
+    good = msgpack.unpackb(frames[0][3:])
+    for value in ([], [["r1", "s1", 0, 1, {}]], [["r1", "s1", -1, 1, {}, 0]], [["", "s1", 0, 1, {}, 0]],
+                  [["r1", "s1", 0, 1, {1: 2}, 0]], [["r1", "s1", 0, 1, {}, 0]] * (p.MAX_BODY_FRAMES + 1)):
+        assert _reason([_header({**good, "replies": value})]) in ("bad_field", "bad_msgpack"), value
 
 
 def test_encode_refuses_what_decode_would_reject() -> None:
@@ -193,7 +217,7 @@ def test_fuzz_after_valid_prefix(payload: bytes, body: list[bytes]) -> None:
     st.dictionaries(st.sampled_from(["request_id", "session_id", "model_id", "layer_lo", "deadline_ms", "step",
                                      "kind", "api_key", "extra", "worker_id", "attempt", "code", "message",
                                      "layer_ranges", "public_key", "per_layer_ms", "pid", "max_sessions",
-                                     "active_sessions", "queue_depth", "status", "reason", "zzz"]),
+                                     "active_sessions", "queue_depth", "status", "reason", "replies", "zzz"]),
                     msgpack_values, max_size=12),
     st.lists(st.binary(max_size=20), max_size=3),
 )  # fmt: skip

@@ -76,6 +76,37 @@ def test_get_times_out_and_close_wakes_it() -> None:
         assert conn.get(0.01) is None  # after close: no hang, no error
 
 
+def test_reply_many_sends_a_pass_in_as_few_messages_as_the_body_limit_allows() -> None:
+    from broker import protocol as p
+
+    n = p.MAX_BODY_FRAMES + 6  # one frame each: two messages
+    with running_broker() as b, client(b.endpoint) as c:
+        conn = WorkerConnection(b.endpoint, WorkerInfo(WorkerId("w1"), MODEL, ((0, 32),), max_sessions=n,
+                                                       max_batch=n))
+        posted: list[int] = []
+        post = conn._post
+        conn._post = lambda frames: (posted.append(p.decode(frames).TYPE), post(frames))  # type: ignore[method-assign]
+        try:
+            wait_until(lambda: c.status()["workers"], what="registration")
+            rids = {c.submit(f"s{i}", "open", MODEL, 1, 0, [str(i).encode()], timeout_s=10.0): i for i in range(n)}
+            jobs: list = []
+            deadline = time.monotonic() + 10.0
+            while len(jobs) < n and time.monotonic() < deadline:
+                job = conn.get(0.5)
+                if job is not None:
+                    jobs += [job, *conn.take_ready(n)]
+            assert len(jobs) == n
+            conn.reply_many([(job, {"i": int(bytes(job.frames[0]))}, [b"r" + bytes(job.frames[0])]) for job in jobs])
+            for rid, i in rids.items():
+                reply = c.result(rid)
+                assert (reply.header, [bytes(f) for f in reply.frames]) == ({"i": i}, [b"r%d" % i])
+            assert posted == [p.MsgType.WORKER_REPLIES, p.MsgType.WORKER_REPLIES]
+            conn.reply_many([])  # nothing to send: no message
+            assert len(posted) == 2
+        finally:
+            conn.close()
+
+
 @pytest.mark.integration
 def test_broker_side_modules_do_not_import_torch() -> None:
     code = (
