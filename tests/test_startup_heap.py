@@ -72,13 +72,13 @@ app(args, standalone_mode=False)
      ["cloud-worker", "--model", "tiny-llama", "--broker", "tcp://127.0.0.1:1", "--no-curve", "--no-encryption"]),
     ("broker.broker", "Broker.serve_forever", ["broker", "--endpoint", "tcp://127.0.0.1:*", "--no-auth", "--no-curve"]),
     ("uvicorn", "run", ["serve", "--model", "tiny-llama", "--force-local", "--port", "1"]),
-    ("edge_worker.engine", "EdgeEngine.generate", ["edge", "--model", "tiny-llama", "--force-local"]),
+    ("edge_worker.engine", "EdgeEngine.__enter__", ["edge", "--model", "tiny-llama", "--force-local", "--tokens", "4"]),
 ], ids=["cloud-worker", "broker", "serve", "edge"])
 def test_each_role_serves_with_the_collector_on_and_its_start_up_frozen(tiny_llama, module, attr, args):
     out = subprocess.run([sys.executable, "-c", PROBE, module, attr, *args], capture_output=True, text=True,
                          env=child_env(), cwd=ROOT, timeout=300)
     probes = [line for line in out.stdout.splitlines() if line.startswith("PROBE ")]
-    assert probes, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.returncode == 0 and probes, out.stdout[-2000:] + out.stderr[-2000:]
     enabled, frozen = json.loads(probes[0].removeprefix("PROBE "))
     assert enabled
     assert frozen > 10_000  # the imports and the model, not a handful
