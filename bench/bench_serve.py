@@ -17,6 +17,7 @@ broker and N workers on loopback, cli.cluster.LocalCluster).
 
     .venv/bin/python bench/bench_serve.py [--model smollm2-135m] [--tokens 48] [--reps 3] [--json]
     .venv/bin/python bench/bench_serve.py --split 15 --workers 1
+    .venv/bin/python bench/bench_serve.py --first-only     # start-up and the first request alone
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ def main() -> None:
     parser.add_argument("--broker", default=None)
     parser.add_argument("--keys", default=None)
     parser.add_argument("--workers", type=int, default=0, help="with --split: start a broker and this many workers")
+    parser.add_argument("--first-only", action="store_true",
+                        help="only the server's start and its first two requests' time to first token")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -127,8 +130,23 @@ def main() -> None:
 
     levels = [int(c) for c in args.concurrency.split(",")]
     port = free_port()
+    t0 = time.perf_counter()
     server = start_server(args.model, port, edge_args, max(levels))
     url = f"http://127.0.0.1:{port}"
+    if args.first_only:  # what the server's first user waits, next to the second
+        start_s = time.perf_counter() - t0
+        try:
+            name = json.loads(urllib.request.urlopen(f"{url}/v1/models").read())["data"][0]["id"]
+            with httpx.Client(timeout=600) as http:
+                first, second = (stream_once(http, url, name, PROMPTS[0], 4)[0] for _ in range(2))
+        finally:
+            server.terminate()
+            server.wait(10)
+            stack.close()
+        row = {"start_s": round(start_s, 2), "first_ttft_ms": round(first, 1), "second_ttft_ms": round(second, 1)}
+        print(json.dumps(row) if args.json else f"server up after {row['start_s']} s; time to first token: first "
+              f"request {row['first_ttft_ms']} ms, second {row['second_ttft_ms']} ms")
+        return
     try:
         name = json.loads(urllib.request.urlopen(f"{url}/v1/models").read())["data"][0]["id"]
         direct: dict[str, list[float]] = {"ttft_ms": [], "ms_per_token": []}

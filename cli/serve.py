@@ -63,6 +63,8 @@ def serve(
 
             engine = EdgeEngine(settings=settings(), progress=progress)
         with engine:
+            with startup_heap():
+                engine.warm_up()  # the first request finds its layers loaded
             progress.done()
             app = create_app(engine, ServerConfig(model_name=served_model_name, http_key=key,
                                                   max_concurrent=max_concurrent))

@@ -530,6 +530,19 @@ class EdgeEngine:
                 self._segments.popitem(last=False)
             return seg
 
+    def warm_up(self, prompt_tokens: int = 32) -> int | None:
+        """Build the edge's layers for the split the engine would pick now for a short prompt, so
+        that a server's first request does not wait for them (the segment is cached and reused);
+        returns that split, or None when it could not be decided now (the broker not answering
+        with the fallback off): the first request then builds what it needs, as without this."""
+        try:
+            decision, _ = self._decide(prompt_tokens, self.defaults.max_new_tokens, record=False)
+        except EdgeCloudError as exc:
+            log.warning("no split decided before the first request (%s); its layers load then", exc)
+            return None
+        self.edge_segment(decision.k)
+        return decision.k
+
     def edge_segment(self, k: int) -> ModelSegment:
         """The edge's layers ``[0, k)``, with the head when it runs every layer or the drafter
         applies the head to its own activations."""

@@ -395,3 +395,22 @@ def test_an_opener_interrupted_in_flight_is_closed_but_one_the_cloud_refused_is_
         session.step(torch.zeros(1, 1, 8), 0)
     session.close()
     assert conn.kinds == (["open", "close"] if closed else ["open"])
+
+
+def test_warm_up_builds_the_layers_the_first_generation_uses(tiny_llama):
+    """A server warms its engine before it listens: the first request finds the split's layers
+    built (no "loading" step of its own) and records no decision for the warm-up."""
+    from edge_worker.config import EdgeConfig
+    from edge_worker.engine import EdgeEngine
+
+    said: list[str] = []
+    with EdgeEngine("tiny-llama", EdgeConfig(force_local=True), progress=said.append) as engine:
+        assert engine.warm_up() == tiny_llama.n_layers
+        assert any(m.startswith("loading layers") for m in said) and engine.decisions == []
+        said.clear()
+        engine.generate([65, 66, 67], engine.params(max_new_tokens=2))
+        assert not any(m.startswith("loading") for m in said), said
+    settings = EdgeConfig(model="tiny-llama", split=2, broker="tcp://127.0.0.1:9", encryption=False,
+                          request_timeout_s=0.3, step_deadline_s=1.0)
+    with EdgeEngine(settings=settings) as engine:  # no broker: the fallback's decision, every layer here
+        assert engine.warm_up() == tiny_llama.n_layers
