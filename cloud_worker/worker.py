@@ -592,6 +592,7 @@ class CloudWorker:
             self._release(p.job.session_id)
             session, cache = p.session, p.session.cache
             path, tree_rows = None, None
+            known = None if session.digests is None else len(session.digests)
             try:
                 logits = p.logits[0] if len(p.logits) == 1 else torch.cat(p.logits, dim=1)
                 if p.tree is not None:
@@ -601,25 +602,27 @@ class CloudWorker:
                 else:
                     accepted, token = verify_drafts(logits[0], p.draft, session.sampling, p.job.step, p.seen)
                     cache.crop(cache.length - (len(p.draft) - accepted))
-            except Exception as exc:  # noqa: BLE001
+                if session.digests is not None:
+                    # What the cache now holds of the frame: its first rows, or a tree's kept path.
+                    session.digests += (p.digests[:cache.length - p.pos] if tree_rows is None else
+                                        row_digests(p.hidden[:, tree_rows], session.layer_lo,
+                                                    session.digests[-1] if p.pos else None))
+                    if p.prompt:
+                        self.prefixes.add(session.digests, cache)
+                worker_ms = (time.monotonic() - p.job.received_at) * 1e3
+                reply = seal_step_reply(session.cipher, p.job.session_id, p.job.step, token, cache.length,
+                                        p.compute_ms, worker_ms, accepted=accepted, path=path)
+            except Exception as exc:  # noqa: BLE001 - this step fails; the pass's other steps are answered
                 cache.crop(p.pos)
+                if known is not None:
+                    del session.digests[known:]
                 self._failed(p.job, exc)
                 continue
             tokens += accepted + 1
-            if session.digests is not None:
-                # What the cache now holds of the frame: its first rows, or a tree's kept path.
-                session.digests += (p.digests[:cache.length - p.pos] if tree_rows is None else
-                                    row_digests(p.hidden[:, tree_rows], session.layer_lo,
-                                                session.digests[-1] if p.pos else None))
-                if p.prompt:
-                    self.prefixes.add(session.digests, cache)
             session.last_step, session.epoch, session.expected = p.job.step, p.epoch, token
             if len(batch) == 1 and p.compute_ms == compute_ms:  # the planner reads a lone step's figure
                 self.cost.observe(compute_ms, self.source.n_layers - session.layer_lo, p.hidden.shape[1])
-            worker_ms = (time.monotonic() - p.job.received_at) * 1e3
-            answers.append((p.job, {}, seal_step_reply(session.cipher, p.job.session_id, p.job.step, token,
-                                                        cache.length, p.compute_ms, worker_ms, accepted=accepted,
-                                                        path=path)))
+            answers.append((p.job, {}, reply))
         self._answer_many(answers)
         self.conn.record_batch(len(batch), tokens)
 

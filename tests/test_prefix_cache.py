@@ -425,6 +425,47 @@ def test_a_conversations_next_turn_goes_to_the_worker_that_holds_its_earlier_tur
         assert sum(reused.values()) == reused[home]
 
 
+def test_a_step_that_fails_after_its_pass_fails_alone_and_the_others_are_answered(tiny_llama):
+    """Two prompts in one pass; keeping the first one's positions for reuse fails (as a cache
+    out of memory would): that step gets an error, its session's cache and digests are as before
+    the step, and the other step of the pass gets its answer, the token its prompt gives alone."""
+    import time
+
+    from brokerutil import in_process_worker
+    from test_tree import _next_local
+
+    from broker.wire.crypto import NullCipher
+    from broker.wire.session_protocol import new_close_key, open_step_reply, seal_step
+    from broker.worker_api import Job
+
+    _segment(tiny_llama)
+    prompts = {"a": [50, 51, 52, 53], "c": [7, 8, 9, 10, 11]}
+    embed = ModelSegment.load(tiny_llama, 0, 0)
+    with in_process_worker() as served:
+        worker = served.worker
+        for sid in prompts:
+            served.send(sid, "open", 0, 0, served.opener(new_close_key()))
+        keep = worker.prefixes.add
+
+        def add(digests, cache, *args):
+            if cache is worker.sessions.get("a").cache:
+                raise MemoryError("no room for the prompt's positions")
+            return keep(digests, cache, *args)
+
+        worker.prefixes.add = add
+        worker.handle_many([Job(request_id=f"{sid}-step", session_id=sid, model_id=tiny_llama.model_id, step=1,
+                                attempt=1, kind="step", layer_lo=0, deadline_ms=5000, extra={},
+                                received_at=time.monotonic(),
+                                frames=seal_step(NullCipher(), sid, 1, 0, embed(torch.tensor([ids]), embed.new_cache(),
+                                                                               logits="none").hidden, "fp32"))
+                            for sid, ids in prompts.items()])  # fmt: skip
+        assert worker.failed == 1 and ("a", 1) not in served.replies
+        a = worker.sessions.get("a")
+        assert a.cache.length == 0 and not a.digests
+        assert open_step_reply(NullCipher(), "c", 1, served.replies["c", 1]).token == _next_local(tiny_llama,
+                                                                                                   prompts["c"])
+
+
 def test_prompts_arriving_together_compute_their_shared_beginning_once(tiny_llama):
     """Three prompts reach a cold worker in one gather, two sharing a 40-position beginning: the
     first computes it, the second waits one pass and copies it, the third (nothing shared) runs
