@@ -392,9 +392,10 @@ class WorkerReplies(Message):
                    frames=[f for r in replies for f in r.frames])  # fmt: skip
 
     def check(self) -> None:
-        if sum(r[5] for r in self.replies) != len(self.frames):
-            raise ProtocolError("bad_body", f"the replies claim {sum(r[5] for r in self.replies)} body frames, the "
-                                f"message has {len(self.frames)}", msg_type=int(self.TYPE))
+        claimed = sum(r[5] for r in self.replies)
+        if claimed != len(self.frames):
+            raise ProtocolError("bad_body", f"the replies claim {claimed} body frames, the message has "
+                                f"{len(self.frames)}", msg_type=int(self.TYPE))
 
     def split(self) -> list[WorkerReply]:
         out, at = [], 0

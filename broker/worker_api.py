@@ -230,9 +230,7 @@ class WorkerConnection:
 
     def reply(self, job: Job, header_extra: dict[str, Any] | None = None, frames: Sequence[Any] = ()) -> None:
         """Send the result of ``job``; ``frames`` are sent zero-copy (keep them unmodified)."""
-        msg = p.WorkerReply(request_id=job.request_id, session_id=job.session_id, step=job.step, attempt=job.attempt,
-                            extra=dict(header_extra or {}), frames=list(frames))  # fmt: skip
-        self._post(p.encode(msg))
+        self.reply_many([(job, header_extra, frames)])
 
     def reply_many(self, answers: Sequence[tuple[Job, dict[str, Any] | None, Sequence[Any]]]) -> None:
         """Send the results of several jobs (job, header_extra, frames), in as few messages as the

@@ -356,13 +356,10 @@ class CloudWorker:
         self.conn.fail(job, exc)
 
     def _answer(self, job: Job, extra: dict, frames: list) -> None:
-        assert self.conn is not None
-        self.served += 1
-        self.conn.reply(job, extra, frames)
-        self.faults.after(job)
+        self._answer_many([(job, extra, frames)])
 
     def _answer_many(self, answers: list[tuple[Job, dict, list]]) -> None:
-        """The replies of one forward pass's steps, sent together (``WorkerConnection.reply_many``)."""
+        """Replies, sent together (one forward pass's steps: ``WorkerConnection.reply_many``)."""
         assert self.conn is not None
         self.served += len(answers)
         self.conn.reply_many(answers)

@@ -91,8 +91,8 @@ class InProcessWorker:
     def __init__(self, worker: Any) -> None:
         self.worker = worker
         self.replies: dict[tuple[str, int], list] = {}
-        worker._answer = lambda job, extra, frames: self.replies.__setitem__((job.session_id, job.step), frames)
-        worker._answer_many = lambda answers: [worker._answer(*a) for a in answers]
+        worker._answer_many = lambda answers: self.replies.update(((job.session_id, job.step), frames)
+                                                                  for job, _, frames in answers)
 
     def send(self, session_id: str, kind: str, step: int, layer_lo: int, extra: dict | None = None,
              frames: list | None = None) -> list | None:
