@@ -103,6 +103,8 @@ MAX_POLL_S = 1.0
 STOP_EVENT_POLL_S = 0.1
 # How many lost workers Broker._orphans keeps the dropped sessions of (the most recent ones).
 ORPHAN_WORKERS_REMEMBERED = 256
+# Dispatches held while reading the socket before they are sent anyway (see Broker._held).
+HOLD_DISPATCHES = 64
 
 
 class Broker:
@@ -170,6 +172,11 @@ class Broker:
         self._queue: deque[PendingRequest] = deque()
         self._timers = RequestTimers(self._requests.__contains__, self._requests.__len__)
         self._to_expire: dict[WorkerId, str] = {}
+        # Dispatches routed while reading the socket, by worker identity: sent together (_flush)
+        # when the socket is drained, every HOLD_DISPATCHES of them, or before anything else
+        # goes to that worker, so they keep their order among its messages.
+        self._held: dict[bytes, tuple[WorkerId, list[tuple[p.Dispatch, int]]]] = {}  # (dispatch, body bytes)
+        self._n_held = 0
         self._sweep_needed = False
         self.counters: Counter[str] = Counter()
         self.protocol_errors: Counter[str] = Counter()
@@ -191,6 +198,7 @@ class Broker:
                 now = time.monotonic()
                 try:
                     self._run_timers(now)
+                    self._flush()
                 except Exception:  # a bug must not end every session with the broker
                     self._internal_error("running timers")
                 cap = STOP_EVENT_POLL_S if stop_event is not None else MAX_POLL_S
@@ -215,6 +223,7 @@ class Broker:
         return self._stopped.wait(timeout_s)
 
     def _shutdown(self) -> None:
+        self._held.clear()  # their requests fail below
         try:
             for req in list(self._requests.values()):
                 self._fail(req, BrokerUnavailable(self.endpoint, "the broker is shutting down"))
@@ -244,6 +253,9 @@ class Broker:
             if self._sweep_needed:
                 self._sweep_needed = False
                 self._pump(time.monotonic(), sweep=True)
+            if self._n_held >= HOLD_DISPATCHES:
+                self._flush()
+        self._flush()
 
     def _handle(self, frames: list[Any]) -> None:
         identity = frames[0]
@@ -692,10 +704,51 @@ class Broker:
         msg = p.Dispatch(request_id=r.request_id, session_id=r.session_id, model_id=r.model_id, step=r.step,
                          attempt=req.attempt, kind=r.kind, deadline_ms=max(0, int((req.deadline - now) * 1000)),
                          layer_lo=r.layer_lo, extra=r.extra, frames=r.frames)  # fmt: skip
-        if not self._send(w.identity, msg, validate=False):  # every field was validated on arrival
-            self._to_expire.setdefault(w.worker_id, "unreachable")
-        elif req.attempt > 1:
+        held = self._held.get(w.identity)
+        if held is None:
+            held = self._held[w.identity] = (w.worker_id, [])
+        held[1].append((msg, req.nbytes))
+        self._n_held += 1
+        if req.attempt > 1:
             self.counters["redispatched"] += 1
+
+    def _flush(self) -> None:
+        """Send the held dispatches; a worker that cannot be reached is expired, and what that
+        routes elsewhere is sent too."""
+        while self._held:
+            for identity in list(self._held):
+                self._flush_to(identity)
+            if self._to_expire:
+                self._expire_pending()
+
+    def _flush_to(self, identity: bytes) -> None:
+        """Send one worker's held dispatches: one DISPATCH, else DISPATCHES of at most
+        MAX_BODY_FRAMES steps and frames, and MAX_MESSAGE_BYTES, each."""
+        worker_id, held = self._held.pop(identity)
+        self._n_held -= len(held)
+        group: list[p.Dispatch] = []
+        n_frames = n_bytes = 0
+        for msg, nbytes in held:
+            if group and (len(group) == p.MAX_BODY_FRAMES or n_frames + len(msg.frames) > p.MAX_BODY_FRAMES
+                          or n_bytes + nbytes > p.MAX_MESSAGE_BYTES):
+                if not self._send_dispatches(identity, group):
+                    self._to_expire.setdefault(worker_id, "unreachable")
+                    return
+                group, n_frames, n_bytes = [], 0, 0
+            group.append(msg)
+            n_frames += len(msg.frames)
+            n_bytes += nbytes
+        if not self._send_dispatches(identity, group):
+            self._to_expire.setdefault(worker_id, "unreachable")
+
+    def _send_dispatches(self, identity: bytes, group: list[p.Dispatch]) -> bool:
+        if len(group) == 1:
+            return send_or_false(self._sock, [identity, *p.encode(group[0], validate=False)])
+        try:
+            frames = p.encode(p.Dispatches.of(group), validate=False)  # every field was validated on arrival
+        except ProtocolError:  # their headers together are too large: one by one
+            return all(send_or_false(self._sock, [identity, *p.encode(m, validate=False)]) for m in group)
+        return send_or_false(self._sock, [identity, *frames])
 
     def _pump(self, now: float, sweep: bool = False) -> None:
         """Dispatch queued requests, oldest first, wherever a slot is free.
@@ -814,6 +867,9 @@ class Broker:
         now = time.monotonic()
         self._workers.pop(w.worker_id, None)
         self._by_identity.pop(w.identity, None)
+        held = self._held.pop(w.identity, None)  # re-run or failed below, with the rest in flight
+        if held is not None:
+            self._n_held -= len(held[1])
         self.counters["workers_expired"] += 1
         logger.warning("worker %s (pid %d) lost: %s; %d sessions, %d in flight", w.worker_id, w.pid, reason,
                        len(w.sessions), len(w.in_flight))  # fmt: skip
@@ -949,6 +1005,8 @@ class Broker:
 
     # ---------------------------------------------------------------- output
     def _send(self, identity: bytes, msg: p.Message, validate: bool = True) -> bool:
+        if identity in self._held:  # what was routed to a worker before goes before
+            self._flush_to(identity)
         ok = send_or_false(self._sock, [identity, *p.encode(msg, validate)])
         if not ok:
             self.counters["unroutable_sends"] += 1

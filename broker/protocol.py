@@ -35,8 +35,8 @@ RequestId = NewType("RequestId", str)
 SessionId = NewType("SessionId", str)
 WorkerId = NewType("WorkerId", str)
 
-PROTOCOL_VERSION = 4  # 2: heartbeats carry per_layer_ms; 3: batch and cache figures, the broker's period and id;
-# 4: WORKER_REPLIES, a forward pass's replies in one message
+PROTOCOL_VERSION = 5  # 2: heartbeats carry per_layer_ms; 3: batch and cache figures, the broker's period and id;
+# 4: WORKER_REPLIES, a forward pass's replies in one message; 5: DISPATCHES, the steps for a worker in one
 MAGIC = b"EC"
 _PREFIX = MAGIC + bytes([PROTOCOL_VERSION])
 
@@ -87,6 +87,7 @@ class MsgType(IntEnum):
     DROP_SESSION = 33
     REREGISTER = 34
     BROKER_DISCONNECT = 35
+    DISPATCHES = 36
 
 
 CLIENT_TO_BROKER = frozenset({MsgType.REQUEST, MsgType.STATUS, MsgType.PING})
@@ -157,18 +158,23 @@ def _strmap(v: Any) -> dict[str, Any]:
     return v
 
 
-ReplyHead = tuple[str, str, int, int, dict[str, Any], int]  # request_id, session_id, step, attempt, extra, frames
+def _heads(item: str, fields: tuple[tuple[str, Checker], ...]) -> Checker:
+    """The check of a bundle's heads (``WorkerReplies``, ``Dispatches``): 1 to MAX_BODY_FRAMES lists,
+    each the fields of one ``item`` message in turn, then how many of the body frames are its own."""
+    checks = (*(check for _, check in fields), _uint)
+    shape = f"[{', '.join(name for name, _ in fields)}, frames]"
 
+    def check(v: Any) -> tuple[tuple[Any, ...], ...]:
+        if type(v) not in (list, tuple) or not 0 < len(v) <= MAX_BODY_FRAMES:
+            raise _bad(f"expected 1 to {MAX_BODY_FRAMES} {item}s")
+        out = []
+        for head in v:
+            if type(head) not in (list, tuple) or len(head) != len(checks):
+                raise _bad(f"expected {shape} per {item}")
+            out.append(tuple(c(x) for c, x in zip(checks, head, strict=True)))
+        return tuple(out)
 
-def _replies(v: Any) -> tuple[ReplyHead, ...]:
-    if type(v) not in (list, tuple) or not 0 < len(v) <= MAX_BODY_FRAMES:
-        raise _bad(f"expected 1 to {MAX_BODY_FRAMES} replies")
-    out = []
-    for r in v:
-        if type(r) not in (list, tuple) or len(r) != 6:
-            raise _bad("expected [request_id, session_id, step, attempt, extra, frames] per reply")
-        out.append((_id(r[0]), _id(r[1]), _uint(r[2]), _uint(r[3]), _strmap(r[4]), _uint(r[5])))
-    return tuple(out)
+    return check
 
 
 # ------------------------------------------------------------------- messages
@@ -187,6 +193,42 @@ class Message:
 
     def check(self) -> None:
         """What its fields cannot say alone (raises ProtocolError); encode and decode call it."""
+
+
+@dataclass(slots=True)
+class Bundle(Message):
+    """Several messages of one kind (``ITEM``) in one, as one send call and one wake-up of each
+    side's I/O thread where each alone took its own: its one field holds each message's header
+    fields and how many of the body frames, in turn, are its own. :meth:`of` builds one,
+    :meth:`split` gives the messages back."""
+
+    ITEM: ClassVar[type[Message]]
+
+    @classmethod
+    def of(cls, items: Sequence[Message]) -> Bundle:
+        names = [name for name, _ in cls.ITEM.FIELDS]
+        heads = tuple((*(getattr(m, name) for name in names), len(m.frames)) for m in items)  # type: ignore[attr-defined]
+        return cls(heads, [f for m in items for f in m.frames])  # type: ignore[attr-defined,call-arg]
+
+    def heads(self) -> tuple[tuple[Any, ...], ...]:
+        return getattr(self, self.FIELDS[0][0])
+
+    def check(self) -> None:
+        claimed = sum(head[-1] for head in self.heads())
+        n = len(self.frames)  # type: ignore[attr-defined]
+        if claimed != n:
+            raise ProtocolError("bad_body", f"its {self.ITEM.__name__} heads claim {claimed} body frames, the "
+                                f"message has {n}", msg_type=int(self.TYPE))  # fmt: skip
+
+    def split(self) -> list[Any]:
+        names = [name for name, _ in self.ITEM.FIELDS]
+        frames = self.frames  # type: ignore[attr-defined]
+        out, at = [], 0
+        for head in self.heads():
+            n = head[-1]
+            out.append(self.ITEM(**dict(zip(names, head, strict=False)), frames=list(frames[at:at + n])))  # type: ignore[call-arg]
+            at += n
+        return out
 
 
 @dataclass(slots=True)
@@ -373,37 +415,15 @@ class WorkerReply(Message):
 
 
 @dataclass(slots=True)
-class WorkerReplies(Message):
-    """Worker's results for several requests at once (the steps of one forward pass): one message,
-    one send call and one wake-up of each side's I/O thread where each reply alone took its own.
-    ``replies`` holds each reply's header fields and how many of the body frames, in turn, are
-    its own; :meth:`split` gives them back as ``WorkerReply`` messages."""
+class WorkerReplies(Bundle):
+    """Worker's results for several requests at once (the steps of one forward pass)."""
 
-    replies: tuple[ReplyHead, ...]
+    replies: tuple[tuple[Any, ...], ...]  # request_id, session_id, step, attempt, extra, frames
     frames: Sequence[Any] = ()
+    ITEM = WorkerReply
     TYPE = MsgType.WORKER_REPLIES
     HAS_BODY = True
-    FIELDS = (("replies", _replies),)
-
-    @classmethod
-    def of(cls, replies: Sequence[WorkerReply]) -> WorkerReplies:
-        return cls(replies=tuple((r.request_id, r.session_id, r.step, r.attempt, r.extra, len(r.frames))
-                                 for r in replies),
-                   frames=[f for r in replies for f in r.frames])  # fmt: skip
-
-    def check(self) -> None:
-        claimed = sum(r[5] for r in self.replies)
-        if claimed != len(self.frames):
-            raise ProtocolError("bad_body", f"the replies claim {claimed} body frames, the message has "
-                                f"{len(self.frames)}", msg_type=int(self.TYPE))
-
-    def split(self) -> list[WorkerReply]:
-        out, at = [], 0
-        for request_id, session_id, step, attempt, extra, n in self.replies:
-            out.append(WorkerReply(request_id=RequestId(request_id), session_id=SessionId(session_id), step=step,
-                                   attempt=attempt, extra=extra, frames=list(self.frames[at:at + n])))
-            at += n
-        return out
+    FIELDS = (("replies", _heads("reply", WorkerReply.FIELDS)),)
 
 
 @dataclass(slots=True)
@@ -447,6 +467,19 @@ class Dispatch(Message):
         ("request_id", _id), ("session_id", _id), ("model_id", _id), ("step", _uint), ("attempt", _uint),
         ("kind", _id), ("deadline_ms", _uint), ("layer_lo", _uint), ("extra", _strmap),
     )  # fmt: skip
+
+
+@dataclass(slots=True)
+class Dispatches(Bundle):
+    """Several attempts for one worker at once: what the broker routed to it while reading its
+    socket once (the steps of many sessions' next pass)."""
+
+    dispatches: tuple[tuple[Any, ...], ...]  # Dispatch's fields in turn, then its frames
+    frames: Sequence[Any] = ()
+    ITEM = Dispatch
+    TYPE = MsgType.DISPATCHES
+    HAS_BODY = True
+    FIELDS = (("dispatches", _heads("dispatch", Dispatch.FIELDS)),)
 
 
 @dataclass(slots=True)
@@ -494,8 +527,8 @@ MESSAGE_CLASSES: dict[int, type[Message]] = {
     cls.TYPE: cls
     for cls in (
         Request, Status, Ping, Reply, Error, StatusReply, Pong, Register, Heartbeat, WorkerReply,
-        WorkerError, Disconnect, WorkerReplies, Dispatch, BrokerHeartbeat, DropSession, Reregister,
-        BrokerDisconnect,
+        WorkerError, Disconnect, WorkerReplies, Dispatch, Dispatches, BrokerHeartbeat, DropSession,
+        Reregister, BrokerDisconnect,
     )
 }  # fmt: skip
 

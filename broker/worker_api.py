@@ -454,13 +454,20 @@ class WorkerConnection:
                 continue
             self._handle(msg)
 
+    def _take(self, msg: p.Dispatch, now: float) -> None:
+        self._jobs.append(Job(request_id=msg.request_id, session_id=msg.session_id, model_id=msg.model_id,
+                              step=msg.step, attempt=msg.attempt, kind=msg.kind, layer_lo=msg.layer_lo,
+                              deadline_ms=msg.deadline_ms, extra=msg.extra,
+                              frames=[f.buffer if isinstance(f, zmq.Frame) else memoryview(f) for f in msg.frames],
+                              received_at=now, broker_epoch=self.broker_epoch))  # fmt: skip
+
     def _handle(self, msg: p.Message) -> None:
         if isinstance(msg, p.Dispatch):
-            self._jobs.append(Job(request_id=msg.request_id, session_id=msg.session_id, model_id=msg.model_id,
-                                  step=msg.step, attempt=msg.attempt, kind=msg.kind, layer_lo=msg.layer_lo,
-                                  deadline_ms=msg.deadline_ms, extra=msg.extra,
-                                  frames=[f.buffer if isinstance(f, zmq.Frame) else memoryview(f) for f in msg.frames],
-                                  received_at=time.monotonic(), broker_epoch=self.broker_epoch))  # fmt: skip
+            self._take(msg, time.monotonic())
+        elif isinstance(msg, p.Dispatches):
+            now = time.monotonic()
+            for one in msg.split():
+                self._take(one, now)
         elif isinstance(msg, p.DropSession):
             self._dropped.append(msg.session_id)
         elif isinstance(msg, p.Reregister):

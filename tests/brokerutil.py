@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -232,11 +234,24 @@ def raw_dealer(endpoint: str) -> Iterator[zmq.Socket]:
         ctx.term()
 
 
+# What a raw socket received as one bundle (the broker's DISPATCHES) and a test has not read yet.
+_UNREAD: weakref.WeakKeyDictionary[zmq.Socket, deque[p.Message]] = weakref.WeakKeyDictionary()
+
+
 def recv_msg(sock: zmq.Socket, timeout_s: float = WAIT_S) -> p.Message:
-    """Receive and decode one message on a raw socket, with a deadline."""
+    """Receive and decode one message on a raw socket, with a deadline. A bundle of messages (the
+    broker sends a worker the steps it routed together as one DISPATCHES) comes back one message
+    at a time, as a worker's connection takes them."""
+    unread = _UNREAD.setdefault(sock, deque())
+    if unread:
+        return unread.popleft()
     if not sock.poll(int(timeout_s * 1000)):
         raise AssertionError(f"nothing received within {timeout_s}s")
-    return p.decode(sock.recv_multipart())
+    msg = p.decode(sock.recv_multipart())
+    if isinstance(msg, p.Dispatches):
+        unread.extend(msg.split())
+        return unread.popleft()
+    return msg
 
 
 def recv_until(sock: zmq.Socket, kind: type[p.Message], timeout_s: float = WAIT_S) -> Any:

@@ -48,6 +48,9 @@ EXAMPLES = [
     p.Disconnect(worker_id="w1"),
     p.Dispatch(request_id="r1", session_id="s1", model_id="smollm2", step=3, attempt=1, kind="prefill",
                deadline_ms=900, layer_lo=6, extra={"eph": b"\x02" * 32}, frames=[]),
+    p.Dispatches(dispatches=(("r1", "s1", "smollm2", 3, 1, "decode", 900, 15, {}, 1),
+                             ("r2", "s2", "smollm2", 0, 2, "prefill", 0, 0, {"eph": b"\x02" * 32}, 0)),
+                 frames=[b"h" * 12]),
     p.BrokerHeartbeat(),
     p.DropSession(session_id="s1", reason="idle"),
     p.Reregister(reason="unknown worker"),
@@ -153,6 +156,29 @@ def test_worker_replies_whose_frames_do_not_add_up_are_refused() -> None:
     for value in ([], [["r1", "s1", 0, 1, {}]], [["r1", "s1", -1, 1, {}, 0]], [["", "s1", 0, 1, {}, 0]],
                   [["r1", "s1", 0, 1, {1: 2}, 0]], [["r1", "s1", 0, 1, {}, 0]] * (p.MAX_BODY_FRAMES + 1)):
         assert _reason([_header({**good, "replies": value})]) in ("bad_field", "bad_msgpack"), value
+
+
+def test_dispatches_split_into_the_dispatches_they_carry() -> None:
+    dispatches = [p.Dispatch(request_id="r1", session_id="s1", model_id="m", step=3, attempt=1, kind="decode",
+                             deadline_ms=500, layer_lo=15, extra={"t": {"shape": [1, 1, 4]}}, frames=[b"a", b"b"]),
+                  p.Dispatch(request_id="r2", session_id="s2", model_id="m", step=0, attempt=2, kind="open",
+                             deadline_ms=0, layer_lo=0, frames=[]),
+                  p.Dispatch(request_id="r3", session_id="s1", model_id="m", step=4, attempt=1, kind="decode",
+                             deadline_ms=9, layer_lo=15, frames=[b"c"])]  # fmt: skip
+    back = p.decode([bytes(f) for f in p.encode(p.Dispatches.of(dispatches))])
+    assert type(back) is p.Dispatches
+    assert [(d, [bytes(f) for f in d.frames]) for d in back.split()] == [(d, d.frames) for d in dispatches]
+
+
+def test_dispatches_whose_frames_or_heads_are_wrong_are_refused() -> None:
+    frames = p.encode(next(m for m in EXAMPLES if type(m) is p.Dispatches))
+    assert _reason(frames[:-1]) == "bad_body"
+    assert _reason([*frames, b"extra"]) == "bad_body"
+    good = msgpack.unpackb(frames[0][3:])
+    head = ["r1", "s1", "m", 3, 1, "decode", 900, 15, {}, 0]
+    for value in ([], [head[:-1]], [[*head[:3], -1, *head[4:]]], [["", *head[1:]]], [[*head[:8], {1: 2}, 0]],
+                  [[*head[:5], "", *head[6:]]], [head] * (p.MAX_BODY_FRAMES + 1)):
+        assert _reason([_header({**good, "dispatches": value})]) in ("bad_field", "bad_msgpack"), value
 
 
 def test_encode_refuses_what_decode_would_reject() -> None:
