@@ -732,14 +732,16 @@ class Broker:
             if group and (len(group) == p.MAX_BODY_FRAMES or n_frames + len(msg.frames) > p.MAX_BODY_FRAMES
                           or n_bytes + nbytes > p.MAX_MESSAGE_BYTES):
                 if not self._send_dispatches(identity, group):
-                    self._to_expire.setdefault(worker_id, "unreachable")
-                    return
+                    break
                 group, n_frames, n_bytes = [], 0, 0
             group.append(msg)
             n_frames += len(msg.frames)
             n_bytes += nbytes
-        if not self._send_dispatches(identity, group):
-            self._to_expire.setdefault(worker_id, "unreachable")
+        else:
+            if self._send_dispatches(identity, group):
+                return
+        self.counters["unroutable_sends"] += 1
+        self._to_expire.setdefault(worker_id, "unreachable")
 
     def _send_dispatches(self, identity: bytes, group: list[p.Dispatch]) -> bool:
         if len(group) == 1:

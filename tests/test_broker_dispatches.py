@@ -133,7 +133,7 @@ def test_a_worker_gone_before_its_held_steps_are_sent_is_expired_and_they_go_els
         time.sleep(SETTLE_S)
         broker._drain_socket()  # reads the other's registration, then sends what it holds
         assert "doomed" not in broker._workers
-        assert broker.counters["workers_expired"] == 1
+        assert broker.counters["workers_expired"] == 1 and broker.counters["unroutable_sends"] == 1
         msg = _raw(other)
         assert type(msg) is p.Dispatch and msg.request_id == rid and msg.attempt == 2
 
