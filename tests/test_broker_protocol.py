@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import msgpack
@@ -156,6 +157,13 @@ def test_worker_replies_whose_frames_do_not_add_up_are_refused() -> None:
     for value in ([], [["r1", "s1", 0, 1, {}]], [["r1", "s1", -1, 1, {}, 0]], [["", "s1", 0, 1, {}, 0]],
                   [["r1", "s1", 0, 1, {1: 2}, 0]], [["r1", "s1", 0, 1, {}, 0]] * (p.MAX_BODY_FRAMES + 1)):
         assert _reason([_header({**good, "replies": value})]) in ("bad_field", "bad_msgpack"), value
+
+
+def test_a_bundles_heads_are_its_items_fields_in_dataclass_order() -> None:
+    """``Bundle.split`` builds each message from its head's values in turn."""
+    for bundle in (p.WorkerReplies, p.Dispatches):
+        names = [f.name for f in dataclasses.fields(bundle.ITEM)]
+        assert names == [name for name, _ in bundle.ITEM.FIELDS] + ["frames"], bundle
 
 
 def test_dispatches_split_into_the_dispatches_they_carry() -> None:
