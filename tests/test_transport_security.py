@@ -399,14 +399,18 @@ def test_status_shows_whether_curve_is_on_and_the_refused_handshakes():
 def test_revoking_the_worker_of_a_live_session_moves_the_session_to_another_worker(tmp_path):
     # (That a moved session's output is unchanged is test_faults' subject: revocation expires the
     # worker through the same path as a missed heartbeat.)
-    prompt, tokens = "Describe a lighthouse at night.", "600"  # several seconds of decoding on tiny-llama
+    # 600 steps of at least 5 ms (the emulated link's round trip): 3 s or more of decoding however
+    # fast the machine, so the revocation (a CLI run, then the broker's next reload of its
+    # allowlist) lands mid-decode. Without the link tiny-llama's steps took 1-3 ms, and on a loaded
+    # machine the generation could end first.
+    prompt, tokens = "Describe a lighthouse at night.", "600"
     with LocalCluster(model=MODEL, worker_threads=1, heartbeat_s=HEARTBEAT_S, workdir=tmp_path) as c:
         c.start_broker()
         c.add_worker()  # worker1, key worker-default
         c.add_worker()  # worker2, key worker-2
         c.wait_for_workers(2, timeout_s=60)
         edge = c.start_edge("--split", "2", "--tokens", tokens, "--json", "--raw-prompt", "--prompt", prompt,
-                            "--timeout", "2", "--no-fallback")  # fmt: skip
+                            "--timeout", "2", "--no-fallback", "--cloud-latency", "0.005")  # fmt: skip
         try:
             victim = c.wait_for_decoding(edge)
             key = {"worker1": "worker-default", "worker2": "worker-2"}[victim]
@@ -417,7 +421,7 @@ def test_revoking_the_worker_of_a_live_session_moves_the_session_to_another_work
             edge.kill()
         assert edge.returncode == 0, err[-3000:]
         result = json.loads(out)
-        assert result["retries"] >= 1 and result["fallback_at_step"] is None
+        assert result["retries"] >= 1 and result["fallback_at_step"] is None, (result["total_ms"], err[-2000:])
         assert set(result["workers_used"]) == {"worker1", "worker2"}
         survivor = {"worker1": "worker2", "worker2": "worker1"}[victim]
         # On a starved machine the survivor can miss the test's short heartbeat window and be
