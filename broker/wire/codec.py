@@ -91,9 +91,9 @@ def encode_tensor(t: torch.Tensor, wire_dtype: str = "fp16") -> tuple[dict[str, 
     if src.device.type != "cpu":
         src = src.to("cpu")
     src = src.to(torch_dtype).contiguous()
-    if not bool(torch.isfinite(src).all()):
+    if not all_finite(src):
         # The far side refuses non-finite activations: say why here, where it can be fixed.
-        where = "" if bool(torch.isfinite(t).all()) else " (they are not finite before conversion either)"
+        where = "" if all_finite(t.detach().cpu()) else " (they are not finite before conversion either)"
         raise ProtocolError("bad_tensor", f"activations are not finite in {wire_dtype}{where}: "
                             "a wider --wire-dtype (bf16 or fp32) carries values past fp16's 65504")
     if wire_dtype == "bf16":
@@ -155,9 +155,19 @@ def decode_tensor(meta: Any, data: Any, max_elements: int = MAX_TENSOR_ELEMENTS)
 def _finite(t: torch.Tensor) -> torch.Tensor:
     # NaN or inf from a peer would run through every layer and come back as a token chosen from
     # garbage (argmax of NaN logits): refused like any other malformed frame.
-    if not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         raise ProtocolError("bad_tensor", "activations with NaN or infinite values are refused")
     return t
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every value of a CPU tensor without grad is finite. Every step frame is checked on
+    both sides, and numpy's check of float32 and float16 runs on the calling thread: after a pause
+    (threads asleep, as between a worker's passes) 13 against torch's 38 us for one 576-wide row,
+    16 against 73 us for 37 rows (medians; back to back 1.5 against 8 us)."""
+    if t.dtype in (torch.float32, torch.float16):
+        return bool(np.isfinite(t.numpy()).all())
+    return bool(torch.isfinite(t).all())
 
 
 # --- int8 with fp16 outlier channels ---------------------------------------------------------------
@@ -180,7 +190,7 @@ def _encode_int8(t: torch.Tensor) -> tuple[dict[str, Any], memoryview]:
     x = t.detach().to("cpu", torch.float32)
     width = x.shape[-1] if x.dim() else 1
     rows = x.reshape(-1, width) if width else x.reshape(0, 0)  # (R, H)
-    if not bool(torch.isfinite(rows).all()):
+    if not all_finite(rows):
         raise ProtocolError("bad_tensor", "int8 cannot encode non-finite activations")
     n_rows = rows.shape[0]
     outliers = torch.zeros(0, dtype=torch.long)
