@@ -63,6 +63,33 @@ def test_segment_holds_only_its_own_weights(tiny_llama):
     assert {n for n, _ in edge.named_parameters()} == {"embeddings.0.weight"}
 
 
+@pytest.mark.parametrize("model_fixture", ["tiny_llama", "tiny_gpt2"])
+def test_a_segment_of_no_layers_gives_what_the_pass_gives(model_fixture, request):
+    """The edge's embedding-only segment (cloud-only mode) skips the pass: the same hidden states
+    (learned positions included), the cache advanced alike, a frame longer than a prefill chunk
+    and a batch of sessions too."""
+    from partition.segment import PREFILL_CHUNK, StepInput
+
+    source = request.getfixturevalue(model_fixture)
+    edge = ModelSegment.load(source, 0, 0)
+    caches = [edge.new_cache(), edge.new_cache()]
+    passed = [edge.new_cache(), edge.new_cache()]
+    torch.manual_seed(0)
+    frames = [torch.randint(0, 200, (1, PREFILL_CHUNK + 7)), torch.randint(0, 200, (1, 3)),
+              torch.randint(0, 200, (1, 1))]
+    for x in frames:
+        steps = [StepInput(x, caches[0], None, "none", None), StepInput(x[:, :1], caches[1], None, "none", None)]
+        fast = edge.forward_many(steps)
+        with torch.inference_mode():
+            slow = edge._forward_pass([StepInput(x, passed[0], None, "none", None),
+                                       StepInput(x[:, :1], passed[1], None, "none", None)])
+        for a, b in zip(fast, slow, strict=True):
+            assert a.logits is None and b.logits is None
+            assert torch.equal(a.hidden, b.hidden)
+        assert [c.length for c in caches] == [c.length for c in passed]
+    assert caches[0].length == sum(x.shape[1] for x in frames)
+
+
 def test_tied_head_shares_the_embedding_matrix(tiny_llama):
     whole = ModelSegment.load(tiny_llama, 0, tiny_llama.n_layers)
     assert whole.lm_head.weight.data_ptr() == whole.embeddings[0].weight.data_ptr()
