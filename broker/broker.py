@@ -224,6 +224,7 @@ class Broker:
 
     def _shutdown(self) -> None:
         self._held.clear()  # their requests fail below
+        self._n_held = 0
         try:
             for req in list(self._requests.values()):
                 self._fail(req, BrokerUnavailable(self.endpoint, "the broker is shutting down"))

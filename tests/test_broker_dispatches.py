@@ -8,19 +8,17 @@ socket before a read is known; the clients and the worker are real sockets on lo
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from broker import protocol as p
 from broker.broker import Broker
 from broker.sockets import recv_message
 from tests.brokerutil import FAST_BROKER, MODEL, WAIT_S, client, raw_dealer
-
-SETTLE_S = 0.3  # loopback delivers in well under a millisecond; this leaves room on a loaded machine
 
 
 @pytest.fixture
@@ -32,10 +30,20 @@ def broker() -> Iterator[Broker]:
         b._shutdown()
 
 
-def _read_all(b: Broker) -> None:
-    """Let what was sent reach the broker, then read its socket once, as its loop does."""
-    time.sleep(SETTLE_S)
-    b._drain_socket()
+def _receive(b: Broker) -> list:
+    """The next message that reaches the broker's socket, within WAIT_S."""
+    assert b._sock.poll(int(WAIT_S * 1000)), "nothing reached the broker"
+    frames = recv_message(b._sock, 1)
+    assert frames is not None
+    return frames
+
+
+def _read(b: Broker, n: int) -> None:
+    """Handle the next ``n`` messages as one read of the socket does, then end the read (what it
+    holds is sent), as the broker's loop does when its socket is drained."""
+    for _ in range(n):
+        b._handle(_receive(b))
+    b._flush()
 
 
 def _raw(sock: zmq.Socket, timeout_s: float = WAIT_S) -> p.Message:
@@ -48,11 +56,15 @@ def _raw(sock: zmq.Socket, timeout_s: float = WAIT_S) -> p.Message:
             return msg
 
 
-def _register(b: Broker, sock: zmq.Socket, worker_id: str = "w", max_batch: int = 128) -> None:
+def _send_register(sock: zmq.Socket, worker_id: str, max_batch: int = 128) -> None:
     sock.send_multipart(p.encode(p.Register(worker_id=worker_id, model_id=MODEL, layer_ranges=((0, 32),),
                                             public_key=b"", per_layer_ms=1.0, pid=os.getpid(), max_sessions=256,
                                             max_batch=max_batch)))  # fmt: skip
-    _read_all(b)
+
+
+def _register(b: Broker, sock: zmq.Socket, worker_id: str = "w", max_batch: int = 128) -> None:
+    _send_register(sock, worker_id, max_batch)
+    _read(b, 1)
     assert worker_id in b._workers
     assert sock.poll(int(WAIT_S * 1000)) and type(p.decode(sock.recv_multipart())) is p.BrokerHeartbeat
 
@@ -62,7 +74,7 @@ def test_steps_routed_in_one_read_reach_the_worker_as_one_message_in_order(broke
         _register(broker, worker)
         rids = [c1.submit("a", "open", MODEL, 2, 0, [b"a0"]), c2.submit("b", "open", MODEL, 2, 0, [b"b0", b"b1"]),
                 c1.submit("c", "open", MODEL, 2, 0)]  # fmt: skip
-        _read_all(broker)
+        _read(broker, 3)
         msg = _raw(worker)
         assert type(msg) is p.Dispatches
         got = msg.split()
@@ -73,7 +85,7 @@ def test_steps_routed_in_one_read_reach_the_worker_as_one_message_in_order(broke
         worker.send_multipart(p.encode(p.WorkerReplies.of([
             p.WorkerReply(request_id=d.request_id, session_id=d.session_id, step=0, attempt=1,
                           frames=[d.session_id.encode()]) for d in got])))  # fmt: skip
-        _read_all(broker)
+        _read(broker, 1)
         for c, rid, sid in ((c1, rids[0], b"a"), (c2, rids[1], b"b"), (c1, rids[2], b"c")):
             assert [bytes(f) for f in c.result(rid).frames] == [sid]
 
@@ -82,7 +94,7 @@ def test_a_lone_step_goes_as_a_plain_dispatch(broker: Broker) -> None:
     with raw_dealer(broker.endpoint) as worker, client(broker.endpoint) as c:
         _register(broker, worker)
         rid = c.submit("a", "open", MODEL, 2, 0, [b"x"])
-        _read_all(broker)
+        _read(broker, 1)
         msg = _raw(worker)
         assert type(msg) is p.Dispatch and msg.request_id == rid
 
@@ -93,7 +105,7 @@ def test_more_steps_than_one_message_holds_go_in_several_in_order(broker: Broker
         _register(broker, worker, max_batch=n)
         for i in range(n):
             c.submit(f"s{i:03d}", "open", MODEL, 2, 0, [b"%d" % i])
-        _read_all(broker)
+        _read(broker, n)
         first, second = _raw(worker), _raw(worker)
         assert type(first) is p.Dispatches and len(first.dispatches) == p.MAX_BODY_FRAMES
         got = [d.session_id for d in first.split()] + (
@@ -107,10 +119,7 @@ def test_a_held_step_goes_before_a_later_message_to_its_worker(broker: Broker) -
     with raw_dealer(broker.endpoint) as worker, client(broker.endpoint) as c:
         _register(broker, worker)
         rid = c.submit("a", "open", MODEL, 2, 0, [b"x"])
-        time.sleep(SETTLE_S)
-        frames = recv_message(broker._sock, 1)
-        assert frames is not None
-        broker._handle(frames)  # routed and held: the read of the socket has not ended
+        broker._handle(_receive(broker))  # routed and held: the read of the socket has not ended
         assert not worker.poll(100)
         broker._send(worker_identity(broker, "w"), p.DropSession(session_id="old", reason="test"))
         first, second = _raw(worker), _raw(worker)
@@ -124,24 +133,23 @@ def test_a_worker_gone_before_its_held_steps_are_sent_is_expired_and_they_go_els
             client(broker.endpoint) as c:
         _register(broker, doomed, "doomed")
         rid = c.submit("a", "open", MODEL, 2, 0, [b"x"])
-        time.sleep(SETTLE_S)
-        broker._handle(recv_message(broker._sock, 1))
+        broker._handle(_receive(broker))
         assert broker._sessions["a"].worker_id == "doomed"
         # It vanishes (its connection closed) while the step is held; another worker is up.
-        _register_without_reading(other, "other")
-        doomed.close(linger=0)
-        time.sleep(SETTLE_S)
-        broker._drain_socket()  # reads the other's registration, then sends what it holds
+        monitor = broker._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        try:
+            doomed.close(linger=0)
+            assert monitor.poll(int(WAIT_S * 1000)), "the broker never saw the worker's connection close"
+            recv_monitor_message(monitor)
+        finally:
+            broker._sock.disable_monitor()
+            monitor.close(linger=0)
+        _send_register(other, "other", max_batch=8)
+        _read(broker, 1)  # the other's registration, then what it holds is sent
         assert "doomed" not in broker._workers
         assert broker.counters["workers_expired"] == 1 and broker.counters["unroutable_sends"] == 1
         msg = _raw(other)
         assert type(msg) is p.Dispatch and msg.request_id == rid and msg.attempt == 2
-
-
-def _register_without_reading(sock: zmq.Socket, worker_id: str) -> None:
-    sock.send_multipart(p.encode(p.Register(worker_id=worker_id, model_id=MODEL, layer_ranges=((0, 32),),
-                                            public_key=b"", per_layer_ms=1.0, pid=os.getpid(), max_sessions=256,
-                                            max_batch=8)))  # fmt: skip
 
 
 def worker_identity(b: Broker, worker_id: str) -> bytes:
