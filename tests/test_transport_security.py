@@ -399,10 +399,11 @@ def test_status_shows_whether_curve_is_on_and_the_refused_handshakes():
 def test_revoking_the_worker_of_a_live_session_moves_the_session_to_another_worker(tmp_path):
     # (That a moved session's output is unchanged is test_faults' subject: revocation expires the
     # worker through the same path as a missed heartbeat.)
-    # 600 steps of at least 5 ms (the emulated link's round trip): 3 s or more of decoding however
-    # fast the machine, so the revocation (a CLI run, then the broker's next reload of its
-    # allowlist) lands mid-decode. Without the link tiny-llama's steps took 1-3 ms, and on a loaded
-    # machine the generation could end first.
+    # 600 round trips of at least 5 ms (the emulated link; no drafter, which would otherwise guess
+    # almost every token and send a few dozen frames): 3 s or more of decoding however fast the
+    # machine, so the revocation (a CLI run, then the broker's next reload of its allowlist) lands
+    # mid-decode. With the default drafter the 600 tokens took 0.75-0.98 s, and on a loaded machine
+    # the generation could end first.
     prompt, tokens = "Describe a lighthouse at night.", "600"
     with LocalCluster(model=MODEL, worker_threads=1, heartbeat_s=HEARTBEAT_S, workdir=tmp_path) as c:
         c.start_broker()
@@ -410,7 +411,7 @@ def test_revoking_the_worker_of_a_live_session_moves_the_session_to_another_work
         c.add_worker()  # worker2, key worker-2
         c.wait_for_workers(2, timeout_s=60)
         edge = c.start_edge("--split", "2", "--tokens", tokens, "--json", "--raw-prompt", "--prompt", prompt,
-                            "--timeout", "2", "--no-fallback", "--cloud-latency", "0.005")  # fmt: skip
+                            "--timeout", "2", "--no-fallback", "--cloud-latency", "0.005", "--mini", "none")  # fmt: skip
         try:
             victim = c.wait_for_decoding(edge)
             key = {"worker1": "worker-default", "worker2": "worker-2"}[victim]
