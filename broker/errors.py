@@ -228,3 +228,9 @@ def error_from_code(code: str, message: str, retry_after_ms: int = 0) -> EdgeClo
     if cls is Busy:
         return Busy(message, retry_after_ms / 1000)
     return cls(message)
+
+
+def is_unavailable(exc: EdgeCloudError) -> bool:
+    """Errors that mean "no cloud right now", where running locally is the right answer. Security
+    and protocol errors are never papered over by a fallback."""
+    return isinstance(exc, WorkerLost | BrokerUnavailable | NoWorkerAvailable | RequestTimeout | Busy)

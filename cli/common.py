@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging
 import os
 import signal
@@ -83,30 +84,32 @@ def startup_heap() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def typed_errors() -> Iterator[None]:
-    """Turn the project's typed errors into one clear line and an exit code, not a traceback."""
+def typed_errors(json_out: bool = False) -> Iterator[None]:
+    """Turn the project's typed errors into one clear line and an exit code, not a traceback.
+    ``json_out`` (a command's --json): stdout also gets its one JSON object, the error's
+    ``{"error": {"type", "message", "exit_code"}}``, so a script reading it always finds one."""
     from partition.errors import PartitionError
+
+    def fail(exc: BaseException, code: int, line: str | None = None) -> typer.Exit:
+        typer.echo(line or f"error: {exc}", err=True)
+        if json_out:
+            typer.echo(json.dumps({"error": {"type": type(exc).__name__, "message": str(exc) or line,
+                                             "exit_code": code}}))
+        return typer.Exit(code)
 
     try:
         yield
-    except PartitionError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
-    except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        raise typer.Exit(130) from None
+    except (PartitionError, ValueError) as exc:
+        raise fail(exc, EXIT_USAGE) from None
+    except KeyboardInterrupt as exc:
+        raise fail(exc, 130, "interrupted") from None
     except Exception as exc:
         # Errors from the wire layer carry their own actionable message; ZeroMQ's say which
         # address it could not use (a malformed endpoint, a port already taken).
         if type(exc).__module__.startswith("zmq"):
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(EXIT_USAGE) from None
+            raise fail(exc, EXIT_USAGE) from None
         if type(exc).__module__.startswith("broker"):
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(EXIT_FAILED) from None
+            raise fail(exc, EXIT_FAILED) from None
         raise
 
 

@@ -41,7 +41,7 @@ def edge(
     interrupt_on_signals()
     setup_logging(verbose, quiet=not verbose)
     progress = Progress(enabled=not json_out)
-    with typed_errors():
+    with typed_errors(json_out):
         config = settings()  # a bad option is refused here, before torch is imported
         with startup_heap():
             from edge_worker.engine import EdgeEngine

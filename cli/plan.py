@@ -57,7 +57,7 @@ def plan(
 
     setup_logging(verbose, quiet=not verbose)
     progress = Progress(enabled=not json_out)
-    with typed_errors():
+    with typed_errors(json_out):
         if power_preset not in POWER_PRESETS:
             raise ValueError(f"unknown power preset {power_preset!r}; use one of {sorted(POWER_PRESETS)}")
         tensor_wire_bytes(1, 1, wire_dtype)  # an unknown wire dtype fails here, before any measuring

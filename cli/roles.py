@@ -183,13 +183,19 @@ def status(
     from broker.client_api import BrokerClient
     from broker.transport import client_keys
     from cli.cluster import jsonable
-    from edge_worker.config import check_endpoint, default_broker, default_keys_dir, resolve_api_key
+    from edge_worker.config import (
+        check_endpoint,
+        check_keys_dir,
+        default_broker,
+        default_keys_dir,
+        resolve_api_key,
+    )
 
     setup_logging(False, quiet=True)
     with typed_errors():
         broker = broker or default_broker()
         check_endpoint(broker)
-        keys_dir = keys or default_keys_dir()
+        keys_dir = check_keys_dir(keys or default_keys_dir())
         curve = None if no_curve else client_keys(keys_dir, "client")
         client = BrokerClient(broker, resolve_api_key(api_key, keys_dir), curve=curve)
         try:
@@ -273,8 +279,13 @@ def keys_generate(
     if (directory / "worker-default.key").exists() and not force:
         typer.echo(f"error: {directory} already holds keys; pass --force to replace them", err=True)
         raise typer.Exit(EXIT_FAILED)
-    directory.mkdir(parents=True, exist_ok=True)
-    directory.chmod(0o700)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        directory.chmod(0o700)
+    except OSError as exc:
+        what = "is a file" if directory.is_file() else f"cannot be created ({exc.strerror or exc})"
+        typer.echo(f"error: the keys directory {directory} {what}", err=True)
+        raise typer.Exit(EXIT_FAILED) from None
     for name in (TRUSTED_WORKERS_FILE, TRUSTED_CLIENTS_FILE, "api_keys.txt"):
         if force and (directory / name).exists():
             (directory / name).unlink()

@@ -4,16 +4,34 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from collections.abc import Callable
 from typing import Annotated
 
 import typer
 
-from cli.common import Progress, setup_logging, startup_heap, typed_errors
+from cli.common import EXIT_FAILED, Progress, setup_logging, startup_heap, typed_errors
 from cli.edge_options import with_edge_options
 from edge_worker.config import EdgeConfig
 
 HTTP_KEY_ENV = "EDGECLOUD_HTTP_KEY"
+
+
+def can_listen(host: str, port: int) -> str | None:
+    """None when ``host:port`` can be listened on now, else why not (checked before the model
+    loads, so that a port in use or an address this machine lacks costs no start-up)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"cannot resolve {host}: {exc.strerror}"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return None
 
 
 def is_loopback(host: str) -> bool:
@@ -28,7 +46,7 @@ def is_loopback(host: str) -> bool:
 @with_edge_options()
 def serve(
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port.")] = 8000,
     http_key: Annotated[str | None, typer.Option(
         "--http-key", help=f"Key clients must send as 'Authorization: Bearer KEY' (env {HTTP_KEY_ENV}).")] = None,
     allow_no_key: Annotated[bool, typer.Option(
@@ -53,6 +71,10 @@ def serve(
     if max_concurrent < 1:
         typer.echo(f"error: --max-concurrent must be at least 1, got {max_concurrent}", err=True)
         raise typer.Exit(2)
+    problem = can_listen(host, port)
+    if problem:
+        typer.echo(f"error: {problem}", err=True)
+        raise typer.Exit(EXIT_FAILED)
     progress = Progress(enabled=True)
     with typed_errors():
         with startup_heap():

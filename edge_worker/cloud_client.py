@@ -26,13 +26,13 @@ import zmq
 from broker.client_api import BrokerClient, Reply
 from broker.errors import (
     BrokerUnavailable,
-    Busy,
     ConfigError,
     CryptoError,
     EdgeCloudError,
     NoWorkerAvailable,
     RequestTimeout,
     WorkerLost,
+    is_unavailable,
 )
 from broker.linkproxy import LinkConfig, LinkProxy
 from broker.protocol import NEAR_KEY, TASK_KEY, RequestId
@@ -57,7 +57,7 @@ from broker.wire.session_protocol import (
     seal_step,
 )
 from edge_worker.backends import Backend, FrameLost, PipelinedFrame, StepStats
-from edge_worker.config import default_broker, default_keys_dir, resolve_api_key
+from edge_worker.config import check_keys_dir, default_broker, default_keys_dir, resolve_api_key
 from edge_worker.timeouts import ADAPTIVE_MAX_POSITIONS, DEFAULT_MIN_TIMEOUT_S, StepTimer
 from partition.reduction import Reduction
 from partition.sampling import SamplingParams
@@ -111,7 +111,7 @@ class CloudClient:
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     ) -> None:
         self.broker = broker or default_broker()
-        self.keys_dir = Path(keys_dir) if keys_dir is not None else default_keys_dir()
+        self.keys_dir = check_keys_dir(Path(keys_dir) if keys_dir is not None else default_keys_dir())
         # CURVE to the broker with client-KEY_NAME.key when the keys directory has it (and the
         # broker's public key); curve=False (--no-curve) connects in the clear.
         self.curve = curve
@@ -691,9 +691,3 @@ def _recoverable(exc: EdgeCloudError) -> bool:
 def cloud_gone(exc: EdgeCloudError) -> bool:
     """Errors that say the cloud is gone, not slow: no need to wait before running locally."""
     return (isinstance(exc, BrokerUnavailable) and getattr(exc, "gone", False)) or isinstance(exc, NoWorkerAvailable)
-
-
-def is_unavailable(exc: EdgeCloudError) -> bool:
-    """Errors that mean "no cloud right now", where running locally is the right answer. Security
-    and protocol errors are never papered over by a fallback."""
-    return isinstance(exc, WorkerLost | BrokerUnavailable | NoWorkerAvailable | RequestTimeout | Busy)

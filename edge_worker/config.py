@@ -48,9 +48,27 @@ def default_broker() -> str:
     return os.environ.get("EDGECLOUD_BROKER", DEFAULT_BROKER)
 
 
+def builtin_keys_dir() -> Path:
+    """Where keys are looked for when nobody says: ``~/.config/edgecloud/keys``."""
+    return Path.home() / ".config" / "edgecloud" / "keys"
+
+
 def default_keys_dir() -> Path:
-    """``$EDGECLOUD_KEYS``, else ``~/.config/edgecloud/keys``."""
-    return Path(os.environ.get("EDGECLOUD_KEYS", Path.home() / ".config" / "edgecloud" / "keys"))
+    """``$EDGECLOUD_KEYS``, else ``builtin_keys_dir()``."""
+    return Path(os.environ.get("EDGECLOUD_KEYS", builtin_keys_dir()))
+
+
+def check_keys_dir(path: Path) -> Path:
+    """``path``, unless it is not a directory: only the built-in default may be missing (a broker
+    run in the clear); a directory someone named is a typo when it is not there, which a
+    handshake would only hint at, seconds later. Raises ``ConfigError``."""
+    if not path.is_dir() and path != builtin_keys_dir():
+        from broker.errors import ConfigError
+
+        what = "is not a directory" if path.exists() else "does not exist"
+        raise ConfigError(f"the keys directory {path} {what}: give the directory `edgecloud keys generate` "
+                          "wrote (--keys or EDGECLOUD_KEYS)")
+    return path
 
 
 API_KEYS_FILE = "api_keys.txt"
@@ -163,6 +181,10 @@ class EdgeConfig:
             raise ValueError(f"min split must be >= 0, got {self.min_split}")
         if self.split is not None and self.split < 0:
             raise ValueError(f"split must be >= 0, got {self.split}")
+        if not self.request_timeout_s > 0:
+            raise ValueError(f"--timeout must be > 0 seconds, got {self.request_timeout_s}")
+        if not self.step_deadline_s > 0:
+            raise ValueError(f"--deadline must be > 0 seconds, got {self.step_deadline_s}")
         if self.cloud_latency_s < 0:
             raise ValueError(f"cloud latency must be >= 0 seconds, got {self.cloud_latency_s}")
         if self.bandwidth_mbps is not None and self.bandwidth_mbps <= 0:

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from broker.errors import EdgeCloudError, NoWorkerAvailable, WeightsMismatch
+from broker.errors import EdgeCloudError, NoWorkerAvailable, WeightsMismatch, is_unavailable
 from edge_worker.backends import LocalBackend
 from edge_worker.config import EdgeConfig
 from edge_worker.generation import EdgeGenerator, GenerationCancelled, GenerationResult, mode_for
@@ -457,7 +457,7 @@ class EdgeEngine:
             decision = self._check_forced(self.fixed_split)  # type: ignore[arg-type]
         else:
             self.progress("measuring the link and pricing every split")
-            decision, snapshot = self.planner.choose(prompt_tokens, new_tokens)
+            decision, snapshot = self.planner.choose(prompt_tokens, new_tokens, fallback=self.settings.fallback_local)
             log.info("planner: %s", decision.summary())
             if self.settings.dynamic and snapshot is not None:
                 watch = ReplanWatch(self.planner, snapshot, prompt_tokens, new_tokens,
@@ -483,8 +483,6 @@ class EdgeEngine:
         try:
             workers = self.client.status(PREFLIGHT_TIMEOUT_S).get("workers", [])
         except EdgeCloudError as exc:
-            from edge_worker.cloud_client import is_unavailable
-
             if not is_unavailable(exc):
                 raise  # a refused key or a protocol error is never papered over by a local run
             if not fallback:

@@ -60,6 +60,10 @@ class _Row:
 def batch_rows(input_ids: Any, attention_mask: Any = None) -> list[_Row]:
     """The prompts of ``input_ids`` (a (T,) or (B, T) tensor, a list of ids or a list of id lists),
     less the positions ``attention_mask`` marks 0."""
+    if isinstance(input_ids, str) or (isinstance(input_ids, (list, tuple)) and input_ids
+                                      and all(isinstance(r, str) for r in input_ids)):
+        raise TypeError("input_ids are token ids (a tensor, a list of ints or a list of such lists), not text: "
+                        "encode the text first, e.g. tokenizer(text)['input_ids'], or use EdgeEngine.generate(text)")
     rows = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else list(input_ids)
     if not rows:
         raise ValueError("input_ids is empty")
@@ -104,7 +108,8 @@ class EdgeCloudManager:
         if forced is not None and forced < min_split:
             raise ValueError(f"the forced split {forced} is below min_split {min_split}")
         env_tokens = os.environ.get("EDGECLOUD_MAX_NEW_TOKENS")
-        self.max_new_tokens = max_new_tokens or (int(env_tokens) if env_tokens else DEFAULT_TOKENS)
+        self.max_new_tokens = (max_new_tokens if max_new_tokens is not None
+                               else int(env_tokens) if env_tokens else DEFAULT_TOKENS)
         privacy = privacy_protection or PrivacyProtection()
         settings = EdgeConfig(
             max_new_tokens=self.max_new_tokens, split=split, min_split=min_split,
@@ -156,7 +161,7 @@ class EdgeCloudManager:
 
     def _params(self, max_new_tokens: int | None, sampling: SamplingParams | None):
         sampling = sampling or SamplingParams()
-        return self.engine.params(max_new_tokens=max_new_tokens or self.max_new_tokens,
+        return self.engine.params(max_new_tokens=self.max_new_tokens if max_new_tokens is None else max_new_tokens,
                                   temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed)
 
     def process_hybrid(self, input_ids: Any, max_new_tokens: int | None = None,

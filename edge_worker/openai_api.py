@@ -403,17 +403,21 @@ def _model_card(server: _Server) -> dict[str, Any]:
     return {"id": server.model, "object": "model", "created": server.created, "owned_by": "edgecloud"}
 
 
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
 def _validation_error(exc: RequestValidationError) -> APIError:
     """The first problem with a request body, said in one line."""
     errors = exc.errors()
     if not errors:
         return APIError(400, "invalid request")
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # pydantic names the member of a union it tried in the location ("content.str"): not a parameter
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and str(p) not in _UNION_TAGS and "[" not in str(p)]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return APIError(400, f"the body is not valid JSON: {first.get('msg')}", code="invalid_json")
-    if first.get("type") == "model_attributes_type" and not loc:
+    if first.get("type") in ("model_attributes_type", "missing") and not loc:  # no body, or not an object
         return APIError(400, "the body must be a JSON object (Content-Type: application/json)", code="invalid_json")
     if first.get("type") == "extra_forbidden":
         return APIError(400, f"unknown parameter '{param}'", param=param, code="unknown_parameter")

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from broker.errors import EdgeCloudError
+from broker.errors import EdgeCloudError, NoWorkerAvailable, is_unavailable
 from edge_worker.conditions import changed_beyond, to_conditions, unmeasured
 from partition.models import ModelSource
 from partition.planner import WIFI, Conditions, Plan, PowerModel, Weights, plan
@@ -128,10 +128,13 @@ class SplitPlanner:
         return load_or_measure_profile(self.source)
 
     def _workers(self) -> list[dict] | None:
-        """The broker's worker rows, or None when it does not answer."""
+        """The broker's worker rows, or None when it does not answer. A refused key or a protocol
+        error is raised: a plan must not read it as "no worker serves this model" and run locally."""
         try:
             return list(self.client.status(PING_TIMEOUT_S).get("workers", []))
         except EdgeCloudError as exc:
+            if not is_unavailable(exc):
+                raise
             log.debug("no worker list from the broker: %s", exc)
             return None
 
@@ -164,9 +167,10 @@ class SplitPlanner:
         conditions, rtt_ms, _workers, _snapshot = self._measure()
         return conditions, rtt_ms
 
-    def _measure(self) -> tuple[Conditions, float | None, list[dict] | None, Any]:
+    def _measure(self, unreachable_ok: bool = True) -> tuple[Conditions, float | None, list[dict] | None, Any]:
         """(conditions, rtt_ms or None when the broker did not answer, the workers' status rows,
-        the monitor's snapshot or None)."""
+        the monitor's snapshot or None). A broker that does not answer is raised unless
+        ``unreachable_ok``; a refused key or a protocol error always is."""
         conditions = self.base_conditions
         snapshot = None
         if self.monitor is not None and hasattr(self.monitor, "snapshot"):
@@ -177,21 +181,32 @@ class SplitPlanner:
         try:
             rtt_ms = self.client.ping(PING_TIMEOUT_S) * 1e3
         except EdgeCloudError as exc:
+            if not is_unavailable(exc):
+                raise  # a refused key or a protocol error, never papered over by a local run
+            if not unreachable_ok:
+                raise
             log.warning("cloud unreachable (%s)", exc)
             return conditions, None, None, snapshot
         workers = self._workers()
         return self.with_measured_compute(replace(conditions, rtt_ms=rtt_ms), workers), rtt_ms, workers, snapshot
 
-    def choose(self, prompt_tokens: int, new_tokens: int) -> tuple[Decision, Any]:
-        """A planned decision and the monitor snapshot it came from (the re-plan reference)."""
+    def choose(self, prompt_tokens: int, new_tokens: int, fallback: bool = True) -> tuple[Decision, Any]:
+        """A planned decision and the monitor snapshot it came from (the re-plan reference).
+        Without ``fallback`` a cloud that does not answer, or serves none of this model's splits,
+        is raised (``BrokerUnavailable``, ``NoWorkerAvailable``) rather than planned around by
+        running every layer here."""
         n = self.source.n_layers
-        conditions, rtt_ms, workers, measured_from = self._measure()
+        conditions, rtt_ms, workers, measured_from = self._measure(unreachable_ok=fallback)
         assumed = self.assumed(measured_from, conditions)
         if rtt_ms is None:
             return Decision(n, "cloud unreachable", None, conditions, None, time.time(), assumed=assumed), None
         allowed = servable_splits(workers or [], self.source.model_id, n)
         if not allowed:
             others = sorted({str(w.get("model_id")) for w in workers or []})
+            if not fallback:
+                raise NoWorkerAvailable(f"no registered worker serves {self.source.model_id} (the workers serve: "
+                                        f"{', '.join(others) or 'nothing'}), and the fallback to running every "
+                                        "layer here is off")
             log.warning("no registered worker serves %s (workers serve: %s); running every layer here",
                         self.source.model_id, ", ".join(others) or "nothing")
             return Decision(n, "no worker serves this model", rtt_ms, conditions, None, time.time(),

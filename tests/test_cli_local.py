@@ -87,6 +87,8 @@ def test_text_mode_streams_the_text_to_stdout_and_the_summary_to_stderr():
     (("--model", "tiny-llama", "--split", "2", "--mini", "lookup", "--mini-adapter", "a.pt"), "is for --mini self"),
     (("--model", "tiny-llama", "--split", "2", "--mini", "self", "--mini-adapter", "/no/such/adapter.pt"),
      "no drafter adapter at /no/such/adapter.pt"),
+    (("--model", "tiny-llama", "--split", "2", "--deadline", "0"), "--deadline must be > 0"),
+    (("--model", "tiny-llama", "--split", "2", "--timeout", "-1"), "--timeout must be > 0"),
 ])
 def test_bad_input_gets_one_line_and_exit_code_2(args, message):
     out = run("edge", *args)
@@ -95,16 +97,43 @@ def test_bad_input_gets_one_line_and_exit_code_2(args, message):
     assert "Traceback" not in out.stderr
 
 
-def test_no_broker_gives_a_clear_error_within_the_deadline():
+@pytest.mark.parametrize("split", [("--split", "2"), ()], ids=["fixed", "planned"])
+def test_no_broker_gives_a_clear_error_within_the_deadline(split):
+    """Without the fallback, a cloud that does not answer is an error whether the split was given
+    or left to the planner (which would otherwise run every layer here)."""
     import time
 
     t0 = time.monotonic()
-    out = run("edge", "--model", "tiny-llama", "--split", "2", "--tokens", "2", "--no-encryption",
+    out = run("edge", "--model", "tiny-llama", *split, "--tokens", "2", "--no-encryption",
               "--broker", "tcp://127.0.0.1:9", "--timeout", "1", "--deadline", "3", "--no-fallback", timeout=60)
-    assert out.returncode == 1
-    assert "broker" in out.stderr.lower()
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "no answer from the broker" in out.stderr
     assert "Traceback" not in out.stderr
     assert time.monotonic() - t0 < 20
+
+
+def test_with_json_an_error_is_the_one_object_on_stdout():
+    out = run("edge", "--model", "tiny-llama", "--split", "9", "--json")
+    assert out.returncode == 2
+    assert json.loads(out.stdout) == {"error": {"type": "InvalidSplitError", "exit_code": 2,
+                                                "message": "split 9 is outside [0, 4] for this model"}}
+    assert "error: split 9" in out.stderr
+
+
+def test_a_keys_directory_that_is_not_there_is_named():
+    for args in (("edge", "--model", "tiny-llama", "--split", "2", "--tokens", "2"), ("status",)):
+        out = run(*args, "--keys", "/no/such/keys", "--broker", "tcp://127.0.0.1:9", timeout=60)
+        assert out.returncode == 1, out.stderr[-2000:]
+        assert "the keys directory /no/such/keys does not exist" in out.stderr
+        assert "Traceback" not in out.stderr
+
+
+def test_keys_generate_where_no_directory_can_be_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    for where, message in ((tmp_path / "file", "is a file"), (tmp_path / "file" / "keys", "cannot be created")):
+        out = run("keys", "generate", str(where), timeout=60)
+        assert out.returncode == 1 and message in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
 
 
 def test_without_a_cloud_the_edge_falls_back_to_local_with_the_same_output():

@@ -205,6 +205,23 @@ def test_an_unreachable_cloud_falls_back_to_local(tiny_llama, monkeypatch):
     assert out[0].tolist() == reference(tiny_llama, ids, 6)
 
 
+def test_text_or_zero_new_tokens_are_refused_with_what_to_do(tiny_llama):
+    from edge_worker import EdgeCloudManager
+
+    manager = EdgeCloudManager(model="tiny-llama", force_mode="local-only")
+    try:
+        for text in ("hello", ["hello", "there"]):
+            with pytest.raises(TypeError, match="token ids .* not text"):
+                manager.process_hybrid(text)
+        with pytest.raises(ValueError, match="at least 1"):  # not the manager's default in its place
+            manager.process_hybrid([[1, 2, 3]], max_new_tokens=0)
+        assert manager.process_hybrid([[1, 2, 3]], max_new_tokens=2).shape == (1, 5)
+    finally:
+        manager.close()
+    with pytest.raises(ValueError, match="at least 1"):
+        EdgeCloudManager(model="tiny-llama", force_mode="local-only", max_new_tokens=0)
+
+
 def test_a_drafter_with_another_tokenizer_is_refused(tiny_llama):
     from edge_worker import MiniLLMHandler
     from edge_worker.mini_llm import TokenizerMismatchError

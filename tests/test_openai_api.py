@@ -164,6 +164,7 @@ def test_a_text_completion_the_server_cannot_honour_is_refused_by_name(api, body
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": None}]}, "messages.0.content"),  # not "...content.str"
 ])
 def test_a_chat_completion_the_server_cannot_honour_is_refused_by_name(api, extra, param):
     body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], **extra}
@@ -182,9 +183,12 @@ def test_neutral_values_that_clients_send_by_default_are_accepted(api):
 
 
 def test_a_body_that_is_not_json_is_a_400_in_openais_shape(api):
-    for content in (b"{not json", b"[1, 2]"):
-        r = api.post("/v1/completions", headers={**AUTH, "Content-Type": "application/json"}, content=content)
-        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    for content in (b"{not json", b"[1, 2]", b""):
+        for path in ("/v1/completions", "/v1/chat/completions"):
+            r = api.post(path, headers={**AUTH, "Content-Type": "application/json"}, content=content)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", (content, r.text)
+    r = api.post("/v1/chat/completions", headers=AUTH)  # no body at all
+    assert r.status_code == 400 and "must be a JSON object" in r.json()["error"]["message"], r.text
 
 
 def test_a_wrong_or_missing_key_is_401_and_health_needs_none(api):

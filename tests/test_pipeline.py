@@ -63,9 +63,11 @@ def test_penalty_and_min_p_reach_the_worker_and_match_local(tiny_cluster):
     assert bad.returncode != 0 and "min_p must be in [0, 1]" in bad.stderr, bad.stderr[-2000:]
 
 
-def test_wrong_api_key_is_refused_clearly(tiny_cluster):
-    out = tiny_cluster.edge("--split", "2", "--tokens", "4", "--api-key", "not-a-key")
-    assert out.returncode == 1
+@pytest.mark.parametrize("split", [("--split", "2"), ()], ids=["fixed", "planned"])
+def test_wrong_api_key_is_refused_clearly(tiny_cluster, split):
+    """Also when the planner chooses: a refused key is never read as "no worker serves this model"."""
+    out = tiny_cluster.edge(*split, "--tokens", "4", "--api-key", "not-a-key")
+    assert out.returncode == 1, out.stderr[-2000:]
     assert "API key" in out.stderr
     assert "Traceback" not in out.stderr
 

@@ -186,6 +186,25 @@ def test_serve_refuses_to_listen_beyond_loopback_without_a_key():
     assert out.returncode == 2 and "--http-key" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_serve_refuses_a_port_it_cannot_listen_on_before_loading_the_model():
+    import socket
+
+    from cli.cluster import ROOT, child_env, cli_command
+
+    out = subprocess.run(cli_command("serve", "--model", MODEL, "--port", "70000", "--force-local"),
+                         env=child_env(), capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 2 and "65535" in out.stderr and "Traceback" not in out.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run(cli_command("serve", "--model", MODEL, "--port", str(port), "--force-local"),
+                             env=child_env(), capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 1, out.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in out.stderr and "serving" not in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 # --- the chat page, in a real headless browser (kept last: it cancels a generation too) -----------
 
 
