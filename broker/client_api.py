@@ -118,12 +118,14 @@ class BrokerClient:
         close_socket(self._sock)
         self._sock = None
 
-    def _reset(self, reason: str, gone: bool = False) -> None:
+    def _reset(self, reason: str, gone: bool = False, detail: str = "") -> None:
         """Drop the socket and everything in flight on it (and what libzmq still queues for a
-        reconnection: its callers hear it failed); reconnect."""
+        reconnection: its callers hear it failed); reconnect. ``detail`` goes to the log only
+        (a request id means nothing in an error a user reads)."""
         if self._other_version:
             reason += f"; {self._other_version}"
-        self.log.warning("resetting connection to broker %s: %s", self.endpoint, reason)
+        self.log.warning("resetting connection to broker %s: %s%s", self.endpoint, reason,
+                         f" ({detail})" if detail else "")
         if self._handshake is not None and not gone:
             self._handshake.poll()
             if self._handshake.failure:
@@ -298,7 +300,7 @@ class BrokerClient:
                 raise ProtocolError("unknown_request", f"request {rid} was never sent or already collected")
             now = time.monotonic()
             if now >= give_up:
-                self._reset(f"no answer to request {rid}")
+                self._reset("nothing came back within the request's timeout", detail=f"request {rid}")
                 break
             self._receive(poll_timeout_ms(give_up, now))
         self._patient.discard(rid)
