@@ -394,10 +394,12 @@ class HandshakeWatch:
                 continue
             elif self.curve:
                 self.failure = ("the CURVE handshake failed (the broker runs without CURVE, or its public key "
-                                "is not the one in the keys directory)")  # fmt: skip
+                                "is not the one in the keys directory, or what listens at that address is not "
+                                "an edgecloud broker)")  # fmt: skip
             else:
-                self.failure = ("the handshake failed: the broker requires CURVE; give this client a keys directory "
-                                "with its key and broker-default.pub (--keys / EDGECLOUD_KEYS)")  # fmt: skip
+                self.failure = ("the handshake failed: the broker requires CURVE (give this client a keys directory "
+                                "with its key and broker-default.pub: --keys / EDGECLOUD_KEYS), or what listens at "
+                                "that address is not an edgecloud broker")  # fmt: skip
 
     def close(self) -> None:
         with contextlib.suppress(zmq.ZMQError):
