@@ -141,6 +141,23 @@ def test_trust_mode_emits_confident_drafts_without_verification(tiny_llama):
     assert len(result.trace) <= len(result.token_ids) // 3 + 1
 
 
+def test_cloud_only_the_self_drafter_drafts_by_lookup_unless_it_has_an_adapter(tiny_llama, tmp_path, monkeypatch):
+    """At split 0 the edge has no layer to exit early from: the head over the embedding is no
+    guess worth its pass, so the seed's MiniLLMHandler(model=None) drafts by prompt lookup there,
+    and stays the self-drafter at a split with edge layers, or at 0 with an adapter of its own."""
+    from edge_worker.drafting import DrafterError
+
+    monkeypatch.setenv("EDGECLOUD_CACHE", str(tmp_path))  # no calibrated adapter in reach
+    mini = MiniLLMHandler(model=None, threshold=0.0, max_draft=3, adaptive=False)
+    cloud_only = generator(tiny_llama, 0, mini)
+    assert cloud_only.mini.drafter.name == "lookup"
+    ids = ids_of(tiny_llama, PROMPTS[0])
+    assert cloud_only.generate(ids, 16).token_ids == generator(tiny_llama, 0).generate(ids, 16).token_ids
+    assert generator(tiny_llama, 2, mini).mini.drafter.name == "self"
+    with pytest.raises(DrafterError, match="no drafter adapter at"):  # a named adapter is still required
+        generator(tiny_llama, 0, MiniLLMHandler(model="self", adapter=tmp_path / "nope.pt"))
+
+
 def test_a_missing_adapter_file_is_a_clear_error(tiny_llama, tmp_path):
     from edge_worker.drafting import DrafterError
 
