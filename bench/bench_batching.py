@@ -20,7 +20,8 @@ a heartbeat during the phase over the sessions it held then.
 cloud-only mode, eight prompts one after another and then as one batch, the worker's CPU per
 token in each: with the worker's defaults, with the head on the GGUF file's blocks
 (``--head-blocks``), without its prefix cache (``--prefix-cache-mb 0``), and with its row kernel
-off (``EDGECLOUD_ROW_KERNEL``; the prefix cache is then off too).
+off (``EDGECLOUD_ROW_KERNEL``; the prefix cache is then off too). ``--seed-mini`` gives the manager
+the seed example's ``MiniLLMHandler(model=None, tokenizer=...)`` (the self-drafter) as well.
 
 ``--cold-burst`` runs only this: eight chat prompts (one system prompt, eight questions) reaching
 a fresh worker at once, cloud-only, eight tokens each; the worker's CPU over the burst and the
@@ -126,14 +127,16 @@ def run_worker(model: str, max_batch: int, split: int, tokens: int, texts: list[
     return rows
 
 
-def seed_check(model: str, tokens: int, kernel: str, prefix_mb: float = 128.0, head_blocks: bool = False) -> dict:
+def seed_check(model: str, tokens: int, kernel: str, prefix_mb: float = 128.0, head_blocks: bool = False,
+               seed_mini: bool = False) -> dict:
     """The seed's ``EdgeCloudManager`` in cloud-only mode against one worker: eight prompts one
     after another, then the eight as one batch (``process_hybrid`` of a list: eight sessions at
     once); the worker's (and the broker's) CPU per generated token and the wall time in each phase, and whether
     every row equals its prompt alone. ``kernel`` is the worker's ``EDGECLOUD_ROW_KERNEL``,
     ``prefix_mb`` its ``--prefix-cache-mb`` (with it, the batch finds its prompts computed by the
     first phase, as a service finds a system prompt or a conversation's earlier turns),
-    ``head_blocks`` its ``--head-blocks``."""
+    ``head_blocks`` its ``--head-blocks``; ``seed_mini``: the manager gets the seed example's
+    ``MiniLLMHandler(model=None, tokenizer=...)`` (the self-drafter) instead of its default."""
     import os
 
     import psutil
@@ -149,7 +152,13 @@ def seed_check(model: str, tokens: int, kernel: str, prefix_mb: float = 128.0, h
                                                                       *(["--head-blocks"] if head_blocks else [])))
         cluster.wait_for_workers(1, timeout_s=600)
         os.environ.update(EDGECLOUD_BROKER=cluster.endpoint, EDGECLOUD_KEYS=str(cluster.keys_dir))
-        manager = EdgeCloudManager(model=model, force_mode="cloud-only")
+        mini = None
+        if seed_mini:
+            from edge_worker import MiniLLMHandler
+            from partition.models import source_of
+
+            mini = MiniLLMHandler(model=None, tokenizer=source_of(model).load_tokenizer())
+        manager = EdgeCloudManager(model=model, force_mode="cloud-only", mini_llm=mini)
         try:
             ids = [encode_prompt(manager.tokenizer, t) for t in prompts()[:8]]
             process, broker_process = psutil.Process(worker.popen.pid), psutil.Process(broker.popen.pid)
@@ -168,14 +177,15 @@ def seed_check(model: str, tokens: int, kernel: str, prefix_mb: float = 128.0, h
         finally:
             manager.close()
     n = sum(len(a) for a in alone)
-    row = {"kernel": kernel, "prefix_cache_mb": prefix_mb, "head_blocks": head_blocks, "tokens": n,
+    row = {"kernel": kernel, "prefix_cache_mb": prefix_mb, "head_blocks": head_blocks, "seed_mini": seed_mini, "tokens": n,
            "alone_cpu_ms_per_token": round((c1 - c0) / n * 1e3, 2),
            "together_cpu_ms_per_token": round((c2 - c1) / n * 1e3, 2), "cpu_ratio": round((c1 - c0) / (c2 - c1), 2),
            "tokens_per_s_ratio": round((t1 - t0) / (t2 - t1), 2), "alone_s": round(t1 - t0, 2),
            "together_s": round(t2 - t1, 2), "identical": together == alone, "mean_batch": status["mean_batch"],
            "broker_alone_cpu_ms_per_token": round((b1 - b0) / n * 1e3, 3),
            "broker_together_cpu_ms_per_token": round((b2 - b1) / n * 1e3, 3)}
-    print(f"seed check, worker kernel {kernel}, prefix cache {prefix_mb:g} MiB{', --head-blocks' if head_blocks else ''}: "
+    print(f"seed check, worker kernel {kernel}, prefix cache {prefix_mb:g} MiB{', --head-blocks' if head_blocks else ''}"
+          f"{', the seed example MiniLLMHandler' if seed_mini else ''}: "
           f"{row['alone_cpu_ms_per_token']:.2f} against {row['together_cpu_ms_per_token']:.2f} ms, {row['cpu_ratio']:.2f}x less worker CPU per token at once, "
           f"{row['tokens_per_s_ratio']:.2f}x the tokens/s, identical: {row['identical']}; the broker "
           f"{row['broker_alone_cpu_ms_per_token']:.2f} against {row['broker_together_cpu_ms_per_token']:.2f} ms",
@@ -259,6 +269,8 @@ def main() -> None:
                          "with the worker's defaults, with --head-blocks, without its prefix cache, and with MKL tiles")
     ap.add_argument("--default-only", action="store_true",
                     help="--seed-check: only the worker's defaults (alternate two trees with it)")
+    ap.add_argument("--seed-mini", action="store_true",
+                    help="--seed-check: the manager gets the seed example's MiniLLMHandler(model=None, tokenizer=...)")
     ap.add_argument("--cold-burst", action="store_true",
                     help="only eight chat prompts at once at a fresh worker, with its prefix cache and without")
     ap.add_argument("--reps", type=int, default=3, help="--cold-burst: runs of each")
@@ -277,7 +289,7 @@ def main() -> None:
         return
     if args.seed_check:
         configs = (("auto", 128.0, False), ("auto", 128.0, True), ("auto", 0.0, False), ("off", 128.0, False))
-        rows = [seed_check(args.model, args.tokens, kernel, prefix_mb, head)
+        rows = [seed_check(args.model, args.tokens, kernel, prefix_mb, head, args.seed_mini)
                 for kernel, prefix_mb, head in configs[:1 if args.default_only else None]]
         if args.json:
             for r in rows:
