@@ -545,7 +545,7 @@ class EdgeEngine:
         """The edge's layers ``[0, k)``, with the head when it runs every layer or the drafter
         applies the head to its own activations."""
         n = self.source.n_layers
-        return self.segment(0, k, head=k == n or bool(self.mini_llm and k < n and self.mini_llm.needs_edge_head))
+        return self.segment(0, k, head=k == n or bool(self.mini_llm and k < n and self.mini_llm.needs_head_at(self.source, k)))
 
     def backend_for(self, k: int, edge: ModelSegment | None):
         """A cloud session for layers ``[k, N)`` (None at ``k = N``), with the projection the

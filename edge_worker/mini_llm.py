@@ -156,6 +156,11 @@ class MiniLLMHandler:
         """The self-drafter applies the final norm and LM head to the edge's own activations."""
         return self.kind == "self"
 
+    def needs_head_at(self, source: ModelSource, k: int) -> bool:
+        """Whether the drafter at split ``k`` applies the head to the edge's activations: the
+        self-drafter's, except cloud-only without an adapter, where it drafts by lookup alone."""
+        return self.needs_edge_head and (k > 0 or self._has_adapter(source, 0))
+
     def check_tokenizer(self, main_tokenizer: Any) -> None:
         """Refuse a drafter whose tokenizer would give different ids than the main model's."""
         if self.tokenizer is None or self.tokenizer is main_tokenizer:

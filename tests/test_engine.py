@@ -241,6 +241,20 @@ def test_without_fallback_a_split_generation_with_no_cloud_raises(tiny_llama):
         engine.generate([65, 66, 67], engine.params(max_new_tokens=3))
 
 
+def test_cloud_only_the_self_drafter_loads_no_head_on_the_edge(tiny_llama, tmp_path, monkeypatch):
+    """It drafts by lookup there (no edge layer to exit from), so the edge holds the embedding
+    alone; at a split with edge layers it keeps its head."""
+    from edge_worker.config import EdgeConfig
+    from edge_worker.engine import EdgeEngine
+    from edge_worker.mini_llm import MiniLLMHandler
+
+    monkeypatch.setenv("EDGECLOUD_CACHE", str(tmp_path))  # no calibrated adapter in reach
+    settings = EdgeConfig(model="tiny-llama", split=0, broker="tcp://127.0.0.1:9", encryption=False)
+    with EdgeEngine(settings=settings, mini_llm=MiniLLMHandler(model=None)) as engine:
+        assert engine.edge_segment(0).lm_head is None
+        assert engine.edge_segment(2).lm_head is not None
+
+
 def test_servable_splits_come_from_the_workers_of_this_model_only():
     from edge_worker.planning import servable_splits
 
