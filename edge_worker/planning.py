@@ -274,7 +274,11 @@ class ReplanWatch:
         changed = changed_beyond(self.snapshot, snap)
         if not changed or not snap.cloud_reachable:
             return None
-        workers = planner._workers()
+        try:
+            workers = planner._workers()
+        except EdgeCloudError as exc:  # the generation's own steps hear of it; a re-plan only waits
+            log.warning("no re-plan at step %d: %s", step, exc)
+            return None
         if workers is None:  # the broker did not answer: nothing to plan on
             return None
         conditions = planner.with_measured_compute(to_conditions(snap, planner.base_conditions), workers)
