@@ -70,3 +70,29 @@ def test_moving_the_split_with_a_drafter_keeps_greedy_output(tiny_llama):
     moved = run(tiny_llama, 2, ids, 30, mover, mini)
     assert moved.token_ids == expected
     assert len(moved.moves) >= 3 and moved.tokens_drafted > 0
+
+
+def test_a_replan_whose_status_request_is_refused_waits_instead_of_failing_the_generation():
+    """The worker list a re-plan reads raises a refused key (a plan before a generation must not
+    read it as "no worker serves this model"); mid-generation the steps report that themselves,
+    so the re-plan only gives up this turn."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from broker.errors import AuthError
+    from edge_worker.conditions import DeviceSnapshot
+    from edge_worker.planning import ReplanWatch
+
+    before = DeviceSnapshot(taken_at=0.0, cpu_load=0.1, process_cpu_load=0.05, mem_available_bytes=2**30,
+                            mem_total_bytes=2**31, battery_percent=None, on_battery=None, gpu_utilization=None,
+                            gpu_mem_free_bytes=None, rtt_ms=5.0, uplink_mbps=100.0, downlink_mbps=100.0,
+                            cloud_reachable=True)
+    after = dataclasses.replace(before, rtt_ms=80.0)  # far beyond the hysteresis: a re-plan is due
+
+    def refused():
+        raise AuthError("invalid API key for STATUS")
+
+    planner = SimpleNamespace(monitor=SimpleNamespace(snapshot=lambda: after), feed=lambda trace: None,
+                              _workers=refused)
+    watch = ReplanWatch(planner, before, prompt_tokens=8, new_tokens=32, every=4)
+    assert watch.replan(step=4, trace=[], current=2) is None
