@@ -364,7 +364,7 @@ class Broker:
         if cfg.api_keys and msg.api_key not in cfg.api_keys:
             self.counters["auth_failures"] += 1
             self._reply_error(
-                identity, msg.request_id, AuthError("invalid API key; check --api-key / EDGECLOUD_API_KEY")
+                identity, msg.request_id, AuthError("invalid API key; check --api-key / EDGECLOUD_API_KEY (a key in the broker's api_keys.txt)")
             )
             return
         if msg.request_id in self._requests or msg.request_id in self._done_ids:
@@ -473,7 +473,7 @@ class Broker:
     def _on_status(self, identity: bytes, msg: p.Status) -> None:
         if self.config.api_keys and msg.api_key not in self.config.api_keys:
             self.counters["auth_failures"] += 1
-            self._reply_error(identity, msg.request_id, AuthError("invalid API key for STATUS"))
+            self._reply_error(identity, msg.request_id, AuthError("invalid API key for STATUS; check --api-key / EDGECLOUD_API_KEY (a key in the broker's api_keys.txt)"))
             return
         self._send(identity, p.StatusReply(request_id=msg.request_id, status=self.status()))
 
