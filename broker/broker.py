@@ -105,6 +105,8 @@ STOP_EVENT_POLL_S = 0.1
 ORPHAN_WORKERS_REMEMBERED = 256
 # Dispatches held while reading the socket before they are sent anyway (see Broker._held).
 HOLD_DISPATCHES = 64
+# What a client refused for its API key is told: where a valid one comes from.
+API_KEY_HINT = "check --api-key / EDGECLOUD_API_KEY (a key in the broker's api_keys.txt)"
 
 
 class Broker:
@@ -364,7 +366,7 @@ class Broker:
         if cfg.api_keys and msg.api_key not in cfg.api_keys:
             self.counters["auth_failures"] += 1
             self._reply_error(
-                identity, msg.request_id, AuthError("invalid API key; check --api-key / EDGECLOUD_API_KEY (a key in the broker's api_keys.txt)")
+                identity, msg.request_id, AuthError(f"invalid API key; {API_KEY_HINT}")
             )
             return
         if msg.request_id in self._requests or msg.request_id in self._done_ids:
@@ -473,7 +475,7 @@ class Broker:
     def _on_status(self, identity: bytes, msg: p.Status) -> None:
         if self.config.api_keys and msg.api_key not in self.config.api_keys:
             self.counters["auth_failures"] += 1
-            self._reply_error(identity, msg.request_id, AuthError("invalid API key for STATUS; check --api-key / EDGECLOUD_API_KEY (a key in the broker's api_keys.txt)"))
+            self._reply_error(identity, msg.request_id, AuthError(f"invalid API key for STATUS; {API_KEY_HINT}"))
             return
         self._send(identity, p.StatusReply(request_id=msg.request_id, status=self.status()))
 

@@ -158,8 +158,8 @@ class MiniLLMHandler:
 
     def needs_head_at(self, source: ModelSource, k: int) -> bool:
         """Whether the drafter at split ``k`` applies the head to the edge's activations: the
-        self-drafter's, except cloud-only without an adapter, where it drafts by lookup alone."""
-        return self.needs_edge_head and (k > 0 or self._has_adapter(source, 0))
+        self-drafter's, except where it drafts by lookup alone (``_lookup_only``)."""
+        return self.needs_edge_head and not self._lookup_only(source, k)
 
     def check_tokenizer(self, main_tokenizer: Any) -> None:
         """Refuse a drafter whose tokenizer would give different ids than the main model's."""
@@ -189,7 +189,7 @@ class MiniLLMHandler:
                          source.n_layers, copy_bytes(source.config, edge.spec.hi) / 2**20)
         if kind is None:
             return None
-        if kind == "self" and edge.spec.hi == 0 and not self._has_adapter(source, 0):
+        if kind == "self" and self._lookup_only(source, edge.spec.hi):
             # Cloud-only: no layer of the edge's to exit early from. The head over the bare
             # embedding guesses a token like the last one, rarely right, for a head pass per token
             # on the edge. The seed manager with its MiniLLMHandler(model=None), eight prompts
@@ -205,7 +205,7 @@ class MiniLLMHandler:
             if edge.norm is None or edge.lm_head is None:
                 raise DrafterError("the self-drafter needs the edge segment loaded with head=True")
             adapter = None
-            path = self.adapter or adapter_path(default_adapters_dir(), source.model_id, edge.spec.hi)
+            path = self._adapter_file(source, edge.spec.hi)
             if self.use_adapter and path.exists():
                 key = ("adapter", path, source.model_id, edge.spec.hi)
                 if key not in self._loaded:
@@ -240,12 +240,14 @@ class MiniLLMHandler:
         return MiniSettings(drafter, self.mode, self.threshold_for(kind), self.max_draft, self.adaptive, self.pipeline,
                             self.tree_nodes, self.group)
 
-    def _has_adapter(self, source: ModelSource, k: int) -> bool:
-        """Whether the self-drafter at split ``k`` has an adapter to read: the one given, else the
-        calibrated default (unless adapters are off)."""
-        if self.adapter is not None:
-            return True
-        return self.use_adapter and adapter_path(default_adapters_dir(), source.model_id, k).exists()
+    def _adapter_file(self, source: ModelSource, k: int) -> Path:
+        """The self-drafter's adapter at split ``k``: the one given, else where calibration writes it."""
+        return self.adapter or adapter_path(default_adapters_dir(), source.model_id, k)
+
+    def _lookup_only(self, source: ModelSource, k: int) -> bool:
+        """The self-drafter drafts by prompt lookup alone at split 0 (cloud-only: no edge layer to
+        exit early from) unless it has an adapter for it, given or calibrated."""
+        return k == 0 and self.adapter is None and not (self.use_adapter and self._adapter_file(source, 0).exists())
 
     def _copy(self, key: Any, source: ModelSource, k: int) -> ModelSegment:
         """The int8 copy of layers [k, N), built once (by the first generation that drafts)."""

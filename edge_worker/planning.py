@@ -181,10 +181,8 @@ class SplitPlanner:
         try:
             rtt_ms = self.client.ping(PING_TIMEOUT_S) * 1e3
         except EdgeCloudError as exc:
-            if not is_unavailable(exc):
-                raise  # a refused key or a protocol error, never papered over by a local run
-            if not unreachable_ok:
-                raise
+            if not (unreachable_ok and is_unavailable(exc)):
+                raise  # a refused key or a protocol error is never papered over by a local run
             log.warning("cloud unreachable (%s)", exc)
             return conditions, None, None, snapshot
         workers = self._workers()
