@@ -128,7 +128,7 @@ def run_worker(model: str, max_batch: int, split: int, tokens: int, texts: list[
 
 
 def seed_check(model: str, tokens: int, kernel: str, prefix_mb: float = 128.0, head_blocks: bool = False,
-               seed_mini: bool = False) -> dict:
+               seed_mini: bool = False, threads: bool = False) -> dict:
     """The seed's ``EdgeCloudManager`` in cloud-only mode against one worker: eight prompts one
     after another, then the eight as one batch (``process_hybrid`` of a list: eight sessions at
     once); the worker's (and the broker's) CPU per generated token and the wall time in each phase, and whether
@@ -136,7 +136,9 @@ def seed_check(model: str, tokens: int, kernel: str, prefix_mb: float = 128.0, h
     ``prefix_mb`` its ``--prefix-cache-mb`` (with it, the batch finds its prompts computed by the
     first phase, as a service finds a system prompt or a conversation's earlier turns),
     ``head_blocks`` its ``--head-blocks``; ``seed_mini``: the manager gets the seed example's
-    ``MiniLLMHandler(model=None, tokenizer=...)`` (the self-drafter) instead of its default."""
+    ``MiniLLMHandler(model=None, tokenizer=...)`` (the self-drafter) instead of its default;
+    ``threads``: the eight at once are eight threads, each calling ``process_hybrid`` with one
+    prompt on the one manager, instead of one call with the list."""
     import os
 
     import psutil
@@ -170,14 +172,28 @@ def seed_check(model: str, tokens: int, kernel: str, prefix_mb: float = 128.0, h
             c0, b0, t0 = cpu(), cpu(broker_process), time.perf_counter()
             alone = [manager.process_hybrid(p, max_new_tokens=tokens)[0, len(p):].tolist() for p in ids]
             c1, b1, t1 = cpu(), cpu(broker_process), time.perf_counter()
-            out = manager.process_hybrid(ids, max_new_tokens=tokens)
+            if threads:
+                rows: list = [None] * len(ids)
+
+                def one(i: int) -> None:
+                    rows[i] = manager.process_hybrid(ids[i], max_new_tokens=tokens)[0]
+
+                pool = [threading.Thread(target=one, args=(i,)) for i in range(len(ids))]
+                for thread in pool:
+                    thread.start()
+                for thread in pool:
+                    thread.join()
+            else:
+                rows = list(manager.process_hybrid(ids, max_new_tokens=tokens))
             c2, b2, t2 = cpu(), cpu(broker_process), time.perf_counter()
-            together = [out[i, len(p):len(p) + len(alone[i])].tolist() for i, p in enumerate(ids)]
+            together = [None if r is None else r[len(p):len(p) + len(alone[i])].tolist()
+                        for i, (r, p) in enumerate(zip(rows, ids, strict=True))]
             status = manager.cloud_client.status()["workers"][0]
         finally:
             manager.close()
     n = sum(len(a) for a in alone)
-    row = {"kernel": kernel, "prefix_cache_mb": prefix_mb, "head_blocks": head_blocks, "seed_mini": seed_mini, "tokens": n,
+    row = {"kernel": kernel, "prefix_cache_mb": prefix_mb, "head_blocks": head_blocks, "seed_mini": seed_mini,
+           "threads": threads, "tokens": n,
            "alone_cpu_ms_per_token": round((c1 - c0) / n * 1e3, 2),
            "together_cpu_ms_per_token": round((c2 - c1) / n * 1e3, 2), "cpu_ratio": round((c1 - c0) / (c2 - c1), 2),
            "tokens_per_s_ratio": round((t1 - t0) / (t2 - t1), 2), "alone_s": round(t1 - t0, 2),
@@ -185,7 +201,8 @@ def seed_check(model: str, tokens: int, kernel: str, prefix_mb: float = 128.0, h
            "broker_alone_cpu_ms_per_token": round((b1 - b0) / n * 1e3, 3),
            "broker_together_cpu_ms_per_token": round((b2 - b1) / n * 1e3, 3)}
     print(f"seed check, worker kernel {kernel}, prefix cache {prefix_mb:g} MiB{', --head-blocks' if head_blocks else ''}"
-          f"{', the seed example MiniLLMHandler' if seed_mini else ''}: "
+          f"{', the seed example MiniLLMHandler' if seed_mini else ''}"
+          f"{', eight threads at once' if threads else ''}: "
           f"{row['alone_cpu_ms_per_token']:.2f} against {row['together_cpu_ms_per_token']:.2f} ms, {row['cpu_ratio']:.2f}x less worker CPU per token at once, "
           f"{row['tokens_per_s_ratio']:.2f}x the tokens/s, identical: {row['identical']}; the broker "
           f"{row['broker_alone_cpu_ms_per_token']:.2f} against {row['broker_together_cpu_ms_per_token']:.2f} ms",
@@ -271,6 +288,8 @@ def main() -> None:
                     help="--seed-check: only the worker's defaults (alternate two trees with it)")
     ap.add_argument("--seed-mini", action="store_true",
                     help="--seed-check: the manager gets the seed example's MiniLLMHandler(model=None, tokenizer=...)")
+    ap.add_argument("--seed-threads", action="store_true",
+                    help="--seed-check: at once as eight threads, each calling process_hybrid with one prompt")
     ap.add_argument("--cold-burst", action="store_true",
                     help="only eight chat prompts at once at a fresh worker, with its prefix cache and without")
     ap.add_argument("--reps", type=int, default=3, help="--cold-burst: runs of each")
@@ -289,7 +308,7 @@ def main() -> None:
         return
     if args.seed_check:
         configs = (("auto", 128.0, False), ("auto", 128.0, True), ("auto", 0.0, False), ("off", 128.0, False))
-        rows = [seed_check(args.model, args.tokens, kernel, prefix_mb, head, args.seed_mini)
+        rows = [seed_check(args.model, args.tokens, kernel, prefix_mb, head, args.seed_mini, args.seed_threads)
                 for kernel, prefix_mb, head in configs[:1 if args.default_only else None]]
         if args.json:
             for r in rows:
