@@ -9,8 +9,9 @@
 #
 # Figures go to $OUT (the device tool's folder that comes back) or to /tmp/gpu_check.
 # GPU_CHECK_DEVICE=cpu GPU_CHECK_ARGS=--quick runs the same steps on a CPU in seconds (the test
-# suite does, tests/test_gpu_check.py). Wheels for what the machine lacks (pyzmq, pynacl; see the device tool's README) can travel in
-# .whl/: they are installed to /tmp/site first.
+# suite does, tests/test_gpu_check.py). Wheels for what the machine lacks (pyzmq, pynacl and cffi:
+# `bash bench/gpu_wheels.sh` fetches them) travel in .whl/: where zmq or nacl does not import, they
+# are installed to /tmp/site first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/gpu_check}"
@@ -19,7 +20,7 @@ py="${PYTHON:-python3}"
 device="${GPU_CHECK_DEVICE:-cuda}"
 read -r -a extra <<< "${GPU_CHECK_ARGS:-}"
 export PYTHONUNBUFFERED=1
-if compgen -G ".whl/*.whl" > /dev/null; then
+if ! "$py" -c "import zmq, nacl" 2> /dev/null && compgen -G ".whl/*.whl" > /dev/null; then
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi

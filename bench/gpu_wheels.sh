@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Wheels a lent GPU machine lacks for bench/gpu_check.sh's cluster part (a real broker and worker
+# process on the GPU): pyzmq, PyNaCl and cffi, for the device image's Python 3.12, into .whl/
+# (ignored by git). Its image has torch, transformers, msgpack, psutil and typer; it cannot reach
+# PyPI, this machine can. Then, with the device tool:
+#
+#   bash bench/gpu_wheels.sh
+#   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=540)
+#
+# gpu_check.sh installs what it finds in .whl/ to /tmp/site first. The versions are this
+# project's own (what `make setup` installs here).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py="${PYTHON:-.venv/bin/python}"
+[ -x "$py" ] || py=python3
+mkdir -p .whl
+platforms=()
+for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_26_x86_64 manylinux_2_24_x86_64 \
+         manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do
+    platforms+=(--platform "$p")
+done
+for pkg in "pyzmq==${PYZMQ:-27.3.0}" "pynacl==${PYNACL:-1.6.2}" "cffi==${CFFI:-2.1.1}"; do
+    "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        "${platforms[@]}" -d .whl "$pkg"
+done
+ls -l .whl
+du -sh .whl
