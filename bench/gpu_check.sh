@@ -9,9 +9,10 @@
 #
 # Figures go to $OUT (the device tool's folder that comes back) or to /tmp/gpu_check.
 # GPU_CHECK_DEVICE=cpu GPU_CHECK_ARGS=--quick runs the same steps on a CPU in seconds (the test
-# suite does, tests/test_gpu_check.py). Wheels for what the machine lacks (pyzmq, pynacl and cffi:
-# `bash bench/gpu_wheels.sh` fetches them) travel in .whl/: where zmq or nacl does not import, they
-# are installed to /tmp/site first.
+# suite does, tests/test_gpu_check.py). Wheels for what the machine lacks (pyzmq, pynacl, cffi and
+# the transformers pyproject.toml pins: `bash bench/gpu_wheels.sh` fetches them) travel in .whl/:
+# where one of those does not import (or transformers is another version), they are installed to
+# /tmp/site first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/gpu_check}"
@@ -20,7 +21,8 @@ py="${PYTHON:-python3}"
 device="${GPU_CHECK_DEVICE:-cuda}"
 read -r -a extra <<< "${GPU_CHECK_ARGS:-}"
 export PYTHONUNBUFFERED=1
-if ! "$py" -c "import zmq, nacl" 2> /dev/null && compgen -G ".whl/*.whl" > /dev/null; then
+needs="import zmq, nacl, transformers; assert transformers.__version__.startswith('5.24.')"
+if ! "$py" -c "$needs" 2> /dev/null && compgen -G ".whl/*.whl" > /dev/null; then
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Wheels a lent GPU machine lacks for bench/gpu_check.sh's cluster part (a real broker and worker
-# process on the GPU): pyzmq, PyNaCl and cffi, for the device image's Python 3.12, into .whl/
-# (ignored by git). Its image has torch, transformers, msgpack, psutil and typer; it cannot reach
-# PyPI, this machine can. Then, with the device tool:
+# Wheels a lent GPU machine lacks for bench/gpu_check.sh, for the device image's Python 3.12, into
+# .whl/ (ignored by git): pyzmq, PyNaCl and cffi for its cluster part (a real broker and worker
+# process on the GPU), and the transformers this project is tested with (partition/arch.py uses
+# its internals; the image had 5.17, pyproject.toml pins 5.24). The image has torch, msgpack,
+# psutil, typer and transformers' own needs; it cannot reach PyPI, this machine can. About 16 MB.
+# Then, with the device tool:
 #
 #   bash bench/gpu_wheels.sh
 #   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=540)
@@ -19,7 +21,8 @@ for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_26_x86_64 manyl
          manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do
     platforms+=(--platform "$p")
 done
-for pkg in "pyzmq==${PYZMQ:-27.3.0}" "pynacl==${PYNACL:-1.6.2}" "cffi==${CFFI:-2.1.1}"; do
+for pkg in "pyzmq==${PYZMQ:-27.3.0}" "pynacl==${PYNACL:-1.6.2}" "cffi==${CFFI:-2.1.1}" \
+           "transformers==${TRANSFORMERS:-5.24.0}"; do
     "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         "${platforms[@]}" -d .whl "$pkg"
 done
