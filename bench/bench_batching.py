@@ -22,6 +22,8 @@ token in each: with the worker's defaults, with the head on the GGUF file's bloc
 (``--head-blocks``), without its prefix cache (``--prefix-cache-mb 0``), and with its row kernel
 off (``EDGECLOUD_ROW_KERNEL``; the prefix cache is then off too). ``--seed-mini`` gives the manager
 the seed example's ``MiniLLMHandler(model=None, tokenizer=...)`` (the self-drafter) as well.
+``--seed-threads`` runs the eight at once as eight threads, each calling ``process_hybrid`` with
+one prompt on the one manager, instead of one call with the list.
 
 ``--cold-burst`` runs only this: eight chat prompts (one system prompt, eight questions) reaching
 a fresh worker at once, cloud-only, eight tokens each; the worker's CPU over the burst and the
