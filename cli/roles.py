@@ -122,7 +122,8 @@ def cloud_worker(
     batch_wait_ms: Annotated[float, typer.Option(help="Longest wait for the next steps of the sessions in the "
                                                  "last forward pass before computing without them.")] = 20.0,
     max_cache_mb: Annotated[float | None, typer.Option(help="Most MiB the sessions' KV caches hold together; past "
-                                                       "it new sessions and growing steps are answered busy "
+                                                       "it new sessions and growing steps are answered busy, "
+                                                       "and the oldest session's growth ends the youngest "
                                                        "(default: no limit but --max-sessions).")] = None,
     prefix_cache_mb: Annotated[float, typer.Option(help="MiB of prompts' and ended sessions' KV caches kept for "
                                                    "sessions that start the same way (a shared system prompt, a "

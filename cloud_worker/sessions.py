@@ -7,7 +7,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from broker.errors import Busy
+from broker.errors import Busy, ConfigError
 from broker.wire.crypto import Cipher
 from partition.kv_cache import SegmentKVCache
 from partition.reduction import Reduction
@@ -22,6 +22,7 @@ class Session:
     sampling: SamplingParams
     cache: SegmentKVCache
     last_used: float = field(default_factory=time.monotonic)
+    opened_at: float = field(default_factory=time.monotonic)  # the oldest session's growth preempts (reserve)
     reduction: Reduction | None = None  # steps arrive (1, T, D) and are reconstructed to (1, T, H)
     last_step: int = -1  # highest step number run: an older one is a late copy, never run again
     epoch: int = 0  # of the last step run; a step of an older epoch is stale, a newer one may rewind
@@ -49,8 +50,9 @@ ENDED_PER_SLOT = 64
 
 class SessionTable:
     """Sessions by id, least recently used first. Idle sessions expire; a full table, or KV
-    caches that would outgrow ``max_cache_bytes`` together, say Busy. The ids of ended sessions
-    are remembered (``ended``): an id is opened once."""
+    caches that would outgrow ``max_cache_bytes`` together, say Busy (the oldest session's growth
+    preempts younger ones instead: ``reserve``). The ids of ended sessions are remembered
+    (``ended``): an id is opened once."""
 
     def __init__(self, max_sessions: int, idle_ttl_s: float, max_cache_bytes: int | None = None,
                  on_end: Callable[[Session, str], None] | None = None) -> None:
@@ -112,15 +114,43 @@ class SessionTable:
         """Memory the sessions' KV caches hold (allocated, not just filled)."""
         return sum(s.cache.nbytes() for s in self._sessions.values())
 
-    def reserve(self, nbytes: int, what: str) -> None:
-        """Busy unless the caches may take ``nbytes`` more (``what`` would take them)."""
+    def reserve(self, nbytes: int, what: str, session: Session | None = None) -> list[str]:
+        """Busy unless the caches may take ``nbytes`` more (``what`` would take them: a new
+        session, or ``session``'s next step). Returns the ids of the sessions ended to make room.
+
+        Sessions admitted together can each need to grow while the others hold the rest: were
+        every one refused, none would finish and free its cache, and each would retry until its
+        deadline. So the oldest session held here goes on: the youngest others are ended
+        ("preempted", as a serving system preempts the latest request) until its growth fits;
+        their edges reopen and replay (the prefix cache may keep what they had computed). What
+        does not fit even then is Busy. A new session that would not fit into an empty worker
+        can never open here: ConfigError, not Busy."""
         if self.max_cache_bytes is None or nbytes <= 0:
-            return
+            return []
         held = self.cache_bytes()
-        if held + nbytes > self.max_cache_bytes:
-            raise Busy(f"{what} needs {nbytes / 2**20:.1f} MiB of KV cache and this worker's caches hold "
-                       f"{held / 2**20:.1f} of its {self.max_cache_bytes / 2**20:.0f} MiB (--max-cache-mb); "
-                       "retry later or use another worker")
+        if held + nbytes <= self.max_cache_bytes:
+            return []
+        if session is None and nbytes > self.max_cache_bytes:
+            raise ConfigError(f"{what} needs {nbytes / 2**20:.1f} MiB of KV cache, more than this worker's "
+                              f"whole --max-cache-mb of {self.max_cache_bytes / 2**20:g} MiB: no session at this "
+                              "split can open here; give the worker a larger --max-cache-mb, or use another worker")
+        if session is not None and session is self.oldest() and session.cache.nbytes() + nbytes <= self.max_cache_bytes:
+            ended = []
+            for other in sorted(self._sessions.values(), key=lambda s: s.opened_at, reverse=True):
+                if held + nbytes <= self.max_cache_bytes:
+                    break
+                if other is not session:
+                    held -= other.cache.nbytes()
+                    self.remove(other.session_id, "preempted")
+                    ended.append(other.session_id)
+            return ended
+        raise Busy(f"{what} needs {nbytes / 2**20:.1f} MiB of KV cache and this worker's caches hold "
+                   f"{held / 2**20:.1f} of its {self.max_cache_bytes / 2**20:.0f} MiB (--max-cache-mb); "
+                   "retry later or use another worker")
+
+    def oldest(self) -> Session | None:
+        """The session opened first of those held here."""
+        return min(self._sessions.values(), key=lambda s: s.opened_at, default=None)
 
     def ids(self) -> list[str]:
         return list(self._sessions)

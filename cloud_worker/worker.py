@@ -186,6 +186,12 @@ class CloudWorker:
         self.sessions = SessionTable(config.max_sessions, config.session_idle_ttl_s, limit, on_end=self._session_ended)
         # Keys and values one position of one layer adds to a session's cache, in this worker's dtype.
         self._kv_position_layer_bytes = kv_bytes_per_token_per_layer(self.source.config, dtype.itemsize)
+        first = (self.segment.new_cache(config.max_session_tokens).capacity_for(1) * self.source.n_layers
+                 * self._kv_position_layer_bytes)
+        if limit is not None and first > limit:
+            log.warning("--max-cache-mb %g is less than a cloud-only session's first KV cache (%.1f MiB for %d "
+                        "layers): only sessions that split later can open here", config.max_cache_mb,
+                        first / 2**20, self.source.n_layers)
         # Prompts' keys and values, reused by later sessions that start the same way: only where
         # a position's numbers cannot depend on the frame it came in (partition/prefix_cache.py).
         self.prefixes = (PrefixCache(int(config.prefix_cache_mb * 2**20))
@@ -408,7 +414,7 @@ class CloudWorker:
             cache=self.segment.new_cache(self.config.max_session_tokens), reduction=reduction,
             close_digest=params.close_digest, digests=[] if self.prefixes is not None else None,
         )
-        self.sessions.reserve(self._cache_growth(session, 1), "a new session")
+        self.sessions.reserve(self._cache_growth(session, 1), f"a new session at split {job.layer_lo}")
         self.sessions.add(session)
         if not params.edge_pk:
             answer: tuple[dict, list] = ({"worker_pk": b""}, seal_open_proof(cipher, job.session_id, job.step))
@@ -509,7 +515,12 @@ class CloudWorker:
                 session.digests = None
             else:
                 del session.digests[pos:]  # a retry or a rewind: what the cache holds now
-        self.sessions.reserve(self._cache_growth(session, pos + hidden.shape[1]), f"step {job.step}")
+        preempted = self.sessions.reserve(self._cache_growth(session, pos + hidden.shape[1]), f"step {job.step}",
+                                          session)
+        if preempted:
+            log.warning("ended %d younger sessions (%s) so that session %s, the oldest here, can grow within "
+                        "--max-cache-mb; their edges reopen them", len(preempted), ", ".join(preempted),
+                        session.session_id)
         digests, prompt = None, False
         if session.digests is not None and req.tree is None:  # a tree's kept rows are digested once known
             digests = row_digests(hidden, session.layer_lo, session.digests[-1] if pos else None)

@@ -84,7 +84,7 @@ class CompletionBase(BaseModel):
     ignore_eos: bool = False  # an extension (vLLM's): always generate max_tokens, for benchmarks
     # An extension, as in vLLM: keep only the prompt's last k tokens.
     truncate_prompt_tokens: int | None = Field(None, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what the wire's integers carry
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

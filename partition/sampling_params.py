@@ -24,6 +24,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # >1 makes generated tokens less likely again (CTRL's rule); 1: off
 
     def __post_init__(self) -> None:
+        if not -(2**63) <= self.seed < 2**64:  # what the wire's integers carry
+            raise ValueError(f"seed must be a 64-bit integer (-2**63 to 2**64 - 1), got {self.seed}")
         if not self.temperature >= 0:  # NaN too
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:

@@ -264,14 +264,58 @@ def test_packed_products_use_the_tiles_when_the_row_kernel_is_switched_off(monke
 
 
 def test_the_session_table_refuses_what_would_outgrow_its_cache_memory():
-    from broker.errors import Busy
+    from broker.errors import ConfigError
     from cloud_worker.sessions import SessionTable
 
     table = SessionTable(max_sessions=8, idle_ttl_s=60, max_cache_bytes=1 << 20)
-    table.reserve(1 << 20, "a step")  # exactly the limit fits
-    with pytest.raises(Busy, match="max-cache-mb"):
-        table.reserve((1 << 20) + 1, "a step")
+    table.reserve(1 << 20, "a new session")  # exactly the limit fits
+    with pytest.raises(ConfigError, match="max-cache-mb"):
+        table.reserve((1 << 20) + 1, "a new session")
     SessionTable(8, 60).reserve(1 << 40, "anything")  # no limit
+
+
+def test_the_oldest_sessions_growth_preempts_the_youngest_and_a_session_that_can_never_fit_is_a_config_error():
+    """Sessions that each need to grow while the others hold the rest would all be refused until
+    their deadlines: the oldest goes on, the youngest others end until its growth fits."""
+    from broker.errors import Busy, ConfigError
+    from cloud_worker.sessions import Session, SessionTable
+    from partition.sampling import SamplingParams
+
+    mib = 1 << 20
+
+    class Held:  # a cache of a fixed size
+        def __init__(self, nbytes: int) -> None:
+            self.bytes = nbytes
+
+        def nbytes(self) -> int:
+            return self.bytes
+
+    table = SessionTable(max_sessions=8, idle_ttl_s=60, max_cache_bytes=3 * mib)
+    sessions = []
+    for i in range(3):
+        session = Session(f"s{i}", 0, None, SamplingParams(), Held(mib), opened_at=float(i))  # type: ignore[arg-type]
+        table.add(session)
+        sessions.append(session)
+    first, second, third = sessions
+    # The youngest's growth, or the middle one's, does not fit: busy, nothing ends.
+    for session in (third, second):
+        with pytest.raises(Busy, match="max-cache-mb"):
+            table.reserve(mib, "a step", session)
+    assert len(table) == 3
+    # The oldest's does: the youngest ends, and only as many as needed.
+    assert table.reserve(mib, "a step", first) == ["s2"]
+    assert table.ids() == ["s0", "s1"] and table.ended("s2") == "preempted"
+    first.cache.bytes += mib  # it grew: 3 of 3 MiB held
+    # A growth that would not fit even alone: busy, and nobody is ended for it.
+    with pytest.raises(Busy):
+        table.reserve(2 * mib, "a step", first)
+    assert len(table) == 2
+    assert table.reserve(mib, "a step", first) == ["s1"]
+    # A new session bigger than the whole limit can never open: not worth retrying.
+    with pytest.raises(ConfigError, match="larger --max-cache-mb"):
+        table.reserve(4 * mib, "a new session")
+    with pytest.raises(Busy):
+        table.reserve(2 * mib, "a new session")  # fits an emptier worker: busy
 
 
 @pytest.mark.integration
@@ -315,6 +359,38 @@ def test_a_worker_at_its_cache_memory_limit_answers_busy_and_the_edge_finishes_l
     assert status["cache_limit_bytes"] == int(limit_mb * 2**20)
     # The JSON says what ran: every layer here, though the split was the cloud's.
     assert refused.fallback_at_step == 0 and refused.mode == "local" and refused.split == 0
+
+
+@pytest.mark.integration
+def test_two_sessions_outgrowing_the_cache_limit_together_both_finish_in_the_cloud(tiny_llama):
+    """Two sessions fill --max-cache-mb and both need to grow at the same position: the oldest
+    preempts the other, which reopens, waits for room and replays. Both finish in the cloud with
+    the fallback off (before, each was refused until its retries ran out)."""
+    from broker.wire.crypto import load_api_keys
+    from cli.cluster import LocalCluster
+    from edge_worker.config import EdgeConfig
+    from edge_worker.engine import EdgeEngine
+    from partition.profile import kv_bytes_per_token_per_layer
+
+    one_session = 256 * tiny_llama.n_layers * kv_bytes_per_token_per_layer(tiny_llama.config)
+    limit_mb = 2.5 * one_session / 2**20  # two first allocations fit, not a third: no doubling beside another
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    with LocalCluster(model="tiny-llama", worker_threads=1, heartbeat_s=0.3) as cluster:
+        cluster.start_broker()
+        worker = cluster.add_worker(extra_args=("--max-cache-mb", f"{limit_mb:.4f}"))
+        cluster.wait_for_workers(1, timeout_s=60)
+        key = sorted(load_api_keys(cluster.keys_dir / "api_keys.txt"))[0]
+        config = EdgeConfig(model="tiny-llama", force_cloud=True, broker=cluster.endpoint, keys_dir=cluster.keys_dir,
+                            api_key=key, max_new_tokens=300, step_deadline_s=4.0, wire_dtype="fp32",
+                            fallback_local=False)
+        with EdgeEngine("tiny-llama", config) as engine:
+            results = engine.generate_many(prompts, engine.params(ignore_eos=True))
+        log = worker.log_tail(200_000)
+    with EdgeEngine("tiny-llama", EdgeConfig(model="tiny-llama", force_local=True)) as local:
+        expected = [local.generate(p, local.params(max_new_tokens=300, ignore_eos=True)).token_ids for p in prompts]
+    assert [r.token_ids for r in results] == expected
+    assert all(r.fallback_at_step is None for r in results)
+    assert "the oldest here, can grow within --max-cache-mb" in log
 
 
 def test_a_long_frame_runs_as_its_chunks_beside_other_steps_and_alone_alike(tiny_llama):

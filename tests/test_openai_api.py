@@ -147,6 +147,7 @@ def test_repetition_penalty_and_min_p_are_the_engines(api, engine):
     ({"model": MODEL, "prompt": "a", "temperature": 3}, 400, "temperature"),
     ({"model": MODEL, "prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
     ({"model": MODEL, "prompt": "a", "top_p": 0}, 400, "top_p"),
+    ({"model": MODEL, "prompt": "a", "temperature": 1, "seed": 2**64}, 400, "seed"),  # more than the wire carries
     ({"model": MODEL, "prompt": ["a", "b"]}, 400, "prompt"),
     ({"model": MODEL, "prompt": [1, 99999]}, 400, "prompt"),
     ({"model": MODEL, "prompt": "a", "stop": ["1", "2", "3", "4", "5"]}, 400, "stop"),

@@ -55,9 +55,11 @@ def test_options_travel_to_the_worker_and_bad_values_are_refused():
     assert SamplingParams.from_wire(PENALISED_SAMPLE.to_wire()) == PENALISED_SAMPLE
     assert set(SamplingParams(0.7).to_wire()) == {"temperature", "top_p", "seed"}, "off options are not sent"
     for bad in ({"min_p": 1.5}, {"min_p": -0.1}, {"repetition_penalty": 0.0}, {"repetition_penalty": float("nan")},
-                {"temperature": float("nan")}):
+                {"temperature": float("nan")}, {"seed": 2**64}, {"seed": -(2**63) - 1}):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+    for edge in (2**64 - 1, -(2**63)):  # the wire's integers carry both ends
+        assert SamplingParams.from_wire(SamplingParams(1.0, seed=edge).to_wire()).seed == edge
 
 
 def test_verifying_drafts_under_a_penalty_reads_the_drafts_before_each_row():
