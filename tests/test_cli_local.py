@@ -109,7 +109,9 @@ def test_no_broker_gives_a_clear_error_within_the_deadline(split):
     assert out.returncode == 1, out.stderr[-2000:]
     assert "no answer from the broker" in out.stderr
     assert "Traceback" not in out.stderr
-    assert time.monotonic() - t0 < 20
+    # The 3 s deadline, not the default 60 s: what it adds is the process's start-up, which took
+    # up to 24 s on a loaded two-core machine (torch and transformers imported from cold).
+    assert time.monotonic() - t0 < 45
 
 
 def test_with_json_an_error_is_the_one_object_on_stdout():
