@@ -93,8 +93,7 @@ class _Generation:
         self.cancel = threading.Event()
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        # Started at once, not when the response begins: the first token is computed while the
-        # response's headers (and a chat stream's role chunk) go out.
+        # Started at once: a stream's headers wait for its first event (Server.complete).
         pool.submit(self._run)
 
     def _put(self, kind: str, item: Any) -> None:
@@ -242,7 +241,19 @@ class _Server:
                 generation.cancel.set()  # a no-op when it ended; else the stream never ran to its end
                 release()
 
-            return _ClosingStream(self.stream(generation, body, rid, chat), on_close=close)
+            # The headers wait for the generation's first event: one that fails before any token
+            # (a busy or unreachable cloud with the fallback off) is an HTTP error with its status
+            # and Retry-After, as the same request unstreamed gets, not a 200 whose stream says so.
+            events = generation.events()
+            try:
+                first = await anext(events)
+            except BaseException:
+                close()  # the client went away before the first event
+                raise
+            if first[0] == "error" and not isinstance(first[1], GenerationCancelled):
+                close()
+                raise engine_error(first[1])
+            return _ClosingStream(self.stream(events, first, body, rid, chat), on_close=close)
         try:
             result = await self.finish(generation)
         finally:
@@ -266,7 +277,9 @@ class _Server:
                 raise engine_error(item)
         raise AssertionError("a generation ended without a result or an error")
 
-    async def stream(self, generation: _Generation, body: CompletionBase, rid: str, chat: bool) -> AsyncIterator[str]:
+    async def stream(self, events: AsyncIterator[tuple[str, Any]], first: tuple[str, Any], body: CompletionBase,
+                     rid: str, chat: bool) -> AsyncIterator[str]:
+        """The stream's events: ``first`` (already read), then the rest of ``events``."""
         created = int(time.time())
         usage_field = {"usage": None} if body.include_usage else {}
 
@@ -282,8 +295,14 @@ class _Server:
 
         if chat:
             yield _sse(chunk(None, role=True))
+        async def all_events() -> AsyncIterator[tuple[str, Any]]:
+            yield first
+            if first[0] == "text":
+                async for event in events:
+                    yield event
+
         try:
-            async for kind, item in generation.events():
+            async for kind, item in all_events():
                 if kind == "text":
                     yield _sse(chunk(item))
                 elif kind == "done":

@@ -92,6 +92,23 @@ def test_streamed_chat_deltas_join_to_the_same_text_and_end_with_done(api):
     assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks[:-1])
 
 
+def test_a_stream_that_fails_before_its_first_token_is_an_http_error_like_the_same_request_unstreamed():
+    """With the fallback off and no cloud, the generation fails before any token: a stream gets
+    the same 503 as the request unstreamed, not a 200 whose events then say so."""
+    from edge_worker.config import EdgeConfig
+    from edge_worker.engine import EdgeEngine
+
+    config = EdgeConfig(force_cloud=True, broker="tcp://127.0.0.1:9", encryption=False, fallback_local=False,
+                        request_timeout_s=0.5, step_deadline_s=1.0)
+    with EdgeEngine(MODEL, config) as cloudless, client(cloudless) as c:
+        for stream in (False, True):
+            r = c.post("/v1/chat/completions", headers=AUTH, json={
+                "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": stream})
+            assert r.status_code == 503, (stream, r.text[:500])
+            assert r.json()["error"]["type"] == "service_unavailable"
+        assert c.get("/health").json()["generations"] == 0  # both slots given back
+
+
 def test_a_streamed_text_completion_without_usage_has_no_usage_chunk(api):
     r = api.post("/v1/completions", headers=AUTH, json={"model": MODEL, "prompt": "abc", "max_tokens": 5,
                                                         "stream": True})
