@@ -35,6 +35,7 @@ The broker is single-threaded: all state is touched only by
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import traceback
@@ -165,6 +166,10 @@ class Broker:
         # back (it had hung, or its heartbeats were late) it still holds their caches, and is told
         # to free them when it registers again instead of keeping them until they idle out.
         self._orphans: OrderedDict[WorkerId, list[SessionId]] = OrderedDict()
+        # Connections refused a worker id that another live process holds, and why: their
+        # heartbeats are answered with that reason (the worker logs it) until that one is gone.
+        self._refused_ids: OrderedDict[bytes, str] = OrderedDict()
+        self._duplicate_warned: dict[WorkerId, float] = {}
         self._done_ids: OrderedDict[RequestId, None] = OrderedDict()
         self._avoid_until: dict[WorkerId, float] = {}  # failed workers, deprioritised until then
         self._poison = PoisonLedger(config.max_attempts, config.tasks_remembered)
@@ -486,6 +491,24 @@ class Broker:
     def _on_register(self, identity: bytes, msg: p.Register) -> None:
         now = time.monotonic()
         old = self._workers.get(msg.worker_id)
+        if (old is not None and old.identity != identity and old.pid != msg.pid
+                and now - old.last_seen <= self.config.worker_expiry_s):
+            # Another process, while the holder still beats: two workers given one --worker-id.
+            # Taking it would expire the holder, whose next heartbeat would take it back, and so on
+            # every second; the holder keeps it, the newcomer is refused until the holder is gone
+            # (a worker restarted under its old id waits out the old one's missed heartbeats).
+            self.counters["duplicate_worker_ids_refused"] += 1
+            self._refused_ids[identity] = (
+                f"worker id {msg.worker_id} is held by another live worker (pid {old.pid}) at this broker; "
+                "give each worker its own --worker-id (this one is refused while that one runs)")
+            while len(self._refused_ids) > 1024:
+                self._refused_ids.popitem(last=False)
+            if now - self._duplicate_warned.get(msg.worker_id, -math.inf) > 60.0:
+                self._duplicate_warned[msg.worker_id] = now
+                logger.warning("refused a second worker with id %s (pid %d): pid %d holds it", msg.worker_id, msg.pid,
+                               old.pid)  # fmt: skip
+            return
+        self._refused_ids.pop(identity, None)
         if old is not None and old.identity != identity:
             # Same worker on a new connection: whatever was in flight on the
             # old socket is gone, and we cannot know which caches survived.
@@ -528,7 +551,7 @@ class Broker:
         w = self._by_identity.get(identity)
         if w is None:
             self.counters["messages_from_unknown_workers"] += 1
-            self._send(identity, p.Reregister(reason="unknown worker; register again"))
+            self._send(identity, p.Reregister(reason=self._refused_ids.get(identity, "unknown worker; register again")))
             return None
         w.last_seen = time.monotonic()
         return w

@@ -297,6 +297,36 @@ def test_failed_open_fails_its_queued_followers() -> None:
         assert c.result(blocker).step == 1
 
 
+def test_a_second_live_process_with_a_workers_id_is_refused_until_the_first_is_gone(broker: Broker) -> None:
+    """Two workers given one --worker-id evicted each other every heartbeat: the holder keeps it,
+    and the other is told why each time it asks, until the holder leaves."""
+
+    def register(sock: zmq.Socket, pid: int) -> None:
+        sock.send_multipart(p.encode(p.Register(worker_id="dup", model_id=MODEL, layer_ranges=((0, 32),),
+                                                public_key=b"", per_layer_ms=1.0, pid=pid, max_sessions=8)))
+
+    def heartbeat(sock: zmq.Socket) -> None:
+        sock.send_multipart(p.encode(p.Heartbeat(worker_id="dup", active_sessions=0, queue_depth=0, per_layer_ms=1.0)))
+
+    with raw_dealer(broker.endpoint) as first, raw_dealer(broker.endpoint) as second, client(broker.endpoint) as c:
+        register(first, 111)
+        recv_until(first, p.BrokerHeartbeat)
+        for _ in range(3):
+            register(second, 222)
+            heartbeat(second)
+            assert "held by another live worker (pid 111)" in recv_until(second, p.Reregister).reason
+            heartbeat(first)  # the holder still beats, and is still known
+            time.sleep(HEARTBEAT_S)
+        status = c.status()
+        assert [(w["worker_id"], w["pid"]) for w in status["workers"]] == [("dup", 111)]
+        assert status["counters"]["duplicate_worker_ids_refused"] == 3 and not status["counters"].get("workers_expired")
+        first.send_multipart(p.encode(p.Disconnect(worker_id="dup")))
+        wait_until(lambda: not c.status()["workers"], what="the holder to leave")
+        register(second, 222)
+        recv_until(second, p.BrokerHeartbeat)
+        assert [(w["worker_id"], w["pid"]) for w in c.status()["workers"]] == [("dup", 222)]
+
+
 def test_unknown_worker_is_asked_to_reregister(broker: Broker) -> None:
     with raw_dealer(broker.endpoint) as raw:
         raw.send_multipart(p.encode(p.Heartbeat(worker_id="ghost", active_sessions=0, queue_depth=0, per_layer_ms=0.0)))
