@@ -23,6 +23,7 @@ __all__ = [
     "NoWorkerAvailable",
     "WeightsMismatch",
     "WorkerLost",
+    "CacheLimitExceeded",
     "PoisonRequest",
     "RemoteError",
     "error_from_code",
@@ -146,6 +147,14 @@ class WeightsMismatch(NoWorkerAvailable):
     checkpoint. Raised on the edge, which says how to start a worker with its weights."""
 
 
+class CacheLimitExceeded(NoWorkerAvailable):
+    """The session would hold more KV cache than the worker's whole ``--max-cache-mb``: it can
+    never go on there, so it is not retried (a local fallback takes over at once)."""
+
+    code = "cache_limit"
+    retryable = False
+
+
 class WorkerLost(EdgeCloudError):
     """The worker holding the session died or expired; its KV cache is gone.
 
@@ -196,6 +205,7 @@ _BY_CODE: dict[str, type[EdgeCloudError]] = {
         RequestTimeout,
         Busy,
         NoWorkerAvailable,
+        CacheLimitExceeded,
         WorkerLost,
         PoisonRequest,
         RemoteError,

@@ -7,7 +7,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from broker.errors import Busy, ConfigError
+from broker.errors import Busy, CacheLimitExceeded
 from broker.wire.crypto import Cipher
 from partition.kv_cache import SegmentKVCache
 from partition.reduction import Reduction
@@ -123,18 +123,21 @@ class SessionTable:
         deadline. So the oldest session held here goes on: the youngest others are ended
         ("preempted", as a serving system preempts the latest request) until its growth fits;
         their edges reopen and replay (the prefix cache may keep what they had computed). What
-        does not fit even then is Busy. A new session that would not fit into an empty worker
-        can never open here: ConfigError, not Busy."""
+        does not fit even then is Busy. A session that would not fit into an empty worker (a new
+        one, or one grown so long) can never go on here: CacheLimitExceeded, not retried."""
         if self.max_cache_bytes is None or nbytes <= 0:
             return []
         held = self.cache_bytes()
         if held + nbytes <= self.max_cache_bytes:
             return []
-        if session is None and nbytes > self.max_cache_bytes:
-            raise ConfigError(f"{what} needs {nbytes / 2**20:.1f} MiB of KV cache, more than this worker's "
-                              f"whole --max-cache-mb of {self.max_cache_bytes / 2**20:g} MiB: no session at this "
-                              "split can open here; give the worker a larger --max-cache-mb, or use another worker")
-        if session is not None and session is self.oldest() and session.cache.nbytes() + nbytes <= self.max_cache_bytes:
+        alone = nbytes + (session.cache.nbytes() if session is not None else 0)
+        if alone > self.max_cache_bytes:
+            raise CacheLimitExceeded(
+                f"{what} needs {nbytes / 2**20:.1f} MiB of KV cache, and the session would then hold "
+                f"{alone / 2**20:.1f} MiB, more than this worker's whole --max-cache-mb of "
+                f"{self.max_cache_bytes / 2**20:g} MiB: it cannot go on here; give the worker a larger "
+                "--max-cache-mb, or use another worker")
+        if session is not None and session is self.oldest():
             ended = []
             for other in sorted(self._sessions.values(), key=lambda s: s.opened_at, reverse=True):
                 if held + nbytes <= self.max_cache_bytes:

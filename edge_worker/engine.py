@@ -33,7 +33,13 @@ from typing import Any
 
 import torch
 
-from broker.errors import EdgeCloudError, NoWorkerAvailable, WeightsMismatch, is_unavailable
+from broker.errors import (
+    CacheLimitExceeded,
+    EdgeCloudError,
+    NoWorkerAvailable,
+    WeightsMismatch,
+    is_unavailable,
+)
 from edge_worker.backends import LocalBackend
 from edge_worker.config import EdgeConfig
 from edge_worker.generation import EdgeGenerator, GenerationCancelled, GenerationResult, mode_for
@@ -350,7 +356,7 @@ class EdgeEngine:
             result = generator.generate(ids, params.max_new_tokens, params.sampling, on_text=on_text,
                                         stop=params.stop, cancel=cancel)
         except NoWorkerAvailable as exc:
-            if isinstance(exc, WeightsMismatch) or self.planner is None and self.client is None:
+            if isinstance(exc, WeightsMismatch | CacheLimitExceeded) or self.planner is None and self.client is None:
                 raise
             raise self.serving_error(exc) from None
         result.prompt_tokens_dropped = given - len(ids)

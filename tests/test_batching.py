@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -264,20 +265,20 @@ def test_packed_products_use_the_tiles_when_the_row_kernel_is_switched_off(monke
 
 
 def test_the_session_table_refuses_what_would_outgrow_its_cache_memory():
-    from broker.errors import ConfigError
+    from broker.errors import CacheLimitExceeded
     from cloud_worker.sessions import SessionTable
 
     table = SessionTable(max_sessions=8, idle_ttl_s=60, max_cache_bytes=1 << 20)
     table.reserve(1 << 20, "a new session")  # exactly the limit fits
-    with pytest.raises(ConfigError, match="max-cache-mb"):
+    with pytest.raises(CacheLimitExceeded, match="max-cache-mb"):
         table.reserve((1 << 20) + 1, "a new session")
     SessionTable(8, 60).reserve(1 << 40, "anything")  # no limit
 
 
-def test_the_oldest_sessions_growth_preempts_the_youngest_and_a_session_that_can_never_fit_is_a_config_error():
+def test_the_oldest_sessions_growth_preempts_the_youngest_and_a_session_that_can_never_fit_is_not_retried():
     """Sessions that each need to grow while the others hold the rest would all be refused until
     their deadlines: the oldest goes on, the youngest others end until its growth fits."""
-    from broker.errors import Busy, ConfigError
+    from broker.errors import Busy, CacheLimitExceeded
     from cloud_worker.sessions import Session, SessionTable
     from partition.sampling import SamplingParams
 
@@ -306,13 +307,13 @@ def test_the_oldest_sessions_growth_preempts_the_youngest_and_a_session_that_can
     assert table.reserve(mib, "a step", first) == ["s2"]
     assert table.ids() == ["s0", "s1"] and table.ended("s2") == "preempted"
     first.cache.bytes += mib  # it grew: 3 of 3 MiB held
-    # A growth that would not fit even alone: busy, and nobody is ended for it.
-    with pytest.raises(Busy):
+    # A growth that would not fit even alone: never here, and nobody is ended for it.
+    with pytest.raises(CacheLimitExceeded):
         table.reserve(2 * mib, "a step", first)
     assert len(table) == 2
     assert table.reserve(mib, "a step", first) == ["s1"]
     # A new session bigger than the whole limit can never open: not worth retrying.
-    with pytest.raises(ConfigError, match="larger --max-cache-mb"):
+    with pytest.raises(CacheLimitExceeded, match="larger --max-cache-mb"):
         table.reserve(4 * mib, "a new session")
     with pytest.raises(Busy):
         table.reserve(2 * mib, "a new session")  # fits an emptier worker: busy
@@ -322,7 +323,7 @@ def test_the_oldest_sessions_growth_preempts_the_youngest_and_a_session_that_can
 def test_a_worker_at_its_cache_memory_limit_answers_busy_and_the_edge_finishes_locally(tiny_llama):
     from dataclasses import replace
 
-    from broker.errors import Busy
+    from broker.errors import CacheLimitExceeded
     from broker.wire.crypto import load_api_keys
     from cli.cluster import LocalCluster
     from edge_worker.config import EdgeConfig
@@ -349,8 +350,10 @@ def test_a_worker_at_its_cache_memory_limit_answers_busy_and_the_edge_finishes_l
             long_prompt = [j % 250 + 3 for j in range(400)]
             refused = engine.generate(long_prompt, engine.params(ignore_eos=True, max_new_tokens=3))
         with EdgeEngine("tiny-llama", replace(base, fallback_local=False)) as engine:
-            with pytest.raises(Busy, match="max-cache-mb"):
+            t0 = time.monotonic()
+            with pytest.raises(CacheLimitExceeded, match="max-cache-mb"):
                 engine.generate(prompt, engine.params(ignore_eos=True))
+            assert time.monotonic() - t0 < 30  # refused at once, not after busy retries until the deadline
         status = cluster.status()["workers"][0]
     with EdgeEngine("tiny-llama", EdgeConfig(model="tiny-llama", force_local=True)) as local:
         expected = local.generate(prompt, local.params(max_new_tokens=300, ignore_eos=True)).token_ids
