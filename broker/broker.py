@@ -35,7 +35,6 @@ The broker is single-threaded: all state is touched only by
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 import traceback
@@ -169,7 +168,6 @@ class Broker:
         # Connections refused a worker id that another live process holds, and why: their
         # heartbeats are answered with that reason (the worker logs it) until that one is gone.
         self._refused_ids: OrderedDict[bytes, str] = OrderedDict()
-        self._duplicate_warned: dict[WorkerId, float] = {}
         self._done_ids: OrderedDict[RequestId, None] = OrderedDict()
         self._avoid_until: dict[WorkerId, float] = {}  # failed workers, deprioritised until then
         self._poison = PoisonLedger(config.max_attempts, config.tasks_remembered)
@@ -503,10 +501,8 @@ class Broker:
                 "give each worker its own --worker-id (this one is refused while that one runs)")
             while len(self._refused_ids) > 1024:
                 self._refused_ids.popitem(last=False)
-            if now - self._duplicate_warned.get(msg.worker_id, -math.inf) > 60.0:
-                self._duplicate_warned[msg.worker_id] = now
-                logger.warning("refused a second worker with id %s (pid %d): pid %d holds it", msg.worker_id, msg.pid,
-                               old.pid)  # fmt: skip
+            self._warn.warn(f"duplicate_worker_id:{msg.worker_id}", "refused a second worker with id %s (pid %d): "
+                            "pid %d holds it", msg.worker_id, msg.pid, old.pid)  # fmt: skip
             return
         self._refused_ids.pop(identity, None)
         if old is not None and old.identity != identity:

@@ -23,7 +23,6 @@ reply back cost ~75 us per round trip, more than the broker itself.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 import time
@@ -46,6 +45,7 @@ from broker.sockets import (
     recv_message,
     send_or_false,
 )
+from broker.state import RateLimitedWarnings
 from broker.transport import CurveClientKeys, HandshakeWatch, setup_curve_client
 
 logger = logging.getLogger(__name__)
@@ -181,7 +181,8 @@ class WorkerConnection:
         # changed (a restarted broker lost every session opened through the one before).
         self.broker_id: str | None = None
         self.broker_epoch = 0
-        self._reregister_said: tuple[str, float] = ("", -math.inf)  # the last Reregister reason logged, and when
+        # A refused registration is asked again every heartbeat: its reason is said once a minute.
+        self._reregister_warn = RateLimitedWarnings(logger, 60.0)
         with self._lock:
             self._connect()
         self._keepalive = threading.Thread(target=self._keepalive_loop, name=f"worker-keepalive-{info.worker_id}",
@@ -473,13 +474,8 @@ class WorkerConnection:
         elif isinstance(msg, p.DropSession):
             self._dropped.append(msg.session_id)
         elif isinstance(msg, p.Reregister):
-            # Said once per reason and minute: a refused registration is asked again every heartbeat.
-            now = time.monotonic()
-            said, at = self._reregister_said
-            level = logging.DEBUG if msg.reason == said and now - at < 60.0 else logging.WARNING
-            if level == logging.WARNING:
-                self._reregister_said = (msg.reason, now)
-            logger.log(level, "broker asked %s to register again (%s)", self.info.worker_id, msg.reason)
+            self._reregister_warn.warn(msg.reason, "broker asked %s to register again (%s)", self.info.worker_id,
+                                       msg.reason)
             self._send_register()
         elif isinstance(msg, p.BrokerDisconnect):
             logger.warning("broker is going away (%s); will reconnect when it returns", msg.reason)
