@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import time
 
 import pytest
 import torch
@@ -338,7 +337,7 @@ def test_a_worker_at_its_cache_memory_limit_answers_busy_and_the_edge_finishes_l
     # random model can be compared with a local run token for token.
     with LocalCluster(model="tiny-llama", worker_threads=1, heartbeat_s=0.3) as cluster:
         cluster.start_broker()
-        cluster.add_worker(extra_args=("--max-cache-mb", f"{limit_mb:.4f}"))
+        worker = cluster.add_worker(extra_args=("--max-cache-mb", f"{limit_mb:.4f}"))
         cluster.wait_for_workers(1, timeout_s=60)
         key = sorted(load_api_keys(cluster.keys_dir / "api_keys.txt"))[0]
         base = EdgeConfig(model="tiny-llama", force_cloud=True, broker=cluster.endpoint, keys_dir=cluster.keys_dir,
@@ -350,11 +349,10 @@ def test_a_worker_at_its_cache_memory_limit_answers_busy_and_the_edge_finishes_l
             long_prompt = [j % 250 + 3 for j in range(400)]
             refused = engine.generate(long_prompt, engine.params(ignore_eos=True, max_new_tokens=3))
         with EdgeEngine("tiny-llama", replace(base, fallback_local=False)) as engine:
-            t0 = time.monotonic()
             with pytest.raises(CacheLimitExceeded, match="max-cache-mb"):
                 engine.generate(prompt, engine.params(ignore_eos=True))
-            assert time.monotonic() - t0 < 30  # refused at once, not after busy retries until the deadline
         status = cluster.status()["workers"][0]
+        refusals = worker.log_tail(200_000).count("cannot go on here")
     with EdgeEngine("tiny-llama", EdgeConfig(model="tiny-llama", force_local=True)) as local:
         expected = local.generate(prompt, local.params(max_new_tokens=300, ignore_eos=True)).token_ids
     assert result.token_ids == expected
@@ -362,6 +360,8 @@ def test_a_worker_at_its_cache_memory_limit_answers_busy_and_the_edge_finishes_l
     assert status["cache_limit_bytes"] == int(limit_mb * 2**20)
     # The JSON says what ran: every layer here, though the split was the cloud's.
     assert refused.fallback_at_step == 0 and refused.mode == "local" and refused.split == 0
+    # Each of the three generations was refused once, not retried until its deadline.
+    assert refusals == 3
 
 
 @pytest.mark.integration
