@@ -21,7 +21,13 @@ py="${PYTHON:-python3}"
 device="${GPU_CHECK_DEVICE:-cuda}"
 read -r -a extra <<< "${GPU_CHECK_ARGS:-}"
 export PYTHONUNBUFFERED=1
-needs="import zmq, nacl, transformers; assert transformers.__version__.startswith('5.24.')"
+# What the project needs that the device image may lack or hold in another version: pyzmq,
+# PyNaCl, and transformers within pyproject.toml's range.
+needs="import tomllib, zmq, nacl, transformers
+from packaging.requirements import Requirement
+deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']
+wanted = next(Requirement(d) for d in deps if Requirement(d).name == 'transformers')
+assert transformers.__version__ in wanted.specifier"
 if ! "$py" -c "$needs" 2> /dev/null && compgen -G ".whl/*.whl" > /dev/null; then
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"

@@ -9,20 +9,19 @@
 #   bash bench/gpu_wheels.sh
 #   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=540)
 #
-# gpu_check.sh installs what it finds in .whl/ to /tmp/site first. The versions are this
-# project's own (what `make setup` installs here).
+# gpu_check.sh installs what it finds in .whl/ to /tmp/site first. The versions are the ones
+# `make setup` installed in .venv (run it first), so the device runs what the tests here ran.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py="${PYTHON:-.venv/bin/python}"
-[ -x "$py" ] || py=python3
 mkdir -p .whl
 platforms=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_26_x86_64 manylinux_2_24_x86_64 \
          manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do
     platforms+=(--platform "$p")
 done
-for pkg in "pyzmq==${PYZMQ:-27.3.0}" "pynacl==${PYNACL:-1.6.2}" "cffi==${CFFI:-2.1.1}" \
-           "transformers==${TRANSFORMERS:-5.24.0}"; do
+for name in pyzmq pynacl cffi transformers; do
+    pkg="$name==$("$py" -c "from importlib.metadata import version; print(version('$name'))")"
     "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         "${platforms[@]}" -d .whl "$pkg"
 done
