@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -318,30 +319,40 @@ def test_the_oldest_sessions_growth_preempts_the_youngest_and_a_session_that_can
         table.reserve(2 * mib, "a new session")  # fits an emptier worker: busy
 
 
+@contextlib.contextmanager
+def _cache_limited_cluster(source, first_caches: float):
+    """A broker and one worker of ``source`` whose --max-cache-mb holds ``first_caches`` sessions'
+    first KV caches (256 positions of every layer); yields the cluster, the worker, that limit in
+    MiB and an edge config for it: cloud-only, 300 tokens, a 4 s step deadline, and fp32 on the wire, so that the
+    cloud computes exactly what the edge does and 300 tokens of a random model can be compared
+    with a local run token for token."""
+    from broker.wire.crypto import load_api_keys
+    from cli.cluster import LocalCluster
+    from edge_worker.config import EdgeConfig
+    from partition.profile import kv_bytes_per_token_per_layer
+
+    limit_mb = first_caches * 256 * source.n_layers * kv_bytes_per_token_per_layer(source.config) / 2**20
+    with LocalCluster(model=source.name, worker_threads=1, heartbeat_s=0.3) as cluster:
+        cluster.start_broker()
+        worker = cluster.add_worker(extra_args=("--max-cache-mb", f"{limit_mb:.4f}"))
+        cluster.wait_for_workers(1, timeout_s=60)
+        key = sorted(load_api_keys(cluster.keys_dir / "api_keys.txt"))[0]
+        yield cluster, worker, limit_mb, EdgeConfig(
+            model=source.name, force_cloud=True, broker=cluster.endpoint, keys_dir=cluster.keys_dir, api_key=key,
+            max_new_tokens=300, step_deadline_s=4.0, wire_dtype="fp32")
+
+
 @pytest.mark.integration
 def test_a_worker_at_its_cache_memory_limit_answers_busy_and_the_edge_finishes_locally(tiny_llama):
     from dataclasses import replace
 
     from broker.errors import CacheLimitExceeded
-    from broker.wire.crypto import load_api_keys
-    from cli.cluster import LocalCluster
     from edge_worker.config import EdgeConfig
     from edge_worker.engine import EdgeEngine
-    from partition.profile import kv_bytes_per_token_per_layer
 
-    # Room for one session's first allocation (256 positions of every layer), not for its doubling.
-    one_session = 256 * tiny_llama.n_layers * kv_bytes_per_token_per_layer(tiny_llama.config)
-    limit_mb = 1.5 * one_session / 2**20
     prompt = [5, 6, 7, 8]
-    # fp32 on the wire: the cloud then computes exactly what the edge does, and 300 tokens of a
-    # random model can be compared with a local run token for token.
-    with LocalCluster(model="tiny-llama", worker_threads=1, heartbeat_s=0.3) as cluster:
-        cluster.start_broker()
-        worker = cluster.add_worker(extra_args=("--max-cache-mb", f"{limit_mb:.4f}"))
-        cluster.wait_for_workers(1, timeout_s=60)
-        key = sorted(load_api_keys(cluster.keys_dir / "api_keys.txt"))[0]
-        base = EdgeConfig(model="tiny-llama", force_cloud=True, broker=cluster.endpoint, keys_dir=cluster.keys_dir,
-                          api_key=key, max_new_tokens=300, step_deadline_s=4.0, wire_dtype="fp32")
+    # Room for one session's first cache, not for its doubling.
+    with _cache_limited_cluster(tiny_llama, 1.5) as (cluster, worker, limit_mb, base):
         with EdgeEngine("tiny-llama", base) as engine:
             params = engine.params(ignore_eos=True)
             result = engine.generate(prompt, params)  # past position 256 the worker says busy
@@ -369,24 +380,15 @@ def test_two_sessions_outgrowing_the_cache_limit_together_both_finish_in_the_clo
     """Two sessions fill --max-cache-mb and both need to grow at the same position: the oldest
     preempts the other, which reopens, waits for room and replays. Both finish in the cloud with
     the fallback off (before, each was refused until its retries ran out)."""
-    from broker.wire.crypto import load_api_keys
-    from cli.cluster import LocalCluster
+    from dataclasses import replace
+
     from edge_worker.config import EdgeConfig
     from edge_worker.engine import EdgeEngine
-    from partition.profile import kv_bytes_per_token_per_layer
 
-    one_session = 256 * tiny_llama.n_layers * kv_bytes_per_token_per_layer(tiny_llama.config)
-    limit_mb = 2.5 * one_session / 2**20  # two first allocations fit, not a third: no doubling beside another
     prompts = [[5, 6, 7, 8], [9, 10, 11]]
-    with LocalCluster(model="tiny-llama", worker_threads=1, heartbeat_s=0.3) as cluster:
-        cluster.start_broker()
-        worker = cluster.add_worker(extra_args=("--max-cache-mb", f"{limit_mb:.4f}"))
-        cluster.wait_for_workers(1, timeout_s=60)
-        key = sorted(load_api_keys(cluster.keys_dir / "api_keys.txt"))[0]
-        config = EdgeConfig(model="tiny-llama", force_cloud=True, broker=cluster.endpoint, keys_dir=cluster.keys_dir,
-                            api_key=key, max_new_tokens=300, step_deadline_s=4.0, wire_dtype="fp32",
-                            fallback_local=False)
-        with EdgeEngine("tiny-llama", config) as engine:
+    # Two first caches fit, not a third: neither can double beside the other.
+    with _cache_limited_cluster(tiny_llama, 2.5) as (_, worker, _, base):
+        with EdgeEngine("tiny-llama", replace(base, fallback_local=False)) as engine:
             results = engine.generate_many(prompts, engine.params(ignore_eos=True))
         log = worker.log_tail(200_000)
     with EdgeEngine("tiny-llama", EdgeConfig(model="tiny-llama", force_local=True)) as local:
